@@ -1,0 +1,16 @@
+"""ConceptEdit: erase, redirect, debias and audit concepts in Stable Diffusion models.
+
+ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS. Imported anywhere else
+(tests, the command line, A1111), it registers nothing and fails nothing: the nodes load only
+when ComfyUI itself is already imported.
+"""
+import sys
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+WEB_DIRECTORY = "./web"
+
+if "comfy.model_patcher" in sys.modules or "comfy.model_management" in sys.modules:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

