@@ -190,3 +190,22 @@ class ComfyDenoiser:
         out = comfy.sample.sample(self.model, noise, steps, cfg, self.sampler, self.scheduler, positive, negative_c,
                                   latent, denoise=1.0, callback=callback, disable_pbar=True, seed=seed)
         return out
+
+    # ---- training objectives ---------------------------------------------------------------
+    def unet(self) -> torch.nn.Module:
+        """The UNet that runs, with this MODEL's patches merged (loads it on the device)."""
+        import comfy.model_management as mm
+        mm.load_models_gpu([self.model])
+        return self.model.model.diffusion_model
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..999 of the model's discrete schedule (σ² = (1 − ᾱ)/ᾱ)."""
+        s = self.model.model.model_sampling.sigmas.float()
+        return 1.0 / (1.0 + s ** 2)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε-prediction at DDPM-scaled x_t = √ᾱ x₀ + √(1−ᾱ) ε and integer timesteps t (differentiable
+        w.r.t. x and context). For v-prediction models this returns the raw model output."""
+        unet = self.unet()
+        dtype = next(unet.parameters()).dtype
+        return unet(x.to(dtype), timesteps=t, context=context.to(dtype), y=None if y is None else y.to(dtype)).float()

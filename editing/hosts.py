@@ -35,6 +35,19 @@ class Denoiser(Protocol):
         (i = 0 is the noisiest step). Returns the final latents [B, C, H, W]."""
 
 
+class Trainable(Protocol):
+    """What training-based methods need on top of `Denoiser` (ComfyDenoiser provides it)."""
+
+    def unet(self) -> torch.nn.Module:
+        """The UNet module (LDM names) as it runs, weights patched."""
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..T−1."""
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε-prediction at x_t, integer t, text context [B, 77, d]."""
+
+
 @dataclass
 class RunContext:
     """Progress and Cancel, passed in by the host. Both are optional."""

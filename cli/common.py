@@ -1,0 +1,50 @@
+"""What the sub-commands share: loading a checkpoint through ComfyUI, progress on the terminal."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..editing.hosts import RunContext
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+def add_model_arg(p) -> None:
+    p.add_argument("--ckpt", default=TINY,
+                   help="checkpoint file (.safetensors, SD1.x/SD2.x/SDXL) or 'tiny' for the bundled tiny model")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def load_model(ckpt: str, cpu: bool = False):
+    """(MODEL, CLIP) as ComfyUI objects, through ComfyUI's own checkpoint loader."""
+    from ..comfy_host.locate import ensure_comfy
+    ensure_comfy(cpu=True if cpu else None)
+    if ckpt == TINY:
+        from ..tiny.comfy_model import load_tiny
+        model, clip, _vae = load_tiny()
+        return model, clip
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"no checkpoint at {ckpt}")
+    if not ckpt.endswith(".safetensors"):
+        raise SystemExit(f"{ckpt}: only .safetensors checkpoints are read (nothing is unpickled)")
+    import comfy.sd
+    out = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=True)
+    return out[0], out[1]
+
+
+def terminal_context() -> RunContext:
+    state = {"last": -1}
+
+    def progress(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct != state["last"]:
+            state["last"] = pct
+            sys.stderr.write(f"\r{done}/{total} ({pct}%)")
+            if done >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return RunContext(progress=progress)
