@@ -18,6 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-ConceptEdit"
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 
 import _pack  # noqa: E402
 
@@ -38,9 +39,11 @@ def _load_comfy_and_pack():
     res = comfy_nodes.load_custom_node(link)
     if inspect.iscoroutine(res):
         res = asyncio.run(res)
-    if res is False or PACK_NAME not in sys.modules:
+    # ComfyUI 2024 names the module after the folder, current ComfyUI after the whole path
+    pack = next((m for m in list(sys.modules.values())
+                 if getattr(m, "__file__", None) == os.path.join(link, "__init__.py")), None)
+    if res is False or pack is None:
         raise RuntimeError("ComfyUI failed to load the pack; see the traceback above")
-    pack = sys.modules[PACK_NAME]
     sys.modules["conceptedit"] = pack
     del sys.modules["_conceptedit_bootstrap"]
     return pack, comfy_nodes

@@ -48,7 +48,9 @@ def test_sdxl_geglu_is_5120_wide():
 def test_text_encoder_tables_match_comfy_clip(comfy, name, json_name, prefix):
     import json, os
     import comfy.clip_model, comfy.ops, comfy.sd1_clip
-    cfg = json.load(open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), json_name)))
+    root = os.path.dirname(comfy.sd1_clip.__file__)
+    found = [os.path.join(d, json_name) for d, _, files in os.walk(root) if json_name in files]
+    cfg = json.load(open(found[0]))  # moved to comfy/text_encoders/ in later ComfyUI
     with torch.no_grad():  # as ComfyUI builds it (it copies an identity into text_projection)
         m = comfy.clip_model.CLIPTextModel(cfg, None, "meta", comfy.ops.manual_cast)
     shapes = {f"{prefix}.transformer.{k}": tuple(v.shape) for k, v in m.state_dict().items()}

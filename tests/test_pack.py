@@ -1,0 +1,72 @@
+"""The pack as ComfyUI sees it: registered by ComfyUI's own loader, guarded outside it, and the
+library never importing ComfyUI."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_registered_in_real_comfyui(comfy, pack):
+    ours = {k for k in comfy.NODE_CLASS_MAPPINGS if k.startswith("ConceptEdit")}
+    assert {"ConceptEditSaveEdit", "ConceptEditLoadEdit", "ConceptEditApplyEdit"} <= ours
+    assert ours == set(pack.NODE_CLASS_MAPPINGS)
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
+        spec = cls.INPUT_TYPES()
+        for group in spec.values():
+            for inp, (typ, *opts) in group.items():
+                assert opts and "tooltip" in opts[0], f"{name}.{inp} has no tooltip"
+        assert getattr(cls, "DESCRIPTION", ""), name
+        assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_outside_comfyui_registers_nothing_and_fails_nothing():
+    r = _run("import _pack, sys; m = _pack.load(); assert m.NODE_CLASS_MAPPINGS == {}; "
+             "assert not any(k == 'comfy' or k.startswith('comfy.') for k in sys.modules), 'comfy imported'")
+    assert r.returncode == 0, r.stderr
+
+
+def test_library_never_imports_comfyui():
+    # import every library module with ComfyUI made unimportable
+    code = ("import sys, importlib, pkgutil\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('comfy', 'nodes', 'folder_paths', 'comfy_extras', 'server'):\n"
+            "            raise ImportError('editing/ imported ComfyUI: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import _pack; pkg = _pack.load()\n"
+            "import conceptedit.editing as e\n"
+            "for m in pkgutil.iter_modules(e.__path__):\n"
+            "    importlib.import_module('conceptedit.editing.' + m.name)\n")
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+
+
+def test_install_py_is_idempotent_when_satisfied():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "install.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pip" not in r.stdout.lower()
+
+
+def test_install_py_uses_a1111_launch_when_present(tmp_path):
+    # A1111 provides `launch.run_pip`; install.py must use it (and not pip directly) there.
+    (tmp_path / "launch.py").write_text("calls = []\ndef run_pip(cmd, desc=None):\n    calls.append(cmd)\n")
+    req = tmp_path / "pack"
+    req.mkdir()
+    (req / "requirements.txt").write_text("surely-not-installed-pkg-xyz\n")
+    (req / "install.py").write_text(open(os.path.join(ROOT, "install.py")).read())
+    code = ("import sys; sys.path.insert(0, %r); import launch; "
+            "import runpy; runpy.run_path(%r, run_name='install'); "
+            "print(launch.calls)") % (str(tmp_path), str(req / "install.py"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "surely-not-installed-pkg-xyz" in r.stdout
