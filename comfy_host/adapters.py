@@ -91,7 +91,12 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
     unet_patches, te_patches = {}, {}
     for k, change in edit.changes.items():
         base = te_w.get(k) if k in te_w else unet_w.get(k)
-        d = change.delta(base if change.kind == "mask" else None, dtype=base.dtype, device="cpu")
+        if change.kind == "mask":
+            # −W⊙M as a sparse COO "diff": memory O(pruned weights), not O(layer) (SDXL has 70
+            # 1280×5120 layers); ComfyUI adds it into the weight when it loads the model.
+            d = change.sparse_delta(base).to(device="cpu")
+        else:
+            d = change.delta(None, dtype=base.dtype, device="cpu")
         (te_patches if k in te_w else unet_patches)[k] = (d,)
     if unet_patches:
         out_model = model.clone()

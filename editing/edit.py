@@ -83,6 +83,14 @@ class Change:
         w = base.detach().to(device=device)
         return torch.where(self.mask(device=w.device), -w, torch.zeros((), dtype=w.dtype, device=w.device)).to(dtype=dtype or w.dtype)
 
+    def sparse_delta(self, base: torch.Tensor) -> torch.Tensor:
+        """ΔW = −W ⊙ M of a mask change as a sparse COO tensor (same dtype and device as W)."""
+        idx = self.tensors["index"].to(device=base.device, dtype=torch.long)
+        flat = base.detach().reshape(-1)
+        coords = torch.stack([idx // self.shape[1], idx % self.shape[1]]) if len(self.shape) == 2 else idx[None]
+        return torch.sparse_coo_tensor(coords, -flat[idx], self.shape, dtype=base.dtype, device=base.device,
+                                       check_invariants=True).coalesce()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
