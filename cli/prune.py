@@ -1,0 +1,58 @@
+"""`conceptedit prune --ckpt tiny --concept circle --out circle.safetensors`: ConceptPrune headless,
+writing the mask as an edit file (apply it with the Load/Apply Concept Edit nodes)."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from ..editing.prompts import PRESET_NAMES
+    from .common import add_model_arg
+    p = sub.add_parser("prune", help="ConceptPrune: erase concepts by pruning skilled FFN weights")
+    add_model_arg(p)
+    p.add_argument("--concept", action="append", required=True,
+                   help="a concept to erase (repeat for several; they are pruned together)")
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                   help="prompt pairs (default: 'tiny' for --ckpt tiny, else 'artist')")
+    p.add_argument("--pairs", default="",
+                   help="a text file of 'concept prompt | reference prompt' lines ({concept} = the concept)")
+    p.add_argument("--skill-ratio", type=float, default=None, help="default: the preset's (paper) value")
+    p.add_argument("--tau", type=int, default=None, help="default: the preset's (paper) value")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--full-trajectory", action="store_true",
+                   help="run every step of the calibration generations (same mask; slower)")
+    p.add_argument("--out", default=None, help="edit file to write (default: prune_<concepts>.safetensors)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..editing.concept_prune import PruneConfig
+    from ..editing.prompts import defaults
+    from ..nodes.nodes_prune import concept_prune
+    from .common import TINY, load_model, terminal_context
+
+    preset = args.preset or (TINY if args.ckpt == TINY else "artist")
+    pairs_text = ""
+    if args.pairs:
+        with open(args.pairs, encoding="utf-8") as f:
+            pairs_text = f.read()
+        preset = args.preset or "custom"
+    d = defaults(preset)
+    config = PruneConfig(skill_ratio=args.skill_ratio if args.skill_ratio is not None else d["skill_ratio"],
+                         tau=args.tau if args.tau is not None else min(d["tau"], args.steps),
+                         steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                         full_trajectory=args.full_trajectory)
+    config.validate()
+    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    edit = concept_prune(model, clip, args.concept, preset, pairs_text, config, terminal_context())
+    out = args.out or "prune_" + "_".join(c.replace(" ", "-") for c in args.concept)[:80] + ".safetensors"
+    edit.save(out)
+    m = edit.metrics
+    log.info("wrote %s: %d weights pruned (%.3f%% of ff.net.2 weights) from %d generations in %.1fs",
+             out, m["pruned_weights"], 100 * m["pruned_fraction_ffn"], m["generations"], m["seconds"])
+    return 0

@@ -1,0 +1,261 @@
+"""ConceptPrune (Chavhan, Li, Hospedales 2024): find the FFN weights that are "skilled" at a
+concept and prune them. Training-free: two sets of real generations (concept and reference
+prompts), forward hooks, running sums, a per-row top-k. See /PAPERS.md §1.
+
+Steps, named after the paper:
+1. `collect_statistics`: during the denoising of each prompt (both CFG halves), the input X of
+   every ``ff.net.2`` (the GEGLU output, 4d wide) is L2-normalised per token and its squared
+   columns are summed per (denoising step, layer) on the device. Memory O(steps × layers × 4d).
+2. `wanda_scores`: S_ij = |W_ij| · ‖X_j‖₂ (the RMS column norm, so concept and reference
+   statistics made from different numbers of tokens compare fairly).
+3. `skilled_mask`: per step, in every output row the top-k weights by concept score
+   (k = skill_ratio · 4d) that also score higher for the concept than for the reference; the
+   union over the first τ steps.
+4. `compute_concept_prune`: the union over concepts, as an `Edit` of sparse masks
+   (W ← W ⊙ (1 − M)).
+
+Only the first τ steps feed the mask, and a step's activations do not depend on later steps, so
+by default the generations stop after τ steps: the mask is the same as with full generations
+(``full_trajectory=True`` runs them to the end and keeps statistics for every step).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .arch import UNET_PREFIX, Family
+from .edit import Change, Edit
+from .errors import InvalidInputError, NonFiniteError
+from .hooks import trace_inputs
+from .hosts import Denoiser, RunContext
+
+log = logging.getLogger(__name__)
+
+METHOD = "concept_prune"
+
+
+@dataclass
+class PruneConfig:
+    """ConceptPrune's hyper-parameters (paper defaults: 50 steps, CFG 7.5, seed 0)."""
+
+    skill_ratio: float = 0.01   # k = skill_ratio · 4d weights per output row and step
+    tau: int = 10               # union over the first τ denoising steps
+    steps: int = 50             # denoising steps of each calibration generation
+    cfg: float = 7.5
+    seed: int = 0
+    batch_size: int = 8         # prompts per generation call (the noise of a prompt depends on its slot)
+    negative: str = ""
+    full_trajectory: bool = False  # run every step even though only the first τ matter
+
+    def validate(self) -> None:
+        if not 0.0 < self.skill_ratio <= 1.0:
+            raise InvalidInputError(f"skill_ratio must be in (0, 1], got {self.skill_ratio}; the paper uses 0.01-0.02")
+        if self.steps < 1:
+            raise InvalidInputError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.tau <= self.steps:
+            raise InvalidInputError(f"tau (the number of early steps whose skilled weights are pruned) must be "
+                                    f"between 1 and steps={self.steps}, got {self.tau}")
+        if self.cfg < 0:
+            raise InvalidInputError(f"cfg must be >= 0, got {self.cfg}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    @property
+    def kept_steps(self) -> int:
+        return self.steps if self.full_trajectory else self.tau
+
+
+# ---- 1. statistics ----------------------------------------------------------------------------
+class FFNStatistics:
+    """Running sums, per ``ff.net.2`` module, of the squared per-token-normalised inputs, one row
+    per denoising step: ``sumsq[name][t, j] = Σ_tokens (x_j / ‖x‖)²`` and ``rows[name][t]`` the
+    number of tokens summed. Buffers live where the activations are (allocated on first use)."""
+
+    def __init__(self, names: Sequence[str], steps: int, eps: float = 1e-12):
+        self.names = list(names)
+        self.steps = steps
+        self.eps = eps
+        self.step = 0
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[int]] = {n: [0] * steps for n in self.names}
+
+    def update(self, name: str, x: torch.Tensor) -> None:
+        """Add one forward's input [..., 4d] at the current step. Runs in a hook: no host copies."""
+        t = self.step
+        if t >= self.steps:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sq = x.square()
+        contrib = (sq / sq.sum(dim=1, keepdim=True).clamp_min(self.eps)).sum(dim=0)
+        buf = self.sumsq.get(name)
+        if buf is None:
+            buf = self.sumsq[name] = torch.zeros(self.steps, x.shape[1], device=x.device, dtype=torch.float32)
+        buf[t] += contrib
+        self.rows[name][t] += x.shape[0]  # a shape, known on the host: no device sync
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """‖X_j‖₂ per step as an RMS over the tokens seen: [steps, 4d] per layer."""
+        out = {}
+        for n in self.names:
+            if n not in self.sumsq:
+                raise InvalidInputError(f"no activations reached {n}; the model did not run its FFN layers")
+            rows = torch.tensor(self.rows[n], dtype=torch.float32, device=self.sumsq[n].device).clamp_min(1)
+            out[n] = (self.sumsq[n] / rows[:, None]).sqrt()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.sumsq.values())
+
+
+class _EnoughSteps(Exception):
+    """Stops a generation once the steps the statistics need have run (never leaves this module)."""
+
+
+def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module], names: Sequence[str],
+                       prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
+                       progress: tuple[int, int] | None = None) -> FFNStatistics:
+    """Generate every prompt (batches of ``cfg.batch_size``, batch b seeded ``cfg.seed``) with hooks
+    on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
+    (steps done before, total steps) for ctx.report across several calls."""
+    stats = FFNStatistics(names, cfg.kept_steps)
+    done, total = progress or (0, _n_batches(len(prompts), cfg) * cfg.kept_steps)
+    state = {"done": done}
+
+    def on_step(i: int) -> None:
+        if i > 0:
+            ctx.report(state["done"] + i, total)
+        if i >= cfg.kept_steps:
+            raise _EnoughSteps
+        stats.step = i
+
+    with trace_inputs(modules, names, stats.update):
+        for b in range(0, len(prompts), cfg.batch_size):
+            ctx.check()
+            batch = list(prompts[b:b + cfg.batch_size])
+            try:
+                denoiser.sample(batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed, negative=cfg.negative,
+                                on_step=on_step)
+            except _EnoughSteps:
+                pass
+            state["done"] += cfg.kept_steps  # (the last step has no on_step after it)
+            ctx.report(state["done"], total)
+    return stats
+
+
+def _n_batches(n: int, cfg: PruneConfig) -> int:
+    return (n + cfg.batch_size - 1) // cfg.batch_size
+
+
+# ---- 2.-3. scores and masks ----------------------------------------------------------------------
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| · ‖X_j‖₂ for W [d, 4d] and norms [4d] (or [T, 4d] -> [T, d, 4d])."""
+    return weight.abs().float() * norms.unsqueeze(-2)
+
+
+def skilled_mask(weight: torch.Tensor, concept_norms: torch.Tensor, reference_norms: torch.Tensor,
+                 skill_ratio: float, tau: int) -> torch.Tensor:
+    """Boolean [d, 4d]: weights skilled at the concept at any of the first τ steps.
+
+    ``concept_norms``/``reference_norms`` are [steps, 4d] column norms. A weight is skilled at
+    step t when it is among its row's top-k by concept score and its concept score beats its
+    reference score. Vectorised over rows and columns; the loop is over the τ steps only."""
+    d, n = weight.shape
+    k = max(1, int(round(skill_ratio * n)))
+    aw = weight.detach().abs().float()
+    mask = torch.zeros(d, n, dtype=torch.bool, device=weight.device)
+    for t in range(min(tau, concept_norms.shape[0])):
+        sc = aw * concept_norms[t].to(aw.device)
+        sr = aw * reference_norms[t].to(aw.device)
+        top = sc.topk(k, dim=1).indices                       # [d, k]
+        wins = torch.gather(sc > sr, 1, top)                  # the top-k entries that favour the concept
+        mask |= torch.zeros_like(mask).scatter_(1, top, wins)
+    return mask
+
+
+# ---- 4. the method -------------------------------------------------------------------------------
+def ffn_layers(family: Family, modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The family's ``ff.net.2`` modules, checked against the table (name and shape)."""
+    out = {}
+    shapes = family.expected_shapes()
+    for name in family.ffn_out_modules():
+        mod = modules.get(name)
+        key = f"{UNET_PREFIX}{name}.weight"
+        if mod is None or not hasattr(mod, "weight"):
+            raise InvalidInputError(f"the model has no {name}; is it really {family.label}? "
+                                    "ConceptPrune needs SD1.x, SD2.x or SDXL (or the tiny model)")
+        if tuple(mod.weight.shape) != shapes[key]:
+            raise InvalidInputError(f"{name} has shape {tuple(mod.weight.shape)}, {family.label} has {shapes[key]}")
+        out[name] = mod
+    return out
+
+
+def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
+                          config: PruneConfig | None = None, ctx: RunContext | None = None,
+                          fingerprint: Mapping[str, str] | None = None) -> Edit:
+    """ConceptPrune for one or more concepts. ``pairs`` maps concept -> [(concept prompt,
+    reference prompt), ...] (see `editing.prompts.build_pairs`). Returns an Edit of masks over
+    the family's ``ff.net.2`` weights; the model itself is never changed (hooks are removed on
+    return, error and Cancel)."""
+    cfg = config or PruneConfig()
+    cfg.validate()
+    ctx = ctx or RunContext()
+    if not pairs or any(len(p) == 0 for p in pairs.values()):
+        raise InvalidInputError("every concept needs at least one (concept prompt, reference prompt) pair")
+    t0 = time.perf_counter()
+    modules = denoiser.modules()
+    layers = ffn_layers(family, modules)
+    names = list(layers)
+
+    # Each distinct prompt set is generated once (concepts sharing a reference set share it).
+    sets: list[tuple[str, ...]] = []
+    for plist in pairs.values():
+        for s in (tuple(c for c, _ in plist), tuple(r for _, r in plist)):
+            if s not in sets:
+                sets.append(s)
+    total = sum(_n_batches(len(s), cfg) for s in sets) * cfg.kept_steps
+    norms: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+    done, stats_bytes = 0, 0
+    for s in sets:
+        st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total))
+        done += _n_batches(len(s), cfg) * cfg.kept_steps
+        norms[s] = st.norms()
+        stats_bytes += st.nbytes()
+        del st
+
+    ctx.check()
+    modules = denoiser.modules()  # (re)loaded: the weights as they run
+    changes: dict[str, Change] = {}
+    metrics_layers: dict[str, float] = {}
+    n_pruned = n_ffn = 0
+    for name in names:
+        w = modules[name].weight.detach()
+        mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+        for plist in pairs.values():
+            cn = norms[tuple(c for c, _ in plist)][name]
+            rn = norms[tuple(r for _, r in plist)][name]
+            if not (torch.isfinite(cn).all() and torch.isfinite(rn).all()):
+                raise NonFiniteError(f"non-finite activations in {name}; the model produced NaN/Inf while sampling")
+            mask |= skilled_mask(w, cn, rn, cfg.skill_ratio, cfg.tau)
+        idx = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32).cpu()
+        key = f"{UNET_PREFIX}{name}.weight"
+        changes[key] = Change("mask", tuple(w.shape), {"index": idx})
+        metrics_layers[key] = idx.numel() / mask.numel()
+        n_pruned += idx.numel()
+        n_ffn += mask.numel()
+    unet_params = sum(p.numel() for p in modules[""].parameters()) if "" in modules else None
+    ctx.report(total, total)
+    prompts_meta = {c: [list(p) for p in plist] for c, plist in pairs.items()}
+    metrics = {"pruned_fraction": metrics_layers, "pruned_weights": n_pruned,
+               "pruned_fraction_ffn": n_pruned / max(n_ffn, 1),
+               "pruned_fraction_unet": (n_pruned / unet_params) if unet_params else None,
+               "generations": sum(len(s) for s in sets), "stats_bytes": stats_bytes,
+               "seconds": time.perf_counter() - t0}
+    log.info("ConceptPrune %s: %d weights pruned (%.3f%% of ff.net.2) in %.1fs", list(pairs), n_pruned,
+             100 * metrics["pruned_fraction_ffn"], metrics["seconds"])
+    return Edit(method=METHOD, family=family.name, changes=changes, concepts=list(pairs),
+                params={**asdict(cfg), "prompts": prompts_meta}, fingerprint=dict(fingerprint or {}),
+                metrics=metrics)

@@ -1,0 +1,78 @@
+"""ConceptPrune node: find the FFN weights skilled at a concept and prune them on a copy of MODEL."""
+from __future__ import annotations
+
+import json
+
+from ..comfy_host.adapters import ComfyDenoiser, apply_edit, model_family, model_fingerprint, run_context
+from ..editing.concept_prune import PruneConfig, compute_concept_prune
+from ..editing.edit import Edit
+from ..editing.hosts import RunContext
+from ..editing.prompts import PRESET_NAMES, build_pairs
+from .common import CATEGORY, EDIT, concepts_from_text, strength_input
+
+
+def concept_prune(model, clip, concepts: list[str], preset: str, pairs_text: str, config: PruneConfig,
+                  ctx: RunContext | None = None) -> Edit:
+    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line)."""
+    family = model_family(model)  # a clear error for a model the tables do not know
+    pairs = build_pairs(concepts, preset, pairs_text)
+    ctx = ctx or RunContext()
+    denoiser = ComfyDenoiser(model, clip, ctx=ctx)
+    return compute_concept_prune(denoiser, family, pairs, config, ctx, fingerprint=model_fingerprint(model))
+
+
+class ConceptPrune:
+    DESCRIPTION = ("ConceptPrune (training-free erasure): generates the concept and reference prompts, finds the "
+                   "feed-forward weights that fire for the concept but not the reference during the first τ "
+                   "denoising steps, and prunes them on a copy of the model. Cost: one generation per prompt.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", EDIT, "STRING")
+    RETURN_NAMES = ("model", "edit", "info")
+    OUTPUT_TOOLTIPS = ("A copy of the model with the skilled weights pruned (the input MODEL is unchanged).",
+                       "The pruning mask with its metadata: save it, or apply it to the same model elsewhere.",
+                       "Concepts, parameters and the pruned fraction per layer.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD1.x, SD2.x or SDXL model (or the bundled tiny one). It is never changed."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder, to encode the calibration prompts."}),
+            "concepts": ("STRING", {"multiline": True, "default": "",
+                                    "tooltip": "Concepts to erase, one per line (or comma-separated): an artist, "
+                                               "'naked', an object, or a tiny-world concept such as 'circle'."}),
+            "preset": (list(PRESET_NAMES), {"default": "artist",
+                                            "tooltip": "Prompt pairs: artist (~20 things), nudity (~18 persons), "
+                                                       "object (~12 scenes), tiny (the tiny model's world), or "
+                                                       "custom (only the pairs below)."}),
+            "skill_ratio": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
+                                      "tooltip": "Share of each weight row that may count as skilled per step (paper: "
+                                                 "0.01 artists/nudity, 0.02 objects; the tiny model needs more)."}),
+            "tau": ("INT", {"default": 10, "min": 1, "max": 1000,
+                            "tooltip": "Prune weights skilled at any of the first τ denoising steps (paper: 9-10)."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                              "tooltip": "Denoising steps of the calibration generations (paper: 50)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                              "tooltip": "Classifier-free guidance scale of the calibration generations (paper: 7.5)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                             "tooltip": "Noise seed of the calibration generations (paper: 0)."}),
+        }, "optional": {
+            "pairs": ("STRING", {"multiline": True, "default": "",
+                                 "tooltip": "Your own pairs, one per line: 'concept prompt | reference prompt'; "
+                                            "{concept} is replaced by each concept. Added to the preset's pairs."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
+                                   "tooltip": "Prompts generated together; lower it if memory runs out."}),
+            "strength": strength_input(),
+        }}
+
+    def execute(self, model, clip, concepts, preset, skill_ratio, tau, steps, cfg, seed, pairs="", batch_size=4,
+                strength=1.0):
+        config = PruneConfig(skill_ratio=skill_ratio, tau=tau, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size)
+        edit = concept_prune(model, clip, concepts_from_text(concepts), preset, pairs, config, run_context())
+        patched, _clip, _warnings = apply_edit(model, None, edit, strength)
+        info = {k: v for k, v in edit.summary().items() if k not in ("keys", "params")}
+        return (patched, edit, json.dumps(info, indent=1, default=str))
+
+
+NODE_CLASS_MAPPINGS = {"ConceptEditConceptPrune": ConceptPrune}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptEditConceptPrune": "ConceptPrune (erase by pruning)"}

@@ -1,0 +1,365 @@
+"""ConceptPrune: the math on hand-made cases, the statistics against a brute-force reference, the
+real SD1/SD2/SDXL layouts, Cancel, and the node in real ComfyUI."""
+import functools
+import os
+
+import pytest
+import torch
+
+from conceptedit.editing import arch
+from conceptedit.editing.concept_prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
+                                               ffn_layers, skilled_mask, wanda_scores)
+from conceptedit.editing.edit import Change, Edit
+from conceptedit.editing.errors import (Cancelled, FingerprintMismatchError, InvalidInputError,
+                                        UnknownArchitectureError)
+from conceptedit.editing.hooks import trace_inputs
+from conceptedit.editing.hosts import RunContext
+from conceptedit.editing.prompts import PRESETS, build_pairs, parse_pairs
+
+from helpers import random_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = "a {concept} in a park | a park\na red {concept} | a red thing\n"
+
+
+# ---- the math ------------------------------------------------------------------------------------
+def test_concept_only_neuron_is_selected_shared_one_is_not():
+    w = torch.ones(3, 8)
+    cn = torch.zeros(1, 8)
+    rn = torch.zeros(1, 8)
+    cn[0, 0], rn[0, 0] = 1.0, 0.0      # fires only for the concept
+    cn[0, 1], rn[0, 1] = 2.0, 2.0      # fires (more) for both
+    cn[0, 2:], rn[0, 2:] = 0.1, 0.1    # background
+    m = skilled_mask(w, cn, rn, skill_ratio=0.25, tau=1)  # k = 2 per row: columns 0 and 1
+    assert m[:, 0].all()
+    assert not m[:, 1].any()
+    assert m.sum() == 3
+
+
+def test_topk_is_per_row_and_uses_weight_magnitude():
+    # neuron 0 fires only for the concept, but row 1 barely uses it: in row 1 another concept
+    # neuron with a big weight wins the single slot.
+    w = torch.full((2, 4), 0.1)
+    w[0, 0], w[1, 0], w[1, 2] = 1.0, 0.001, 1.0
+    cn = torch.tensor([[1.0, 0.2, 0.5, 0.2]])
+    rn = torch.tensor([[0.0, 0.2, 0.0, 0.2]])
+    m = skilled_mask(w, cn, rn, skill_ratio=0.25, tau=1)
+    assert m.tolist() == [[True, False, False, False], [False, False, True, False]]
+    assert torch.equal(wanda_scores(w, cn[0]), w.abs() * cn[0])
+
+
+def test_union_over_the_first_tau_steps_only():
+    w = torch.ones(1, 4)
+    cn = torch.full((6, 4), 0.5)
+    rn = torch.full((6, 4), 0.5)
+    cn[1, 1] = 1.0  # skilled at step 1
+    cn[4, 2] = 1.0  # skilled at step 4
+    assert skilled_mask(w, cn, rn, 0.25, tau=3)[0].tolist() == [False, True, False, False]
+    assert skilled_mask(w, cn, rn, 0.25, tau=5)[0].tolist() == [False, True, True, False]
+
+
+def test_sdxl_width_mask_matches_a_row_by_row_reference():
+    # a real SDXL ff.net.2 (1280 x 5120) with random weights and statistics; check a few rows
+    # against a sort-based reference, and that no row exceeds k per step.
+    g = torch.Generator().manual_seed(0)
+    d, n, tau, ratio = 1280, 5120, 3, 0.01
+    assert (d, n) in {s for k, s in arch.get_family("sdxl").expected_shapes().items() if k.endswith("ff.net.2.weight")}
+    w = torch.randn(d, n, generator=g)
+    cn = torch.rand(tau, n, generator=g)
+    rn = torch.rand(tau, n, generator=g)
+    m = skilled_mask(w, cn, rn, ratio, tau)
+    k = round(ratio * n)
+    assert (m.sum(1) <= k * tau).all() and m.any()
+    for i in (0, 17, 1279):
+        ref = torch.zeros(n, dtype=torch.bool)
+        for t in range(tau):
+            sc, sr = w[i].abs() * cn[t], w[i].abs() * rn[t]
+            order = torch.argsort(sc, descending=True)[:k]
+            ref[order[sc[order] > sr[order]]] = True
+        assert torch.equal(m[i], ref)
+
+
+def test_statistics_running_sums_equal_brute_force():
+    g = torch.Generator().manual_seed(0)
+    st = FFNStatistics(["a", "b"], steps=3)
+    seen = {("a", t): [] for t in range(3)} | {("b", t): [] for t in range(3)}
+    for t in range(3):
+        st.step = t
+        for name, shape in (("a", (2, 5, 8)), ("b", (4, 3, 12)), ("a", (1, 5, 8))):
+            x = torch.randn(shape, generator=g)
+            st.update(name, x)
+            seen[(name, t)].append(x.reshape(-1, shape[-1]))
+    norms = st.norms()
+    for (name, t), xs in seen.items():
+        x = torch.cat(xs)
+        x = x / x.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(norms[name][t], x.norm(dim=0) / x.shape[0] ** 0.5)
+    assert st.nbytes() == 3 * (8 + 12) * 4
+
+
+# ---- prompt sets ---------------------------------------------------------------------------------
+def test_presets_and_custom_pairs():
+    assert [len(PRESETS[p].items) for p in ("artist", "nudity", "object")] == [20, 18, 12]
+    p = build_pairs(["van gogh"], "artist")["van gogh"]
+    assert p[0] == ("a dog in the style of van gogh", "a photo of a dog")
+    p = build_pairs(["apple", "car"], "custom", PAIRS)
+    assert p["car"] == [("a car in a park", "a park"), ("a red car", "a red thing")]
+    assert len(build_pairs(["apple"], "object", PAIRS)["apple"]) == 14
+    for bad in ([], [" "]):
+        with pytest.raises(InvalidInputError, match="at least one concept"):
+            build_pairs(bad, "artist")
+    with pytest.raises(InvalidInputError, match="choose one of"):
+        build_pairs(["x"], "nope")
+    with pytest.raises(InvalidInputError, match="'concept prompt | reference prompt'"):
+        parse_pairs("no bar here")
+    with pytest.raises(InvalidInputError, match="custom"):
+        build_pairs(["x"], "custom", "")
+
+
+def test_tiny_world_preset():
+    pytest.importorskip("conceptedit.tiny.world")
+    shape = build_pairs(["circle"], "tiny")["circle"]
+    assert ("a red circle in the style of monet", "a red shape in the style of monet") in shape
+    assert all("circle" not in r for _, r in shape) and all("circle" in c for c, _ in shape)
+    style = build_pairs(["monet"], "tiny")["monet"]
+    assert all("monet" in c and "monet" not in r for c, r in style)
+    colour = build_pairs(["red"], "tiny")["red"]
+    assert all(c.replace("red ", "") == r for c, r in colour)
+    with pytest.raises(InvalidInputError, match="unknown concept"):
+        build_pairs(["dragon"], "tiny")
+
+
+# ---- families and safety -------------------------------------------------------------------------
+@pytest.mark.parametrize("name,n_layers,widths", [("sd1", 16, {1280, 2560, 5120}), ("sd2", 16, {1280, 2560, 5120}),
+                                                  ("sdxl", 70, {2560, 5120})])
+def test_ffn_layers_on_real_layouts(comfy, name, n_layers, widths):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+    fam = arch.get_family(name)
+    unet = UNetModel(**fam.unet_config, device="meta", operations=comfy.ops.disable_weight_init)
+    layers = ffn_layers(fam, dict(unet.named_modules()))
+    assert len(layers) == n_layers and {m.weight.shape[1] for m in layers.values()} == widths
+    assert [f"diffusion_model.{n}.weight" for n in layers] == fam.ffn_out_keys()
+    other = arch.get_family("sd1" if name == "sdxl" else "sdxl")
+    with pytest.raises(InvalidInputError, match=other.label):
+        ffn_layers(other, dict(unet.named_modules()))
+
+
+def test_sdxl_mask_is_refused_on_an_sd15_layout():
+    xl, sd1 = arch.get_family("sdxl"), arch.get_family("sd1")
+    edit = Edit("concept_prune", "sdxl", {k: Change("mask", xl.expected_shapes()[k],
+                                                    {"index": torch.tensor([1, 2], dtype=torch.int32)})
+                                          for k in xl.ffn_out_keys()})
+    shapes = {k: s for k, s in sd1.expected_shapes().items()}
+    with pytest.raises(FingerprintMismatchError, match="computed for SDXL; the model is SD1.x"):
+        edit.validate_for("sd1", shapes)
+    # the same mask under the wrong family name is still refused on shapes/keys
+    edit.family = "sd1"
+    with pytest.raises(FingerprintMismatchError, match="input_blocks.4.1.transformer_blocks.1.*does not have"):
+        edit.validate_for("sd1", shapes)
+
+
+def test_unknown_model_is_a_clear_error(comfy):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    class Config(comfy.supported_models_base.BASE):
+        unet_config = dict(arch.TINY_UNET, context_dim=48)
+        unet_extra_config = {}
+
+    m = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(Config(dict(Config.unet_config)), device="cpu"),
+                                         load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    from conceptedit.nodes.nodes_prune import concept_prune
+    with pytest.raises(UnknownArchitectureError, match="48"):
+        concept_prune(m, None, ["x"], "custom", PAIRS, PruneConfig(steps=2, tau=1))
+
+
+# ---- on a real ComfyUI model ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip(comfy):
+    """A real ComfyUI CLIP with the tiny text encoder's config (width 64) and random weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    target = type("Target", (), {})()
+    target.params = {}
+    cfg = os.path.join(ROOT, "tiny", "clip_config.json")
+    target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel,
+                                    clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=cfg))
+    target.tokenizer = comfy.sd1_clip.SD1Tokenizer
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        c = comfy.sd.CLIP(target)
+        for name, p in c.cond_stage_model.named_parameters():
+            if "layer_norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return c
+
+
+def _denoiser(model, clip, ctx=None, latent_hw=8):
+    """8x8 latents keep the random-model runs fast; None = the family's default size."""
+    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    return ComfyDenoiser(model, clip, latent_hw=latent_hw, ctx=ctx)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def test_statistics_from_a_real_run_equal_stored_activations(comfy, clip):
+    model = random_model()
+    den = _denoiser(model, clip)
+    fam = arch.get_family("tiny")
+    names = fam.ffn_out_modules()
+    cfg = PruneConfig(steps=3, tau=2, cfg=3.0, batch_size=2, full_trajectory=True)
+    prompts = ["a red circle", "a blue square", "a star"]
+    with torch.inference_mode():
+        st = collect_statistics(den, den.modules(), names, prompts, cfg, RunContext())
+        # brute force: store every activation with its step, then reduce
+        stored, cur = [], [0]
+        with trace_inputs(den.modules(), names, lambda n, x: stored.append((n, cur[0], x.detach().clone()))):
+            for b in range(0, len(prompts), 2):
+                den.sample(prompts[b:b + 2], steps=3, cfg=3.0, seed=0, on_step=lambda i: cur.__setitem__(0, i))
+    norms = st.norms()
+    assert {n for n, _, _ in stored} == set(names)
+    for name in names:
+        for t in range(3):
+            xs = [x.reshape(-1, x.shape[-1]) for n, s, x in stored if n == name and s == t]
+            x = torch.cat(xs).float()
+            assert x.shape[0] == st.rows[name][t] and x.shape[0] % (2 * len(prompts)) == 0  # both CFG halves
+            x = x / x.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(norms[name][t], x.norm(dim=0) / x.shape[0] ** 0.5, rtol=1e-4, atol=1e-6)
+
+
+def test_early_stop_gives_the_same_mask_as_full_generations(comfy, clip):
+    model = random_model()
+    fam = arch.get_family("tiny")
+    pairs = build_pairs(["circle"], "custom", PAIRS)
+    progress = []
+    ctx = RunContext(progress=lambda d, t: progress.append((d, t)))
+    with torch.inference_mode():
+        a = compute_concept_prune(_denoiser(model, clip), fam, pairs, PruneConfig(skill_ratio=0.05, steps=4, tau=2), ctx)
+        b = compute_concept_prune(_denoiser(model, clip), fam, pairs,
+                                  PruneConfig(skill_ratio=0.05, steps=4, tau=2, full_trajectory=True))
+    assert set(a.changes) == set(fam.ffn_out_keys())
+    assert sum(c.tensors["index"].numel() for c in a.changes.values()) > 0
+    for k in a.changes:
+        assert torch.equal(a.changes[k].tensors["index"], b.changes[k].tensors["index"])
+    assert a.metrics["generations"] == 4 and 0 < a.metrics["pruned_fraction_ffn"] < 0.05 * 2
+    done = [d for d, _ in progress]
+    assert done == sorted(done) and progress[-1] == (4, 4) and {t for _, t in progress} == {4}  # 2 sets x τ steps
+
+
+def test_cancel_mid_run_leaves_nothing(comfy, clip):
+    model = random_model()
+    before = _snapshot(model)
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    progress = []
+    ctx = RunContext(progress=lambda d, t: progress.append((d, t)), should_stop=should_stop)
+    den = _denoiser(model, clip, ctx)
+    with torch.inference_mode(), pytest.raises(Cancelled):
+        compute_concept_prune(den, arch.get_family("tiny"), build_pairs(["circle"], "custom", PAIRS),
+                              PruneConfig(steps=6, tau=6), ctx)
+    assert progress and progress[-1][0] < progress[-1][1]  # it really stopped mid-way
+    for name, mod in model.model.diffusion_model.named_modules():
+        assert not mod._forward_pre_hooks and not mod._forward_hooks, name
+    assert not model.patches
+    after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_node_in_comfyui_patches_only_masked_weights(comfy, clip):
+    assert "ConceptEditConceptPrune" in comfy.NODE_CLASS_MAPPINGS
+    node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditConceptPrune"]
+    inputs = node_cls.INPUT_TYPES()
+    for group in inputs.values():
+        for name, spec in group.items():
+            assert spec[1].get("tooltip"), name
+    model = random_model()
+    before = _snapshot(model)
+    with torch.inference_mode():
+        patched, edit, info = node_cls().execute(model, clip, "circle", "custom", 0.05, 1, 2, 3.0, 0, pairs=PAIRS)
+    assert "circle" in info and edit.method == "concept_prune" and edit.concepts == ["circle"]
+    assert edit.params["tau"] == 1 and edit.params["skill_ratio"] == 0.05 and edit.fingerprint["family"] == "tiny"
+    assert patched is not model and not model.patches
+    patched.patch_model()
+    try:
+        loaded = _snapshot(patched)
+    finally:
+        patched.unpatch_model()
+    n_masked = 0
+    for k, w0 in before.items():
+        key = "diffusion_model." + k
+        if key in edit.changes:
+            m = edit.changes[key].mask()
+            n_masked += int(m.sum())
+            assert (loaded[k][m] == 0).all() and torch.equal(loaded[k][~m], w0[~m])
+        else:
+            assert torch.equal(loaded[k], w0), k
+    assert n_masked > 0
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(model).items())  # input unchanged after unpatch
+
+    from conceptedit.comfy_host.adapters import apply_edit
+    zero, _, _ = apply_edit(model, None, edit, 0.0)
+    zero.patch_model()
+    try:
+        assert all(torch.equal(before[k], v) for k, v in _snapshot(zero).items())
+    finally:
+        zero.unpatch_model()
+
+
+def test_cli_writes_an_edit_file(comfy, clip, tmp_path, monkeypatch):
+    from conceptedit.cli import common, main
+    monkeypatch.setattr(common, "load_model", lambda ckpt, cpu=False: (random_model(), clip))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(PAIRS)
+    out = tmp_path / "circle.safetensors"
+    with torch.inference_mode():
+        rc = main(["prune", "--ckpt", "tiny", "--concept", "circle", "--pairs", str(pairs), "--steps", "2",
+                   "--tau", "1", "--skill-ratio", "0.05", "--out", str(out)])
+    assert rc == 0
+    e = Edit.load(out)
+    assert e.method == "concept_prune" and e.concepts == ["circle"] and e.params["steps"] == 2
+    assert sum(c.tensors["index"].numel() for c in e.changes.values()) == e.metrics["pruned_weights"] > 0
+
+
+TINY_WEIGHTS = os.path.join(ROOT, "tiny", "weights", "tiny_sd.safetensors")
+needs_tiny = pytest.mark.skipif(not os.path.isfile(TINY_WEIGHTS), reason="tiny model weights not trained yet")
+
+
+@needs_tiny
+def test_node_on_the_tiny_model_with_its_clip(comfy):
+    from conceptedit.tiny.comfy_model import load_tiny
+    model, tiny_clip, _ = load_tiny()
+    node = comfy.NODE_CLASS_MAPPINGS["ConceptEditConceptPrune"]()
+    with torch.inference_mode():
+        patched, edit, _ = node.execute(model, tiny_clip, "circle", "tiny", 0.05, 1, 2, 5.0, 0, batch_size=20)
+    assert edit.metrics["generations"] == 40 and edit.metrics["pruned_weights"] > 0
+    assert patched is not model and not model.patches and len(patched.patches) == len(edit.changes)
+
+
+@pytest.mark.slow
+@needs_tiny
+def test_pruning_circle_erases_circles_on_the_tiny_model(comfy):
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.editing.evaluate import evaluate
+    from conceptedit.editing.prompts import TINY_DEFAULTS
+    from conceptedit.tiny import world
+    from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
+    model, tiny_clip, _ = load_tiny()
+    prompts = world.prompts_for("circle", 4)
+    cfg = PruneConfig(steps=20, cfg=5.0, **TINY_DEFAULTS)
+    with torch.inference_mode():
+        before = evaluate(comfy_sampler(model, tiny_clip), prompts, 2).presence.get("circle", 0.0)
+        edit = compute_concept_prune(_denoiser(model, tiny_clip, latent_hw=None), arch.get_family("tiny"),
+                                     build_pairs(["circle"], "tiny"), cfg)
+        patched = apply_edit(model, None, edit)[0]
+        after = evaluate(comfy_sampler(patched, tiny_clip), prompts, 2).presence.get("circle", 0.0)
+    assert before >= 0.5 and after <= before / 2
