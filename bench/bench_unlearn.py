@@ -1,0 +1,197 @@
+"""Unlearning by fine-tuning on the tiny model, measured side by side in one run.
+
+    bash run.sh bench bench_unlearn [--part speed|unlearn|distill|audit|all] [--steps 30] [--concept circle]
+
+- unlearn: RGD vs plain gradient ascent vs ESD (all LoRA, same data, same steps): efficacy (presence of
+  the erased concept on its prompts, lower = better), specificity (accuracy of other concepts), alignment
+  on retain prompts (classifier accuracy of retained concepts), steps per second on the CPU;
+- distill: a pruned student (25 % of each FFN's neurons, smallest-norm, structured), bilevel
+  distill-and-unlearn vs two-stage (distil, then ESD erase) at the same number of steps;
+- audit: resurgence of the RGD and ESD edits after benign LoRA fine-tuning, presence read by the
+  tiny classifier.
+"""
+import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702,I001
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
+
+ensure_comfy()
+
+from conceptedit.comfy_host.adapters import apply_edit  # noqa: E402
+from conceptedit.editing.distill import DistillConfig, compute_distill_unlearn  # noqa: E402
+from conceptedit.editing.edit import Change, Edit  # noqa: E402
+from conceptedit.editing.evaluate import erasure_report, evaluate  # noqa: E402
+from conceptedit.editing.hosts import RunContext  # noqa: E402
+from conceptedit.editing.resurgence import AuditConfig, audit  # noqa: E402
+from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn, prepare_data  # noqa: E402
+from conceptedit.nodes.nodes_unlearn import train_host  # noqa: E402
+from conceptedit.tiny import world  # noqa: E402
+from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
+
+log = logging.getLogger("bench_unlearn")
+
+
+def with_edits(model, edits):
+    for e in edits:
+        model, _, _ = apply_edit(model, None, e)
+    return model
+
+
+def measure(model, clip, edits, concept, preserved, args):
+    m = with_edits(model, edits)
+    sample = comfy_sampler(m, clip, steps=args.sample_steps)
+    r = erasure_report(sample, [concept], preserved, n_prompts=args.eval_prompts, samples_per_prompt=2)
+    # alignment on the retain prompts: the other attributes of the concept's own prompts still right
+    own = evaluate(sample, world.prompts_for(concept, args.eval_prompts), 2)
+    kind = world.kind_of(concept)
+    align = sum(v for k, v in own.accuracy.items() if k != kind) / max(1, len([k for k in own.accuracy if k != kind]))
+    return {"efficacy": r["efficacy"][concept], "specificity": sum(r["specificity"].values()) / len(preserved),
+            "alignment_other_attrs": align, "paraphrase": r["paraphrase"].get(concept)}
+
+
+def structured_prune(model, fraction=0.25) -> Edit:
+    """Zero the `fraction` of each FFN's neurons (columns of ff.net.2) with the smallest norms."""
+    sd = model.model_state_dict()
+    changes = {}
+    for k, w in sd.items():
+        if k.endswith("ff.net.2.weight"):
+            w = w.float()
+            n = int(fraction * w.shape[1])
+            cols = torch.argsort(w.norm(dim=0))[:n]
+            mask = torch.zeros_like(w, dtype=torch.bool)
+            mask[:, cols] = True
+            changes[k] = Change("mask", tuple(w.shape), {"index": mask.reshape(-1).nonzero()[:, 0]})
+    return Edit("structured-prune", "tiny", changes)
+
+
+def part_unlearn(model, clip, host, args, out):
+    preserved = [c for c in ("square", "star", "red") if c != args.concept]
+    base = UnlearnConfig(steps=args.steps, lr=args.lr, batch=4, n_prompts=6, gen_steps=args.gen_steps, rank=4)
+    t0 = time.perf_counter()
+    data = prepare_data(host, host.text, args.concept, base, family="tiny")
+    log.info("training data: %d forget + %d retain images in %.1fs", len(data.forget_prompts), len(data.retain_prompts),
+             time.perf_counter() - t0)
+    out["unlearn"] = {"original": measure(model, clip, [], args.concept, preserved, args)}
+    edits = {}
+    for method in ("rgd", "ga", "esd"):
+        cfg = UnlearnConfig(**{**base.__dict__, "method": method})
+        edit = compute_unlearn(host, host.text, args.concept, cfg, family="tiny", data=data)
+        edits[method] = edit
+        res = measure(model, clip, [edit], args.concept, preserved, args)
+        res["steps_per_s"] = edit.metrics["steps_per_s"]
+        res["edit_kib"] = round(sum(c.nbytes() for c in edit.changes.values()) / 1024, 1)
+        out["unlearn"][method] = res
+        log.info("%s: %s", method, res)
+    return edits
+
+
+def part_speed(model, clip, host, args, out):
+    """Training speed only (no evaluation): steps/s of each method on the same data, side by side."""
+    base = UnlearnConfig(steps=args.steps, lr=args.lr, batch=4, n_prompts=2, gen_steps=2, rank=4)
+    data = prepare_data(host, host.text, args.concept, base, family="tiny")
+    out["speed"] = {}
+    for method, ps in (("rgd", "lora"), ("ga", "lora"), ("esd", "lora"), ("esd", "xattn")):
+        cfg = UnlearnConfig(**{**base.__dict__, "method": method, "param_set": ps})
+        e = compute_unlearn(host, host.text, args.concept, cfg, family="tiny", data=data)
+        out["speed"][f"{method}/{ps}"] = {"steps_per_s": e.metrics["steps_per_s"],
+                                          "forget_first_last": [e.metrics["history"]["forget"][0], e.metrics["history"]["forget"][-1]]}
+        log.info("speed %s/%s: %s", method, ps, out["speed"][f"{method}/{ps}"])
+
+
+def part_distill(model, clip, host, args, out):
+    preserved = [c for c in ("square", "star", "red") if c != args.concept]
+    student = structured_prune(model)
+    common = dict(batch=4, n_prompts=8, gen_steps=args.gen_steps, param_set="lora", rank=4, lr_distill=1e-3,
+                  lr_erase=args.lr)
+    distill_prompts = [p for p, _ in world.prompts_for("square", 4) + world.prompts_for("star", 4)]
+    latents = {}
+    t0 = time.perf_counter()
+    bilevel = compute_distill_unlearn(host, host.text, student, args.concept,
+                                      DistillConfig(steps=args.steps, erase_every=10, **common),
+                                      distill_prompts=distill_prompts, family="tiny", latents=latents)
+    t_bi = time.perf_counter() - t0
+    n_erase = args.steps // 10
+    t0 = time.perf_counter()
+    stage1 = compute_distill_unlearn(host, host.text, student, args.concept,
+                                     DistillConfig(steps=args.steps - n_erase, erase=False, **common),
+                                     distill_prompts=distill_prompts, family="tiny", latents=latents)
+    mods = dict(host.unet().named_modules())
+    from conceptedit.editing.lora_train import edit_as_fixed
+    fixed = edit_as_fixed([(student, 1.0), (stage1, 1.0)], mods)
+    stage2 = compute_unlearn(host, host.text, args.concept,
+                             UnlearnConfig(method="esd", steps=n_erase, lr=args.lr, batch=4, n_prompts=8,
+                                           gen_steps=args.gen_steps), family="tiny", fixed=fixed)
+    t_two = time.perf_counter() - t0
+    out["distill"] = {"student_untrained": measure(model, clip, [student], args.concept, preserved, args),
+                      "bilevel": {**measure(model, clip, [student, bilevel], args.concept, preserved, args),
+                                  "seconds": round(t_bi, 1)},
+                      "two_stage": {**measure(model, clip, [student, stage1, stage2], args.concept, preserved, args),
+                                    "seconds": round(t_two, 1)}}
+    log.info("distill: %s", out["distill"])
+
+
+def part_audit(model, clip, host, args, out, edits):
+    prompts = world.prompts_for(args.concept, args.eval_prompts)
+
+    def presence(pairs):
+        m = with_edits(model, [e for e, s in pairs if s])
+        r = evaluate(comfy_sampler(m, clip, steps=args.sample_steps), prompts, 2)
+        return r.presence.get(args.concept, 0.0)
+
+    kind = world.kind_of(args.concept)
+    others = [c for c in world.CONCEPTS[kind] if c != args.concept and world.words(c)]
+    benign = [p for c in others[:3] for p, _ in world.prompts_for(c, 3)]
+    out["audit"] = {}
+    for name, edit in edits.items():
+        rep = audit(host, host.text, edit, presence, AuditConfig(checkpoints=tuple(args.audit_steps), lr=1e-3,
+                                                                  gen_steps=args.gen_steps), benign_prompts=benign)
+        out["audit"][name] = {"original": rep.presence_original, "edited": rep.presence_edited,
+                              "after": dict(zip(rep.steps, rep.presence_after)),
+                              "resurgence": dict(zip(rep.steps, [round(r, 3) for r in rep.resurgence]))}
+        log.info("audit %s:\n%s", name, rep.to_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="all", choices=("speed", "unlearn", "distill", "audit", "all"))
+    ap.add_argument("--concept", default="circle")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--gen-steps", type=int, default=8)
+    ap.add_argument("--sample-steps", type=int, default=8)
+    ap.add_argument("--eval-prompts", type=int, default=3)
+    ap.add_argument("--audit-steps", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    model, clip, _vae = load_tiny()
+    torch.set_num_threads(args.threads)
+    host = train_host(model, clip, RunContext(progress=lambda d, t: log.info("  step %d/%d", d, t) if d % 10 == 0 else None))
+    out = {"concept": args.concept, "steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    edits = {}
+    if args.part == "speed":
+        part_speed(model, clip, host, args, out)
+    if args.part in ("unlearn", "all", "audit"):
+        edits = part_unlearn(model, clip, host, args, out)
+    if args.part in ("distill", "all"):
+        part_distill(model, clip, host, args, out)
+    if args.part in ("audit", "all"):
+        part_audit(model, clip, host, args, out, {k: edits[k] for k in ("rgd", "esd")})
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`conceptedit audit --ckpt tiny --edit circle_rgd.safetensors --prompt "a red circle"`: the
+concept-resurgence audit of any edit file (fine-tune briefly on benign prompts, measure how much of
+the concept comes back)."""
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from .common import add_model_arg
+    p = sub.add_parser("audit", help="resurgence audit: does an erased concept come back after benign fine-tuning?")
+    add_model_arg(p)
+    p.add_argument("--edit", required=True, help="the edit file to audit (.safetensors from any ConceptEdit method)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt showing the concept (repeatable)")
+    p.add_argument("--benign", action="append", default=[], help="a benign prompt to fine-tune on (repeatable)")
+    p.add_argument("--steps", default="10,25,50", help="checkpoints: benign steps at which presence is measured")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..comfy_host.adapters import apply_edit
+    from ..editing.edit import Edit
+    from ..editing.resurgence import AuditConfig
+    from ..nodes.nodes_unlearn import audit_models
+    from .common import load_model, terminal_context
+
+    cfg = AuditConfig(checkpoints=tuple(int(s) for s in args.steps.split(",") if s.strip()), lr=args.lr,
+                      rank=args.rank, seed=args.seed).validate()
+    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    edit = Edit.load(args.edit)
+    edited, _, warnings = apply_edit(model, None, edit)  # validates family, layout and shapes first
+    for w in warnings:
+        log.warning(w)
+    report = audit_models(edited, model, clip, args.prompt, args.benign, cfg, edit=edit, ctx=terminal_context())
+    print(report.to_text())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.as_dict(), f, indent=1)
+    return 0

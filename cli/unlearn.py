@@ -1,0 +1,54 @@
+"""`conceptedit unlearn --ckpt tiny --concept circle --out circle_rgd.safetensors`: unlearning by
+fine-tuning (RGD / gradient ascent / ESD) headless; writes the trained LoRA/delta as an edit file.
+
+Multi-GPU: this command trains on one device. For data-parallel runs on several GPUs, launch the
+same training loop through Hugging Face `accelerate launch` (see README, "Unlearning on several GPUs").
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from ..editing.lora_train import PARAM_SETS
+    from ..editing.unlearn import METHODS, UnlearnConfig
+    from .common import add_model_arg
+    d = UnlearnConfig()
+    p = sub.add_parser("unlearn", help="erase a concept by fine-tuning (RGD, gradient ascent or ESD); LoRA by default")
+    add_model_arg(p)
+    p.add_argument("--concept", required=True, help="the concept word or phrase to erase")
+    p.add_argument("--retain", action="append", default=[], help="a prompt to keep unchanged (repeatable)")
+    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--forget-objective", choices=("ascent", "esd"), default=d.forget_objective)
+    p.add_argument("--params", choices=PARAM_SETS, default=d.param_set,
+                   help="lora (default), lora-xattn, xattn (ESD-x) or noxattn (ESD-u)")
+    for name in ("steps", "rank", "batch", "n_prompts", "gen_steps", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "alpha", "truncation", "eta", "gen_cfg"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--cache-dir", default=None, help="keep the generated training latents here (safetensors)")
+    p.add_argument("--out", default=None, help="edit file to write (default: unlearn_<method>_<concept>.safetensors)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..editing.unlearn import UnlearnConfig
+    from ..nodes.nodes_unlearn import unlearn_model
+    from .common import load_model, terminal_context
+
+    cfg = UnlearnConfig(method=args.method, forget_objective=args.forget_objective, param_set=args.params,
+                        steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
+                        gen_steps=args.gen_steps, seed=args.seed, lr=args.lr, alpha=args.alpha,
+                        truncation=args.truncation, eta=args.eta, gen_cfg=args.gen_cfg, cache_dir=args.cache_dir).validate()
+    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    _, edit = unlearn_model(model, clip, args.concept, cfg, args.retain, ctx=terminal_context())
+    out = args.out or f"unlearn_{args.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
+    edit.save(out)
+    h = edit.metrics["history"]
+    log.info("wrote %s: %d weights changed; forget loss %.4f -> %.4f; %.2f steps/s",
+             out, len(edit.changes), h["forget"][0], h["forget"][-1], edit.metrics["steps_per_s"])
+    log.debug(json.dumps({k: v for k, v in edit.metrics.items() if k != "history"}))
+    return 0

@@ -1,0 +1,148 @@
+"""Bilevel distill-and-unlearn for a pruned student (Shirkavand et al. 2024; PAPERS.md §5).
+
+The student is the user's model with a pruning Edit applied (a ConceptPrune mask, a structured
+neuron mask …); the teacher is the original. Both run on the same frozen module: the pruning edit is
+attached as a fixed hook and the student's trainable part (LoRA, or dense ΔW that keeps pruned
+weights at zero) on top, so the teacher is the same network with every hook switched off.
+
+Alternating, with separate optimisers (the implemented form of min_θ max_ϑ L_CU(θ) + λ(L_ft(θ) − L_ft(ϑ))):
+- distillation steps: L_ft = L_diff + w_out·MSE(ε_S, ε_T) + w_feat·Σ_blocks MSE(h_S, h_T), on images the
+  teacher generated from general prompts (h = transformer-block outputs);
+- every `erase_every`-th step an erase step: ε_S(x_t, c) → ε_T(x_t, ∅) − η[ε_T(x_t, c) − ε_T(x_t, ∅)].
+With ``erase=False`` it is plain distillation (the first stage of the two-stage baseline).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .edit import Edit
+from .errors import InvalidInputError
+from .hooks import trace_outputs
+from .hosts import RunContext, TextEncoder, Trainable
+from .lora_train import PARAM_SETS, Adapters, edit_as_fixed, frozen_session, select_targets
+from .unlearn import GENERIC_TEMPLATES, esd_target, generate_latents, paired_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 100
+    erase_every: int = 10        # 9 distillation steps, then 1 erase step
+    erase: bool = True
+    lr_distill: float = 1e-3
+    lr_erase: float = 1e-3
+    w_out: float = 2.0           # output KD weight
+    w_feat: float = 0.1          # feature KD weight (transformer-block outputs)
+    eta: float = 1.0
+    param_set: str = "lora"
+    rank: int = 4
+    keep_pruned: bool = True     # dense sets only: pruned (zero) weights stay zero
+    batch: int = 4
+    n_prompts: int = 16
+    gen_steps: int = 20
+    gen_cfg: float = 5.0
+    seed: int = 0
+
+    def validate(self) -> "DistillConfig":
+        if self.steps < 1 or self.erase_every < 2 or self.batch < 1 or self.n_prompts < 1:
+            raise InvalidInputError("need steps ≥ 1, erase_every ≥ 2 (e.g. 10 for 9:1), batch and n_prompts ≥ 1")
+        if self.param_set not in PARAM_SETS:
+            raise InvalidInputError(f"param_set must be one of {', '.join(PARAM_SETS)}")
+        if min(self.lr_distill, self.lr_erase) <= 0 or min(self.w_out, self.w_feat) < 0:
+            raise InvalidInputError("learning rates must be > 0 and KD weights ≥ 0")
+        return self
+
+
+def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit: Edit, concept: str,
+                            cfg: DistillConfig | None = None, *, distill_prompts: Sequence[str] = (),
+                            family: str = "", ctx: RunContext | None = None,
+                            latents: dict | None = None) -> Edit:
+    """Train the pruned student; returns the trained part as an Edit (apply it together with
+    `student_edit`). ``metrics["history"]`` has the distillation and erase losses."""
+    cfg = cfg.validate() if cfg else DistillConfig().validate()
+    ctx = ctx or RunContext()
+    forget, retain = paired_prompts(concept, cfg.n_prompts, cfg.seed, family) if cfg.erase else ([], [])
+    general = list(distill_prompts) or retain or [t.format(concept="", emotion="calm", action="standing",
+                                                           place="in a park") for t in GENERIC_TEMPLATES]
+    latents = latents if latents is not None else {}
+    gen = dict(steps=cfg.gen_steps, cfg=cfg.gen_cfg, ctx=ctx)
+    if "general" not in latents:
+        latents["general"] = generate_latents(teacher, text, general, seed=cfg.seed, **gen)
+    if cfg.erase and "forget" not in latents:
+        latents["forget"] = generate_latents(teacher, text, forget, seed=cfg.seed + 1, **gen)
+    with torch.no_grad():
+        c_gen = text.encode(general).detach().float().clone()
+        c_f = text.encode(forget).detach().float().clone() if cfg.erase else None
+        c_u = text.encode([""]).detach().float().clone()
+    x_gen, x_f = latents["general"], latents.get("forget")
+    unet = teacher.unet()
+    modules = dict(unet.named_modules())
+    fixed = edit_as_fixed([(student_edit, 1.0)], modules)
+    kind = "lora" if cfg.param_set.startswith("lora") else "full"
+    # keep_pruned: build the dense adapter against the *student's* weights, whose pruned entries are 0
+    ad = Adapters(modules, select_targets(modules, cfg.param_set), kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
+    if kind == "full" and cfg.keep_pruned:
+        for name, slot in ad.slots.items():
+            w = slot.module.weight.detach().float() + fixed.get(name, 0)
+            slot.keep = (w != 0).float()
+    params = ad.parameters()
+    opt_d = torch.optim.Adam(params, lr=cfg.lr_distill)
+    opt_e = torch.optim.Adam(params, lr=cfg.lr_erase)
+    blocks = [n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+    ac = teacher.alphas_cumprod().float().to(x_gen.device)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    hist = {"distill": [], "erase": []}
+    feats: dict[str, torch.Tensor] = {}
+
+    def keep(name, out):
+        feats[name] = out
+        return None
+
+    def draw(x, c):
+        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
+        t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(x.device)
+        noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g).to(x.device)
+        a = ac[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x[idx] + (1 - a).sqrt() * noise, t, c[idx], noise
+
+    t0 = time.perf_counter()
+    with frozen_session(unet), ad.attached(), trace_outputs(modules, blocks, keep), torch.enable_grad():
+        for step in range(cfg.steps):
+            if cfg.erase and (step + 1) % cfg.erase_every == 0:
+                xt, t, c, _ = draw(x_f, c_f)
+                with ad.original():
+                    target = esd_target(teacher, ad, xt, t, c, c_u.expand_as(c), cfg.eta)
+                loss = F.mse_loss(teacher.eps(xt, t, c), target)
+                opt_e.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_e.step()
+                hist["erase"].append([step, round(float(loss.detach()), 6)])
+            else:
+                xt, t, c, noise = draw(x_gen, c_gen)
+                with torch.no_grad(), ad.original():
+                    e_t = teacher.eps(xt, t, c)
+                    f_t = {k: v.detach() for k, v in feats.items()}
+                e_s = teacher.eps(xt, t, c)
+                l_diff = F.mse_loss(e_s, noise)
+                l_out = F.mse_loss(e_s, e_t)
+                l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in f_t) if f_t else torch.zeros(())
+                loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat
+                opt_d.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_d.step()
+                hist["distill"].append(round(float(loss.detach()), 6))
+            feats.clear()
+            ctx.report(step + 1, cfg.steps)
+    secs = time.perf_counter() - t0
+    name = "distill-unlearn" if cfg.erase else "distill"
+    edit = ad.to_edit(name, family or student_edit.family, concepts=[concept] if cfg.erase else [],
+                      params={**asdict(cfg), "student_edit": student_edit.method})
+    edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3)})
+    return edit

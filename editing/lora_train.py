@@ -1,0 +1,302 @@
+"""Trainable adapters on a frozen UNet, by forward hooks keyed by module name, and their fold-back
+into an `Edit`.
+
+Every training method here (unlearning, distillation, the resurgence audit) sees the model the same
+way: the host's UNet module, never written to, plus forward hooks that add
+- *fixed* weight changes (an existing Edit: a pruning mask, a UCE edit …), and
+- *trainable* changes: a LoRA pair ΔW = (α/r)·B·A, or a dense ΔW (ESD-x / ESD-u style).
+Because a Linear/Conv output is linear in its weight, ``f(x; W) + f(x; ΔW) = f(x; W + ΔW)``: the hook
+trains exactly the weight W + ΔW without touching W. The result folds into an Edit of ``lowrank`` or
+``delta`` Changes keyed by ComfyUI patch key.
+
+ComfyUI runs a graph under ``torch.inference_mode()``: its weights are inference tensors, which
+autograd refuses to save for backward. `frozen_session` swaps such parameters for plain clones for the
+duration of training and puts the very same Parameter objects back in ``finally``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .arch import UNET_PREFIX
+from .edit import Change, Edit
+from .errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+# Which weights each trainable-parameter set covers (names inside the diffusion model).
+PARAM_SETS = ("lora", "lora-xattn", "xattn", "noxattn")
+
+
+def _is_adaptable(mod: torch.nn.Module) -> bool:
+    return isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))
+
+
+def select_targets(modules: Mapping[str, torch.nn.Module], param_set: str) -> list[str]:
+    """Module names a parameter set trains.
+
+    - ``lora``: every Linear inside the transformer blocks (attn1, attn2, FFN): the usual LoRA targets;
+    - ``lora-xattn`` and ``xattn`` (ESD-x): the cross-attention projections ``attn2.*``;
+    - ``noxattn`` (ESD-u): every Linear/Conv2d except cross-attention, the time embedding and the
+      final ``out`` layer (as ESD's reference code excludes them).
+    """
+    if param_set not in PARAM_SETS:
+        raise InvalidInputError(f"unknown trainable parameter set {param_set!r}; choose one of {', '.join(PARAM_SETS)}")
+    out = []
+    for name, mod in modules.items():
+        if not name or not _is_adaptable(mod):
+            continue
+        if param_set == "lora":
+            ok = ".transformer_blocks." in name and isinstance(mod, torch.nn.Linear)
+        elif param_set in ("lora-xattn", "xattn"):
+            ok = ".attn2." in name and isinstance(mod, torch.nn.Linear)
+        else:
+            ok = ".attn2." not in name and not name.startswith(("time_embed", "out.", "label_emb"))
+        if ok:
+            out.append(name)
+    if not out:
+        raise InvalidInputError(f"the parameter set {param_set!r} matched no layer of this UNet")
+    return out
+
+
+def _weight(mod: torch.nn.Module) -> torch.Tensor:
+    return mod.weight
+
+
+@dataclass
+class _Slot:
+    name: str
+    kind: str                       # "lora" | "full"
+    module: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    scale: float = 1.0
+    keep: torch.Tensor | None = None  # full only: 1 where the weight may change (pruned zeros stay 0)
+
+
+class Adapters:
+    """Trainable (and fixed) weight changes on named modules of a frozen network.
+
+    ``fixed`` maps module name -> a dense ΔW always added (e.g. the edit under audit).
+    Use `attached()` around forwards; `enabled = False` gives the network without the trainable part
+    (the fixed part stays), `fixed_enabled = False` drops the fixed part too (the frozen original).
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], names: Iterable[str], *, kind: str = "lora",
+                 rank: int = 4, alpha: float | None = None, seed: int = 0, device=None,
+                 fixed: Mapping[str, torch.Tensor] | None = None, keep_zeros: bool = False):
+        if kind not in ("lora", "full"):
+            raise InvalidInputError(f"adapter kind must be 'lora' or 'full', not {kind!r}")
+        if kind == "lora" and rank < 1:
+            raise InvalidInputError("LoRA rank must be at least 1")
+        self.kind, self.rank = kind, rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.enabled = True
+        self.fixed_enabled = True
+        self.slots: dict[str, _Slot] = {}
+        self.fixed: dict[str, torch.Tensor] = {}
+        self._modules = {n: modules[n] for n in set(names) | set(fixed or {}) if n in modules}
+        g = torch.Generator().manual_seed(seed)
+        for name in names:
+            mod = modules.get(name)
+            if mod is None or not _is_adaptable(mod):
+                raise InvalidInputError(f"no Linear/Conv2d module named {name!r} in the UNet")
+            w = _weight(mod)
+            dev = device or w.device
+            with torch.inference_mode(False):
+                if kind == "lora":
+                    if not isinstance(mod, torch.nn.Linear):
+                        raise InvalidInputError(f"{name}: LoRA adapters train Linear layers only; use a full set")
+                    out_f, in_f = w.shape
+                    # A random (Kaiming-uniform like PEFT), B zero: training starts at exactly ΔW = 0.
+                    bound = 1.0 / math.sqrt(in_f)
+                    down = (torch.rand(rank, in_f, generator=g) * 2 - 1) * bound
+                    params = {"down": torch.nn.Parameter(down.to(dev)),
+                              "up": torch.nn.Parameter(torch.zeros(out_f, rank, device=dev))}
+                    self.slots[name] = _Slot(name, kind, mod, params, scale=self.alpha / rank)
+                else:
+                    keep = (w.detach() != 0).float().to(dev) if keep_zeros else None
+                    params = {"delta": torch.nn.Parameter(torch.zeros(w.shape, device=dev))}
+                    self.slots[name] = _Slot(name, kind, mod, params, keep=keep)
+        for name, d in (fixed or {}).items():
+            if name not in self._modules:
+                raise InvalidInputError(f"the fixed edit changes {name!r}, which is not a Linear/Conv2d of this UNet")
+            w = _weight(self._modules[name])
+            if tuple(d.shape) != tuple(w.shape):
+                raise InvalidInputError(f"{name}: fixed change of shape {tuple(d.shape)} for a weight {tuple(w.shape)}")
+            with torch.inference_mode(False):
+                self.fixed[name] = d.detach().to(device=w.device, dtype=torch.float32).clone()
+
+    # ---- parameters ----------------------------------------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for s in self.slots.values() for p in s.params.values()]
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The trainable part's effective ΔW of one module (float32, detached)."""
+        s = self.slots[name]
+        with torch.no_grad():
+            if s.kind == "lora":
+                return (s.params["up"] @ s.params["down"]) * s.scale
+            d = s.params["delta"]
+            return d * s.keep if s.keep is not None else d.clone()
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _extra(self, name: str, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        extra = None
+        d = self.fixed.get(name) if self.fixed_enabled else None
+        s = self.slots.get(name) if self.enabled else None
+        if s is not None and s.kind == "full":
+            dd = s.params["delta"] * s.keep if s.keep is not None else s.params["delta"]
+            d = dd if d is None else d + dd
+        if d is not None:
+            extra = _apply_weight(mod, x, d)
+        if s is not None and s.kind == "lora":
+            h = F.linear(F.linear(x.float(), s.params["down"]), s.params["up"]) * s.scale
+            extra = h if extra is None else extra + h
+        return extra
+
+    @contextmanager
+    def attached(self) -> Iterator["Adapters"]:
+        handles = []
+
+        def make(name):
+            def hook(mod, args, out):
+                extra = self._extra(name, mod, args[0])
+                return out if extra is None else out + extra.to(out.dtype)
+            return hook
+
+        try:
+            for name, mod in self._modules.items():
+                handles.append(mod.register_forward_hook(make(name)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def only_fixed(self) -> Iterator[None]:
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    @contextmanager
+    def original(self) -> Iterator[None]:
+        """Neither the fixed nor the trainable part: the host's model as given."""
+        prev = (self.enabled, self.fixed_enabled)
+        self.enabled = self.fixed_enabled = False
+        try:
+            yield
+        finally:
+            self.enabled, self.fixed_enabled = prev
+
+    # ---- fold-back -----------------------------------------------------------------------
+    def to_edit(self, method: str, family: str, **meta) -> Edit:
+        """The trainable part as an Edit: ``lowrank`` Changes (up·scale, down) for LoRA slots,
+        ``delta`` Changes for full slots. Keys are ComfyUI patch keys."""
+        changes = {}
+        for name, s in self.slots.items():
+            key = f"{UNET_PREFIX}{name}.weight"
+            shape = tuple(_weight(s.module).shape)
+            with torch.no_grad():
+                if s.kind == "lora":
+                    up = (s.params["up"] * s.scale).detach().float().cpu().contiguous()
+                    if not bool(up.any()):
+                        continue  # an untouched adapter changes nothing; keep the file small
+                    changes[key] = Change("lowrank", shape, {"up": up, "down": s.params["down"].detach().float().cpu().contiguous()})
+                else:
+                    d = self.delta(name).float().cpu().contiguous()
+                    if not bool(d.any()):
+                        continue
+                    changes[key] = Change("delta", shape, {"delta": d})
+        edit = Edit(method=method, family=family, changes=changes, **meta)
+        edit.check_finite()
+        return edit
+
+
+def _apply_weight(mod: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The module's weight-only operator applied with weight ``d`` (no bias)."""
+    if isinstance(mod, torch.nn.Conv2d):
+        return F.conv2d(x.float(), d.float(), None, mod.stride, mod.padding, mod.dilation, mod.groups)
+    return F.linear(x.float(), d.float())
+
+
+def module_name(key: str) -> str:
+    """ComfyUI patch key -> module name inside the diffusion model."""
+    if not key.startswith(UNET_PREFIX) or not key.endswith(".weight"):
+        raise InvalidInputError(f"{key} is not a UNet weight key; the trainers handle UNet edits only")
+    return key[len(UNET_PREFIX):-len(".weight")]
+
+
+def edit_as_fixed(edits: Iterable[tuple[Edit, float]], modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Dense ΔW per module name of several edits (with strengths), to attach as fixed hooks.
+    Masks are resolved against the module's current weight. Text-encoder changes are refused."""
+    out: dict[str, torch.Tensor] = {}
+    for edit, strength in edits:
+        for key, change in edit.changes.items():
+            name = module_name(key)
+            mod = modules.get(name)
+            if mod is None or not _is_adaptable(mod):
+                raise InvalidInputError(f"the {edit.method} edit changes {key}, which this UNet has no Linear/Conv2d for")
+            w = _weight(mod)
+            with torch.inference_mode(False):
+                d = change.delta(w.detach().float() if change.kind == "mask" else None, dtype=torch.float32, device=w.device)
+                d = d.reshape(w.shape) * strength
+                out[name] = out[name] + d if name in out else d
+    return out
+
+
+_PRE_NORMS = ("norm1", "norm2", "norm3")
+
+
+def _clone_input(_mod, args):
+    if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+        return (args[0].clone(),) + tuple(args[1:])
+    return None
+
+
+@contextmanager
+def frozen_session(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Make the UNet usable in a backward pass without changing it.
+
+    Inference-tensor parameters/buffers are swapped for plain clones with ``requires_grad=False``;
+    in ``finally`` the original objects are put back, so the host's weights are bit-identical and
+    identical objects afterwards (also on error or Cancel)."""
+    swapped: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+    flags: list[tuple[torch.nn.Parameter, bool]] = []
+    handles = []
+    try:
+        # ComfyUI adds residuals in place (``x += attn(norm(x))``) after the norm saved x for its
+        # backward; give each pre-norm a private copy of its input while gradients are recorded.
+        for name, mod in unet.named_modules():
+            if name.rsplit(".", 1)[-1] in _PRE_NORMS:
+                handles.append(mod.register_forward_pre_hook(_clone_input))
+        with torch.inference_mode(False):
+            for mod in unet.modules():
+                for pname, p in list(mod._parameters.items()):
+                    if p is None:
+                        continue
+                    if p.is_inference():
+                        swapped.append((mod, "_parameters", pname, p))
+                        mod._parameters[pname] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    elif p.requires_grad:
+                        flags.append((p, True))
+                        p.requires_grad_(False)
+                for bname, b in list(mod._buffers.items()):
+                    if b is not None and b.is_inference():
+                        swapped.append((mod, "_buffers", bname, b))
+                        mod._buffers[bname] = b.detach().clone()
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, where, name, orig in reversed(swapped):
+            getattr(mod, where)[name] = orig
+        for p, flag in flags:
+            p.requires_grad_(flag)

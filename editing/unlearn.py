@@ -1,0 +1,339 @@
+"""Unlearning by fine-tuning: restricted gradient descent (Ko et al. 2024, "RGD"), plain gradient
+ascent (GA) and ESD negative guidance (Gandikota et al. 2023). See PAPERS.md §4.
+
+Each step draws a forget batch (prompts with the concept, images the original model generated from
+them) and, for RGD, a retain batch (the same templated prompts with the concept word removed, plus the
+user's retain prompts). Losses are ε-MSE diffusion losses at random t:
+- GA / RGD-ascent: g_f = −∇L̃_f with the truncation L̃_f = L_f / L_f (value 1) once L_f > m;
+- ESD (and RGD-esd): g_f = ∇ MSE(ε_θ(x_t, c), ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)]), ε₀ frozen;
+- RGD: g_r = ∇L_r; if ⟨g_f, g_r⟩ < 0 each is projected off the other; the step is g_f' + α g_r'.
+The model itself is never written: the trainable part is a LoRA (default) or dense ΔW on a parameter
+set (ESD-x: cross-attention; ESD-u: the rest) attached by hooks (`lora_train`), folded into an Edit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .edit import Edit
+from .errors import InvalidInputError, NonFiniteError
+from .hosts import RunContext, TextEncoder, Trainable
+from .lora_train import PARAM_SETS, Adapters, frozen_session, select_targets
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rgd", "ga", "esd")
+FORGET_OBJECTIVES = ("ascent", "esd")
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "rgd"              # rgd | ga | esd
+    forget_objective: str = "ascent"  # RGD's forget gradient: ascent (Ko et al.) or esd
+    param_set: str = "lora"          # lora | lora-xattn | xattn (ESD-x) | noxattn (ESD-u)
+    rank: int = 4
+    steps: int = 100
+    lr: float = 1e-4                 # the paper's 1e-5 is for real SD with full fine-tuning
+    alpha: float = 1.6               # retain weight α
+    truncation: float = 1.1          # m: forget loss above m is scaled to 1
+    eta: float = 1.0                 # ESD negative-guidance strength η
+    batch: int = 4
+    n_prompts: int = 16              # forget/retain prompt pairs from the templates
+    gen_steps: int = 20              # denoising steps to generate the training images
+    gen_cfg: float = 5.0
+    t_min: int = 0
+    t_max: int = 999
+    seed: int = 0
+    cache_dir: str | None = None     # keep generated latents as safetensors between runs
+
+    def validate(self) -> "UnlearnConfig":
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.forget_objective not in FORGET_OBJECTIVES:
+            raise InvalidInputError(f"forget_objective must be 'ascent' or 'esd', not {self.forget_objective!r}")
+        if self.param_set not in PARAM_SETS:
+            raise InvalidInputError(f"param_set must be one of {', '.join(PARAM_SETS)}, not {self.param_set!r}")
+        for name in ("steps", "batch", "n_prompts", "gen_steps", "rank"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and self.alpha >= 0 and self.truncation > 0):
+            raise InvalidInputError("lr and truncation m must be > 0 and α ≥ 0")
+        if not 0 <= self.t_min <= self.t_max <= 999:
+            raise InvalidInputError(f"need 0 ≤ t_min ≤ t_max ≤ 999 (got {self.t_min}, {self.t_max})")
+        return self
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+# Generic templates in the spirit of Ko et al.'s "A {emotion} {concept} person {action} {place}".
+EMOTIONS = ("happy", "calm", "serious", "smiling", "tired", "curious")
+ACTIONS = ("standing", "sitting", "walking", "reading", "looking away", "waving")
+PLACES = ("in a park", "on a beach", "in a kitchen", "in a city street", "in a forest", "in a studio")
+GENERIC_TEMPLATES = ("a {emotion} {concept} person {action} {place}", "a photo of a {emotion} {concept} person {place}",
+                     "a painting of a {concept} person {action} {place}", "{concept} person, {emotion}, {place}")
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.replace(" ,", ",").split())
+    return text.replace(", ,", ",").strip(" ,")
+
+
+def paired_prompts(concept: str, n: int, seed: int = 0, family: str = "") -> tuple[list[str], list[str]]:
+    """`n` forget prompts naming `concept` and `n` retain prompts, each the same prompt without the
+    concept word. On the tiny model the templates come from its world (shape / colour / style)."""
+    if not concept.strip():
+        raise InvalidInputError("give the concept to erase (a word or short phrase)")
+    rng = random.Random(f"{concept}:{seed}")
+    if family == "tiny":
+        tiny = _tiny_pairs(concept.strip(), n, rng)
+        if tiny is not None:
+            return tiny
+    forget, retain = [], []
+    for i in range(n):
+        tpl = GENERIC_TEMPLATES[i % len(GENERIC_TEMPLATES)]
+        kw = dict(emotion=rng.choice(EMOTIONS), action=rng.choice(ACTIONS), place=rng.choice(PLACES))
+        forget.append(_clean(tpl.format(concept=concept, **kw)))
+        retain.append(_clean(tpl.format(concept="", **kw)))
+    return forget, retain
+
+
+def _tiny_pairs(concept: str, n: int, rng: random.Random):
+    from ..tiny import world  # pure python: the concept vocabulary of the tiny model's world
+    try:
+        kind = world.kind_of(concept)
+    except KeyError:
+        return None
+    forget, retain = [], []
+    for i in range(n):
+        colour = world.COLOURS[i % len(world.COLOURS)]
+        shape = world.SHAPES[(i * 5 + 1) % len(world.SHAPES)]
+        style = world.STYLES[(i * 7 + 2) % len(world.STYLES)]
+        attrs = {"colour": colour, "shape": shape, "style": style}
+        attrs[kind] = concept
+        other = dict(attrs)
+        # "concept word removed": an unnamed shape reads "shape"/"object", an unnamed colour or
+        # artist is left out (the world's own convention for captions that omit an attribute).
+        other[kind] = None
+        forget.append(_tiny_caption(attrs, rng, world))
+        retain.append(_tiny_caption(other, random.Random(forget[-1]), world, same_as=forget[-1]))
+    return forget, retain
+
+
+def _tiny_caption(attrs, rng, world, same_as: str | None = None) -> str:
+    rng = random.Random(same_as) if same_as else rng
+    c = world.words(attrs["colour"])[0] if attrs["colour"] else ""
+    s = world.words(attrs["shape"])[0] if attrs["shape"] else rng.choice(("shape", "object"))
+    a = world.words(attrs["style"])[0] if attrs["style"] and world.words(attrs["style"]) else ""
+    lead = rng.choice(("a", "a picture of a", "an image of a", "a drawing of a"))
+    return _clean(f"{lead} {c} {s}" + (f" in the style of {a}" if a else ""))
+
+
+# ---- training data ---------------------------------------------------------------------------
+def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+                     cache_dir: str | None = None, ctx: RunContext | None = None) -> torch.Tensor:
+    """Clean latents x₀ (in the UNet's scale) that the model generates for each prompt.
+
+    Uses the host's sampler (`Denoiser.sample`, then `latent_in` if the host has it) and falls back on
+    a deterministic DDIM with `Trainable.eps`. Cached as safetensors in `cache_dir` when given."""
+    path = None
+    if cache_dir:
+        import hashlib
+        tag = hashlib.sha256(repr((list(prompts), steps, cfg, seed, getattr(host, "cache_tag", ""))).encode()).hexdigest()[:16]
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f"latents_{tag}.safetensors")
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+            return load_file(path)["x0"]
+    with torch.no_grad():
+        if hasattr(host, "sample"):
+            x0 = host.sample(list(prompts), steps=steps, cfg=cfg, seed=seed)
+            if hasattr(host, "latent_in"):
+                x0 = host.latent_in(x0)
+        else:
+            x0 = ddim_sample(host, text.encode(list(prompts)), text.encode([""] * len(prompts)),
+                             steps=steps, cfg=cfg, seed=seed, ctx=ctx)
+    x0 = x0.detach().float().clone()
+    if path:
+        from safetensors.torch import save_file
+        save_file({"x0": x0.cpu().contiguous()}, path)
+    return x0
+
+
+def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
+                shape: tuple[int, ...] | None = None, ctx: RunContext | None = None) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler)."""
+    ac = host.alphas_cumprod().float()
+    if shape is None:
+        ch = getattr(host, "latent_channels", 4)
+        hw = getattr(host, "latent_hw", 32)
+        shape = (cond.shape[0], ch, hw, hw)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(cond.device)
+    ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
+    for i, t in enumerate(ts):
+        if ctx is not None:
+            ctx.check()
+        a = ac[t].to(x.device)
+        tt = torch.full((x.shape[0],), int(t), device=x.device)
+        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
+        ec, eu = e.chunk(2)
+        e = eu + cfg * (ec - eu)
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        a_prev = ac[ts[i + 1]].to(x.device) if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    return x
+
+
+# ---- the objectives ----------------------------------------------------------------------------
+def truncate_forget_loss(loss: torch.Tensor, m: float) -> torch.Tensor:
+    """Ko et al.'s truncation: a forget loss above m is scaled to 1 (its gradient by 1/L_f), which
+    keeps gradient ascent from running away once the concept is already destroyed."""
+    if float(loss.detach()) > m:
+        return loss / loss.detach()
+    return loss
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def restricted_gradients(g_f: Sequence[torch.Tensor], g_r: Sequence[torch.Tensor]
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """The RGD projection over all trainable tensors as one vector. Returns (g_f', g_r', ⟨g_f, g_r⟩).
+
+    If ⟨g_f, g_r⟩ < 0: g_f' = g_f − (⟨g_f,g_r⟩/‖g_r‖²) g_r and g_r' = g_r − (⟨g_r,g_f⟩/‖g_f‖²) g_f,
+    so neither step undoes the other's first-order progress; otherwise both are unchanged."""
+    dot = _dot(g_f, g_r)
+    if float(dot) >= 0:
+        return list(g_f), list(g_r), float(dot)
+    nf, nr = _dot(g_f, g_f), _dot(g_r, g_r)
+    cf = (dot / nr).float() if float(nr) > 0 else torch.tensor(0.0)
+    cr = (dot / nf).float() if float(nf) > 0 else torch.tensor(0.0)
+    f2 = [f - cf.to(f.device) * r for f, r in zip(g_f, g_r)]
+    r2 = [r - cr.to(r.device) * f for f, r in zip(g_f, g_r)]
+    return f2, r2, float(dot)
+
+
+def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    a = ac[t].view(-1, 1, 1, 1).to(x0.device)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return torch.nn.functional.mse_loss(host.eps(xt, t, context), noise)
+
+
+def esd_target(host: Trainable, adapters: Adapters, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+               uncond: torch.Tensor, eta: float) -> torch.Tensor:
+    """ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)] from the frozen model (trainable part switched off)."""
+    with torch.no_grad(), adapters.only_fixed():
+        e = host.eps(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([cond, uncond]))
+    ec, eu = e.chunk(2)
+    return eu - eta * (ec - eu)
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    forget_prompts: list[str]
+    retain_prompts: list[str]
+    x_forget: torch.Tensor
+    x_retain: torch.Tensor
+    c_forget: torch.Tensor
+    c_retain: torch.Tensor
+    c_uncond: torch.Tensor
+    seconds: float = 0.0
+
+
+def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, retain_prompts: Sequence[str] = (),
+                 family: str = "", ctx: RunContext | None = None) -> TrainData:
+    """Prompts, the original model's images for them (in memory, optionally cached on disk) and
+    their text embeddings. Done once per run, before any adapter is attached."""
+    t0 = time.perf_counter()
+    forget, retain = paired_prompts(concept, cfg.n_prompts, cfg.seed, family)
+    retain = retain + [p for p in retain_prompts if p.strip()]
+    gen = dict(steps=cfg.gen_steps, cfg=cfg.gen_cfg, cache_dir=cfg.cache_dir, ctx=ctx)
+    xf = generate_latents(host, text, forget, seed=cfg.seed, **gen)
+    xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen)
+    with torch.no_grad():
+        cf, cr, cu = text.encode(forget), text.encode(retain), text.encode([""])
+    return TrainData(forget, retain, xf, xr, cf.detach().float().clone(), cr.detach().float().clone(),
+                     cu.detach().float().clone(), time.perf_counter() - t0)
+
+
+def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: UnlearnConfig | None = None, *,
+                    retain_prompts: Sequence[str] = (), family: str = "", ctx: RunContext | None = None,
+                    data: TrainData | None = None, fixed: dict | None = None) -> Edit:
+    """Erase `concept` by fine-tuning; returns an Edit (LoRA ``lowrank`` or ``delta`` Changes) whose
+    ``metrics["history"]`` holds the per-step losses. The host's model is left unchanged."""
+    cfg = (cfg or UnlearnConfig()).validate()
+    ctx = ctx or RunContext()
+    if data is None:
+        data = prepare_data(host, text, concept, cfg, retain_prompts, family, ctx)
+    unet = host.unet()
+    modules = dict(unet.named_modules())
+    names = select_targets(modules, cfg.param_set)
+    kind = "lora" if cfg.param_set.startswith("lora") else "full"
+    dev = data.x_forget.device
+    adapters = Adapters(modules, names, kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
+    params = adapters.parameters()
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    ac = host.alphas_cumprod().float().to(dev)
+    g = torch.Generator().manual_seed(cfg.seed + 17)
+    hist = {"forget": [], "retain": [], "dot": []}
+    t_start = time.perf_counter()
+
+    def batch(x, c):
+        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
+        t = torch.randint(cfg.t_min, cfg.t_max + 1, (cfg.batch,), generator=g)
+        noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g)
+        return x[idx], c[idx], t.to(dev), noise.to(dev)
+
+    with frozen_session(unet), adapters.attached(), torch.enable_grad():
+        for step in range(cfg.steps):
+            xf, cf, tf, nf = batch(data.x_forget, data.c_forget)
+            use_esd = cfg.method == "esd" or (cfg.method == "rgd" and cfg.forget_objective == "esd")
+            if use_esd:
+                a = ac[tf].view(-1, 1, 1, 1)
+                xt = a.sqrt() * xf + (1 - a).sqrt() * nf
+                target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta)
+                lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf), target)
+                loss_f = lf
+            else:
+                lf = diffusion_mse(host, xf, cf, tf, nf, ac)
+                loss_f = -truncate_forget_loss(lf, cfg.truncation)  # g_f = −∇L̃_f: ascent
+            g_f = list(torch.autograd.grad(loss_f, params, allow_unused=True))
+            g_f = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_f, params)]
+            dot, lr_val = 0.0, float("nan")
+            if cfg.method == "rgd":
+                xr, cr, tr, nr = batch(data.x_retain, data.c_retain)
+                lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac)
+                g_r = torch.autograd.grad(lr_loss, params, allow_unused=True)
+                g_r = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_r, params)]
+                g_f, g_r, dot = restricted_gradients(g_f, g_r)
+                total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
+                lr_val = float(lr_loss.detach())
+            else:
+                total = g_f
+            for p, gg in zip(params, total):
+                p.grad = gg
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lf_val = float(lf.detach())
+            if not (lf_val == lf_val and abs(lf_val) < 1e12):
+                raise NonFiniteError(f"the forget loss became {lf_val} at step {step}; lower lr (now {cfg.lr}) "
+                                     "or the truncation m; nothing was applied")
+            hist["forget"].append(round(lf_val, 6))
+            hist["retain"].append(round(lr_val, 6) if lr_val == lr_val else None)
+            hist["dot"].append(round(dot, 9))
+            ctx.report(step + 1, cfg.steps)
+    secs = time.perf_counter() - t_start
+    edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(cfg))
+    edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3),
+                         "train_seconds": round(secs, 2), "data_seconds": round(data.seconds, 2),
+                         "forget_prompts": data.forget_prompts[:4], "retain_prompts": data.retain_prompts[:4]})
+    log.info("unlearn %s %r: %d steps in %.1fs (%.2f steps/s)", cfg.method, concept, cfg.steps, secs, cfg.steps / max(secs, 1e-9))
+    return edit

@@ -1,0 +1,191 @@
+"""Unlearning by fine-tuning (RGD / gradient ascent / ESD) and the resurgence audit, as nodes.
+
+Training inside ComfyUI: the executor runs under ``torch.inference_mode()``; these nodes re-enable
+gradients for the library call only. The library trains hooks on the model as it runs and never
+writes its weights (see editing/lora_train.py), so the input MODEL is unchanged also on Cancel.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..comfy_host.adapters import ComfyDenoiser, apply_edit, model_family, model_fingerprint, run_context
+from ..editing.edit import Change, Edit
+from ..editing.errors import InvalidInputError
+from ..editing.lora_train import PARAM_SETS
+from ..editing.plots import audit_plot, history_plot
+from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
+from ..editing.unlearn import METHODS, UnlearnConfig, compute_unlearn
+from .common import CATEGORY, EDIT
+
+log = logging.getLogger(__name__)
+
+
+class TrainHost(ComfyDenoiser):
+    """ComfyDenoiser whose generated latents come back in the UNet's scale (process_latent_in), as
+    the training objectives need them."""
+
+    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.model.process_latent_in(x)
+
+    @property
+    def cache_tag(self) -> str:
+        return str(model_fingerprint(self.model))
+
+
+def train_host(model, clip, ctx=None) -> TrainHost:
+    if model is None or clip is None:
+        raise InvalidInputError("connect both the MODEL and the CLIP it came with")
+    return TrainHost(model, clip, ctx=ctx or run_context())
+
+
+def lines(text: str) -> list[str]:
+    return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+
+
+def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None):
+    """Train, then apply the result to a clone. Returns (model', edit)."""
+    host = train_host(model, clip, ctx)
+    with torch.inference_mode(False), torch.enable_grad():
+        edit = compute_unlearn(host, host.text, concept, cfg, retain_prompts=list(retain_prompts),
+                               family=host.family.name, ctx=host.ctx)
+    edit.fingerprint = model_fingerprint(model)
+    out, _, _ = apply_edit(model, None, edit)
+    return out, edit
+
+
+def edit_between(edited, original) -> Edit:
+    """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
+    one module): each is loaded with its own patches and the patched keys compared."""
+    import comfy.model_management as mm
+    import comfy.utils
+    keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
+    if not keys:
+        raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
+                                "input instead (or the output of a ConceptEdit method node)")
+
+    def weights(m):
+        mm.load_models_gpu([m])
+        return {k: comfy.utils.get_attr(m.model, k).detach().float().cpu().clone() for k in keys}
+
+    we, wo = weights(edited), weights(original)
+    changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
+               if not torch.equal(we[k], wo[k])}
+    if not changes:
+        raise InvalidInputError("the edited MODEL's weights equal the original's; nothing to audit")
+    return Edit("model-difference", model_family(original).name, changes)
+
+
+def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
+                 ctx=None):
+    host = train_host(original, clip, ctx)
+    if edit is None:
+        edit = edit_between(edited, original)
+    with torch.inference_mode(False), torch.enable_grad():
+        presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
+                                     gen_cfg=cfg.gen_cfg)
+        report = audit(host, host.text, edit, presence, cfg, benign_prompts=benign_prompts or DEFAULT_BENIGN,
+                       ctx=host.ctx)
+    return report
+
+
+class TrainUnlearn:
+    DESCRIPTION = ("Erase a concept by fine-tuning (RGD of Ko et al. 2024, plain gradient ascent, or ESD negative "
+                   "guidance) on images the model generates itself. Trains a small LoRA by default, so the EDIT is a "
+                   "shareable file. The input MODEL is never changed; Cancel stops cleanly.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", EDIT, "IMAGE")
+    RETURN_NAMES = ("model", "edit", "loss_plot")
+    OUTPUT_TOOLTIPS = ("A copy of the model with the trained edit applied as patches.",
+                       "The trained edit (LoRA pairs or dense deltas) with its loss history.",
+                       "Forget/retain losses per step.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to unlearn from (cloned, never changed)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder."}),
+            "concept": ("STRING", {"default": "", "tooltip": "The concept word or phrase to erase, e.g. 'van gogh'."}),
+            "retain_prompts": ("STRING", {"multiline": True, "default": "",
+                                          "tooltip": "Extra prompts whose outputs must stay as they are (one per line); "
+                                                     "templated prompts without the concept are always used."}),
+            "method": (list(METHODS), {"default": "rgd", "tooltip": "rgd: ascent on the concept + descent on retain, "
+                                       "each gradient projected off the other when they conflict; ga: plain gradient "
+                                       "ascent; esd: negative guidance from the frozen model."}),
+            "params": (list(PARAM_SETS), {"default": "lora", "tooltip": "What trains: lora (every transformer Linear, "
+                                          "small file), lora-xattn, xattn (ESD-x, dense cross-attention), noxattn "
+                                          "(ESD-u, dense everything else)."}),
+            "steps": ("INT", {"default": 100, "min": 1, "max": 100000, "tooltip": "Optimiser steps."}),
+            "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-6,
+                             "tooltip": "Adam learning rate (the paper: 1e-5 for full fine-tuning of SD; LoRA wants more)."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (lora sets only)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of prompts, images and noise."}),
+        }, "optional": {
+            "alpha": ("FLOAT", {"default": 1.6, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "RGD: weight α of the retain gradient."}),
+            "truncation": ("FLOAT", {"default": 1.1, "min": 0.01, "max": 100.0, "step": 0.05,
+                                     "tooltip": "m: a forget loss above m is scaled to 1 (stops ascent running away)."}),
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "ESD: negative-guidance strength η."}),
+            "forget_objective": (["ascent", "esd"], {"default": "ascent", "tooltip": "RGD's forget gradient: ascent (the paper) or the ESD target."}),
+            "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forget/retain batch."}),
+            "n_prompts": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Templated forget/retain prompt pairs (images generated once per run)."}),
+            "gen_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps used to generate the training images."}),
+        }}
+
+    def execute(self, model, clip, concept, retain_prompts, method, params, steps, lr, rank, seed, alpha=1.6,
+                truncation=1.1, eta=1.0, forget_objective="ascent", batch=4, n_prompts=16, gen_steps=20):
+        cfg = UnlearnConfig(method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed, alpha=alpha,
+                            truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
+                            n_prompts=n_prompts, gen_steps=gen_steps)
+        out, edit = unlearn_model(model, clip, concept, cfg, lines(retain_prompts))
+        return (out, edit, history_plot(edit.metrics["history"], f"{method} / {params}: {concept}"))
+
+
+class ResurgenceAudit:
+    DESCRIPTION = ("Audit an erasure: fine-tune the edited model briefly on benign prompts (a LoRA, on images of the "
+                   "original model) and report how much of the concept comes back. Works for any edit. Presence is "
+                   "measured without a classifier: how much of the original's concept direction ε(c)−ε(∅) remains.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report", "plot")
+    OUTPUT_TOOLTIPS = ("Presence before/after the edit and after each number of benign steps, and resurgence.",
+                       "Presence against benign fine-tuning steps.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "edited_model": ("MODEL", {"tooltip": "The model after the edit (e.g. from a ConceptEdit method node)."}),
+            "original_model": ("MODEL", {"tooltip": "The model before the edit."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder of the original model."}),
+            "concept_prompts": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Prompts that show the erased concept (one per line)."}),
+            "benign_prompts": ("STRING", {"multiline": True, "default": "\n".join(DEFAULT_BENIGN),
+                                          "tooltip": "Prompts unrelated to the concept, to fine-tune on (one per line)."}),
+            "steps": ("STRING", {"default": "10,25,50", "tooltip": "Benign fine-tuning steps at which presence is measured."}),
+            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5, "tooltip": "Learning rate of the benign LoRA."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Rank of the benign LoRA."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of images and noise."}),
+        }, "optional": {
+            "edit": (EDIT, {"tooltip": "The edit itself; when absent it is read off the two models' weights."}),
+        }}
+
+    def execute(self, edited_model, original_model, clip, concept_prompts, benign_prompts, steps, lr, rank, seed, edit=None):
+        try:
+            cps = tuple(int(s) for s in steps.replace(";", ",").split(",") if s.strip())
+        except ValueError:
+            raise InvalidInputError(f"steps must be numbers separated by commas, e.g. 10,25,50 (got {steps!r})") from None
+        cfg = AuditConfig(checkpoints=cps, lr=lr, rank=rank, seed=seed)
+        report = audit_models(edited_model, original_model, clip, lines(concept_prompts), lines(benign_prompts), cfg, edit)
+        return (report.to_text(), audit_plot(report))
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptEditTrainUnlearn": TrainUnlearn,
+    "ConceptEditResurgenceAudit": ResurgenceAudit,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptEditTrainUnlearn": "Unlearn Concept (RGD / ESD, train)",
+    "ConceptEditResurgenceAudit": "Resurgence Audit",
+}

@@ -1,0 +1,308 @@
+"""Unlearning (RGD / GA / ESD), the LoRA adapters and the distill-and-unlearn trainer, on a real
+ComfyUI UNet with random weights (tests/helpers.random_model) and a small deterministic text host."""
+import hashlib
+
+import pytest
+import torch
+
+from conceptedit.editing import unlearn as U
+from conceptedit.editing.errors import Cancelled, InvalidInputError
+from conceptedit.editing.hosts import RunContext
+from conceptedit.editing.lora_train import Adapters, edit_as_fixed, frozen_session, select_targets
+from helpers import random_model
+
+
+class Text:
+    """A TextEncoder host: each word maps to a fixed random vector, so prompts that share words
+    share context rows (enough structure for the concept to matter)."""
+
+    def __init__(self, d=64):
+        self.d = d
+
+    def _vec(self, word):
+        g = torch.Generator().manual_seed(int(hashlib.sha256(word.encode()).hexdigest()[:8], 16))
+        return 10 * torch.randn(self.d, generator=g)  # large enough that random attn2 layers feel the text
+
+    def encode(self, prompts):
+        out = torch.zeros(len(prompts), 77, self.d)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate(p.split()[:75]):
+                out[i, j + 1] = self._vec(w)
+        return out
+
+    def token_ids(self, prompt):
+        return list(range(77))
+
+
+class Host:
+    """The Trainable host over a ComfyUI ModelPatcher's UNet (what ComfyDenoiser provides, without CLIP)."""
+
+    latent_hw = 8
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+
+    def unet(self):
+        return self.patcher.model.diffusion_model
+
+    def alphas_cumprod(self):
+        s = self.patcher.model.model_sampling.sigmas.float()
+        return 1.0 / (1.0 + s ** 2)
+
+    def eps(self, x, t, context, y=None):
+        return self.unet()(x, timesteps=t, context=context).float()
+
+
+def _snapshot(patcher):
+    return {k: (v, v.detach().clone()) for k, v in patcher.model.diffusion_model.state_dict(keep_vars=True).items()}
+
+
+def _assert_unchanged(patcher, snap):
+    now = patcher.model.diffusion_model.state_dict(keep_vars=True)
+    assert set(now) == set(snap)
+    for k, (obj, val) in snap.items():
+        assert now[k] is obj, f"{k}: parameter object replaced"
+        assert torch.equal(now[k].detach(), val), f"{k}: weight changed"
+        assert now[k].requires_grad == obj.requires_grad
+
+
+def _small_cfg(**kw):
+    base = dict(steps=4, batch=2, n_prompts=2, gen_steps=2, gen_cfg=3.0, rank=2, lr=1e-3, seed=0)
+    base.update(kw)
+    return U.UnlearnConfig(**base)
+
+
+# ---- the RGD projection -------------------------------------------------------------------------
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def test_projection_conflicting_pairs_become_orthogonal():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        gf = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+        gr = [-gf[0] + 0.3 * torch.randn(3, 4, generator=g), -gf[1] + 0.3 * torch.randn(5, generator=g)]
+        assert float(_flat(gf) @ _flat(gr)) < 0
+        f2, r2, dot = U.restricted_gradients(gf, gr)
+        assert dot < 0
+        # each projected gradient is orthogonal to the *other original* one
+        assert abs(float(_flat(f2) @ _flat(gr))) < 1e-4 * float(_flat(gf).norm() * _flat(gr).norm())
+        assert abs(float(_flat(r2) @ _flat(gf))) < 1e-4 * float(_flat(gf).norm() * _flat(gr).norm())
+        # and matches the closed form of PAPERS §4
+        F_, R_ = _flat(gf), _flat(gr)
+        assert torch.allclose(_flat(f2), F_ - (F_ @ R_) / (R_ @ R_) * R_, atol=1e-5)
+        assert torch.allclose(_flat(r2), R_ - (F_ @ R_) / (F_ @ F_) * F_, atol=1e-5)
+
+
+def test_projection_leaves_non_conflicting_pairs_unchanged():
+    gf = [torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])]
+    gr = [torch.tensor([1.0, 0.0]), torch.tensor([[-0.2]])]
+    f2, r2, dot = U.restricted_gradients(gf, gr)
+    assert dot > 0
+    for a, b in zip(f2 + r2, gf + gr):
+        assert torch.equal(a, b)
+
+
+def test_forget_loss_truncation():
+    small = torch.tensor(0.5, requires_grad=True)
+    out = U.truncate_forget_loss(small * 1.0, 1.1)
+    out.backward()
+    assert float(out) == pytest.approx(0.5) and float(small.grad) == pytest.approx(1.0)
+    big = torch.tensor(3.0, requires_grad=True)
+    out = U.truncate_forget_loss(big * 1.0, 1.1)
+    out.backward()
+    assert float(out) == pytest.approx(1.0)
+    assert float(big.grad) == pytest.approx(1 / 3.0)  # the gradient is scaled by 1/L_f too
+
+
+def test_paired_prompts_differ_only_by_the_concept():
+    forget, retain = U.paired_prompts("van gogh", 8, seed=3)
+    assert len(forget) == len(retain) == 8 and len(set(forget)) > 4
+    for f, r in zip(forget, retain):
+        assert "van gogh" in f and "van gogh" not in r
+        assert f.replace("van gogh ", "").replace("van gogh", "").split() == r.split()
+    tf, tr = U.paired_prompts("circle", 6, family="tiny")
+    assert all("circle" in p for p in tf) and not any("circle" in p for p in tr)
+    with pytest.raises(InvalidInputError):
+        U.paired_prompts("  ", 4)
+
+
+def test_config_validation_is_actionable():
+    with pytest.raises(InvalidInputError, match="method must be one of"):
+        U.UnlearnConfig(method="sgd").validate()
+    with pytest.raises(InvalidInputError, match="steps"):
+        U.UnlearnConfig(steps=0).validate()
+
+
+# ---- adapters -----------------------------------------------------------------------------------
+def test_param_sets_select_the_right_layers(comfy):
+    m = random_model()
+    mods = dict(m.model.diffusion_model.named_modules())
+    x = select_targets(mods, "xattn")
+    assert x and all(".attn2." in n for n in x)
+    u = select_targets(mods, "noxattn")
+    assert u and not any(".attn2." in n for n in u) and any("input_blocks.0.0" == n for n in u)
+    lo = select_targets(mods, "lora")
+    assert any(n.endswith("ff.net.2") for n in lo) and any(".attn1." in n for n in lo)
+
+
+def test_lora_fold_back_equals_trained_effective_weights(comfy):
+    m = random_model()
+    unet = m.model.diffusion_model
+    mods = dict(unet.named_modules())
+    names = select_targets(mods, "lora")
+    ad = Adapters(mods, names, kind="lora", rank=3, seed=1)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)  # as if trained
+    edit = ad.to_edit("t", "tiny")
+    assert set(edit.changes) == {f"diffusion_model.{n}.weight" for n in names}
+    for n in names:
+        assert edit.changes[f"diffusion_model.{n}.weight"].kind == "lowrank"
+    # the forward with hooks == the forward with W + ΔW written into a copy of the network
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    c = torch.randn(2, 77, 64)
+    with torch.no_grad():
+        with ad.attached():
+            hooked = unet(x, timesteps=t, context=c)
+        import copy
+        twin = copy.deepcopy(unet)
+        tm = dict(twin.named_modules())
+        for key, ch in edit.changes.items():
+            name = key[len("diffusion_model."):-len(".weight")]
+            tm[name].weight += ch.delta(dtype=torch.float32)
+            assert torch.allclose(ch.delta(dtype=torch.float32), ad.delta(name), atol=1e-6)
+        folded = twin(x, timesteps=t, context=c)
+    assert torch.allclose(hooked, folded, atol=1e-4), float((hooked - folded).abs().max())
+
+
+def test_full_adapter_keeps_pruned_zeros(comfy):
+    m = random_model()
+    mods = dict(m.model.diffusion_model.named_modules())
+    name = select_targets(mods, "xattn")[0]
+    ad = Adapters(mods, [name], kind="full", keep_zeros=True)
+    with torch.no_grad():
+        mods[name].weight.view(-1)[:7] = 0  # a "pruned" weight, before the adapter is built
+    ad = Adapters(mods, [name], kind="full", keep_zeros=True)
+    with torch.no_grad():
+        ad.parameters()[0].fill_(1.0)
+    assert torch.all(ad.delta(name).view(-1)[:7] == 0) and torch.all(ad.delta(name).view(-1)[7:] == 1)
+
+
+def test_frozen_session_restores_inference_tensors(comfy):
+    with torch.inference_mode():
+        m = random_model()  # weights are inference tensors, as inside ComfyUI's executor
+    snap = _snapshot(m)
+    unet = m.model.diffusion_model
+    with torch.inference_mode(False), torch.enable_grad():
+        with frozen_session(unet):
+            x = torch.randn(1, 4, 8, 8, requires_grad=True)
+            unet(x, timesteps=torch.tensor([3]), context=torch.randn(1, 77, 64)).sum().backward()
+            assert x.grad is not None
+    _assert_unchanged(m, snap)
+
+
+# ---- training -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,param_set", [
+    ("rgd", "lora"), ("esd", "xattn"),
+    pytest.param("ga", "lora-xattn", marks=pytest.mark.slow), pytest.param("esd", "noxattn", marks=pytest.mark.slow)])
+def test_training_lowers_objective_and_leaves_model_bit_identical(comfy, method, param_set):
+    m = random_model()
+    snap = _snapshot(m)
+    host, text = Host(m), Text()
+    cfg = _small_cfg(method=method, param_set=param_set, steps=5, lr=2e-2 if param_set.startswith("lora") else 1e-3)
+    data = U.prepare_data(host, text, "circle", cfg, family="tiny")
+    before = _objective(host, data, cfg, None, m)
+    edit = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data)
+    _assert_unchanged(m, snap)
+    assert edit.changes and edit.method == f"unlearn-{method}"
+    kinds = {c.kind for c in edit.changes.values()}
+    assert kinds == ({"lowrank"} if param_set.startswith("lora") else {"delta"})
+    h = edit.metrics["history"]["forget"]
+    assert len(h) == 5 and all(v == v for v in h)
+    # the objective moved the right way: ESD's MSE to the target falls; GA/RGD's forget loss rises
+    after = _objective(host, data, cfg, edit, m)
+    if method == "esd":
+        assert after < before
+    else:
+        assert after > before
+    _assert_unchanged(m, snap)
+
+
+def _objective(host, data, cfg, edit, patcher):
+    """The forget objective on a fixed batch, with the edit attached as a fixed hook."""
+    unet = patcher.model.diffusion_model
+    mods = dict(unet.named_modules())
+    fixed = edit_as_fixed([(edit, 1.0)], mods) if edit is not None else {}
+    ad = Adapters(mods, [], fixed=fixed)
+    g = torch.Generator().manual_seed(123)
+    n = data.x_forget.shape[0]
+    t = torch.randint(50, 950, (n,), generator=g)
+    noise = torch.randn(data.x_forget.shape, generator=g)
+    ac = host.alphas_cumprod()
+    with torch.no_grad(), ad.attached():
+        if cfg.method == "esd":
+            a = ac[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * data.x_forget + (1 - a).sqrt() * noise
+            with ad.original():
+                target = U.esd_target(host, ad, xt, t, data.c_forget, data.c_uncond.expand_as(data.c_forget), cfg.eta)
+            return float(torch.nn.functional.mse_loss(host.eps(xt, t, data.c_forget), target))
+        return float(U.diffusion_mse(host, data.x_forget, data.c_forget, t, noise, ac))
+
+
+def test_cancel_mid_training_leaves_nothing_patched(comfy):
+    m = random_model()
+    snap = _snapshot(m)
+    unet = m.model.diffusion_model
+    hooks_before = sum(len(mod._forward_hooks) for mod in unet.modules())
+    calls = {"n": 0}
+
+    def progress(done, total):
+        calls["n"] = done
+
+    ctx = RunContext(progress=progress, should_stop=lambda: calls["n"] >= 2)
+    with pytest.raises(Cancelled):
+        U.compute_unlearn(Host(m), Text(), "circle", _small_cfg(steps=10), family="tiny", ctx=ctx)
+    assert calls["n"] == 2
+    assert sum(len(mod._forward_hooks) for mod in unet.modules()) == hooks_before
+    _assert_unchanged(m, snap)
+
+
+def test_generated_latents_cache_roundtrip(comfy, tmp_path):
+    m = random_model()
+    host, text = Host(m), Text()
+    a = U.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
+    assert list(tmp_path.glob("*.safetensors"))
+    b = U.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
+    assert torch.equal(a, b)
+
+
+# ---- in real ComfyUI -----------------------------------------------------------------------------
+def test_unlearn_and_audit_nodes_run_in_comfyui_and_leave_input_unchanged(comfy):
+    from test_uce import random_clip
+    assert "ConceptEditTrainUnlearn" in comfy.NODE_CLASS_MAPPINGS
+    assert "ConceptEditResurgenceAudit" in comfy.NODE_CLASS_MAPPINGS
+    clip = random_clip()
+    with torch.inference_mode():  # as ComfyUI's executor runs a prompt
+        model = random_model()
+        before = {k: v.clone() for k, v in model.model_state_dict().items()}
+        node = comfy.NODE_CLASS_MAPPINGS["ConceptEditTrainUnlearn"]()
+        out, edit, plot = node.execute(model, clip, "circle", "a blue square", "rgd", "lora-xattn", 2, 1e-3, 2, 0,
+                                       batch=1, n_prompts=1, gen_steps=1)
+        assert out is not model and not model.patches and out.patches
+        assert edit.method == "unlearn-rgd" and edit.fingerprint.get("family") == "tiny"
+        assert {c.kind for c in edit.changes.values()} == {"lowrank"}
+        assert len(edit.metrics["history"]["forget"]) == 2
+        assert plot.shape[0] == 1 and plot.shape[-1] == 3
+        audit_node = comfy.NODE_CLASS_MAPPINGS["ConceptEditResurgenceAudit"]()
+        report, aplot = audit_node.execute(out, model, clip, "a red circle", "a house", "1", 1e-3, 2, 0)
+        assert "after    1 benign steps" in report and aplot.shape[-1] == 3
+    import comfy.model_management as mm
+    mm.load_models_gpu([model])
+    after = model.model_state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    with pytest.raises(Exception, match="steps must be numbers"):  # the pack's InvalidInputError
+        with torch.inference_mode():
+            audit_node.execute(out, model, clip, "a red circle", "a house", "ten", 1e-3, 2, 0)
