@@ -1,0 +1,69 @@
+"""`conceptedit uce --ckpt tiny --concepts FILE.txt|.csv --mode erase --guide "" --out e.safetensors`:
+the closed-form cross-attention edit headless, written as an edit file (apply it with the
+Load/Apply Concept Edit nodes, or export it with `conceptedit export-lora`)."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from ..editing.uce import MODES, TOKEN_WINDOWS
+    from .common import add_model_arg
+    p = sub.add_parser("uce", help="closed-form cross-attention edit (UCE): erase/redirect/debias/moderate concepts")
+    add_model_arg(p)
+    p.add_argument("--concepts", required=True,
+                   help="a .txt file (one concept per line, 'source -> target' allowed) or a .csv whose first "
+                        "column is the concept and optional second column its target")
+    p.add_argument("--mode", choices=MODES, default="erase")
+    p.add_argument("--guide", default="", help="erase/redirect target ('' = unconditional); debias: 'a:0.5, b:0.5'")
+    p.add_argument("--preserve", default="", help="a .txt file of concepts to keep unchanged (added to the defaults)")
+    p.add_argument("--no-default-preserve", action="store_true", help="do not add the ~30 generic preserve prompts")
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--erase-scale", type=float, default=1.0)
+    p.add_argument("--preserve-scale", type=float, default=0.1)
+    p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="aligned")
+    p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
+    p.set_defaults(func=run)
+
+
+def read_concepts(path: str) -> list[str]:
+    """Concept lines from .txt (as the node reads its text box) or .csv (concept[, target])."""
+    from ..editing.errors import InvalidInputError
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"no concept file at {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.lower().endswith(".csv"):
+            rows = [r for r in csv.reader(f) if r and r[0].strip() and not r[0].lstrip().startswith("#")]
+            if rows and rows[0][0].strip().lower() in ("concept", "source"):
+                rows = rows[1:]  # header
+            return [f"{r[0].strip()} -> {r[1].strip()}" if len(r) > 1 and r[1].strip() else r[0].strip() for r in rows]
+        out = []
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                out.append(line)
+        return out
+
+
+def run(args) -> int:
+    from ..editing.uce import UCEConfig
+    from ..nodes.nodes_uce import cross_attention_edit
+    from .common import load_model, terminal_context
+
+    config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
+                       preserve=read_concepts(args.preserve) if args.preserve else [],
+                       default_preserve=not args.no_default_preserve, lam=args.lam, erase_scale=args.erase_scale,
+                       preserve_scale=args.preserve_scale, token_window=args.token_window)
+    config.validate()
+    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    _, edit = cross_attention_edit(model, clip, config, terminal_context())
+    edit.save(args.out)
+    m = edit.metrics
+    log.info("wrote %s: %d concepts, %d layers (%s), preserve prompts' K/V moved %.2f%% (max %.2f%%), "
+             "target residual %.3g", args.out, len(edit.concepts), m["layers"], m["storage"],
+             100 * m["preserve_rel_change_mean"], 100 * m["preserve_rel_change_max"], m["target_residual_mean"])
+    return 0

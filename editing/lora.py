@@ -1,0 +1,187 @@
+"""Any Edit -> a kohya-format LoRA file that stock ComfyUI, Automatic1111/Forge and diffusers load.
+
+Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
+- ``lowrank`` (UCE, EMCID): written exactly as ``lora_up.weight`` = up, ``lora_down.weight`` = down,
+  ``alpha`` = rank, so the loader's scale alpha / rank is 1. A rank cap truncates it by SVD.
+- ``delta`` (dense ΔW): truncated SVD, the smallest rank whose relative Frobenius error is at most
+  `max_rel_error` (or a fixed `rank`); the error is reported per key. Or ``dense_as="diff"``: the
+  full delta as ``.diff`` (exact, big).
+- ``mask`` (ConceptPrune): always ``.diff``. ΔW = −W ⊙ M depends on the base weights, so the
+  export needs them (`base`), and a pruning mask is sparse and full-rank, which SVD cannot
+  compress. Such a file is tied to that checkpoint: on another checkpoint it subtracts the wrong
+  values.
+``.diff`` modules are read by ComfyUI's LoraLoader and by A1111's built-in Lora, not by diffusers'
+``load_lora_weights``; for a diffusers-loadable file keep ``dense_as="svd"`` and no masks.
+UNet modules of SD1/SD2/SDXL are named diffusers-style (``lora_unet_down_blocks_0_attentions_0_…``),
+which all three hosts read; other families (the tiny model) and ``unet_names="ldm"`` get the LDM
+names (``lora_unet_input_blocks_1_1_…``), which ComfyUI and A1111 read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .arch import UNET_PREFIX, Family, get_family
+from .edit import Change, Edit
+from .errors import InvalidInputError
+from .hosts import RunContext
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ARCH_TAG = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
+             "sdxl": "stable-diffusion-xl-v1-base", "tiny": "conceptedit-tiny"}
+
+
+@dataclass
+class LoraExportConfig:
+    rank: int = 0                 # cap on the rank per module; 0 = exact low-rank / error-driven SVD
+    max_rel_error: float = 0.01   # dense deltas: largest relative Frobenius error allowed by SVD
+    dense_as: str = "svd"         # "svd" (lora_up/down) | "diff" (full delta)
+    unet_names: str = "auto"      # "auto" | "diffusers" | "ldm"
+    dtype: str = "float16"
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise InvalidInputError(f"rank must be ≥ 0 (0 = automatic), got {self.rank}")
+        if not (0 <= self.max_rel_error < 1) or not math.isfinite(self.max_rel_error):
+            raise InvalidInputError(f"max_rel_error must be in [0, 1), got {self.max_rel_error}")
+        if self.dense_as not in ("svd", "diff"):
+            raise InvalidInputError(f"dense_as must be 'svd' or 'diff', got {self.dense_as!r}")
+        if self.unet_names not in ("auto", "diffusers", "ldm"):
+            raise InvalidInputError(f"unet_names must be 'auto', 'diffusers' or 'ldm', got {self.unet_names!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+# Families whose diffusers-style names ComfyUI's own `unet_to_diffusers` map agrees with (checked in
+# tests/test_arch.py). The tiny model has a level without res blocks, which that map gets wrong.
+_DIFFUSERS_NAMED = ("sd1", "sd2", "sdxl")
+
+
+def kohya_name(family: Family, key: str, unet_names: str = "auto") -> str:
+    if unet_names == "auto":
+        unet_names = "diffusers" if family.name in _DIFFUSERS_NAMED else "ldm"
+    if key.startswith(UNET_PREFIX) and unet_names == "diffusers":
+        try:
+            return family.to_kohya_diffusers_style(key)
+        except KeyError:  # a UNet weight outside the transformer-block table: LDM name
+            pass
+    return family.to_kohya(key)
+
+
+def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, max_err: float
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """up = U_r √S_r, down = √S_r V_rᵀ, and the relative Frobenius error of dropping the rest."""
+    energy = S.double() ** 2
+    total = float(energy.sum())
+    if total == 0:
+        r = 1
+    elif rank > 0:
+        r = min(rank, S.numel())
+    else:
+        tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[i] = Σ_{j≥i} s_j²
+        ok = (tail / total) <= max_err ** 2
+        ok = torch.cat([ok, torch.tensor([True], device=ok.device)])
+        r = max(1, int(torch.nonzero(ok)[0]))
+    err = math.sqrt(float(energy[r:].sum()) / total) if total > 0 else 0.0
+    s = S[:r].sqrt()
+    return U[:, :r] * s, s[:, None] * Vh[:r], err
+
+
+def _factor(change: Change, cfg: LoraExportConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    if change.kind == "lowrank":
+        up, down = change.tensors["up"].double(), change.tensors["down"].double()
+        if cfg.rank == 0 or up.shape[1] <= cfg.rank:
+            return up, down, 0.0
+        # SVD of up @ down through its thin factors (never the dense out × d product)
+        Qu, Ru = torch.linalg.qr(up)
+        Qd, Rd = torch.linalg.qr(down.T)
+        U, S, Vh = torch.linalg.svd(Ru @ Rd.T, full_matrices=False)
+        a, b, err = _truncate(U, S, Vh, cfg.rank, cfg.max_rel_error)
+        return Qu @ a, b @ Qd.T, err
+    d = change.delta(dtype=torch.float64).reshape(change.shape[0], -1)
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    return (*_truncate(U, S, Vh, cfg.rank, cfg.max_rel_error),)
+
+
+def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
+                 base: Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+                 ctx: RunContext | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(kohya state dict, report). `base` gives the base weights, needed only for mask changes."""
+    cfg = config or LoraExportConfig()
+    cfg.validate()
+    ctx = ctx or RunContext()
+    edit.check_finite()
+    if not edit.changes:
+        raise InvalidInputError("the edit changes no weights; there is nothing to export")
+    fam = get_family(edit.family)
+    get = base.get if isinstance(base, Mapping) else base
+    dtype = DTYPES[cfg.dtype]
+    sd: dict[str, torch.Tensor] = {}
+    per_key: dict[str, dict] = {}
+    names = set()
+    for i, (key, change) in enumerate(edit.changes.items()):
+        ctx.report(i, len(edit.changes))
+        name = kohya_name(fam, key, cfg.unet_names)
+        if name in names:
+            raise InvalidInputError(f"two weights map to the LoRA module {name}")
+        names.add(name)
+        if change.kind == "mask" or (change.kind == "delta" and cfg.dense_as == "diff"):
+            w = get(key) if (get is not None and change.kind == "mask") else None
+            if change.kind == "mask" and w is None:
+                raise InvalidInputError(f"{key} is a pruning mask: its LoRA form (−W⊙M) needs the base weights; "
+                                        "connect the MODEL (and CLIP for text-encoder masks) to Export LoRA")
+            sd[f"{name}.diff"] = change.delta(w, dtype=torch.float32).reshape(change.shape).to(dtype).contiguous()
+            per_key[key] = {"module": name, "form": "diff", "rel_error": 0.0}
+            continue
+        up, down, err = _factor(change, cfg)
+        r = up.shape[1]
+        shape = change.shape
+        sd[f"{name}.lora_up.weight"] = up.reshape(shape[0], r, *([1] * (len(shape) - 2))).to(dtype).contiguous()
+        sd[f"{name}.lora_down.weight"] = down.reshape(r, *shape[1:]).to(dtype).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(r))  # loader scale alpha / rank = 1
+        per_key[key] = {"module": name, "form": "lora", "rank": r, "rel_error": err}
+    ctx.report(len(edit.changes), len(edit.changes))
+    ranks = [v["rank"] for v in per_key.values() if v["form"] == "lora"]
+    errs = [v["rel_error"] for v in per_key.values()]
+    report = {"modules": len(per_key), "lora_modules": len(ranks), "diff_modules": len(per_key) - len(ranks),
+              "max_rank": max(ranks, default=0), "max_rel_error": max(errs, default=0.0),
+              "mean_rel_error": sum(errs) / max(len(errs), 1), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+              "per_key": per_key}
+    return sd, report
+
+
+def lora_metadata(edit: Edit, cfg: LoraExportConfig, report: Mapping) -> dict[str, str]:
+    """Header fields A1111 and the kohya tools display, plus where the file came from."""
+    tag = _ARCH_TAG.get(edit.family, edit.family)
+    info = {"method": edit.method, "family": edit.family, "concepts": edit.concepts, "params": edit.params,
+            "fingerprint": edit.fingerprint, "metrics": edit.metrics, "export": asdict(cfg),
+            "max_rel_error": report["max_rel_error"]}
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(report["max_rank"]),
+            "ss_network_alpha": str(report["max_rank"]), "modelspec.architecture": f"{tag}/lora",
+            "modelspec.title": f"ConceptEdit {edit.method}: {', '.join(edit.concepts)[:200]}",
+            "conceptedit_source": json.dumps(info, default=str)}
+
+
+def save_lora(edit: Edit, path: str | os.PathLike, config: LoraExportConfig | None = None,
+              base: Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+              ctx: RunContext | None = None) -> dict:
+    """Write the LoRA file (atomically) and return the export report (ranks, errors, size)."""
+    from safetensors.torch import save_file
+    cfg = config or LoraExportConfig()
+    sd, report = edit_to_lora(edit, cfg, base, ctx)
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata=lora_metadata(edit, cfg, report))
+    os.replace(tmp, path)
+    report["path"] = path
+    log.info("LoRA %s: %d modules (%d diff), max rank %d, max relative error %.2g, %.1f MB", os.path.basename(path),
+             report["modules"], report["diff_modules"], report["max_rank"], report["max_rel_error"], report["bytes"] / 1e6)
+    return report

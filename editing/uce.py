@@ -1,0 +1,410 @@
+"""UCE-style closed-form cross-attention editing (Gandikota et al. 2023), for many concepts at once.
+
+For every ``attn2.to_k`` / ``attn2.to_v`` weight W (out × d, d = text width), with edited token
+vectors C (d × n), their targets V* = W G (G: d × n) and preserved token vectors P:
+
+    W' = [λW + s_e V* Cᵀ + s_p (W P) Pᵀ] · M⁻¹,      M = λI + s_e C Cᵀ + s_p P Pᵀ
+
+Subtracting W M from W' M leaves ΔW M = s_e (V* − W C) Cᵀ, so (M is symmetric)
+
+    ΔW = s_e (V* − W C)(M⁻¹ C)ᵀ = W · A,      A = s_e (G − C)(M⁻¹ C)ᵀ   (d × d).
+
+Every target this module builds is linear in W (erase/redirect/moderate: v* = W c_guide; debias:
+v* = Σ_k w_k W c_k), so A depends on the text embeddings only. All K/V layers of a model share
+one text width, hence ONE float64 solve serves all of them (16 blocks × 2 in SD1.x, 70 × 2 in
+SDXL); each layer then costs one matrix product. When the edited token count n is small the change
+is stored exactly as a low-rank pair up = s_e W (G − C) (out × n), down = (M⁻¹ C)ᵀ (n × d);
+otherwise as a dense ΔW = W A. With n ≥ d only d × d Gram matrices are needed, accumulated over
+chunks of tokens, so memory does not grow with the number of concepts.
+
+Token choice (``token_window``):
+- ``"aligned"`` (default): every position of the concept prompt after BOS — its words, EOS and the
+  padding — is edited. SD reads all 77 context vectors and CLIP is causal, so the concept is
+  spread over every position after its words; editing the words alone leaves it in EOS/padding.
+  Position p of the concept maps to position p − eos_concept + eos_guide of the guide (the two
+  EOS line up, padding lines up with padding, the last word with the guide's last word), clamped
+  to ≥ 1. The clamp matters for an empty guide: the concept's words then map to the EOS of ""
+  (the unconditional summary) instead of BOS. BOS is the same vector for every prompt and acts as
+  an attention sink; sending a concept's keys there would redirect attention, not erase.
+- ``"last"``: only the concept's last word token (1 vector per concept; the newer UCE code). Its
+  target is the guide's last word token, or the EOS of an empty guide — not BOS, for the same
+  reason. Cheaper and lower-rank, but the concept survives in EOS/padding (weaker erasure).
+BOS itself is always in the preserve set.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from .arch import Family
+from .edit import Change, Edit
+from .errors import InvalidInputError, NonFiniteError
+from .hosts import RunContext, TextEncoder
+
+log = logging.getLogger(__name__)
+
+MODES = ("erase", "redirect", "debias", "moderate")
+TOKEN_WINDOWS = ("aligned", "last")
+# Generic prompts whose cross-attention keys/values should not move (the preserve set is the
+# user's list plus these unless switched off). Any that mention an edited concept are dropped.
+DEFAULT_PRESERVE = (
+    "a photo", "a picture", "a painting", "a drawing", "art", "a person", "a man", "a woman", "a child",
+    "a face", "a dog", "a cat", "a bird", "a horse", "a car", "a house", "a building", "a street",
+    "a city", "a room", "a tree", "a flower", "a forest", "a mountain", "the sea", "the sky",
+    "a landscape", "food", "a table", "clothes",
+)
+_CHUNK = 8192  # token vectors per Gram-accumulation chunk (bounds memory for thousands of concepts)
+
+
+@dataclass
+class UCEConfig:
+    """Parameters of a closed-form cross-attention edit.
+
+    concepts: the concepts to edit; a line ``source -> target`` gives that concept its own guide.
+    mode: erase (to `guide`, default ""), redirect (to `guide` or the per-line target), debias
+      (`guide` lists options ``"male:0.5, female:0.5"``; each concept's values become the weighted
+      mix of "{option} {concept}"), moderate (every concept to the unconditional "").
+    """
+
+    concepts: list[str]
+    mode: str = "erase"
+    guide: str = ""
+    preserve: list[str] = field(default_factory=list)
+    default_preserve: bool = True
+    lam: float = 0.5             # λ: weight of staying at W (regularises M)
+    erase_scale: float = 1.0     # s_e
+    preserve_scale: float = 0.1  # s_p
+    token_window: str = "aligned"
+    edit_keys: bool = True       # attn2.to_k
+    edit_values: bool = True     # attn2.to_v
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.token_window not in TOKEN_WINDOWS:
+            raise InvalidInputError(f"unknown token_window {self.token_window!r}; choose {' or '.join(TOKEN_WINDOWS)}")
+        if not [c for c in self.concepts if c.strip()]:
+            raise InvalidInputError("the concept list is empty: give at least one concept to edit (one per line)")
+        for name in ("lam", "erase_scale", "preserve_scale"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise InvalidInputError(f"{name} must be a finite number ≥ 0, got {v}")
+        if self.erase_scale == 0:
+            raise InvalidInputError("erase_scale is 0: the edit would do nothing; use 1 (the paper's value)")
+        if self.lam == 0 and self.preserve_scale == 0:
+            log.info("λ = 0 and preserve_scale = 0: the system is solvable only if the edited tokens span the text space")
+        if not (self.edit_keys or self.edit_values):
+            raise InvalidInputError("edit_keys and edit_values are both off: nothing to edit")
+        if self.mode == "redirect" and not self.guide.strip() and not all("->" in c for c in self.concepts if c.strip()):
+            raise InvalidInputError('redirect needs a target: set guide, or write lines as "source -> target"')
+        if self.mode == "debias":
+            parse_options(self.guide)
+
+
+def parse_options(text: str) -> list[tuple[str, float]]:
+    """``"male:0.5, female:0.5"`` -> [(option, weight)], weights normalised to sum 1."""
+    out = []
+    for part in re.split(r"[,\n]", text):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition(":")
+        try:
+            weight = float(w) if w.strip() else 1.0
+        except ValueError:
+            raise InvalidInputError(f"debias option {part!r}: the weight after ':' must be a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidInputError(f"debias option {part!r}: the weight must be ≥ 0")
+        out.append((name.strip(), weight))
+    if len(out) < 2:
+        raise InvalidInputError('debias needs at least two options in guide, e.g. "male:0.5, female:0.5"')
+    total = sum(w for _, w in out)
+    if total <= 0:
+        raise InvalidInputError("debias option weights sum to 0")
+    return [(n, w / total) for n, w in out]
+
+
+# ---- which token vectors: the text side of the system -------------------------------------------
+@dataclass
+class TextSystem:
+    """Token vectors (rows) of the closed form: edited C, their targets G, preserved P."""
+
+    C: torch.Tensor        # n × d
+    G: torch.Tensor        # n × d
+    P: torch.Tensor        # m × d
+    concept_rows: list[int]  # rows per concept (for reporting)
+    preserve_prompts: list[str]
+
+
+def _eos(ids: Sequence[int], eos_id: int) -> int:
+    for i in range(1, len(ids)):
+        if ids[i] == eos_id:
+            return i
+    return len(ids) - 1  # truncated prompt: treat the last position as EOS
+
+
+def _window(ids: Sequence[int], eos_id: int, scheme: str) -> list[int]:
+    e = _eos(ids, eos_id)
+    if scheme == "last":
+        return [max(e - 1, 1)]
+    return list(range(1, len(ids)))
+
+
+def _aligned(p: int, e_src: int, e_dst: int, length: int) -> int:
+    return min(max(p - e_src + e_dst, 1), length - 1)
+
+
+def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
+    """Concept prompts and, per concept, the weighted guide prompts its values should take."""
+    srcs, targets = [], []
+    options = parse_options(cfg.guide) if cfg.mode == "debias" else None
+    for line in cfg.concepts:
+        line = line.strip()
+        if not line:
+            continue
+        src, arrow, dst = line.partition("->")
+        src, dst = src.strip(), dst.strip()
+        if not src:
+            raise InvalidInputError(f"line {line!r} has no concept before '->'")
+        if cfg.mode == "moderate":
+            tgt = [(1.0, "")]
+        elif cfg.mode == "debias":
+            tgt = [(w, f"{o} {src}") for o, w in options]
+        else:
+            tgt = [(1.0, dst if arrow else cfg.guide.strip())]
+        if cfg.mode == "redirect" and tgt[0][1] == "":
+            raise InvalidInputError(f'redirect: concept {src!r} has no target; write "{src} -> target" or set guide')
+        srcs.append(src)
+        targets.append(tgt)
+    return srcs, targets
+
+
+def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
+    base = list(cfg.preserve) + (list(DEFAULT_PRESERVE) if cfg.default_preserve else [])
+    lowered = [c.lower() for c in concepts]
+    out = []
+    for p in base:
+        p = p.strip()
+        if not p or p in out:
+            continue
+        if any(re.search(rf"\b{re.escape(c)}\b", p.lower()) for c in lowered):
+            continue  # never "preserve" what is being edited
+        out.append(p)
+    return out
+
+
+def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None) -> TextSystem:
+    """Encode every distinct prompt once and gather C, G, P by token position."""
+    ctx = ctx or RunContext()
+    srcs, targets = _plan(cfg)
+    keep = preserve_prompts(cfg, srcs)
+    prompts = list(dict.fromkeys(srcs + [p for t in targets for _, p in t] + keep + [""]))
+    index = {p: i for i, p in enumerate(prompts)}
+    ids = {p: text.token_ids(p) for p in prompts}
+    eos_id = ids[""][1]
+    emb = []
+    step = 64
+    for i in range(0, len(prompts), step):
+        ctx.check()
+        emb.append(text.encode(prompts[i:i + step]).detach())
+    E = torch.cat(emb)  # U × L × d
+    if not bool(torch.isfinite(E).all()):
+        raise NonFiniteError("the text encoder returned NaN/Inf embeddings; check the CLIP weights")
+    L = E.shape[1]
+
+    rows_c, rows_p, concept_rows = [], [], []
+    g_terms: list[tuple[list[float], list[int], list[int]]] = []  # per target slot k: (w, prompt, pos)
+    n_slots = max(len(t) for t in targets)
+    g_w = [[] for _ in range(n_slots)]
+    g_u = [[] for _ in range(n_slots)]
+    g_p = [[] for _ in range(n_slots)]
+    for src, tgt in zip(srcs, targets):
+        sid = ids[src]
+        e_s = _eos(sid, eos_id)
+        if e_s <= 1:
+            raise InvalidInputError(f"concept {src!r} has no tokens")
+        pos = [p for p in _window(sid, eos_id, cfg.token_window) if p < L]
+        concept_rows.append(len(pos))
+        for p in pos:
+            rows_c.append((index[src], p))
+        for k in range(n_slots):
+            w, gp = tgt[k] if k < len(tgt) else (0.0, "")
+            gid = ids[gp]
+            e_g = _eos(gid, eos_id)
+            for p in pos:
+                if cfg.token_window == "last":
+                    q = max(e_g - 1, 1) if e_g > 1 else e_g  # empty guide: its EOS, never BOS
+                else:
+                    q = _aligned(p, e_s, e_g, L)
+                g_w[k].append(w)
+                g_u[k].append(index[gp])
+                g_p[k].append(q)
+    for p in keep:
+        pid = ids[p]
+        rows_p.extend((index[p], q) for q in _window(pid, eos_id, cfg.token_window) if q < L)
+    rows_p.append((index[""], 0))  # BOS: identical for every prompt, the attention sink
+
+    def gather(rows):
+        u = torch.tensor([r[0] for r in rows], device=E.device)
+        q = torch.tensor([r[1] for r in rows], device=E.device)
+        return E[u, q]
+
+    C = gather(rows_c)
+    G = torch.zeros_like(C)
+    for k in range(n_slots):
+        w = torch.tensor(g_w[k], dtype=E.dtype, device=E.device)[:, None]
+        G = G + w * E[torch.tensor(g_u[k], device=E.device), torch.tensor(g_p[k], device=E.device)]
+    P = gather(rows_p)
+    return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep)
+
+
+# ---- the closed form, shared by all layers of one text width -------------------------------------
+@dataclass
+class Operator:
+    """ΔW = W·A for every layer of text width d; exact factors R, D when n < d.
+
+    The metrics need only d × d matrices: for any X, ‖W X‖²_F = ⟨WᵀW, X Xᵀ⟩, so per layer one
+    WᵀW serves the preservation change ‖ΔW P‖/‖W P‖ and the target residual."""
+
+    R: torch.Tensor | None   # d × n: s_e (G − C)ᵀ     (up = W R)
+    D: torch.Tensor | None   # d × n: M⁻¹ Cᵀ           (down = Dᵀ)
+    A: torch.Tensor          # d × d, ΔW = W A
+    preserve_gram: torch.Tensor   # Σ p pᵀ
+    preserve_moved: torch.Tensor  # A (Σ p pᵀ) Aᵀ: what ΔW does to the preserved vectors
+    residual_gram: torch.Tensor   # Σ e eᵀ, e = (I + A)c − g: what is left of the targets
+    target_gram: torch.Tensor     # Σ (c − g)(c − g)ᵀ: the gap before the edit
+
+    @property
+    def n(self) -> int:
+        return 0 if self.R is None else self.R.shape[1]
+
+
+def _chunks(x: torch.Tensor):
+    for i in range(0, x.shape[0], _CHUNK):
+        yield x[i:i + _CHUNK]
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """xᵀy in float64 over row chunks (x, y: n × d)."""
+    d = x.shape[1]
+    out = torch.zeros(d, d if y is None else y.shape[1], dtype=torch.float64, device=device)
+    for i in range(0, x.shape[0], _CHUNK):
+        a = x[i:i + _CHUNK].to(device=device, dtype=torch.float64)
+        b = a if y is None else y[i:i + _CHUNK].to(device=device, dtype=torch.float64)
+        out += a.T @ b
+    return out
+
+
+def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float, erase_scale: float,
+                   preserve_scale: float, device=None) -> Operator:
+    """One float64 solve for every layer of this text width (C, G: n × d rows; P: m × d rows)."""
+    device = device or C.device
+    n, d = C.shape
+    if P.shape[1] != d or G.shape != C.shape:
+        raise InvalidInputError(f"text vectors disagree in width: C {tuple(C.shape)}, G {tuple(G.shape)}, P {tuple(P.shape)}")
+    Gcc = _gram(C, device=device)
+    Gpp = _gram(P, device=device)
+    M = lam * torch.eye(d, dtype=torch.float64, device=device) + erase_scale * Gcc + preserve_scale * Gpp
+    if not bool(torch.isfinite(M).all()):
+        raise NonFiniteError("the text embeddings give a non-finite system (NaN/Inf); nothing was edited")
+    Gcg = _gram(C, G, device=device)  # Cᵀ G (d × d)
+    Ggg = _gram(G, device=device)
+    try:
+        if n < d:
+            C64 = C.to(device=device, dtype=torch.float64)
+            D = torch.linalg.solve(M, C64.T)                                     # M⁻¹ Cᵀ
+            R = erase_scale * (G.to(device=device, dtype=torch.float64) - C64).T  # s_e (G − C)ᵀ
+            A = R @ D.T
+        else:
+            R = D = None
+            # A = s_e (Gᵀ... ) in row form: A = s_e (G−C)ᵀ C M⁻¹ ; Aᵀ = M⁻¹ s_e Cᵀ(G − C)
+            A = torch.linalg.solve(M, erase_scale * (Gcg - Gcc)).T
+    except torch.linalg.LinAlgError as e:
+        raise InvalidInputError(f"the closed form is singular ({e}); raise λ (lam) above 0") from None
+    if not bool(torch.isfinite(A).all()):
+        raise NonFiniteError("the closed-form solve produced NaN/Inf; raise λ or lower the scales")
+    # e = (I + A)c − g, so Σ e eᵀ follows from the Grams (no n × d work).
+    B = torch.eye(d, dtype=torch.float64, device=device) + A.T
+    residual = B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg
+    target = Gcc - Gcg - Gcg.T + Ggg
+    return Operator(R=R, D=D, A=A, preserve_gram=Gpp, preserve_moved=A @ Gpp @ A.T,
+                    residual_gram=residual, target_gram=target)
+
+
+def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Change, dict[str, float]]:
+    """The exact Change for one weight, and its preservation / target metrics."""
+    out, d = W.shape
+    W32 = W.to(device=op.A.device, dtype=torch.float32)
+    K = (W32.T @ W32).double()  # WᵀW: every metric is ⟨WᵀW, X⟩ for a d × d X
+    q = lambda X: float((K * X).sum().clamp_min(0))  # noqa: E731
+    metrics = {"preserve_rel_change": math.sqrt(q(op.preserve_moved) / max(q(op.preserve_gram), 1e-30)),
+               "target_residual": math.sqrt(q(op.residual_gram) / max(q(op.target_gram), 1e-30))}
+    n = op.n
+    if op.R is not None and n * (out + d) < out * d:
+        up = W.to(device=op.A.device, dtype=torch.float64) @ op.R
+        change = Change("lowrank", (out, d), {"up": up.to(dtype).cpu(), "down": op.D.T.to(dtype).cpu()})
+    else:
+        # float32 product of a float64-solved A: the stored delta is float32 anyway
+        change = Change("delta", (out, d), {"delta": (W32 @ op.A.to(torch.float32)).to(dtype).cpu()})
+    return change, metrics
+
+
+def solve_layers(weights: Mapping[str, torch.Tensor], keys: Sequence[str], op_for, ctx: RunContext | None = None
+                 ) -> tuple[dict[str, Change], dict[str, dict[str, float]]]:
+    ctx = ctx or RunContext()
+    changes, per_key = {}, {}
+    for i, k in enumerate(keys):
+        ctx.report(i, len(keys))
+        W = weights[k]
+        if not bool(torch.isfinite(W).all()):
+            raise NonFiniteError(f"the model weight {k} has NaN/Inf; nothing was edited")
+        changes[k], per_key[k] = layer_change(W, op_for(W.shape[1]))
+    ctx.report(len(keys), len(keys))
+    return changes, per_key
+
+
+def summarise(per_key: Mapping[str, Mapping[str, float]]) -> dict:
+    pres = [m["preserve_rel_change"] for m in per_key.values()]
+    res = [m["target_residual"] for m in per_key.values()]
+    return {"preserve_rel_change_mean": sum(pres) / len(pres), "preserve_rel_change_max": max(pres),
+            "target_residual_mean": sum(res) / len(res), "target_residual_max": max(res)}
+
+
+def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
+                ctx: RunContext | None = None) -> Edit:
+    """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the
+    (unpatched) base weights; nothing is written to them. One solve per text width."""
+    ctx = ctx or RunContext()
+    config.validate()
+    keys = [k for k in family.attn2_kv_keys()
+            if (config.edit_keys and ".to_k." in k) or (config.edit_values and ".to_v." in k)]
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise InvalidInputError(f"the model has no {missing[0]} ({len(missing)} K/V weights missing); "
+                                f"is it really {family.label}?")
+    system = build_text_system(text, config, ctx)
+    d = system.C.shape[1]
+    widths = {weights[k].shape[1] for k in keys}
+    if widths != {d}:
+        raise InvalidInputError(f"the text encoder gives {d}-wide embeddings but the cross-attention reads "
+                                f"{sorted(widths)}: connect the CLIP that belongs to this model")
+    device = ctx.device or system.C.device
+    ctx.check()
+    op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale, device)
+    changes, per_key = solve_layers(weights, keys, lambda _d: op, ctx)
+    metrics = summarise(per_key)
+    metrics.update({"edited_token_vectors": int(system.C.shape[0]), "preserved_token_vectors": int(system.P.shape[0]),
+                    "preserve_prompts": len(system.preserve_prompts), "layers": len(keys),
+                    "storage": "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"})
+    log.info("UCE %s: %d concepts, %d token vectors, preserve change %.3g (max %.3g), target residual %.3g",
+             config.mode, len(system.concept_rows), system.C.shape[0], metrics["preserve_rel_change_mean"],
+             metrics["preserve_rel_change_max"], metrics["target_residual_mean"])
+    params = asdict(config)
+    params.pop("concepts")
+    return Edit(method="uce", family=family.name, changes=changes, concepts=_plan(config)[0], params=params,
+                metrics=metrics)

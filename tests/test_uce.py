@@ -1,0 +1,247 @@
+"""UCE closed form: equals the explicit W' formula, keeps the preserve set, hits the targets, builds
+the right keys on the real layouts, and runs as a node in real ComfyUI without touching its input."""
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+from conceptedit.editing import arch
+from conceptedit.editing.errors import InvalidInputError, NonFiniteError
+from conceptedit.editing.uce import (UCEConfig, build_text_system, compute_uce, layer_change, preserve_prompts,
+                                     solve_operator)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reference(W, C, G, P, lam, se, sp):
+    """W' = [λW + s_e Σ v* cᵀ + s_p Σ (W p) pᵀ][λI + s_e Σ c cᵀ + s_p Σ p pᵀ]⁻¹, literally (columns)."""
+    W, C, G, P = (x.double() for x in (W, C, G, P))
+    d = W.shape[1]
+    left = lam * W + se * (W @ G.T) @ C + sp * (W @ P.T) @ P
+    right = lam * torch.eye(d, dtype=torch.float64) + se * C.T @ C + sp * P.T @ P
+    return left @ torch.linalg.inv(right)
+
+
+def _system(n, m, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, d, generator=g, dtype=torch.float64) for k in (n, n, m)]
+
+
+@pytest.mark.parametrize("n,m,d,out", [(3, 4, 16, 10), (2, 0, 8, 24), (40, 10, 12, 7), (9, 30, 8, 5)])
+def test_closed_form_equals_explicit_formula(n, m, d, out):
+    C, G, P = _system(n, m, d)
+    W = torch.randn(out, d, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    op = solve_operator(C, G, P, lam=0.5, erase_scale=1.3, preserve_scale=0.7)
+    change, _ = layer_change(W, op, dtype=torch.float64)
+    want = _reference(W, C, G, P, 0.5, 1.3, 0.7) - W
+    assert change.kind == ("lowrank" if n * (out + d) < out * d else "delta")
+    torch.testing.assert_close(change.delta(dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lowrank_change_equals_dense_gram_route():
+    C, G, P = _system(3, 5, 32)
+    W = torch.randn(64, 32, dtype=torch.float64)
+    low = solve_operator(C, G, P, 0.5, 1.0, 0.1)
+    # the same system with C repeated past d takes the Gram (dense) route; scale to keep it equal
+    dense = solve_operator(C.repeat(11, 1), G.repeat(11, 1), P, 0.5 * 11, 1.0, 0.1 * 11)
+    cl, _ = layer_change(W, low, dtype=torch.float64)
+    cd, _ = layer_change(W, dense, dtype=torch.float64)
+    assert cl.kind == "lowrank" and cl.rank == 3 and cd.kind == "delta"
+    torch.testing.assert_close(cl.delta(dtype=torch.float64), cd.delta(dtype=torch.float64), rtol=1e-4, atol=1e-5)
+
+
+def test_preserved_vectors_map_unchanged_and_metric_is_right():
+    C, G, P = _system(4, 6, 32, seed=3)
+    W = torch.randn(20, 32, dtype=torch.float64)
+    op = solve_operator(C, G, P, lam=0.5, erase_scale=1.0, preserve_scale=1e4)
+    change, m = layer_change(W, op, dtype=torch.float64)
+    dW = change.delta(dtype=torch.float64)
+    rel = float((dW @ P.T).norm() / (W @ P.T).norm())
+    assert rel < 1e-3
+    assert m["preserve_rel_change"] == pytest.approx(rel, rel=1e-2)  # from float32 WᵀW
+    change, m = layer_change(W, solve_operator(C, G, P, 0.5, 1.0, 0.1), dtype=torch.float64)
+    dW1 = change.delta(dtype=torch.float64)
+    assert m["preserve_rel_change"] == pytest.approx(float((dW1 @ P.T).norm() / (W @ P.T).norm()), rel=1e-4)
+    # and the edit did move the erased vectors (the test above is not trivially passing)
+    assert float((dW @ C.T).norm() / (W @ (G - C).T).norm()) > 0.5
+
+
+def test_erase_hits_guide_values_when_lambda_and_preserve_vanish():
+    C, G, P = _system(5, 3, 24, seed=4)
+    W = torch.randn(16, 24, dtype=torch.float64)
+    op = solve_operator(C, G, P, lam=1e-9, erase_scale=1.0, preserve_scale=0.0)
+    change, m = layer_change(W, op, dtype=torch.float64)
+    Wp = W + change.delta(dtype=torch.float64)
+    torch.testing.assert_close(Wp @ C.T, W @ G.T, rtol=1e-6, atol=1e-6)
+    assert m["target_residual"] < 1e-6
+    _, m_weak = layer_change(W, solve_operator(C, G, P, lam=50.0, erase_scale=1.0, preserve_scale=0.0), torch.float64)
+    assert m_weak["target_residual"] > 0.05  # larger λ leaves the targets visibly unmet
+
+
+class _RandomText:
+    """A host TextEncoder of any width with a fake tokenizer: words -> ids, EOS-padded to `length`."""
+
+    def __init__(self, d, length=8, seed=0):
+        self.d, self.length, self.seed = d, length, seed
+        self.calls = []
+
+    def token_ids(self, prompt):
+        words = prompt.split()
+        ids = [1] + [10 + (sum(map(ord, w)) % 1000) for w in words][: self.length - 2] + [2]
+        return ids + [2] * (self.length - len(ids))
+
+    def encode(self, prompts):
+        self.calls.extend(prompts)
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(hash((p, self.seed)) % 2 ** 31)
+            out.append(torch.randn(self.length, self.d, generator=g))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_real_layouts_get_every_kv_key(family):
+    fam = arch.get_family(family)
+    shapes = fam.expected_shapes()
+    g = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(shapes[k], generator=g) * 0.02 for k in fam.attn2_kv_keys()}
+    text = _RandomText(fam.context_dim)
+    edit = compute_uce(text, weights, fam, UCEConfig(concepts=["cat", "dog"], default_preserve=False,
+                                                     preserve=["a tree"], token_window="last"))
+    assert set(edit.changes) == set(fam.attn2_kv_keys()) and len(edit.changes) == 2 * len(fam.blocks)
+    for k, c in edit.changes.items():
+        assert c.kind == "lowrank" and c.rank == 2 and c.shape == shapes[k]
+    assert len(text.calls) == len(set(text.calls))  # every prompt encoded once
+    assert edit.metrics["layers"] == len(edit.changes) and edit.metrics["edited_token_vectors"] == 2
+
+
+def test_aligned_tokens_map_words_to_guide_eos_not_bos():
+    text = _RandomText(6, length=8)
+    sys_ = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False))
+    E = text.encode([""])[0]
+    # "red cat" = BOS red cat EOS pad...: positions 1..7; targets in "": max(p - 3 + 1, 1)
+    want = E[[1, 1, 1, 2, 3, 4, 5]]
+    torch.testing.assert_close(sys_.G, want)
+    assert sys_.C.shape == (7, 6) and sys_.P.shape == (1, 6)  # only BOS preserved
+    last = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False, token_window="last"))
+    torch.testing.assert_close(last.G, E[[1]])  # EOS of "", never BOS
+
+
+def test_debias_targets_are_weighted_mix():
+    text = _RandomText(6, length=8)
+    s = build_text_system(text, UCEConfig(concepts=["doctor"], mode="debias", guide="male:3, female:1",
+                                          default_preserve=False, token_window="last"))
+    E = text.encode(["male doctor", "female doctor"])
+    torch.testing.assert_close(s.G[0], 0.75 * E[0, 2] + 0.25 * E[1, 2])
+
+
+def test_preserve_defaults_drop_edited_concepts():
+    cfg = UCEConfig(concepts=["dog"], preserve=["my dog park", "a boat"])
+    keep = preserve_prompts(cfg, ["dog"])
+    assert "a boat" in keep and "a cat" in keep and not any("dog" in p for p in keep)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (UCEConfig(concepts=[]), "empty"), (UCEConfig(concepts=["  "]), "empty"),
+    (UCEConfig(concepts=["x"], lam=float("nan")), "lam"), (UCEConfig(concepts=["x"], mode="nope"), "mode"),
+    (UCEConfig(concepts=["x"], mode="redirect"), "target"), (UCEConfig(concepts=["x"], mode="debias", guide="a"), "two options"),
+])
+def test_bad_configs_are_clear_errors(cfg, match):
+    with pytest.raises(InvalidInputError, match=match):
+        cfg.validate()
+
+
+def test_nan_embeddings_or_weights_are_refused():
+    fam = arch.get_family("tiny")
+    shapes = fam.expected_shapes()
+    weights = {k: torch.randn(shapes[k]) for k in fam.attn2_kv_keys()}
+
+    class NaNText(_RandomText):
+        def encode(self, prompts):
+            x = super().encode(prompts)
+            x[0, 1, 0] = float("nan")
+            return x
+
+    with pytest.raises(NonFiniteError, match="NaN"):
+        compute_uce(NaNText(fam.context_dim), weights, fam, UCEConfig(concepts=["cat"]))
+    weights[fam.attn2_kv_keys()[3]][0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="has NaN/Inf"):
+        compute_uce(_RandomText(fam.context_dim), weights, fam, UCEConfig(concepts=["cat"]))
+    with pytest.raises(InvalidInputError, match="CLIP that belongs"):
+        compute_uce(_RandomText(32), {k: torch.randn(shapes[k]) for k in fam.attn2_kv_keys()}, fam,
+                    UCEConfig(concepts=["cat"]))
+
+
+# ---- in real ComfyUI ---------------------------------------------------------------------------------
+def random_clip():
+    """A real ComfyUI CLIP with the tiny text encoder's config (width 64) and random weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    target = type("Target", (), {})()
+    target.params = {}
+    cfg = os.path.join(ROOT, "tiny", "clip_config.json")
+    target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel,
+                                    clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=cfg))
+    target.tokenizer = comfy.sd1_clip.SD1Tokenizer
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        c = comfy.sd.CLIP(target)
+        for name, p in c.cond_stage_model.named_parameters():
+            if "layer_norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return c
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    return random_clip()
+
+
+def test_node_runs_in_comfyui_and_leaves_input_unchanged(comfy, clip):
+    import comfy.model_management as mm
+    from helpers import random_model
+    from conceptedit.comfy_host.adapters import ComfyText
+    assert "ConceptEditCrossAttentionEdit" in comfy.NODE_CLASS_MAPPINGS
+    node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditCrossAttentionEdit"]
+    model = random_model()
+    before = {k: v.clone() for k, v in model.model_state_dict().items()}
+    fam = arch.get_family("tiny")
+    with torch.inference_mode():
+        out, edit = node_cls().execute(model, clip, "circle\nsquare -> triangle", "erase", "", "a red star", False,
+                                       0.5, 1.0, 0.1, "last")
+        assert out is not model and not model.patches
+        mm.load_models_gpu([out])
+        sd = out.model_state_dict()
+        k = fam.attn2_kv_keys()[0]
+        torch.testing.assert_close(sd[k].float(), before[k].float() + edit.changes[k].delta(dtype=torch.float32),
+                                   rtol=1e-4, atol=1e-5)
+        # the edited layer maps circle's last token to the value of ""'s EOS (never BOS)
+        text = ComfyText(clip)
+        emb = text.encode(["circle", ""])
+        last = text.token_ids("circle").index(text.token_ids("")[1]) - 1
+        v_new, v_old = emb[0, last] @ sd[k].float().T, emb[0, last] @ before[k].float().T
+        v_tgt = emb[1, 1] @ before[k].float().T
+        assert (v_new - v_tgt).norm() < 0.1 * (v_old - v_tgt).norm()
+        assert edit.metrics["target_residual_mean"] < 0.1
+        mm.unload_all_models()
+    for kk, v in model.model_state_dict().items():
+        assert torch.equal(v, before[kk]), kk
+    assert edit.method == "uce" and edit.concepts == ["circle", "square"]
+    assert 0 <= edit.metrics["preserve_rel_change_mean"] < 1 and edit.fingerprint["family"] == "tiny"
+    errors = sys.modules[node_cls.__module__.split(".")[0] + ".editing.errors"]  # the pack as ComfyUI loaded it
+    with pytest.raises(errors.InvalidInputError, match="empty"):
+        node_cls().execute(model, clip, "  \n# nothing", "erase", "", "", True, 0.5, 1.0, 0.1, "aligned")
+
+
+def test_cli_reads_txt_and_csv_concept_files(tmp_path):
+    from conceptedit.cli.uce import read_concepts
+    (tmp_path / "c.txt").write_text("circle  # a shape\n\nsquare -> triangle\n")
+    (tmp_path / "c.csv").write_text("concept,target\ncircle,\nsquare,triangle\n")
+    assert read_concepts(str(tmp_path / "c.txt")) == ["circle", "square -> triangle"]
+    assert read_concepts(str(tmp_path / "c.csv")) == ["circle", "square -> triangle"]
+    with pytest.raises(InvalidInputError, match="no concept file"):
+        read_concepts(str(tmp_path / "missing.txt"))
