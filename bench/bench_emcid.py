@@ -1,0 +1,166 @@
+"""EMCID benchmark.
+
+  bash run.sh bench bench_emcid --part tiny   efficacy / specificity / paraphrase on the tiny model
+                                              (1 concept, and all-but-one shape), original vs edited
+  bash run.sh bench bench_emcid --part scale  stage-2 time and memory for 1/10/100(/1000) concepts on a
+                                              CLIP-L of SD1.5's real sizes (random weights, real
+                                              tokenizer), and batched vs one-concept-at-a-time
+"""
+import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702,I001
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
+
+log = logging.getLogger("bench_emcid")
+TINY_TEMPLATES = ("a {}", "a picture of a {}", "a green {}", "an image of a yellow {}")
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def clip_l_random(seed: int = 0):
+    """A ComfyUI SD1.x CLIP (CLIP-L from sd1_clip_config.json, real tokenizer) with random weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from conceptedit.tiny.model import init_weights
+    torch.manual_seed(seed)
+    with torch.no_grad():  # CLIPTextModel copies into a parameter in its constructor
+        clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                           comfy.sd1_clip.SD1ClipModel))
+        init_weights(clip.cond_stage_model.clip_l.transformer)
+    clip.cond_stage_model.to(torch.float32)
+    return clip
+
+
+def concept_names(n: int) -> list[str]:
+    from conceptedit.editing.captions import ATTRIBUTES, SUBJECTS
+    return [f"{a} {s}" for s in SUBJECTS for a in ATTRIBUTES][:n]
+
+
+def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
+    from conceptedit.comfy_host.text_hooks import ComfyTextModel
+    from conceptedit.editing.arch import get_family
+    from conceptedit.editing.emcid import EmcidConfig, concept_prompts, read_keys, second_moments, stage2
+    spec = get_family("sd1").text_encoders[0]
+    layers = spec.edit_layers
+    clip = clip_l_random()
+    text = ComfyTextModel(clip)
+    dev = torch.device(text.device)
+    cfg = EmcidConfig(use_stage1=False, n_captions=n_captions, templates=("a photo of {}",))
+    t = time.perf_counter()
+    C0 = second_moments(text, "clip_l", layers, cfg)
+    out = {"device": str(dev), "layers": list(layers), "c0_seconds": round(time.perf_counter() - t, 2),
+           "c0_captions": n_captions, "rows": []}
+    for n in sizes:
+        names = concept_names(n + 1)
+        prompts = concept_prompts(text, names[:n], cfg.templates)
+        dst = concept_prompts(text, names[1:n + 1], cfg.templates)
+        _, Z = read_keys(text, "clip_l", dst, None, layers[-1], batch=cfg.batch)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.synchronize(dev)
+        base = _peak_mb(dev)
+        t = time.perf_counter()
+        ups, m = stage2(text, "clip_l", layers, prompts, Z, C0, cfg.lam, cfg.batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        row = {"concepts": n, "stage2_s": round(time.perf_counter() - t, 3), "peak_mb": round(_peak_mb(dev), 1),
+               "peak_growth_mb": round(_peak_mb(dev) - base, 1), "gap_after": round(m["gap_after"], 4)}
+        # closed-form part alone (the 11 float64 solves), to separate it from the encoder passes
+        K = torch.randn(n, spec.mlp, dtype=torch.float64, device=dev)
+        t = time.perf_counter()
+        from conceptedit.editing.emcid import solve_update
+        for i in layers:
+            solve_update(K, torch.randn(n, spec.width, dtype=torch.float64, device=dev), C0[i], cfg.lam)
+        row["solves_s"] = round(time.perf_counter() - t, 3)
+        if n == one_at_a_time:
+            t = time.perf_counter()
+            for j in range(n):
+                p1 = concept_prompts(text, names[j:j + 1], cfg.templates)
+                stage2(text, "clip_l", layers, p1, Z[j:j + 1], C0, cfg.lam, cfg.batch)
+            row["one_at_a_time_s"] = round(time.perf_counter() - t, 3)
+            row["speedup_batched_vs_one_at_a_time"] = round(row["one_at_a_time_s"] / row["stage2_s"], 2)
+        log.info("%s", row)
+        out["rows"].append(row)
+    return out
+
+
+def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int) -> dict:
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
+    from conceptedit.editing.emcid import EmcidConfig
+    from conceptedit.editing.evaluate import erasure_report
+    from conceptedit.tiny import world
+    from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
+    model, clip, _ = load_tiny()
+    shapes = list(world.SHAPES)
+    cases = {"one": (["circle"], [s for s in shapes if s != "circle"]),
+             "all_but_one": (shapes[:-1], shapes[-1:])}
+    out = {"stage1": use_stage1, "templates": TINY_TEMPLATES, "cases": {}}
+    erased_all = sorted({c for e, _ in cases.values() for c in e})
+    base = erasure_report(comfy_sampler(model, clip), erased_all, shapes, n_prompts=n_prompts,
+                          samples_per_prompt=samples)
+    out["original"] = base
+    cache = os.path.join(ROOT, ".cache", "emcid")
+    for name, (erased, kept) in cases.items():
+        for lam in lams:
+            cfg = EmcidConfig(lam=lam, use_stage1=use_stage1, steps=steps, templates=TINY_TEMPLATES, n_captions=1000)
+            t = time.perf_counter()
+            edit = compute_emcid_comfy(model, clip, [(c, "shape") for c in erased], cfg, cache_dir=cache)
+            secs = time.perf_counter() - t
+            _, clip2, _ = apply_edit(model, clip, edit)
+            r = erasure_report(comfy_sampler(model, clip2), erased, kept, n_prompts=n_prompts, samples_per_prompt=samples)
+            row = {"lam": lam, "seconds": round(secs, 1),
+                   "efficacy_presence": _mean(r["efficacy"]), "efficacy_before": _mean({c: base["efficacy"][c] for c in erased}),
+                   "paraphrase_presence": _mean(r["paraphrase"]),
+                   "paraphrase_before": _mean({c: base["paraphrase"][c] for c in erased if c in base["paraphrase"]}),
+                   "specificity": _mean(r["specificity"]), "specificity_before": _mean({c: base["specificity"][c] for c in kept}),
+                   "gap_after": edit.metrics["stage2"]["clip_l"]["gap_after"]}
+            log.info("%s %s", name, row)
+            out["cases"].setdefault(name, []).append(row)
+    return out
+
+
+def _mean(d) -> float:
+    return round(sum(d.values()) / len(d), 3) if d else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["tiny", "scale", "all"], default="all")
+    ap.add_argument("--sizes", default="1,10,100", help="concept counts for --part scale (add 1000 on a GPU)")
+    ap.add_argument("--one-at-a-time", type=int, default=10, help="size at which to also time N single-concept runs")
+    ap.add_argument("--captions", type=int, default=2000, help="captions for C0 in --part scale")
+    ap.add_argument("--lam", default="100,1000,6000", help="λ values for --part tiny")
+    ap.add_argument("--stage1", action="store_true", help="--part tiny: run stage 1 (else destination targets)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ensure_comfy()
+    res = {}
+    if args.part in ("scale", "all"):
+        res["scale"] = part_scale([int(s) for s in args.sizes.split(",")], args.captions, args.one_at_a_time)
+    if args.part in ("tiny", "all"):
+        res["tiny"] = part_tiny([float(x) for x in args.lam.split(",")], args.stage1, args.steps, args.prompts, args.samples)
+    print(json.dumps(res, indent=1, default=str))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`conceptedit emcid --ckpt tiny --pairs FILE.csv --out e.safetensors`: EMCID text-encoder edit
+headless (the same code path as the Text Encoder Edit node), written as an edit file."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from .common import add_model_arg
+    p = sub.add_parser("emcid", help="text-encoder edit (EMCID): map 1-1000 source concepts to destinations")
+    add_model_arg(p)
+    p.add_argument("--pairs", required=True,
+                   help="a .csv/.txt file, one 'source,destination' or 'source -> destination' per line")
+    p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
+    p.add_argument("--lam", type=float, default=6000.0, help="λ, weight of generic-text preservation (4000-10000)")
+    p.add_argument("--steps", type=int, default=150, help="stage-1 Adam steps per concept")
+    p.add_argument("--no-stage1", action="store_true",
+                   help="skip stage 1: target = the destination's own text features (no diffusion model runs)")
+    p.add_argument("--template", action="append", default=None,
+                   help="a prompt with '{}' for the concept (repeatable); default: '{}', 'a photo of {}', ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "conceptedit", "emcid"),
+                   help="where C0 and stage-1 targets are cached ('' = no cache)")
+    p.set_defaults(func=run)
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """Pairs from a file; a first line 'source,destination' is taken as a header."""
+    from ..editing.emcid import parse_pairs
+    from ..editing.errors import InvalidInputError
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"no pairs file at {path}")
+    with open(path, encoding="utf-8") as f:
+        pairs = parse_pairs(f.read())
+    if pairs and pairs[0][0].lower() in ("source", "concept") and pairs[0][1].lower() in ("destination", "target"):
+        pairs = pairs[1:]
+    return pairs
+
+
+def run(args) -> int:
+    from ..comfy_host.text_hooks import compute_emcid_comfy
+    from ..editing.emcid import DEFAULT_TEMPLATES, EmcidConfig, validate_pairs
+    from .common import load_model, terminal_context
+
+    pairs = read_pairs(args.pairs)
+    validate_pairs(pairs)
+    cfg = EmcidConfig(lam=args.lam, steps=args.steps, use_stage1=not args.no_stage1,
+                      templates=tuple(args.template) if args.template else DEFAULT_TEMPLATES, seed=args.seed)
+    cfg.validate()
+    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    edit = compute_emcid_comfy(model, clip, pairs, cfg, terminal_context(), args.cache_dir or None)
+    edit.save(args.out)
+    gaps = {e: round(m["gap_after"], 4) for e, m in edit.metrics["stage2"].items()}
+    log.info("wrote %s: %d concepts, %d fc2 layers; target gap left after stage 2: %s; %s s",
+             args.out, len(pairs), len(edit.changes), gaps, edit.metrics["seconds"])
+    return 0

@@ -1,0 +1,160 @@
+"""ComfyUI CLIP -> `editing.emcid.TextModel`: run the CLIP text transformer(s) on token ids the way
+ComfyUI builds the UNet's context, and expose their modules by name for hooks.
+
+Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel) → .clip_l /
+.clip_h / .clip_g (SDClipModel) → .transformer (comfy.clip_model.CLIPTextModel) →
+.text_model.encoder.layers[i].mlp.fc2.
+
+Two ComfyUI details matter for gradients (EMCID stage 1):
+- `CLIPLayer.forward` adds in place (``x += ...``) to a tensor its LayerNorm saved for backward;
+  while grad is on we hand each LayerNorm a copy of its input (a pre-hook), so backward works.
+- Weights loaded inside the executor's `torch.inference_mode()` are inference tensors and cannot
+  be saved for backward; `editing.lora_train.frozen_session` swaps them for plain copies for the
+  duration (and does the same pre-norm copying for the UNet).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from ..editing.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+_ENCODERS = ("clip_l", "clip_h", "clip_g")  # in the order ComfyUI concatenates them (SDXL: l ‖ g)
+
+
+def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
+    csm = clip.cond_stage_model
+    out = {}
+    for name in _ENCODERS:
+        m = getattr(csm, name, None)
+        if m is not None and hasattr(m, "transformer") and hasattr(getattr(m.transformer, "text_model", None), "encoder"):
+            out[name] = m
+    if not out:
+        raise InvalidInputError(f"this CLIP ({type(csm).__name__}) has no CLIP text transformer ConceptEdit can edit "
+                                "(clip_l / clip_h / clip_g); EMCID supports SD1.x, SD2.x and SDXL text encoders")
+    return out
+
+
+class ComfyTextModel:
+    """`editing.emcid.TextModel` over a ComfyUI CLIP (weights as patched on that CLIP)."""
+
+    def __init__(self, clip, device: torch.device | None = None):
+        if clip is None:
+            raise InvalidInputError("connect a CLIP")
+        self.clip = clip
+        self._models = _sd_clip_models(clip)
+        self.encoders = tuple(self._models)
+        self._modules: dict[str, dict[str, torch.nn.Module]] = {}
+        self._out_device = device
+        self.device = clip.patcher.load_device
+
+    def load(self) -> None:
+        """Put the CLIP (with its patches) on its device, as `encode_from_tokens` does."""
+        self.clip.load_model()
+
+    def transformers(self) -> list[torch.nn.Module]:
+        return [m.transformer for m in self._models.values()]
+
+    def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
+        mods = self._modules.get(encoder)
+        if mods is None:
+            self.load()
+            mods = self._modules[encoder] = dict(self._models[encoder].transformer.named_modules())
+        return mods
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        ids: dict[str, list[list[int]]] = {e: [] for e in self.encoders}
+        n_real = []
+        first = self.encoders[0]
+        for p in prompts:
+            toks = self.clip.tokenize(p)
+            for e in self.encoders:
+                chunk = toks[e[len("clip_"):]][0]
+                if any(not isinstance(t[0], int) for t in chunk):
+                    raise InvalidInputError(f"{p!r} uses a textual-inversion embedding; EMCID edits words only")
+                ids[e].append([int(t[0]) for t in chunk][:77])
+            end = self._models[first].special_tokens.get("end")
+            row = ids[first][-1]
+            n_real.append(row.index(end, 1) - 1 if end in row[1:] else len(row) - 1)
+        out = {e: torch.tensor(v, dtype=torch.long, device=self.device) for e, v in ids.items()}
+        return out, torch.tensor(n_real, dtype=torch.long)
+
+    def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One encoder as `SDClipModel.forward` runs it (layer choice, CLIP skip, projected pooled)."""
+        self.load()
+        csm = self.clip.cond_stage_model
+        csm.reset_clip_options()
+        if getattr(self.clip, "layer_idx", None) is not None:  # CLIPSetLastLayer
+            csm.set_clip_options({"layer": self.clip.layer_idx})
+        m = self._models[encoder]
+        with _ln_input_copies(m.transformer) if torch.is_grad_enabled() else _nothing():
+            out = m.transformer(ids.to(self.device), None, intermediate_output=m.layer_idx,
+                                final_layer_norm_intermediate=m.layer_norm_hidden_state)
+        z = out[0] if m.layer == "last" else out[1]
+        pooled = None
+        if len(out) >= 4 and not m.return_projected_pooled and out[3] is not None:
+            pooled = out[3].float()
+        elif len(out) >= 3 and out[2] is not None:
+            pooled = out[2].float()
+        return z.float(), pooled
+
+    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        zs, pooled = [], None
+        for e in self.encoders:
+            z, pooled = self.forward(e, ids[e])  # ComfyUI takes the pooled output of the last encoder (SDXL: bigG)
+            zs.append(z)
+        cond = torch.cat(zs, dim=-1)
+        if self._out_device is not None:
+            cond = cond.to(self._out_device)
+            pooled = pooled.to(self._out_device) if pooled is not None else None
+        return cond, pooled
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _ln_input_copies(transformer: torch.nn.Module) -> Iterator[None]:
+    handles = []
+    try:
+        for name, mod in transformer.named_modules():
+            if name.endswith(("layer_norm1", "layer_norm2")):
+                handles.append(mod.register_forward_pre_hook(lambda _m, args: (args[0].clone(),) + tuple(args[1:])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None = None):
+    """`editing.emcid.compute_emcid` on ComfyUI objects: loads MODEL and CLIP, makes their weights
+    usable for autograd (stage 1), runs both stages and returns the Edit. Changes neither input."""
+    import comfy.model_management as mm
+
+    from ..editing.emcid import compute_emcid
+    from ..editing.lora_train import frozen_session
+    from .adapters import ComfyDenoiser, model_family, model_fingerprint
+
+    if model is None:
+        raise InvalidInputError("connect the MODEL (EMCID reads the model family from it, and stage 1 runs it)")
+    family = model_family(model)
+    if cfg.use_stage1 and family.name == "sdxl":
+        raise InvalidInputError("EMCID stage 1 on SDXL needs the size/pooled conditioning, which is not wired yet; "
+                                "turn off use_stage1 (the destination's own hidden state is then the target)")
+    text = ComfyTextModel(clip, device=mm.get_torch_device())
+    denoiser = ComfyDenoiser(model, clip, ctx=ctx) if cfg.use_stage1 else None
+    # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
+    mm.load_models_gpu([model, clip.patcher] if cfg.use_stage1 else [clip.patcher])
+    roots = text.transformers() + ([model.model.diffusion_model] if cfg.use_stage1 else [])
+    with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+        for root in roots:
+            stack.enter_context(frozen_session(root))
+        return compute_emcid(text, family, pairs, cfg, ctx, denoiser=denoiser, cache_dir=cache_dir,
+                             fingerprint=model_fingerprint(model))

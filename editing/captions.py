@@ -1,0 +1,82 @@
+"""Generic captions for the preserved-key statistics C₀ = E[k kᵀ] of EMCID.
+
+EMCID (like MEMIT) keeps everything it does not edit by weighting the closed-form solve with the
+second moment of the text encoder's fc2 inputs over ordinary text. The paper uses ~100k tokens of
+real captions; we cannot ship a caption corpus, so we generate one deterministically from a small
+hand-written vocabulary of everyday subjects, attributes, actions, scenes and photo styles. The
+same seed always yields the same captions, so C₀ caches stay valid across runs and machines.
+"""
+from __future__ import annotations
+
+import random
+
+SUBJECTS = (
+    "dog", "cat", "horse", "bird", "fish", "cow", "sheep", "lion", "tiger", "bear", "elephant", "rabbit",
+    "fox", "wolf", "deer", "owl", "eagle", "duck", "frog", "turtle", "butterfly", "bee", "man", "woman",
+    "child", "girl", "boy", "old man", "old woman", "family", "couple", "chef", "doctor", "farmer",
+    "soldier", "musician", "dancer", "student", "teacher", "king", "queen", "knight", "robot", "car",
+    "truck", "bus", "bicycle", "motorcycle", "train", "airplane", "boat", "ship", "house", "castle",
+    "bridge", "tower", "church", "lighthouse", "tree", "flower", "rose", "sunflower", "mountain", "river",
+    "lake", "beach", "forest", "city", "street", "road", "garden", "field", "desert", "island", "chair",
+    "table", "sofa", "bed", "lamp", "clock", "book", "cup", "bottle", "vase", "bowl", "plate", "guitar",
+    "piano", "violin", "camera", "phone", "computer", "umbrella", "hat", "shoe", "bag", "ball", "kite",
+    "apple", "banana", "orange", "pizza", "cake", "sandwich", "bread", "coffee", "salad", "soup",
+    "building", "window", "door", "fence", "statue", "fountain", "cloud", "moon", "sun", "star", "candle",
+)
+ATTRIBUTES = (
+    "red", "blue", "green", "yellow", "white", "black", "brown", "grey", "pink", "purple", "orange",
+    "golden", "silver", "small", "large", "tiny", "huge", "old", "new", "young", "ancient", "modern",
+    "wooden", "metal", "glass", "stone", "shiny", "dusty", "wet", "dry", "happy", "sad", "sleeping",
+    "running", "smiling", "colorful", "dark", "bright", "beautiful", "strange", "cute", "tall", "short",
+    "broken", "empty", "crowded", "quiet", "famous", "simple", "fancy",
+)
+ACTIONS = (
+    "standing", "sitting", "walking", "running", "lying", "jumping", "flying", "swimming", "eating",
+    "reading", "playing", "waiting", "looking out", "resting", "floating", "parked", "hanging",
+)
+PLACES = (
+    "in a park", "on a beach", "in the snow", "in the rain", "at night", "at sunset", "in a forest",
+    "on a street", "in a kitchen", "in a living room", "on a table", "in a field", "by the sea",
+    "in the mountains", "in a city", "in a garden", "under a tree", "on a bridge", "in a room",
+    "near a river", "in the desert", "on a hill", "in front of a house", "at the market",
+    "in a museum", "on the grass", "in the sky", "underwater", "in a studio", "on a road",
+)
+STYLES = (
+    "a photo of", "a picture of", "an image of", "a painting of", "a drawing of", "a sketch of",
+    "a close-up photo of", "a black and white photo of", "a watercolor of", "an illustration of",
+    "a 3d render of", "a cartoon of", "a photograph of", "a blurry photo of", "an oil painting of",
+)
+SUFFIXES = (
+    "", "", "", ", high quality", ", detailed", ", 4k", ", film grain", ", soft light", ", wide angle",
+    ", digital art", ", trending on artstation", ", studio lighting",
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def generic_captions(n: int = 2000, seed: int = 0) -> list[str]:
+    """`n` deterministic, varied everyday captions (about 8-14 CLIP tokens each)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        subj = rng.choice(SUBJECTS)
+        form = rng.random()
+        if form < 0.35:
+            attr = rng.choice(ATTRIBUTES)
+            text = f"{rng.choice(STYLES)} {_article(attr)} {attr} {subj} {rng.choice(PLACES)}"
+        elif form < 0.6:
+            text = f"{_article(subj)} {subj} {rng.choice(ACTIONS)} {rng.choice(PLACES)}"
+        elif form < 0.8:
+            other = rng.choice(SUBJECTS)
+            text = f"{_article(subj)} {subj} and {_article(other)} {other} {rng.choice(PLACES)}"
+        else:
+            attr = rng.choice(ATTRIBUTES)
+            text = f"{attr} {subj}, {rng.choice(STYLES)} {rng.choice(SUBJECTS)}"
+        text += rng.choice(SUFFIXES)
+        if text not in seen or len(seen) > 50 * n:  # duplicates only once the space is exhausted
+            seen.add(text)
+            out.append(text)
+    return out

@@ -1,0 +1,432 @@
+"""EMCID (Xiong et al. 2024): massive concept editing of the text encoder, MEMIT-style.
+
+Two stages (PAPERS.md §3):
+- stage 1 (`emcid_stage1.optimise_targets`, per concept, cacheable): find the residual-stream
+  vector z = h + δ at the last edited layer, at the concept's last token, that makes the diffusion
+  model denoise the source prompt as it denoises the destination prompt;
+- stage 2 (`stage2`, closed form, all concepts at once): spread z − h over the edit layers l_1..l_L
+  in order. For layer l_i: K = fc2 inputs at the concepts' last tokens (with the updates of the
+  layers before l_i in place), R = (Z − H) / (L − i) where H is the last edit layer's output
+  under the current updates (MEMIT's residual), and ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹ with
+  C₀ = E[k kᵀ] over generic caption tokens (`editing.captions`). ΔW is stored exactly as the
+  low-rank pair up = R, down = (solve(λC₀ + KKᵀ, K))ᵀ while that is smaller than the dense matrix.
+
+The library never runs ComfyUI: it reaches the text encoder through a `TextModel` host (see
+`comfy_host.text_hooks.ComfyTextModel`) and reads/changes activations with forward hooks by module
+name. The model's weights are never written: earlier layers' updates are applied with hooks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+from .arch import Family, TextEncoderSpec
+from .captions import generic_captions
+from .edit import Change, Edit
+from .errors import InvalidInputError, NonFiniteError
+from .hooks import trace_inputs, trace_outputs
+from .hosts import RunContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a painting of {}")
+
+
+class TextModel(Protocol):
+    """What EMCID needs from a host's text encoder(s)."""
+
+    encoders: tuple[str, ...]   # ComfyUI clip names in context order, e.g. ("clip_l",) or ("clip_l", "clip_g")
+    device: torch.device
+
+    def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
+        """``named_modules()`` of that encoder's CLIP text transformer (``text_model.encoder.layers.3.mlp.fc2``)."""
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids [B, 77] per encoder (on the device) and the number of real tokens of each
+        prompt (without BOS/EOS): the last real token sits at index n."""
+
+    def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled)."""
+
+    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's context [B, 77, D] (all encoders, concatenated as the host does) and the pooled
+        output; differentiable when grad is enabled."""
+
+
+@dataclass
+class EmcidConfig:
+    """EMCID parameters. Defaults follow the paper where it gives them."""
+
+    lam: float = 6000.0                 # λ: weight of the preserved statistics C₀ (paper: 4000-10000)
+    use_stage1: bool = True             # False: target z = the destination's own hidden state (no UNet needed)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
+    layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
+    # stage 1
+    steps: int = 150                    # Adam steps per concept (paper: 100-200)
+    lr: float = 0.2
+    weight_decay: float = 0.5           # wd in wd·‖δ‖/‖h‖²
+    pooled_weight: float = 0.01
+    max_norm: float = 1.5               # ‖δ‖ ≤ max_norm·‖h‖
+    images_per_prompt: int = 1          # source images per template for x_t
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    seed: int = 0
+    # C₀
+    n_captions: int = 2000              # generic captions for C₀ (≈ 10 tokens each)
+    caption_seed: int = 0
+    batch: int = 64                     # prompts per text-encoder forward (bounds memory)
+
+    def validate(self) -> None:
+        if not (self.lam > 0):
+            raise InvalidInputError(f"λ must be > 0 (paper: 4000-10000), got {self.lam}")
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
+        if self.steps < 1 or self.lr <= 0 or self.max_norm <= 0 or self.weight_decay < 0:
+            raise InvalidInputError("stage 1 needs steps ≥ 1, lr > 0, max_norm > 0 and weight_decay ≥ 0")
+        if self.images_per_prompt < 1 or self.sample_steps < 1:
+            raise InvalidInputError("images_per_prompt and sample_steps must be ≥ 1")
+        if self.n_captions < 10 or self.batch < 1:
+            raise InvalidInputError("n_captions must be ≥ 10 and batch ≥ 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["templates"] = list(self.templates)
+        return d
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """``source -> destination`` (or ``source, destination``) per line; # comments and blank lines
+    are ignored. An empty destination (``nudity ->``) maps the concept to the bare template."""
+    pairs = []
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "->" in line:
+            src, dst = line.split("->", 1)
+        elif "," in line or "\t" in line:
+            src, dst = line.replace("\t", ",").split(",", 1)
+        else:
+            raise InvalidInputError(f"line {i} ({raw.strip()!r}): write 'source -> destination', e.g. 'cat -> dog'")
+        src, dst = src.strip().strip('"'), dst.strip().strip('"')
+        if not src:
+            raise InvalidInputError(f"line {i} ({raw.strip()!r}) has no source concept")
+        pairs.append((src, dst))
+    return pairs
+
+
+def validate_pairs(pairs: Sequence[tuple[str, str]]) -> None:
+    if not pairs:
+        raise InvalidInputError("no concepts given: write one 'source -> destination' per line, e.g. 'cat -> dog'")
+    seen = set()
+    for src, dst in pairs:
+        if not src.strip():
+            raise InvalidInputError("a source concept is empty; every line needs 'source -> destination'")
+        if src == dst:
+            raise InvalidInputError(f"{src!r} is mapped to itself; nothing to edit")
+        if src in seen:
+            raise InvalidInputError(f"{src!r} appears twice; give each source concept one destination")
+        seen.add(src)
+
+
+# ---- prompts and token positions ---------------------------------------------------------------
+@dataclass
+class Prompts:
+    """Every concept in every template: ids per encoder [n·T, 77] and the concept's last-token index."""
+
+    text: list[str]
+    ids: dict[str, torch.Tensor]
+    pos: torch.Tensor          # [n·T] index of the concept's last token (template-major inside a concept)
+    n: int
+    templates: int
+
+
+def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequence[str]) -> Prompts:
+    text = [t.format(c) for c in concepts for t in templates]
+    # causal attention: the key at the concept's last token depends only on the text up to it, so its
+    # index is the number of real tokens of "template prefix + concept".
+    prefixes = [t.split("{}")[0] + c for c in concepts for t in templates]
+    ids, _ = host.tokenize(text)
+    _, n_prefix = host.tokenize(prefixes)
+    pos = n_prefix.clamp(min=1).to(torch.long)  # an empty concept + empty prefix falls back to BOS's successor
+    if int(pos.max()) >= 76:
+        raise InvalidInputError("a concept reaches past CLIP's 75-token window; use shorter concepts/templates")
+    return Prompts(text, ids, pos, len(concepts), len(templates))
+
+
+def _chunks(n: int, size: int):
+    for a in range(0, n, size):
+        yield a, min(n, a + size)
+
+
+def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
+
+
+class _Stop(Exception):
+    """Raised from a hook once everything needed is read: later layers need not run."""
+
+
+# ---- reading keys and residuals -----------------------------------------------------------------
+def layer_module(i: int) -> str:
+    return f"text_model.encoder.layers.{i}"
+
+
+def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
+              applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(K [n, m] fc2 inputs at `fc2_layer`, H [n, d] output of `last_layer`) at each concept's last
+    token, averaged over templates, with the low-rank updates `applied` {layer: (R [d,r], X [m,r])}
+    added to those fc2 outputs (ΔW k = R Xᵀ k) by hooks."""
+    mods = host.modules(encoder)
+    applied = dict(applied or {})
+    keys, hs = [], []
+    for a, b in _chunks(len(prompts.text), batch):
+        pos = prompts.pos[a:b]
+        got: dict[str, torch.Tensor] = {}
+        fc2_in: dict[str, torch.Tensor] = {}
+
+        def store_in(name, x):
+            fc2_in[name] = x
+            if fc2_layer is not None and name == f"{layer_module(fc2_layer)}.mlp.fc2":
+                got["k"] = _gather(x, pos).double()
+
+        def add_update(name, out):
+            i = int(name.split(".")[3])
+            if i not in applied:
+                return None
+            R, X = applied[i]
+            x = fc2_in[name]
+            return out + ((x.double() @ X) @ R.T).to(out.dtype)
+
+        def read_last(name, out):
+            got["h"] = _gather(out, pos).double()
+            raise _Stop
+
+        fc2_names = {f"{layer_module(i)}.mlp.fc2" for i in applied}
+        if fc2_layer is not None:
+            fc2_names.add(f"{layer_module(fc2_layer)}.mlp.fc2")
+        with ExitStack() as stack:
+            stack.enter_context(trace_inputs(mods, sorted(fc2_names), store_in))
+            stack.enter_context(trace_outputs(mods, [f"{layer_module(i)}.mlp.fc2" for i in applied], add_update))
+            stack.enter_context(trace_outputs(mods, [layer_module(last_layer)], read_last))
+            try:
+                with torch.no_grad():
+                    host.forward(encoder, prompts.ids[encoder][a:b])
+            except _Stop:
+                pass
+        if "h" not in got:
+            raise RuntimeError(f"layer {last_layer} of {encoder} never ran; is it a layer of this encoder?")
+        hs.append(got["h"])
+        if fc2_layer is not None:
+            keys.append(got["k"])
+    H = torch.cat(hs).reshape(prompts.n, prompts.templates, -1).mean(1)
+    K = torch.cat(keys).reshape(prompts.n, prompts.templates, -1).mean(1) if keys else None
+    for name, t in (("keys", K), ("hidden states", H)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"the {encoder} text encoder produced NaN/Inf {name}; check the CLIP's weights "
+                                 "(a broken checkpoint or an fp16 overflow)")
+    return K, H
+
+
+# ---- C₀: second moment of generic fc2 inputs ---------------------------------------------------
+def text_fingerprint(host: TextModel, encoder: str) -> str:
+    """A hash of the encoder's parameter names, shapes and a probe of their values (patched
+    weights included), to key caches."""
+    h = hashlib.sha256()
+    for name, mod in host.modules(encoder).items():
+        for pname, p in mod.named_parameters(recurse=False):
+            v = p.detach().reshape(-1)[:4096].double()
+            h.update(f"{name}.{pname}:{tuple(p.shape)}:{v.abs().sum().item():.6g}:{v.sum().item():.6g}".encode())
+    return h.hexdigest()[:20]
+
+
+def caption_prompts(host: TextModel, cfg: EmcidConfig) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
+    caps = generic_captions(cfg.n_captions, cfg.caption_seed)
+    ids, n_real = host.tokenize(caps)
+    return caps, ids, n_real
+
+
+def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: EmcidConfig,
+                   ctx: RunContext | None = None, cache_dir: str | None = None) -> dict[int, torch.Tensor]:
+    """C₀ = E[k kᵀ] (float64, on the device) of each layer's fc2 inputs over the real tokens and EOS
+    of generic captions. Cached per (encoder fingerprint, captions, layer) as safetensors."""
+    ctx = ctx or RunContext()
+    layers = sorted(set(int(i) for i in layers))
+    fp = text_fingerprint(host, encoder) if cache_dir else ""
+    paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-l{i}.safetensors")
+             for i in layers} if cache_dir else {}
+    out: dict[int, torch.Tensor] = {}
+    if cache_dir and all(os.path.isfile(p) for p in paths.values()):
+        from safetensors.torch import load_file
+        for i, p in paths.items():
+            out[i] = load_file(p)["c0"].to(host.device, torch.float64)
+        log.info("C0 for %s layers %s from cache", encoder, layers)
+        return out
+    caps, ids, n_real = caption_prompts(host, cfg)
+    mods = host.modules(encoder)
+    names = {f"{layer_module(i)}.mlp.fc2": i for i in layers}
+    last = f"{layer_module(max(layers))}.mlp.fc2"
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    t0 = time.perf_counter()
+    chunks = list(_chunks(len(caps), cfg.batch))
+    for c, (a, b) in enumerate(chunks):
+        ctx.check()
+        j = torch.arange(ids[encoder].shape[1], device=host.device)
+        # real tokens and EOS, not BOS (the same vector in every prompt) and not padding
+        mask = (j[None, :] >= 1) & (j[None, :] <= n_real[a:b, None].to(host.device) + 1)
+
+        def take(name, x, mask=mask):
+            k = x[mask.to(x.device)].double()
+            i = names[name]
+            sums[i] = sums[i] + k.T @ k if i in sums else k.T @ k
+            if name == last:
+                raise _Stop
+
+        with trace_inputs(mods, list(names), take):
+            try:
+                with torch.no_grad():
+                    host.forward(encoder, ids[encoder][a:b])
+            except _Stop:
+                pass
+        count += int(mask.sum())
+        ctx.report(c + 1, len(chunks))
+    for i in layers:
+        out[i] = sums[i] / count
+        if not bool(torch.isfinite(out[i]).all()):
+            raise NonFiniteError(f"{encoder} layer {i}: C0 has NaN/Inf; the text encoder produced non-finite activations")
+    log.info("C0 for %s layers %s from %d caption tokens in %.1fs", encoder, layers, count, time.perf_counter() - t0)
+    if cache_dir:
+        from safetensors.torch import save_file
+        os.makedirs(cache_dir, exist_ok=True)
+        for i, p in paths.items():
+            save_file({"c0": out[i].float().cpu().contiguous()}, p + ".tmp",
+                      metadata={"tokens": str(count), "encoder": encoder, "layer": str(i)})
+            os.replace(p + ".tmp", p)
+    return out
+
+
+# ---- stage 2 ---------------------------------------------------------------------------------------
+def solve_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = R Kᵀ (λC₀ + K Kᵀ)⁻¹ as (up = R [d, n], down = solve(λC₀ + KKᵀ, K)ᵀ [n, m]), in float64.
+
+    K: [n, m] keys (one row per concept), R: [n, d] residuals. (λC₀ + KKᵀ) is symmetric, so
+    R Kᵀ A⁻¹ = R (A⁻¹ K)ᵀ: one solve with n right-hand sides, never an explicit inverse."""
+    K = K.to(torch.float64)
+    R = R.to(device=K.device, dtype=torch.float64)
+    A = lam * C0.to(device=K.device, dtype=torch.float64) + K.T @ K
+    X = torch.linalg.solve(A, K.T)
+    if not bool(torch.isfinite(X).all()):
+        raise NonFiniteError("the EMCID solve gave NaN/Inf; raise λ or check C0 (it may be rank-deficient)")
+    return R.T.contiguous(), X.T.contiguous()
+
+
+def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompts, Z: torch.Tensor,
+           C0: Mapping[int, torch.Tensor], lam: float, batch: int = 64,
+           ctx: RunContext | None = None) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:
+    """Spread Z − H over `layers` in order (MEMIT). Returns [(layer, up [d,n], down [n,m])] (float64)
+    and metrics: the share of ‖Z − H‖ left after each layer and after all of them."""
+    ctx = ctx or RunContext()
+    layers = list(layers)
+    last = max(layers)
+    applied: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    start = None
+    left = []
+    for i, layer in enumerate(layers):
+        ctx.check()
+        K, H = read_keys(host, encoder, prompts, layer, last, applied, batch)
+        gap = Z.to(H) - H
+        if start is None:
+            start = float(gap.norm())
+        left.append(float(gap.norm()) / max(start, 1e-12))
+        up, down = solve_update(K, gap / (len(layers) - i), C0[layer], lam)
+        applied[layer] = (up, down.T)
+        out.append((layer, up, down))
+        ctx.report(i + 1, len(layers))
+    _, H = read_keys(host, encoder, prompts, None, last, applied, batch)
+    final = float((Z.to(H) - H).norm()) / max(start or 0.0, 1e-12)
+    return out, {"gap_before_layer": left, "gap_after": final}
+
+
+def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Change:
+    d, m = up.shape[0], down.shape[1]
+    if up.shape[1] * (d + m) < d * m:
+        return Change("lowrank", (d, m), {"up": up.float().cpu().contiguous(), "down": down.float().cpu().contiguous()})
+    return Change("delta", (d, m), {"delta": (up @ down).float().cpu().contiguous()})
+
+
+# ---- the method -------------------------------------------------------------------------------------
+def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
+    specs = {te.name: te for te in family.text_encoders}
+    out = {}
+    for enc in text.encoders:
+        spec = specs.get(enc)
+        if spec is None:
+            raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} table does not "
+                                    f"name ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
+        layers = tuple((cfg.layers or {}).get(enc, spec.edit_layers))
+        if not layers or any(not 0 <= i < spec.layers for i in layers) or list(layers) != sorted(set(layers)):
+            raise InvalidInputError(f"{enc}: edit layers must be increasing indices in 0..{spec.layers - 1}, got {layers}")
+        out[enc] = (spec, layers)
+    return out
+
+
+def destination_targets(text: TextModel, encoder: str, dests: Sequence[str], cfg: EmcidConfig,
+                        last: int) -> torch.Tensor:
+    """Without stage 1: z = the destination's own hidden state at its last token (averaged over templates)."""
+    p = concept_prompts(text, dests, cfg.templates)
+    _, H = read_keys(text, encoder, p, None, last, None, cfg.batch)
+    return H
+
+
+def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, str]], cfg: EmcidConfig | None = None,
+                  ctx: RunContext | None = None, denoiser=None, cache_dir: str | None = None,
+                  fingerprint: Mapping[str, str] | None = None) -> Edit:
+    """Edit the text encoder(s) so each source concept is read as its destination.
+
+    `denoiser` (a `Denoiser` + `Trainable` host) is needed for stage 1 only. `cache_dir` keeps C₀
+    and the stage-1 targets between runs. The model is not changed; the result is an `Edit` of the
+    fc2 weights (ComfyUI CLIP patch keys)."""
+    cfg = cfg or EmcidConfig()
+    cfg.validate()
+    validate_pairs(pairs)
+    ctx = ctx or RunContext()
+    plan = edit_layers(family, text, cfg)
+    if cfg.use_stage1 and denoiser is None:
+        raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1")
+    t0 = time.perf_counter()
+    srcs = [s for s, _ in pairs]
+    dsts = [d for _, d in pairs]
+    metrics: dict = {"concepts": len(pairs)}
+    if cfg.use_stage1:
+        from .emcid_stage1 import optimise_targets
+        targets, m1 = optimise_targets(text, denoiser, pairs, {e: ls[-1] for e, (_, ls) in plan.items()}, cfg, ctx,
+                                       cache_dir=cache_dir, fingerprint=fingerprint)
+        metrics["stage1"] = m1
+    else:
+        targets = {e: destination_targets(text, e, dsts, cfg, ls[-1]) for e, (_, ls) in plan.items()}
+    t1 = time.perf_counter()
+    changes: dict[str, Change] = {}
+    metrics["stage2"] = {}
+    for enc, (spec, layers) in plan.items():
+        C0 = second_moments(text, enc, layers, cfg, ctx, cache_dir)
+        prompts = concept_prompts(text, srcs, cfg.templates)
+        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam, cfg.batch, ctx)
+        for layer, up, down in ups:
+            changes[spec.fc2_key(layer)] = to_change(spec, up, down)
+        metrics["stage2"][enc] = m2
+        log.info("EMCID %s: gap left %.3f after %d layers", enc, m2["gap_after"], len(layers))
+    metrics["seconds"] = {"stage1": round(t1 - t0, 2), "stage2": round(time.perf_counter() - t1, 2)}
+    edit = Edit(method="emcid", family=family.name, changes=changes, concepts=[f"{s} -> {d}" for s, d in pairs],
+                params=cfg.to_dict(), fingerprint=dict(fingerprint or {}), metrics=metrics)
+    edit.check_finite()
+    return edit

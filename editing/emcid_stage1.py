@@ -1,0 +1,173 @@
+"""EMCID stage 1: per concept, the residual-stream target z = h + δ at the last edited layer.
+
+δ is added (by a forward hook) to the output of the last edited text-encoder layer at the source
+concept's last token, and optimised so the diffusion model predicts, from the edited source text,
+the noise it predicts from the destination text — on x_t made from images of the source prompts:
+
+  L = MSE(ε(x_t, t, τ_δ(p_src)), ε(x_t, t, τ(p_dst))) + 0.01·MSE(pooled_δ(p_src), pooled(p_dst))
+      + wd·‖δ‖/‖h‖²,   Adam (lr 0.2), ‖δ‖ ≤ 1.5‖h‖ after every step, t ~ U[0, T).
+
+With several text encoders (SDXL) each gets its own δ, optimised jointly. Results are cached on
+disk per (model fingerprint, concept, destination, parameters).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import ExitStack
+from typing import Mapping, Sequence
+
+import torch
+
+from .emcid import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys
+from .errors import InvalidInputError, NonFiniteError
+from .hooks import trace_outputs
+from .hosts import RunContext
+
+log = logging.getLogger(__name__)
+
+_STAGE1_PARAMS = ("templates", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "images_per_prompt",
+                  "sample_steps", "sample_cfg", "seed")
+
+
+def cache_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst: str, last: Mapping[str, int],
+              cfg: EmcidConfig) -> str:
+    params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
+    raw = json.dumps({"model": dict(fingerprint or {}), "text": text_fp, "src": src, "dst": dst,
+                      "last": dict(last), "params": params}, sort_keys=True, default=list)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
+                   ctx: RunContext | None = None, on_step=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Stage 1 for one concept. Returns (δ per encoder [d], h per encoder [d], stats: the loss history
+    and the ε-loss on a fixed probe of timesteps before and after).
+
+    Must run with gradients enabled (a host inside `torch.inference_mode()` wraps the call in
+    ``torch.inference_mode(False), torch.enable_grad()`` and makes its weights usable for autograd)."""
+    ctx = ctx or RunContext()
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError("EMCID stage 1 needs gradients: call it under torch.inference_mode(False), torch.enable_grad()")
+    src_p = concept_prompts(text, [src], cfg.templates)
+    dst_p = concept_prompts(text, [dst], cfg.templates)
+    n_img = cfg.images_per_prompt
+    with torch.no_grad():
+        x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
+        ctx_dst, pooled_dst = text.context({e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()})
+    dev = next(denoiser.unet().parameters()).device  # where the UNet runs (the CLIP may live elsewhere)
+    x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)
+    ctx_dst = ctx_dst.detach().clone().to(dev)
+    pooled_dst = pooled_dst.detach().clone() if pooled_dst is not None else None
+    abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
+    ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
+    B = x0.shape[0]
+    tdev = text.device
+
+    h, deltas, limits = {}, {}, {}
+    for enc, L in last.items():
+        _, H = read_keys(text, enc, src_p, None, L, None, cfg.batch)
+        h[enc] = H[0].float().detach().clone()
+        deltas[enc] = torch.zeros_like(h[enc], requires_grad=True)
+        limits[enc] = cfg.max_norm * float(h[enc].norm())
+    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
+    onehot = torch.zeros(B, ids_src[next(iter(ids_src))].shape[1], 1, device=tdev)
+    onehot[torch.arange(B, device=tdev), src_p.pos.repeat(n_img).to(tdev)] = 1.0
+
+    def add_delta(enc):
+        def fn(_name, out):
+            return out + (onehot.to(out.dtype) * deltas[enc].to(out.dtype))
+        return fn
+
+    def eps_loss(t, noise):
+        a = abar[t].view(B, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.no_grad():
+            target = denoiser.eps(x_t, t, ctx_dst).detach()
+        with ExitStack() as stack:
+            for enc, L in last.items():
+                stack.enter_context(trace_outputs(text.modules(enc), [layer_module(L)], add_delta(enc)))
+            ctx_src, pooled_src = text.context(ids_src)
+        pred = denoiser.eps(x_t, t, ctx_src.to(dev))
+        return torch.nn.functional.mse_loss(pred, target), pooled_src
+
+    # a fixed probe (timesteps spread over the schedule, fixed noise) to report progress without the
+    # sampling noise of the training loss
+    gp = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    probe = [(torch.full((B,), int(tt), dtype=torch.long, device=dev), torch.randn(x0.shape, generator=gp).to(dev))
+             for tt in torch.linspace(50, abar.shape[0] - 50, 4)]
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return sum(float(eps_loss(tt, nn)[0]) for tt, nn in probe) / len(probe)
+
+    before = probe_loss()
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    history: list[float] = []
+    for step in range(cfg.steps):
+        ctx.check()
+        t = torch.randint(0, abar.shape[0], (B,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        loss, pooled_src = eps_loss(t, noise)
+        if pooled_dst is not None and pooled_src is not None and cfg.pooled_weight:
+            loss = loss + cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src.float().to(dev), pooled_dst.float().to(dev))
+        for enc, d in deltas.items():
+            loss = loss + (cfg.weight_decay * d.norm() / (h[enc].norm() ** 2)).to(dev)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"EMCID stage 1 loss became NaN/Inf for {src!r} at step {step}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ max_norm·‖h‖
+            for enc, d in deltas.items():
+                n = float(d.norm())
+                if n > limits[enc]:
+                    d.mul_(limits[enc] / n)
+        history.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1)
+    stats = {"history": history, "probe_before": before, "probe_after": probe_loss()}
+    return {e: d.detach().clone() for e, d in deltas.items()}, h, stats
+
+
+def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
+                     cfg: EmcidConfig, ctx: RunContext | None = None, cache_dir: str | None = None,
+                     fingerprint: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Stage 1 for every pair: targets Z per encoder [n, d] (float64) and metrics."""
+    ctx = ctx or RunContext()
+    if denoiser is None:
+        raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL")
+    from .emcid import text_fingerprint
+    text_fp = "|".join(text_fingerprint(text, e) for e in last) if cache_dir else ""
+    total = cfg.steps * len(pairs)
+    zs: dict[str, list[torch.Tensor]] = {e: [] for e in last}
+    first, final, cached = [], [], 0
+    for i, (src, dst) in enumerate(pairs):
+        path = None
+        if cache_dir:
+            path = os.path.join(cache_dir, f"stage1-{cache_key(fingerprint, text_fp, src, dst, last, cfg)}.safetensors")
+        if path and os.path.isfile(path):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                deltas = {e: f.get_tensor(f"delta.{e}") for e in last}
+                h = {e: f.get_tensor(f"h.{e}") for e in last}
+                stats = json.loads(f.metadata()["stats"])
+            cached += 1
+        else:
+            deltas, h, stats = optimise_delta(text, denoiser, src, dst, last, cfg, ctx,
+                                                on_step=lambda s, i=i: ctx.report(i * cfg.steps + s, total))
+            if path:
+                from safetensors.torch import save_file
+                os.makedirs(cache_dir, exist_ok=True)
+                tensors = {f"delta.{e}": deltas[e].float().cpu().contiguous() for e in last}
+                tensors.update({f"h.{e}": h[e].float().cpu().contiguous() for e in last})
+                save_file(tensors, path + ".tmp", metadata={"src": src, "dst": dst, "stats": json.dumps(stats)})
+                os.replace(path + ".tmp", path)
+        for e in last:
+            zs[e].append((h[e].double() + deltas[e].double()).to(text.device))
+        first.append(round(stats["probe_before"], 6))
+        final.append(round(stats["probe_after"], 6))
+        ctx.report((i + 1) * cfg.steps, total)
+    metrics = {"probe_loss_before": first, "probe_loss_after": final, "cached": cached}
+    return {e: torch.stack(v) for e, v in zs.items()}, metrics

@@ -1,0 +1,69 @@
+"""EMCID text-encoder edit node: many "source -> destination" concepts at once, on a copy of the CLIP."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..comfy_host.adapters import apply_edit, run_context
+from ..comfy_host.text_hooks import compute_emcid_comfy
+from ..editing.emcid import DEFAULT_TEMPLATES, EmcidConfig, parse_pairs
+from .common import CATEGORY, EDIT
+
+
+def emcid_cache_dir() -> str:
+    """C₀ and stage-1 targets live next to the models (not in models/concept_edits, whose files the
+    Load Edit dropdown lists)."""
+    import folder_paths
+    return os.path.join(folder_paths.models_dir, "concept_edits_cache", "emcid")
+
+
+class TextEncoderEdit:
+    DESCRIPTION = ("EMCID: edit the text encoder so each source concept is understood as its destination "
+                   "(1 to 1,000 concepts at once, closed form). Stage 1 (optional, per concept, cached) finds "
+                   "targets with the diffusion model; stage 2 writes all of them into the CLIP's MLP layers while "
+                   "keeping generic text unchanged. The input CLIP is not modified.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP", EDIT, "STRING")
+    RETURN_NAMES = ("clip", "edit", "report")
+    OUTPUT_TOOLTIPS = ("A copy of the CLIP with the edit applied as patches.",
+                       "The edit (save it, export it, or apply it elsewhere).",
+                       "Per-stage metrics: loss before/after stage 1, share of the target gap left after stage 2.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The text encoder to edit (it is cloned, never changed)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model of the same checkpoint: gives the model family and "
+                                           "runs stage 1."}),
+            "concepts": ("STRING", {"multiline": True, "default": "cat -> dog",
+                                    "tooltip": "One 'source -> destination' per line (e.g. 'van gogh -> a painter'); "
+                                               "an empty destination ('nudity ->') maps to the bare template. "
+                                               "# starts a comment."}),
+            "lam": ("FLOAT", {"default": 6000.0, "min": 1.0, "max": 1e7, "step": 100.0,
+                              "tooltip": "λ: how strongly generic text is preserved (paper 4000-10000). Higher keeps "
+                                         "more of the original model, lower makes the edit reach further."}),
+            "steps": ("INT", {"default": 150, "min": 1, "max": 2000,
+                              "tooltip": "Stage-1 optimisation steps per concept (paper 100-200)."}),
+            "use_stage1": ("BOOLEAN", {"default": True,
+                                       "tooltip": "On: optimise each concept's target against the diffusion model "
+                                                  "(slower, cached on disk). Off: use the destination's own text "
+                                                  "features as the target (seconds)."}),
+        }, "optional": {
+            "templates": ("STRING", {"multiline": True, "default": "\n".join(DEFAULT_TEMPLATES),
+                                     "tooltip": "Prompts the concept is read in, one per line; '{}' marks the concept."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Seed for the stage-1 source images and timesteps."}),
+        }}
+
+    def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,
+                templates: str | None = None, seed: int = 0):
+        tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
+        cfg = EmcidConfig(lam=lam, steps=steps, use_stage1=use_stage1, templates=tpl, seed=seed)
+        edit = compute_emcid_comfy(model, clip, parse_pairs(concepts), cfg, run_context(), emcid_cache_dir())
+        _, out_clip, _ = apply_edit(model, clip, edit)
+        return (out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))
+
+
+NODE_CLASS_MAPPINGS = {"ConceptEditTextEncoderEdit": TextEncoderEdit}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptEditTextEncoderEdit": "Text Encoder Edit (EMCID)"}

@@ -1,0 +1,236 @@
+"""EMCID: the closed form against a dense reference, exactness as λ→0, preservation of generic keys,
+the low-rank storage, stage 1's constraint and progress, the node inside real ComfyUI."""
+import math
+
+import pytest
+import torch
+
+from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit
+from conceptedit.comfy_host.text_hooks import ComfyTextModel
+from conceptedit.editing import arch
+from conceptedit.editing.captions import generic_captions
+from conceptedit.editing.emcid import (EmcidConfig, compute_emcid, concept_prompts, parse_pairs, read_keys,
+                                       second_moments, solve_update, stage2, to_change)
+from conceptedit.editing.emcid_stage1 import optimise_delta
+from conceptedit.editing.lora_train import frozen_session
+from conceptedit.editing.errors import InvalidInputError, NonFiniteError
+from helpers import random_model
+
+ENC = "clip_l"
+TINY = arch.get_family("tiny")
+CONCEPTS = ["circle", "red square", "monet painting", "a blue star"]
+
+
+def random_clip(seed: int = 0, dtype=torch.float32):
+    """A real ComfyUI CLIP with the tiny text encoder's layout and random weights (ComfyUI may pick
+    fp16 storage for text encoders; exactness tests want float32 weights)."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from conceptedit.tiny.model import clip_classes, init_weights, text_transformer
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, clip_classes()[1])
+    clip = comfy.sd.CLIP(target=target)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        init_weights(text_transformer(clip.cond_stage_model))
+    clip.cond_stage_model.to(dtype)
+    return clip
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return random_clip()
+
+
+@pytest.fixture(scope="module")
+def text(clip):
+    return ComfyTextModel(clip)
+
+
+@pytest.fixture(scope="module")
+def c0(text):
+    return second_moments(text, ENC, TINY.text_encoders[0].edit_layers, EmcidConfig(n_captions=150))
+
+
+def _targets(text, prompts, last, scale=0.5, seed=1):
+    _, H = read_keys(text, ENC, prompts, None, last)
+    g = torch.Generator().manual_seed(seed)
+    return H + scale * H.norm(dim=1, keepdim=True) * torch.randn(H.shape, generator=g, dtype=H.dtype) / math.sqrt(H.shape[1])
+
+
+def test_solve_update_equals_dense_formula():
+    g = torch.Generator().manual_seed(0)
+    n, m, d = 5, 40, 12
+    K = torch.randn(n, m, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X = torch.randn(200, m, generator=g, dtype=torch.float64)
+    C0 = X.T @ X / 200
+    up, down = solve_update(K, R, C0, 3.0)
+    dense = R.T @ K @ torch.linalg.inv(3.0 * C0 + K.T @ K)
+    torch.testing.assert_close(up @ down, dense, rtol=1e-9, atol=1e-9)
+
+
+def test_stage2_equals_dense_reference(text, clip, c0):
+    """Hooks applying the low-rank updates == writing dense ΔW into the weights and re-reading."""
+    layers = TINY.text_encoders[0].edit_layers
+    prompts = concept_prompts(text, CONCEPTS, ("a photo of {}", "{}"))
+    Z = _targets(text, prompts, layers[-1])
+    ours, _ = stage2(text, ENC, layers, prompts, Z, c0, lam=6000.0)
+    mods = text.modules(ENC)
+    saved = {i: mods[f"text_model.encoder.layers.{i}.mlp.fc2"].weight.detach().clone() for i in layers}
+    try:
+        for j, (i, up, down) in enumerate(ours):
+            K, H = read_keys(text, ENC, prompts, i, layers[-1])  # weights already hold earlier ΔW
+            R = (Z - H) / (len(layers) - j)
+            ref = R.T @ K @ torch.linalg.inv(6000.0 * c0[i] + K.T @ K)
+            assert float((up @ down - ref).norm() / ref.norm()) < 1e-5, j
+            with torch.no_grad():
+                mods[f"text_model.encoder.layers.{i}.mlp.fc2"].weight += ref.float()
+    finally:
+        with torch.no_grad():
+            for i, w in saved.items():
+                mods[f"text_model.encoder.layers.{i}.mlp.fc2"].weight.copy_(w)
+
+
+def test_single_layer_small_lambda_maps_keys_to_targets(text, c0):
+    prompts = concept_prompts(text, CONCEPTS, ("a photo of {}",))
+    Z = _targets(text, prompts, 2)
+    ups, m = stage2(text, ENC, [2], prompts, Z, c0, lam=1e-7)
+    applied = {2: (ups[0][1], ups[0][2].T)}
+    _, H = read_keys(text, ENC, prompts, None, 2, applied)
+    torch.testing.assert_close(H, Z, rtol=1e-4, atol=1e-4)
+    assert m["gap_after"] < 1e-4
+
+
+def test_preserved_keys_barely_move_while_edited_keys_reach_targets():
+    """Keys in the span of C₀ stay put as λ grows; the edited keys (partly outside it) still move by R."""
+    g = torch.Generator().manual_seed(0)
+    m, d, n = 64, 16, 5
+    basis = torch.linalg.qr(torch.randn(m, 32, generator=g, dtype=torch.float64))[0]  # preserved subspace S
+    P = torch.randn(2000, 32, generator=g, dtype=torch.float64) @ basis.T
+    C0 = P.T @ P / P.shape[0] + 1e-7 * torch.eye(m, dtype=torch.float64)
+    K = torch.randn(n, m, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d, generator=g, dtype=torch.float64)
+    for lam in (1e2, 1e4):
+        up, down = solve_update(K, R, C0, lam)
+        dW = up @ down
+        held_out = torch.randn(100, 32, generator=g, dtype=torch.float64) @ basis.T
+        moved = (held_out @ dW.T).norm(dim=1) / held_out.norm(dim=1)
+        assert float(moved.max()) < 1e-2 * float((K @ dW.T).norm(dim=1).min() / K.norm(dim=1).max())
+        torch.testing.assert_close(K @ dW.T, R, rtol=0, atol=5e-3 * float(R.abs().max()))
+
+
+def test_generic_captions_move_less_as_lambda_grows(text, c0):
+    layers = TINY.text_encoders[0].edit_layers
+    prompts = concept_prompts(text, CONCEPTS, ("a photo of {}",))
+    caps = concept_prompts(text, generic_captions(64, seed=7), ("{}",))  # held-out captions
+    Z = _targets(text, prompts, layers[-1])
+    ratio = {}
+    for lam in (10.0, 500.0):
+        ups, m = stage2(text, ENC, layers, prompts, Z, c0, lam=lam)
+        ratio[lam] = []
+        for i, up, down in ups:
+            K, _ = read_keys(text, ENC, prompts, i, i)
+            Kc, _ = read_keys(text, ENC, caps, i, i)
+            ratio[lam].append(float((Kc @ down.T @ up.T).norm(dim=1).mean() / (K @ down.T @ up.T).norm(dim=1).mean()))
+        assert m["gap_after"] < 0.6
+    assert all(b < a for a, b in zip(ratio[10.0], ratio[500.0])), ratio
+    assert max(ratio[500.0]) < 0.4, ratio
+
+
+def test_low_rank_change_equals_dense():
+    spec = TINY.text_encoders[0]
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randn(3, 256, generator=g, dtype=torch.float64)
+    c = to_change(spec, up, down)
+    assert c.kind == "lowrank" and c.rank == 3
+    torch.testing.assert_close(c.delta(), (up @ down).float())
+    big_up, big_down = torch.randn(64, 60, generator=g, dtype=torch.float64), torch.randn(60, 256, generator=g, dtype=torch.float64)
+    c2 = to_change(spec, big_up, big_down)  # rank 60: dense is smaller
+    assert c2.kind == "delta"
+    torch.testing.assert_close(c2.delta(), (big_up @ big_down).float())
+
+
+def test_no_stage1_edit_applies_as_patches_and_matches_hooks(clip):
+    model = random_model()
+    cfg = EmcidConfig(use_stage1=False, lam=300.0, n_captions=150, templates=("a photo of {}",))
+    pairs = [("circle", "square"), ("monet", "hokusai")]
+    text = ComfyTextModel(clip)
+    edit = compute_emcid(text, TINY, pairs, cfg)
+    assert set(edit.changes) == {TINY.text_encoders[0].fc2_key(i) for i in TINY.text_encoders[0].edit_layers}
+    assert all(c.kind == "lowrank" and c.rank == 2 for c in edit.changes.values())
+    _, clip2, _ = apply_edit(model, clip, edit)
+    src = concept_prompts(text, ["circle", "monet"], cfg.templates)
+    dst = concept_prompts(text, ["square", "hokusai"], cfg.templates)
+    _, Z = read_keys(text, ENC, dst, None, 2)
+    _, H0 = read_keys(text, ENC, src, None, 2)
+    _, H1 = read_keys(ComfyTextModel(clip2), ENC, src, None, 2)  # patched weights, no hooks
+    assert (H1 - Z).norm() < 0.5 * (H0 - Z).norm()
+    assert edit.metrics["stage2"][ENC]["gap_after"] == pytest.approx(float((H1 - Z).norm() / (H0 - Z).norm()), rel=1e-3)
+
+
+def test_stage1_respects_norm_bound_and_lowers_loss(clip):
+    model = random_model()
+    text = ComfyTextModel(clip)
+    den = ComfyDenoiser(model, clip)
+    cfg = EmcidConfig(steps=12, lr=0.2, max_norm=0.3, sample_steps=2, templates=("a photo of {}", "{}"))
+    with torch.enable_grad(), frozen_session(model.model.diffusion_model):
+        deltas, h, stats = optimise_delta(text, den, "circle", "square", {ENC: 2}, cfg)
+    assert float(deltas[ENC].norm()) <= 0.3 * float(h[ENC].norm()) * (1 + 1e-5)
+    assert float(deltas[ENC].norm()) > 0
+    assert len(stats["history"]) == 12
+    assert stats["probe_after"] < stats["probe_before"]
+
+
+def test_parse_pairs_and_errors():
+    assert parse_pairs("cat -> dog\n# c\n\nvan gogh, a painter\nnudity ->") == [
+        ("cat", "dog"), ("van gogh", "a painter"), ("nudity", "")]
+    with pytest.raises(InvalidInputError, match="source -> destination"):
+        parse_pairs("just a word")
+    with pytest.raises(InvalidInputError, match="no concepts"):
+        compute_emcid(None, TINY, [], EmcidConfig(use_stage1=False))
+
+
+def test_captions_are_deterministic_and_varied():
+    a, b = generic_captions(500), generic_captions(500)
+    assert a == b and len(set(a)) == 500
+    assert generic_captions(50, seed=1) != a[:50]
+
+
+def _node(comfy):
+    assert "ConceptEditTextEncoderEdit" in comfy.NODE_CLASS_MAPPINGS
+    return comfy.NODE_CLASS_MAPPINGS["ConceptEditTextEncoderEdit"]()
+
+
+def test_node_in_comfy_leaves_input_clip_unchanged(comfy, monkeypatch, tmp_path):
+    from conceptedit.nodes import nodes_emcid
+    monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path))
+    with torch.inference_mode():  # as ComfyUI's executor (and its loaders) run
+        model, clip = random_model(), random_clip()
+        before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+        out_clip, edit, report = _node(comfy).execute(clip, model, "circle -> square\nmonet -> hokusai", lam=300.0,
+                                                      steps=2, use_stage1=True, templates="a photo of {}")
+        after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not clip.patcher.patches and out_clip is not clip
+    assert set(out_clip.patcher.patches) == set(edit.changes) and len(edit.changes) == 3
+    assert edit.method == "emcid" and edit.concepts == ["circle -> square", "monet -> hokusai"]
+    assert len(edit.metrics["stage1"]["probe_loss_after"]) == 2 and "gap_after" in report
+    assert any(p.startswith("stage1-") for p in __import__("os").listdir(tmp_path))  # targets cached
+
+
+def test_node_errors_are_clear(comfy, monkeypatch, tmp_path):
+    from conceptedit.nodes import nodes_emcid
+    monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path))
+    node = _node(comfy)
+    with torch.inference_mode():
+        model, clip = random_model(), random_clip()
+        with pytest.raises(InvalidInputError, match="no concepts"):
+            node.execute(clip, model, "  \n# nothing\n", lam=300.0, steps=2, use_stage1=False)
+        with pytest.raises(InvalidInputError, match="source -> destination"):
+            node.execute(clip, model, "cat dog", lam=300.0, steps=2, use_stage1=False)
+        bad = random_clip()
+        bad.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight[0, 0] = float("nan")
+        with pytest.raises(NonFiniteError, match="NaN"):
+            node.execute(bad, model, "circle -> square", lam=300.0, steps=2, use_stage1=False)
