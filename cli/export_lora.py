@@ -34,10 +34,10 @@ def run(args) -> int:
     cfg.validate()
     base = None
     if any(c.kind == "mask" for c in edit.changes.values()):
-        from ..comfy_host.adapters import _original_weights, clip_state
+        from ..comfy_host.adapters import original_weights, clip_state
         from .common import load_model
         model, clip = load_model(args.ckpt, cpu=args.cpu)
-        base = {**_original_weights(model), **clip_state(clip)}
+        base = {**original_weights(model), **clip_state(clip)}
     rep = save_lora(edit, args.out, cfg, base=base, ctx=terminal_context())
     log.info("wrote %s: %d modules (%d diff), max rank %d, max relative error %.3g, %.1f MB", args.out, rep["modules"],
              rep["diff_modules"], rep["max_rank"], rep["max_rel_error"], rep["bytes"] / 1e6)

@@ -43,7 +43,7 @@ def run_context(total_hint: int | None = None) -> RunContext:
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def _original_weights(patcher) -> dict[str, torch.Tensor]:
+def original_weights(patcher) -> dict[str, torch.Tensor]:
     """Key -> the *unpatched* weight (a loaded clone may have patched weights in place)."""
     sd = patcher.model_state_dict()
     backup = getattr(patcher, "backup", None) or {}
@@ -60,11 +60,11 @@ def model_family(model) -> Family:
 
 
 def model_fingerprint(model) -> dict:
-    return fingerprint(model_family(model), _original_weights(model))
+    return fingerprint(model_family(model), original_weights(model))
 
 
 def clip_state(clip) -> dict[str, torch.Tensor]:
-    return _original_weights(clip.patcher)
+    return original_weights(clip.patcher)
 
 
 def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: bool = False):
@@ -76,7 +76,7 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
         raise InvalidInputError("connect a MODEL")
     edit.check_finite()
     fam = model_family(model)
-    unet_w = _original_weights(model)
+    unet_w = original_weights(model)
     shapes = {k: tuple(v.shape) for k, v in unet_w.items()}
     te_keys = [k for k in edit.changes if not k.startswith("diffusion_model.")]
     te_w: dict[str, torch.Tensor] = {}

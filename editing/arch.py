@@ -187,10 +187,12 @@ SDXL_UNET = dict(_COMMON, num_classes="sequential", adm_in_channels=2816, model_
                  transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
 # The project's tiny model (see tiny/): the same block structure, small widths, 64-wide text.
-TINY_UNET = dict(_COMMON, adm_in_channels=None, model_channels=32, num_res_blocks=[1, 1],
-                 transformer_depth=[1, 1], channel_mult=[1, 2], transformer_depth_middle=1,
+# Attention at 16x16 and 8x8 only, and no input res-block at full resolution: the 32x32 level is
+# what costs most to train on a CPU.
+TINY_UNET = dict(_COMMON, adm_in_channels=None, model_channels=32, num_res_blocks=[0, 1, 1],
+                 transformer_depth=[1, 1], channel_mult=[1, 2, 2], transformer_depth_middle=1,
                  use_linear_in_transformer=True, context_dim=64, num_head_channels=16,
-                 transformer_depth_output=[1, 1, 1, 1])
+                 transformer_depth_output=[0, 1, 1, 1, 1])
 TINY_CLIP = TextEncoderSpec("clip_l", 64, 4, 256, "text_encoder", "lora_te",
                             "cond_stage_model.transformer.", edit_layers=(0, 1, 2))
 

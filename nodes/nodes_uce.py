@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..comfy_host.adapters import (ComfyText, _original_weights, apply_edit, clip_state, model_family,
+from ..comfy_host.adapters import (ComfyText, original_weights, apply_edit, clip_state, model_family,
                                    model_fingerprint, run_context)
 from ..editing.edit import Edit
 from ..editing.lora import LoraExportConfig, save_lora
@@ -14,7 +14,7 @@ from .common import CATEGORY, EDIT, concepts_from_text
 def cross_attention_edit(model, clip, config: UCEConfig, ctx=None):
     """Compute the edit from the unpatched weights and apply it to a clone of MODEL."""
     ctx = ctx or run_context()
-    edit = compute_uce(ComfyText(clip, device=ctx.device), _original_weights(model), model_family(model), config, ctx)
+    edit = compute_uce(ComfyText(clip, device=ctx.device), original_weights(model), model_family(model), config, ctx)
     edit.fingerprint = model_fingerprint(model)
     out_model, _, _ = apply_edit(model, None, edit)
     return out_model, edit
@@ -84,7 +84,7 @@ def export_lora(edit: Edit, filename: str, config: LoraExportConfig, model=None,
         i += 1
     weights = {}
     if any(c.kind == "mask" for c in edit.changes.values()):
-        weights.update(_original_weights(model) if model is not None else {})
+        weights.update(original_weights(model) if model is not None else {})
         weights.update(clip_state(clip) if clip is not None else {})
     return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conceptedit.comfy_host.adapters import ComfyText, _original_weights, clip_state
+from conceptedit.comfy_host.adapters import ComfyText, original_weights, clip_state
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
@@ -39,7 +39,7 @@ def model_clip(comfy):
 
 def _edit(model, clip, window):
     """A UCE edit of the UNet (lowrank for 'last', dense for 'aligned') plus a text-encoder fc2 change."""
-    e = compute_uce(ComfyText(clip), _original_weights(model), FAM,
+    e = compute_uce(ComfyText(clip), original_weights(model), FAM,
                     UCEConfig(concepts=["circle", "square"], default_preserve=False, preserve=["a star"],
                               token_window=window))
     g = torch.Generator().manual_seed(5)
