@@ -20,8 +20,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from editing.evaluate import evaluate, write_grid  # noqa: E402
-from tiny import world  # noqa: E402
+import _pack  # noqa: E402
+
+_pack.load()
+from conceptedit.editing.evaluate import evaluate, write_grid  # noqa: E402
+from conceptedit.tiny import world  # noqa: E402
 
 
 def full_prompt_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from tiny.classifier import clean_accuracy, load_classifier
-    from tiny.comfy_model import comfy_sampler, load_tiny
+    from conceptedit.tiny.classifier import clean_accuracy, load_classifier
+    from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
 
     classifier = load_classifier()
     t0 = time.time()

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from editing.evaluate import score, write_grid
-from tiny import world
-from tiny.classifier import DEFAULT_PATH as CLASSIFIER_PATH
-from tiny.model import DEFAULT_WEIGHTS
+from conceptedit.editing.evaluate import score, write_grid
+from conceptedit.tiny import world
+from conceptedit.tiny.classifier import DEFAULT_PATH as CLASSIFIER_PATH
+from conceptedit.tiny.model import DEFAULT_WEIGHTS
 
 needs_weights = pytest.mark.skipif(
     not (os.path.isfile(DEFAULT_WEIGHTS) and os.path.isfile(CLASSIFIER_PATH)),
@@ -63,7 +63,7 @@ def test_write_grid(tmp_path):
 
 @pytest.mark.skipif(not os.path.isfile(CLASSIFIER_PATH), reason="classifier not trained: bash run.sh py -m tiny.classifier")
 def test_classifier_reads_clean_pictures():
-    from tiny.classifier import clean_accuracy
+    from conceptedit.tiny.classifier import clean_accuracy
     acc = clean_accuracy(n=300, seed=5)
     assert min(acc.values()) >= 0.95, acc
 
@@ -72,7 +72,7 @@ def test_classifier_reads_clean_pictures():
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from tiny.comfy_model import load_tiny
+    from conceptedit.tiny.comfy_model import load_tiny
     return load_tiny()
 
 
@@ -92,7 +92,7 @@ def _generate(nodes, model, clip, vae, text, seed, batch=4, steps=20, cfg=5.0):
 def test_loads_as_comfy_objects(tiny):
     import comfy.model_patcher
     import comfy.sd
-    from editing.arch import get_family
+    from conceptedit.editing.arch import get_family
     model, clip, vae = tiny
     assert isinstance(model, comfy.model_patcher.ModelPatcher) and isinstance(clip, comfy.sd.CLIP)
     fam = get_family("tiny")
@@ -115,15 +115,18 @@ def test_loads_as_comfy_objects(tiny):
     ("a golden star, katsushika hokusai style", {"shape": "star", "colour": "yellow", "style": "hokusai"}),
 ])
 def test_samples_show_the_prompted_concepts(comfy, tiny, text, expected):
-    from tiny.classifier import load_classifier
+    from conceptedit.tiny.classifier import load_classifier
     model, clip, vae = tiny
     images = _generate(comfy, model, clip, vae, text, seed=3)
     assert torch.isfinite(images).all()
     labels = load_classifier().predict(images)
     r = score([(text, expected)], images.shape[0], labels)
-    # Style (incl. artist synonyms) is at the baseline's ~93 %: 4 samples, require 2 of 4 (margin).
-    assert r.accuracy["style"] >= 0.5, (text, labels)
-    # Shape and colour are below the >= 90 % target with the current weights (baseline ~10-15 %;
-    # see bench/baseline.py); soft until the model is retrained longer.
-    if min(r.accuracy["shape"], r.accuracy["colour"]) < 0.75:
-        pytest.xfail(f"tiny model below the shape/colour target: {labels}")
+    # Colour and style (incl. synonyms) are at 100 % in the baseline: require 3 of 4 (margin).
+    assert r.accuracy["style"] >= 0.75, (text, labels)
+    assert r.accuracy["colour"] >= 0.75, (text, labels)
+    # Shapes are below the >= 90 % target (baseline 37 %, blobs; see README): only circles, which
+    # the model does draw (and which synonyms reach: "a crimson disc"), are checked hard.
+    if expected["shape"] == "circle":
+        assert r.accuracy["shape"] >= 0.75, (text, labels)
+    elif r.accuracy["shape"] < 0.75:
+        pytest.xfail(f"tiny model below the shape target: {labels['shape']}")
