@@ -43,6 +43,11 @@ def with_edits(model, edits):
     return model
 
 
+def _preserved(concept: str) -> list[str]:
+    """Three other concepts of the erased one's kind (what it could most plausibly damage)."""
+    return [c for c in world.CONCEPTS[world.kind_of(concept)] if c != concept and world.words(c)][:3]
+
+
 def measure(model, clip, edits, concept, preserved, args):
     m = with_edits(model, edits)
     sample = comfy_sampler(m, clip, steps=args.sample_steps)
@@ -71,7 +76,7 @@ def structured_prune(model, fraction=0.25) -> Edit:
 
 
 def part_unlearn(model, clip, host, args, out):
-    preserved = [c for c in ("square", "star", "red") if c != args.concept]
+    preserved = _preserved(args.concept)
     base = UnlearnConfig(steps=args.steps, lr=args.lr, batch=4, n_prompts=6, gen_steps=args.gen_steps, rank=4)
     t0 = time.perf_counter()
     data = prepare_data(host, host.text, args.concept, base, family="tiny")
@@ -105,7 +110,7 @@ def part_speed(model, clip, host, args, out):
 
 
 def part_distill(model, clip, host, args, out):
-    preserved = [c for c in ("square", "star", "red") if c != args.concept]
+    preserved = _preserved(args.concept)
     student = structured_prune(model)
     common = dict(batch=4, n_prompts=8, gen_steps=args.gen_steps, param_set="lora", rank=4, lr_distill=1e-3,
                   lr_erase=args.lr)

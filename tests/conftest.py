@@ -8,6 +8,8 @@ and node tests share one set of modules.
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
+import importlib.util
 import inspect
 import os
 import sys
@@ -45,8 +47,29 @@ def _load_comfy_and_pack():
     if res is False or pack is None:
         raise RuntimeError("ComfyUI failed to load the pack; see the traceback above")
     sys.modules["conceptedit"] = pack
-    del sys.modules["_conceptedit_bootstrap"]
+    sys.meta_path.insert(0, _Alias(pack.__name__))
+    for name in [n for n in sys.modules if n == "_conceptedit_bootstrap" or n.startswith("_conceptedit_bootstrap.")]:
+        del sys.modules[name]
     return pack, comfy_nodes
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``conceptedit.x.y`` is the very module ComfyUI loaded as ``<pack name>.x.y`` (one set of
+    classes and globals for library tests, node tests and monkeypatching)."""
+
+    def __init__(self, real: str):
+        self.real = real
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith("conceptedit."):
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(self.real + spec.name[len("conceptedit"):])
+
+    def exec_module(self, module):
+        pass
 
 
 PACK, COMFY_NODES = _load_comfy_and_pack()
