@@ -1,6 +1,5 @@
 """ConceptPrune: the math on hand-made cases, the statistics against a brute-force reference, the
 real SD1/SD2/SDXL layouts, Cancel, and the node in real ComfyUI."""
-import functools
 import os
 
 import pytest
@@ -16,7 +15,7 @@ from conceptedit.editing.hooks import trace_inputs
 from conceptedit.editing.hosts import RunContext
 from conceptedit.editing.prompts import PRESETS, build_pairs, parse_pairs
 
-from helpers import random_model
+from helpers import random_model, random_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = "a {concept} in a park | a park\na red {concept} | a red thing\n"
@@ -178,24 +177,7 @@ def test_unknown_model_is_a_clear_error(comfy):
 # ---- on a real ComfyUI model ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip(comfy):
-    """A real ComfyUI CLIP with the tiny text encoder's config (width 64) and random weights."""
-    import comfy.sd
-    import comfy.sd1_clip
-    target = type("Target", (), {})()
-    target.params = {}
-    cfg = os.path.join(ROOT, "tiny", "clip_config.json")
-    target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel,
-                                    clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=cfg))
-    target.tokenizer = comfy.sd1_clip.SD1Tokenizer
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        c = comfy.sd.CLIP(target)
-        for name, p in c.cond_stage_model.named_parameters():
-            if "layer_norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return c
+    return random_clip()
 
 
 def _denoiser(model, clip, ctx=None, latent_hw=8):
@@ -289,11 +271,9 @@ def test_node_in_comfyui_patches_only_masked_weights(comfy, clip):
     assert "circle" in info and edit.method == "concept_prune" and edit.concepts == ["circle"]
     assert edit.params["tau"] == 1 and edit.params["skill_ratio"] == 0.05 and edit.fingerprint["family"] == "tiny"
     assert patched is not model and not model.patches
-    patched.patch_model()
-    try:
-        loaded = _snapshot(patched)
-    finally:
-        patched.unpatch_model()
+    import comfy.model_management as mm
+    mm.load_models_gpu([patched])  # as ComfyUI loads a model for sampling (patches merged here)
+    loaded = _snapshot(patched)
     n_masked = 0
     for k, w0 in before.items():
         key = "diffusion_model." + k
@@ -304,7 +284,8 @@ def test_node_in_comfyui_patches_only_masked_weights(comfy, clip):
         else:
             assert torch.equal(loaded[k], w0), k
     assert n_masked > 0
-    assert all(torch.equal(before[k], v) for k, v in _snapshot(model).items())  # input unchanged after unpatch
+    mm.load_models_gpu([model])  # the input, loaded again, is the original
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(model).items())
 
     from conceptedit.comfy_host.adapters import apply_edit
     zero, _, _ = apply_edit(model, None, edit, 0.0)

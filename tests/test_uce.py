@@ -1,11 +1,12 @@
 """UCE closed form: equals the explicit W' formula, keeps the preserve set, hits the targets, builds
 the right keys on the real layouts, and runs as a node in real ComfyUI without touching its input."""
-import functools
 import os
 import sys
 
 import pytest
 import torch
+
+from helpers import random_clip
 
 from conceptedit.editing import arch
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
@@ -175,25 +176,6 @@ def test_nan_embeddings_or_weights_are_refused():
 
 
 # ---- in real ComfyUI ---------------------------------------------------------------------------------
-def random_clip():
-    """A real ComfyUI CLIP with the tiny text encoder's config (width 64) and random weights."""
-    import comfy.sd
-    import comfy.sd1_clip
-    target = type("Target", (), {})()
-    target.params = {}
-    cfg = os.path.join(ROOT, "tiny", "clip_config.json")
-    target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel,
-                                    clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=cfg))
-    target.tokenizer = comfy.sd1_clip.SD1Tokenizer
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        c = comfy.sd.CLIP(target)
-        for name, p in c.cond_stage_model.named_parameters():
-            if "layer_norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return c
 
 
 @pytest.fixture(scope="module")
