@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -28,13 +27,7 @@ from conceptedit.tiny import world  # noqa: E402
 
 
 def full_prompt_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
-    """Every shape x colour once, styles cycled so each style meets every shape, canonical words."""
-    out = []
-    for i, shape in enumerate(world.SHAPES):
-        for j, colour in enumerate(world.COLOURS):
-            attrs = {"shape": shape, "colour": colour, "style": world.STYLES[(i + j) % len(world.STYLES)]}
-            out.append((world._caption_mixed(attrs, None, random.Random(f"{seed}:{i}:{j}")), attrs))
-    return out
+    return world.grid_prompt_set(seed)
 
 
 def synonym_prompt_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:

@@ -17,7 +17,6 @@ import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -36,13 +35,7 @@ from conceptedit.tiny import world  # noqa: E402
 
 
 def specificity_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
-    """Every shape x colour once, styles cycled, canonical words."""
-    out = []
-    for i, shape in enumerate(world.SHAPES):
-        for j, colour in enumerate(world.COLOURS):
-            attrs = {"shape": shape, "colour": colour, "style": world.STYLES[(i + j) % len(world.STYLES)]}
-            out.append((world._caption_mixed(attrs, None, random.Random(f"{seed}:{i}:{j}")), attrs))
-    return out
+    return world.grid_prompt_set(seed)
 
 
 def measure(sample, classify, concept: str, spec, n_prompts: int, samples: int) -> dict:

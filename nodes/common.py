@@ -53,3 +53,15 @@ def concepts_from_text(text: str) -> list[str]:
             if part:
                 out.append(part)
     return out
+
+
+def unique_path(folder: str, filename: str, default: str) -> str:
+    """``folder/<filename>.safetensors``; an existing file is never overwritten (``_001`` ... is added)."""
+    base = os.path.basename(filename.strip()) or default
+    base = base[:-len(".safetensors")] if base.endswith(".safetensors") else base
+    path = os.path.join(folder, base + ".safetensors")
+    i = 1
+    while os.path.exists(path):
+        path = os.path.join(folder, f"{base}_{i:03d}.safetensors")
+        i += 1
+    return path

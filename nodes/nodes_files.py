@@ -6,7 +6,7 @@ import os
 
 from ..comfy_host.adapters import apply_edit
 from ..editing.edit import Edit
-from .common import CATEGORY, EDIT, edit_path, edits_dir, list_edits, strength_input
+from .common import CATEGORY, EDIT, edit_path, edits_dir, list_edits, strength_input, unique_path
 
 
 class SaveEdit:
@@ -29,14 +29,7 @@ class SaveEdit:
 
 
 def save_edit_file(edit: Edit, filename: str) -> str:
-    base = os.path.basename(filename.strip()) or "concept_edit"
-    base = base[:-len(".safetensors")] if base.endswith(".safetensors") else base
-    folder = edits_dir()
-    path = os.path.join(folder, base + ".safetensors")
-    i = 1
-    while os.path.exists(path):
-        path = os.path.join(folder, f"{base}_{i:03d}.safetensors")
-        i += 1
+    path = unique_path(edits_dir(), filename, "concept_edit")
     return edit.save(path)
 
 

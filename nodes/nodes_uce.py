@@ -8,7 +8,7 @@ from ..comfy_host.adapters import (ComfyText, original_weights, apply_edit, clip
 from ..editing.edit import Edit
 from ..editing.lora import LoraExportConfig, save_lora
 from ..editing.uce import MODES, UCEConfig, compute_uce
-from .common import CATEGORY, EDIT, concepts_from_text
+from .common import CATEGORY, EDIT, concepts_from_text, unique_path
 
 
 def cross_attention_edit(model, clip, config: UCEConfig, ctx=None):
@@ -74,14 +74,7 @@ def loras_dir() -> str:
 
 def export_lora(edit: Edit, filename: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
     """Write models/loras/<filename>.safetensors (a number is added instead of overwriting)."""
-    base = os.path.basename(filename.strip()) or "concept_edit_lora"
-    base = base[:-len(".safetensors")] if base.endswith(".safetensors") else base
-    folder = loras_dir()
-    path = os.path.join(folder, base + ".safetensors")
-    i = 1
-    while os.path.exists(path):
-        path = os.path.join(folder, f"{base}_{i:03d}.safetensors")
-        i += 1
+    path = unique_path(loras_dir(), filename, "concept_edit_lora")
     weights = {}
     if any(c.kind == "mask" for c in edit.changes.values()):
         weights.update(original_weights(model) if model is not None else {})

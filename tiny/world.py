@@ -312,6 +312,17 @@ def _caption_mixed(attrs: dict[str, str], synonym_for: str | None, rng: random.R
     return " ".join(text.split())
 
 
+def grid_prompt_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
+    """Every shape × colour once, styles cycled so each style meets every shape, canonical words
+    (the baseline's and the benches' specificity set)."""
+    out = []
+    for i, shape in enumerate(SHAPES):
+        for j, colour in enumerate(COLOURS):
+            attrs = {"shape": shape, "colour": colour, "style": STYLES[(i + j) % len(STYLES)]}
+            out.append((_caption_mixed(attrs, None, random.Random(f"{seed}:{i}:{j}")), attrs))
+    return out
+
+
 def all_captions_vocabulary() -> list[str]:
     """Every word the captions can use (to find the token-embedding rows training touches)."""
     texts = [w for table in CONCEPTS.values() for ws in table.values() for w in ws]
