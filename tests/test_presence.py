@@ -190,15 +190,16 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     from conceptedit.tiny.world import prompts_for
 
-    torch.set_num_threads(1)
     model, clip, vae = load_tiny()
-    concepts = ["circle", "square", "red", "blue", "monet", "hokusai"]
+    # colours and styles: the tiny model draws them at 100 % (its shapes are blobs, see README)
+    concepts = ["red", "blue", "green", "monet", "hokusai", "mondrian"]
     prompt_sets = {c: prompts_for(c, 3, seed=7) for c in concepts}
     classify = default_classifier()
     rows = []
     with torch.inference_mode():
-        for erased in ["circle", "red", "monet"]:
-            edited, _edit = cross_attention_edit(model, clip, UCEConfig(concepts=[erased]), ctx=RunContext())
+        for erased in ["red", "blue", "monet"]:
+            edited, _edit = cross_attention_edit(model, clip, UCEConfig(concepts=[erased], token_window="last"),
+                                                 ctx=RunContext())
             sample = comfy_sampler(edited, clip, steps=15, cfg=5.0)
             for c in concepts:
                 prompts = [p for p, _ in prompt_sets[c]]
@@ -214,6 +215,7 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
         print(f"erase {r[0]:7s} concept {r[1]:8s} gain {r[2]:.4f} -> {r[3]:.4f} (kept {k:5.2f})  classifier presence {r[4]:.2f}")
     print(f"Spearman(gain after edit, classifier presence) = {rho_after:.3f}; "
           f"Spearman(kept, classifier presence) = {rho_kept:.3f} over {len(rows)} (edit, concept) pairs")
-    # measured 2025-11 on the tiny model (3 UCE erasures x 6 concepts): rho = 0.30 for both; the UCE
-    # defaults also damage unrelated concepts on the tiny model, which both measures see
+    # measured 2026-11-25 on the shipped tiny model (3 UCE erasures x 6 colour/style concepts):
+    # Spearman(kept, classifier presence) = 0.46, (gain after, presence) = 0.19; in every edit the
+    # erased concept has the lowest `kept` of the six (red 0.68, blue 0.72, monet 0.56)
     assert rho_kept > 0.0
