@@ -1,6 +1,6 @@
 """`conceptedit demo`: the main job on the bundled tiny model, end to end.
 
-Erases one concept (default: the shape "circle") with one method, measures efficacy,
+Erases one concept (default: the colour "red") with one method, measures efficacy,
 paraphrase robustness and specificity before and after with the tiny world's classifier, saves the
 edit file, and writes a before/after picture. Runs on the CPU in a few minutes.
 """
@@ -18,7 +18,8 @@ METHODS = ("uce", "prune")
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="erase a concept from the bundled tiny model and show before/after")
-    p.add_argument("--concept", default="circle", help="a tiny-world concept (shape, colour or style)")
+    p.add_argument("--concept", default="red", help="a tiny-world concept: a colour or style (the tiny model draws "
+                   "shapes only as blobs, so shape erasure is not measurable)")
     p.add_argument("--method", choices=METHODS, default="uce", help="uce: closed-form cross-attention edit "
                    "(seconds); prune: ConceptPrune skilled-neuron masks (a minute)")
     p.add_argument("--out", default="out/demo", help="folder for the pictures, the edit and metrics.json")
