@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from ..editing.errors import InvalidInputError
+from ..editing.hooks import norm_inputs_copied
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +121,8 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-@contextmanager
-def _ln_input_copies(transformer: torch.nn.Module) -> Iterator[None]:
-    handles = []
-    try:
-        for name, mod in transformer.named_modules():
-            if name.endswith(("layer_norm1", "layer_norm2")):
-                handles.append(mod.register_forward_pre_hook(lambda _m, args: (args[0].clone(),) + tuple(args[1:])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _ln_input_copies(transformer: torch.nn.Module):
+    return norm_inputs_copied(transformer, ("layer_norm1", "layer_norm2"))
 
 
 def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None = None):

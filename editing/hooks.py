@@ -53,3 +53,34 @@ def _post(name, fn):
     def hook(_mod, _args, out):
         return fn(name, out)
     return hook
+
+
+# ComfyUI's transformer blocks add residuals in place (``x += attn(norm(x))``) after the pre-norm
+# saved ``x`` for its backward, which autograd rejects. Giving each pre-norm a private copy of its
+# input makes the blocks trainable without touching ComfyUI. UNet blocks name them norm1..3, CLIP
+# layers layer_norm1..2.
+RESIDUAL_PRE_NORMS = ("norm1", "norm2", "norm3", "layer_norm1", "layer_norm2")
+
+
+def _copy_first_input(_mod, args):
+    if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+        return (args[0].clone(),) + tuple(args[1:])
+    return None
+
+
+def copy_norm_inputs(module: torch.nn.Module, names: Iterable[str] = RESIDUAL_PRE_NORMS) -> list:
+    """Register the pre-norm input copies (only while grad is enabled); returns the hook handles."""
+    names = tuple(names)
+    return [m.register_forward_pre_hook(_copy_first_input)
+            for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in names]
+
+
+@contextmanager
+def norm_inputs_copied(module: torch.nn.Module, names: Iterable[str] = RESIDUAL_PRE_NORMS) -> Iterator[None]:
+    """`copy_norm_inputs` for the duration of the block; the hooks are always removed."""
+    handles = copy_norm_inputs(module, names)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .arch import UNET_PREFIX
 from .edit import Change, Edit
 from .errors import InvalidInputError
+from .hooks import copy_norm_inputs
 
 log = logging.getLogger(__name__)
 
@@ -252,15 +253,6 @@ def edit_as_fixed(edits: Iterable[tuple[Edit, float]], modules: Mapping[str, tor
     return out
 
 
-_PRE_NORMS = ("norm1", "norm2", "norm3")
-
-
-def _clone_input(_mod, args):
-    if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-        return (args[0].clone(),) + tuple(args[1:])
-    return None
-
-
 @contextmanager
 def frozen_session(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Make the UNet usable in a backward pass without changing it.
@@ -272,11 +264,7 @@ def frozen_session(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     flags: list[tuple[torch.nn.Parameter, bool]] = []
     handles = []
     try:
-        # ComfyUI adds residuals in place (``x += attn(norm(x))``) after the norm saved x for its
-        # backward; give each pre-norm a private copy of its input while gradients are recorded.
-        for name, mod in unet.named_modules():
-            if name.rsplit(".", 1)[-1] in _PRE_NORMS:
-                handles.append(mod.register_forward_pre_hook(_clone_input))
+        handles = copy_norm_inputs(unet, ("norm1", "norm2", "norm3"))  # ComfyUI's in-place residuals
         with torch.inference_mode(False):
             for mod in unet.modules():
                 for pname, p in list(mod._parameters.items()):

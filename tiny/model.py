@@ -130,9 +130,11 @@ def init_weights(module: torch.nn.Module, std: float = 0.02) -> None:
 def trainable(module: torch.nn.Module) -> torch.nn.Module:
     """Make a ComfyUI module trainable: ComfyUI adds residuals in place (``x += attn(norm(x))``),
     which autograd rejects because the norm saved `x`; give each pre-norm a private copy."""
-    for name, m in module.named_modules():
-        if name.split(".")[-1] in ("norm1", "norm2", "norm3", "layer_norm1", "layer_norm2"):
-            m.register_forward_pre_hook(lambda _m, args: (args[0].clone(),) + tuple(args[1:]))
+    try:
+        from ..editing.hooks import copy_norm_inputs
+    except ImportError:  # run as the script `python -m tiny.train`, where tiny is top-level
+        from editing.hooks import copy_norm_inputs
+    copy_norm_inputs(module)  # kept for the module's life: it is a training copy
     for p in module.parameters():
         p.requires_grad_(True)
     return module.train()
