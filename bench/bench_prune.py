@@ -30,7 +30,7 @@ from conceptedit.editing.arch import get_family  # noqa: E402
 from conceptedit.editing.concept_prune import PruneConfig  # noqa: E402
 from conceptedit.editing.evaluate import default_classifier, evaluate  # noqa: E402
 from conceptedit.editing.prompts import TINY_DEFAULTS, build_pairs  # noqa: E402
-from conceptedit.nodes.nodes_prune import concept_prune  # noqa: E402
+from conceptedit.comfy_host.jobs import concept_prune  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 
 

@@ -113,22 +113,24 @@ def encode_time(family):
     return dt, tuple(emb.shape), params
 
 
-def tiny_eval(steps, n_prompts, samples):
-    """Efficacy / specificity / paraphrase on the tiny trained model: erase one shape, then all shapes
-    but one (the kept one must survive), side by side with the unedited model."""
+def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last"):
+    """Efficacy / specificity / paraphrase on the tiny trained model: erase one concept of `kind`,
+    then all of that kind but one (the kept one must survive), side by side with the unedited
+    model. Preserved: the kept concepts of that kind plus two of another kind."""
     from conceptedit.comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True)
     from conceptedit.cli.common import terminal_context
     from conceptedit.editing.evaluate import erasure_report
-    from conceptedit.nodes.nodes_uce import cross_attention_edit
+    from conceptedit.comfy_host.jobs import cross_attention_edit
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, clip, _ = load_tiny()
-    shapes = list(world.SHAPES)
-    others = [c for c in world.COLOURS[:2]]
-    for erased in ([shapes[0]], shapes[:-1]):
-        kept = [c for c in shapes if c not in erased][:2] + others
-        cfg = UCEConfig(concepts=erased, preserve=kept)
+    names = [c for c in world.CONCEPTS[kind] if world.CONCEPTS[kind][c]]  # nameable ones (not "plain")
+    other_kind = "colour" if kind != "colour" else "style"
+    others = [c for c in world.CONCEPTS[other_kind] if world.CONCEPTS[other_kind][c]][:2]
+    for erased in ([names[0]], names[:-1]):
+        kept = [c for c in names if c not in erased] + others
+        cfg = UCEConfig(concepts=erased, preserve=kept, token_window=token_window)
         t = time.perf_counter()
         patched, edit = cross_attention_edit(model, clip, cfg, terminal_context())
         dt = time.perf_counter() - t
@@ -151,9 +153,11 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--kind", default="colour", choices=("shape", "colour", "style"), help="--tiny: concepts to erase")
+    ap.add_argument("--token-window", default="last", help="--tiny: UCE token window (the demo's is 'last')")
     args = ap.parse_args()
     if args.tiny:
-        return tiny_eval(args.steps, args.prompts, args.samples)
+        return tiny_eval(args.steps, args.prompts, args.samples, args.kind, args.token_window)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     for fam_name in args.families.split(","):

@@ -30,7 +30,7 @@ from conceptedit.editing.evaluate import erasure_report, evaluate  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
 from conceptedit.editing.resurgence import AuditConfig, audit  # noqa: E402
 from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn, prepare_data  # noqa: E402
-from conceptedit.nodes.nodes_unlearn import train_host  # noqa: E402
+from conceptedit.comfy_host.jobs import train_host  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
 

@@ -28,7 +28,7 @@ def run(args) -> int:
     from ..comfy_host.adapters import apply_edit
     from ..editing.edit import Edit
     from ..editing.resurgence import AuditConfig
-    from ..nodes.nodes_unlearn import audit_models
+    from ..comfy_host.jobs import audit_models
     from .common import load_model, terminal_context
 
     cfg = AuditConfig(checkpoints=tuple(int(s) for s in args.steps.split(",") if s.strip()), lr=args.lr,

@@ -32,14 +32,14 @@ def erase(method: str, concept: str, model, clip, ctx):
     """The edit and the patched model, through the same functions the nodes use."""
     if method == "uce":
         from ..editing.uce import UCEConfig
-        from ..nodes.nodes_uce import cross_attention_edit
+        from ..comfy_host.jobs import cross_attention_edit
         cfg = UCEConfig(concepts=[concept], mode="erase", guide="", token_window="last")
         model2, edit = cross_attention_edit(model, clip, cfg, ctx)
         return model2, edit
     from ..comfy_host.adapters import apply_edit
     from ..editing.concept_prune import PruneConfig
     from ..editing.prompts import TINY_DEFAULTS
-    from ..nodes.nodes_prune import concept_prune
+    from ..comfy_host.jobs import concept_prune
     cfg = PruneConfig(**TINY_DEFAULTS)
     edit = concept_prune(model, clip, [concept], "tiny", "", cfg, ctx)
     model2, _, _ = apply_edit(model, None, edit)

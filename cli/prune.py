@@ -33,7 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..editing.concept_prune import PruneConfig
     from ..editing.prompts import defaults
-    from ..nodes.nodes_prune import concept_prune
+    from ..comfy_host.jobs import concept_prune
     from .common import TINY, load_model, terminal_context
 
     preset = args.preset or (TINY if args.ckpt == TINY else "artist")

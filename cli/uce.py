@@ -51,7 +51,7 @@ def read_concepts(path: str) -> list[str]:
 
 def run(args) -> int:
     from ..editing.uce import UCEConfig
-    from ..nodes.nodes_uce import cross_attention_edit
+    from ..comfy_host.jobs import cross_attention_edit
     from .common import load_model, terminal_context
 
     config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,

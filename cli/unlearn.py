@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..editing.unlearn import UnlearnConfig
-    from ..nodes.nodes_unlearn import unlearn_model
+    from ..comfy_host.jobs import unlearn_model
     from .common import load_model, terminal_context
 
     cfg = UnlearnConfig(method=args.method, forget_objective=args.forget_objective, param_set=args.params,

@@ -3,22 +3,11 @@ from __future__ import annotations
 
 import json
 
-from ..comfy_host.adapters import ComfyDenoiser, apply_edit, model_family, model_fingerprint, run_context
-from ..editing.concept_prune import PruneConfig, compute_concept_prune
-from ..editing.edit import Edit
-from ..editing.hosts import RunContext
-from ..editing.prompts import PRESET_NAMES, build_pairs
+from ..comfy_host.adapters import apply_edit, run_context
+from ..comfy_host.jobs import concept_prune
+from ..editing.concept_prune import PruneConfig
+from ..editing.prompts import PRESET_NAMES
 from .common import CATEGORY, EDIT, concepts_from_text, strength_input
-
-
-def concept_prune(model, clip, concepts: list[str], preset: str, pairs_text: str, config: PruneConfig,
-                  ctx: RunContext | None = None) -> Edit:
-    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line)."""
-    family = model_family(model)  # a clear error for a model the tables do not know
-    pairs = build_pairs(concepts, preset, pairs_text)
-    ctx = ctx or RunContext()
-    denoiser = ComfyDenoiser(model, clip, ctx=ctx)
-    return compute_concept_prune(denoiser, family, pairs, config, ctx, fingerprint=model_fingerprint(model))
 
 
 class ConceptPrune:

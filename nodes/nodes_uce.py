@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import os
 
-from ..comfy_host.adapters import (ComfyText, original_weights, apply_edit, clip_state, model_family,
-                                   model_fingerprint, run_context)
-from ..editing.edit import Edit
-from ..editing.lora import LoraExportConfig, save_lora
-from ..editing.uce import MODES, UCEConfig, compute_uce
+from ..comfy_host.jobs import cross_attention_edit, export_lora
+from ..editing.lora import LoraExportConfig
+from ..editing.uce import MODES, UCEConfig
 from .common import CATEGORY, EDIT, concepts_from_text, unique_path
 
 
-def cross_attention_edit(model, clip, config: UCEConfig, ctx=None):
-    """Compute the edit from the unpatched weights and apply it to a clone of MODEL."""
-    ctx = ctx or run_context()
-    edit = compute_uce(ComfyText(clip, device=ctx.device), original_weights(model), model_family(model), config, ctx)
-    edit.fingerprint = model_fingerprint(model)
-    out_model, _, _ = apply_edit(model, None, edit)
-    return out_model, edit
+def loras_dir() -> str:
+    import folder_paths
+    path = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 class CrossAttentionEdit:
@@ -65,23 +61,6 @@ class CrossAttentionEdit:
         return cross_attention_edit(model, clip, cfg)
 
 
-def loras_dir() -> str:
-    import folder_paths
-    path = folder_paths.get_folder_paths("loras")[0]
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def export_lora(edit: Edit, filename: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
-    """Write models/loras/<filename>.safetensors (a number is added instead of overwriting)."""
-    path = unique_path(loras_dir(), filename, "concept_edit_lora")
-    weights = {}
-    if any(c.kind == "mask" for c in edit.changes.values()):
-        weights.update(original_weights(model) if model is not None else {})
-        weights.update(clip_state(clip) if clip is not None else {})
-    return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
-
-
 class ExportLoRA:
     DESCRIPTION = ("Write an edit as a LoRA file in models/loras that stock LoraLoader, Automatic1111 and diffusers "
                    "load. Low-rank edits are exact; dense ones are compressed by SVD (the error is reported); "
@@ -110,7 +89,8 @@ class ExportLoRA:
 
     def execute(self, edit, filename, rank, max_rel_error, dense_as, model=None, clip=None):
         cfg = LoraExportConfig(rank=rank, max_rel_error=max_rel_error, dense_as=dense_as)
-        rep = export_lora(edit, filename, cfg, model, clip)
+        path = unique_path(loras_dir(), filename, "concept_edit_lora")  # never overwrite
+        rep = export_lora(edit, path, cfg, model, clip)
         text = (f"{os.path.basename(rep['path'])}: {rep['modules']} modules ({rep['diff_modules']} diff), "
                 f"max rank {rep['max_rank']}, max relative error {rep['max_rel_error']:.3g}, {rep['bytes'] / 1e6:.1f} MB")
         return {"ui": {"text": [text]}, "result": (text,)}

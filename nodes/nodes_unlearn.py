@@ -8,86 +8,19 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from ..comfy_host.adapters import ComfyDenoiser, apply_edit, model_family, model_fingerprint, run_context
-from ..editing.edit import Change, Edit
+from ..comfy_host.jobs import audit_models, unlearn_model
 from ..editing.errors import InvalidInputError
 from ..editing.lora_train import PARAM_SETS
 from ..editing.plots import audit_plot, history_plot
-from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
-from ..editing.unlearn import METHODS, UnlearnConfig, compute_unlearn
+from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig
+from ..editing.unlearn import METHODS, UnlearnConfig
 from .common import CATEGORY, EDIT
 
 log = logging.getLogger(__name__)
 
 
-class TrainHost(ComfyDenoiser):
-    """ComfyDenoiser whose generated latents come back in the UNet's scale (process_latent_in), as
-    the training objectives need them."""
-
-    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.model.process_latent_in(x)
-
-    @property
-    def cache_tag(self) -> str:
-        return str(model_fingerprint(self.model))
-
-
-def train_host(model, clip, ctx=None) -> TrainHost:
-    if model is None or clip is None:
-        raise InvalidInputError("connect both the MODEL and the CLIP it came with")
-    return TrainHost(model, clip, ctx=ctx or run_context())
-
-
 def lines(text: str) -> list[str]:
     return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
-
-
-def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None):
-    """Train, then apply the result to a clone. Returns (model', edit)."""
-    host = train_host(model, clip, ctx)
-    with torch.inference_mode(False), torch.enable_grad():
-        edit = compute_unlearn(host, host.text, concept, cfg, retain_prompts=list(retain_prompts),
-                               family=host.family.name, ctx=host.ctx)
-    edit.fingerprint = model_fingerprint(model)
-    out, _, _ = apply_edit(model, None, edit)
-    return out, edit
-
-
-def edit_between(edited, original) -> Edit:
-    """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
-    one module): each is loaded with its own patches and the patched keys compared."""
-    import comfy.model_management as mm
-    import comfy.utils
-    keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
-    if not keys:
-        raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
-                                "input instead (or the output of a ConceptEdit method node)")
-
-    def weights(m):
-        mm.load_models_gpu([m])
-        return {k: comfy.utils.get_attr(m.model, k).detach().float().cpu().clone() for k in keys}
-
-    we, wo = weights(edited), weights(original)
-    changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
-               if not torch.equal(we[k], wo[k])}
-    if not changes:
-        raise InvalidInputError("the edited MODEL's weights equal the original's; nothing to audit")
-    return Edit("model-difference", model_family(original).name, changes)
-
-
-def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
-                 ctx=None):
-    host = train_host(original, clip, ctx)
-    if edit is None:
-        edit = edit_between(edited, original)
-    with torch.inference_mode(False), torch.enable_grad():
-        presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
-                                     gen_cfg=cfg.gen_cfg)
-        report = audit(host, host.text, edit, presence, cfg, benign_prompts=benign_prompts or DEFAULT_BENIGN,
-                       ctx=host.ctx)
-    return report
 
 
 class TrainUnlearn:

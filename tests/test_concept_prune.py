@@ -169,7 +169,7 @@ def test_unknown_model_is_a_clear_error(comfy):
 
     m = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(Config(dict(Config.unet_config)), device="cpu"),
                                          load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    from conceptedit.nodes.nodes_prune import concept_prune
+    from conceptedit.comfy_host.jobs import concept_prune
     with pytest.raises(UnknownArchitectureError, match="48"):
         concept_prune(m, None, ["x"], "custom", PAIRS, PruneConfig(steps=2, tau=1))
 

@@ -185,7 +185,7 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     from conceptedit.editing.evaluate import default_classifier, evaluate
     from conceptedit.editing.hosts import RunContext
     from conceptedit.editing.uce import UCEConfig
-    from conceptedit.nodes.nodes_uce import cross_attention_edit
+    from conceptedit.comfy_host.jobs import cross_attention_edit
     from conceptedit.nodes.nodes_view import presence_before_after
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     from conceptedit.tiny.world import prompts_for

@@ -59,6 +59,8 @@ class TrainConfig:
     init: str = ""  # continue from these weights (model and EMA), with a fresh optimiser and schedule
     concept_init: bool = False  # seed concept-word embeddings (see seed_concept_embeddings)
     synonym_noise: float = 0.6
+    # Scale of the random position/size/rotation of the training pictures (world.render).
+    layout_jitter: float = 1.0
 
 
 def _setup_comfy_for_training() -> None:
@@ -196,7 +198,7 @@ def train(cfg: TrainConfig) -> dict:
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        images, caps, _ = world.training_batch(cfg.batch, rng, cfg.p_drop_caption)
+        images, caps, _ = world.training_batch(cfg.batch, rng, cfg.p_drop_caption, cfg.layout_jitter)
         x0 = torch.cat([images, torch.zeros(cfg.batch, 1, world.SIZE, world.SIZE)], dim=1)
         t = torch.randint(0, tm.TIMESTEPS, (cfg.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)

@@ -186,14 +186,16 @@ def background(style: str, rng: random.Random, n: int = SIZE) -> torch.Tensor:
     raise KeyError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
 
 
-def render(shape: str | None, colour: str | None, style: str, rng: random.Random) -> torch.Tensor:
+def render(shape: str | None, colour: str | None, style: str, rng: random.Random,
+           jitter: float = 1.0) -> torch.Tensor:
     """One picture [3, 32, 32] in [-1, 1]. `shape=None` draws an irregular blob (the classifier's
-    "none" class), `colour=None` with `shape=None` draws the empty background."""
+    "none" class), `colour=None` with `shape=None` draws the empty background. `jitter` scales the
+    random position, size and rotation (1 = the full range the classifier is trained on)."""
     img = background(style, rng)
     if shape is not None or colour is not None:
-        cx, cy = rng.uniform(-0.15, 0.15), rng.uniform(-0.15, 0.15)
-        radius = rng.uniform(0.55, 0.7)
-        angle = rng.uniform(-0.25, 0.25)
+        cx, cy = rng.uniform(-0.15, 0.15) * jitter, rng.uniform(-0.15, 0.15) * jitter
+        radius = 0.625 + rng.uniform(-0.075, 0.075) * jitter
+        angle = rng.uniform(-0.25, 0.25) * jitter
         if shape is None:
             mask = _blob_mask(cx, cy, radius, rng)
         else:
@@ -261,11 +263,11 @@ def sample_scene(rng: random.Random, p_omit_shape: float = 0.1, p_omit_colour: f
     return Scene(shape, colour, style, caption(named_shape, named_colour, style, rng))
 
 
-def training_batch(batch: int, rng: random.Random, p_drop_caption: float = 0.1
+def training_batch(batch: int, rng: random.Random, p_drop_caption: float = 0.1, jitter: float = 1.0
                    ) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """Images [B, 3, 32, 32] in [-1, 1] and their captions ("" for dropped captions, for CFG)."""
     scenes = [sample_scene(rng) for _ in range(batch)]
-    images = torch.stack([render(s.shape, s.colour, s.style, rng) for s in scenes])
+    images = torch.stack([render(s.shape, s.colour, s.style, rng, jitter) for s in scenes])
     caps = ["" if rng.random() < p_drop_caption else s.caption for s in scenes]
     return images, caps, scenes
 

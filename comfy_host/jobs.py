@@ -1,0 +1,117 @@
+"""The jobs the nodes, the command line and the benches share: a library method run on ComfyUI's
+MODEL/CLIP, its result applied to a clone (the input is never changed).
+
+Kept out of `nodes/` so that `cli/` and `bench/` do not import node classes, and out of `editing/`
+because it speaks ComfyUI.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..editing.concept_prune import PruneConfig, compute_concept_prune
+from ..editing.edit import Change, Edit
+from ..editing.errors import InvalidInputError
+from ..editing.hosts import RunContext
+from ..editing.lora import LoraExportConfig, save_lora
+from ..editing.prompts import build_pairs
+from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
+from ..editing.uce import UCEConfig, compute_uce
+from ..editing.unlearn import UnlearnConfig, compute_unlearn
+from .adapters import (ComfyDenoiser, ComfyText, apply_edit, clip_state, model_family, model_fingerprint,
+                       original_weights, run_context)
+
+log = logging.getLogger(__name__)
+
+
+def concept_prune(model, clip, concepts: list[str], preset: str, pairs_text: str, config: PruneConfig,
+                  ctx: RunContext | None = None) -> Edit:
+    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line)."""
+    family = model_family(model)  # a clear error for a model the tables do not know
+    pairs = build_pairs(concepts, preset, pairs_text)
+    ctx = ctx or RunContext()
+    denoiser = ComfyDenoiser(model, clip, ctx=ctx)
+    return compute_concept_prune(denoiser, family, pairs, config, ctx, fingerprint=model_fingerprint(model))
+
+
+def cross_attention_edit(model, clip, config: UCEConfig, ctx=None):
+    """Compute the edit from the unpatched weights and apply it to a clone of MODEL."""
+    ctx = ctx or run_context()
+    edit = compute_uce(ComfyText(clip, device=ctx.device), original_weights(model), model_family(model), config, ctx)
+    edit.fingerprint = model_fingerprint(model)
+    out_model, _, _ = apply_edit(model, None, edit)
+    return out_model, edit
+
+
+def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
+    """Write `edit` as a LoRA file at `path` (masks need the MODEL/CLIP they were made for)."""
+    weights = {}
+    if any(c.kind == "mask" for c in edit.changes.values()):
+        weights.update(original_weights(model) if model is not None else {})
+        weights.update(clip_state(clip) if clip is not None else {})
+    return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
+
+
+class TrainHost(ComfyDenoiser):
+    """ComfyDenoiser whose generated latents come back in the UNet's scale (process_latent_in), as
+    the training objectives need them."""
+
+    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.model.process_latent_in(x)
+
+    @property
+    def cache_tag(self) -> str:
+        return str(model_fingerprint(self.model))
+
+
+def train_host(model, clip, ctx=None) -> TrainHost:
+    if model is None or clip is None:
+        raise InvalidInputError("connect both the MODEL and the CLIP it came with")
+    return TrainHost(model, clip, ctx=ctx or run_context())
+
+
+def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None):
+    """Train, then apply the result to a clone. Returns (model', edit)."""
+    host = train_host(model, clip, ctx)
+    with torch.inference_mode(False), torch.enable_grad():
+        edit = compute_unlearn(host, host.text, concept, cfg, retain_prompts=list(retain_prompts),
+                               family=host.family.name, ctx=host.ctx)
+    edit.fingerprint = model_fingerprint(model)
+    out, _, _ = apply_edit(model, None, edit)
+    return out, edit
+
+
+def edit_between(edited, original) -> Edit:
+    """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
+    one module): each is loaded with its own patches and the patched keys compared."""
+    import comfy.model_management as mm
+    import comfy.utils
+    keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
+    if not keys:
+        raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
+                                "input instead (or the output of a ConceptEdit method node)")
+
+    def weights(m):
+        mm.load_models_gpu([m])
+        return {k: comfy.utils.get_attr(m.model, k).detach().float().cpu().clone() for k in keys}
+
+    we, wo = weights(edited), weights(original)
+    changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
+               if not torch.equal(we[k], wo[k])}
+    if not changes:
+        raise InvalidInputError("the edited MODEL's weights equal the original's; nothing to audit")
+    return Edit("model-difference", model_family(original).name, changes)
+
+
+def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
+                 ctx=None):
+    host = train_host(original, clip, ctx)
+    if edit is None:
+        edit = edit_between(edited, original)
+    with torch.inference_mode(False), torch.enable_grad():
+        presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
+                                     gen_cfg=cfg.gen_cfg)
+        report = audit(host, host.text, edit, presence, cfg, benign_prompts=benign_prompts or DEFAULT_BENIGN,
+                       ctx=host.ctx)
+    return report
