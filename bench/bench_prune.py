@@ -93,9 +93,10 @@ def patched_speed(model, patched, clip, steps: int, cfg: float, reps: int = 3) -
     a, b = comfy_sampler(model, clip, steps, cfg), comfy_sampler(patched, clip, steps, cfg)
     ta = tb = 0.0
     with torch.inference_mode():
-        a(prompts[:1], seeds[:1]), b(prompts[:1], seeds[:1])  # warm-up (patches are merged at load)
-        for _ in range(reps):
+        for _ in range(reps):  # alternate; after each switch one untimed call lets ComfyUI (un)merge the patches
+            a(prompts[:1], seeds[:1])
             ta += timed(lambda: a(prompts, seeds))[1]
+            b(prompts[:1], seeds[:1])
             tb += timed(lambda: b(prompts, seeds))[1]
     return {"unpatched_s": ta / reps, "patched_s": tb / reps, "ratio": tb / ta}
 
@@ -123,6 +124,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep", default=None, help="tune: try skill_ratio x tau on this one concept")
     p.add_argument("--sweep-ratios", default="0.02,0.05,0.1,0.2")
     p.add_argument("--sweep-taus", default="5,10,20")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the speed rows (mask vs plain sampling, patched vs unpatched) for the first concept")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,6 +164,10 @@ def main(argv=None) -> dict:
 
     config = PruneConfig(skill_ratio=args.skill_ratio, tau=args.tau, steps=args.steps, cfg=args.cfg)
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    if args.speed_only:
+        with torch.inference_mode():
+            last = apply_edit(model, None, concept_prune(model, clip, concepts[:1], "tiny", "", config))[0]
+        return _speed_rows(model, clip, last, concepts, config, args, results)
     print(f"ConceptPrune on the tiny model: skill_ratio {config.skill_ratio}, τ {config.tau}, {config.steps} steps, "
           f"CFG {config.cfg}; {args.prompts} prompts x {args.samples} samples per concept\n")
     print("| erased | efficacy base → pruned | paraphrase base → pruned | specificity base → pruned | "
@@ -182,6 +189,10 @@ def main(argv=None) -> dict:
               f"{_pct(after['paraphrase'])} | {base['specificity']:.1%} → {after['specificity']:.1%} | "
               f"{100 * m['pruned_fraction_ffn']:.2f} | {100 * m['pruned_fraction_unet']:.3f} | {t:.0f} |", flush=True)
 
+    return _speed_rows(model, clip, last_patched, concepts, config, args, results)
+
+
+def _speed_rows(model, clip, last_patched, concepts, config, args, results):
     s = speed(model, clip, concepts[0], config)
     ps = patched_speed(model, last_patched, clip, args.steps, args.cfg)
     results.update(speed=s, patched_speed=ps, stats_memory=stats_memory_table(config))

@@ -7,8 +7,8 @@
   on retain prompts (classifier accuracy of retained concepts), steps per second on the CPU;
 - distill: a pruned student (25 % of each FFN's neurons, smallest-norm, structured), bilevel
   distill-and-unlearn vs two-stage (distil, then ESD erase) at the same number of steps;
-- audit: resurgence of the RGD and ESD edits after benign LoRA fine-tuning, presence read by the
-  tiny classifier.
+- audit: resurgence of every method's edit (ConceptPrune, cross-attention edit, text-encoder edit,
+  RGD / GA / ESD unlearning) after the same benign LoRA fine-tune, presence read by the classifier.
 """
 import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702,I001
 
@@ -29,7 +29,7 @@ from conceptedit.editing.edit import Change, Edit  # noqa: E402
 from conceptedit.editing.evaluate import erasure_report, evaluate  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
 from conceptedit.editing.resurgence import AuditConfig, audit  # noqa: E402
-from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn, prepare_data  # noqa: E402
+from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn, paired_prompts, prepare_data  # noqa: E402
 from conceptedit.comfy_host.jobs import train_host  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
@@ -52,12 +52,14 @@ def measure(model, clip, edits, concept, preserved, args):
     m = with_edits(model, edits)
     sample = comfy_sampler(m, clip, steps=args.sample_steps)
     r = erasure_report(sample, [concept], preserved, n_prompts=args.eval_prompts, samples_per_prompt=2)
-    # alignment on the retain prompts: the other attributes of the concept's own prompts still right
-    own = evaluate(sample, world.prompts_for(concept, args.eval_prompts), 2)
-    kind = world.kind_of(concept)
-    align = sum(v for k, v in own.accuracy.items() if k != kind) / max(1, len([k for k in own.accuracy if k != kind]))
+    # alignment on the retain prompts (the concept word removed, as the trainer's retain set): the
+    # classifier's accuracy on the attributes those prompts still name (the style; the shape too,
+    # but the shipped model draws shapes at 37 %, so the style is the readable part)
+    _, retain = paired_prompts(concept, args.eval_prompts, seed=11, family="tiny")
+    pairs = [(p, {"style": next((s for s in world.NAMED_STYLES if world.words(s)[0] in p), "plain")}) for p in retain]
+    own = evaluate(sample, pairs, 2)
     return {"efficacy": r["efficacy"][concept], "specificity": sum(r["specificity"].values()) / len(preserved),
-            "alignment_other_attrs": align, "paraphrase": r["paraphrase"].get(concept)}
+            "alignment_retain_style": own.accuracy.get("style", float("nan")), "paraphrase": r["paraphrase"].get(concept)}
 
 
 def structured_prune(model, fraction=0.25) -> Edit:
@@ -79,7 +81,9 @@ def part_unlearn(model, clip, host, args, out):
     preserved = _preserved(args.concept)
     base = UnlearnConfig(steps=args.steps, lr=args.lr, batch=4, n_prompts=6, gen_steps=args.gen_steps, rank=4)
     t0 = time.perf_counter()
-    data = prepare_data(host, host.text, args.concept, base, family="tiny")
+    # a diverse retain set (Ko et al.): the concept-removed twins plus prompts of its sibling concepts
+    siblings = [p for c in preserved for p, _ in world.prompts_for(c, 2, seed=7)] if args.sibling_retain else []
+    data = prepare_data(host, host.text, args.concept, base, retain_prompts=siblings, family="tiny")
     log.info("training data: %d forget + %d retain images in %.1fs", len(data.forget_prompts), len(data.retain_prompts),
              time.perf_counter() - t0)
     out["unlearn"] = {"original": measure(model, clip, [], args.concept, preserved, args)}
@@ -114,17 +118,19 @@ def part_distill(model, clip, host, args, out):
     student = structured_prune(model)
     common = dict(batch=4, n_prompts=8, gen_steps=args.gen_steps, param_set="lora", rank=4, lr_distill=1e-3,
                   lr_erase=args.lr)
-    distill_prompts = [p for p, _ in world.prompts_for("square", 4) + world.prompts_for("star", 4)]
+    # the distillation data never shows the concept (else distillation teaches it right back)
+    distill_prompts = [p for p, a in world.grid_prompt_set() if args.concept not in a.values()][::3]
     latents = {}
     t0 = time.perf_counter()
+    steps, every = args.distill_steps or args.steps, args.erase_every
     bilevel = compute_distill_unlearn(host, host.text, student, args.concept,
-                                      DistillConfig(steps=args.steps, erase_every=10, **common),
+                                      DistillConfig(steps=steps, erase_every=every, **common),
                                       distill_prompts=distill_prompts, family="tiny", latents=latents)
     t_bi = time.perf_counter() - t0
-    n_erase = args.steps // 10
+    n_erase = steps // every  # the two-stage run gets the same number of distill and erase steps
     t0 = time.perf_counter()
     stage1 = compute_distill_unlearn(host, host.text, student, args.concept,
-                                     DistillConfig(steps=args.steps - n_erase, erase=False, **common),
+                                     DistillConfig(steps=steps - n_erase, erase=False, **common),
                                      distill_prompts=distill_prompts, family="tiny", latents=latents)
     mods = dict(host.unet().named_modules())
     from conceptedit.editing.lora_train import edit_as_fixed
@@ -141,24 +147,63 @@ def part_distill(model, clip, host, args, out):
     log.info("distill: %s", out["distill"])
 
 
+def method_edits(model, clip, concept: str) -> dict:
+    """The concept erased by the pack's training-free methods, with the settings the README reports:
+    ConceptPrune (tiny preset, skill_ratio 0.05, τ 10), the cross-attention edit (UCE, erase to "",
+    last-token window), and the text-encoder edit (EMCID stage 2, redirected to purple/plain, λ 1000)."""
+    from conceptedit.comfy_host.jobs import concept_prune, cross_attention_edit
+    from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
+    from conceptedit.editing.concept_prune import PruneConfig
+    from conceptedit.editing.emcid import EmcidConfig
+    from conceptedit.editing.uce import UCEConfig
+    kind = world.kind_of(concept)
+    dest = {"colour": "purple" if concept != "purple" else "red", "style": "plain", "shape": "shape"}[kind]
+    templates = {"colour": ("a {} circle", "a picture of a {} square", "a {} star in the style of monet", "{} heart"),
+                 "style": ("a red circle in the style of {}", "a blue square by {}", "{} painting of a star"),
+                 "shape": ("a {}", "a picture of a {}", "a green {}", "an image of a yellow {}")}[kind]
+    out = {"concept_prune": concept_prune(model, clip, [concept], "tiny", "", PruneConfig(skill_ratio=0.05, tau=10))}
+    _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
+    out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
+                                              EmcidConfig(lam=1000, templates=templates, n_captions=1000),
+                                              cache_dir=os.path.join(ROOT, ".cache", "emcid"))
+    return out
+
+
 def part_audit(model, clip, host, args, out, edits):
+    """The same benign fine-tune (LoRA on the UNet, prompts of the concept's siblings, images from
+    the original model) on top of every method's edit; presence read by the classifier."""
+    from conceptedit.comfy_host.adapters import ComfyText
     prompts = world.prompts_for(args.concept, args.eval_prompts)
 
     def presence(pairs):
-        m = with_edits(model, [e for e, s in pairs if s])
-        r = evaluate(comfy_sampler(m, clip, steps=args.sample_steps), prompts, 2)
+        m, c = model, clip
+        for e, s in pairs:
+            if s:
+                m, c, _ = apply_edit(m, c, e, s)
+        r = evaluate(comfy_sampler(m, c, steps=args.sample_steps), prompts, 2)
         return r.presence.get(args.concept, 0.0)
 
     kind = world.kind_of(args.concept)
     others = [c for c in world.CONCEPTS[kind] if c != args.concept and world.words(c)]
     benign = [p for c in others[:3] for p, _ in world.prompts_for(c, 3)]
+    benign_latents = None
     out["audit"] = {}
     for name, edit in edits.items():
-        rep = audit(host, host.text, edit, presence, AuditConfig(checkpoints=tuple(args.audit_steps), lr=1e-3,
-                                                                  gen_steps=args.gen_steps), benign_prompts=benign)
+        text, edited_text = host.text, any(not k.startswith("diffusion_model.") for k in edit.changes)
+        if edited_text:  # the benign fine-tune sees the conditioning of the edited text encoder
+            _, clip2, _ = apply_edit(model, clip, edit)
+            text = ComfyText(clip2, device=host.ctx.device)
+        cfg = AuditConfig(checkpoints=tuple(args.audit_steps), lr=1e-3, gen_steps=args.gen_steps)
+        if benign_latents is None:  # the same benign images for every method
+            from conceptedit.editing.unlearn import generate_latents
+            benign_latents = generate_latents(host, host.text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed)
+        t0 = time.perf_counter()
+        rep = audit(host, text, edit, presence, cfg, benign_prompts=benign, benign_latents=benign_latents,
+                    text_is_edited=edited_text)
         out["audit"][name] = {"original": rep.presence_original, "edited": rep.presence_edited,
                               "after": dict(zip(rep.steps, rep.presence_after)),
-                              "resurgence": dict(zip(rep.steps, [round(r, 3) for r in rep.resurgence]))}
+                              "resurgence": dict(zip(rep.steps, [round(r, 3) for r in rep.resurgence])),
+                              "seconds": round(time.perf_counter() - t0, 1)}
         log.info("audit %s:\n%s", name, rep.to_text())
 
 
@@ -173,6 +218,9 @@ def main():
     ap.add_argument("--eval-prompts", type=int, default=3)
     ap.add_argument("--audit-steps", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--distill-steps", type=int, default=0, help="--part distill: total steps (default --steps)")
+    ap.add_argument("--erase-every", type=int, default=10, help="--part distill: one erase step every N (10 = 9:1)")
+    ap.add_argument("--sibling-retain", type=int, default=1, help="1: add prompts of sibling concepts to the retain set")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -180,7 +228,8 @@ def main():
     model, clip, _vae = load_tiny()
     torch.set_num_threads(args.threads)
     host = train_host(model, clip, RunContext(progress=lambda d, t: log.info("  step %d/%d", d, t) if d % 10 == 0 else None))
-    out = {"concept": args.concept, "steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads()}
+    out = {"concept": args.concept, "steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads(),
+           "sibling_retain": bool(args.sibling_retain), "eval_prompts": args.eval_prompts}
     t0 = time.perf_counter()
     edits = {}
     if args.part == "speed":
@@ -190,7 +239,9 @@ def main():
     if args.part in ("distill", "all"):
         part_distill(model, clip, host, args, out)
     if args.part in ("audit", "all"):
-        part_audit(model, clip, host, args, out, {k: edits[k] for k in ("rgd", "esd")})
+        audited = method_edits(model, clip, args.concept)
+        audited.update({f"unlearn_{k}": edits[k] for k in ("rgd", "ga", "esd")})
+        part_audit(model, clip, host, args, out, audited)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))
     if args.json:

@@ -109,9 +109,13 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     host = train_host(original, clip, ctx)
     if edit is None:
         edit = edit_between(edited, original)
+    edited_text = None
+    if any(not k.startswith("diffusion_model.") for k in edit.changes):  # a text-encoder edit (EMCID)
+        edited_text = ComfyText(apply_edit(original, clip, edit)[1], device=host.ctx.device)
     with torch.inference_mode(False), torch.enable_grad():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
-                                     gen_cfg=cfg.gen_cfg)
-        report = audit(host, host.text, edit, presence, cfg, benign_prompts=benign_prompts or DEFAULT_BENIGN,
-                       ctx=host.ctx)
+                                     gen_cfg=cfg.gen_cfg, edited_text=edited_text)
+        report = audit(host, edited_text or host.text, edit, presence, cfg,
+                       benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
+                       text_is_edited=edited_text is not None)
     return report

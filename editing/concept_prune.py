@@ -193,6 +193,7 @@ def ffn_layers(family: Family, modules: Mapping[str, torch.nn.Module]) -> dict[s
     return out
 
 
+@torch.no_grad()
 def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
                           config: PruneConfig | None = None, ctx: RunContext | None = None,
                           fingerprint: Mapping[str, str] | None = None) -> Edit:

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .arch import UNET_PREFIX
 from .edit import Edit
 from .errors import InvalidInputError
 from .hosts import RunContext, TextEncoder, Trainable
@@ -53,6 +54,17 @@ class AuditConfig:
             raise InvalidInputError("lr must be > 0, batch and rank ≥ 1")
         self.checkpoints = cps
         return self
+
+
+def _split_text_changes(edits) -> tuple[list, bool]:
+    """(the edits restricted to their UNet keys, whether any edit changed the text encoder)."""
+    out, text = [], False
+    for e, strength in edits:
+        unet = {k: c for k, c in e.changes.items() if k.startswith(UNET_PREFIX)}
+        text = text or len(unet) < len(e.changes)
+        if unet:
+            out.append((Edit(e.method, e.family, unet), strength))
+    return out, text
 
 
 def resurgence_ratio(p_original: float, p_edited: float, p_after: float) -> float:
@@ -91,10 +103,18 @@ class AuditReport:
 
 def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cfg: AuditConfig | None = None, *,
           benign_prompts: Sequence[str] = DEFAULT_BENIGN, ctx: RunContext | None = None,
-          benign_latents: torch.Tensor | None = None) -> AuditReport:
-    """Run the audit. `host` is the ORIGINAL model; the edit is attached on top of it by hooks and a
-    LoRA is trained on top of both, so the host's weights never change."""
+          benign_latents: torch.Tensor | None = None, text_is_edited: bool = False) -> AuditReport:
+    """Run the audit. `host` is the ORIGINAL model; the edit's UNet changes are attached on top of it
+    by hooks and a LoRA is trained on top of both, so the host's weights never change.
+
+    An edit that changes the text encoder (EMCID) is audited with `text` = the EDITED text encoder
+    and ``text_is_edited=True``: the benign fine-tune (of the UNet) then sees the conditioning the
+    edited model gives, and `presence` must apply the whole edit."""
     cfg = (cfg or AuditConfig()).validate()
+    unet_changes = {k: c for k, c in edit.changes.items() if k.startswith(UNET_PREFIX)}
+    if len(unet_changes) < len(edit.changes) and not text_is_edited:
+        raise InvalidInputError(f"the {edit.method} edit changes the text encoder: audit it with the edited text "
+                                "encoder (text_is_edited=True)")
     ctx = ctx or RunContext()
     benign = [p for p in benign_prompts if p.strip()]
     if not benign:
@@ -112,7 +132,8 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     done, total = 0, cfg.checkpoints[-1]
     unet = host.unet()
     modules = dict(unet.named_modules())
-    fixed = edit_as_fixed([(edit, 1.0)], modules)
+    unet_edit = Edit(edit.method, edit.family, unet_changes)
+    fixed = edit_as_fixed([(unet_edit, 1.0)], modules) if unet_changes else {}
     adapters = Adapters(modules, select_targets(modules, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr)
     for k in cfg.checkpoints:
@@ -142,13 +163,16 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
 
 def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Sequence[str], *, n_t: int = 4,
                       seed: int = 0, gen_steps: int = 20, gen_cfg: float = 5.0,
-                      latents: torch.Tensor | None = None) -> Presence:
+                      latents: torch.Tensor | None = None, edited_text: TextEncoder | None = None) -> Presence:
     """A presence measure that needs no classifier: how much of the ORIGINAL model's concept
     direction ε₀(x_t, c) − ε₀(x_t, ∅) the model still produces, at a fixed set of (x_t, t) from the
     original's own images of the concept prompts:
         presence = Σ ⟨d_m, d₀⟩ / Σ ‖d₀‖²,   d = ε(x_t, c) − ε(x_t, ∅).
     The original scores 1; an edit that maps the concept onto the empty prompt scores ≈ 0; ESD's
-    negative guidance pushes it below 0."""
+    negative guidance pushes it below 0.
+
+    `edited_text`: the text encoder with a text-encoder edit applied; edits that change text-encoder
+    keys are then scored with its conditioning (their UNet keys, if any, by hooks as usual)."""
     prompts = [p for p in concept_prompts if p.strip()]
     if not prompts:
         raise InvalidInputError("give at least one prompt that shows the concept")
@@ -157,6 +181,10 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
     with torch.no_grad():
         cond = text.encode(prompts).detach().float()
         uncond = text.encode([""]).detach().float().expand_as(cond)
+        conds = {False: (cond, uncond)}
+        if edited_text is not None:
+            ce = edited_text.encode(prompts).detach().float()
+            conds[True] = (ce, edited_text.encode([""]).detach().float().expand_as(ce))
     g = torch.Generator().manual_seed(seed + 99)
     n = latents.shape[0]
     ts = [torch.full((n,), int(t)) for t in torch.linspace(150, 850, n_t)]
@@ -166,6 +194,10 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
     def directions(edits) -> list[torch.Tensor]:
         unet = host.unet()
         modules = dict(unet.named_modules())
+        edits, text_edited = _split_text_changes(edits)
+        if text_edited and edited_text is None:
+            raise InvalidInputError("a text-encoder edit: give guidance_presence the edited text encoder")
+        cond, uncond = conds[text_edited]
         fixed = edit_as_fixed(edits, modules) if edits else {}
         ad = Adapters(modules, [], fixed=fixed)
         ac = host.alphas_cumprod().float()

@@ -58,6 +58,30 @@ def test_audit_math_on_toy_presence(comfy):
     _assert_unchanged(m, snap)
 
 
+def test_audit_of_a_text_encoder_edit_needs_the_edited_encoder(comfy):
+    """A text-encoder edit (EMCID) is refused unless the caller says `text` is the edited encoder;
+    then only the UNet LoRA trains, presence sees the whole edit, and the host is unchanged."""
+    m = random_model()
+    snap = _snapshot(m)
+    host, text = Host(m), Text()
+    key = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.weight"
+    edit = Edit("emcid", "tiny", {key: Change("delta", (64, 256), {"delta": torch.ones(64, 256)})})
+    cfg = AuditConfig(checkpoints=(2,), batch=2, gen_steps=2)
+    with pytest.raises(InvalidInputError, match="text encoder"):
+        audit(host, text, edit, lambda edits: 1.0, cfg, benign_prompts=["a house"])
+    seen = []
+
+    def presence(edits):
+        seen.append(sorted(k for e, _ in edits for k in e.changes))
+        return 0.0 if edits else 1.0
+
+    rep = audit(host, text, edit, presence, cfg, benign_prompts=["a house"], text_is_edited=True)
+    assert seen[1] == [key] and key in seen[2] and len(seen[2]) > 1  # the edit, then edit + UNet LoRA
+    assert all(k == key or k.startswith("diffusion_model.") for k in seen[2])
+    assert rep.presence_after == [0.0] and rep.resurgence == [0.0]
+    _assert_unchanged(m, snap)
+
+
 def test_audit_config_validation():
     with pytest.raises(InvalidInputError, match="checkpoint"):
         AuditConfig(checkpoints=(0,)).validate()

@@ -306,3 +306,29 @@ def test_unlearn_and_audit_nodes_run_in_comfyui_and_leave_input_unchanged(comfy)
     with pytest.raises(Exception, match="steps must be numbers"):  # the pack's InvalidInputError
         with torch.inference_mode():
             audit_node.execute(out, model, clip, "a red circle", "a house", "ten", 1e-3, 2, 0)
+
+
+def test_audit_node_takes_a_text_encoder_edit(comfy):
+    """An EMCID-style edit (text-encoder keys only) is audited with the edited encoder: presence
+    after the edit differs from the original's 1.0, and the input CLIP and MODEL are unchanged."""
+    from conceptedit.editing.arch import get_family
+    from conceptedit.editing.edit import Change, Edit
+    from helpers import random_clip
+    key = get_family("tiny").text_encoders[0].fc2_key(2)
+    g = torch.Generator().manual_seed(0)
+    edit = Edit("emcid", "tiny", {key: Change("lowrank", (64, 256), {"up": torch.randn(64, 2, generator=g),
+                                                                     "down": torch.randn(2, 256, generator=g)})})
+    clip = random_clip()
+    clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    with torch.inference_mode():
+        model = random_model()
+        audit_node = comfy.NODE_CLASS_MAPPINGS["ConceptEditResurgenceAudit"]()
+        report, _ = audit_node.execute(model, model, clip, "a red circle", "a house", "1", 1e-3, 2, 0, edit=edit)
+    assert "original 1.000" in report and "after the edit 1.000" not in report, report
+    assert not model.patches and not clip.patcher.patches
+    # the edited clone's patches sit in the shared module while it is loaded (ComfyUI's design);
+    # loading the input CLIP again must give back exactly its own weights
+    with torch.inference_mode():
+        clip.load_model()
+    for k, v in clip.cond_stage_model.state_dict().items():
+        assert torch.equal(v, clip_before[k]), k
