@@ -191,13 +191,15 @@ def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
 
 def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
     base = list(cfg.preserve) + (list(DEFAULT_PRESERVE) if cfg.default_preserve else [])
-    lowered = [c.lower() for c in concepts]
+    words = sorted({c.lower().strip() for c in concepts if c.strip()}, key=len, reverse=True)
+    # one alternation for all concepts (a pattern per concept × prompt took 3 s for 1,000 concepts)
+    edited = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
     out = []
     for p in base:
         p = p.strip()
         if not p or p in out:
             continue
-        if any(re.search(rf"\b{re.escape(c)}\b", p.lower()) for c in lowered):
+        if edited is not None and edited.search(p.lower()):
             continue  # never "preserve" what is being edited
         out.append(p)
     return out
