@@ -1,13 +1,21 @@
 """`conceptedit unlearn --ckpt tiny --concept circle --out circle_rgd.safetensors`: unlearning by
 fine-tuning (RGD / gradient ascent / ESD) headless; writes the trained LoRA/delta as an edit file.
 
-Multi-GPU: this command trains on one device. For data-parallel runs on several GPUs, launch the
-same training loop through Hugging Face `accelerate launch` (see README, "Unlearning on several GPUs").
+Several GPUs (data parallel, through Hugging Face Accelerate):
+
+    accelerate launch --multi_gpu --num_processes 4 conceptedit.py unlearn --ckpt model.safetensors --concept X
+
+Each process loads the model on its own device, draws its own batches, and the gradients are
+averaged by `Accelerator.reduce` before RGD's projection, so every process takes the same step;
+the main process writes the file. On CPU processes (gloo), start it with
+`torchrun --standalone --nproc_per_node 2 conceptedit.py unlearn --cpu ...` (Accelerate's own
+multi-CPU launcher needs MPI); that is how the tests check it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +51,24 @@ def run(args) -> int:
                         steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
                         gen_steps=args.gen_steps, seed=args.seed, lr=args.lr, alpha=args.alpha,
                         truncation=args.truncation, eta=args.eta, gen_cfg=args.gen_cfg, cache_dir=args.cache_dir).validate()
+    acc = None
+    ctx = terminal_context()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)
+        from accelerate import Accelerator
+        acc = Accelerator(cpu=args.cpu)  # before the model loads: it selects this process's GPU
+        ctx.average = lambda grads: [acc.reduce(g.contiguous(), reduction="mean") for g in grads]
+        ctx.rank = acc.process_index
+        if not acc.is_main_process:
+            ctx.progress = None
+        log.info("data parallel: process %d of %d on %s", acc.process_index, acc.num_processes, acc.device)
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    _, edit = unlearn_model(model, clip, args.concept, cfg, args.retain, ctx=terminal_context())
+    _, edit = unlearn_model(model, clip, args.concept, cfg, args.retain, ctx=ctx)
     out = args.out or f"unlearn_{args.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
+    if acc is not None:
+        edit.params["data_parallel_processes"] = acc.num_processes
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return 0
     edit.save(out)
     h = edit.metrics["history"]
     log.info("wrote %s: %d weights changed; forget loss %.4f -> %.4f; %.2f steps/s",

@@ -55,6 +55,11 @@ class RunContext:
     progress: Callable[[int, int], None] | None = None  # (done, total)
     should_stop: Callable[[], bool] | None = None
     device: torch.device | None = None
+    # Data-parallel training (one process per GPU, e.g. under `accelerate launch`): `average` turns
+    # this process's gradients into the mean over all processes (in place or returned); `rank`
+    # gives each process its own batches. None / 0 = a single process.
+    average: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    rank: int = 0
 
     def report(self, done: int, total: int) -> None:
         if self.progress is not None:

@@ -224,57 +224,52 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
         raise NonFiniteError("the text encoder returned NaN/Inf embeddings; check the CLIP weights")
     L = E.shape[1]
 
-    rows_c, rows_p, concept_rows = [], [], []
+    # Rows as (prompt index, token position) tensors, one small vectorised block per concept: at
+    # 1,000 concepts × 76 tokens, per-row Python bookkeeping cost more than the solve.
+    concept_rows: list[int] = []
+    c_u, c_q = [], []
     n_slots = max(len(t) for t in targets)
-    g_w = [[] for _ in range(n_slots)]
-    g_u = [[] for _ in range(n_slots)]
-    g_p = [[] for _ in range(n_slots)]
+    slot_w: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]
+    slot_key: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]  # prompt index * L + position
     for src, tgt in zip(srcs, targets):
         sid = ids[src]
         e_s = _eos(sid, eos_id)
         if e_s <= 1:
             raise InvalidInputError(f"concept {src!r} has no tokens")
-        pos = [p for p in _window(sid, eos_id, cfg.token_window) if p < L]
-        concept_rows.append(len(pos))
-        for p in pos:
-            rows_c.append((index[src], p))
+        pos = torch.tensor([p for p in _window(sid, eos_id, cfg.token_window) if p < L], dtype=torch.long)
+        concept_rows.append(int(pos.numel()))
+        c_u.append(torch.full_like(pos, index[src]))
+        c_q.append(pos)
         for k in range(n_slots):
             w, gp = tgt[k] if k < len(tgt) else (0.0, "")
-            gid = ids[gp]
-            e_g = _eos(gid, eos_id)
-            for p in pos:
-                if cfg.token_window == "last":
-                    q = max(e_g - 1, 1) if e_g > 1 else e_g  # empty guide: its EOS, never BOS
-                else:
-                    q = _aligned(p, e_s, e_g, L)
-                g_w[k].append(w)
-                g_u[k].append(index[gp])
-                g_p[k].append(q)
+            e_g = _eos(ids[gp], eos_id)
+            if cfg.token_window == "last":
+                q = torch.full_like(pos, max(e_g - 1, 1) if e_g > 1 else e_g)  # empty guide: its EOS, never BOS
+            else:
+                q = (pos - e_s + e_g).clamp(1, L - 1)  # _aligned
+            slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
+            slot_key[k].append(index[gp] * L + q)
+    p_u, p_q = [], []
     for p in keep:
-        pid = ids[p]
-        rows_p.extend((index[p], q) for q in _window(pid, eos_id, cfg.token_window) if q < L)
-    rows_p.append((index[""], 0))  # BOS: identical for every prompt, the attention sink
+        qs = [q for q in _window(ids[p], eos_id, cfg.token_window) if q < L]
+        p_u += [index[p]] * len(qs)
+        p_q += qs
+    p_u.append(index[""])
+    p_q.append(0)  # BOS: identical for every prompt, the attention sink
 
-    def gather(rows):
-        u = torch.tensor([r[0] for r in rows], device=E.device)
-        q = torch.tensor([r[1] for r in rows], device=E.device)
-        return E[u, q]
-
-    C = gather(rows_c)
-    distinct: dict[tuple[int, int], int] = {}
-    sel_r, sel_c, sel_w = [], [], []
-    for k in range(n_slots):
-        for i, (w, u, q) in enumerate(zip(g_w[k], g_u[k], g_p[k])):
-            if w != 0.0:
-                sel_r.append(i)
-                sel_c.append(distinct.setdefault((u, q), len(distinct)))
-                sel_w.append(w)
-    basis = gather(list(distinct)) if distinct else C.new_zeros(0, C.shape[1])
-    select = torch.sparse_coo_tensor(torch.tensor([sel_r, sel_c], dtype=torch.long).reshape(2, -1),
-                                     torch.tensor(sel_w, dtype=torch.float64), (C.shape[0], len(distinct)),
-                                     device=E.device, check_invariants=False).coalesce()
-    G = torch.sparse.mm(select.float(), basis.float()).to(C.dtype) if distinct else torch.zeros_like(C)
-    P = gather(rows_p)
+    dev = E.device
+    C = E[torch.cat(c_u).to(dev), torch.cat(c_q).to(dev)]
+    n = C.shape[0]
+    w_all = torch.cat([torch.cat(ws) for ws in slot_w])
+    key_all = torch.cat([torch.cat(ks) for ks in slot_key])
+    row_all = torch.arange(n).repeat(n_slots)
+    nz = w_all != 0
+    keys, col = torch.unique(key_all[nz], return_inverse=True)  # the distinct guide token vectors
+    basis = E[(keys // L).to(dev), (keys % L).to(dev)] if keys.numel() else C.new_zeros(0, C.shape[1])
+    select = torch.sparse_coo_tensor(torch.stack([row_all[nz], col]), w_all[nz], (n, int(keys.numel())),
+                                     device=dev, check_invariants=False).coalesce()
+    G = torch.sparse.mm(select.float(), basis.float()).to(C.dtype) if keys.numel() else torch.zeros_like(C)
+    P = E[torch.tensor(p_u, device=dev), torch.tensor(p_q, device=dev)]
     return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep, G_basis=basis, G_select=select)
 
 
@@ -328,10 +323,13 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
     V = basis.to(device=device, dtype=torch.float64)
     rows, cols = S.indices()
     w = S.values().to(torch.float64)
+    work = torch.float64 if C.dtype == torch.float64 else torch.float32  # as in _gram
     SC = torch.zeros(V.shape[0], C.shape[1], dtype=torch.float64, device=device)  # Sᵀ C
     for i in range(0, rows.numel(), _CHUNK):
         r, c = rows[i:i + _CHUNK], cols[i:i + _CHUNK]
-        SC.index_add_(0, c, w[i:i + _CHUNK, None] * C[r.to(C.device)].to(device=device, dtype=torch.float64))
+        part = torch.zeros(V.shape[0], C.shape[1], dtype=work, device=device)
+        part.index_add_(0, c, w[i:i + _CHUNK, None].to(work) * C[r.to(C.device)].to(device=device, dtype=work))
+        SC += part.double()
     StS = torch.zeros(V.shape[0], V.shape[0], dtype=torch.float64, device=device)  # Sᵀ S, by dense row chunks
     n = S.shape[0]
     for i in range(0, n, _CHUNK):

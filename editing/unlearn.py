@@ -282,7 +282,7 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     params = adapters.parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr)
     ac = host.alphas_cumprod().float().to(dev)
-    g = torch.Generator().manual_seed(cfg.seed + 17)
+    g = torch.Generator().manual_seed(cfg.seed + 17 + 1000 * ctx.rank)  # each process its own batches
     hist = {"forget": [], "retain": [], "dot": []}
     t_start = time.perf_counter()
 
@@ -307,12 +307,16 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
                 loss_f = -truncate_forget_loss(lf, cfg.truncation)  # g_f = −∇L̃_f: ascent
             g_f = list(torch.autograd.grad(loss_f, params, allow_unused=True))
             g_f = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_f, params)]
+            if ctx.average is not None:  # data-parallel: every process then takes the same step
+                g_f = ctx.average(g_f)
             dot, lr_val = 0.0, float("nan")
             if cfg.method == "rgd":
                 xr, cr, tr, nr = batch(data.x_retain, data.c_retain)
                 lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac)
                 g_r = torch.autograd.grad(lr_loss, params, allow_unused=True)
                 g_r = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_r, params)]
+                if ctx.average is not None:
+                    g_r = ctx.average(g_r)
                 g_f, g_r, dot = restricted_gradients(g_f, g_r)
                 total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
                 lr_val = float(lr_loss.detach())

@@ -1,6 +1,11 @@
 """Unlearning (RGD / GA / ESD), the LoRA adapters and the distill-and-unlearn trainer, on a real
 ComfyUI UNet with random weights (tests/helpers.random_model) and a small deterministic text host."""
 import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -332,3 +337,54 @@ def test_audit_node_takes_a_text_encoder_edit(comfy):
         clip.load_model()
     for k, v in clip.cond_stage_model.state_dict().items():
         assert torch.equal(v, clip_before[k]), k
+
+
+# ---- data parallel (accelerate) ------------------------------------------------------------------
+def test_data_parallel_hooks_average_every_gradient_and_split_batches(comfy):
+    """ctx.average sees every forget and retain gradient and its result is what the step uses;
+    ctx.rank gives a process its own batches."""
+    from conceptedit.editing.hosts import RunContext
+    m = random_model()
+    host, text = Host(m), Text()
+    cfg = _small_cfg(method="rgd", steps=3, lr=1e-2)
+    data = U.prepare_data(host, text, "circle", cfg, family="tiny")
+    plain = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data)
+    calls = []
+
+    def same(grads):
+        calls.append(len(grads))
+        return grads
+
+    ident = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data, ctx=RunContext(average=same))
+    assert len(calls) == 2 * cfg.steps  # forget and retain gradients, every step
+    zero = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data,
+                             ctx=RunContext(average=lambda gs: [torch.zeros_like(g) for g in gs]))
+    other = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data, ctx=RunContext(rank=1))
+
+    def delta(e):
+        return torch.cat([c.delta(dtype=torch.float32).flatten() for _, c in sorted(e.changes.items())])
+
+    assert torch.equal(delta(ident), delta(plain)) and float(delta(plain).abs().max()) > 0
+    # the averaged (here: zeroed) gradients drive the step: nothing moved, so nothing is stored
+    assert not zero.changes or float(delta(zero).abs().max()) == 0.0
+    assert not torch.equal(delta(other), delta(plain))  # rank 1 drew other batches
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None
+                    or importlib.util.find_spec("accelerate") is None, reason="torchrun or accelerate missing")
+def test_cli_unlearn_data_parallel_in_two_cpu_processes(tmp_path):
+    """Two gloo processes (torchrun, as `accelerate launch --multi_gpu` starts them on GPUs; its own
+    multi-CPU launcher needs MPI) train one LoRA through `Accelerator.reduce`; rank 0 writes it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "dp.safetensors"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "conceptedit.py"), "unlearn", "--ckpt", "tiny", "--cpu", "--concept", "red",
+           "--steps", "2", "--n-prompts", "2", "--gen-steps", "2", "--batch", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "process 1 of 2" in r.stderr and "process 0 of 2" in r.stderr, r.stderr[-3000:]
+    from conceptedit.editing.edit import Edit
+    edit = Edit.load(str(out))
+    assert edit.params["data_parallel_processes"] == 2 and edit.method == "unlearn-rgd"
+    assert [p.name for p in tmp_path.iterdir()] == ["dp.safetensors"]  # only rank 0 wrote, only --out
