@@ -208,6 +208,21 @@ class ComfyDenoiser:
         s = self.model.model.model_sampling.sigmas.float()
         return 1.0 / (1.0 + s ** 2)
 
+    def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """SDXL's vector conditioning for `pooled` (ComfyUI's own `encode_adm`: pooled ‖ size
+        embeddings, at the latent size this host samples, no crop); None for models without one."""
+        base = self.model.model
+        if not getattr(base, "adm_channels", 0):
+            return None
+        if pooled is None:
+            raise InvalidInputError(f"this {self.family.label} model needs the pooled text embedding")
+        size = self.latent_hw * 8
+        y = base.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size,
+                            target_height=size, device=pooled.device, seed=0)
+        if y.shape[0] != batch:
+            y = y.expand(batch, -1) if y.shape[0] == 1 else y
+        return y
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """ε-prediction at DDPM-scaled x_t = √ᾱ x₀ + √(1−ᾱ) ε and integer timesteps t (differentiable
         w.r.t. x and context). For v-prediction models this returns the raw model output."""

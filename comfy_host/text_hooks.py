@@ -137,9 +137,6 @@ def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None
     if model is None:
         raise InvalidInputError("connect the MODEL (EMCID reads the model family from it, and stage 1 runs it)")
     family = model_family(model)
-    if cfg.use_stage1 and family.name == "sdxl":
-        raise InvalidInputError("EMCID stage 1 on SDXL needs the size/pooled conditioning, which is not wired yet; "
-                                "turn off use_stage1 (the destination's own hidden state is then the target)")
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = ComfyDenoiser(model, clip, ctx=ctx) if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in

@@ -7,6 +7,10 @@ the noise it predicts from the destination text — on x_t made from images of t
   L = MSE(ε(x_t, t, τ_δ(p_src)), ε(x_t, t, τ(p_dst))) + 0.01·MSE(pooled_δ(p_src), pooled(p_dst))
       + wd·‖δ‖/‖h‖²,   Adam (lr 0.2), ‖δ‖ ≤ 1.5‖h‖ after every step, t ~ U[0, T).
 
+SDXL's UNet also takes the vector conditioning y (the pooled text ‖ size embeddings): the target
+uses y of the destination, the prediction y of the δ-edited source (`Denoiser.adm`), so δ is also
+trained through the pooled output.
+
 With several text encoders (SDXL) each gets its own δ, optimised jointly. Results are cached on
 disk per (model fingerprint, concept, destination, parameters).
 """
@@ -63,6 +67,10 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
     ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
     B = x0.shape[0]
+    adm = getattr(denoiser, "adm", None) or (lambda pooled, batch: None)  # SDXL: y from the pooled text
+    with torch.no_grad():
+        y_dst = adm(None if pooled_dst is None else pooled_dst.to(dev), B)
+    y_dst = None if y_dst is None else y_dst.detach().clone()
     tdev = text.device
 
     h, deltas, limits = {}, {}, {}
@@ -84,12 +92,13 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         a = abar[t].view(B, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.no_grad():
-            target = denoiser.eps(x_t, t, ctx_dst).detach()
+            target = denoiser.eps(x_t, t, ctx_dst, y=y_dst).detach()
         with ExitStack() as stack:
             for enc, L in last.items():
                 stack.enter_context(trace_outputs(text.modules(enc), [layer_module(L)], add_delta(enc)))
             ctx_src, pooled_src = text.context(ids_src)
-        pred = denoiser.eps(x_t, t, ctx_src.to(dev))
+        y_src = None if y_dst is None else adm(pooled_src.to(dev), B)  # δ reaches SDXL's y through the pooled
+        pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)
         return torch.nn.functional.mse_loss(pred, target), pooled_src
 
     # a fixed probe (timesteps spread over the schedule, fixed noise) to report progress without the

@@ -45,7 +45,12 @@ class Trainable(Protocol):
         """ᾱ_t for t = 0..T−1."""
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """ε-prediction at x_t, integer t, text context [B, 77, d]."""
+        """ε-prediction at x_t, integer t, text context [B, 77, d]; `y` = the vector conditioning
+        (SDXL's pooled text + size embedding; None for SD1.x/SD2.x)."""
+
+    def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The `y` this model needs for a pooled text embedding (differentiable in `pooled`), or None
+        when the model takes none. Optional: hosts without it are treated as needing none."""
 
 
 @dataclass

@@ -234,3 +234,71 @@ def test_node_errors_are_clear(comfy, monkeypatch, tmp_path):
         bad.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight[0, 0] = float("nan")
         with pytest.raises(NonFiniteError, match="NaN"):
             node.execute(bad, model, "circle -> square", lam=300.0, steps=2, use_stage1=False)
+
+
+def _sdxl_style_model(pooled_width: int, seed: int = 0):
+    """ComfyUI's own `model_base.SDXL` (its encode_adm: pooled ‖ 6 size embeddings of 256) around a
+    UNet of the tiny layout that takes that vector as `y`, random weights."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    unet = dict(TINY.unet_config, adm_in_channels=pooled_width + 6 * 256, num_classes="sequential")
+
+    class Config(comfy.supported_models_base.BASE):
+        unet_config = unet
+        unet_extra_config = {}
+
+    model = comfy.model_base.SDXL(Config(dict(unet)), device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    den = ComfyDenoiser.__new__(ComfyDenoiser)  # the layout is no real family; set what the host needs
+    den.model, den.family, den.latent_hw = patcher, arch.get_family("sdxl"), 32
+    from conceptedit.editing.hosts import RunContext
+    den.ctx, den.sampler, den.scheduler, den.text = RunContext(), "euler", "normal", None
+    return patcher, den
+
+
+def test_adm_is_comfyuis_sdxl_vector_and_differentiable_in_pooled(comfy):
+    _, den = _sdxl_style_model(64)
+    pooled = torch.randn(2, 64, requires_grad=True)
+    y = den.adm(pooled, 2)
+    assert y.shape == (2, 64 + 1536) and torch.equal(y[:, :64], pooled)
+    y.sum().backward()
+    assert torch.equal(pooled.grad, torch.ones(2, 64))
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        assert not torch.allclose(den.eps(x, t, c, y=den.adm(torch.zeros(2, 64), 2)), den.eps(x, t, c, y=y))
+    assert ComfyDenoiser(random_model(), random_clip()).adm(torch.zeros(1, 64), 1) is None  # SD1-style: no y
+    with pytest.raises(InvalidInputError, match="pooled"):
+        den.adm(None, 2)
+
+
+def test_stage1_trains_through_sdxl_vector_conditioning(clip):
+    """Stage 1 on an SDXL-type model: the target uses y(pooled of the destination), the prediction
+    y(pooled of the δ-edited source), so δ is trained through SDXL's vector conditioning too."""
+    text = ComfyTextModel(clip)
+    patcher, den = _sdxl_style_model(64)
+    den.text = __import__("conceptedit.comfy_host.adapters", fromlist=["ComfyText"]).ComfyText(clip)
+    seen = []
+    eps = den.eps
+    den.eps = lambda x, t, c, y=None: (seen.append(None if y is None else (tuple(y.shape), y.requires_grad)),
+                                       eps(x, t, c, y=y))[1]
+    cfg = EmcidConfig(steps=4, lr=0.2, max_norm=0.5, sample_steps=2, templates=("a photo of {}", "{}"))
+    with torch.enable_grad(), frozen_session(patcher.model.diffusion_model):
+        deltas, h, stats = optimise_delta(text, den, "circle", "square", {ENC: 3}, cfg)
+    shapes = {sh for sh, _ in seen}
+    assert None not in seen and len(shapes) == 1 and next(iter(shapes))[1] == 64 + 1536
+    assert float(deltas[ENC].norm()) > 0 and len(stats["history"]) == 4
+    # δ's gradient really flows through y: cut the pooled out of y and δ comes out different
+    adm = den.adm
+    den.adm = lambda pooled, batch: adm(None if pooled is None else pooled.detach(), batch)
+    with torch.enable_grad(), frozen_session(patcher.model.diffusion_model):
+        cut, _, _ = optimise_delta(text, den, "circle", "square", {ENC: 1}, cfg)
+    den.adm = adm
+    with torch.enable_grad(), frozen_session(patcher.model.diffusion_model):
+        full, _, _ = optimise_delta(text, den, "circle", "square", {ENC: 1}, cfg)
+    assert not torch.equal(cut[ENC], full[ENC])
