@@ -153,6 +153,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--scale-window", default="aligned", choices=("aligned", "eos", "last"),
+                    help="token window of the scale rows")
     ap.add_argument("--kind", default="colour", choices=("shape", "colour", "style"), help="--tiny: concepts to erase")
     ap.add_argument("--token-window", default="last", help="--tiny: UCE token window (the demo's is 'last')")
     args = ap.parse_args()
@@ -187,7 +189,7 @@ def main():
         print(f"{'concepts':>9} {'tokens':>7} {'storage':>8} {'batched s':>10} {'peak MB':>8} "
               f"{'loop s (extrap.)':>17} {'ratio':>7} {'preserve Δ':>10} {'residual':>9}")
         for n in [int(x) for x in args.counts.split(",")]:
-            cfg = UCEConfig(concepts=[f"synthetic concept {i}" for i in range(n)])
+            cfg = UCEConfig(concepts=[f"synthetic concept {i}" for i in range(n)], token_window=args.scale_window)
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 edit = compute_uce(RandomText(d), weights, fam, cfg)

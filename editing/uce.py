@@ -26,6 +26,9 @@ Token choice (``token_window``):
   to ≥ 1. The clamp matters for an empty guide: the concept's words then map to the EOS of ""
   (the unconditional summary) instead of BOS. BOS is the same vector for every prompt and acts as
   an attention sink; sending a concept's keys there would redirect attention, not erase.
+- ``"eos"``: the concept's words through its EOS (the papers' wording), aligned the same way;
+  padding is left alone. ~5 vectors per concept instead of 76: for thousands of concepts the
+  cheapest full-word choice, weaker than "aligned" where the padding carries the concept.
 - ``"last"``: only the concept's last word token (1 vector per concept; the newer UCE code). Its
   target is the guide's last word token, or the EOS of an empty guide — not BOS, for the same
   reason. Cheaper and lower-rank, but the concept survives in EOS/padding (weaker erasure).
@@ -49,7 +52,7 @@ from .hosts import RunContext, TextEncoder
 log = logging.getLogger(__name__)
 
 MODES = ("erase", "redirect", "debias", "moderate")
-TOKEN_WINDOWS = ("aligned", "last")
+TOKEN_WINDOWS = ("aligned", "eos", "last")
 # Generic prompts whose cross-attention keys/values should not move (the preserve set is the
 # user's list plus these unless switched off). Any that mention an edited concept are dropped.
 DEFAULT_PRESERVE = (
@@ -157,6 +160,8 @@ def _window(ids: Sequence[int], eos_id: int, scheme: str) -> list[int]:
     e = _eos(ids, eos_id)
     if scheme == "last":
         return [max(e - 1, 1)]
+    if scheme == "eos":
+        return list(range(1, e + 1))
     return list(range(1, len(ids)))
 
 

@@ -49,8 +49,9 @@ class CrossAttentionEdit:
                                       "tooltip": "Weight of the edited concepts' targets (s_e)."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05,
                                          "tooltip": "Weight of keeping the preserve prompts unchanged (s_p)."}),
-            "token_window": (["aligned", "last"], {"default": "aligned", "tooltip": "aligned: edit the concept's words, EOS "
-                             "and padding (stronger); last: only the last word token (the newer UCE code)."}),
+            "token_window": (["aligned", "eos", "last"], {"default": "aligned", "tooltip": "aligned: edit the concept's "
+                             "words, EOS and padding (strongest); eos: its words through EOS (cheapest for thousands of "
+                             "concepts); last: only the last word token (the newer UCE code)."}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,

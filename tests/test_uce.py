@@ -127,6 +127,9 @@ def test_aligned_tokens_map_words_to_guide_eos_not_bos():
     assert sys_.C.shape == (7, 6) and sys_.P.shape == (1, 6)  # only BOS preserved
     last = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False, token_window="last"))
     torch.testing.assert_close(last.G, E[[1]])  # EOS of "", never BOS
+    eos = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False, token_window="eos"))
+    torch.testing.assert_close(eos.C, text.encode(["red cat"])[0, 1:4])  # red, cat, EOS; no padding
+    torch.testing.assert_close(eos.G, E[[1, 1, 1]])
 
 
 def test_debias_targets_are_weighted_mix():
