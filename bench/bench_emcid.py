@@ -17,9 +17,11 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
+from conceptedit.tiny.world import EMCID_TEMPLATES  # noqa: E402
 
 log = logging.getLogger("bench_emcid")
-TINY_TEMPLATES = ("a {}", "a picture of a {}", "a green {}", "an image of a yellow {}")
+
+TINY_TEMPLATES = EMCID_TEMPLATES["shape"]
 
 
 def _peak_mb(device) -> float:
@@ -96,7 +98,7 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
     return out
 
 
-COLOUR_TEMPLATES = ("a {} circle", "a picture of a {} square", "a {} star in the style of monet", "{} heart")
+COLOUR_TEMPLATES = EMCID_TEMPLATES["colour"]
 
 
 def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour") -> dict:

@@ -172,7 +172,6 @@ def main():
         print(f"\n== {fam.label}: {len(keys)} K/V layers, text width {d}, "
               f"{sum(w.numel() for w in weights.values()) / 1e6:.1f}M K/V weights ==")
         # ---- the loop baseline: per concept (76 aligned token vectors), per layer ----
-        text = RandomText(d)
         tokens = 76
         P = torch.randn(len(DEFAULT_PRESERVE) * tokens + 1, d)
         loop_w = dict(weights)

@@ -158,9 +158,7 @@ def method_edits(model, clip, concept: str) -> dict:
     from conceptedit.editing.uce import UCEConfig
     kind = world.kind_of(concept)
     dest = {"colour": "purple" if concept != "purple" else "red", "style": "plain", "shape": "shape"}[kind]
-    templates = {"colour": ("a {} circle", "a picture of a {} square", "a {} star in the style of monet", "{} heart"),
-                 "style": ("a red circle in the style of {}", "a blue square by {}", "{} painting of a star"),
-                 "shape": ("a {}", "a picture of a {}", "a green {}", "an image of a yellow {}")}[kind]
+    templates = world.EMCID_TEMPLATES[kind]
     out = {"concept_prune": concept_prune(model, clip, [concept], "tiny", "", PruneConfig(skill_ratio=0.05, tau=10))}
     _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
     out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
@@ -189,7 +187,7 @@ def part_audit(model, clip, host, args, out, edits):
     benign_latents = None
     out["audit"] = {}
     for name, edit in edits.items():
-        text, edited_text = host.text, any(not k.startswith("diffusion_model.") for k in edit.changes)
+        text, edited_text = host.text, bool(edit.text_encoder_keys())
         if edited_text:  # the benign fine-tune sees the conditioning of the edited text encoder
             _, clip2, _ = apply_edit(model, clip, edit)
             text = ComfyText(clip2, device=host.ctx.device)

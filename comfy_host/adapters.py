@@ -78,7 +78,7 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
     fam = model_family(model)
     unet_w = original_weights(model)
     shapes = {k: tuple(v.shape) for k, v in unet_w.items()}
-    te_keys = [k for k in edit.changes if not k.startswith("diffusion_model.")]
+    te_keys = edit.text_encoder_keys()
     te_w: dict[str, torch.Tensor] = {}
     if te_keys:
         if clip is None:

@@ -110,7 +110,7 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     if edit is None:
         edit = edit_between(edited, original)
     edited_text = None
-    if any(not k.startswith("diffusion_model.") for k in edit.changes):  # a text-encoder edit (EMCID)
+    if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
         edited_text = ComfyText(apply_edit(original, clip, edit)[1], device=host.ctx.device)
     with torch.inference_mode(False), torch.enable_grad():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,

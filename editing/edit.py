@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .arch import UNET_PREFIX
 from .errors import EditFileError, FingerprintMismatchError, NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ class Edit:
         return {"method": self.method, "family": self.family, "concepts": self.concepts,
                 "params": self.params, "fingerprint": self.fingerprint, "metrics": self.metrics,
                 "keys": per_key}
+
+    def text_encoder_keys(self) -> list[str]:
+        """Keys this edit changes outside the UNet (text-encoder weights, e.g. EMCID's fc2)."""
+        return [k for k in self.changes if not k.startswith(UNET_PREFIX)]
+
+    def unet_part(self) -> "Edit":
+        """The same edit restricted to its UNet keys (what hooks on the diffusion model can carry)."""
+        return Edit(self.method, self.family, {k: c for k, c in self.changes.items() if k.startswith(UNET_PREFIX)})
 
     def check_finite(self) -> None:
         for k, c in self.changes.items():

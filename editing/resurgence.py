@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from .arch import UNET_PREFIX
 from .edit import Edit
 from .errors import InvalidInputError
 from .hosts import RunContext, TextEncoder, Trainable
@@ -58,13 +57,8 @@ class AuditConfig:
 
 def _split_text_changes(edits) -> tuple[list, bool]:
     """(the edits restricted to their UNet keys, whether any edit changed the text encoder)."""
-    out, text = [], False
-    for e, strength in edits:
-        unet = {k: c for k, c in e.changes.items() if k.startswith(UNET_PREFIX)}
-        text = text or len(unet) < len(e.changes)
-        if unet:
-            out.append((Edit(e.method, e.family, unet), strength))
-    return out, text
+    parts = [(e.unet_part(), strength) for e, strength in edits]
+    return [(u, s) for u, s in parts if u.changes], any(e.text_encoder_keys() for e, _ in edits)
 
 
 def resurgence_ratio(p_original: float, p_edited: float, p_after: float) -> float:
@@ -111,8 +105,8 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     and ``text_is_edited=True``: the benign fine-tune (of the UNet) then sees the conditioning the
     edited model gives, and `presence` must apply the whole edit."""
     cfg = (cfg or AuditConfig()).validate()
-    unet_changes = {k: c for k, c in edit.changes.items() if k.startswith(UNET_PREFIX)}
-    if len(unet_changes) < len(edit.changes) and not text_is_edited:
+    unet_edit = edit.unet_part()
+    if edit.text_encoder_keys() and not text_is_edited:
         raise InvalidInputError(f"the {edit.method} edit changes the text encoder: audit it with the edited text "
                                 "encoder (text_is_edited=True)")
     ctx = ctx or RunContext()
@@ -132,8 +126,7 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     done, total = 0, cfg.checkpoints[-1]
     unet = host.unet()
     modules = dict(unet.named_modules())
-    unet_edit = Edit(edit.method, edit.family, unet_changes)
-    fixed = edit_as_fixed([(unet_edit, 1.0)], modules) if unet_changes else {}
+    fixed = edit_as_fixed([(unet_edit, 1.0)], modules) if unet_edit.changes else {}
     adapters = Adapters(modules, select_targets(modules, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr)
     for k in cfg.checkpoints:

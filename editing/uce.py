@@ -165,8 +165,9 @@ def _window(ids: Sequence[int], eos_id: int, scheme: str) -> list[int]:
     return list(range(1, len(ids)))
 
 
-def _aligned(p: int, e_src: int, e_dst: int, length: int) -> int:
-    return min(max(p - e_src + e_dst, 1), length - 1)
+def _aligned(p: torch.Tensor, e_src: int, e_dst: int, length: int) -> torch.Tensor:
+    """Guide positions for concept positions `p`: the EOS line up, clamped to [1, length − 1]."""
+    return (p - e_src + e_dst).clamp(1, length - 1)
 
 
 def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
@@ -251,7 +252,7 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
             if cfg.token_window == "last":
                 q = torch.full_like(pos, max(e_g - 1, 1) if e_g > 1 else e_g)  # empty guide: its EOS, never BOS
             else:
-                q = (pos - e_s + e_g).clamp(1, L - 1)  # _aligned
+                q = _aligned(pos, e_s, e_g, L)
             slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
             slot_key[k].append(index[gp] * L + q)
     p_u, p_q = [], []

@@ -168,13 +168,19 @@ def massive_edit_from_list(wf):
             "'source -> destination' lines.")
 
 
-def load_shared_edit(wf):
-    ck = _base(wf, "")
-    le = wf.add("ConceptEditLoadEdit", {"edit_name": "shared_edit.safetensors"}, pos=(0, 400))
+def _load_and_apply(wf, ck, edit_name: str):
+    """Load Concept Edit -> Apply Concept Edit on the checkpoint's MODEL and CLIP, strength 1."""
+    le = wf.add("ConceptEditLoadEdit", {"edit_name": edit_name}, pos=(0, 400))
     ap = wf.add("ConceptEditApplyEdit", {"strength": 1.0}, pos=(360, 100))
     wf.link(ck, "MODEL", ap, "model")
     wf.link(le, "edit", ap, "edit")
     wf.link(ck, "CLIP", ap, "clip")
+    return le, ap
+
+
+def load_shared_edit(wf):
+    ck = _base(wf, "")
+    le, ap = _load_and_apply(wf, ck, "shared_edit.safetensors")
     _sample(wf, ap, "model", ap, "clip", ck, "a starry night in the style of Van Gogh", 760, 100, "with the edit")
     info = wf.add("ConceptEditEditInfo", pos=(360, 500))
     wf.link(le, "edit", info, "edit")
@@ -184,11 +190,7 @@ def load_shared_edit(wf):
 
 def audit_resurgence(wf):
     ck = _base(wf, "")
-    le = wf.add("ConceptEditLoadEdit", {"edit_name": "vangogh_pruned.safetensors"}, pos=(0, 400))
-    ap = wf.add("ConceptEditApplyEdit", {"strength": 1.0}, pos=(360, 100))
-    wf.link(ck, "MODEL", ap, "model")
-    wf.link(le, "edit", ap, "edit")
-    wf.link(ck, "CLIP", ap, "clip")
+    le, ap = _load_and_apply(wf, ck, "vangogh_pruned.safetensors")
     audit = wf.add("ConceptEditResurgenceAudit", {
         "concept_prompts": "a painting in the style of Van Gogh\na starry night in the style of Van Gogh\n"
                            "sunflowers in the style of Van Gogh"}, pos=(760, 100))

@@ -133,11 +133,15 @@ def server(tmp_path_factory):
         _wait("ComfyUI server start", lambda: _http(f"{url}/object_info/ConceptEditEditInfo"), 240, proc, str(log))
         yield {"url": url, "log": str(log), "tmp": tmp}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +169,7 @@ def page(server, tmp_path_factory):
         yield cdp
         cdp.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def _prompt_from_workflow(cdp: CDP) -> dict:

@@ -314,6 +314,15 @@ def _caption_mixed(attrs: dict[str, str], synonym_for: str | None, rng: random.R
     return " ".join(text.split())
 
 
+# EMCID templates per kind ("{}" = the concept word): contexts the other kinds fill in, so stage 2
+# edits the concept token inside the captions the model knows (the benches use these).
+EMCID_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "shape": ("a {}", "a picture of a {}", "a green {}", "an image of a yellow {}"),
+    "colour": ("a {} circle", "a picture of a {} square", "a {} star in the style of monet", "{} heart"),
+    "style": ("a red circle in the style of {}", "a blue square by {}", "{} painting of a star"),
+}
+
+
 def grid_prompt_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
     """Every shape × colour once, styles cycled so each style meets every shape, canonical words
     (the baseline's and the benches' specificity set)."""
