@@ -15,6 +15,7 @@ from ..editing.edit import Change, Edit
 from ..editing.errors import InvalidInputError
 from ..editing.hosts import RunContext
 from ..editing.lora import LoraExportConfig, save_lora
+from ..editing.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
 from ..editing.prompts import build_pairs
 from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
 from ..editing.uce import UCEConfig, compute_uce
@@ -119,3 +120,33 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
                        benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
                        text_is_edited=edited_text is not None)
     return report
+
+
+def _adm_of(den: ComfyDenoiser):
+    """prompts -> the UNet's vector conditioning y (SDXL), from `ComfyDenoiser.adm`; None when the
+    model takes none (SD1/SD2/tiny)."""
+    if not getattr(den.model.model, "adm_channels", 0):
+        return None
+    return lambda prompts: den.adm(den.text.encode_with_pooled(list(prompts))[1], len(prompts))
+
+
+def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *, seed: int, steps: int, cfg: float,
+                          n_timesteps: int, noise_draws: int, edited_clip=None,
+                          ctx: RunContext | None = None) -> tuple[PresenceComparison, torch.Tensor]:
+    """Generate each prompt with both models (same seeds), then score concept presence on the
+    original model's pictures. Returns the comparison and an image grid (row 1 original, row 2 edited)."""
+    if model_family(model).name != model_family(edited_model).name:
+        raise InvalidInputError("the original and the edited MODEL are different model families; "
+                                "connect the model the edit was applied to as 'model'")
+    ctx = ctx or RunContext()
+    before = ComfyDenoiser(model, clip, ctx=ctx)
+    after = ComfyDenoiser(edited_model, edited_clip or clip, ctx=ctx)
+    lat_before = before.sample(prompts, steps=steps, cfg=cfg, seed=seed)
+    lat_after = after.sample(prompts, steps=steps, cfg=cfg, seed=seed)
+    x0 = model.model.process_latent_in(lat_before)
+    n_train = len(before.alphas_cumprod())
+    config = PresenceConfig(timesteps=spread_timesteps(n_timesteps, n_train), noise_draws=noise_draws, seed=seed)
+    result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx,
+                              _adm_of(before), _adm_of(after))
+    grid = image_grid([vae.decode(lat_before), vae.decode(lat_after)])
+    return result, grid
