@@ -215,7 +215,8 @@ class ComfyDenoiser:
         if not getattr(base, "adm_channels", 0):
             return None
         if pooled is None:
-            raise InvalidInputError(f"this {self.family.label} model needs the pooled text embedding")
+            raise InvalidInputError(f"this {self.family.label} model needs the pooled text embedding: encode the "
+                                    "prompts with ComfyText.encode_with_pooled and pass its second output")
         size = self.latent_hw * 8
         y = base.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size,
                             target_height=size, device=pooled.device, seed=0)

@@ -189,7 +189,8 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
         modules = dict(unet.named_modules())
         edits, text_edited = _split_text_changes(edits)
         if text_edited and edited_text is None:
-            raise InvalidInputError("a text-encoder edit: give guidance_presence the edited text encoder")
+            raise InvalidInputError("this edit changes the text encoder: pass guidance_presence(..., edited_text=<the "
+                                  "text encoder with the edit applied>)")
         cond, uncond = conds[text_edited]
         fixed = edit_as_fixed(edits, modules) if edits else {}
         ad = Adapters(modules, [], fixed=fixed)

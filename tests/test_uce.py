@@ -230,7 +230,7 @@ def test_cli_reads_txt_and_csv_concept_files(tmp_path):
         read_concepts(str(tmp_path / "missing.txt"))
 
 
-def test_factored_guide_grams_equal_the_dense_ones():
+def test_factored_guide_grams_equal_the_dense_ones(monkeypatch):
     """Many concepts sharing a guide: Cᵀ G and Gᵀ G from (basis, sparse select) equal the dense
     Grams, so the solve and its metrics are the same (two guide slots with weights, as debias)."""
     g = torch.Generator().manual_seed(5)
@@ -242,8 +242,14 @@ def test_factored_guide_grams_equal_the_dense_ones():
     w = torch.cat([torch.full((n,), 0.7), torch.full((n,), 0.3)]).double()
     S = torch.sparse_coo_tensor(torch.stack([rows, cols]), w, (n, u)).coalesce()
     G = torch.sparse.mm(S, V.double()).float()
+    from conceptedit.editing import uce
+    calls = []
+    real = uce._factored_guide_grams
+    monkeypatch.setattr(uce, "_factored_guide_grams", lambda *a: (calls.append(1), real(*a))[1])
     dense = solve_operator(C, G, P, 0.5, 1.0, 0.1)
+    assert not calls
     fact = solve_operator(C, G, P, 0.5, 1.0, 0.1, G_basis=V, G_select=S)
+    assert calls  # the factored route really ran (else this compares the dense route with itself)
     for name in ("A", "residual_gram", "target_gram", "preserve_moved"):
         torch.testing.assert_close(getattr(fact, name), getattr(dense, name), rtol=1e-4, atol=1e-3)
     assert float(dense.target_gram.abs().max()) > 1.0  # not a trivially zero comparison
