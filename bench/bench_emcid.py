@@ -109,8 +109,7 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, clip, _ = load_tiny()
-    # shapes: erase to the generic word "shape"; colours: redirect to the kind's last colour (the
-    # tiny model draws colours at 100 % but shapes only at 37 %, so colours are the meaningful test)
+    # shapes: erase to the generic word "shape"; colours: redirect to the kind's last colour
     shapes = list(world.SHAPES) if kind == "shape" else list(world.COLOURS)
     dest = (lambda c: "shape") if kind == "shape" else (lambda c: shapes[-1])
     templates = TINY_TEMPLATES if kind == "shape" else COLOUR_TEMPLATES

@@ -53,13 +53,25 @@ def measure(model, clip, edits, concept, preserved, args):
     sample = comfy_sampler(m, clip, steps=args.sample_steps)
     r = erasure_report(sample, [concept], preserved, n_prompts=args.eval_prompts, samples_per_prompt=2)
     # alignment on the retain prompts (the concept word removed, as the trainer's retain set): the
-    # classifier's accuracy on the attributes those prompts still name (the style; the shape too,
-    # but the shipped model draws shapes at 37 %, so the style is the readable part)
+    # classifier's accuracy on the shape and the style those prompts still name, averaged
     _, retain = paired_prompts(concept, args.eval_prompts, seed=11, family="tiny")
-    pairs = [(p, {"style": next((s for s in world.NAMED_STYLES if world.words(s)[0] in p), "plain")}) for p in retain]
+    pairs = [(p, _named_attributes(p)) for p in retain]
     own = evaluate(sample, pairs, 2)
+    kinds = sorted({k for _p, e in pairs for k in e})
     return {"efficacy": r["efficacy"][concept], "specificity": sum(r["specificity"].values()) / len(preserved),
-            "alignment_retain_style": own.accuracy.get("style", float("nan")), "paraphrase": r["paraphrase"].get(concept)}
+            "alignment_retain": sum(own.accuracy.get(k, 0.0) for k in kinds) / len(kinds),
+            "alignment_retain_by_kind": {k: own.accuracy.get(k) for k in kinds},
+            "paraphrase": r["paraphrase"].get(concept)}
+
+
+def _named_attributes(prompt: str) -> dict[str, str]:
+    """The style (plain when no artist is named) and the shape, if any, that a tiny-world prompt names."""
+    padded = f" {prompt.replace(',', ' ')} "
+    out = {"style": next((s for s in world.NAMED_STYLES if f" {world.words(s)[0]} " in padded), "plain")}
+    shape = next((s for s in world.SHAPES if any(f" {w} " in padded for w in world.words(s))), None)
+    if shape is not None:
+        out["shape"] = shape
+    return out
 
 
 def structured_prune(model, fraction=0.25) -> Edit:

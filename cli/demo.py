@@ -18,8 +18,8 @@ METHODS = ("uce", "prune")
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="erase a concept from the bundled tiny model and show before/after")
-    p.add_argument("--concept", default="red", help="a tiny-world concept: a colour or style (the tiny model draws "
-                   "shapes only as blobs, so shape erasure is not measurable)")
+    p.add_argument("--concept", default="red", help="a tiny-world concept: a shape, colour or style "
+                   "(e.g. red, circle, monet)")
     p.add_argument("--method", choices=METHODS, default="uce", help="uce: closed-form cross-attention edit "
                    "(seconds); prune: ConceptPrune skilled-neuron masks (a minute)")
     p.add_argument("--out", default="out/demo", help="folder for the pictures, the edit and metrics.json")

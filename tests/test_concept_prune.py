@@ -328,8 +328,8 @@ def test_node_on_the_tiny_model_with_its_clip(comfy):
 
 @pytest.mark.slow
 @needs_tiny
-@pytest.mark.xfail(strict=True, reason="the shipped tiny model draws blobs the classifier reads as circles, whatever "
-                   "the prompt (README: The tiny model); pruning cannot lower that. Issue #3/#4.")
+@pytest.mark.xfail(strict=True, reason="the tiny model draws circles (100 %), but pruning its skilled ff.net.2 weights "
+                   "leaves them at 100 % (README: ConceptPrune on the tiny model). Issue #4.")
 def test_pruning_circle_erases_circles_on_the_tiny_model(comfy):
     from conceptedit.comfy_host.adapters import apply_edit
     from conceptedit.editing.evaluate import evaluate

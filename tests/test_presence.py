@@ -191,7 +191,7 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     from conceptedit.tiny.world import prompts_for
 
     model, clip, vae = load_tiny()
-    # colours and styles: the tiny model draws them at 100 % (its shapes are blobs, see README)
+    # colours and styles, which the tiny model draws at 100 % (README)
     concepts = ["red", "blue", "green", "monet", "hokusai", "mondrian"]
     prompt_sets = {c: prompts_for(c, 3, seed=7) for c in concepts}
     classify = default_classifier()

@@ -31,8 +31,11 @@ def _caption(shape: str | None, colour: str | None) -> str:
 
 
 @torch.no_grad()
-def probe(unet, text, tokens, n: int = 48, seed: int = 0, timesteps=TIMESTEPS) -> dict[str, dict[int, dict[str, float]]]:
-    """{kind: {t: {"right", "wrong", "unnamed", "gap"}}} for kind in shape, colour (plain background)."""
+def probe(unet, text, tokens, n: int = 48, seed: int = 0, timesteps=TIMESTEPS, jitter: float = 1.0
+          ) -> dict[str, dict[int, dict[str, float]]]:
+    """{kind: {t: {"right", "wrong", "unnamed", "gap"}}} for kind in shape, colour (plain background).
+    `jitter`: the layout jitter of the rendered pictures (use the one the weights were trained on,
+    `training_jitter`)."""
     ac = tm.alphas_cumprod()
     out: dict[str, dict[int, dict[str, float]]] = {}
     for kind, names in (("shape", world.SHAPES), ("colour", world.COLOURS)):
@@ -42,7 +45,7 @@ def probe(unet, text, tokens, n: int = 48, seed: int = 0, timesteps=TIMESTEPS) -
             c = names[i % len(names)]
             shape = c if kind == "shape" else rng.choice(world.SHAPES)
             colour = c if kind == "colour" else rng.choice(world.COLOURS)
-            imgs.append(world.render(shape, colour, "plain", rng))
+            imgs.append(world.render(shape, colour, "plain", rng, jitter))
             scenes.append((shape, colour))
         x0 = torch.cat([torch.stack(imgs), torch.zeros(n, 1, world.SIZE, world.SIZE)], dim=1)
 
@@ -78,14 +81,27 @@ def load(weights: str | None = None):
     return unet.eval(), text.eval(), Tokens()
 
 
+def training_jitter(weights: str | None = None) -> float:
+    """The layout jitter a tiny checkpoint was trained with (its metadata; 1.0 if it does not say)."""
+    import json
+    _, _, meta = tm.read_weights(weights)
+    try:
+        return float(json.loads(meta.get("train_config", "{}")).get("layout_jitter", 1.0))
+    except (TypeError, ValueError):
+        return 1.0
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None)
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jitter", type=float, default=None,
+                   help="layout jitter of the probe pictures (default: what the weights were trained with)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = probe(*load(args.weights), n=args.n)
+    jitter = training_jitter(args.weights) if args.jitter is None else args.jitter
+    res = probe(*load(args.weights), n=args.n, jitter=jitter)
     print("| kind | t | right word | wrong word | word left out | gap (wrong − right) / right |\n|---|---|---|---|---|---|")
     for kind, rows in res.items():
         for t, r in rows.items():

@@ -3,7 +3,8 @@
 Every picture has exactly three attributes, one concept of each kind:
 
 - ``shape``: circle, square, triangle, cross, star, heart (about 60 % of the image, jittered in
-  position, size and rotation);
+  position, size and rotation; `jitter` scales that: the classifier trains on the full range, the
+  shipped model on pictures at one fixed layout, jitter 0, see `tiny.train`);
 - ``colour``: red, green, blue, yellow, purple (saturated, well separated);
 - ``style``: monet (soft pastel gradient), mondrian (black grid lines on white), hokusai (wavy
   two-tone stripes), or plain (dark grey; what a caption that names no artist gets).
