@@ -29,7 +29,8 @@ from conceptedit.editing.edit import Change, Edit  # noqa: E402
 from conceptedit.editing.evaluate import erasure_report, evaluate  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
 from conceptedit.editing.resurgence import AuditConfig, audit  # noqa: E402
-from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn, paired_prompts, prepare_data  # noqa: E402
+from conceptedit.editing.unlearn import (UnlearnConfig, compute_unlearn, paired_prompts, prepare_data,  # noqa: E402
+                                        tiny_pair_attributes)
 from conceptedit.comfy_host.jobs import train_host  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
@@ -55,23 +56,20 @@ def measure(model, clip, edits, concept, preserved, args):
     # alignment on the retain prompts (the concept word removed, as the trainer's retain set): the
     # classifier's accuracy on the shape and the style those prompts still name, averaged
     _, retain = paired_prompts(concept, args.eval_prompts, seed=11, family="tiny")
-    pairs = [(p, _named_attributes(p)) for p in retain]
+    kind = world.kind_of(concept)
+    named = []
+    for a in tiny_pair_attributes(concept, args.eval_prompts):
+        e = {"style": "plain" if kind == "style" else a["style"]}  # a prompt without an artist draws plain
+        if kind != "shape":
+            e["shape"] = a["shape"]
+        named.append(e)
+    pairs = list(zip(retain, named))
     own = evaluate(sample, pairs, 2)
     kinds = sorted({k for _p, e in pairs for k in e})
     return {"efficacy": r["efficacy"][concept], "specificity": sum(r["specificity"].values()) / len(preserved),
             "alignment_retain": sum(own.accuracy.get(k, 0.0) for k in kinds) / len(kinds),
             "alignment_retain_by_kind": {k: own.accuracy.get(k) for k in kinds},
             "paraphrase": r["paraphrase"].get(concept)}
-
-
-def _named_attributes(prompt: str) -> dict[str, str]:
-    """The style (plain when no artist is named) and the shape, if any, that a tiny-world prompt names."""
-    padded = f" {prompt.replace(',', ' ')} "
-    out = {"style": next((s for s in world.NAMED_STYLES if f" {world.words(s)[0]} " in padded), "plain")}
-    shape = next((s for s in world.SHAPES if any(f" {w} " in padded for w in world.words(s))), None)
-    if shape is not None:
-        out["shape"] = shape
-    return out
 
 
 def structured_prune(model, fraction=0.25) -> Edit:

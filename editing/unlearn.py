@@ -102,19 +102,33 @@ def paired_prompts(concept: str, n: int, seed: int = 0, family: str = "") -> tup
     return forget, retain
 
 
-def _tiny_pairs(concept: str, n: int, rng: random.Random):
+def tiny_pair_attributes(concept: str, n: int) -> list[dict[str, str]] | None:
+    """The attributes of the `n` tiny-world forget prompts `paired_prompts(concept, n, family="tiny")`
+    builds ({"colour", "shape", "style"}; the retain twin is the same with `concept` unnamed), or
+    None when `concept` is not a tiny-world concept."""
     from ..tiny import world  # pure python: the concept vocabulary of the tiny model's world
     try:
         kind = world.kind_of(concept)
     except KeyError:
         return None
-    forget, retain = [], []
+    out = []
     for i in range(n):
-        colour = world.COLOURS[i % len(world.COLOURS)]
-        shape = world.SHAPES[(i * 5 + 1) % len(world.SHAPES)]
-        style = world.STYLES[(i * 7 + 2) % len(world.STYLES)]
-        attrs = {"colour": colour, "shape": shape, "style": style}
+        attrs = {"colour": world.COLOURS[i % len(world.COLOURS)],
+                 "shape": world.SHAPES[(i * 5 + 1) % len(world.SHAPES)],
+                 "style": world.STYLES[(i * 7 + 2) % len(world.STYLES)]}
         attrs[kind] = concept
+        out.append(attrs)
+    return out
+
+
+def _tiny_pairs(concept: str, n: int, rng: random.Random):
+    from ..tiny import world  # pure python: the concept vocabulary of the tiny model's world
+    attributes = tiny_pair_attributes(concept, n)
+    if attributes is None:
+        return None
+    kind = world.kind_of(concept)
+    forget, retain = [], []
+    for attrs in attributes:
         other = dict(attrs)
         # "concept word removed": an unnamed shape reads "shape"/"object", an unnamed colour or
         # artist is left out (the world's own convention for captions that omit an attribute).

@@ -132,6 +132,20 @@ def test_paired_prompts_differ_only_by_the_concept():
         U.paired_prompts("  ", 4)
 
 
+@pytest.mark.parametrize("concept", ["red", "circle", "monet"])
+def test_tiny_pair_attributes_are_what_the_forget_prompts_name(concept):
+    from conceptedit.tiny import world
+    forget, _ = U.paired_prompts(concept, 6, seed=11, family="tiny")
+    attributes = U.tiny_pair_attributes(concept, 6)
+    assert len(attributes) == 6 and all(a[world.kind_of(concept)] == concept for a in attributes)
+    for prompt, attrs in zip(forget, attributes):
+        for kind, c in attrs.items():
+            named = world.words(c)
+            assert (named[0] in prompt) if named else not any(
+                world.words(s)[0] in prompt for s in world.NAMED_STYLES), (prompt, attrs)
+    assert U.tiny_pair_attributes("van gogh", 6) is None
+
+
 def test_config_validation_is_actionable():
     with pytest.raises(InvalidInputError, match="method must be one of"):
         U.UnlearnConfig(method="sgd").validate()

@@ -160,13 +160,25 @@ def split_checkpoint(sd: dict) -> tuple[dict, dict]:
     return unet, clip
 
 
-def read_weights(path: str | None = None) -> tuple[dict, dict, dict]:
-    """(unet_state, clip_state, metadata) from a tiny checkpoint file, as float32."""
-    from safetensors import safe_open
+def _weights_path(path: str | None) -> str:
     path = path or DEFAULT_WEIGHTS
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tiny model weights not found at {path}; train them with "
-                                "`bash run.sh py -m tiny.train`")
+                                "`bash run.sh py -m tiny.train --recipe shipped`")
+    return path
+
+
+def read_metadata(path: str | None = None) -> dict:
+    """A tiny checkpoint's metadata (train config, world, ...), without reading its tensors."""
+    from safetensors import safe_open
+    with safe_open(_weights_path(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_weights(path: str | None = None) -> tuple[dict, dict, dict]:
+    """(unet_state, clip_state, metadata) from a tiny checkpoint file, as float32."""
+    from safetensors import safe_open
+    path = _weights_path(path)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k).float() for k in f.keys()}
