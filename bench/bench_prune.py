@@ -27,7 +27,7 @@ ensure_comfy()
 
 from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit  # noqa: E402
 from conceptedit.editing.arch import get_family  # noqa: E402
-from conceptedit.editing.concept_prune import PruneConfig  # noqa: E402
+from conceptedit.editing.concept_prune import PruneConfig, floor_edit  # noqa: E402
 from conceptedit.editing.evaluate import default_classifier, evaluate  # noqa: E402
 from conceptedit.editing.prompts import TINY_DEFAULTS, build_pairs  # noqa: E402
 from conceptedit.comfy_host.jobs import concept_prune  # noqa: E402
@@ -59,6 +59,16 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def floor_presence(model, clip, edit, concepts, classify, args) -> dict[str, float]:
+    """Per concept: presence in samples of its own prompts with every ``ff.net.2`` weight zeroed, the
+    floor that pruning FFN weights (by any selection) can reach on this model."""
+    from conceptedit.tiny.comfy_model import comfy_sampler
+    sample = comfy_sampler(apply_edit(model, None, floor_edit(edit))[0], clip, args.steps, args.cfg)
+    with torch.inference_mode():
+        return {c: evaluate(sample, world.prompts_for(c, args.prompts, 0), args.samples, classify).presence.get(c, 0.0)
+                for c in concepts}
 
 
 def speed(model, clip, concept: str, config: PruneConfig) -> dict:
@@ -144,6 +154,10 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             base = measure(base_sample, classify, c, base_spec, args.prompts, args.samples)
         print(f"baseline {c}: {base}")
+        with torch.inference_mode():
+            keys = concept_prune(model, clip, [c], "tiny", "", PruneConfig(steps=args.steps, cfg=args.cfg, tau=1))
+        results["ffn_floor"] = floor_presence(model, clip, keys, [c], classify, args)
+        print(f"every ff.net.2 weight zeroed: {c} {results['ffn_floor'][c]:.0%} (the floor for any FFN pruning)")
         print("| skill_ratio | τ | efficacy | paraphrase | specificity | pruned % ff.net.2 |\n|---|---|---|---|---|---|")
         for ratio in [float(x) for x in args.sweep_ratios.split(",")]:
             for tau in [int(x) for x in args.sweep_taus.split(",")]:
@@ -170,22 +184,26 @@ def main(argv=None) -> dict:
         return _speed_rows(model, clip, last, concepts, config, args, results)
     print(f"ConceptPrune on the tiny model: skill_ratio {config.skill_ratio}, τ {config.tau}, {config.steps} steps, "
           f"CFG {config.cfg}; {args.prompts} prompts x {args.samples} samples per concept\n")
-    print("| erased | efficacy base → pruned | paraphrase base → pruned | specificity base → pruned | "
-          "pruned % ff.net.2 | pruned % UNet | mask s |\n|---|---|---|---|---|---|---|")
+    print("| erased | efficacy base → pruned | every FFN zeroed | paraphrase base → pruned | specificity base → pruned | "
+          "pruned % ff.net.2 | pruned % UNet | mask s |\n|---|---|---|---|---|---|---|---|")
     last_patched = None
+    floor = None
     for c in concepts:
         with torch.inference_mode():
             base = measure(base_sample, classify, c, base_spec, args.prompts, args.samples)
             edit, t = timed(lambda: concept_prune(model, clip, [c], "tiny", "", config))
+        if floor is None:  # one model with every FFN weight zeroed serves all concepts
+            floor = results["ffn_floor"] = floor_presence(model, clip, edit, concepts, classify, args)
+        with torch.inference_mode():
             patched = apply_edit(model, None, edit)[0]
             after_sample = comfy_sampler(patched, clip, args.steps, args.cfg)
             after = measure(after_sample, classify, c, spec_eval(after_sample, classify), args.prompts, args.samples)
         last_patched = patched
         m = edit.metrics
-        row = {"concept": c, "baseline": base, "pruned": after, "pruned_ffn": m["pruned_fraction_ffn"],
+        row = {"concept": c, "baseline": base, "pruned": after, "ffn_floor": floor[c], "pruned_ffn": m["pruned_fraction_ffn"],
                "pruned_unet": m["pruned_fraction_unet"], "mask_s": t}
         results["rows"].append(row)
-        print(f"| {c} | {base['efficacy']:.0%} → {after['efficacy']:.0%} | {_pct(base['paraphrase'])} → "
+        print(f"| {c} | {base['efficacy']:.0%} → {after['efficacy']:.0%} | {floor[c]:.0%} | {_pct(base['paraphrase'])} → "
               f"{_pct(after['paraphrase'])} | {base['specificity']:.1%} → {after['specificity']:.1%} | "
               f"{100 * m['pruned_fraction_ffn']:.2f} | {100 * m['pruned_fraction_unet']:.3f} | {t:.0f} |", flush=True)
 

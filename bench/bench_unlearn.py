@@ -157,23 +157,33 @@ def part_distill(model, clip, host, args, out):
     log.info("distill: %s", out["distill"])
 
 
-def method_edits(model, clip, concept: str) -> dict:
+TRAINING_FREE = ("concept_prune", "cross_attention", "text_encoder")
+UNLEARNED = ("unlearn_rgd", "unlearn_ga", "unlearn_esd")
+
+
+def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     """The concept erased by the pack's training-free methods, with the settings the README reports:
-    ConceptPrune (tiny preset, skill_ratio 0.05, τ 10), the cross-attention edit (UCE, erase to "",
-    last-token window), and the text-encoder edit (EMCID stage 2, redirected to purple/plain, λ 1000)."""
+    ConceptPrune (tiny preset at its defaults, `TINY_DEFAULTS`), the cross-attention edit (UCE, erase
+    to "", last-token window), and the text-encoder edit (EMCID stage 2, redirected to purple/plain/
+    shape, λ 1000). `methods` picks among `TRAINING_FREE`."""
     from conceptedit.comfy_host.jobs import concept_prune, cross_attention_edit
     from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
     from conceptedit.editing.concept_prune import PruneConfig
     from conceptedit.editing.emcid import EmcidConfig
+    from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.uce import UCEConfig
     kind = world.kind_of(concept)
     dest = {"colour": "purple" if concept != "purple" else "red", "style": "plain", "shape": "shape"}[kind]
     templates = world.EMCID_TEMPLATES[kind]
-    out = {"concept_prune": concept_prune(model, clip, [concept], "tiny", "", PruneConfig(skill_ratio=0.05, tau=10))}
-    _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
-    out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
-                                              EmcidConfig(lam=1000, templates=templates, n_captions=1000),
-                                              cache_dir=os.path.join(ROOT, ".cache", "emcid"))
+    out = {}
+    if "concept_prune" in methods:
+        out["concept_prune"] = concept_prune(model, clip, [concept], "tiny", "", PruneConfig(**TINY_DEFAULTS))
+    if "cross_attention" in methods:
+        _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
+    if "text_encoder" in methods:
+        out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
+                                                  EmcidConfig(lam=1000, templates=templates, n_captions=1000),
+                                                  cache_dir=os.path.join(ROOT, ".cache", "emcid"))
     return out
 
 
@@ -229,8 +239,14 @@ def main():
     ap.add_argument("--distill-steps", type=int, default=0, help="--part distill: total steps (default --steps)")
     ap.add_argument("--erase-every", type=int, default=10, help="--part distill: one erase step every N (10 = 9:1)")
     ap.add_argument("--sibling-retain", type=int, default=1, help="1: add prompts of sibling concepts to the retain set")
+    ap.add_argument("--audit-methods", default=",".join(TRAINING_FREE + UNLEARNED),
+                    help="--part audit: which edits to audit (comma-separated, of " + ", ".join(TRAINING_FREE + UNLEARNED) + ")")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    audit_methods = [m.strip() for m in args.audit_methods.split(",") if m.strip()]
+    unknown = set(audit_methods) - set(TRAINING_FREE + UNLEARNED)
+    if unknown:
+        ap.error(f"unknown --audit-methods {sorted(unknown)}; choose from {', '.join(TRAINING_FREE + UNLEARNED)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     model, clip, _vae = load_tiny()
@@ -242,13 +258,13 @@ def main():
     edits = {}
     if args.part == "speed":
         part_speed(model, clip, host, args, out)
-    if args.part in ("unlearn", "all", "audit"):
+    if args.part in ("unlearn", "all") or (args.part == "audit" and set(audit_methods) & set(UNLEARNED)):
         edits = part_unlearn(model, clip, host, args, out)
     if args.part in ("distill", "all"):
         part_distill(model, clip, host, args, out)
     if args.part in ("audit", "all"):
-        audited = method_edits(model, clip, args.concept)
-        audited.update({f"unlearn_{k}": edits[k] for k in ("rgd", "ga", "esd")})
+        audited = method_edits(model, clip, args.concept, audit_methods)
+        audited.update({m: edits[m[len("unlearn_"):]] for m in UNLEARNED if m in audit_methods})
         part_audit(model, clip, host, args, out, audited)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--concept", default="red", help="a tiny-world concept: a shape, colour or style "
                    "(e.g. red, circle, monet)")
     p.add_argument("--method", choices=METHODS, default="uce", help="uce: closed-form cross-attention edit "
-                   "(seconds); prune: ConceptPrune skilled-neuron masks (a minute)")
+                   "(seconds; erases colours and circles); prune: ConceptPrune skilled-neuron masks (a minute; "
+                   "on the tiny model it erases triangles, see README)")
     p.add_argument("--out", default="out/demo", help="folder for the pictures, the edit and metrics.json")
     p.add_argument("--prompts", type=int, default=6, help="prompts per concept for the metrics")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt for the metrics")

@@ -90,7 +90,9 @@ class FFNStatistics:
             return
         x = x.detach().reshape(-1, x.shape[-1]).float()
         sq = x.square()
-        contrib = (sq / sq.sum(dim=1, keepdim=True).clamp_min(self.eps)).sum(dim=0)
+        # Σ_tokens x_j² / ‖x‖² as one mat-vec (1/‖x‖²) @ x²: no second [tokens, 4d] temporary
+        # (3.4 ms -> 0.3 ms per call at 4096 x 256 on 2 CPU cores).
+        contrib = sq.sum(dim=1).clamp_min(self.eps).reciprocal() @ sq
         buf = self.sumsq.get(name)
         if buf is None:
             buf = self.sumsq[name] = torch.zeros(self.steps, x.shape[1], device=x.device, dtype=torch.float32)
@@ -260,3 +262,21 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     return Edit(method=METHOD, family=family.name, changes=changes, concepts=list(pairs),
                 params={**asdict(cfg), "prompts": prompts_meta}, fingerprint=dict(fingerprint or {}),
                 metrics=metrics)
+
+
+def floor_edit(edit: Edit) -> Edit:
+    """The same layers as a ConceptPrune `edit`, every weight pruned: the model with all its
+    ``ff.net.2`` weights zeroed. Sampling it measures the floor of ConceptPrune on that model — a
+    concept still drawn without any FFN weight cannot be erased by pruning FFN weights, whatever
+    the selection (a diagnostic for tuning; never a product edit)."""
+    if edit.method != METHOD:
+        raise InvalidInputError(f"floor_edit takes a ConceptPrune edit, got a {edit.method!r} edit")
+    changes = {}
+    for k, c in edit.changes.items():
+        n = 1
+        for s in c.shape:
+            n *= s
+        changes[k] = Change("mask", c.shape, {"index": torch.arange(n, dtype=torch.int64)})
+    return Edit(method=METHOD, family=edit.family, changes=changes, concepts=["<every ff.net.2 weight>"],
+                params=dict(edit.params), fingerprint=dict(edit.fingerprint), metrics={"pruned_fraction_ffn": 1.0})
+

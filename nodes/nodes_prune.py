@@ -36,7 +36,7 @@ class ConceptPrune:
                                                        "custom (only the pairs below)."}),
             "skill_ratio": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
                                       "tooltip": "Share of each weight row that may count as skilled per step (paper: "
-                                                 "0.01 artists/nudity, 0.02 objects; the tiny model needs more)."}),
+                                                 "0.01 artists/nudity, 0.02 objects; the tiny model: 0.2)."}),
             "tau": ("INT", {"default": 10, "min": 1, "max": 1000,
                             "tooltip": "Prune weights skilled at any of the first τ denoising steps (paper: 9-10)."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000,

@@ -7,7 +7,7 @@ import torch
 
 from conceptedit.editing import arch
 from conceptedit.editing.concept_prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
-                                               ffn_layers, skilled_mask, wanda_scores)
+                                               ffn_layers, floor_edit, skilled_mask, wanda_scores)
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import (Cancelled, FingerprintMismatchError, InvalidInputError,
                                         UnknownArchitectureError)
@@ -55,6 +55,19 @@ def test_union_over_the_first_tau_steps_only():
     cn[4, 2] = 1.0  # skilled at step 4
     assert skilled_mask(w, cn, rn, 0.25, tau=3)[0].tolist() == [False, True, False, False]
     assert skilled_mask(w, cn, rn, 0.25, tau=5)[0].tolist() == [False, True, True, False]
+
+
+def test_floor_edit_prunes_every_weight_of_the_same_layers():
+    edit = Edit(method="concept_prune", family="tiny", concepts=["circle"], fingerprint={"unet": "abc"},
+                changes={"diffusion_model.a.ff.net.2.weight": Change("mask", (3, 8), {"index": torch.tensor([1, 5], dtype=torch.int32)}),
+                         "diffusion_model.b.ff.net.2.weight": Change("mask", (2, 4), {"index": torch.tensor([], dtype=torch.int32)})})
+    floor = floor_edit(edit)
+    assert set(floor.changes) == set(edit.changes) and floor.fingerprint == edit.fingerprint
+    w = torch.randn(3, 8)
+    assert torch.equal(floor.changes["diffusion_model.a.ff.net.2.weight"].delta(w, dtype=torch.float32, device="cpu"), -w)
+    assert floor.changes["diffusion_model.b.ff.net.2.weight"].tensors["index"].tolist() == list(range(8))
+    with pytest.raises(InvalidInputError, match="ConceptPrune"):
+        floor_edit(Edit(method="uce", family="tiny", changes={}))
 
 
 def test_sdxl_width_mask_matches_a_row_by_row_reference():
@@ -326,23 +339,45 @@ def test_node_on_the_tiny_model_with_its_clip(comfy):
     assert patched is not model and not model.patches and len(patched.patches) == len(edit.changes)
 
 
-@pytest.mark.slow
-@needs_tiny
-@pytest.mark.xfail(strict=True, reason="the tiny model draws circles (100 %), but pruning its skilled ff.net.2 weights "
-                   "leaves them at 100 % (README: ConceptPrune on the tiny model). Issue #4.")
-def test_pruning_circle_erases_circles_on_the_tiny_model(comfy):
-    from conceptedit.comfy_host.adapters import apply_edit
-    from conceptedit.editing.evaluate import evaluate
+@pytest.fixture(scope="module")
+def tiny_triangle_prune(comfy):
+    """The shipped tiny model, ConceptPrune's mask for 'triangle' at the tiny defaults, and a sampler maker."""
     from conceptedit.editing.prompts import TINY_DEFAULTS
-    from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, tiny_clip, _ = load_tiny()
-    prompts = world.prompts_for("circle", 4)
     cfg = PruneConfig(steps=20, cfg=5.0, **TINY_DEFAULTS)
     with torch.inference_mode():
-        before = evaluate(comfy_sampler(model, tiny_clip), prompts, 2).presence.get("circle", 0.0)
         edit = compute_concept_prune(_denoiser(model, tiny_clip, latent_hw=None), arch.get_family("tiny"),
-                                     build_pairs(["circle"], "tiny"), cfg)
-        patched = apply_edit(model, None, edit)[0]
-        after = evaluate(comfy_sampler(patched, tiny_clip), prompts, 2).presence.get("circle", 0.0)
-    assert before >= 0.5 and after <= before / 2
+                                     build_pairs(["triangle"], "tiny"), cfg)
+    return model, tiny_clip, edit, lambda m: comfy_sampler(m, tiny_clip)
+
+
+def _presence(sample, concept, n_prompts=4, samples=2):
+    from conceptedit.editing.evaluate import evaluate
+    from conceptedit.tiny import world
+    with torch.inference_mode():
+        return evaluate(sample, world.prompts_for(concept, n_prompts), samples).presence.get(concept, 0.0)
+
+
+@pytest.mark.slow
+@needs_tiny
+def test_pruning_triangle_erases_triangles_and_keeps_circles(tiny_triangle_prune):
+    from conceptedit.comfy_host.adapters import apply_edit
+    model, _, edit, sampler = tiny_triangle_prune
+    patched = apply_edit(model, None, edit)[0]
+    assert _presence(sampler(model), "triangle") >= 0.75
+    assert _presence(sampler(patched), "triangle") <= 0.25  # bench: 100 % -> 0 %
+    assert _presence(sampler(patched), "circle") >= 0.75
+    assert 0.05 < edit.metrics["pruned_fraction_ffn"] < 0.4
+
+
+@pytest.mark.slow
+@needs_tiny
+def test_without_any_ffn_weight_the_tiny_model_still_draws_circles_not_triangles(tiny_triangle_prune):
+    """Why ConceptPrune cannot erase circles on the tiny model (README): they do not pass through the
+    FFNs at all, so no selection of ff.net.2 weights can remove them. Triangles do."""
+    from conceptedit.comfy_host.adapters import apply_edit
+    model, _, edit, sampler = tiny_triangle_prune
+    floor = apply_edit(model, None, floor_edit(edit))[0]
+    assert _presence(sampler(floor), "circle") >= 0.75
+    assert _presence(sampler(floor), "triangle") <= 0.25
