@@ -164,8 +164,9 @@ UNLEARNED = ("unlearn_rgd", "unlearn_ga", "unlearn_esd")
 def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     """The concept erased by the pack's training-free methods, with the settings the README reports:
     ConceptPrune (tiny preset at its defaults, `TINY_DEFAULTS`), the cross-attention edit (UCE, erase
-    to "", last-token window), and the text-encoder edit (EMCID stage 2, redirected to purple/plain/
-    shape, λ 1000). `methods` picks among `TRAINING_FREE`."""
+    to "", last-token window), and the text-encoder edit (EMCID stage 2 alone, targets = the destination's own text state,
+    redirected to purple/plain/shape, λ 1000, as `bench_emcid --part tiny`). `methods` picks among
+    `TRAINING_FREE`."""
     from conceptedit.comfy_host.jobs import concept_prune, cross_attention_edit
     from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
     from conceptedit.editing.concept_prune import PruneConfig
@@ -182,7 +183,8 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
         _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
     if "text_encoder" in methods:
         out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
-                                                  EmcidConfig(lam=1000, templates=templates, n_captions=1000),
+                                                  EmcidConfig(lam=1000, use_stage1=False, templates=templates,
+                                                              n_captions=1000),
                                                   cache_dir=os.path.join(ROOT, ".cache", "emcid"))
     return out
 
