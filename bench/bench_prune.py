@@ -184,8 +184,9 @@ def main(argv=None) -> dict:
         return _speed_rows(model, clip, last, concepts, config, args, results)
     print(f"ConceptPrune on the tiny model: skill_ratio {config.skill_ratio}, τ {config.tau}, {config.steps} steps, "
           f"CFG {config.cfg}; {args.prompts} prompts x {args.samples} samples per concept\n")
-    print("| erased | efficacy base → pruned | every FFN zeroed | paraphrase base → pruned | specificity base → pruned | "
-          "pruned % ff.net.2 | pruned % UNet | mask s |\n|---|---|---|---|---|---|---|---|")
+    print("| erased | efficacy base → pruned | every FFN zeroed | paraphrase base → pruned | "
+          "specificity base → pruned | pruned % ff.net.2 | pruned % UNet | mask s |\n"
+          "|---|---|---|---|---|---|---|---|")
     last_patched = None
     floor = None
     for c in concepts:
@@ -200,11 +201,12 @@ def main(argv=None) -> dict:
             after = measure(after_sample, classify, c, spec_eval(after_sample, classify), args.prompts, args.samples)
         last_patched = patched
         m = edit.metrics
-        row = {"concept": c, "baseline": base, "pruned": after, "ffn_floor": floor[c], "pruned_ffn": m["pruned_fraction_ffn"],
-               "pruned_unet": m["pruned_fraction_unet"], "mask_s": t}
+        row = {"concept": c, "baseline": base, "pruned": after, "ffn_floor": floor[c],
+               "pruned_ffn": m["pruned_fraction_ffn"], "pruned_unet": m["pruned_fraction_unet"], "mask_s": t}
         results["rows"].append(row)
-        print(f"| {c} | {base['efficacy']:.0%} → {after['efficacy']:.0%} | {floor[c]:.0%} | {_pct(base['paraphrase'])} → "
-              f"{_pct(after['paraphrase'])} | {base['specificity']:.1%} → {after['specificity']:.1%} | "
+        print(f"| {c} | {base['efficacy']:.0%} → {after['efficacy']:.0%} | {floor[c]:.0%} | "
+              f"{_pct(base['paraphrase'])} → {_pct(after['paraphrase'])} | "
+              f"{base['specificity']:.1%} → {after['specificity']:.1%} | "
               f"{100 * m['pruned_fraction_ffn']:.2f} | {100 * m['pruned_fraction_unet']:.3f} | {t:.0f} |", flush=True)
 
     return _speed_rows(model, clip, last_patched, concepts, config, args, results)

@@ -164,9 +164,9 @@ UNLEARNED = ("unlearn_rgd", "unlearn_ga", "unlearn_esd")
 def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     """The concept erased by the pack's training-free methods, with the settings the README reports:
     ConceptPrune (tiny preset at its defaults, `TINY_DEFAULTS`), the cross-attention edit (UCE, erase
-    to "", last-token window), and the text-encoder edit (EMCID stage 2 alone, targets = the destination's own text state,
-    redirected to purple/plain/shape, λ 1000, as `bench_emcid --part tiny`). `methods` picks among
-    `TRAINING_FREE`."""
+    to "", last-token window), and the text-encoder edit (EMCID stage 2 alone, targets = the
+    destination's own text state, redirected to purple/plain/shape, λ 1000, as `bench_emcid --part
+    tiny`). `methods` picks among `TRAINING_FREE`."""
     from conceptedit.comfy_host.jobs import concept_prune, cross_attention_edit
     from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
     from conceptedit.editing.concept_prune import PruneConfig
@@ -180,7 +180,8 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     if "concept_prune" in methods:
         out["concept_prune"] = concept_prune(model, clip, [concept], "tiny", "", PruneConfig(**TINY_DEFAULTS))
     if "cross_attention" in methods:
-        _, out["cross_attention"] = cross_attention_edit(model, clip, UCEConfig(concepts=[concept], token_window="last"))
+        uce = UCEConfig(concepts=[concept], token_window="last")
+        _, out["cross_attention"] = cross_attention_edit(model, clip, uce)
     if "text_encoder" in methods:
         out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
                                                   EmcidConfig(lam=1000, use_stage1=False, templates=templates,
@@ -241,14 +242,15 @@ def main():
     ap.add_argument("--distill-steps", type=int, default=0, help="--part distill: total steps (default --steps)")
     ap.add_argument("--erase-every", type=int, default=10, help="--part distill: one erase step every N (10 = 9:1)")
     ap.add_argument("--sibling-retain", type=int, default=1, help="1: add prompts of sibling concepts to the retain set")
+    audit_choices = ", ".join(TRAINING_FREE + UNLEARNED)
     ap.add_argument("--audit-methods", default=",".join(TRAINING_FREE + UNLEARNED),
-                    help="--part audit: which edits to audit (comma-separated, of " + ", ".join(TRAINING_FREE + UNLEARNED) + ")")
+                    help=f"--part audit: which edits to audit (comma-separated, of {audit_choices})")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     audit_methods = [m.strip() for m in args.audit_methods.split(",") if m.strip()]
     unknown = set(audit_methods) - set(TRAINING_FREE + UNLEARNED)
     if unknown:
-        ap.error(f"unknown --audit-methods {sorted(unknown)}; choose from {', '.join(TRAINING_FREE + UNLEARNED)}")
+        ap.error(f"unknown --audit-methods {sorted(unknown)}; choose from {audit_choices}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     model, clip, _vae = load_tiny()

@@ -21,6 +21,7 @@ by default the generations stop after τ steps: the mask is the same as with ful
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
@@ -271,12 +272,7 @@ def floor_edit(edit: Edit) -> Edit:
     the selection (a diagnostic for tuning; never a product edit)."""
     if edit.method != METHOD:
         raise InvalidInputError(f"floor_edit takes a ConceptPrune edit, got a {edit.method!r} edit")
-    changes = {}
-    for k, c in edit.changes.items():
-        n = 1
-        for s in c.shape:
-            n *= s
-        changes[k] = Change("mask", c.shape, {"index": torch.arange(n, dtype=torch.int64)})
+    changes = {k: Change("mask", c.shape, {"index": torch.arange(math.prod(c.shape), dtype=torch.int64)})
+               for k, c in edit.changes.items()}
     return Edit(method=METHOD, family=edit.family, changes=changes, concepts=["<every ff.net.2 weight>"],
                 params=dict(edit.params), fingerprint=dict(edit.fingerprint), metrics={"pruned_fraction_ffn": 1.0})
-

@@ -58,14 +58,15 @@ def test_union_over_the_first_tau_steps_only():
 
 
 def test_floor_edit_prunes_every_weight_of_the_same_layers():
+    a, b = "diffusion_model.a.ff.net.2.weight", "diffusion_model.b.ff.net.2.weight"
     edit = Edit(method="concept_prune", family="tiny", concepts=["circle"], fingerprint={"unet": "abc"},
-                changes={"diffusion_model.a.ff.net.2.weight": Change("mask", (3, 8), {"index": torch.tensor([1, 5], dtype=torch.int32)}),
-                         "diffusion_model.b.ff.net.2.weight": Change("mask", (2, 4), {"index": torch.tensor([], dtype=torch.int32)})})
+                changes={a: Change("mask", (3, 8), {"index": torch.tensor([1, 5], dtype=torch.int32)}),
+                         b: Change("mask", (2, 4), {"index": torch.tensor([], dtype=torch.int32)})})
     floor = floor_edit(edit)
     assert set(floor.changes) == set(edit.changes) and floor.fingerprint == edit.fingerprint
     w = torch.randn(3, 8)
-    assert torch.equal(floor.changes["diffusion_model.a.ff.net.2.weight"].delta(w, dtype=torch.float32, device="cpu"), -w)
-    assert floor.changes["diffusion_model.b.ff.net.2.weight"].tensors["index"].tolist() == list(range(8))
+    assert torch.equal(floor.changes[a].delta(w, dtype=torch.float32, device="cpu"), -w)
+    assert floor.changes[b].tensors["index"].tolist() == list(range(8))
     with pytest.raises(InvalidInputError, match="ConceptPrune"):
         floor_edit(Edit(method="uce", family="tiny", changes={}))
 
