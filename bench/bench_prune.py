@@ -38,15 +38,19 @@ def specificity_set(seed: int = 0) -> list[tuple[str, dict[str, str]]]:
     return world.grid_prompt_set(seed)
 
 
+def presence(sample, classify, concept: str, n_prompts: int, samples: int) -> float:
+    """Presence of `concept` in samples of its own prompts."""
+    return evaluate(sample, world.prompts_for(concept, n_prompts, 0), samples, classify).presence.get(concept, 0.0)
+
+
 def measure(sample, classify, concept: str, spec, n_prompts: int, samples: int) -> dict:
     """Efficacy and paraphrase presence of `concept`; specificity from `spec` (an EvalResult on
     `specificity_set`, computed once per model) over the prompts that do not name the concept."""
-    own = evaluate(sample, world.prompts_for(concept, n_prompts, 0), samples, classify)
     syn_prompts = world.synonym_prompts(concept, n_prompts, 0)
     syn = evaluate(sample, syn_prompts, samples, classify) if syn_prompts else None
     hits = [e[f"{k}_accuracy"] for e in spec.per_prompt if concept not in e["expected"].values()
             for k in e["expected"] if f"{k}_accuracy" in e]
-    return {"efficacy": own.presence.get(concept, 0.0),
+    return {"efficacy": presence(sample, classify, concept, n_prompts, samples),
             "paraphrase": syn.presence.get(concept, 0.0) if syn else None,
             "specificity": sum(hits) / len(hits)}
 
@@ -62,13 +66,13 @@ def timed(fn):
 
 
 def floor_presence(model, clip, edit, concepts, classify, args) -> dict[str, float]:
-    """Per concept: presence in samples of its own prompts with every ``ff.net.2`` weight zeroed, the
-    floor that pruning FFN weights (by any selection) can reach on this model."""
+    """Per concept: presence in samples of its own prompts with every ``ff.net.2`` weight zeroed (the
+    layers of `edit`, any ConceptPrune edit of this model), the floor that pruning FFN weights (by any
+    selection) can reach on this model."""
     from conceptedit.tiny.comfy_model import comfy_sampler
     sample = comfy_sampler(apply_edit(model, None, floor_edit(edit))[0], clip, args.steps, args.cfg)
     with torch.inference_mode():
-        return {c: evaluate(sample, world.prompts_for(c, args.prompts, 0), args.samples, classify).presence.get(c, 0.0)
-                for c in concepts}
+        return {c: presence(sample, classify, c, args.prompts, args.samples) for c in concepts}
 
 
 def speed(model, clip, concept: str, config: PruneConfig) -> dict:
@@ -154,11 +158,8 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             base = measure(base_sample, classify, c, base_spec, args.prompts, args.samples)
         print(f"baseline {c}: {base}")
-        with torch.inference_mode():
-            keys = concept_prune(model, clip, [c], "tiny", "", PruneConfig(steps=args.steps, cfg=args.cfg, tau=1))
-        results["ffn_floor"] = floor_presence(model, clip, keys, [c], classify, args)
-        print(f"every ff.net.2 weight zeroed: {c} {results['ffn_floor'][c]:.0%} (the floor for any FFN pruning)")
         print("| skill_ratio | τ | efficacy | paraphrase | specificity | pruned % ff.net.2 |\n|---|---|---|---|---|---|")
+        edit = None
         for ratio in [float(x) for x in args.sweep_ratios.split(",")]:
             for tau in [int(x) for x in args.sweep_taus.split(",")]:
                 if tau > args.steps:
@@ -173,6 +174,9 @@ def main(argv=None) -> dict:
                 results["rows"].append(row)
                 print(f"| {ratio} | {tau} | {r['efficacy']:.0%} | {_pct(r['paraphrase'])} | {r['specificity']:.1%} "
                       f"| {100 * row['pruned_ffn']:.2f} |", flush=True)
+        if edit is not None:  # the last edit names the FFN layers; no extra calibration run for the floor
+            results["ffn_floor"] = floor_presence(model, clip, edit, [c], classify, args)
+            print(f"every ff.net.2 weight zeroed: {c} {results['ffn_floor'][c]:.0%} (the floor for any FFN pruning)")
         _dump(args, results)
         return results
 

@@ -271,7 +271,8 @@ def floor_edit(edit: Edit) -> Edit:
     concept still drawn without any FFN weight cannot be erased by pruning FFN weights, whatever
     the selection (a diagnostic for tuning; never a product edit)."""
     if edit.method != METHOD:
-        raise InvalidInputError(f"floor_edit takes a ConceptPrune edit, got a {edit.method!r} edit")
+        raise InvalidInputError(f"floor_edit takes a ConceptPrune edit (it names the ff.net.2 layers), got a "
+                                f"{edit.method!r} edit; pass one from compute_concept_prune or the ConceptPrune node")
     changes = {k: Change("mask", c.shape, {"index": torch.arange(math.prod(c.shape), dtype=torch.int64)})
                for k, c in edit.changes.items()}
     return Edit(method=METHOD, family=edit.family, changes=changes, concepts=["<every ff.net.2 weight>"],
