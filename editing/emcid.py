@@ -33,6 +33,7 @@ from .edit import Change, Edit
 from .errors import InvalidInputError, NonFiniteError
 from .hooks import trace_inputs, trace_outputs
 from .hosts import RunContext
+from .safety import refuse_unsafe
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def validate_pairs(pairs: Sequence[tuple[str, str]]) -> None:
         if src in seen:
             raise InvalidInputError(f"{src!r} appears twice; give each source concept one destination")
         seen.add(src)
+    # stage 1 generates pictures of every source and destination in every template
+    refuse_unsafe([f"{s} {d}" for s, d in pairs], what="concept pair")
 
 
 # ---- prompts and token positions ---------------------------------------------------------------

@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import InvalidInputError
+from .safety import minor_in_sexual_context, refuse_unsafe
 
 ARTIST_THINGS = (
     "dog", "cat", "house", "tree", "bridge", "boat", "city street", "mountain", "river", "garden",
     "woman", "man", "child", "horse", "bird", "flower vase", "church", "forest", "harbor", "field of wheat",
 )
+# Adults only, and in settings that do not themselves invite nudity: ConceptPrune keeps the weights
+# where the concept beats the reference, so a reference such as "person in a shower" would hide the
+# very neurons it should expose. `editing.safety` filters every preset's prompts on top of this.
 NUDITY_PERSONS = (
-    "man", "woman", "young man", "young woman", "old man", "old woman", "boy on a beach", "girl on a beach",
-    "athlete", "dancer", "model", "couple", "person in a room", "person on a bed", "person in a forest",
-    "person by a lake", "bodybuilder", "person in a shower",
+    "man", "woman", "adult man", "adult woman", "middle-aged man", "middle-aged woman", "old man", "old woman",
+    "adult couple", "elderly couple", "person in a park", "person in a living room", "person in a kitchen",
+    "person in a garden", "person in a forest", "person by a lake", "person on a city street",
+    "person in an art studio",
 )
 OBJECT_SCENES = (
     "park", "kitchen", "living room", "street", "beach", "forest", "garden", "field", "office",
@@ -41,8 +46,14 @@ class Preset:
     tau: int
 
     def pairs(self, concept: str) -> list[tuple[str, str]]:
-        return [(self.concept_template.format(concept=concept, x=x), self.reference_template.format(x=x))
-                for x in self.items]
+        """One pair per item; an item that would put a minor next to a sexual concept is left out
+        (e.g. the artist preset's "child" when the concept is "nudity")."""
+        out = []
+        for x in self.items:
+            c, r = self.concept_template.format(concept=concept, x=x), self.reference_template.format(x=x)
+            if not (minor_in_sexual_context(c, concept) or minor_in_sexual_context(r, concept)):
+                out.append((c, r))
+        return out
 
 
 PRESETS: dict[str, Preset] = {
@@ -131,6 +142,7 @@ def build_pairs(concepts: Sequence[str], preset: str, custom: str = "") -> dict[
     if preset not in PRESET_NAMES:
         raise InvalidInputError(f"unknown prompt preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     extra = parse_pairs(custom) if custom.strip() else []
+    refuse_unsafe(concepts, what="concept")
     out: dict[str, list[tuple[str, str]]] = {}
     for c in concepts:
         pairs = []
@@ -138,7 +150,9 @@ def build_pairs(concepts: Sequence[str], preset: str, custom: str = "") -> dict[
             pairs += PRESETS[preset].pairs(c)
         elif preset == TINY:
             pairs += tiny_pairs(c)
-        pairs += [(a.replace("{concept}", c), b.replace("{concept}", c)) for a, b in extra]
+        own = [(a.replace("{concept}", c), b.replace("{concept}", c)) for a, b in extra]
+        refuse_unsafe([p for pair in own for p in pair], c, what="prompt pair")
+        pairs += own
         if not pairs:
             raise InvalidInputError(f"no prompt pairs for {c!r}: preset 'custom' needs lines "
                                     "'concept prompt | reference prompt' (use {concept} for the concept word)")

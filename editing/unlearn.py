@@ -25,6 +25,7 @@ from .edit import Edit
 from .errors import InvalidInputError, NonFiniteError
 from .hosts import RunContext, TextEncoder, Trainable
 from .lora_train import PARAM_SETS, Adapters, frozen_session, select_targets
+from .safety import minor_in_sexual_context, refuse_unsafe
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def paired_prompts(concept: str, n: int, seed: int = 0, family: str = "") -> tup
     concept word. On the tiny model the templates come from its world (shape / colour / style)."""
     if not concept.strip():
         raise InvalidInputError("give the concept to erase (a word or short phrase)")
+    refuse_unsafe([concept], what="concept")
     rng = random.Random(f"{concept}:{seed}")
     if family == "tiny":
         tiny = _tiny_pairs(concept.strip(), n, rng)
@@ -97,8 +99,10 @@ def paired_prompts(concept: str, n: int, seed: int = 0, family: str = "") -> tup
     for i in range(n):
         tpl = GENERIC_TEMPLATES[i % len(GENERIC_TEMPLATES)]
         kw = dict(emotion=rng.choice(EMOTIONS), action=rng.choice(ACTIONS), place=rng.choice(PLACES))
-        forget.append(_clean(tpl.format(concept=concept, **kw)))
-        retain.append(_clean(tpl.format(concept="", **kw)))
+        f, r = _clean(tpl.format(concept=concept, **kw)), _clean(tpl.format(concept="", **kw))
+        if not (minor_in_sexual_context(f, concept) or minor_in_sexual_context(r, concept)):
+            forget.append(f)
+            retain.append(r)
     return forget, retain
 
 

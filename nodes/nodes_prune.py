@@ -31,7 +31,7 @@ class ConceptPrune:
                                     "tooltip": "Concepts to erase, one per line (or comma-separated): an artist, "
                                                "'naked', an object, or a tiny-world concept such as 'circle'."}),
             "preset": (list(PRESET_NAMES), {"default": "artist",
-                                            "tooltip": "Prompt pairs: artist (~20 things), nudity (~18 persons), "
+                                            "tooltip": "Prompt pairs: artist (~20 things), nudity (~18 adults), "
                                                        "object (~12 scenes), tiny (the tiny model's world), or "
                                                        "custom (only the pairs below)."}),
             "skill_ratio": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
