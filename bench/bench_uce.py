@@ -113,7 +113,7 @@ def encode_time(family):
     return dt, tuple(emb.shape), params
 
 
-def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last"):
+def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last", options=None):
     """Efficacy / specificity / paraphrase on the tiny trained model: erase one concept of `kind`,
     then all of that kind but one (the kept one must survive), side by side with the unedited
     model. Preserved: the kept concepts of that kind plus two of another kind."""
@@ -130,7 +130,7 @@ def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last"):
     others = [c for c in world.CONCEPTS[other_kind] if world.CONCEPTS[other_kind][c]][:2]
     for erased in ([names[0]], names[:-1]):
         kept = [c for c in names if c not in erased] + others
-        cfg = UCEConfig(concepts=erased, preserve=kept, token_window=token_window)
+        cfg = UCEConfig(concepts=erased, preserve=kept, token_window=token_window, **(options or {}))
         t = time.perf_counter()
         patched, edit = cross_attention_edit(model, clip, cfg, terminal_context())
         dt = time.perf_counter() - t
@@ -157,9 +157,12 @@ def main():
                     help="token window of the scale rows")
     ap.add_argument("--kind", default="colour", choices=("shape", "colour", "style"), help="--tiny: concepts to erase")
     ap.add_argument("--token-window", default="last", help="--tiny: UCE token window (the demo's is 'last')")
+    ap.add_argument("--empty-guide", default="eos", choices=("eos", "bos"), help="--tiny: where an empty guide maps (last window)")
+    ap.add_argument("--no-preserve-uncond", action="store_true", help="--tiny: preserve only the empty prompt's BOS")
     args = ap.parse_args()
     if args.tiny:
-        return tiny_eval(args.steps, args.prompts, args.samples, args.kind, args.token_window)
+        return tiny_eval(args.steps, args.prompts, args.samples, args.kind, args.token_window,
+                         dict(empty_guide=args.empty_guide, preserve_unconditional=not args.no_preserve_uncond))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     for fam_name in args.families.split(","):

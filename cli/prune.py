@@ -18,8 +18,8 @@ def register(sub) -> None:
                    help="prompt pairs (default: 'tiny' for --ckpt tiny, else 'artist')")
     p.add_argument("--pairs", default="",
                    help="a text file of 'concept prompt | reference prompt' lines ({concept} = the concept)")
-    p.add_argument("--skill-ratio", type=float, default=None, help="default: the preset's (paper) value")
-    p.add_argument("--tau", type=int, default=None, help="default: the preset's (paper) value")
+    p.add_argument("--skill-ratio", type=float, default=0.0, help="0 (default): the preset's (paper) value")
+    p.add_argument("--tau", type=int, default=0, help="0 (default): the preset's (paper) value, at most --steps")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -31,8 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..editing.concept_prune import PruneConfig
-    from ..editing.prompts import defaults
+    from ..editing.concept_prune import PruneConfig, with_preset_defaults
     from ..comfy_host.jobs import concept_prune
     from .common import TINY, load_model, terminal_context
 
@@ -42,11 +41,9 @@ def run(args) -> int:
         with open(args.pairs, encoding="utf-8") as f:
             pairs_text = f.read()
         preset = args.preset or "custom"
-    d = defaults(preset)
-    config = PruneConfig(skill_ratio=args.skill_ratio if args.skill_ratio is not None else d["skill_ratio"],
-                         tau=args.tau if args.tau is not None else min(d["tau"], args.steps),
-                         steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size,
-                         full_trajectory=args.full_trajectory)
+    config = with_preset_defaults(PruneConfig(skill_ratio=args.skill_ratio, tau=args.tau, steps=args.steps,
+                                              cfg=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                                              full_trajectory=args.full_trajectory), preset)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     edit = concept_prune(model, clip, args.concept, preset, pairs_text, config, terminal_context())

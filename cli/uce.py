@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.uce import MODES, TOKEN_WINDOWS
+    from ..editing.uce import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS
     from .common import add_model_arg
     p = sub.add_parser("uce", help="closed-form cross-attention edit (UCE): erase/redirect/debias/moderate concepts")
     add_model_arg(p)
@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--erase-scale", type=float, default=1.0)
     p.add_argument("--preserve-scale", type=float, default=0.1)
     p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="aligned")
+    p.add_argument("--expand", choices=tuple(EXPANSIONS), default="none",
+                   help="also edit each concept in the official templates (artist: 'painting by X', ...; the empty "
+                        "guide becomes 'art'; object: 'photo of X', ...)")
+    p.add_argument("--empty-guide", choices=EMPTY_GUIDES, default="eos",
+                   help="last window, empty guide: map to the empty prompt's EOS (eos) or BOS (bos, the official code)")
     p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
     p.set_defaults(func=run)
 
@@ -57,7 +62,8 @@ def run(args) -> int:
     config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
                        preserve=read_concepts(args.preserve) if args.preserve else [],
                        default_preserve=not args.no_default_preserve, lam=args.lam, erase_scale=args.erase_scale,
-                       preserve_scale=args.preserve_scale, token_window=args.token_window)
+                       preserve_scale=args.preserve_scale, token_window=args.token_window, expand=args.expand,
+                       empty_guide=args.empty_guide)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     _, edit = cross_attention_edit(model, clip, config, terminal_context())

@@ -35,7 +35,7 @@ def register(sub) -> None:
                    help="lora (default), lora-xattn, xattn (ESD-x) or noxattn (ESD-u)")
     for name in ("steps", "rank", "batch", "n_prompts", "gen_steps", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "alpha", "truncation", "eta", "gen_cfg"):
+    for name in ("lr", "alpha", "truncation", "ga_retain_weight", "eta", "gen_cfg"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--cache-dir", default=None, help="keep the generated training latents here (safetensors)")
     p.add_argument("--out", default=None, help="edit file to write (default: unlearn_<method>_<concept>.safetensors)")
@@ -57,7 +57,8 @@ def run(args) -> int:
     cfg = UnlearnConfig(method=args.method, forget_objective=args.forget_objective, param_set=args.params,
                         steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
                         gen_steps=args.gen_steps, seed=args.seed, lr=args.lr, alpha=args.alpha,
-                        truncation=args.truncation, eta=args.eta, gen_cfg=args.gen_cfg, cache_dir=args.cache_dir).validate()
+                        truncation=args.truncation, ga_retain_weight=args.ga_retain_weight, eta=args.eta,
+                        gen_cfg=args.gen_cfg, cache_dir=args.cache_dir).validate()
     acc = None
     ctx = terminal_context()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)

@@ -10,14 +10,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..editing.arch import Family, detect_family, fingerprint
+from ..editing.arch import Family, discover_layout, fingerprint
 from ..editing.edit import Edit
 from ..editing.errors import ConceptEditError, InvalidInputError
 from ..editing.hosts import RunContext
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LATENT = {"tiny": 32, "sd1": 64, "sd2": 96, "sdxl": 128}
 
 
 # ---- progress and cancel -------------------------------------------------------------------
@@ -54,9 +53,13 @@ def original_weights(patcher) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_family(model) -> Family:
+def model_family(model, clip=None) -> Family:
+    """The layout read from this MODEL (and its CLIP's text encoders when given): its keys and
+    shapes, with ComfyUI's own UNet config for diffusers names when no table names the layout."""
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
-    return detect_family(shapes)
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+    text = {k: tuple(v.shape) for k, v in clip.patcher.model_state_dict().items()} if clip is not None else None
+    return discover_layout(shapes, unet_config=config, text_shapes=text)
 
 
 def model_fingerprint(model) -> dict:
@@ -70,11 +73,13 @@ def clip_state(clip) -> dict[str, torch.Tensor]:
 def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: bool = False):
     """Clone MODEL (and CLIP when the edit touches the text encoder) and add the edit as patches.
 
-    Returns (model', clip', warnings). Validates the family, layout and every key's shape
-    before anything is applied; raises if any key fails to match (never a silent no-op)."""
+    Returns (model', clip', warnings). Checks the edit's scope (`editing.scope`), the family, layout
+    and every key's shape before anything is applied; raises if any key fails to match (never a
+    silent no-op). Patches are in the running ComfyUI's own form (`edit_patches`)."""
     if model is None:
         raise InvalidInputError("connect a MODEL")
     edit.check_finite()
+    edit.check_scope()
     fam = model_family(model)
     unet_w = original_weights(model)
     shapes = {k: tuple(v.shape) for k, v in unet_w.items()}
@@ -87,17 +92,10 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
         shapes.update({k: tuple(v.shape) for k, v in te_w.items()})
     warnings = edit.validate_for(fam.name, shapes, fingerprint(fam, unet_w), strict_weights=strict_weights)
 
+    patches = edit_patches(edit, {k: (te_w[k] if k in te_w else unet_w[k]) for k in edit.changes})
+    unet_patches = {k: p for k, p in patches.items() if k not in te_w}
+    te_patches = {k: p for k, p in patches.items() if k in te_w}
     out_model, out_clip = model, clip
-    unet_patches, te_patches = {}, {}
-    for k, change in edit.changes.items():
-        base = te_w.get(k) if k in te_w else unet_w.get(k)
-        if change.kind == "mask":
-            # −W⊙M as a sparse COO "diff": memory O(pruned weights), not O(layer) (SDXL has 70
-            # 1280×5120 layers); ComfyUI adds it into the weight when it loads the model.
-            d = change.sparse_delta(base).to(device="cpu")
-        else:
-            d = change.delta(None, dtype=base.dtype, device="cpu")
-        (te_patches if k in te_w else unet_patches)[k] = (d,)
     if unet_patches:
         out_model = model.clone()
         got = set(out_model.add_patches(unet_patches, strength))
@@ -107,6 +105,70 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
         got = set(out_clip.add_patches(te_patches, strength))
         _check_matched(te_patches, got, "CLIP")
     return out_model, out_clip, warnings
+
+
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, n))
+_PATCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _module_name(key: str) -> str:
+    return key[:-len(".weight")] if key.endswith(".weight") else key
+
+
+def edit_state_dict(edit: Edit, weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(kohya-style state dict, key map) of `edit` for `comfy.lora.load_lora`: per changed key a
+    module named after the key, low-rank changes as ``lora_up``/``lora_down`` with ``alpha`` = rank
+    (scale 1), dense deltas as ``diff`` (their own float dtype, never the weight's), masks as a
+    sparse COO ``diff`` of −W⊙M. `weights` maps each changed key to its base weight (masks need its
+    values; only dtype and device are read otherwise).
+
+    Weights stored in float8 are refused: ComfyUI rounds a patched weight back to float8 (3 mantissa
+    bits), which keeps too little of a low-rank or dense change to be that edit, and current versions
+    round stochastically over the whole weight, which moves untouched weights of a mask's layer by an
+    ulp and makes even strength 0 differ from the original."""
+    sd: dict[str, torch.Tensor] = {}
+    key_map: dict[str, str] = {}
+    for key, change in edit.changes.items():
+        base = weights[key]
+        if base.dtype in _FLOAT8:
+            raise InvalidInputError(
+                f"{key} is stored as {base.dtype} in this model: ComfyUI rounds a patched float8 weight back to "
+                f"float8, which cannot hold the {edit.method} edit exactly, so nothing was applied. Load the model "
+                "with weight_dtype 'default' (float16/bfloat16) to apply this edit.")
+        name = _module_name(key)
+        if name in key_map:
+            raise InvalidInputError(f"two keys of the edit name the module {name}")
+        key_map[name] = key
+        if change.kind == "lowrank":
+            up, down = change.tensors["up"], change.tensors["down"]
+            sd[f"{name}.lora_up.weight"] = up if up.dtype in _PATCH_FLOATS else up.float()
+            sd[f"{name}.lora_down.weight"] = down if down.dtype in _PATCH_FLOATS else down.float()
+            sd[f"{name}.alpha"] = torch.tensor(float(up.shape[1]))  # the loader's scale alpha / rank = 1
+        elif change.kind == "mask":
+            # −W⊙M as a sparse COO diff: memory O(pruned weights), not O(layer) (SDXL has 70 1280×5120
+            # layers); its values are the weights themselves, so W + ΔW is exactly 0 where pruned.
+            sd[f"{name}.diff"] = change.sparse_delta(base).to(device="cpu")
+        else:
+            d = change.tensors["delta"]
+            sd[f"{name}.diff"] = d if d.dtype in _PATCH_FLOATS else d.float()
+    return sd, key_map
+
+
+def edit_patches(edit: Edit, weights: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """`edit` as ComfyUI patches keyed by patch key, made by the running ComfyUI's own LoRA loader
+    (`comfy.lora.load_lora`, the route LoraLoader takes): ("lora", …) tuples in the 2024 copy,
+    `comfy.weight_adapter` objects in current ComfyUI. Low-rank changes stay low-rank (an SDXL rank-4
+    LoRA is never expanded to its dense ΔW); ComfyUI multiplies them out per weight when it loads the
+    model, in float32, and rounds the sum once to the weight's dtype."""
+    import comfy.lora
+    sd, key_map = edit_state_dict(edit, weights)
+    patches = comfy.lora.load_lora(sd, key_map)
+    missing = [k for k in key_map.values() if k not in patches]
+    if missing:
+        raise ConceptEditError(f"ComfyUI's LoRA loader turned {len(missing)} of the edit's {len(key_map)} changes "
+                               f"into no patch (first: {missing[0]}); nothing was applied")
+    return patches
 
 
 def _check_matched(patches: Mapping, got: set, what: str) -> None:
@@ -158,16 +220,61 @@ class ComfyText:
 
 
 # ---- denoiser ------------------------------------------------------------------------------------
+def _model_sampling(patcher):
+    """The model sampling this MODEL samples with: an object patch (a ModelSamplingDiscrete node
+    turning a finetune into v-prediction, say) takes precedence over the base model's own."""
+    get = getattr(patcher, "get_model_object", None)
+    if get is not None:
+        return get("model_sampling")
+    return getattr(patcher, "object_patches", {}).get("model_sampling", patcher.model.model_sampling)
+
+
+def _require_ddpm_sampling(ms) -> None:
+    """Refuse a model whose noising is not x_σ = x₀ + σ·ε (the DDPM convention up to the scale
+    1/√ᾱ): flow-matching models (SD3, Flux: x_σ = (1 − σ)·x₀ + σ·ε) have no ᾱ schedule the training
+    objectives could use. Asked of ComfyUI's own `noise_scaling`, so every EPS / V / EDM variant
+    passes whatever it is called in a given ComfyUI version."""
+    sigma = torch.tensor([0.5])
+    try:
+        clean = ms.noise_scaling(sigma, torch.zeros(1, 1), torch.ones(1, 1))
+        noisy = ms.noise_scaling(sigma, torch.ones(1, 1), torch.zeros(1, 1))
+        ok = bool(torch.allclose(clean, torch.ones(1, 1)) and torch.allclose(noisy, sigma.view(1, 1)))
+    except Exception:  # a sampling without this interface is no DDPM-style one either
+        ok = False
+    if not ok or not hasattr(ms, "sigmas"):
+        kinds = ", ".join(c.__name__ for c in type(ms).__mro__[1:] if c.__module__.startswith("comfy"))
+        raise ConceptEditError(f"this model's prediction type ({kinds or type(ms).__name__}) is not supported by "
+                               "the training methods and audits: they need an EPS or v-prediction model (SD1.x, "
+                               "SD2.x, SDXL and their finetunes); flow-matching models (SD3, Flux) are not supported")
+
+
+def _is_inpaint(base) -> bool:
+    # 2024-03 ComfyUI flags inpainting UNets with `inpaint_model`; current ComfyUI with `concat_keys`
+    return bool(getattr(base, "inpaint_model", False)) or "masked_image" in tuple(getattr(base, "concat_keys", ()))
+
+
+def _blank_inpaint_concat(x: torch.Tensor) -> torch.Tensor:
+    """What ComfyUI feeds an inpainting UNet when it generates a whole picture (no mask, no image): a
+    mask of ones and the latent of a blank picture (ComfyUI's `blank_inpaint_image_like` values)."""
+    b, _, h, w = x.shape
+    blank = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380], dtype=x.dtype, device=x.device).view(1, 4, 1, 1)
+    return torch.cat([torch.ones(b, 1, h, w, dtype=x.dtype, device=x.device), blank.expand(b, 4, h, w)], 1)
+
+
 class ComfyDenoiser:
-    """`editing.hosts.Denoiser` over a ComfyUI MODEL (+ the CLIP that encodes its prompts)."""
+    """`editing.hosts.Denoiser` and `Trainable` over a ComfyUI MODEL (+ the CLIP that encodes its prompts)."""
 
     def __init__(self, model, clip, *, sampler: str = "euler", scheduler: str = "normal",
-                 latent_hw: int | None = None, ctx: RunContext | None = None):
+                 latent_hw: int | tuple[int, int] | None = None, ctx: RunContext | None = None):
+        """`latent_hw`: the latent side, or (height, width), that this host generates at; None = the
+        layout's native size (a layout no table names: SDXL's if it takes y, else SD1's)."""
         self.model = model
         self.text = clip if isinstance(clip, ComfyText) else ComfyText(clip)
         self.family = model_family(model)
         self.sampler, self.scheduler = sampler, scheduler
-        self.latent_hw = latent_hw or DEFAULT_LATENT[self.family.name]
+        hw = latent_hw or self.family.native_latent
+        self.latent_size = (int(hw[0]), int(hw[1])) if isinstance(hw, (tuple, list)) else (int(hw), int(hw))
+        self.latent_hw = self.latent_size[0]
         self.ctx = ctx or RunContext()
 
     def modules(self) -> Mapping[str, torch.nn.Module]:
@@ -176,14 +283,18 @@ class ComfyDenoiser:
         return dict(self.model.model.diffusion_model.named_modules())
 
     def sample(self, prompts: Sequence[str], *, steps: int, cfg: float, seed: int, negative: str = "",
-               on_step: Callable[[int], None] | None = None, latent: torch.Tensor | None = None) -> torch.Tensor:
+               on_step: Callable[[int], None] | None = None, latent: torch.Tensor | None = None,
+               noise_per_prompt: bool = False) -> torch.Tensor:
+        """Latents as ComfyUI's sampler returns them (the VAE's scale; `latent_in` gives the UNet's).
+        `noise_per_prompt`: every prompt starts from the noise of a batch of one with `seed` (ComfyUI's
+        own noise indices, all 0), instead of one draw over the whole batch."""
         import comfy.sample
         n = len(prompts)
         positive = self.text.conditioning(list(prompts))
         negative_c = self.text.conditioning([negative] * n)
         if latent is None:
-            latent = torch.zeros(n, 4, self.latent_hw, self.latent_hw)
-        noise = comfy.sample.prepare_noise(latent, seed, None)
+            latent = torch.zeros(n, 4, *self.latent_size)
+        noise = comfy.sample.prepare_noise(latent, seed, [0] * latent.shape[0] if noise_per_prompt else None)
 
         def callback(step, x0, x, total):
             self.ctx.check()
@@ -192,9 +303,15 @@ class ComfyDenoiser:
 
         if on_step is not None:
             on_step(0)
+        # an inpainting UNet generates a whole picture as ComfyUI does it: everything masked for repaint
+        mask = torch.ones(latent.shape[0], 1, *latent.shape[2:]) if _is_inpaint(self.model.model) else None
         out = comfy.sample.sample(self.model, noise, steps, cfg, self.sampler, self.scheduler, positive, negative_c,
-                                  latent, denoise=1.0, callback=callback, disable_pbar=True, seed=seed)
+                                  latent, denoise=1.0, noise_mask=mask, callback=callback, disable_pbar=True, seed=seed)
         return out
+
+    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled latents (VAE scale) -> the UNet's scale, where x₀ of the training objectives lives."""
+        return self.model.model.process_latent_in(x)
 
     # ---- training objectives ---------------------------------------------------------------
     def unet(self) -> torch.nn.Module:
@@ -205,7 +322,9 @@ class ComfyDenoiser:
 
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t for t = 0..999 of the model's discrete schedule (σ² = (1 − ᾱ)/ᾱ)."""
-        s = self.model.model.model_sampling.sigmas.float()
+        ms = _model_sampling(self.model)
+        _require_ddpm_sampling(ms)
+        s = ms.sigmas.float()
         return 1.0 / (1.0 + s ** 2)
 
     def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -217,16 +336,39 @@ class ComfyDenoiser:
         if pooled is None:
             raise InvalidInputError(f"this {self.family.label} model needs the pooled text embedding: encode the "
                                     "prompts with ComfyText.encode_with_pooled and pass its second output")
-        size = self.latent_hw * 8
-        y = base.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size,
-                            target_height=size, device=pooled.device, seed=0)
+        h, w = (8 * n for n in self.latent_size)
+        y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                            target_height=h, device=pooled.device, seed=0)
         if y.shape[0] != batch:
             y = y.expand(batch, -1) if y.shape[0] == 1 else y
         return y
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """ε-prediction at DDPM-scaled x_t = √ᾱ x₀ + √(1−ᾱ) ε and integer timesteps t (differentiable
-        w.r.t. x and context). For v-prediction models this returns the raw model output."""
-        unet = self.unet()
-        dtype = next(unet.parameters()).dtype
-        return unet(x.to(dtype), timesteps=t, context=context.to(dtype), y=None if y is None else y.to(dtype)).float()
+        """The model's ε-prediction at DDPM-scaled x_t = √ᾱ x₀ + √(1−ᾱ) ε, integer timesteps t [B],
+        text context [B, T, d] and, for SDXL-conditioned models, y = `adm(pooled, B)`; whatever the
+        model predicts (ε, v, EDM), differentiable w.r.t. x, context, y and any hooked adapter.
+
+        Every training objective, audit and presence score calls the model through here, and all of
+        them are written in ε (ESD's guidance target, GA/RGD's truncation m, distillation, presence
+        gains), so the output is converted to ε rather than the targets to the model's own type: one
+        conversion in one place, and losses and scores mean the same on EPS and V models. The weights
+        still train through the model's own output; for a v-model ε̂ − ε = √ᾱ·(v̂ − v), so the ε-MSE
+        is the v-MSE weighted by ᾱ_t.
+
+        The conversion is ComfyUI's own: `apply_model` takes x in its σ-space x_σ = x₀ + σε =
+        x_t/√ᾱ (σ = `model_sampling.sigmas[t]`) and returns the denoised x₀ by the model's
+        `calculate_denoised`, so ε = (x_σ − x₀)/σ for any prediction type it knows."""
+        base = self.model.model
+        if getattr(base, "adm_channels", 0) and y is None:
+            raise InvalidInputError(f"this {self.family.label} model needs its vector conditioning y: pass "
+                                    "y = adm(pooled, batch) from the prompts' pooled text embedding")
+        self.unet()  # loads this MODEL: its weight patches and object patches (model_sampling) in place
+        ms = base.model_sampling
+        _require_ddpm_sampling(ms)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        sigma = ms.sigmas[t.to(ms.sigmas.device).long()].float().clone().to(x.device)
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        x_sigma = x.float() * (1.0 + s ** 2).sqrt()
+        extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
+        x0 = base.apply_model(x_sigma, sigma, c_crossattn=context, y=y, **extra)
+        return (x_sigma - x0.float()) / s

@@ -26,13 +26,24 @@ from .adapters import (ComfyDenoiser, ComfyText, apply_edit, clip_state, model_f
 log = logging.getLogger(__name__)
 
 
+def latent_size(width: int = 0, height: int = 0) -> tuple[int, int] | None:
+    """Pixels (a node's width/height, 0 = the model's native size) -> latent (height, width) cells."""
+    if not width and not height:
+        return None
+    if min(width, height) < 8:
+        raise InvalidInputError(f"give both width and height of at least 8 pixels (or 0 for the model's native size), "
+                                f"got {width}×{height}")
+    return height // 8, width // 8
+
+
 def concept_prune(model, clip, concepts: list[str], preset: str, pairs_text: str, config: PruneConfig,
-                  ctx: RunContext | None = None) -> Edit:
-    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line)."""
-    family = model_family(model)  # a clear error for a model the tables do not know
+                  ctx: RunContext | None = None, latent: tuple[int, int] | None = None) -> Edit:
+    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line); `latent` is
+    the (height, width) the calibration generates at (None: the model's native size)."""
+    family = model_family(model)  # a clear error for a model without cross-attention
     pairs = build_pairs(concepts, preset, pairs_text)
     ctx = ctx or RunContext()
-    denoiser = ComfyDenoiser(model, clip, ctx=ctx)
+    denoiser = ComfyDenoiser(model, clip, ctx=ctx, latent_hw=latent)
     return compute_concept_prune(denoiser, family, pairs, config, ctx, fingerprint=model_fingerprint(model))
 
 
@@ -55,26 +66,23 @@ def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, cli
 
 
 class TrainHost(ComfyDenoiser):
-    """ComfyDenoiser whose generated latents come back in the UNet's scale (process_latent_in), as
-    the training objectives need them."""
-
-    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.model.process_latent_in(x)
+    """ComfyDenoiser with a cache tag for the latents the training objectives generate."""
 
     @property
     def cache_tag(self) -> str:
         return str(model_fingerprint(self.model))
 
 
-def train_host(model, clip, ctx=None) -> TrainHost:
+def train_host(model, clip, ctx=None, latent: tuple[int, int] | None = None) -> TrainHost:
     if model is None or clip is None:
         raise InvalidInputError("connect both the MODEL and the CLIP it came with")
-    return TrainHost(model, clip, ctx=ctx or run_context())
+    return TrainHost(model, clip, ctx=ctx or run_context(), latent_hw=latent)
 
 
-def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None):
+def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None,
+                  latent: tuple[int, int] | None = None):
     """Train, then apply the result to a clone. Returns (model', edit)."""
-    host = train_host(model, clip, ctx)
+    host = train_host(model, clip, ctx, latent)
     with torch.inference_mode(False), torch.enable_grad():
         edit = compute_unlearn(host, host.text, concept, cfg, retain_prompts=list(retain_prompts),
                                family=host.family.name, ctx=host.ctx)
@@ -106,8 +114,8 @@ def edit_between(edited, original) -> Edit:
 
 
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
-                 ctx=None):
-    host = train_host(original, clip, ctx)
+                 ctx=None, latent: tuple[int, int] | None = None):
+    host = train_host(original, clip, ctx, latent)
     if edit is None:
         edit = edit_between(edited, original)
     edited_text = None
@@ -122,31 +130,54 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     return report
 
 
-def _adm_of(den: ComfyDenoiser):
-    """prompts -> the UNet's vector conditioning y (SDXL), from `ComfyDenoiser.adm`; None when the
-    model takes none (SD1/SD2/tiny)."""
-    if not getattr(den.model.model, "adm_channels", 0):
-        return None
-    return lambda prompts: den.adm(den.text.encode_with_pooled(list(prompts))[1], len(prompts))
-
-
 def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *, seed: int, steps: int, cfg: float,
                           n_timesteps: int, noise_draws: int, edited_clip=None,
-                          ctx: RunContext | None = None) -> tuple[PresenceComparison, torch.Tensor]:
+                          ctx: RunContext | None = None,
+                          latent: tuple[int, int] | None = None) -> tuple[PresenceComparison, torch.Tensor]:
     """Generate each prompt with both models (same seeds), then score concept presence on the
     original model's pictures. Returns the comparison and an image grid (row 1 original, row 2 edited)."""
     if model_family(model).name != model_family(edited_model).name:
         raise InvalidInputError("the original and the edited MODEL are different model families; "
                                 "connect the model the edit was applied to as 'model'")
     ctx = ctx or RunContext()
-    before = ComfyDenoiser(model, clip, ctx=ctx)
-    after = ComfyDenoiser(edited_model, edited_clip or clip, ctx=ctx)
+    before = ComfyDenoiser(model, clip, ctx=ctx, latent_hw=latent)
+    after = ComfyDenoiser(edited_model, edited_clip or clip, ctx=ctx, latent_hw=latent)
     lat_before = before.sample(prompts, steps=steps, cfg=cfg, seed=seed)
     lat_after = after.sample(prompts, steps=steps, cfg=cfg, seed=seed)
-    x0 = model.model.process_latent_in(lat_before)
+    x0 = before.latent_in(lat_before)
     n_train = len(before.alphas_cumprod())
     config = PresenceConfig(timesteps=spread_timesteps(n_timesteps, n_train), noise_draws=noise_draws, seed=seed)
-    result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx,
-                              _adm_of(before), _adm_of(after))
+    result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx)
     grid = image_grid([vae.decode(lat_before), vae.decode(lat_after)])
     return result, grid
+
+
+def distill_unlearn_models(student, teacher, clip, concept: str, cfg, distill_prompts=(), ctx=None,
+                           latent: tuple[int, int] | None = None):
+    """Bilevel distill-and-unlearn of a pruned `student` from `teacher` (both ComfyUI MODELs, one
+    CLIP). A student made from the teacher by patches (ConceptPrune, Apply Concept Edit, a pruning
+    mask) trains on the teacher's own network with that pruning held fixed; a student of its own
+    (other layout or weights) trains on its network against the teacher's predictions. Returns
+    (student', edit); neither input is changed."""
+    from ..editing.distill import compute_distill_unlearn
+
+    if student is None or teacher is None:
+        raise InvalidInputError("connect the pruned student MODEL and the full teacher MODEL it is distilled from")
+    host = train_host(teacher, clip, ctx, latent)
+    student_edit, student_host = None, None
+    if student.model is teacher.model:
+        student_edit = edit_between(student, teacher)
+    else:
+        student_host = TrainHost(student, host.text, ctx=host.ctx, latent_hw=latent or host.latent_size)
+        s_ctx, t_ctx = student_host.family.context_dim, host.family.context_dim
+        if s_ctx != t_ctx:
+            raise InvalidInputError(f"the student reads text of width {s_ctx}, the teacher {t_ctx}: both must use the "
+                                    "connected CLIP")
+    with torch.inference_mode(False), torch.enable_grad():
+        edit = compute_distill_unlearn(host, host.text, student_edit, concept, cfg,
+                                       distill_prompts=list(distill_prompts),
+                                       family=(student_host or host).family.name, ctx=host.ctx,
+                                       student=student_host)
+    edit.fingerprint = model_fingerprint(student)
+    out, _, _ = apply_edit(student, None, edit)
+    return out, edit

@@ -132,11 +132,12 @@ def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None
 
     from ..editing.emcid import compute_emcid
     from ..editing.lora_train import frozen_session
-    from .adapters import ComfyDenoiser, model_family, model_fingerprint
+    from ..editing.arch import fingerprint
+    from .adapters import ComfyDenoiser, model_family, original_weights
 
     if model is None:
         raise InvalidInputError("connect the MODEL (EMCID reads the model family from it, and stage 1 runs it)")
-    family = model_family(model)
+    family = model_family(model, clip)  # the text encoders read from this CLIP
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = ComfyDenoiser(model, clip, ctx=ctx) if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
@@ -146,4 +147,4 @@ def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None
         for root in roots:
             stack.enter_context(frozen_session(root))
         return compute_emcid(text, family, pairs, cfg, ctx, denoiser=denoiser, cache_dir=cache_dir,
-                             fingerprint=model_fingerprint(model))
+                             fingerprint=fingerprint(family, original_weights(model)))

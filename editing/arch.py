@@ -1,9 +1,12 @@
-"""Architecture tables: which weights of a Stable Diffusion model the methods touch, by name.
+"""Model layouts: which weights of a Stable Diffusion model the methods touch, by name.
 
-One `Family` per model family (SD1.x, SD2.x, SDXL, and the project's tiny model). A family is
-generated from the UNet's block structure (the same recipe `openaimodel.UNetModel` follows), so
-the transformer blocks, their widths and both naming schemes (ComfyUI/LDM and diffusers) come
-from one place. Canonical keys are ComfyUI patch keys:
+The layout is read from the loaded model (`discover_layout`): every SpatialTransformer block with
+a cross-attention `attn2` is found by its key names, with its widths taken from the weights'
+shapes, so any SD-style UNet gets every method: SD1.x/2.x/SDXL and their finetunes, inpainting
+UNets, the SDXL refiner, pruned or distilled students, custom layouts. A `Family` is that layout.
+The tables below (SD1.x, SD2.x, SDXL, the project's tiny model) remain only for what a model's
+keys cannot tell: a family's name, diffusers/kohya names, EMCID's default layers and the native
+resolution; a layout equal to a table's gets the table's names. Canonical keys are ComfyUI patch keys:
 ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`` and
 ``clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.weight``.
 """
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from .errors import UnknownArchitectureError
@@ -24,8 +28,23 @@ class TransformerBlock:
     """One SpatialTransformer's `transformer_blocks.K` with its LDM and diffusers module paths."""
 
     ldm: str        # e.g. "input_blocks.1.1.transformer_blocks.0"
-    diffusers: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0"
+    diffusers: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0"; "" when not known
     dim: int        # the block's channel width d (FFN is d -> 4d -> d)
+    kv: int = 0       # rows of attn2.to_k / to_v (0: d, as in every SD UNet)
+    ff_inner: int = 0  # columns of ff.net.2, the FFN's hidden width (0: 4d); -1: the block has no ff.net.2
+    geglu: bool = True  # ff.net.0.proj is a GEGLU projection (d -> 2·inner)
+
+    @property
+    def kv_rows(self) -> int:
+        return self.kv or self.dim
+
+    @property
+    def ffn(self) -> int:
+        return 4 * self.dim if self.ff_inner == 0 else self.ff_inner
+
+    @property
+    def has_ffn(self) -> bool:
+        return self.ff_inner >= 0
 
 
 @dataclass(frozen=True)
@@ -50,26 +69,37 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class Family:
-    name: str                      # "sd1", "sd2", "sdxl", "tiny"
+    """A model's layout: its cross-attention transformer blocks and text encoders.
+
+    `name` is a table's ("sd1", "sd2", "sdxl", "tiny") when the layout equals that table's, else
+    "custom" (a layout no table names: every method still applies; diffusers names are known only
+    when the host passes the UNet's config)."""
+
+    name: str                      # "sd1", "sd2", "sdxl", "tiny" or "custom"
     label: str
     context_dim: int
     blocks: tuple[TransformerBlock, ...]
     text_encoders: tuple[TextEncoderSpec, ...]
     unet_config: Mapping = field(default_factory=dict, hash=False, compare=False)
+    native_latent: int = 64        # latent side of the native resolution (64 = 512 px)
+
+    @property
+    def known(self) -> bool:
+        return self.name in FAMILIES
 
     # ---- UNet keys (ComfyUI patch keys) -------------------------------------------------
     def attn2_kv_keys(self) -> list[str]:
         return [f"{UNET_PREFIX}{b.ldm}.attn2.{p}.weight" for b in self.blocks for p in ("to_k", "to_v")]
 
     def ffn_out_keys(self) -> list[str]:
-        return [f"{UNET_PREFIX}{b.ldm}.ff.net.2.weight" for b in self.blocks]
+        return [f"{UNET_PREFIX}{b.ldm}.ff.net.2.weight" for b in self.blocks if b.has_ffn]
 
     def geglu_keys(self) -> list[str]:
-        return [f"{UNET_PREFIX}{b.ldm}.ff.net.0.proj.weight" for b in self.blocks]
+        return [f"{UNET_PREFIX}{b.ldm}.ff.net.0.proj.weight" for b in self.blocks if b.has_ffn and b.geglu]
 
     def ffn_out_modules(self) -> list[str]:
         """Module paths inside the diffusion model (no prefix) whose *input* ConceptPrune reads."""
-        return [f"{b.ldm}.ff.net.2" for b in self.blocks]
+        return [f"{b.ldm}.ff.net.2" for b in self.blocks if b.has_ffn]
 
     def te_fc2_keys(self) -> list[str]:
         return [te.fc2_key(i) for te in self.text_encoders for i in range(te.layers)]
@@ -79,10 +109,12 @@ class Family:
         out: dict[str, tuple[int, ...]] = {}
         for b in self.blocks:
             base = f"{UNET_PREFIX}{b.ldm}"
-            out[f"{base}.attn2.to_k.weight"] = (b.dim, self.context_dim)
-            out[f"{base}.attn2.to_v.weight"] = (b.dim, self.context_dim)
-            out[f"{base}.ff.net.0.proj.weight"] = (8 * b.dim, b.dim)
-            out[f"{base}.ff.net.2.weight"] = (b.dim, 4 * b.dim)
+            out[f"{base}.attn2.to_k.weight"] = (b.kv_rows, self.context_dim)
+            out[f"{base}.attn2.to_v.weight"] = (b.kv_rows, self.context_dim)
+            if b.has_ffn:
+                if b.geglu:
+                    out[f"{base}.ff.net.0.proj.weight"] = (2 * b.ffn, b.dim)
+                out[f"{base}.ff.net.2.weight"] = (b.dim, b.ffn)
         for te in self.text_encoders:
             for i in range(te.layers):
                 out[te.fc2_key(i)] = (te.width, te.mlp)
@@ -101,6 +133,9 @@ class Family:
             rest = key[len(UNET_PREFIX):]
             for b in self.blocks:
                 if rest.startswith(b.ldm + "."):
+                    if not b.diffusers:
+                        raise KeyError(f"{key}: diffusers names of this {self.label} layout are not known "
+                                       "(export with LDM-style names, which ComfyUI and A1111 read)")
                     return "unet." + b.diffusers + rest[len(b.ldm):]
             raise KeyError(f"{key} is not in the {self.label} table")
         for te in self.text_encoders:
@@ -197,12 +232,15 @@ TINY_CLIP = TextEncoderSpec("clip_l", 64, 4, 256, "text_encoder", "lora_te",
                             "cond_stage_model.transformer.", edit_layers=(0, 1, 2))
 
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "SD1.x", 768, _blocks_from_unet(SD1_UNET), (CLIP_L,), SD1_UNET),
-    "sd2": Family("sd2", "SD2.x", 1024, _blocks_from_unet(SD2_UNET), (CLIP_H,), SD2_UNET),
-    "sdxl": Family("sdxl", "SDXL", 2048, _blocks_from_unet(SDXL_UNET), (CLIP_L_XL, CLIP_G), SDXL_UNET),
+    "sd1": Family("sd1", "SD1.x", 768, _blocks_from_unet(SD1_UNET), (CLIP_L,), SD1_UNET, native_latent=64),
+    "sd2": Family("sd2", "SD2.x", 1024, _blocks_from_unet(SD2_UNET), (CLIP_H,), SD2_UNET, native_latent=96),
+    "sdxl": Family("sdxl", "SDXL", 2048, _blocks_from_unet(SDXL_UNET), (CLIP_L_XL, CLIP_G), SDXL_UNET,
+                   native_latent=128),
     "tiny": Family("tiny", "ConceptEdit tiny", TINY_UNET["context_dim"], _blocks_from_unet(TINY_UNET),
-                   (TINY_CLIP,), TINY_UNET),
+                   (TINY_CLIP,), TINY_UNET, native_latent=32),
 }
+CUSTOM = "custom"
+_TABLE_ENCODERS = (CLIP_L, CLIP_H, CLIP_G, TINY_CLIP)
 
 
 def get_family(name: str) -> Family:
@@ -211,6 +249,10 @@ def get_family(name: str) -> Family:
     except KeyError:
         raise UnknownArchitectureError(
             f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_label(name: str) -> str:
+    return FAMILIES[name].label if name in FAMILIES else f"a {name} layout"
 
 
 def _normalise_unet_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -225,31 +267,153 @@ def _normalise_unet_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tup
     return out
 
 
-def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> Family:
-    """The family whose UNet table matches these keys and shapes exactly (text encoders optional).
+_ATTN2_K = re.compile(r"^diffusion_model\.(.+\.transformer_blocks\.\d+)\.attn2\.to_k\.weight$")
+_ANY_BLOCK = re.compile(r"^diffusion_model\.(.+\.transformer_blocks\.\d+)\.")
+_SECTIONS = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}
+_TE_FC2 = re.compile(r"^(\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.weight$")
 
-    `shapes` maps key -> shape (a state dict's ``{k: tuple(v.shape)}``).
-    """
+
+def _execution_order(path: str) -> tuple:
+    head = path.split(".", 1)[0]
+    return (_SECTIONS.get(head, 3), head, *(int(p) for p in re.findall(r"\d+", path)))
+
+
+def _refusal(shapes: Mapping[str, tuple[int, ...]], why: str) -> UnknownArchitectureError:
+    dit = any(k.startswith(UNET_PREFIX + p) for k in shapes for p in ("double_blocks.", "joint_blocks.", "txt_in."))
+    what = ("this is an MMDiT model (SD3/Flux): its text enters through joint attention, not attn2 blocks, "
+            "and ConceptEdit does not edit those yet" if dit else why)
+    return UnknownArchitectureError(f"ConceptEdit cannot edit this model: {what}. It edits SD-style UNets whose "
+                                    "SpatialTransformer blocks have a cross-attention attn2 (SD1.x, SD2.x, SDXL, "
+                                    "their finetunes, inpainting, refiner, pruned students, custom widths).")
+
+
+def discover_blocks(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TransformerBlock, ...]:
+    """Every transformer block with a cross-attention, read off the UNet's key names and shapes,
+    in execution order (input blocks, middle, output blocks)."""
+    blocks = []
+    for key, shape in shapes.items():
+        m = _ATTN2_K.match(key)
+        if m is None or len(shape) != 2:
+            continue
+        base = f"{UNET_PREFIX}{m.group(1)}"
+        v = shapes.get(f"{base}.attn2.to_v.weight")
+        if v is None or tuple(v) != tuple(shape):
+            continue
+        ff2 = shapes.get(f"{base}.ff.net.2.weight")
+        out = shapes.get(f"{base}.attn2.to_out.0.weight")
+        dim = int(ff2[0]) if ff2 else int(out[0]) if out else int(shape[0])
+        inner = int(ff2[1]) if ff2 and len(ff2) == 2 else -1
+        geglu = f"{base}.ff.net.0.proj.weight" in shapes
+        blocks.append(TransformerBlock(m.group(1), "", dim, kv=0 if shape[0] == dim else int(shape[0]),
+                                       ff_inner=0 if inner == 4 * dim else inner, geglu=geglu))
+    return tuple(sorted(blocks, key=lambda b: _execution_order(b.ldm)))
+
+
+def discover_text_encoders(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TextEncoderSpec, ...]:
+    """The CLIP text encoders of a ComfyUI CLIP state dict (``clip_l.transformer...``), with the
+    names kohya, diffusers and EMCID's default layers take from the tables when an encoder matches."""
+    found: dict[str, dict[int, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        m = _TE_FC2.match(key)
+        if m and len(shape) == 2:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = tuple(shape)
+    names = sorted(found, key=lambda n: (n != "clip_l", n))  # clip_l first, as SDXL orders them
+    out = []
+    for i, name in enumerate(names):
+        layers = found[name]
+        n = max(layers) + 1
+        width, mlp = layers[max(layers)]
+        two = len(names) > 1
+        kohya = ("lora_te1" if i == 0 else "lora_te2") if two else "lora_te"
+        diffusers = ("text_encoder" if i == 0 else "text_encoder_2") if two else "text_encoder"
+        # beside a second encoder, CLIP-L is SDXL's (EMCID edits its late layers there)
+        tables = (CLIP_L_XL, CLIP_G) if two else _TABLE_ENCODERS
+        table = [t for t in tables if (t.name, t.width, t.layers, t.mlp) == (name, width, n, mlp)]
+        # EMCID edits the early-to-late fc2 layers: the table's choice when known, else all but the last
+        edit = table[0].edit_layers if table else tuple(range(max(n - 1, 1)))
+        a1111 = table[0].a1111 if table else ""
+        out.append(TextEncoderSpec(name, int(width), n, int(mlp), diffusers, kohya, a1111, edit_layers=edit))
+    return tuple(out)
+
+
+def discover_layout(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | None = None,
+                    text_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Family:
+    """The layout of a loaded model from its UNet keys and shapes (``{key: shape}``; checkpoint,
+    ComfyUI or bare key names). `unet_config` (ComfyUI's, as `comfy.model_detection` makes it) gives
+    diffusers names to a layout no table names; `text_shapes` (a CLIP state dict's shapes) gives the
+    text encoders, else a table's are used when the UNet equals that table's."""
     shapes = _normalise_unet_keys(shapes)
-    seen_ctx = sorted({s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2})
+    blocks = discover_blocks(shapes)
+    if not blocks:
+        return _raise(_refusal(shapes, "it has no transformer block with a cross-attention attn2"))
+    contexts = sorted({shapes[f"{UNET_PREFIX}{b.ldm}.attn2.to_k.weight"][1] for b in blocks})
+    if len(contexts) != 1:
+        return _raise(_refusal(shapes, f"its cross-attention blocks read text of different widths {contexts}"))
+    context = int(contexts[0])
+    text = discover_text_encoders(text_shapes) if text_shapes else ()
+    probe = Family(CUSTOM, "", context, blocks, ())
+    unet_exp = probe.expected_shapes()
     for fam in FAMILIES.values():
         exp = {k: v for k, v in fam.expected_shapes().items() if k.startswith(UNET_PREFIX)}
-        if all(shapes.get(k) == v for k, v in exp.items()):
-            n_blocks = sum(1 for k in shapes if k.endswith("attn2.to_k.weight"))
-            if n_blocks == len(fam.blocks):
-                return fam
-    n = sum(1 for k in shapes if k.endswith("attn2.to_k.weight"))
-    raise UnknownArchitectureError(
-        f"this model is not one ConceptEdit knows: it has {n} cross-attention blocks with text width "
-        f"{seen_ctx or 'none'}; supported are SD1.x (16 blocks, 768), SD2.x (16, 1024), SDXL (70, 2048)"
-        f" and the bundled tiny model ({len(FAMILIES['tiny'].blocks)}, {FAMILIES['tiny'].context_dim}). SD3/Flux (MMDiT) models have no attn2 blocks and are not supported yet.")
+        if exp == unet_exp:
+            if text and [(t.name, t.width, t.layers) for t in text] != \
+                    [(t.name, t.width, t.layers) for t in fam.text_encoders]:
+                return replace(fam, text_encoders=text)
+            return fam
+    if unet_config:
+        try:
+            named = {b.ldm: b.diffusers for b in _blocks_from_unet(unet_config)}
+        except (KeyError, TypeError, IndexError, ValueError):
+            named = {}
+        if set(named) == {b.ldm for b in blocks}:
+            blocks = tuple(replace(b, diffusers=named[b.ldm]) for b in blocks)
+    adm = any(k.startswith(UNET_PREFIX + "label_emb.") for k in shapes)
+    label = f"custom UNet ({len(blocks)} cross-attention blocks, text width {context})"
+    return Family(CUSTOM, label, context, blocks, text, dict(unet_config or {}), native_latent=128 if adm else 64)
+
+
+def _raise(err: Exception):
+    raise err
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> Family:
+    """The layout of these UNet shapes (see `discover_layout`)."""
+    return discover_layout(shapes)
+
+
+def layout_of_edit(family: str, keys: Mapping[str, tuple[int, ...]], encoders: Iterable[str] = ()) -> Family:
+    """The layout an edit's own keys describe, for naming its keys (LoRA export, diffusers, the web
+    view) without the model: the table's when `family` is one, else the blocks and text encoders the
+    keys name. `encoders` lists the model's text encoders (the fingerprint records them), which decide
+    kohya's ``lora_te`` vs ``lora_te1/2``."""
+    if family in FAMILIES:
+        return FAMILIES[family]
+    shapes = dict(keys)
+    blocks = list(discover_blocks(_normalise_unet_keys(shapes)))
+    seen = {b.ldm for b in blocks}
+    for k, s in shapes.items():  # blocks the edit touches only outside attn2 K/V (FFN masks, LoRAs)
+        m = _ANY_BLOCK.match(k)
+        if m and m.group(1) not in seen and len(s) >= 1:
+            seen.add(m.group(1))
+            blocks.append(TransformerBlock(m.group(1), "", int(s[0])))
+    blocks = tuple(sorted(blocks, key=lambda b: _execution_order(b.ldm)))
+    names = list(encoders) or sorted({m.group(1) for k in shapes if (m := _TE_FC2.match(k))})
+    te_shapes = {k: s for k, s in shapes.items() if _TE_FC2.match(k)}
+    text = list(discover_text_encoders(te_shapes))
+    present = {t.name for t in text}
+    for n in names:  # encoders the edit does not touch still decide the kohya prefixes
+        if n not in present:
+            te_shapes[f"{n}.transformer.text_model.encoder.layers.0.mlp.fc2.weight"] = (1, 1)
+    text = discover_text_encoders(te_shapes)
+    ctx = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), 0)
+    return Family(family or CUSTOM, f"{family or CUSTOM} layout", int(ctx), blocks, text)
 
 
 def fingerprint(family: Family, state: Mapping[str, "object"]) -> dict:
-    """A base-model fingerprint: the family, a hash of the table's key names and shapes (the
-    layout), and a coarse hash of a few weight values (which checkpoint), robust to the dtype the
-    model was loaded in. `state` maps ComfyUI keys to tensors (UNet keys at least)."""
-    exp = family.expected_shapes()
+    """A base-model fingerprint: the family, a hash of the discovered layout (every editable UNet
+    key and its shape), and a coarse hash of a few weight values (which checkpoint), robust to the
+    dtype the model was loaded in. `state` maps ComfyUI keys to tensors (UNet keys at least)."""
+    exp = {k: v for k, v in family.expected_shapes().items() if k.startswith(UNET_PREFIX)}
     layout = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in exp.items())).encode()).hexdigest()[:16]
     probe = []
     for key in family.attn2_kv_keys()[:4] + family.ffn_out_keys()[:2]:
@@ -259,4 +423,7 @@ def fingerprint(family: Family, state: Mapping[str, "object"]) -> dict:
         v = w.detach().reshape(-1)[:4096].double().abs().sum().item()
         probe.append(f"{key}={v:.3g}")
     weights = hashlib.sha256("|".join(probe).encode()).hexdigest()[:16] if probe else ""
-    return {"family": family.name, "layout": layout, "weights": weights}
+    out = {"family": family.name, "layout": layout, "weights": weights, "layout_version": "2"}
+    if family.text_encoders:
+        out["encoders"] = ",".join(t.name for t in family.text_encoders)
+    return out

@@ -9,10 +9,14 @@ Steps, named after the paper:
 2. `wanda_scores`: S_ij = |W_ij| · ‖X_j‖₂ (the RMS column norm, so concept and reference
    statistics made from different numbers of tokens compare fairly).
 3. `skilled_mask`: per step, in every output row the top-k weights by concept score
-   (k = skill_ratio · 4d) that also score higher for the concept than for the reference; the
-   union over the first τ steps.
+   (k = ⌊skill_ratio · 4d⌋, at least 1) that also score higher for the concept than for the
+   reference; the union over the first τ steps.
 4. `compute_concept_prune`: the union over concepts, as an `Edit` of sparse masks
    (W ← W ⊙ (1 − M)).
+
+Every calibration prompt starts from the same noise (the seed's noise for a batch of one, as the
+official code seeds each generation alike), so the mask does not depend on how the prompts are
+batched.
 
 Only the first τ steps feed the mask, and a step's activations do not depend on later steps, so
 by default the generations stop after τ steps: the mask is the same as with full generations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -43,12 +47,12 @@ METHOD = "concept_prune"
 class PruneConfig:
     """ConceptPrune's hyper-parameters (paper defaults: 50 steps, CFG 7.5, seed 0)."""
 
-    skill_ratio: float = 0.01   # k = skill_ratio · 4d weights per output row and step
+    skill_ratio: float = 0.01   # k = ⌊skill_ratio · 4d⌋ weights per output row and step
     tau: int = 10               # union over the first τ denoising steps
     steps: int = 50             # denoising steps of each calibration generation
     cfg: float = 7.5
-    seed: int = 0
-    batch_size: int = 8         # prompts per generation call (the noise of a prompt depends on its slot)
+    seed: int = 0               # every prompt starts from this seed's noise
+    batch_size: int = 8         # prompts per generation call (speed and memory only; the mask is the same)
     negative: str = ""
     full_trajectory: bool = False  # run every step even though only the first τ matter
 
@@ -68,6 +72,16 @@ class PruneConfig:
     @property
     def kept_steps(self) -> int:
         return self.steps if self.full_trajectory else self.tau
+
+
+def with_preset_defaults(cfg: PruneConfig, preset: str) -> PruneConfig:
+    """`cfg` with skill_ratio 0 and tau 0 ("the preset's default") replaced by the preset's values
+    (`editing.prompts.defaults`: the paper's per-preset best, the tiny model's own); the default τ
+    is capped at `steps`. Values the user set are kept."""
+    from .prompts import defaults
+    d = defaults(preset)
+    return replace(cfg, skill_ratio=cfg.skill_ratio or d["skill_ratio"],
+                   tau=cfg.tau or min(d["tau"], max(cfg.steps, 1)))
 
 
 # ---- 1. statistics ----------------------------------------------------------------------------
@@ -121,8 +135,8 @@ class _EnoughSteps(Exception):
 def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module], names: Sequence[str],
                        prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
                        progress: tuple[int, int] | None = None) -> FFNStatistics:
-    """Generate every prompt (batches of ``cfg.batch_size``, batch b seeded ``cfg.seed``) with hooks
-    on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
+    """Generate every prompt (batches of ``cfg.batch_size``, each prompt from the noise of ``cfg.seed``)
+    with hooks on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
     (steps done before, total steps) for ctx.report across several calls."""
     stats = FFNStatistics(names, cfg.kept_steps)
     done, total = progress or (0, _n_batches(len(prompts), cfg) * cfg.kept_steps)
@@ -141,7 +155,7 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
             batch = list(prompts[b:b + cfg.batch_size])
             try:
                 denoiser.sample(batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed, negative=cfg.negative,
-                                on_step=on_step)
+                                on_step=on_step, noise_per_prompt=True)
             except _EnoughSteps:
                 pass
             state["done"] += cfg.kept_steps  # (the last step has no on_step after it)
@@ -167,7 +181,9 @@ def skilled_mask(weight: torch.Tensor, concept_norms: torch.Tensor, reference_no
     step t when it is among its row's top-k by concept score and its concept score beats its
     reference score. Vectorised over rows and columns; the loop is over the τ steps only."""
     d, n = weight.shape
-    k = max(1, int(round(skill_ratio * n)))
+    # the official rule, int(ratio · 4d) (a floor); at least one weight per row so a tiny ratio on a
+    # narrow layer still selects something
+    k = min(n, max(1, math.floor(skill_ratio * n)))
     aw = weight.detach().abs().float()
     mask = torch.zeros(d, n, dtype=torch.bool, device=weight.device)
     for t in range(min(tau, concept_norms.shape[0])):

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .arch import Family, get_family
+from .arch import Family
 from .edit import Edit
 from .errors import FingerprintMismatchError, InvalidInputError
 
@@ -47,7 +47,7 @@ def map_keys(edit: Edit, modules: Mapping[str, torch.nn.Module], family: Family 
              ) -> dict[str, tuple[str, str, torch.nn.Parameter]]:
     """ComfyUI key -> (component, parameter name, the parameter), checked for existence and shape.
     Raises before anything is changed."""
-    fam = family or get_family(edit.family)
+    fam = family or edit.layout()
     params = {name: dict(mod.named_parameters()) for name, mod in modules.items()}
     out = {}
     for key, change in edit.changes.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .edit import Edit
 from .errors import InvalidInputError
 from .hooks import trace_outputs
-from .hosts import RunContext, TextEncoder, Trainable
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
 from .lora_train import PARAM_SETS, Adapters, edit_as_fixed, frozen_session, select_targets
 from .unlearn import GENERIC_TEMPLATES, esd_target, generate_latents, paired_prompts
 
@@ -60,14 +61,21 @@ class DistillConfig:
         return self
 
 
-def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit: Edit, concept: str,
+def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit: Edit | None, concept: str,
                             cfg: DistillConfig | None = None, *, distill_prompts: Sequence[str] = (),
                             family: str = "", ctx: RunContext | None = None,
-                            latents: dict | None = None) -> Edit:
+                            latents: dict | None = None, student: Trainable | None = None) -> Edit:
     """Train the pruned student; returns the trained part as an Edit (apply it together with
-    `student_edit`). ``metrics["history"]`` has the distillation and erase losses."""
+    `student_edit`). ``metrics["history"]`` has the distillation and erase losses.
+
+    The student is either the teacher's own network with `student_edit` (a pruning mask …) attached
+    as a fixed part, or, with `student`, a model of its own (another layout: blocks removed, other
+    widths) read through the same text encoder; then feature KD pairs the transformer blocks both
+    models have under the same name and shape, and the trained part is an edit of `student`."""
     cfg = cfg.validate() if cfg else DistillConfig().validate()
     ctx = ctx or RunContext()
+    if student is None and student_edit is None:
+        raise InvalidInputError("give the student: a pruning edit of the teacher, or a student model of its own")
     forget, retain = paired_prompts(concept, cfg.n_prompts, cfg.seed, family) if cfg.erase else ([], [])
     general = list(distill_prompts) or retain or [t.format(concept="", emotion="calm", action="standing",
                                                            place="in a park") for t in GENERIC_TEMPLATES]
@@ -77,14 +85,23 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         latents["general"] = generate_latents(teacher, text, general, seed=cfg.seed, **gen)
     if cfg.erase and "forget" not in latents:
         latents["forget"] = generate_latents(teacher, text, forget, seed=cfg.seed + 1, **gen)
+
+    def encoded(host, prompts):  # (context, y), detached copies (y: SDXL's vector conditioning, else None)
+        c, y = conditioning(host, text, prompts)
+        return c.detach().float().clone(), None if y is None else y.detach().float().clone()
+
+    trainee = student or teacher
     with torch.no_grad():
-        c_gen = text.encode(general).detach().float().clone()
-        c_f = text.encode(forget).detach().float().clone() if cfg.erase else None
-        c_u = text.encode([""]).detach().float().clone()
+        c_gen, y_gen = encoded(teacher, general)
+        c_f, y_f = encoded(teacher, forget) if cfg.erase else (None, None)
+        c_u, y_u = encoded(teacher, [""])
+        # the student's own y where it takes one (a distilled SDXL may size-embed differently)
+        ys_gen = encoded(trainee, general)[1] if student is not None else y_gen
+        ys_f = (encoded(trainee, forget)[1] if cfg.erase else None) if student is not None else y_f
     x_gen, x_f = latents["general"], latents.get("forget")
-    unet = teacher.unet()
+    unet = trainee.unet()
     modules = dict(unet.named_modules())
-    fixed = edit_as_fixed([(student_edit, 1.0)], modules)
+    fixed = edit_as_fixed([(student_edit, 1.0)], modules) if student_edit is not None else {}
     kind = "lora" if cfg.param_set.startswith("lora") else "full"
     # keep_pruned: build the dense adapter against the *student's* weights, whose pruned entries are 0
     ad = Adapters(modules, select_targets(modules, cfg.param_set), kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
@@ -96,53 +113,87 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     opt_d = torch.optim.Adam(params, lr=cfg.lr_distill)
     opt_e = torch.optim.Adam(params, lr=cfg.lr_erase)
     blocks = [n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+    t_unet = teacher.unet() if student is not None else unet
+    t_modules = dict(t_unet.named_modules()) if student is not None else modules
+    blocks = [n for n in blocks if n in t_modules]
     ac = teacher.alphas_cumprod().float().to(x_gen.device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     hist = {"distill": [], "erase": []}
     feats: dict[str, torch.Tensor] = {}
+    t_feats: dict[str, torch.Tensor] = feats if student is None else {}
 
     def keep(name, out):
         feats[name] = out
         return None
 
-    def draw(x, c):
+    def keep_teacher(name, out):
+        t_feats[name] = out.detach()
+        return None
+
+    def draw(x, c, y, ys):
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
         t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(x.device)
         noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g).to(x.device)
         a = ac[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x[idx] + (1 - a).sqrt() * noise, t, c[idx], noise
+        pick = (lambda v: None if v is None else v[idx])
+        return a.sqrt() * x[idx] + (1 - a).sqrt() * noise, t, c[idx], pick(y), pick(ys), noise
+
+    def teacher_eps(xt, t, c, y):
+        with torch.no_grad(), ad.original():
+            return teacher.eps(xt, t, c, y=y)
+
+    def erase_target(xt, t, c, y):
+        if student is None:
+            with ad.original():
+                return esd_target(teacher, ad, xt, t, c, c_u.expand_as(c), cfg.eta,
+                                  y=y, y_uncond=rows_y(y_u, c.shape[0]))
+        e = teacher_eps(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([c, c_u.expand_as(c)]),
+                        cat_y(y, rows_y(y_u, c.shape[0])))
+        ec, eu = e.chunk(2)
+        return eu - cfg.eta * (ec - eu)
 
     t0 = time.perf_counter()
-    with frozen_session(unet), ad.attached(), trace_outputs(modules, blocks, keep), torch.enable_grad():
+    with ExitStack() as stack:
+        stack.enter_context(frozen_session(unet))
+        if student is not None:
+            stack.enter_context(frozen_session(t_unet))
+            stack.enter_context(trace_outputs(t_modules, blocks, keep_teacher))
+        stack.enter_context(ad.attached())
+        stack.enter_context(trace_outputs(modules, blocks, keep))
+        stack.enter_context(torch.enable_grad())
         for step in range(cfg.steps):
             if cfg.erase and (step + 1) % cfg.erase_every == 0:
-                xt, t, c, _ = draw(x_f, c_f)
-                with ad.original():
-                    target = esd_target(teacher, ad, xt, t, c, c_u.expand_as(c), cfg.eta)
-                loss = F.mse_loss(teacher.eps(xt, t, c), target)
+                xt, t, c, y, ys, _ = draw(x_f, c_f, y_f, ys_f)
+                target = erase_target(xt, t, c, y)
+                feats.clear()
+                loss = F.mse_loss(trainee.eps(xt, t, c, y=ys), target)
                 opt_e.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_e.step()
                 hist["erase"].append([step, round(float(loss.detach()), 6)])
             else:
-                xt, t, c, noise = draw(x_gen, c_gen)
-                with torch.no_grad(), ad.original():
-                    e_t = teacher.eps(xt, t, c)
-                    f_t = {k: v.detach() for k, v in feats.items()}
-                e_s = teacher.eps(xt, t, c)
+                xt, t, c, y, ys, noise = draw(x_gen, c_gen, y_gen, ys_gen)
+                e_t = teacher_eps(xt, t, c, y)
+                f_t = {k: v.detach() for k, v in t_feats.items()}
+                feats.clear()
+                e_s = trainee.eps(xt, t, c, y=ys)
                 l_diff = F.mse_loss(e_s, noise)
                 l_out = F.mse_loss(e_s, e_t)
-                l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in f_t) if f_t else torch.zeros(())
+                pairs = [k for k in f_t if k in feats and feats[k].shape == f_t[k].shape]
+                l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in pairs) if pairs else torch.zeros(())
                 loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat
                 opt_d.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_d.step()
                 hist["distill"].append(round(float(loss.detach()), 6))
             feats.clear()
+            t_feats.clear()
             ctx.report(step + 1, cfg.steps)
     secs = time.perf_counter() - t0
     name = "distill-unlearn" if cfg.erase else "distill"
-    edit = ad.to_edit(name, family or student_edit.family, concepts=[concept] if cfg.erase else [],
-                      params={**asdict(cfg), "student_edit": student_edit.method})
+    edit = ad.to_edit(name, family or (student_edit.family if student_edit is not None else "custom"),
+                      concepts=[concept] if cfg.erase else [],
+                      params={**asdict(cfg), "student_edit": student_edit.method if student_edit is not None else "",
+                              "separate_student": student is not None})
     edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3)})
     return edit

@@ -6,11 +6,13 @@ Three kinds of change per key (ComfyUI patch keys, see `editing.arch`):
 - ``mask``: W' = W ⊙ (1 − M), stored as the flat indices of M's ones (ConceptPrune).
 `Edit.deltas(base)` turns every entry into a dense ΔW against the base weights, which is what a
 host adds with a strength (strength 0 is exactly the original; 1 is the edit).
+Which keys and kinds each method may hold is `editing.scope`; files are checked against it on load.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -19,6 +21,7 @@ import torch
 
 from .arch import UNET_PREFIX
 from .errors import EditFileError, FingerprintMismatchError, NonFiniteError
+from .scope import check_scope, tensor_problem
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ class Change:
         if set(self.tensors) != need:
             raise EditFileError(f"a {self.kind} change needs tensors {sorted(need)}, got {sorted(self.tensors)}")
         self.shape = tuple(int(s) for s in self.shape)
+        problem = tensor_problem(self.kind, self.tensors)
+        if problem:
+            raise EditFileError(f"a {self.kind} change: {problem}")
         self._check_shapes()
 
     def _check_shapes(self):
@@ -49,15 +55,15 @@ class Change:
         if self.kind == "lowrank":
             up, down = t["up"], t["down"]
             if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or \
-                    (up.shape[0], down.shape[1]) != self.shape[:2]:
+                    (up.shape[0], down.shape[1]) != self.shape[:2] or \
+                    up.shape[0] * down.shape[1] != math.prod(self.shape):
                 raise EditFileError(f"low-rank pair {tuple(up.shape)} @ {tuple(down.shape)} does not make {self.shape}")
         if self.kind == "mask":
             idx = t["index"]
-            n = 1
-            for s in self.shape:
-                n *= s
-            if idx.ndim != 1 or idx.dtype not in (torch.int32, torch.int64):
-                raise EditFileError("a mask's index must be a 1-D integer tensor")
+            n = math.prod(self.shape)
+            if idx.ndim != 1:
+                raise EditFileError(f"a mask's index must be a 1-D tensor of flat positions, "
+                                    f"got shape {tuple(idx.shape)}")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
                 raise EditFileError(f"mask index out of range for a weight of shape {self.shape}")
 
@@ -127,13 +133,25 @@ class Edit:
                 "params": self.params, "fingerprint": self.fingerprint, "metrics": self.metrics,
                 "keys": per_key}
 
+    def layout(self):
+        """The layout this edit's keys describe (`editing.arch.layout_of_edit`): the family table's
+        when it has one, else read from the keys and the fingerprint's text encoders."""
+        from .arch import layout_of_edit
+        encoders = [e for e in str(self.fingerprint.get("encoders", "")).split(",") if e]
+        return layout_of_edit(self.family, {k: c.shape for k, c in self.changes.items()}, encoders)
+
     def text_encoder_keys(self) -> list[str]:
         """Keys this edit changes outside the UNet (text-encoder weights, e.g. EMCID's fc2)."""
         return [k for k in self.changes if not k.startswith(UNET_PREFIX)]
 
     def unet_part(self) -> "Edit":
         """The same edit restricted to its UNet keys (what hooks on the diffusion model can carry)."""
-        return Edit(self.method, self.family, {k: c for k, c in self.changes.items() if k.startswith(UNET_PREFIX)})
+        return Edit(self.method, self.family, {k: c for k, c in self.changes.items() if k.startswith(UNET_PREFIX)},
+                    concepts=list(self.concepts), params=self.params, fingerprint=dict(self.fingerprint))
+
+    def check_scope(self, source: str = "") -> None:
+        """Raise EditFileError unless every change is one this edit's method makes (`editing.scope`)."""
+        check_scope(self.method, self.params, self.changes, source)
 
     def check_finite(self) -> None:
         for k, c in self.changes.items():
@@ -159,13 +177,16 @@ class Edit:
         Returns warnings (e.g. same layout, different checkpoint)."""
         warnings = []
         if family_name != self.family:
-            from .arch import get_family
-            made, have = get_family(self.family).label, get_family(family_name).label
+            from .arch import family_label
+            made, have = family_label(self.family), family_label(family_name)
             raise FingerprintMismatchError(
                 f"this {self.method} edit was computed for {made}; the model is {have}. "
                 f"Load a {made} checkpoint, or recompute the edit on this model.")
         if fingerprint and self.fingerprint:
-            if fingerprint.get("layout") != self.fingerprint.get("layout"):
+            # layout hashes are comparable only when made the same way (version 2: the UNet's
+            # discovered editable keys); every key's shape is checked below either way
+            same_kind = fingerprint.get("layout_version") == self.fingerprint.get("layout_version")
+            if same_kind and fingerprint.get("layout") != self.fingerprint.get("layout"):
                 raise FingerprintMismatchError(
                     f"this edit was made for a {self.family} model with a different layout "
                     f"({self.fingerprint.get('layout')} vs {fingerprint.get('layout')}); recompute it on this model.")
@@ -200,6 +221,7 @@ class Edit:
     def save(self, path: str | os.PathLike) -> str:
         from safetensors.torch import save_file
         self.check_finite()
+        self.check_scope()  # never write a file that loading would refuse
         tensors, meta = self.to_tensors()
         path = os.fspath(path)
         tmp = path + ".tmp"
@@ -230,12 +252,20 @@ class Edit:
                 ts = {n: tensors[f"{k}{_SEP}{n}"] for n in names}
             except KeyError as missing:
                 raise EditFileError(f"{source}: tensor {missing} listed in the metadata is missing") from None
-            changes[k] = Change(e["kind"], tuple(e["shape"]), ts)
+            try:
+                changes[k] = Change(e["kind"], tuple(e["shape"]), ts)
+            except EditFileError as err:
+                raise EditFileError(f"{source}: {k}: {err}; nothing was applied") from None
         extra = set(tensors) - {f"{k}{_SEP}{n}" for k, c in changes.items() for n in c.tensors}
         if extra:
             raise EditFileError(f"{source}: tensors not described by the metadata: {sorted(extra)[:3]}")
+        for name in ("method", "family"):
+            if not isinstance(meta.get(name), str):
+                raise EditFileError(f"{source}: the metadata names no {name}; this is not a complete ConceptEdit edit")
+        params = meta.get("params", {})
+        check_scope(meta["method"], params, changes, source)
         return cls(method=meta["method"], family=meta["family"], changes=changes, concepts=list(meta.get("concepts", [])),
-                   params=meta.get("params", {}), fingerprint=meta.get("fingerprint", {}),
+                   params=params, fingerprint=meta.get("fingerprint", {}),
                    metrics=meta.get("metrics", {}), version=int(meta.get("version", FORMAT_VERSION)))
 
     @classmethod

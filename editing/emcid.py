@@ -374,8 +374,8 @@ def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, 
     for enc in text.encoders:
         spec = specs.get(enc)
         if spec is None:
-            raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} table does not "
-                                    f"name ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
+            raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} layout does not "
+                                    f"have ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
         layers = tuple((cfg.layers or {}).get(enc, spec.edit_layers))
         if not layers or any(not 0 <= i < spec.layers for i in layers) or list(layers) != sorted(set(layers)):
             raise InvalidInputError(f"{enc}: edit layers must be increasing indices in 0..{spec.layers - 1}, got {layers}")

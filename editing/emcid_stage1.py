@@ -59,6 +59,8 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     n_img = cfg.images_per_prompt
     with torch.no_grad():
         x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
+        if hasattr(denoiser, "latent_in"):  # sampled latents are in the VAE's scale, x_t in the UNet's
+            x0 = denoiser.latent_in(x0)
         ctx_dst, pooled_dst = text.context({e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()})
     dev = next(denoiser.unet().parameters()).device  # where the UNet runs (the CLIP may live elsewhere)
     x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)

@@ -22,6 +22,9 @@ class TextEncoder(Protocol):
     def token_ids(self, prompt: str) -> list[int]:
         """Token ids of the prompt *including* BOS, EOS and padding up to 77."""
 
+    # Optional: ``encode_with_pooled(prompts) -> (context [B, 77, d], pooled [B, p] or None)``, the
+    # pooled text embedding a vector-conditioned UNet (SDXL) needs; see `conditioning`.
+
 
 class Denoiser(Protocol):
     """Runs the diffusion model."""
@@ -30,9 +33,14 @@ class Denoiser(Protocol):
         """``named_modules()`` of the UNet that actually runs (LDM names, no prefix)."""
 
     def sample(self, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
-               negative: str = "", on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+               negative: str = "", on_step: Callable[[int], None] | None = None,
+               noise_per_prompt: bool = False) -> torch.Tensor:
         """Full denoising of each prompt; ``on_step(i)`` is called before the model runs for step i
-        (i = 0 is the noisiest step). Returns the final latents [B, C, H, W]."""
+        (i = 0 is the noisiest step). Returns the final latents [B, C, H, W].
+
+        The starting noise comes from `seed`: by default one draw for the whole batch (each prompt
+        its own noise, which depends on its slot); with ``noise_per_prompt`` every prompt gets the
+        noise a batch of one would get, so a prompt's result does not depend on the batching."""
 
 
 class Trainable(Protocol):
@@ -45,12 +53,47 @@ class Trainable(Protocol):
         """ᾱ_t for t = 0..T−1."""
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """ε-prediction at x_t, integer t, text context [B, 77, d]; `y` = the vector conditioning
-        (SDXL's pooled text + size embedding; None for SD1.x/SD2.x)."""
+        """The model's ε-prediction at x_t = √ᾱ x₀ + √(1−ᾱ) ε, integer t, text context [B, 77, d],
+        whatever the model's own prediction type (a v-model's output is converted by the host);
+        differentiable w.r.t. x, context, y and hooked adapters. `y` = the vector conditioning
+        (SDXL's pooled text + size embedding, from `adm`; None for SD1.x/SD2.x). The one way the
+        library calls the denoiser directly: every objective here is written in ε."""
 
     def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The `y` this model needs for a pooled text embedding (differentiable in `pooled`), or None
         when the model takes none. Optional: hosts without it are treated as needing none."""
+
+
+def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the UNet is conditioned on for `prompts`: (context [B, 77, d], y [B, adm] or None).
+
+    y = ``host.adm(pooled, B)`` of the text encoder's pooled output (`encode_with_pooled`) for a
+    vector-conditioned model (SDXL), None for the others; a host without `adm` takes none. The
+    training, audit and distillation paths all encode their prompts through here, so y travels with
+    the context wherever the denoiser is called."""
+    prompts = list(prompts)
+    with_pooled = getattr(text, "encode_with_pooled", None)
+    if with_pooled is not None:
+        context, pooled = with_pooled(prompts)
+    else:
+        context, pooled = text.encode(prompts), None
+    adm = getattr(host, "adm", None)
+    y = adm(pooled, len(prompts)) if adm is not None else None
+    return context, y
+
+
+def cat_y(*ys: torch.Tensor | None) -> torch.Tensor | None:
+    """`torch.cat` of vector conditionings that are all tensors, or None when the model takes none."""
+    if any(y is None for y in ys):
+        if not all(y is None for y in ys):
+            raise ValueError("either every part of a batch has its vector conditioning y or none has")
+        return None
+    return torch.cat(ys)
+
+
+def rows_y(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """y of one prompt (the empty prompt, say) repeated for a batch of n."""
+    return None if y is None else y.expand(n, *y.shape[1:])
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .arch import UNET_PREFIX, Family, get_family
+from .arch import UNET_PREFIX, Family
 from .edit import Change, Edit
 from .errors import InvalidInputError
 from .hosts import RunContext
@@ -121,7 +121,7 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
     edit.check_finite()
     if not edit.changes:
         raise InvalidInputError("the edit changes no weights; there is nothing to export")
-    fam = get_family(edit.family)
+    fam = edit.layout()
     get = base.get if isinstance(base, Mapping) else base
     dtype = DTYPES[cfg.dtype]
     sd: dict[str, torch.Tensor] = {}

@@ -16,21 +16,21 @@ towards 0 (or below). The same x₀, noise and timesteps serve both models, so t
 ratio `kept = gain_edited / gain_original` isolates the edit. Unrelated prompts should keep
 kept ≈ 1 (specificity).
 
-Hosts: anything with `editing.hosts.Trainable` (``eps``, ``alphas_cumprod``) for the model and a
-`TextEncoder` for its prompts. x₀ must already be in the UNet's latent space (ComfyUI: after
-``process_latent_in``).
+Hosts: anything with `editing.hosts.Trainable` (``eps``, ``alphas_cumprod``; ``adm`` for SDXL's
+vector conditioning) for the model and a `TextEncoder` for its prompts. x₀ must already be in
+the UNet's latent space (ComfyUI: after ``process_latent_in``).
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .errors import InvalidInputError, NonFiniteError
-from .hosts import RunContext, TextEncoder, Trainable
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,9 @@ def _noise(shape, seed: int, index: int) -> torch.Tensor:
 
 @torch.no_grad()
 def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], x0: torch.Tensor,
-                    config: PresenceConfig | None = None, ctx: RunContext | None = None,
-                    adm: Callable[[Sequence[str]], torch.Tensor] | None = None) -> PresenceScores:
-    """Denoising gain of each prompt on its picture x0[i] (UNet latent space) for one model.
-    `adm(prompts)` gives the UNet's extra conditioning vector y where the model needs one (SDXL)."""
+                    config: PresenceConfig | None = None, ctx: RunContext | None = None) -> PresenceScores:
+    """Denoising gain of each prompt on its picture x0[i] (UNet latent space) for one model (with
+    the vector conditioning y from `hosts.conditioning` where the model takes one, SDXL)."""
     config = config or PresenceConfig()
     ctx = ctx or RunContext()
     prompts = list(prompts)
@@ -146,10 +145,11 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
     total, done = math.ceil(n / config.batch_size) * len(ts) * draws, 0
     for lo in range(0, n, config.batch_size):
         hi = min(n, lo + config.batch_size)
-        cond = text.encode(prompts[lo:hi])
-        uncond = text.encode([config.negative] * (hi - lo))
+        cond, y_cond = conditioning(host, text, prompts[lo:hi])
+        uncond, y_uncond = conditioning(host, text, [config.negative] * (hi - lo))
         dev = cond.device
-        y = None if adm is None else torch.cat([adm(prompts[lo:hi]), adm([config.negative] * (hi - lo))]).to(dev)
+        y = cat_y(y_cond, y_uncond)
+        y = None if y is None else y.to(dev)
         xb = x0[lo:hi].to(dev)
         for ti, t in enumerate(ts):
             a = ac[t].to(dev)
@@ -175,15 +175,14 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
 
 def compare_presence(original: Trainable, edited: Trainable, text_original: TextEncoder,
                      text_edited: TextEncoder | None, prompts: Sequence[str], x0: torch.Tensor,
-                     config: PresenceConfig | None = None, ctx: RunContext | None = None,
-                     adm_original: Callable | None = None, adm_edited: Callable | None = None) -> PresenceComparison:
+                     config: PresenceConfig | None = None, ctx: RunContext | None = None) -> PresenceComparison:
     """Presence of each prompt before and after an edit, on the same pictures x0 (made by the
     original model) with the same noise. `text_edited` is the edited text encoder when the edit
     changes it (EMCID), else the original one is used for both."""
     config = config or PresenceConfig()
     ctx = ctx or RunContext()
-    before = presence_scores(original, text_original, prompts, x0, config, ctx, adm_original)
-    after = presence_scores(edited, text_edited or text_original, prompts, x0, config, ctx, adm_edited or adm_original)
+    before = presence_scores(original, text_original, prompts, x0, config, ctx)
+    after = presence_scores(edited, text_edited or text_original, prompts, x0, config, ctx)
     return PresenceComparison(before, after, config=asdict(config))
 
 

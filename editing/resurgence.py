@@ -22,7 +22,7 @@ import torch
 
 from .edit import Edit
 from .errors import InvalidInputError
-from .hosts import RunContext, TextEncoder, Trainable
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
 from .lora_train import Adapters, edit_as_fixed, frozen_session, select_targets
 from .unlearn import diffusion_mse, generate_latents
 
@@ -117,7 +117,9 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     if benign_latents is None:
         benign_latents = generate_latents(host, text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed, ctx=ctx)
     with torch.no_grad():
-        c_benign = text.encode(benign).detach().float().clone()
+        c_benign, y_benign = conditioning(host, text, benign)
+        c_benign = c_benign.detach().float().clone()
+        y_benign = None if y_benign is None else y_benign.detach().float().clone()
     p_orig = float(presence([]))
     p_edit = float(presence([(edit, 1.0)]))
     report = AuditReport(edit.method, p_orig, p_edit, params=asdict(cfg))
@@ -137,14 +139,15 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
                 idx = torch.randint(0, benign_latents.shape[0], (cfg.batch,), generator=g)
                 t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(dev)
                 noise = torch.randn((cfg.batch,) + tuple(benign_latents.shape[1:]), generator=g).to(dev)
-                loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac)
+                loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
+                                     y=None if y_benign is None else y_benign[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 report.loss.append(round(float(loss.detach()), 6))
                 done += 1
                 ctx.report(done, total)
-        ft = adapters.to_edit("benign-finetune", edit.family)
+        ft = adapters.to_edit("benign-finetune", edit.family, params={"param_set": cfg.param_set, "rank": cfg.rank})
         p_k = float(presence([(edit, 1.0), (ft, 1.0)]))
         report.steps.append(k)
         report.presence_after.append(p_k)
@@ -171,13 +174,18 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
         raise InvalidInputError("give at least one prompt that shows the concept")
     if latents is None:
         latents = generate_latents(host, text, prompts, steps=gen_steps, cfg=gen_cfg, seed=seed)
+
+    def both(enc):  # (context, y) of the prompts and of the empty prompt, as one [2n] batch
+        c, y = conditioning(host, enc, prompts)
+        u, yu = conditioning(host, enc, [""])
+        c, u = c.detach().float(), u.detach().float().expand_as(c)
+        y = cat_y(y, rows_y(yu, c.shape[0]))
+        return torch.cat([c, u]), None if y is None else y.detach().float()
+
     with torch.no_grad():
-        cond = text.encode(prompts).detach().float()
-        uncond = text.encode([""]).detach().float().expand_as(cond)
-        conds = {False: (cond, uncond)}
+        conds = {False: both(text)}
         if edited_text is not None:
-            ce = edited_text.encode(prompts).detach().float()
-            conds[True] = (ce, edited_text.encode([""]).detach().float().expand_as(ce))
+            conds[True] = both(edited_text)
     g = torch.Generator().manual_seed(seed + 99)
     n = latents.shape[0]
     ts = [torch.full((n,), int(t)) for t in torch.linspace(150, 850, n_t)]
@@ -191,7 +199,7 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
         if text_edited and edited_text is None:
             raise InvalidInputError("this edit changes the text encoder: pass guidance_presence(..., edited_text=<the "
                                   "text encoder with the edit applied>)")
-        cond, uncond = conds[text_edited]
+        cu, y = conds[text_edited]
         fixed = edit_as_fixed(edits, modules) if edits else {}
         ad = Adapters(modules, [], fixed=fixed)
         ac = host.alphas_cumprod().float()
@@ -201,7 +209,7 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
                 a = ac[t].view(-1, 1, 1, 1).to(latents.device)
                 xt = a.sqrt() * latents + (1 - a).sqrt() * noise.to(latents.device)
                 tt = t.to(latents.device)
-                e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
+                e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), cu, y=y)
                 ec, eu = e.chunk(2)
                 out.append((ec - eu).float())
         return out

@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 
 MODES = ("erase", "redirect", "debias", "moderate")
 TOKEN_WINDOWS = ("aligned", "eos", "last")
+EMPTY_GUIDES = ("eos", "bos")
+# Prompt expansion of the official erase script (concept_type art / object): each concept and its
+# guide also appear in these templates, so "painting by X" loses X as "X" does.
+EXPANSIONS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "artist": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+    "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+}
+# the official default guide per kind when none is given: artists go to "art", objects to ""
+DEFAULT_GUIDE = {"artist": "art", "object": "", "none": ""}
 # Generic prompts whose cross-attention keys/values should not move (the preserve set is the
 # user's list plus these unless switched off). Any that mention an edited concept are dropped.
 DEFAULT_PRESERVE = (
@@ -85,12 +95,25 @@ class UCEConfig:
     token_window: str = "aligned"
     edit_keys: bool = True       # attn2.to_k
     edit_values: bool = True     # attn2.to_v
+    # keep the unconditional prompt's K/V at every position the window edits (not only its BOS):
+    # classifier-free guidance subtracts the "" branch from every prompt, so a moved "" shifts all
+    preserve_unconditional: bool = True
+    # expansion of each concept (and its guide) into the official templates: none, artist, object;
+    # with artist and no guide, the guide is "art" as in the official script
+    expand: str = "none"
+    # with the `last` window an empty guide ("") maps the concept's last token to ""'s EOS (eos) or,
+    # as the official code does, to its BOS (bos), the position every prompt attends to
+    empty_guide: str = "eos"
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InvalidInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.token_window not in TOKEN_WINDOWS:
             raise InvalidInputError(f"unknown token_window {self.token_window!r}; choose {' or '.join(TOKEN_WINDOWS)}")
+        if self.expand not in EXPANSIONS:
+            raise InvalidInputError(f"unknown expand {self.expand!r}; choose {', '.join(EXPANSIONS)}")
+        if self.empty_guide not in EMPTY_GUIDES:
+            raise InvalidInputError(f"unknown empty_guide {self.empty_guide!r}; choose eos or bos")
         if not [c for c in self.concepts if c.strip()]:
             raise InvalidInputError("the concept list is empty: give at least one concept to edit (one per line)")
         for name in ("lam", "erase_scale", "preserve_scale"):
@@ -142,6 +165,7 @@ class TextSystem:
     P: torch.Tensor        # m × d
     concept_rows: list[int]  # rows per concept (for reporting)
     preserve_prompts: list[str]
+    U: torch.Tensor | None = None  # the unconditional prompt's preserved rows (also in P), for its metric
     # G = G_select @ G_basis: the distinct guide token vectors (u × d) and a sparse n × u weight
     # matrix. Many concepts share a guide (erase to "" repeats one prompt's tokens n / 76 times),
     # so Cᵀ G and Gᵀ G cost O(n·d + u·d²) instead of two more n × d² Grams.
@@ -187,12 +211,23 @@ def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
         elif cfg.mode == "debias":
             tgt = [(w, f"{o} {src}") for o, w in options]
         else:
-            tgt = [(1.0, dst if arrow else cfg.guide.strip())]
+            tgt = [(1.0, dst if arrow else (cfg.guide.strip() or
+                                            (DEFAULT_GUIDE[cfg.expand] if cfg.mode == "erase" else "")))]
         if cfg.mode == "redirect" and tgt[0][1] == "":
             raise InvalidInputError(f'redirect: concept {src!r} has no target; write "{src} -> target" or set guide')
         srcs.append(src)
         targets.append(tgt)
+    if cfg.mode in ("erase", "redirect"):
+        for template in EXPANSIONS[cfg.expand]:
+            for src, tgt in list(zip(srcs, targets))[:len(_base_concepts(cfg))]:
+                srcs.append(template.format(src))
+                targets.append([(w, template.format(g).strip()) for w, g in tgt])
     return srcs, targets
+
+
+def _base_concepts(cfg: UCEConfig) -> list[str]:
+    """The concepts as the user named them (before any expansion)."""
+    return [line.partition("->")[0].strip() for line in cfg.concepts if line.strip()]
 
 
 def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
@@ -250,7 +285,8 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
             w, gp = tgt[k] if k < len(tgt) else (0.0, "")
             e_g = _eos(ids[gp], eos_id)
             if cfg.token_window == "last":
-                q = torch.full_like(pos, max(e_g - 1, 1) if e_g > 1 else e_g)  # empty guide: its EOS, never BOS
+                empty = 0 if cfg.empty_guide == "bos" else e_g  # an empty guide has no last word
+                q = torch.full_like(pos, max(e_g - 1, 1) if e_g > 1 else empty)
             else:
                 q = _aligned(pos, e_s, e_g, L)
             slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
@@ -260,8 +296,12 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
         qs = [q for q in _window(ids[p], eos_id, cfg.token_window) if q < L]
         p_u += [index[p]] * len(qs)
         p_q += qs
-    p_u.append(index[""])
-    p_q.append(0)  # BOS: identical for every prompt, the attention sink
+    # BOS (identical for every prompt, the attention sink) and, with preserve_unconditional, "" at
+    # every position the window edits in some concept
+    edited_positions = sorted(set(torch.cat(c_q).tolist()) - {0}) if cfg.preserve_unconditional else []
+    u_q = [0] + edited_positions
+    p_u += [index[""]] * len(u_q)
+    p_q += u_q
 
     dev = E.device
     C = E[torch.cat(c_u).to(dev), torch.cat(c_q).to(dev)]
@@ -276,7 +316,9 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
                                      device=dev, check_invariants=False).coalesce()
     G = torch.sparse.mm(select.float(), basis.float()).to(C.dtype) if keys.numel() else torch.zeros_like(C)
     P = E[torch.tensor(p_u, device=dev), torch.tensor(p_q, device=dev)]
-    return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep, G_basis=basis, G_select=select)
+    U = E[index[""]][torch.tensor(u_q, device=dev)]
+    return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep, U=U, G_basis=basis,
+                      G_select=select)
 
 
 # ---- the closed form, shared by all layers of one text width -------------------------------------
@@ -294,6 +336,8 @@ class Operator:
     preserve_moved: torch.Tensor  # A (Σ p pᵀ) Aᵀ: what ΔW does to the preserved vectors
     residual_gram: torch.Tensor   # Σ e eᵀ, e = (I + A)c − g: what is left of the targets
     target_gram: torch.Tensor     # Σ (c − g)(c − g)ᵀ: the gap before the edit
+    uncond_gram: torch.Tensor | None = None   # Σ u uᵀ over the unconditional prompt's rows
+    uncond_moved: torch.Tensor | None = None  # A (Σ u uᵀ) Aᵀ
 
     @property
     def n(self) -> int:
@@ -348,7 +392,7 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
 
 def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float, erase_scale: float,
                    preserve_scale: float, device=None, G_basis: torch.Tensor | None = None,
-                   G_select: torch.Tensor | None = None) -> Operator:
+                   G_select: torch.Tensor | None = None, U: torch.Tensor | None = None) -> Operator:
     """One float64 solve for every layer of this text width (C, G: n × d rows; P: m × d rows).
     `G_basis`/`G_select` (see TextSystem) make Cᵀ G and Gᵀ G cheap when few distinct guides."""
     device = device or C.device
@@ -383,8 +427,10 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
     B = torch.eye(d, dtype=torch.float64, device=device) + A.T
     residual = B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg
     target = Gcc - Gcg - Gcg.T + Ggg
+    Guu = _gram(U, device=device) if U is not None and U.numel() else None
     return Operator(R=R, D=D, A=A, preserve_gram=Gpp, preserve_moved=A @ Gpp @ A.T,
-                    residual_gram=residual, target_gram=target)
+                    residual_gram=residual, target_gram=target, uncond_gram=Guu,
+                    uncond_moved=None if Guu is None else A @ Guu @ A.T)
 
 
 def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Change, dict[str, float]]:
@@ -395,6 +441,8 @@ def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Ch
     q = lambda X: float((K * X).sum().clamp_min(0))  # noqa: E731
     metrics = {"preserve_rel_change": math.sqrt(q(op.preserve_moved) / max(q(op.preserve_gram), 1e-30)),
                "target_residual": math.sqrt(q(op.residual_gram) / max(q(op.target_gram), 1e-30))}
+    if op.uncond_gram is not None:  # ‖ΔW u‖ / ‖W u‖ over the unconditional prompt's rows
+        metrics["uncond_rel_change"] = math.sqrt(q(op.uncond_moved) / max(q(op.uncond_gram), 1e-30))
     n = op.n
     if op.R is not None and n * (out + d) < out * d:
         up = W.to(device=op.A.device, dtype=torch.float64) @ op.R
@@ -422,8 +470,12 @@ def solve_layers(weights: Mapping[str, torch.Tensor], keys: Sequence[str], op_fo
 def summarise(per_key: Mapping[str, Mapping[str, float]]) -> dict:
     pres = [m["preserve_rel_change"] for m in per_key.values()]
     res = [m["target_residual"] for m in per_key.values()]
-    return {"preserve_rel_change_mean": sum(pres) / len(pres), "preserve_rel_change_max": max(pres),
-            "target_residual_mean": sum(res) / len(res), "target_residual_max": max(res)}
+    out = {"preserve_rel_change_mean": sum(pres) / len(pres), "preserve_rel_change_max": max(pres),
+           "target_residual_mean": sum(res) / len(res), "target_residual_max": max(res)}
+    unc = [m["uncond_rel_change"] for m in per_key.values() if "uncond_rel_change" in m]
+    if unc:
+        out.update(uncond_rel_change_mean=sum(unc) / len(unc), uncond_rel_change_max=max(unc))
+    return out
 
 
 @torch.no_grad()
@@ -448,7 +500,7 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     device = ctx.device or system.C.device
     ctx.check()
     op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
-                        G_basis=system.G_basis, G_select=system.G_select)
+                        G_basis=system.G_basis, G_select=system.G_select, U=system.U)
     changes, per_key = solve_layers(weights, keys, lambda _d: op, ctx)
     metrics = summarise(per_key)
     metrics.update({"edited_token_vectors": int(system.C.shape[0]), "preserved_token_vectors": int(system.P.shape[0]),
@@ -459,5 +511,5 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
              metrics["preserve_rel_change_max"], metrics["target_residual_mean"])
     params = asdict(config)
     params.pop("concepts")
-    return Edit(method="uce", family=family.name, changes=changes, concepts=_plan(config)[0], params=params,
+    return Edit(method="uce", family=family.name, changes=changes, concepts=_base_concepts(config), params=params,
                 metrics=metrics)

@@ -2,9 +2,13 @@
 ascent (GA) and ESD negative guidance (Gandikota et al. 2023). See PAPERS.md §4.
 
 Each step draws a forget batch (prompts with the concept, images the original model generated from
-them) and, for RGD, a retain batch (the same templated prompts with the concept word removed, plus the
-user's retain prompts). Losses are ε-MSE diffusion losses at random t:
-- GA / RGD-ascent: g_f = −∇L̃_f with the truncation L̃_f = L_f / L_f (value 1) once L_f > m;
+them) and, for RGD and GA, a retain batch (the same templated prompts with the concept word removed,
+plus the user's retain prompts). Losses are ε-MSE diffusion losses at random t (`Trainable.eps` is ε
+for v-prediction models too), with SDXL's vector conditioning y carried alongside each text context:
+- RGD-ascent: g_f = −∇L̃_f with Ko et al.'s truncation L̃_f = L_f / ‖L_f‖ once L_f > m: a constant 1,
+  so a batch whose forget loss is already above m adds no forget gradient at all;
+- GA (the baseline of Ko et al.'s code): the gradient of −L_f + w·L_r, w = ``ga_retain_weight``
+  (0.1), no truncation and no projection;
 - ESD (and RGD-esd): g_f = ∇ MSE(ε_θ(x_t, c), ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)]), ε₀ frozen;
 - RGD: g_r = ∇L_r; if ⟨g_f, g_r⟩ < 0 each is projected off the other; the step is g_f' + α g_r'.
 The model itself is never written: the trainable part is a LoRA (default) or dense ΔW on a parameter
@@ -23,7 +27,7 @@ import torch
 
 from .edit import Edit
 from .errors import InvalidInputError, NonFiniteError
-from .hosts import RunContext, TextEncoder, Trainable
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
 from .lora_train import PARAM_SETS, Adapters, frozen_session, select_targets
 from .safety import minor_in_sexual_context, refuse_unsafe
 
@@ -41,8 +45,9 @@ class UnlearnConfig:
     rank: int = 4
     steps: int = 100
     lr: float = 1e-4                 # the paper's 1e-5 is for real SD with full fine-tuning
-    alpha: float = 1.6               # retain weight α
-    truncation: float = 1.1          # m: forget loss above m is scaled to 1
+    alpha: float = 1.6               # RGD's retain weight α
+    truncation: float = 1.1          # m: RGD's forget loss above m becomes the constant 1 (no forget gradient)
+    ga_retain_weight: float = 0.1    # GA optimises −L_f + w·L_r (w = 0.1 in Ko et al.'s gradient_ascent.py)
     eta: float = 1.0                 # ESD negative-guidance strength η
     batch: int = 4
     n_prompts: int = 16              # forget/retain prompt pairs from the templates
@@ -63,8 +68,8 @@ class UnlearnConfig:
         for name in ("steps", "batch", "n_prompts", "gen_steps", "rank"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if not (self.lr > 0 and self.alpha >= 0 and self.truncation > 0):
-            raise InvalidInputError("lr and truncation m must be > 0 and α ≥ 0")
+        if not (self.lr > 0 and self.alpha >= 0 and self.truncation > 0 and self.ga_retain_weight >= 0):
+            raise InvalidInputError("lr and truncation m must be > 0, α and ga_retain_weight ≥ 0")
         if not 0 <= self.t_min <= self.t_max <= 999:
             raise InvalidInputError(f"need 0 ≤ t_min ≤ t_max ≤ 999 (got {self.t_min}, {self.t_max})")
         return self
@@ -173,8 +178,9 @@ def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: 
             if hasattr(host, "latent_in"):
                 x0 = host.latent_in(x0)
         else:
-            x0 = ddim_sample(host, text.encode(list(prompts)), text.encode([""] * len(prompts)),
-                             steps=steps, cfg=cfg, seed=seed, ctx=ctx)
+            cond, y = conditioning(host, text, prompts)
+            uncond, y_uncond = conditioning(host, text, [""] * len(prompts))
+            x0 = ddim_sample(host, cond, uncond, steps=steps, cfg=cfg, seed=seed, ctx=ctx, y=y, y_uncond=y_uncond)
     x0 = x0.detach().float().clone()
     if path:
         from safetensors.torch import save_file
@@ -183,7 +189,8 @@ def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: 
 
 
 def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
-                shape: tuple[int, ...] | None = None, ctx: RunContext | None = None) -> torch.Tensor:
+                shape: tuple[int, ...] | None = None, ctx: RunContext | None = None,
+                y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler)."""
     ac = host.alphas_cumprod().float()
     if shape is None:
@@ -198,7 +205,7 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
             ctx.check()
         a = ac[t].to(x.device)
         tt = torch.full((x.shape[0],), int(t), device=x.device)
-        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
+        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
         ec, eu = e.chunk(2)
         e = eu + cfg * (ec - eu)
         x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
@@ -209,11 +216,17 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
 
 # ---- the objectives ----------------------------------------------------------------------------
 def truncate_forget_loss(loss: torch.Tensor, m: float) -> torch.Tensor:
-    """Ko et al.'s truncation: a forget loss above m is scaled to 1 (its gradient by 1/L_f), which
-    keeps gradient ascent from running away once the concept is already destroyed."""
+    """Ko et al.'s truncation: a forget loss above m becomes L_f / ‖L_f‖ = 1. That is a constant, so
+    its gradient is exactly zero: ascent stops on a batch whose concept is already destroyed instead
+    of running away (scaling by a detached L_f would keep ascending at 1/L_f)."""
     if float(loss.detach()) > m:
-        return loss / loss.detach()
+        return loss / torch.linalg.vector_norm(loss)
     return loss
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g, params)]
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -238,17 +251,20 @@ def restricted_gradients(g_f: Sequence[torch.Tensor], g_r: Sequence[torch.Tensor
 
 
 def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
-                  noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+                  noise: torch.Tensor, ac: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """‖ε_θ(x_t, t, c) − ε‖² at x_t = √ᾱ x₀ + √(1−ᾱ) ε (`y`: the vector conditioning for `context`)."""
     a = ac[t].view(-1, 1, 1, 1).to(x0.device)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return torch.nn.functional.mse_loss(host.eps(xt, t, context), noise)
+    return torch.nn.functional.mse_loss(host.eps(xt, t, context, y=y), noise)
 
 
 def esd_target(host: Trainable, adapters: Adapters, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor, eta: float) -> torch.Tensor:
-    """ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)] from the frozen model (trainable part switched off)."""
+               uncond: torch.Tensor, eta: float, y: torch.Tensor | None = None,
+               y_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)] from the frozen model (trainable part switched off);
+    `y`, `y_uncond`: the vector conditioning of `cond` and `uncond` where the model takes one."""
     with torch.no_grad(), adapters.only_fixed():
-        e = host.eps(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        e = host.eps(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
     ec, eu = e.chunk(2)
     return eu - eta * (ec - eu)
 
@@ -264,6 +280,10 @@ class TrainData:
     c_retain: torch.Tensor
     c_uncond: torch.Tensor
     seconds: float = 0.0
+    # the vector conditioning y of each context row (SDXL), None for models that take none
+    y_forget: torch.Tensor | None = None
+    y_retain: torch.Tensor | None = None
+    y_uncond: torch.Tensor | None = None
 
 
 def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, retain_prompts: Sequence[str] = (),
@@ -277,9 +297,13 @@ def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, reta
     xf = generate_latents(host, text, forget, seed=cfg.seed, **gen)
     xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen)
     with torch.no_grad():
-        cf, cr, cu = text.encode(forget), text.encode(retain), text.encode([""])
-    return TrainData(forget, retain, xf, xr, cf.detach().float().clone(), cr.detach().float().clone(),
-                     cu.detach().float().clone(), time.perf_counter() - t0)
+        (cf, yf), (cr, yr), (cu, yu) = (conditioning(host, text, p) for p in (forget, retain, [""]))
+
+    def fresh(v):
+        return None if v is None else v.detach().float().clone()
+
+    return TrainData(forget, retain, xf, xr, fresh(cf), fresh(cr), fresh(cu), time.perf_counter() - t0,
+                     fresh(yf), fresh(yr), fresh(yu))
 
 
 def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: UnlearnConfig | None = None, *,
@@ -304,39 +328,45 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     hist = {"forget": [], "retain": [], "dot": []}
     t_start = time.perf_counter()
 
-    def batch(x, c):
+    def batch(x, c, y):
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
         t = torch.randint(cfg.t_min, cfg.t_max + 1, (cfg.batch,), generator=g)
         noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g)
-        return x[idx], c[idx], t.to(dev), noise.to(dev)
+        return x[idx], c[idx], None if y is None else y[idx], t.to(dev), noise.to(dev)
 
     with frozen_session(unet), adapters.attached(), torch.enable_grad():
         for step in range(cfg.steps):
-            xf, cf, tf, nf = batch(data.x_forget, data.c_forget)
+            xf, cf, yf, tf, nf = batch(data.x_forget, data.c_forget, data.y_forget)
             use_esd = cfg.method == "esd" or (cfg.method == "rgd" and cfg.forget_objective == "esd")
             if use_esd:
                 a = ac[tf].view(-1, 1, 1, 1)
                 xt = a.sqrt() * xf + (1 - a).sqrt() * nf
-                target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta)
-                lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf), target)
+                target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
+                                    y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
+                lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf, y=yf), target)
                 loss_f = lf
             else:
-                lf = diffusion_mse(host, xf, cf, tf, nf, ac)
-                loss_f = -truncate_forget_loss(lf, cfg.truncation)  # g_f = −∇L̃_f: ascent
-            g_f = list(torch.autograd.grad(loss_f, params, allow_unused=True))
-            g_f = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_f, params)]
+                lf = diffusion_mse(host, xf, cf, tf, nf, ac, y=yf)
+                # g_f = −∇L̃_f: ascent (GA is not truncated)
+                loss_f = -(lf if cfg.method == "ga" else truncate_forget_loss(lf, cfg.truncation))
+            if cfg.method == "rgd" and not use_esd and float(lf.detach()) > cfg.truncation:
+                g_f = [torch.zeros_like(p) for p in params]  # the truncated loss is constant: skip its backward
+            else:
+                g_f = _grads(loss_f, params)
             if ctx.average is not None:  # data-parallel: every process then takes the same step
                 g_f = ctx.average(g_f)
             dot, lr_val = 0.0, float("nan")
-            if cfg.method == "rgd":
-                xr, cr, tr, nr = batch(data.x_retain, data.c_retain)
-                lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac)
-                g_r = torch.autograd.grad(lr_loss, params, allow_unused=True)
-                g_r = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g_r, params)]
+            if cfg.method in ("rgd", "ga"):
+                xr, cr, yr, tr, nr = batch(data.x_retain, data.c_retain, data.y_retain)
+                lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac, y=yr)
+                g_r = _grads(lr_loss, params)
                 if ctx.average is not None:
                     g_r = ctx.average(g_r)
-                g_f, g_r, dot = restricted_gradients(g_f, g_r)
-                total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
+                if cfg.method == "rgd":
+                    g_f, g_r, dot = restricted_gradients(g_f, g_r)
+                    total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
+                else:
+                    total = [f + cfg.ga_retain_weight * r for f, r in zip(g_f, g_r)]
                 lr_val = float(lr_loss.detach())
             else:
                 total = g_f

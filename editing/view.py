@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .arch import UNET_PREFIX, Family, get_family
+from .arch import UNET_PREFIX, Family
 from .edit import Edit
-from .errors import UnknownArchitectureError
 
 # short column labels for the weights the methods touch (others keep their module path)
 _COLUMN_LABELS = {"attn2.to_k": "K", "attn2.to_v": "V", "attn2.to_q": "Q", "attn2.to_out.0": "out",
@@ -31,10 +30,7 @@ def _value(summary: dict) -> tuple[float, str]:
 def edit_view(edit: Edit) -> dict:
     """A JSON-ready picture of an edit: a heat map (rows = transformer blocks in execution order,
     then text-encoder layers; columns = the weights of a block), concepts, fingerprint, metrics."""
-    try:
-        fam: Family | None = get_family(edit.family)
-    except UnknownArchitectureError:
-        fam = None
+    fam: Family | None = edit.layout()
     rows: list[str] = []
     row_of: dict[str, int] = {}
     if fam is not None:
@@ -71,7 +67,7 @@ def edit_view(edit: Edit) -> dict:
     values = [[cells.get((r, c)) for c in range(len(cols))] for r in range(len(rows))]
     changed = [v for v in cells.values()]
     return {
-        "method": edit.method, "family": edit.family, "family_label": fam.label if fam else edit.family,
+        "method": edit.method, "family": edit.family, "family_label": fam.label if fam.known else f"a {edit.family} layout",
         "concepts": list(edit.concepts), "fingerprint": dict(edit.fingerprint),
         "metrics": json.loads(json.dumps(edit.metrics, default=str)),
         "params": json.loads(json.dumps(edit.params, default=str)),

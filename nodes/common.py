@@ -65,3 +65,11 @@ def unique_path(folder: str, filename: str, default: str) -> str:
         path = os.path.join(folder, f"{base}_{i:03d}.safetensors")
         i += 1
     return path
+
+
+def size_inputs(what: str) -> dict:
+    """Optional width/height of the pictures a node generates; 0 = the model's native size."""
+    tip = (f"Width/height in pixels of the pictures {what} (multiples of 8); 0 = the model's native size "
+           "(SD1.x 512, SD2.x 768, SDXL and SDXL-conditioned layouts 1024, the tiny model its own).")
+    return {"width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip})}

@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 
 from ..comfy_host.adapters import apply_edit, run_context
-from ..comfy_host.jobs import concept_prune
-from ..editing.concept_prune import PruneConfig
-from ..editing.prompts import PRESET_NAMES
-from .common import CATEGORY, EDIT, concepts_from_text, strength_input
+from ..comfy_host.jobs import concept_prune, latent_size
+from ..editing.concept_prune import PruneConfig, with_preset_defaults
+from ..editing.prompts import PRESET_NAMES, defaults
+from .common import CATEGORY, EDIT, concepts_from_text, size_inputs, strength_input
+
+
+def _preset_defaults(name: str) -> str:
+    """'artist 0.01, nudity 0.01, ...': each preset's default of `name`, for the tooltips."""
+    return ", ".join(f"{p} {defaults(p)[name]:g}" for p in PRESET_NAMES)
 
 
 class ConceptPrune:
@@ -34,11 +39,12 @@ class ConceptPrune:
                                             "tooltip": "Prompt pairs: artist (~20 things), nudity (~18 adults), "
                                                        "object (~12 scenes), tiny (the tiny model's world), or "
                                                        "custom (only the pairs below)."}),
-            "skill_ratio": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
-                                      "tooltip": "Share of each weight row that may count as skilled per step (paper: "
-                                                 "0.01 artists/nudity, 0.02 objects; the tiny model: 0.2)."}),
-            "tau": ("INT", {"default": 10, "min": 1, "max": 1000,
-                            "tooltip": "Prune weights skilled at any of the first τ denoising steps (paper: 9-10)."}),
+            "skill_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "Share of each weight row that may count as skilled per step. "
+                                                 "0 = the preset's default (" + _preset_defaults("skill_ratio") + ")."}),
+            "tau": ("INT", {"default": 0, "min": 0, "max": 1000,
+                            "tooltip": "Prune weights skilled at any of the first τ denoising steps. 0 = the "
+                                       "preset's default (" + _preset_defaults("tau") + "; at most steps)."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
                               "tooltip": "Denoising steps of the calibration generations (paper: 50)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
@@ -52,12 +58,16 @@ class ConceptPrune:
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Prompts generated together; lower it if memory runs out."}),
             "strength": strength_input(),
+            **size_inputs("the calibration generates"),
         }}
 
     def execute(self, model, clip, concepts, preset, skill_ratio, tau, steps, cfg, seed, pairs="", batch_size=4,
-                strength=1.0):
-        config = PruneConfig(skill_ratio=skill_ratio, tau=tau, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size)
-        edit = concept_prune(model, clip, concepts_from_text(concepts), preset, pairs, config, run_context())
+                strength=1.0, width=0, height=0):
+        # 0 = the preset's default; the values used are in the edit's params
+        config = with_preset_defaults(PruneConfig(skill_ratio=skill_ratio, tau=tau, steps=steps, cfg=cfg, seed=seed,
+                                                  batch_size=batch_size), preset)
+        edit = concept_prune(model, clip, concepts_from_text(concepts), preset, pairs, config, run_context(),
+                             latent=latent_size(width, height))
         patched, _clip, _warnings = apply_edit(model, None, edit, strength)
         info = {k: v for k, v in edit.summary().items() if k not in ("keys", "params")}
         return (patched, edit, json.dumps(info, indent=1, default=str))

@@ -5,7 +5,7 @@ import os
 
 from ..comfy_host.jobs import cross_attention_edit, export_lora
 from ..editing.lora import LoraExportConfig
-from ..editing.uce import MODES, UCEConfig
+from ..editing.uce import EMPTY_GUIDES, EXPANSIONS, MODES, UCEConfig
 from .common import CATEGORY, EDIT, concepts_from_text, unique_path
 
 
@@ -52,13 +52,21 @@ class CrossAttentionEdit:
             "token_window": (["aligned", "eos", "last"], {"default": "aligned", "tooltip": "aligned: edit the concept's "
                              "words, EOS and padding (strongest); eos: its words through EOS (cheapest for thousands of "
                              "concepts); last: only the last word token (the newer UCE code)."}),
+        }, "optional": {
+            "expand": (list(EXPANSIONS), {"default": "none", "tooltip": "Also edit each concept in the official "
+                       "templates: artist ('painting by X', 'art by X', 'artwork by X', 'picture by X', 'style of X'; "
+                       "an empty guide becomes 'art') or object ('image/photo/portrait/picture/painting of X')."}),
+            "empty_guide": (list(EMPTY_GUIDES), {"default": "eos", "tooltip": "With the 'last' window and an empty "
+                            "guide: map the concept's last token to the empty prompt's EOS (eos) or, as the official "
+                            "code does, to its BOS (bos)."}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,
-                preserve_scale, token_window):
+                preserve_scale, token_window, expand="none", empty_guide="eos"):
         cfg = UCEConfig(concepts=concepts_from_text(concepts), mode=mode, guide=guide, preserve=concepts_from_text(preserve),
                         default_preserve=default_preserve, lam=lam, erase_scale=erase_scale,
-                        preserve_scale=preserve_scale, token_window=token_window)
+                        preserve_scale=preserve_scale, token_window=token_window, expand=expand,
+                        empty_guide=empty_guide)
         return cross_attention_edit(model, clip, cfg)
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from ..comfy_host.jobs import audit_models, unlearn_model
+from ..comfy_host.jobs import audit_models, latent_size, unlearn_model
 from ..editing.errors import InvalidInputError
 from ..editing.lora_train import PARAM_SETS
 from ..editing.plots import audit_plot, history_plot
 from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig
 from ..editing.unlearn import METHODS, UnlearnConfig
-from .common import CATEGORY, EDIT
+from .common import CATEGORY, EDIT, size_inputs
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ def lines(text: str) -> list[str]:
 
 
 class TrainUnlearn:
-    DESCRIPTION = ("Erase a concept by fine-tuning (RGD of Ko et al. 2024, plain gradient ascent, or ESD negative "
-                   "guidance) on images the model generates itself. Trains a small LoRA by default, so the EDIT is a "
+    DESCRIPTION = ("Erase a concept by fine-tuning (RGD of Ko et al. 2024, their gradient-ascent baseline, or ESD "
+                   "negative guidance) on images the model generates itself. Trains a small LoRA by default, so the EDIT is a "
                    "shareable file. The input MODEL is never changed; Cancel stops cleanly.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", EDIT, "IMAGE")
@@ -45,8 +45,8 @@ class TrainUnlearn:
                                           "tooltip": "Extra prompts whose outputs must stay as they are (one per line); "
                                                      "templated prompts without the concept are always used."}),
             "method": (list(METHODS), {"default": "rgd", "tooltip": "rgd: ascent on the concept + descent on retain, "
-                                       "each gradient projected off the other when they conflict; ga: plain gradient "
-                                       "ascent; esd: negative guidance from the frozen model."}),
+                                       "each gradient projected off the other when they conflict; ga: gradient ascent "
+                                       "baseline, −L_forget + 0.1·L_retain; esd: negative guidance from the frozen model."}),
             "params": (list(PARAM_SETS), {"default": "lora", "tooltip": "What trains: lora (every transformer Linear, "
                                           "small file), lora-xattn, xattn (ESD-x, dense cross-attention), noxattn "
                                           "(ESD-u, dense everything else)."}),
@@ -58,20 +58,23 @@ class TrainUnlearn:
         }, "optional": {
             "alpha": ("FLOAT", {"default": 1.6, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "RGD: weight α of the retain gradient."}),
             "truncation": ("FLOAT", {"default": 1.1, "min": 0.01, "max": 100.0, "step": 0.05,
-                                     "tooltip": "m: a forget loss above m is scaled to 1 (stops ascent running away)."}),
+                                     "tooltip": "RGD: a forget loss above m is set to the constant 1, so that batch adds no "
+                                                "ascent (stops ascent running away)."}),
             "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "ESD: negative-guidance strength η."}),
             "forget_objective": (["ascent", "esd"], {"default": "ascent", "tooltip": "RGD's forget gradient: ascent (the paper) or the ESD target."}),
             "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forget/retain batch."}),
             "n_prompts": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Templated forget/retain prompt pairs (images generated once per run)."}),
             "gen_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps used to generate the training images."}),
+            **size_inputs("it trains on"),
         }}
 
     def execute(self, model, clip, concept, retain_prompts, method, params, steps, lr, rank, seed, alpha=1.6,
-                truncation=1.1, eta=1.0, forget_objective="ascent", batch=4, n_prompts=16, gen_steps=20):
+                truncation=1.1, eta=1.0, forget_objective="ascent", batch=4, n_prompts=16, gen_steps=20,
+                width=0, height=0):
         cfg = UnlearnConfig(method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed, alpha=alpha,
                             truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
                             n_prompts=n_prompts, gen_steps=gen_steps)
-        out, edit = unlearn_model(model, clip, concept, cfg, lines(retain_prompts))
+        out, edit = unlearn_model(model, clip, concept, cfg, lines(retain_prompts), latent=latent_size(width, height))
         return (out, edit, history_plot(edit.metrics["history"], f"{method} / {params}: {concept}"))
 
 
@@ -102,15 +105,18 @@ class ResurgenceAudit:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of images and noise."}),
         }, "optional": {
             "edit": (EDIT, {"tooltip": "The edit itself; when absent it is read off the two models' weights."}),
+            **size_inputs("it fine-tunes and measures on"),
         }}
 
-    def execute(self, edited_model, original_model, clip, concept_prompts, benign_prompts, steps, lr, rank, seed, edit=None):
+    def execute(self, edited_model, original_model, clip, concept_prompts, benign_prompts, steps, lr, rank, seed, edit=None,
+                width=0, height=0):
         try:
             cps = tuple(int(s) for s in steps.replace(";", ",").split(",") if s.strip())
         except ValueError:
             raise InvalidInputError(f"steps must be numbers separated by commas, e.g. 10,25,50 (got {steps!r})") from None
         cfg = AuditConfig(checkpoints=cps, lr=lr, rank=rank, seed=seed)
-        report = audit_models(edited_model, original_model, clip, lines(concept_prompts), lines(benign_prompts), cfg, edit)
+        report = audit_models(edited_model, original_model, clip, lines(concept_prompts), lines(benign_prompts), cfg, edit,
+                              latent=latent_size(width, height))
         return (report.to_text(), audit_plot(report))
 
 

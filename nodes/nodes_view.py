@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 from ..comfy_host.adapters import run_context
-from ..comfy_host.jobs import presence_before_after
+from ..comfy_host.jobs import latent_size, presence_before_after
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
 from ..editing.view import _row_label, edit_text, edit_view  # noqa: F401 (_row_label: tests)
-from .common import CATEGORY, EDIT
+from .common import CATEGORY, EDIT, size_inputs
 
 UI_KEY = "conceptedit_edit"   # the key of the "executed" message that web/conceptedit.js reads
 
@@ -67,16 +67,18 @@ class ConceptPresence:
                                     "tooltip": "Noise samples per level and prompt (more = steadier, slower)."}),
         }, "optional": {
             "edited_clip": ("CLIP", {"tooltip": "The edited text encoder, when the edit changes it (EMCID)."}),
+            **size_inputs("it samples"),
         }}
 
     def execute(self, model, edited_model, clip, vae, prompts, seed, steps, cfg, timesteps, noise_draws,
-                edited_clip=None):
+                edited_clip=None, width=0, height=0):
         lines = [p.strip() for p in prompts.splitlines() if p.strip() and not p.strip().startswith("#")]
         if not lines:
             raise InvalidInputError("Concept Presence: write at least one prompt (one per line)")
         result, grid = presence_before_after(model, edited_model, clip, vae, lines, seed=seed, steps=steps, cfg=cfg,
                                              n_timesteps=timesteps, noise_draws=noise_draws,
-                                             edited_clip=edited_clip, ctx=run_context())
+                                             edited_clip=edited_clip, ctx=run_context(),
+                                             latent=latent_size(width, height))
         mean_kept = result.to_dict()["mean_kept"]
         return (result.table(), grid, float("nan") if math.isnan(mean_kept) else mean_kept)
 

@@ -4,27 +4,48 @@ from __future__ import annotations
 import torch
 
 
-def random_model(family: str = "tiny", seed: int = 0, device: str = "cpu"):
+def random_model(family: str = "tiny", seed: int = 0, device: str = "cpu", model_type=None):
     """A real ComfyUI ModelPatcher around a real UNetModel of the family's layout, random weights.
-    Only sensible for the tiny layout on the CPU."""
+    Only sensible for the tiny layout on the CPU. `model_type`: a `comfy.model_base.ModelType`
+    (default EPS; V_PREDICTION for a v-prediction model)."""
     import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models_base
     from conceptedit.editing.arch import get_family
 
-    fam = get_family(family)
+    cfg = _config(get_family(family).unet_config)
+    model = comfy.model_base.BaseModel(cfg, model_type=model_type or comfy.model_base.ModelType.EPS, device=device)
+    return _randomised_patcher(model, seed, device)
+
+
+def sdxl_style_model(pooled_width: int = 64, seed: int = 0, model_type=None):
+    """ComfyUI's own `model_base.SDXL` (its encode_adm: pooled ‖ 6 size embeddings of 256) around a
+    UNet of the tiny layout that takes that vector as `y` (adm_in_channels), random weights: a model
+    that, like SDXL, fails without y."""
+    import comfy.model_base
+    from conceptedit.editing.arch import TINY_UNET
+
+    unet = dict(TINY_UNET, adm_in_channels=pooled_width + 6 * 256, num_classes="sequential")
+    model = comfy.model_base.SDXL(_config(unet), model_type=model_type or comfy.model_base.ModelType.EPS, device="cpu")
+    return _randomised_patcher(model, seed, "cpu")
+
+
+def _config(unet):
+    import comfy.supported_models_base
 
     class Config(comfy.supported_models_base.BASE):
-        unet_config = dict(fam.unet_config)
+        unet_config = dict(unet)
         unet_extra_config = {}
 
-    cfg = Config(dict(fam.unet_config))
-    model = comfy.model_base.BaseModel(cfg, device=device)
+    return Config(dict(unet))
+
+
+def _randomised_patcher(model, seed: int, device: str):
+    import comfy.model_patcher
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+    dev = torch.device(device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
 
 
 def random_clip(seed: int = 1):

@@ -21,7 +21,7 @@ def _edit_for(model, family="tiny"):
     shapes = fam.expected_shapes()
     kk, kf = fam.attn2_kv_keys()[0], fam.ffn_out_keys()[0]
     g = torch.Generator().manual_seed(1)
-    return Edit("test", family, {
+    return Edit("uce+concept_prune", family, {
         kk: Change("lowrank", shapes[kk], {"up": torch.randn(shapes[kk][0], 1, generator=g),
                                            "down": torch.randn(1, shapes[kk][1], generator=g)}),
         kf: Change("mask", shapes[kf], {"index": torch.arange(0, 50, dtype=torch.int64)}),
@@ -74,7 +74,7 @@ def test_save_then_load_nodes_round_trip(comfy):
     names = loader.INPUT_TYPES()["required"]["edit_name"][0]
     assert "roundtrip.safetensors" in names
     loaded, info = loader().execute("roundtrip.safetensors")
-    assert loaded.method == "test" and '"method": "test"' in info
+    assert loaded.method == "uce+concept_prune" and '"method": "uce+concept_prune"' in info
     for k, c in edit.changes.items():
         for n, t in c.tensors.items():
             assert torch.equal(loaded.changes[k].tensors[n], t)

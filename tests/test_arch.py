@@ -92,10 +92,13 @@ def test_diffusers_names_exist_in_real_diffusers_layout(comfy):
             assert "unet." + diff_of[ldm] == fam.to_diffusers(k), k
 
 
-def test_unknown_model_is_a_clear_error():
-    shapes = {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 4096)}
-    with pytest.raises(UnknownArchitectureError, match="4096"):
-        arch.detect_family(shapes)
+def test_a_model_without_cross_attention_is_a_clear_error():
+    flux = {"diffusion_model.double_blocks.0.img_mlp.0.weight": (12288, 3072),
+            "diffusion_model.txt_in.weight": (3072, 4096)}
+    with pytest.raises(UnknownArchitectureError, match="MMDiT"):
+        arch.discover_layout(flux)
+    with pytest.raises(UnknownArchitectureError, match="attn2"):
+        arch.discover_layout({"diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320)})
 
 
 def test_detect_accepts_checkpoint_prefixes(comfy):
@@ -117,3 +120,47 @@ def test_fingerprint_separates_layout_and_weights():
     c = arch.fingerprint(fam, state2)
     assert c["layout"] == a["layout"] and c["weights"] != a["weights"]
     assert arch.fingerprint(arch.get_family("sd1"), {})["layout"] != a["layout"]
+
+
+def test_discovery_reads_widths_and_encoders_from_shapes():
+    base = "diffusion_model.input_blocks.4.1.transformer_blocks.0"
+    shapes = {f"{base}.attn2.to_k.weight": (96, 48), f"{base}.attn2.to_v.weight": (96, 48),
+              f"{base}.attn2.to_out.0.weight": (160, 96), f"{base}.ff.net.0.proj.weight": (1280, 160),
+              f"{base}.ff.net.2.weight": (160, 640),
+              "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (160, 48),
+              "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight": (160, 48),
+              "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (160, 48),
+              "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight": (160, 48)}
+    fam = arch.discover_layout(shapes, text_shapes={
+        "clip_g.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (48, 192),
+        "clip_g.transformer.text_model.encoder.layers.5.mlp.fc2.weight": (48, 192)})
+    assert fam.name == "custom" and fam.context_dim == 48
+    assert [b.ldm.split(".transformer")[0] for b in fam.blocks] == ["input_blocks.1.1", "input_blocks.4.1",
+                                                                     "middle_block.1"]  # execution order
+    b = fam.blocks[1]
+    assert (b.dim, b.kv_rows, b.ffn, b.geglu) == (160, 96, 640, True)
+    assert fam.expected_shapes()[f"{base}.ff.net.0.proj.weight"] == (1280, 160)
+    assert fam.ffn_out_keys() == [f"{base}.ff.net.2.weight"]  # blocks without an FFN key get none
+    (g,) = fam.text_encoders
+    assert (g.name, g.layers, g.width, g.kohya, g.diffusers) == ("clip_g", 6, 48, "lora_te", "text_encoder")
+    assert fam.to_kohya(g.fc2_key(5)) == "lora_te_text_model_encoder_layers_5_mlp_fc2"
+    with pytest.raises(KeyError, match="diffusers names"):
+        fam.to_diffusers(f"{base}.attn2.to_k.weight")
+    # with ComfyUI's UNet config the diffusers names come back for the same keys
+    sdxl = {k: v for k, v in arch.get_family("sdxl").expected_shapes().items() if k.startswith("diffusion_model.")}
+    drop = [k for k in sdxl if k.startswith("diffusion_model.middle_block.")]
+    cfg = dict(arch.SDXL_UNET, transformer_depth_middle=-1)
+    student = arch.discover_layout({k: v for k, v in sdxl.items() if k not in drop}, unet_config=cfg)
+    assert student.name == "custom" and len(student.blocks) == 60
+    assert student.to_diffusers(student.attn2_kv_keys()[0]).startswith("unet.down_blocks.1.attentions.0.")
+
+
+def test_sdxl_encoders_name_te1_te2_and_layout_hash_tracks_the_unet():
+    fam = arch.discover_layout({k: v for k, v in arch.get_family("sdxl").expected_shapes().items()},
+                               text_shapes=arch.get_family("sdxl").expected_shapes())
+    assert fam is arch.get_family("sdxl")
+    enc = arch.discover_text_encoders(arch.get_family("sdxl").expected_shapes())
+    assert [(t.name, t.kohya, t.diffusers, t.edit_layers) for t in enc] == [
+        ("clip_l", "lora_te1", "text_encoder", (8, 9, 10)), ("clip_g", "lora_te2", "text_encoder_2", (26, 27, 28, 29, 30))]
+    a = arch.fingerprint(arch.get_family("sd1"), {})
+    assert a["layout_version"] == "2" and a["encoders"] == "clip_l"

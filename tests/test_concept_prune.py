@@ -7,18 +7,20 @@ import torch
 
 from conceptedit.editing import arch
 from conceptedit.editing.concept_prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
-                                               ffn_layers, floor_edit, skilled_mask, wanda_scores)
+                                               ffn_layers, floor_edit, skilled_mask, wanda_scores,
+                                               with_preset_defaults)
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import (Cancelled, FingerprintMismatchError, InvalidInputError,
                                         UnknownArchitectureError)
 from conceptedit.editing.hooks import trace_inputs
 from conceptedit.editing.hosts import RunContext
-from conceptedit.editing.prompts import PRESETS, build_pairs, parse_pairs
+from conceptedit.editing.prompts import PRESETS, build_pairs, defaults, parse_pairs
 
 from helpers import random_model, random_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = "a {concept} in a park | a park\na red {concept} | a red thing\n"
+FIVE_PAIRS = PAIRS + "a blue {concept} | a blue thing\na {concept} at night | a night\na big {concept} | a big thing\n"
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -57,6 +59,26 @@ def test_union_over_the_first_tau_steps_only():
     assert skilled_mask(w, cn, rn, 0.25, tau=5)[0].tolist() == [False, True, True, False]
 
 
+def test_k_per_row_is_the_floor_of_ratio_times_width():
+    # the official rule int(skill_ratio · 4d): 0.01 · 1280 = 12.8 gives 12 (rounding gave 13); at least 1
+    for n, ratio, k in ((1280, 0.01, 12), (10, 0.29, 2), (128, 0.2, 25), (256, 0.2, 51), (10, 0.001, 1)):
+        w = torch.ones(2, n)
+        cn = torch.linspace(2.0, 1.0, n)[None]  # distinct scores, every column favours the concept
+        m = skilled_mask(w, cn, torch.zeros(1, n), ratio, tau=1)
+        assert m.sum(1).tolist() == [k, k], (n, ratio)
+        assert m[:, :k].all()
+
+
+def test_zero_skill_ratio_and_tau_mean_the_presets_defaults():
+    for preset, ratio, tau in (("artist", 0.01, 10), ("nudity", 0.01, 9), ("object", 0.02, 10), ("tiny", 0.2, 10),
+                               ("custom", 0.02, 10)):
+        c = with_preset_defaults(PruneConfig(skill_ratio=0.0, tau=0, steps=50), preset)
+        assert (c.skill_ratio, c.tau) == (ratio, tau) == (defaults(preset)["skill_ratio"], defaults(preset)["tau"])
+    assert with_preset_defaults(PruneConfig(skill_ratio=0.0, tau=0, steps=4), "nudity").tau == 4  # at most steps
+    c = with_preset_defaults(PruneConfig(skill_ratio=0.3, tau=2, steps=4), "tiny")
+    assert (c.skill_ratio, c.tau) == (0.3, 2)  # values the user set are kept
+
+
 def test_floor_edit_prunes_every_weight_of_the_same_layers():
     a, b = "diffusion_model.a.ff.net.2.weight", "diffusion_model.b.ff.net.2.weight"
     edit = Edit(method="concept_prune", family="tiny", concepts=["circle"], fingerprint={"unet": "abc"},
@@ -81,7 +103,7 @@ def test_sdxl_width_mask_matches_a_row_by_row_reference():
     cn = torch.rand(tau, n, generator=g)
     rn = torch.rand(tau, n, generator=g)
     m = skilled_mask(w, cn, rn, ratio, tau)
-    k = round(ratio * n)
+    k = int(ratio * n)  # the floor, as the official code
     assert (m.sum(1) <= k * tau).all() and m.any()
     for i in (0, 17, 1279):
         ref = torch.zeros(n, dtype=torch.bool)
@@ -172,19 +194,22 @@ def test_sdxl_mask_is_refused_on_an_sd15_layout():
         edit.validate_for("sd1", shapes)
 
 
-def test_unknown_model_is_a_clear_error(comfy):
+def test_a_model_without_cross_attention_is_a_clear_error(comfy):
+    """Any layout with attn2 blocks is read from the model (tests/test_layout_matrix.py); one without
+    them (a UNet with no transformer blocks, like SD3/Flux for this pack) is refused by name."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models_base
 
     class Config(comfy.supported_models_base.BASE):
-        unet_config = dict(arch.TINY_UNET, context_dim=48)
+        unet_config = dict(arch.TINY_UNET, transformer_depth=[0, 0], transformer_depth_middle=-1,
+                           transformer_depth_output=[0, 0, 0, 0, 0])
         unet_extra_config = {}
 
     m = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(Config(dict(Config.unet_config)), device="cpu"),
                                          load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     from conceptedit.comfy_host.jobs import concept_prune
-    with pytest.raises(UnknownArchitectureError, match="48"):
+    with pytest.raises(UnknownArchitectureError, match="no transformer block with a cross-attention attn2"):
         concept_prune(m, None, ["x"], "custom", PAIRS, PruneConfig(steps=2, tau=1))
 
 
@@ -213,11 +238,13 @@ def test_statistics_from_a_real_run_equal_stored_activations(comfy, clip):
     prompts = ["a red circle", "a blue square", "a star"]
     with torch.inference_mode():
         st = collect_statistics(den, den.modules(), names, prompts, cfg, RunContext())
-        # brute force: store every activation with its step, then reduce
+        # brute force: store every activation with its step, then reduce (the calibration starts
+        # every prompt from the same noise, so the reference does too)
         stored, cur = [], [0]
         with trace_inputs(den.modules(), names, lambda n, x: stored.append((n, cur[0], x.detach().clone()))):
             for b in range(0, len(prompts), 2):
-                den.sample(prompts[b:b + 2], steps=3, cfg=3.0, seed=0, on_step=lambda i: cur.__setitem__(0, i))
+                den.sample(prompts[b:b + 2], steps=3, cfg=3.0, seed=0, on_step=lambda i: cur.__setitem__(0, i),
+                           noise_per_prompt=True)
     norms = st.norms()
     assert {n for n, _, _ in stored} == set(names)
     for name in names:
@@ -227,6 +254,38 @@ def test_statistics_from_a_real_run_equal_stored_activations(comfy, clip):
             assert x.shape[0] == st.rows[name][t] and x.shape[0] % (2 * len(prompts)) == 0  # both CFG halves
             x = x / x.norm(dim=1, keepdim=True)
             torch.testing.assert_close(norms[name][t], x.norm(dim=0) / x.shape[0] ** 0.5, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_per_prompt_is_the_noise_of_a_batch_of_one(comfy, clip):
+    den = _denoiser(random_model(), clip)
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    with torch.inference_mode():
+        alone = [den.sample([p], steps=2, cfg=3.0, seed=5) for p in prompts]
+        together = den.sample(prompts, steps=2, cfg=3.0, seed=5, noise_per_prompt=True)
+        diverse = den.sample(prompts, steps=2, cfg=3.0, seed=5)
+    for i in range(3):
+        torch.testing.assert_close(together[i:i + 1], alone[i], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(diverse[:1], alone[0], rtol=1e-4, atol=1e-5)  # slot 0 is the same draw
+    assert not torch.allclose(diverse[0], diverse[2], atol=1e-3)  # by default each slot its own noise
+
+
+def test_mask_does_not_depend_on_the_batch_size(comfy, clip):
+    """The node (batch 4) and the CLI (batch 8) must give the same mask: every calibration prompt starts
+    from the seed's own noise, whatever its slot in a batch."""
+    model = random_model()
+    fam = arch.get_family("tiny")
+    pairs = build_pairs(["circle"], "custom", FIVE_PAIRS)
+    masks = {}
+    with torch.inference_mode():
+        for bs in (1, 2, 4):
+            e = compute_concept_prune(_denoiser(model, clip), fam, pairs,
+                                      PruneConfig(skill_ratio=0.05, steps=3, tau=2, batch_size=bs))
+            masks[bs] = {k: c.tensors["index"] for k, c in e.changes.items()}
+    assert sum(i.numel() for i in masks[1].values()) > 0
+    for bs in (2, 4):
+        assert set(masks[bs]) == set(masks[1])
+        for k in masks[1]:
+            assert torch.equal(masks[bs][k], masks[1][k]), (bs, k)
 
 
 def test_early_stop_gives_the_same_mask_as_full_generations(comfy, clip):
@@ -310,6 +369,23 @@ def test_node_in_comfyui_patches_only_masked_weights(comfy, clip):
         zero.unpatch_model()
 
 
+def test_node_skill_ratio_and_tau_0_use_the_presets_defaults(comfy, clip):
+    node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditConceptPrune"]
+    req = node_cls.INPUT_TYPES()["required"]
+    for name in ("skill_ratio", "tau"):
+        assert req[name][1]["default"] == 0 and req[name][1]["min"] == 0
+        assert "0 = the preset's default" in req[name][1]["tooltip"]
+    assert "nudity 9" in req["tau"][1]["tooltip"] and "object 0.02" in req["skill_ratio"][1]["tooltip"]
+    with torch.inference_mode():
+        _, edit, _ = node_cls().execute(random_model(), clip, "naked", "nudity", 0.0, 0, 10, 3.0, 0,
+                                        width=64, height=64)
+    assert edit.params["skill_ratio"] == 0.01 and edit.params["tau"] == 9  # the nudity preset's (paper) values
+    with torch.inference_mode():
+        _, edit, _ = node_cls().execute(random_model(), clip, "circle", "custom", 0.0, 0, 2, 3.0, 0, pairs=PAIRS,
+                                        width=64, height=64)
+    assert edit.params["skill_ratio"] == 0.02 and edit.params["tau"] == 2  # custom: the object values, τ ≤ steps
+
+
 def test_cli_writes_an_edit_file(comfy, clip, tmp_path, monkeypatch):
     from conceptedit.cli import common, main
     monkeypatch.setattr(common, "load_model", lambda ckpt, cpu=False: (random_model(), clip))
@@ -323,6 +399,12 @@ def test_cli_writes_an_edit_file(comfy, clip, tmp_path, monkeypatch):
     e = Edit.load(out)
     assert e.method == "concept_prune" and e.concepts == ["circle"] and e.params["steps"] == 2
     assert sum(c.tensors["index"].numel() for c in e.changes.values()) == e.metrics["pruned_weights"] > 0
+    # without --skill-ratio/--tau (0): the preset's values (custom pairs: the object preset's), as in the node
+    with torch.inference_mode():
+        assert main(["prune", "--ckpt", "tiny", "--concept", "circle", "--pairs", str(pairs), "--steps", "2",
+                     "--out", str(out)]) == 0
+    e = Edit.load(out)
+    assert e.params["skill_ratio"] == 0.02 and e.params["tau"] == 2
 
 
 TINY_WEIGHTS = os.path.join(ROOT, "tiny", "weights", "tiny_sd.safetensors")

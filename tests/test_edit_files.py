@@ -22,14 +22,14 @@ def _edit(fam="tiny"):
         f.attn2_kv_keys()[1]: Change("delta", shapes[f.attn2_kv_keys()[1]], {"delta": torch.randn(shapes[f.attn2_kv_keys()[1]], generator=g)}),
         kf: Change("mask", shapes[kf], {"index": torch.tensor([0, 5, 77], dtype=torch.int32)}),
     }
-    return Edit("test", fam, ch, concepts=["circle"], params={"a": 1}, fingerprint={"family": fam, "layout": "x", "weights": "y"})
+    return Edit("uce+concept_prune", fam, ch, concepts=["circle"], params={"a": 1}, fingerprint={"family": fam, "layout": "x", "weights": "y"})
 
 
 def test_save_load_roundtrip_bit_exact(tmp_path):
     e = _edit()
     p = e.save(tmp_path / "e.safetensors")
     e2 = Edit.load(p)
-    assert e2.method == "test" and e2.concepts == ["circle"] and e2.params == {"a": 1}
+    assert e2.method == "uce+concept_prune" and e2.concepts == ["circle"] and e2.params == {"a": 1}
     assert set(e2.changes) == set(e.changes)
     for k in e.changes:
         for n, t in e.changes[k].tensors.items():

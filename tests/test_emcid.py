@@ -14,7 +14,7 @@ from conceptedit.editing.emcid import (EmcidConfig, compute_emcid, concept_promp
 from conceptedit.editing.emcid_stage1 import optimise_delta
 from conceptedit.editing.lora_train import frozen_session
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
-from helpers import random_model
+from helpers import random_model, sdxl_style_model
 
 ENC = "clip_l"
 TINY = arch.get_family("tiny")
@@ -236,30 +236,10 @@ def test_node_errors_are_clear(comfy, monkeypatch, tmp_path):
             node.execute(bad, model, "circle -> square", lam=300.0, steps=2, use_stage1=False)
 
 
-def _sdxl_style_model(pooled_width: int, seed: int = 0):
-    """ComfyUI's own `model_base.SDXL` (its encode_adm: pooled ‖ 6 size embeddings of 256) around a
-    UNet of the tiny layout that takes that vector as `y`, random weights."""
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models_base
-
-    unet = dict(TINY.unet_config, adm_in_channels=pooled_width + 6 * 256, num_classes="sequential")
-
-    class Config(comfy.supported_models_base.BASE):
-        unet_config = unet
-        unet_extra_config = {}
-
-    model = comfy.model_base.SDXL(Config(dict(unet)), device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    den = ComfyDenoiser.__new__(ComfyDenoiser)  # the layout is no real family; set what the host needs
-    den.model, den.family, den.latent_hw = patcher, arch.get_family("sdxl"), 32
-    from conceptedit.editing.hosts import RunContext
-    den.ctx, den.sampler, den.scheduler, den.text = RunContext(), "euler", "normal", None
-    return patcher, den
+def _sdxl_style_model(pooled_width: int, seed: int = 0, clip=None):
+    """An SDXL-conditioned model (helpers.sdxl_style_model) and the host over it, built as every job builds it."""
+    patcher = sdxl_style_model(pooled_width, seed)
+    return patcher, ComfyDenoiser(patcher, clip if clip is not None else random_clip())
 
 
 def test_adm_is_comfyuis_sdxl_vector_and_differentiable_in_pooled(comfy):
@@ -281,8 +261,7 @@ def test_stage1_trains_through_sdxl_vector_conditioning(clip):
     """Stage 1 on an SDXL-type model: the target uses y(pooled of the destination), the prediction
     y(pooled of the δ-edited source), so δ is trained through SDXL's vector conditioning too."""
     text = ComfyTextModel(clip)
-    patcher, den = _sdxl_style_model(64)
-    den.text = __import__("conceptedit.comfy_host.adapters", fromlist=["ComfyText"]).ComfyText(clip)
+    patcher, den = _sdxl_style_model(64, clip=clip)
     seen = []
     eps = den.eps
     den.eps = lambda x, t, c, y=None: (seen.append(None if y is None else (tuple(y.shape), y.requires_grad)),

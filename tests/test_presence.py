@@ -117,7 +117,7 @@ def _cut_text_edit(model):
     from conceptedit.comfy_host.adapters import model_fingerprint
     fam = arch.get_family("tiny")
     sd = model.model_state_dict()
-    return Edit("cut", "tiny", {k: Change("delta", tuple(sd[k].shape), {"delta": -sd[k].detach().clone()})
+    return Edit("uce", "tiny", {k: Change("delta", tuple(sd[k].shape), {"delta": -sd[k].detach().clone()})
                                 for k in fam.attn2_kv_keys()}, fingerprint=model_fingerprint(model))
 
 

@@ -1,5 +1,6 @@
 """UCE closed form: equals the explicit W' formula, keeps the preserve set, hits the targets, builds
 the right keys on the real layouts, and runs as a node in real ComfyUI without touching its input."""
+import hashlib
 import os
 
 import pytest
@@ -96,7 +97,9 @@ class _RandomText:
         self.calls.extend(prompts)
         out = []
         for p in prompts:
-            g = torch.Generator().manual_seed(hash((p, self.seed)) % 2 ** 31)
+            # a stable digest, not hash(): str hashes change per process (PYTHONHASHSEED)
+            digest = hashlib.sha256(f"{p}|{self.seed}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
             out.append(torch.randn(self.length, self.d, generator=g))
         return torch.stack(out)
 
@@ -124,7 +127,12 @@ def test_aligned_tokens_map_words_to_guide_eos_not_bos():
     # "red cat" = BOS red cat EOS pad...: positions 1..7; targets in "": max(p - 3 + 1, 1)
     want = E[[1, 1, 1, 2, 3, 4, 5]]
     torch.testing.assert_close(sys_.G, want)
-    assert sys_.C.shape == (7, 6) and sys_.P.shape == (1, 6)  # only BOS preserved
+    # "" is preserved at BOS and at every position the window edits (1..7)
+    assert sys_.C.shape == (7, 6) and sys_.P.shape == (8, 6)
+    torch.testing.assert_close(sys_.P, E[:8])
+    bos_only = build_text_system(text, UCEConfig(concepts=["red cat"], default_preserve=False,
+                                                 preserve_unconditional=False))
+    assert bos_only.P.shape == (1, 6)
     last = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False, token_window="last"))
     torch.testing.assert_close(last.G, E[[1]])  # EOS of "", never BOS
     eos = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False, token_window="eos"))
@@ -253,3 +261,46 @@ def test_factored_guide_grams_equal_the_dense_ones(monkeypatch):
     for name in ("A", "residual_gram", "target_gram", "preserve_moved"):
         torch.testing.assert_close(getattr(fact, name), getattr(dense, name), rtol=1e-4, atol=1e-3)
     assert float(dense.target_gram.abs().max()) > 1.0  # not a trivially zero comparison
+
+
+def test_unconditional_prompt_is_preserved_at_every_edited_position(comfy):
+    """Classifier-free guidance reads "" for every prompt: its keys/values at the positions the window
+    edits stay put (they moved freely when only its BOS was preserved)."""
+    from conceptedit.comfy_host.adapters import ComfyText, original_weights
+    from conceptedit.tiny.comfy_model import load_tiny
+
+    model, clip = load_tiny()[:2]
+    text = ComfyText(clip)
+    weights, fam = original_weights(model), arch.get_family("tiny")
+    uncond = text.encode([""])[0].float()
+
+    def moved(edit):  # ‖ΔW u‖ / ‖W u‖ over every position of "", mean over the K/V layers
+        r = [float((uncond @ c.delta(dtype=torch.float32).T).norm() / (uncond @ weights[k].float().T).norm())
+             for k, c in edit.changes.items()]
+        return sum(r) / len(r)
+
+    old = compute_uce(text, weights, fam, UCEConfig(concepts=["red"], preserve_unconditional=False))
+    new = compute_uce(text, weights, fam, UCEConfig(concepts=["red"]))
+    assert moved(new) < 0.75 * moved(old)  # aligned window, tiny model: 0.042 -> 0.027
+    assert new.metrics["uncond_rel_change_max"] < 0.06
+    assert new.metrics["target_residual_mean"] < 1.1 * old.metrics["target_residual_mean"]  # the erasure still lands
+
+
+def test_expansion_and_empty_guide_follow_the_official_script():
+    from conceptedit.editing import uce
+
+    cfg = UCEConfig(concepts=["van gogh"], expand="artist")
+    srcs, targets = uce._plan(cfg)
+    assert srcs == ["van gogh", "painting by van gogh", "art by van gogh", "artwork by van gogh",
+                    "picture by van gogh", "style of van gogh"]
+    assert [t[0][1] for t in targets] == ["art", "painting by art", "art by art", "artwork by art", "picture by art",
+                                          "style of art"]  # the official default guide for artists
+    srcs, targets = uce._plan(UCEConfig(concepts=["cat -> dog"], expand="object"))
+    assert ("photo of cat", [(1.0, "photo of dog")]) in list(zip(srcs, targets))
+    with pytest.raises(InvalidInputError, match="expand"):
+        UCEConfig(concepts=["x"], expand="people").validate()
+    text = _RandomText(16)
+    empty = text.encode([""])[0]
+    for where, pos in (("eos", 1), ("bos", 0)):  # 'last' window, empty guide
+        system = build_text_system(text, UCEConfig(concepts=["cat"], token_window="last", empty_guide=where))
+        assert torch.equal(system.G[0], empty[pos]), where

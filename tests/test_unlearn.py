@@ -54,8 +54,8 @@ class Host:
         s = self.patcher.model.model_sampling.sigmas.float()
         return 1.0 / (1.0 + s ** 2)
 
-    def eps(self, x, t, context, y=None):
-        return self.unet()(x, timesteps=t, context=context).float()
+    def eps(self, x, t, context, y=None):  # an EPS model: its output is ε
+        return self.unet()(x, timesteps=t, context=context, y=y).float()
 
 
 def _snapshot(patcher):
@@ -113,11 +113,14 @@ def test_forget_loss_truncation():
     out = U.truncate_forget_loss(small * 1.0, 1.1)
     out.backward()
     assert float(out) == pytest.approx(0.5) and float(small.grad) == pytest.approx(1.0)
-    big = torch.tensor(3.0, requires_grad=True)
-    out = U.truncate_forget_loss(big * 1.0, 1.1)
-    out.backward()
-    assert float(out) == pytest.approx(1.0)
-    assert float(big.grad) == pytest.approx(1 / 3.0)  # the gradient is scaled by 1/L_f too
+    # above m the loss is L/‖L‖ (Ko et al.'s nsfw_RGD.py), the constant 1: its gradient is exactly
+    # zero (a detached L/L would still ascend with gradient 1/L_f)
+    for v in (1.1000001, 1.5, 3.0, 7.77, 123.4):
+        big = torch.tensor(v, requires_grad=True)
+        out = U.truncate_forget_loss(big * 1.0, 1.1)
+        out.backward()
+        assert float(out) == pytest.approx(1.0)
+        assert float(big.grad) == 0.0
 
 
 def test_paired_prompts_differ_only_by_the_concept():
@@ -276,6 +279,66 @@ def test_gradient_ascent_step_raises_the_forget_loss_of_its_batch(comfy):
     before = loss(None)
     edit = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data)
     assert loss(edit) > before
+
+
+def test_rgd_forget_batch_above_m_adds_no_gradient(comfy):
+    """RGD with m below every forget loss and α = 0: each step's forget gradient is exactly zero, so
+    Adam never moves the zero-initialised LoRA (with L/L.detach() it would keep ascending)."""
+    m = random_model()
+    host, text = Host(m), Text()
+    cfg = _small_cfg(method="rgd", steps=2, alpha=0.0, truncation=0.01)
+    edit = U.compute_unlearn(host, text, "circle", cfg, family="tiny")
+    assert min(edit.metrics["history"]["forget"]) > cfg.truncation
+    assert all(not c.delta().any() for c in edit.changes.values())  # (an all-zero LoRA folds to no change)
+    # the same run below m does ascend
+    moved = U.compute_unlearn(host, text, "circle", _small_cfg(method="rgd", steps=2, alpha=0.0, truncation=100.0),
+                              family="tiny")
+    assert any(c.delta().any() for c in moved.changes.values())
+
+
+def test_gradient_ascent_optimises_minus_forget_plus_a_tenth_of_retain(comfy, monkeypatch):
+    """GA (Ko et al.'s gradient_ascent.py): the step's gradient is ∇(−L_f + 0.1·L_r) on the trainer's
+    forget and retain batches, without truncation or projection."""
+    from conceptedit.editing.lora_train import frozen_session
+    m = random_model()
+    host, text = Host(m), Text()
+    cfg = _small_cfg(method="ga", steps=1, lr=1e-4, truncation=0.01)  # m would truncate: GA ignores it
+    assert cfg.ga_retain_weight == 0.1
+    data = U.prepare_data(host, text, "circle", cfg, family="tiny")
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append([p.grad.detach().clone() for grp in self.param_groups for p in grp["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data)
+    monkeypatch.undo()
+
+    g = torch.Generator().manual_seed(cfg.seed + 17)  # the trainer's draws: forget batch, then retain batch
+
+    def draw(x, c):
+        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
+        t = torch.randint(cfg.t_min, cfg.t_max + 1, (cfg.batch,), generator=g)
+        noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g)
+        return x[idx], c[idx], t, noise
+
+    forget, retain = draw(data.x_forget, data.c_forget), draw(data.x_retain, data.c_retain)
+    unet = m.model.diffusion_model
+    mods = dict(unet.named_modules())
+    ad = Adapters(mods, select_targets(mods, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed)
+    ac = host.alphas_cumprod()
+    with frozen_session(unet), ad.attached(), torch.enable_grad():
+        lf = U.diffusion_mse(host, *forget[:3], forget[3], ac)
+        lr_ = U.diffusion_mse(host, *retain[:3], retain[3], ac)
+        assert float(lf) > cfg.truncation
+        g_f = torch.autograd.grad(-lf, ad.parameters(), retain_graph=True)
+        g_r = torch.autograd.grad(lr_, ad.parameters())
+    want = _flat([a + 0.1 * b for a, b in zip(g_f, g_r)])
+    got = _flat(seen[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert (got - _flat(g_f)).norm() > 1e-3 * want.norm()  # the retain term is really there
 
 
 def _objective(host, data, cfg, edit, patcher):

