@@ -12,6 +12,11 @@ memory); the LoRA factors are real random tensors; the dense ΔW are meta tensor
 shape and float32 dtype, so their size is exact without allocating ~9 GB. Runs in < 1 GB of RAM.
 
     bash run.sh bench bench_apply [--family sdxl] [--rank 4]
+    bash run.sh bench bench_apply --speed [--reps 5]   # sampling time, patched / unpatched, tiny model
+
+`--speed` samples the bundled tiny model unpatched and with each edit applied by `apply_edit` (the
+LoRA form; ComfyUI merges it into the weights when it loads the model, which is done before each
+timed run), interleaved, and prints the ratio of the median times.
 """
 import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702
 
@@ -93,12 +98,54 @@ def _flat(obj):
     return []
 
 
+def speed(reps: int, rank: int) -> None:
+    import statistics
+
+    from conceptedit.comfy_host.adapters import apply_edit, model_fingerprint
+    from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
+
+    model, clip, _ = load_tiny()
+    weights = dict(model.model_state_dict())
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    unet = model.model.diffusion_model
+    kv = sorted(k for k in shapes if k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")))
+    lora = [f"diffusion_model.{n}.weight" for n in select_targets(dict(unet.named_modules()), "lora")]
+    prompts, seeds = ["a red circle", "a blue square"] * 4, list(range(8))
+    # a clone without patches is the control row: its ratio is the noise of the measurement
+    runs = {"unpatched": model, "unpatched clone (control)": model.clone()}
+    for name, keys, method, params in (("UCE-like K/V", kv, "uce", {}),
+                                       ("unlearning LoRA", lora, "unlearn-esd", {"param_set": "lora"})):
+        edit = lowrank_edit(method, params, shapes, keys, rank)
+        edit.family, edit.fingerprint = "tiny", model_fingerprint(model)
+        runs[name] = apply_edit(model, None, edit)[0]
+    times = {k: [] for k in runs}
+    for name, m in runs.items():  # warm-up: the first load of each clone merges its patches
+        comfy_sampler(m, clip, steps=20)(prompts[:2], seeds[:2])
+    import comfy.model_management as mm
+    for _ in range(reps):
+        for name, m in runs.items():
+            mm.load_models_gpu([m])  # the patches merge here, outside the timed sampling
+            t = time.perf_counter()
+            comfy_sampler(m, clip, steps=20)(prompts, seeds)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["unpatched"])
+    print(f"tiny model, 8 samples x 20 steps, {reps} interleaved reps, median seconds, {torch.get_num_threads()} threads")
+    print("| model | median s | / unpatched |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="sdxl", choices=["sd1", "sd2", "sdxl"])
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--speed", action="store_true", help="sampling time patched / unpatched on the tiny model")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    if args.speed:
+        return speed(args.reps, args.rank)
     patcher, unet = meta_patcher(args.family)
     weights = {k: v for k, v in patcher.model_state_dict().items()}
     shapes = {k: tuple(v.shape) for k, v in weights.items()}

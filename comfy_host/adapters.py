@@ -136,6 +136,11 @@ def edit_state_dict(edit: Edit, weights: Mapping[str, torch.Tensor]) -> tuple[di
                 f"{key} is stored as {base.dtype} in this model: ComfyUI rounds a patched float8 weight back to "
                 f"float8, which cannot hold the {edit.method} edit exactly, so nothing was applied. Load the model "
                 "with weight_dtype 'default' (float16/bfloat16) to apply this edit.")
+        if not base.is_floating_point() or hasattr(base, "tensor_type"):  # GGUF / integer-quantized weights
+            raise InvalidInputError(
+                f"{key} is stored quantized ({getattr(base, 'tensor_type', base.dtype)}) in this model: an exact "
+                f"{edit.method} edit cannot be added to it, so nothing was applied. Load the unquantized checkpoint "
+                "(safetensors, float16/bfloat16) to apply this edit, then quantize the result if you need to.")
         name = _module_name(key)
         if name in key_map:
             raise InvalidInputError(f"two keys of the edit name the module {name}")

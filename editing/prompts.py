@@ -68,7 +68,8 @@ CUSTOM = "custom"
 PRESET_NAMES = (*PRESETS, TINY, CUSTOM)
 # The tiny model's FFNs are narrow (4d = 256): a concept lives in a larger share of each row than in
 # SD1.5, so it needs a larger skill ratio. Tuned with `bench/bench_prune.py --sweep triangle`: 0.05
-# and 0.1 leave triangles at 100 % / 62 %, 0.2 erases them (0 %) with specificity unchanged.
+# and 0.1 leave triangles at 100 % / 62 %; 0.2 takes them to 25 % with the calibration's shared noise
+# (0 % with per-slot noise; README).
 TINY_DEFAULTS = {"skill_ratio": 0.2, "tau": 10}
 
 

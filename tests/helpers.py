@@ -54,7 +54,6 @@ def random_clip(seed: int = 1):
     import functools
     import os
 
-    import comfy.sd
     import comfy.sd1_clip
 
     target = type("Target", (), {})()
@@ -63,6 +62,14 @@ def random_clip(seed: int = 1):
     target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel,
                                     clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=cfg))
     target.tokenizer = comfy.sd1_clip.SD1Tokenizer
+    return clip_from_target(target, seed)
+
+
+def clip_from_target(target, seed: int):
+    """A real ComfyUI CLIP of `target` (its `clip`, `tokenizer`, `params`) with random weights
+    (layer norms at identity). Built under no_grad: ComfyUI writes its projection in place."""
+    import comfy.sd
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         c = comfy.sd.CLIP(target)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helpers import clip_from_target
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BASE = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
              legacy=False, use_temporal_attention=False, use_temporal_resblock=False, adm_in_channels=None,
@@ -78,7 +80,6 @@ def _encoder(name: str, width: int, device="cpu", dtype=None):
 
 
 def _clip(spec: Spec, seed: int):
-    import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
@@ -105,15 +106,7 @@ def _clip(spec: Spec, seed: int):
                                         clip_model=functools.partial(_small_encoder, name, width))
         tok = comfy.sdxl_clip.SDXLClipGTokenizer if name == "g" else comfy.sd1_clip.SDTokenizer
         target.tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, clip_name=name, tokenizer=tok)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # ComfyUI's CLIP writes its projection in place while it is built
-        clip = comfy.sd.CLIP(target)
-        for pname, p in clip.cond_stage_model.named_parameters():
-            if "layer_norm" in pname:
-                p.fill_(1.0 if pname.endswith("weight") else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return clip
+    return clip_from_target(target, seed)
 
 
 def _small_encoder(name, width, device="cpu", dtype=None, **kwargs):

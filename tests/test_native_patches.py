@@ -168,3 +168,16 @@ def test_patches_come_from_comfyuis_own_lora_loader(comfy, monkeypatch):
     (keys, key_map), = seen
     assert set(key_map.values()) == set(edit.changes) == set(patches)
     assert all(keys >= {f"{n}.lora_up.weight", f"{n}.lora_down.weight", f"{n}.alpha"} for n in key_map)
+
+
+@torch.inference_mode()
+def test_quantized_weights_are_refused_with_nothing_applied(comfy):
+    """GGUF-style packed weights (integer storage) cannot take an exact edit: refused by name."""
+    model = random_model(seed=9)
+    kk = FAM.attn2_kv_keys()[0]
+    mod = dict(model.model.diffusion_model.named_modules())[kk[len("diffusion_model."):-len(".weight")]]
+    mod.weight = torch.nn.Parameter(torch.zeros(mod.weight.shape, dtype=torch.uint8), requires_grad=False)
+    edit = Edit("uce", "tiny", {kk: _lowrank(FAM.expected_shapes()[kk], 2, 0)})
+    with pytest.raises(InvalidInputError, match="quantized"):
+        apply_edit(model, None, edit)
+    assert model.patches == {}
