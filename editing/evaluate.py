@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from . import worlds
+
 log = logging.getLogger(__name__)
 
 Sampler = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
@@ -44,12 +46,8 @@ class EvalResult:
 
 
 def default_classifier() -> Classifier:
-    """The tiny world's CNN classifier (imported lazily: the library does not need it otherwise)."""
-    try:
-        from ..tiny.classifier import load_classifier
-    except ImportError:
-        from tiny.classifier import load_classifier
-    return load_classifier().predict
+    """The tiny world's CNN classifier (registered by the host, see `editing.worlds`)."""
+    return worlds.classifier("tiny").predict
 
 
 def evaluate(sample: Sampler, prompts: PromptSet, samples_per_prompt: int = 4,
@@ -116,10 +114,7 @@ def erasure_report(sample: Sampler, erased: Sequence[str], preserved: Sequence[s
     - specificity[c] = accuracy of preserved concept c on its prompts (higher = better kept).
     `prompts_for(concept, n, seed)` / `synonym_prompts(...)` default to the tiny world's."""
     if prompts_for is None or synonym_prompts is None:
-        try:
-            from ..tiny import world
-        except ImportError:
-            from tiny import world
+        world = worlds.get("tiny")
         prompts_for = prompts_for or world.prompts_for
         synonym_prompts = synonym_prompts or world.synonym_prompts
     classify = classify or default_classifier()

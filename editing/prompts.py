@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import InvalidInputError
+from . import worlds
 from .safety import minor_in_sexual_context, refuse_unsafe
 
 ARTIST_THINGS = (
@@ -104,10 +105,7 @@ def tiny_pairs(concept: str) -> list[tuple[str, str]]:
     Shapes: "a red circle in the style of monet" vs "a red shape in the style of monet" (the model
     learned "shape" as "any shape"); colours: the colour word dropped; styles: the artist dropped
     (a caption without an artist is the plain style)."""
-    try:
-        from ..tiny import world
-    except ImportError as e:  # tiny/ is optional in a stripped install
-        raise InvalidInputError(f"the tiny world is not available ({e}); use another preset") from None
+    world = worlds.get("tiny")
     try:
         kind = world.kind_of(concept)
     except KeyError as e:

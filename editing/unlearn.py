@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from . import worlds
 from .edit import Edit
 from .errors import InvalidInputError, NonFiniteError
 from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
@@ -115,7 +116,7 @@ def tiny_pair_attributes(concept: str, n: int) -> list[dict[str, str]] | None:
     """The attributes of the `n` tiny-world forget prompts `paired_prompts(concept, n, family="tiny")`
     builds ({"colour", "shape", "style"}; the retain twin is the same with `concept` unnamed), or
     None when `concept` is not a tiny-world concept."""
-    from ..tiny import world  # pure python: the concept vocabulary of the tiny model's world
+    world = worlds.get("tiny")
     try:
         kind = world.kind_of(concept)
     except KeyError:
@@ -131,7 +132,7 @@ def tiny_pair_attributes(concept: str, n: int) -> list[dict[str, str]] | None:
 
 
 def _tiny_pairs(concept: str, n: int, rng: random.Random):
-    from ..tiny import world  # pure python: the concept vocabulary of the tiny model's world
+    world = worlds.get("tiny")
     attributes = tiny_pair_attributes(concept, n)
     if attributes is None:
         return None

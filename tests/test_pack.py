@@ -70,3 +70,13 @@ def test_install_py_uses_a1111_launch_when_present(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "surely-not-installed-pkg-xyz" in r.stdout
+
+
+def test_library_never_imports_the_tiny_model():
+    """editing/ gets the tiny world injected (editing.worlds, registered by the pack's __init__)."""
+    import re
+    lib = os.path.join(ROOT, "editing")
+    bad = [f"{n}:{i}" for n in sorted(os.listdir(lib)) if n.endswith(".py")
+           for i, line in enumerate(open(os.path.join(lib, n)), 1)
+           if re.match(r"\s*(from\s+(\.\.)?tiny\b|import\s+tiny\b)", line)]
+    assert not bad, f"editing/ imports tiny/: {bad}"
