@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import _pack  # noqa: E402
 
 _pack.load()
-from conceptedit.editing.evaluate import evaluate, write_grid  # noqa: E402
+from conceptedit.editing.audit.evaluate import evaluate, write_grid  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 
 

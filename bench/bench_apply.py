@@ -3,7 +3,7 @@
 Two rank-r edits (default r = 4):
 - UCE-like: every cross-attention K and V (attn2.to_k / to_v, 140 weights on SDXL);
 - unlearning: a LoRA on the parameter set 'lora' (every Linear inside the transformer blocks, what
-  `editing.lora_train.select_targets` trains).
+  `editing.training.select_targets` trains).
 Each is turned into patches by `comfy_host.adapters.edit_patches` (ComfyUI's `comfy.lora.load_lora`)
 and added to a ModelPatcher, twice: as its low-rank changes (what `apply_edit` adds) and as the
 same changes expanded to dense ΔW (what a dense route adds). Printed: the bytes of the tensors the
@@ -33,7 +33,7 @@ ensure_comfy(cpu=True)
 from conceptedit.comfy_host.adapters import edit_patches  # noqa: E402
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.edit import Change, Edit  # noqa: E402
-from conceptedit.editing.lora_train import select_targets  # noqa: E402
+from conceptedit.editing.training import select_targets  # noqa: E402
 
 
 def meta_patcher(family: str):

@@ -46,14 +46,14 @@ def clip_l_random(seed: int = 0):
 
 
 def concept_names(n: int) -> list[str]:
-    from conceptedit.editing.captions import ATTRIBUTES, SUBJECTS
+    from conceptedit.editing.emcid.captions import ATTRIBUTES, SUBJECTS
     return [f"{a} {s}" for s in SUBJECTS for a in ATTRIBUTES][:n]
 
 
 def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.arch import get_family
-    from conceptedit.editing.emcid import EmcidConfig, concept_prompts, read_keys, second_moments, stage2
+    from conceptedit.editing.emcid.stage2 import EmcidConfig, concept_prompts, read_keys, second_moments, stage2
     spec = get_family("sd1").text_encoders[0]
     layers = spec.edit_layers
     clip = clip_l_random()
@@ -82,7 +82,7 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
         # closed-form part alone (the 11 float64 solves), to separate it from the encoder passes
         K = torch.randn(n, spec.mlp, dtype=torch.float64, device=dev)
         t = time.perf_counter()
-        from conceptedit.editing.emcid import solve_update
+        from conceptedit.editing.emcid.stage2 import solve_update
         for i in layers:
             solve_update(K, torch.randn(n, spec.width, dtype=torch.float64, device=dev), C0[i], cfg.lam)
         row["solves_s"] = round(time.perf_counter() - t, 3)
@@ -102,10 +102,9 @@ COLOUR_TEMPLATES = EMCID_TEMPLATES["colour"]
 
 
 def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour") -> dict:
-    from conceptedit.comfy_host.adapters import apply_edit
-    from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
-    from conceptedit.editing.emcid import EmcidConfig
-    from conceptedit.editing.evaluate import erasure_report
+    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.audit.evaluate import erasure_report
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, clip, _ = load_tiny()
@@ -125,9 +124,8 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
         for lam in lams:
             cfg = EmcidConfig(lam=lam, use_stage1=use_stage1, steps=steps, templates=templates, n_captions=1000)
             t = time.perf_counter()
-            edit = compute_emcid_comfy(model, clip, [(c, dest(c)) for c in erased], cfg, cache_dir=cache)
+            _, clip2, edit, _ = emcid(model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
             secs = time.perf_counter() - t
-            _, clip2, _ = apply_edit(model, clip, edit)
             r = erasure_report(comfy_sampler(model, clip2), erased, kept, n_prompts=n_prompts, samples_per_prompt=samples)
             row = {"lam": lam, "seconds": round(secs, 1),
                    "efficacy_presence": _mean(r["efficacy"]), "efficacy_before": _mean({c: base["efficacy"][c] for c in erased}),

@@ -25,7 +25,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from conceptedit.editing import arch  # noqa: E402
-from conceptedit.editing.uce import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
+from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
 
 
 class RandomText:
@@ -120,8 +120,8 @@ def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last", opt
     from conceptedit.comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True)
     from conceptedit.cli.common import terminal_context
-    from conceptedit.editing.evaluate import erasure_report
-    from conceptedit.comfy_host.jobs import cross_attention_edit
+    from conceptedit.editing.audit.evaluate import erasure_report
+    from conceptedit.comfy_host.jobs import UCEJob, uce
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, clip, _ = load_tiny()
@@ -132,7 +132,7 @@ def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last", opt
         kept = [c for c in names if c not in erased] + others
         cfg = UCEConfig(concepts=erased, preserve=kept, token_window=token_window, **(options or {}))
         t = time.perf_counter()
-        patched, edit = cross_attention_edit(model, clip, cfg, terminal_context())
+        patched, _, edit, _ = uce(model, clip, UCEJob(settings=cfg), terminal_context())
         dt = time.perf_counter() - t
         for label, m in (("unedited", model), ("edited", patched)):
             rep = erasure_report(comfy_sampler(m, clip, steps=steps), erased, kept, n_prompts=n_prompts,

@@ -24,14 +24,14 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 ensure_comfy()
 
 from conceptedit.comfy_host.adapters import apply_edit  # noqa: E402
-from conceptedit.editing.distill import DistillConfig, compute_distill_unlearn  # noqa: E402
+from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn  # noqa: E402
 from conceptedit.editing.edit import Change, Edit  # noqa: E402
-from conceptedit.editing.evaluate import erasure_report, evaluate  # noqa: E402
+from conceptedit.editing.audit.evaluate import erasure_report, evaluate  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
-from conceptedit.editing.resurgence import AuditConfig, audit  # noqa: E402
-from conceptedit.editing.unlearn import (UnlearnConfig, compute_unlearn, paired_prompts, prepare_data,  # noqa: E402
+from conceptedit.editing.audit.resurgence import AuditConfig, audit  # noqa: E402
+from conceptedit.editing.unlearn.trainer import (UnlearnConfig, compute_unlearn, paired_prompts, prepare_data,  # noqa: E402
                                         tiny_pair_attributes)
-from conceptedit.comfy_host.jobs import train_host  # noqa: E402
+from conceptedit.comfy_host.view import ModelView  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
 
@@ -143,7 +143,7 @@ def part_distill(model, clip, host, args, out):
                                      DistillConfig(steps=steps - n_erase, erase=False, **common),
                                      distill_prompts=distill_prompts, family="tiny", latents=latents)
     mods = dict(host.unet().named_modules())
-    from conceptedit.editing.lora_train import edit_as_fixed
+    from conceptedit.editing.training import edit_as_fixed
     fixed = edit_as_fixed([(student, 1.0), (stage1, 1.0)], mods)
     stage2 = compute_unlearn(host, host.text, args.concept,
                              UnlearnConfig(method="esd", steps=n_erase, lr=args.lr, batch=4, n_prompts=8,
@@ -167,26 +167,24 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     to "", last-token window), and the text-encoder edit (EMCID stage 2 alone, targets = the
     destination's own text state, redirected to purple/plain/shape, λ 1000, as `bench_emcid --part
     tiny`). `methods` picks among `TRAINING_FREE`."""
-    from conceptedit.comfy_host.jobs import concept_prune, cross_attention_edit
-    from conceptedit.comfy_host.text_hooks import compute_emcid_comfy
-    from conceptedit.editing.concept_prune import PruneConfig
-    from conceptedit.editing.emcid import EmcidConfig
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, concept_prune, emcid, uce
+    from conceptedit.editing.concept_prune.prune import PruneConfig
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.prompts import TINY_DEFAULTS
-    from conceptedit.editing.uce import UCEConfig
+    from conceptedit.editing.uce.closed_form import UCEConfig
     kind = world.kind_of(concept)
     dest = {"colour": "purple" if concept != "purple" else "red", "style": "plain", "shape": "shape"}[kind]
     templates = world.EMCID_TEMPLATES[kind]
     out = {}
     if "concept_prune" in methods:
-        out["concept_prune"] = concept_prune(model, clip, [concept], "tiny", "", PruneConfig(**TINY_DEFAULTS))
+        out["concept_prune"] = concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS))).edit
     if "cross_attention" in methods:
-        uce = UCEConfig(concepts=[concept], token_window="last")
-        _, out["cross_attention"] = cross_attention_edit(model, clip, uce)
+        cfg = UCEConfig(concepts=[concept], token_window="last")
+        out["cross_attention"] = uce(model, clip, UCEJob(settings=cfg)).edit
     if "text_encoder" in methods:
-        out["text_encoder"] = compute_emcid_comfy(model, clip, [(concept, dest)],
-                                                  EmcidConfig(lam=1000, use_stage1=False, templates=templates,
-                                                              n_captions=1000),
-                                                  cache_dir=os.path.join(ROOT, ".cache", "emcid"))
+        cfg = EmcidConfig(lam=1000, use_stage1=False, templates=templates, n_captions=1000)
+        out["text_encoder"] = emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=cfg,
+                                                          cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
     return out
 
 
@@ -216,7 +214,7 @@ def part_audit(model, clip, host, args, out, edits):
             text = ComfyText(clip2, device=host.ctx.device)
         cfg = AuditConfig(checkpoints=tuple(args.audit_steps), lr=1e-3, gen_steps=args.gen_steps)
         if benign_latents is None:  # the same benign images for every method
-            from conceptedit.editing.unlearn import generate_latents
+            from conceptedit.editing.diffusion import generate_latents
             benign_latents = generate_latents(host, host.text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed)
         t0 = time.perf_counter()
         rep = audit(host, text, edit, presence, cfg, benign_prompts=benign, benign_latents=benign_latents,
@@ -255,7 +253,7 @@ def main():
     torch.manual_seed(0)
     model, clip, _vae = load_tiny()
     torch.set_num_threads(args.threads)
-    host = train_host(model, clip, RunContext(progress=lambda d, t: log.info("  step %d/%d", d, t) if d % 10 == 0 else None))
+    host = ModelView(model, clip, ctx=RunContext(progress=lambda d, t: log.info("  step %d/%d", d, t) if d % 10 == 0 else None)).denoiser
     out = {"concept": args.concept, "steps": args.steps, "lr": args.lr, "threads": torch.get_num_threads(),
            "sibling_retain": bool(args.sibling_retain), "eval_prompts": args.eval_prompts}
     t0 = time.perf_counter()

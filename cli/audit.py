@@ -27,7 +27,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..comfy_host.adapters import apply_edit
     from ..editing.edit import Edit
-    from ..editing.resurgence import AuditConfig
+    from ..editing.audit.resurgence import AuditConfig
     from ..comfy_host.jobs import audit_models
     from .common import load_model, terminal_context
 

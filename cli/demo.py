@@ -32,25 +32,23 @@ def register(sub) -> None:
 def erase(method: str, concept: str, model, clip, ctx):
     """The edit and the patched model, through the same functions the nodes use."""
     if method == "uce":
-        from ..editing.uce import UCEConfig
-        from ..comfy_host.jobs import cross_attention_edit
+        from ..editing.uce.closed_form import UCEConfig
+        from ..comfy_host.jobs import UCEJob, uce
         cfg = UCEConfig(concepts=[concept], mode="erase", guide="", token_window="last")
-        model2, edit = cross_attention_edit(model, clip, cfg, ctx)
-        return model2, edit
-    from ..comfy_host.adapters import apply_edit
-    from ..editing.concept_prune import PruneConfig
+        out = uce(model, clip, UCEJob(settings=cfg), ctx)
+        return out.model, out.edit
+    from ..comfy_host.jobs import ConceptPruneJob, concept_prune
+    from ..editing.concept_prune.prune import PruneConfig
     from ..editing.prompts import TINY_DEFAULTS
-    from ..comfy_host.jobs import concept_prune
-    cfg = PruneConfig(**TINY_DEFAULTS)
-    edit = concept_prune(model, clip, [concept], "tiny", "", cfg, ctx)
-    model2, _, _ = apply_edit(model, None, edit)
-    return model2, edit
+    out = concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS)),
+                        ctx)
+    return out.model, out.edit
 
 
 def run(args) -> int:
     import torch
 
-    from ..editing.evaluate import erasure_report, write_grid
+    from ..editing.audit.evaluate import erasure_report, write_grid
     from ..tiny import world
     from .common import load_model, terminal_context
 

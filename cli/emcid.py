@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """Pairs from a file; a first line 'source,destination' is taken as a header."""
-    from ..editing.emcid import parse_pairs
+    from ..editing.emcid.stage2 import parse_pairs
     from ..editing.errors import InvalidInputError
     if not os.path.isfile(path):
         raise InvalidInputError(f"no pairs file at {path}")
@@ -41,8 +41,8 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
-    from ..comfy_host.text_hooks import compute_emcid_comfy
-    from ..editing.emcid import DEFAULT_TEMPLATES, EmcidConfig, validate_pairs
+    from ..comfy_host.jobs import EmcidJob, emcid
+    from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, EmcidConfig, validate_pairs
     from .common import load_model, terminal_context
 
     pairs = read_pairs(args.pairs)
@@ -51,7 +51,7 @@ def run(args) -> int:
                       templates=tuple(args.template) if args.template else DEFAULT_TEMPLATES, seed=args.seed)
     cfg.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = compute_emcid_comfy(model, clip, pairs, cfg, terminal_context(), args.cache_dir or None)
+    edit = emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=args.cache_dir or None), terminal_context()).edit
     edit.save(args.out)
     gaps = {e: round(m["gap_after"], 4) for e, m in edit.metrics["stage2"].items()}
     log.info("wrote %s: %d concepts, %d fc2 layers; target gap left after stage 2: %s; %s s",

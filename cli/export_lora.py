@@ -1,5 +1,5 @@
 """`conceptedit export-lora e.safetensors --out x.safetensors`: an edit file as a kohya LoRA that
-stock ComfyUI LoraLoader, Automatic1111 and diffusers load (see editing/lora.py for the forms)."""
+stock ComfyUI LoraLoader, Automatic1111 and diffusers load (see editing/export/lora.py for the forms)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.lora import DTYPES
+    from ..editing.export.lora import DTYPES
     from .common import add_model_arg
     p = sub.add_parser("export-lora", help="write an edit file as a LoRA (kohya format)")
     p.add_argument("edit", help="an edit file (.safetensors) from any ConceptEdit method")
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..editing.edit import Edit
-    from ..editing.lora import LoraExportConfig, save_lora
+    from ..editing.export.lora import LoraExportConfig, save_lora
     from .common import terminal_context
 
     edit = Edit.load(args.edit)

@@ -31,8 +31,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..editing.concept_prune import PruneConfig, with_preset_defaults
-    from ..comfy_host.jobs import concept_prune
+    from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
+    from ..comfy_host.jobs import ConceptPruneJob, concept_prune
     from .common import TINY, load_model, terminal_context
 
     preset = args.preset or (TINY if args.ckpt == TINY else "artist")
@@ -46,7 +46,8 @@ def run(args) -> int:
                                               full_trajectory=args.full_trajectory), preset)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = concept_prune(model, clip, args.concept, preset, pairs_text, config, terminal_context())
+    job = ConceptPruneJob(concepts=args.concept, preset=preset, pairs_text=pairs_text, settings=config)
+    edit = concept_prune(model, clip, job, terminal_context()).edit
     out = args.out or "prune_" + "_".join(c.replace(" ", "-") for c in args.concept)[:80] + ".safetensors"
     edit.save(out)
     m = edit.metrics

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.uce import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS
+    from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS
     from .common import add_model_arg
     p = sub.add_parser("uce", help="closed-form cross-attention edit (UCE): erase/redirect/debias/moderate concepts")
     add_model_arg(p)
@@ -55,8 +55,8 @@ def read_concepts(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..editing.uce import UCEConfig
-    from ..comfy_host.jobs import cross_attention_edit
+    from ..editing.uce.closed_form import UCEConfig
+    from ..comfy_host.jobs import UCEJob, uce
     from .common import load_model, terminal_context
 
     config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
@@ -66,7 +66,7 @@ def run(args) -> int:
                        empty_guide=args.empty_guide)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    _, edit = cross_attention_edit(model, clip, config, terminal_context())
+    edit = uce(model, clip, UCEJob(settings=config), terminal_context()).edit
     edit.save(args.out)
     m = edit.metrics
     log.info("wrote %s: %d concepts, %d layers (%s), preserve prompts' K/V moved %.2f%% (max %.2f%%), "

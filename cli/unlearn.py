@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.lora_train import PARAM_SETS
-    from ..editing.unlearn import METHODS, UnlearnConfig
+    from ..editing.training import PARAM_SETS
+    from ..editing.unlearn.trainer import METHODS, UnlearnConfig
     from .common import add_model_arg
     d = UnlearnConfig()
     p = sub.add_parser("unlearn", help="erase a concept by fine-tuning (RGD, gradient ascent or ESD); LoRA by default")
@@ -50,8 +50,8 @@ def _mean_over_processes(acc, grads):
 
 
 def run(args) -> int:
-    from ..editing.unlearn import UnlearnConfig
-    from ..comfy_host.jobs import unlearn_model
+    from ..editing.unlearn.trainer import UnlearnConfig
+    from ..comfy_host.jobs import UnlearnJob, unlearn
     from .common import load_model, terminal_context
 
     cfg = UnlearnConfig(method=args.method, forget_objective=args.forget_objective, param_set=args.params,
@@ -70,7 +70,7 @@ def run(args) -> int:
             ctx.progress = None
         log.info("data parallel: process %d of %d on %s", acc.process_index, acc.num_processes, acc.device)
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    _, edit = unlearn_model(model, clip, args.concept, cfg, args.retain, ctx=ctx)
+    edit = unlearn(model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
     out = args.out or f"unlearn_{args.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
     if acc is not None:
         edit.params["data_parallel_processes"] = acc.num_processes

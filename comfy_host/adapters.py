@@ -76,22 +76,15 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
     Returns (model', clip', warnings). Checks the edit's scope (`editing.scope`), the family, layout
     and every key's shape before anything is applied; raises if any key fails to match (never a
     silent no-op). Patches are in the running ComfyUI's own form (`edit_patches`)."""
-    if model is None:
-        raise InvalidInputError("connect a MODEL")
-    edit.check_finite()
-    edit.check_scope()
-    fam = model_family(model)
-    unet_w = original_weights(model)
-    shapes = {k: tuple(v.shape) for k, v in unet_w.items()}
-    te_keys = edit.text_encoder_keys()
-    te_w: dict[str, torch.Tensor] = {}
-    if te_keys:
-        if clip is None:
-            raise InvalidInputError(f"this {edit.method} edit changes the text encoder: connect the CLIP too")
-        te_w = clip_state(clip)
-        shapes.update({k: tuple(v.shape) for k, v in te_w.items()})
-    warnings = edit.validate_for(fam.name, shapes, fingerprint(fam, unet_w), strict_weights=strict_weights)
+    from .view import ModelView
+    return ModelView(model, clip).apply(edit, strength, strict_weights=strict_weights)
 
+
+def add_edit_patches(model, clip, edit: Edit, unet_w: Mapping[str, torch.Tensor], te_w: Mapping[str, torch.Tensor],
+                     strength: float = 1.0):
+    """(model', clip'): clones carrying `edit` as patches (an input is returned as it is when the
+    edit has no key of it); `unet_w`/`te_w` are the unpatched weights masks are resolved against.
+    Every patch must match a key, else nothing is returned."""
     patches = edit_patches(edit, {k: (te_w[k] if k in te_w else unet_w[k]) for k in edit.changes})
     unet_patches = {k: p for k, p in patches.items() if k not in te_w}
     te_patches = {k: p for k, p in patches.items() if k in te_w}
@@ -104,7 +97,25 @@ def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: b
         out_clip = clip.clone()
         got = set(out_clip.add_patches(te_patches, strength))
         _check_matched(te_patches, got, "CLIP")
-    return out_model, out_clip, warnings
+    return out_model, out_clip
+
+
+def patched_weights(patcher, keys: Sequence[str], base: Mapping[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Key -> the weight this MODEL computes with (its unpatched weight plus its own patches), in
+    float32, by ComfyUI's own patch arithmetic, whatever is loaded where: a low-VRAM load keeps some
+    modules unpatched and patches them per forward, so reading module weights would mix the two."""
+    import comfy.lora
+    base = base if base is not None else original_weights(patcher)
+    calc = getattr(comfy.lora, "calculate_weight", None)  # current ComfyUI; 2024 has the patcher method
+    out = {}
+    for k in keys:
+        w = base[k].detach().to(device="cpu", dtype=torch.float32, copy=True)
+        ps = patcher.patches.get(k)
+        if ps:
+            w = calc(ps, w, k) if calc is not None else patcher.calculate_weight(ps, w, k)
+        out[k] = w.float()
+    return out
 
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -270,17 +281,31 @@ class ComfyDenoiser:
     """`editing.hosts.Denoiser` and `Trainable` over a ComfyUI MODEL (+ the CLIP that encodes its prompts)."""
 
     def __init__(self, model, clip, *, sampler: str = "euler", scheduler: str = "normal",
-                 latent_hw: int | tuple[int, int] | None = None, ctx: RunContext | None = None):
+                 latent_hw: int | tuple[int, int] | None = None, ctx: RunContext | None = None,
+                 family: Family | None = None, base: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+                 cache_tag: Callable[[], str] | None = None):
         """`latent_hw`: the latent side, or (height, width), that this host generates at; None = the
-        layout's native size (a layout no table names: SDXL's if it takes y, else SD1's)."""
+        layout's native size (a layout no table names: SDXL's if it takes y, else SD1's). `family`,
+        `base` (the unpatched weights) and `cache_tag` come from a `view.ModelView` when there is one,
+        so that the model is read once per call; otherwise they are read from `model` when asked."""
         self.model = model
         self.text = clip if isinstance(clip, ComfyText) else ComfyText(clip)
-        self.family = model_family(model)
+        self.family = family or model_family(model)
+        self._base, self._cache_tag = base, cache_tag
         self.sampler, self.scheduler = sampler, scheduler
         hw = latent_hw or self.family.native_latent
         self.latent_size = (int(hw[0]), int(hw[1])) if isinstance(hw, (tuple, list)) else (int(hw), int(hw))
         self.latent_hw = self.latent_size[0]
         self.ctx = ctx or RunContext()
+
+    def base_weights(self) -> Mapping[str, torch.Tensor]:
+        """ComfyUI key -> unpatched weight (`editing.hosts.base_weights`: what masks resolve against)."""
+        return self._base() if self._base is not None else original_weights(self.model)
+
+    @property
+    def cache_tag(self) -> str:
+        """Names this model in cached training latents (its fingerprint)."""
+        return self._cache_tag() if self._cache_tag is not None else str(model_fingerprint(self.model))
 
     def modules(self) -> Mapping[str, torch.nn.Module]:
         import comfy.model_management as mm

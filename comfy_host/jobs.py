@@ -1,27 +1,39 @@
 """The jobs the nodes, the command line and the benches share: a library method run on ComfyUI's
 MODEL/CLIP, its result applied to a clone (the input is never changed).
 
+Every method has one signature, ``job(model, clip, config, ctx=None) -> JobResult(model', clip',
+edit, warnings)``: `config` is the method's job config (what to edit, the method's own typed config
+as `settings`, and the strength and picture size every job takes), `ctx` the progress/Cancel context (default:
+ComfyUI's progress bar and Cancel button). Each job builds one `view.ModelView` of its input and
+hands its parts (layout, base weights, text encoder, denoiser) to the library. `JOBS` lists them.
+
 Kept out of `nodes/` so that `cli/` and `bench/` do not import node classes, and out of `editing/`
 because it speaks ComfyUI.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from ..editing.concept_prune import PruneConfig, compute_concept_prune
+from ..editing.audit.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
+from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
+from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
+from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from ..editing.edit import Change, Edit
+from ..editing.emcid.stage2 import EmcidConfig, compute_emcid
 from ..editing.errors import InvalidInputError
+from ..editing.export.lora import LoraExportConfig, save_lora
 from ..editing.hosts import RunContext
-from ..editing.lora import LoraExportConfig, save_lora
-from ..editing.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
 from ..editing.prompts import build_pairs
-from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
-from ..editing.uce import UCEConfig, compute_uce
-from ..editing.unlearn import UnlearnConfig, compute_unlearn
-from .adapters import (ComfyDenoiser, ComfyText, apply_edit, clip_state, model_family, model_fingerprint,
-                       original_weights, run_context)
+from ..editing.training import frozen_session
+from ..editing.uce.closed_form import UCEConfig, compute_uce
+from ..editing.unlearn.trainer import UnlearnConfig, compute_unlearn
+from .adapters import ComfyText, clip_state, model_family, original_weights, patched_weights, run_context
+from .view import ModelView
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +48,173 @@ def latent_size(width: int = 0, height: int = 0) -> tuple[int, int] | None:
     return height // 8, width // 8
 
 
-def concept_prune(model, clip, concepts: list[str], preset: str, pairs_text: str, config: PruneConfig,
-                  ctx: RunContext | None = None, latent: tuple[int, int] | None = None) -> Edit:
-    """ConceptPrune on a ComfyUI MODEL/CLIP (shared by the node and the command line); `latent` is
-    the (height, width) the calibration generates at (None: the model's native size)."""
-    family = model_family(model)  # a clear error for a model without cross-attention
-    pairs = build_pairs(concepts, preset, pairs_text)
-    ctx = ctx or RunContext()
-    denoiser = ComfyDenoiser(model, clip, ctx=ctx, latent_hw=latent)
-    return compute_concept_prune(denoiser, family, pairs, config, ctx, fingerprint=model_fingerprint(model))
+class JobResult(NamedTuple):
+    model: Any       # the edited clone of MODEL (MODEL itself when the edit has no UNet key)
+    clip: Any        # the edited clone of CLIP (CLIP itself when the edit has no text-encoder key)
+    edit: Edit
+    warnings: list
 
 
-def cross_attention_edit(model, clip, config: UCEConfig, ctx=None):
-    """Compute the edit from the unpatched weights and apply it to a clone of MODEL."""
+@dataclass(kw_only=True)
+class Job:
+    """What every job takes besides its method's config: how much of the edit goes onto the clone,
+    and the picture size the methods that generate work at (0 = the model's native size)."""
+    strength: float = 1.0
+    width: int = 0
+    height: int = 0
+
+    def latent(self) -> tuple[int, int] | None:
+        return latent_size(self.width, self.height)
+
+
+@dataclass(kw_only=True)
+class UCEJob(Job):
+    settings: UCEConfig  # the concepts, guides and preserve set are part of UCE's own config
+
+
+@dataclass(kw_only=True)
+class ConceptPruneJob(Job):
+    concepts: Sequence[str]
+    preset: str = "tiny"
+    pairs_text: str = ""         # the user's own "concept prompt | reference prompt" lines
+    settings: PruneConfig = field(default_factory=PruneConfig)
+
+
+@dataclass(kw_only=True)
+class EmcidJob(Job):
+    pairs: Sequence[tuple[str, str]]
+    settings: EmcidConfig = field(default_factory=EmcidConfig)
+    cache_dir: str | None = None  # C₀ and stage-1 targets between runs
+
+
+@dataclass(kw_only=True)
+class UnlearnJob(Job):
+    concept: str
+    settings: UnlearnConfig = field(default_factory=UnlearnConfig)
+    retain_prompts: Sequence[str] = ()
+
+
+@dataclass(kw_only=True)
+class DistillJob(Job):
+    """MODEL is the pruned student; `teacher` the full model it is distilled from (same CLIP)."""
+    teacher: Any
+    concept: str = ""            # empty: distillation only
+    settings: DistillConfig = field(default_factory=DistillConfig)
+    distill_prompts: Sequence[str] = ()
+
+
+def _finish(view: ModelView, edit: Edit, config: Job) -> JobResult:
+    view.stamp(edit)
+    model, clip, warnings = view.apply(edit, config.strength)
+    return JobResult(model, clip, edit, warnings)
+
+
+def _training():
+    """What a training job runs under inside ComfyUI's `torch.inference_mode()` executor."""
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def uce(model, clip, config: UCEJob, ctx: RunContext | None = None) -> JobResult:
+    """UCE from the unpatched weights, applied to a clone of MODEL."""
+    view = ModelView(model, clip, ctx=ctx or run_context())
+    edit = compute_uce(view.text, view.weights, view.family, config.settings, view.ctx)
+    return _finish(view, edit, config)
+
+
+def concept_prune(model, clip, config: ConceptPruneJob, ctx: RunContext | None = None) -> JobResult:
+    """ConceptPrune: calibration generations at the config's size, masks applied to a clone of MODEL."""
+    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    family = view.family  # a clear error for a model without cross-attention, before any prompt is built
+    pairs = build_pairs(list(config.concepts), config.preset, config.pairs_text)
+    edit = compute_concept_prune(view.denoiser, family, pairs, config.settings, view.ctx, fingerprint=view.fingerprint)
+    return _finish(view, edit, config)
+
+
+def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobResult:
+    """EMCID on the CLIP (stage 1 runs MODEL): both loaded, their weights made usable for autograd
+    for the duration, the edit applied to a clone of CLIP."""
+    import comfy.model_management as mm
+
+    from .text_hooks import ComfyTextModel
+
+    if clip is None:
+        raise InvalidInputError("connect the CLIP to edit")
+    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    cfg = config.settings
+    family = view.family  # the text encoders read from this CLIP
+    text = ComfyTextModel(clip, device=mm.get_torch_device())
+    denoiser = view.denoiser if cfg.use_stage1 else None
+    # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
+    mm.load_models_gpu([model, clip.patcher] if cfg.use_stage1 else [clip.patcher])
+    roots = text.transformers() + ([model.model.diffusion_model] if cfg.use_stage1 else [])
+    with _training() as stack:
+        for root in roots:
+            stack.enter_context(frozen_session(root))
+        edit = compute_emcid(text, family, list(config.pairs), cfg, view.ctx, denoiser=denoiser,
+                             cache_dir=config.cache_dir, fingerprint=view.fingerprint)
+    return _finish(view, edit, config)
+
+
+def unlearn(model, clip, config: UnlearnJob, ctx: RunContext | None = None) -> JobResult:
+    """RGD / GA / ESD: adapters trained on the frozen MODEL, the result applied to a clone."""
+    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    host = view.denoiser
+    with _training():
+        edit = compute_unlearn(host, host.text, config.concept, config.settings, retain_prompts=list(config.retain_prompts),
+                               family=view.family.name, ctx=view.ctx)
+    return _finish(view, edit, config)
+
+
+def distill_unlearn(model, clip, config: DistillJob, ctx: RunContext | None = None) -> JobResult:
+    """Bilevel distill-and-unlearn of the pruned student MODEL from `config.teacher` (one CLIP). A student
+    made from the teacher by patches (ConceptPrune, Apply Concept Edit, a pruning mask) trains on the
+    teacher's own network with that pruning held fixed; a student of its own (other layout or
+    weights) trains on its network against the teacher's predictions. Neither input is changed."""
+    student, teacher = model, config.teacher
+    if student is None or teacher is None:
+        raise InvalidInputError("connect the pruned student MODEL and the full teacher MODEL it is distilled from")
     ctx = ctx or run_context()
-    edit = compute_uce(ComfyText(clip, device=ctx.device), original_weights(model), model_family(model), config, ctx)
-    edit.fingerprint = model_fingerprint(model)
-    out_model, _, _ = apply_edit(model, None, edit)
-    return out_model, edit
+    t_view = ModelView(teacher, clip, ctx=ctx, latent=config.latent())
+    s_view = ModelView(student, clip, ctx=ctx, latent=config.latent() or t_view.denoiser.latent_size)
+    host = t_view.denoiser
+    student_edit, student_host = None, None
+    if student.model is teacher.model:
+        student_edit = edit_between(student, teacher)
+    else:
+        student_host = s_view.denoiser
+        s_ctx, t_ctx = s_view.family.context_dim, t_view.family.context_dim
+        if s_ctx != t_ctx:
+            raise InvalidInputError(f"the student reads text of width {s_ctx}, the teacher {t_ctx}: both must use the "
+                                    "connected CLIP")
+    with _training():
+        edit = compute_distill_unlearn(host, host.text, student_edit, config.concept, config.settings,
+                                       distill_prompts=list(config.distill_prompts), family=s_view.family.name,
+                                       ctx=ctx, student=student_host)
+    return _finish(s_view, edit, config)
+
+
+# Every method job: name -> (its config type, the job). Nodes, the command line and the benches run
+# a method through here or through the function itself; both take the same arguments.
+JOBS: dict[str, tuple[type, Callable[..., JobResult]]] = {
+    "uce": (UCEJob, uce),
+    "concept_prune": (ConceptPruneJob, concept_prune),
+    "emcid": (EmcidJob, emcid),
+    "unlearn": (UnlearnJob, unlearn),
+    "distill_unlearn": (DistillJob, distill_unlearn),
+}
+
+
+def run(method: str, model, clip, config: Job, ctx: RunContext | None = None) -> JobResult:
+    """Run the method job `method` (a key of `JOBS`) with its job config."""
+    if method not in JOBS:
+        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(JOBS)}")
+    kind, fn = JOBS[method]
+    if not isinstance(config, kind):
+        raise InvalidInputError(f"the {method} job takes a {kind.__name__}, not a {type(config).__name__}")
+    return fn(model, clip, config, ctx)
 
 
 def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
@@ -65,47 +226,15 @@ def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, cli
     return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
 
 
-class TrainHost(ComfyDenoiser):
-    """ComfyDenoiser with a cache tag for the latents the training objectives generate."""
-
-    @property
-    def cache_tag(self) -> str:
-        return str(model_fingerprint(self.model))
-
-
-def train_host(model, clip, ctx=None, latent: tuple[int, int] | None = None) -> TrainHost:
-    if model is None or clip is None:
-        raise InvalidInputError("connect both the MODEL and the CLIP it came with")
-    return TrainHost(model, clip, ctx=ctx or run_context(), latent_hw=latent)
-
-
-def unlearn_model(model, clip, concept: str, cfg: UnlearnConfig, retain_prompts=(), ctx=None,
-                  latent: tuple[int, int] | None = None):
-    """Train, then apply the result to a clone. Returns (model', edit)."""
-    host = train_host(model, clip, ctx, latent)
-    with torch.inference_mode(False), torch.enable_grad():
-        edit = compute_unlearn(host, host.text, concept, cfg, retain_prompts=list(retain_prompts),
-                               family=host.family.name, ctx=host.ctx)
-    edit.fingerprint = model_fingerprint(model)
-    out, _, _ = apply_edit(model, None, edit)
-    return out, edit
-
-
 def edit_between(edited, original) -> Edit:
     """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
-    one module): each is loaded with its own patches and the patched keys compared."""
-    import comfy.model_management as mm
-    import comfy.utils
+    one module): each one's unpatched weights plus its own patches, by ComfyUI's patch arithmetic
+    (`adapters.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode."""
     keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
     if not keys:
         raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
                                 "input instead (or the output of a ConceptEdit method node)")
-
-    def weights(m):
-        mm.load_models_gpu([m])
-        return {k: comfy.utils.get_attr(m.model, k).detach().float().cpu().clone() for k in keys}
-
-    we, wo = weights(edited), weights(original)
+    we, wo = patched_weights(edited, keys), patched_weights(original, keys)
     changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
                if not torch.equal(we[k], wo[k])}
     if not changes:
@@ -115,13 +244,15 @@ def edit_between(edited, original) -> Edit:
 
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
                  ctx=None, latent: tuple[int, int] | None = None):
-    host = train_host(original, clip, ctx, latent)
+    """The resurgence audit of `edited` against `original` (its edit read off the two when not given)."""
+    view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
+    host = view.denoiser
     if edit is None:
         edit = edit_between(edited, original)
     edited_text = None
     if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
-        edited_text = ComfyText(apply_edit(original, clip, edit)[1], device=host.ctx.device)
-    with torch.inference_mode(False), torch.enable_grad():
+        edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
+    with _training():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
                                      gen_cfg=cfg.gen_cfg, edited_text=edited_text)
         report = audit(host, edited_text or host.text, edit, presence, cfg,
@@ -139,9 +270,9 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
     if model_family(model).name != model_family(edited_model).name:
         raise InvalidInputError("the original and the edited MODEL are different model families; "
                                 "connect the model the edit was applied to as 'model'")
-    ctx = ctx or RunContext()
-    before = ComfyDenoiser(model, clip, ctx=ctx, latent_hw=latent)
-    after = ComfyDenoiser(edited_model, edited_clip or clip, ctx=ctx, latent_hw=latent)
+    ctx = ctx or run_context()
+    before = ModelView(model, clip, ctx=ctx, latent=latent).denoiser
+    after = ModelView(edited_model, edited_clip or clip, ctx=ctx, latent=latent).denoiser
     lat_before = before.sample(prompts, steps=steps, cfg=cfg, seed=seed)
     lat_after = after.sample(prompts, steps=steps, cfg=cfg, seed=seed)
     x0 = before.latent_in(lat_before)
@@ -150,34 +281,3 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
     result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx)
     grid = image_grid([vae.decode(lat_before), vae.decode(lat_after)])
     return result, grid
-
-
-def distill_unlearn_models(student, teacher, clip, concept: str, cfg, distill_prompts=(), ctx=None,
-                           latent: tuple[int, int] | None = None):
-    """Bilevel distill-and-unlearn of a pruned `student` from `teacher` (both ComfyUI MODELs, one
-    CLIP). A student made from the teacher by patches (ConceptPrune, Apply Concept Edit, a pruning
-    mask) trains on the teacher's own network with that pruning held fixed; a student of its own
-    (other layout or weights) trains on its network against the teacher's predictions. Returns
-    (student', edit); neither input is changed."""
-    from ..editing.distill import compute_distill_unlearn
-
-    if student is None or teacher is None:
-        raise InvalidInputError("connect the pruned student MODEL and the full teacher MODEL it is distilled from")
-    host = train_host(teacher, clip, ctx, latent)
-    student_edit, student_host = None, None
-    if student.model is teacher.model:
-        student_edit = edit_between(student, teacher)
-    else:
-        student_host = TrainHost(student, host.text, ctx=host.ctx, latent_hw=latent or host.latent_size)
-        s_ctx, t_ctx = student_host.family.context_dim, host.family.context_dim
-        if s_ctx != t_ctx:
-            raise InvalidInputError(f"the student reads text of width {s_ctx}, the teacher {t_ctx}: both must use the "
-                                    "connected CLIP")
-    with torch.inference_mode(False), torch.enable_grad():
-        edit = compute_distill_unlearn(host, host.text, student_edit, concept, cfg,
-                                       distill_prompts=list(distill_prompts),
-                                       family=(student_host or host).family.name, ctx=host.ctx,
-                                       student=student_host)
-    edit.fingerprint = model_fingerprint(student)
-    out, _, _ = apply_edit(student, None, edit)
-    return out, edit

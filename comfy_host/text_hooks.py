@@ -1,4 +1,4 @@
-"""ComfyUI CLIP -> `editing.emcid.TextModel`: run the CLIP text transformer(s) on token ids the way
+"""ComfyUI CLIP -> `editing.emcid.stage2.TextModel`: run the CLIP text transformer(s) on token ids the way
 ComfyUI builds the UNet's context, and expose their modules by name for hooks.
 
 Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel) → .clip_l /
@@ -9,13 +9,13 @@ Two ComfyUI details matter for gradients (EMCID stage 1):
 - `CLIPLayer.forward` adds in place (``x += ...``) to a tensor its LayerNorm saved for backward;
   while grad is on we hand each LayerNorm a copy of its input (a pre-hook), so backward works.
 - Weights loaded inside the executor's `torch.inference_mode()` are inference tensors and cannot
-  be saved for backward; `editing.lora_train.frozen_session` swaps them for plain copies for the
+  be saved for backward; `editing.training.frozen_session` swaps them for plain copies for the
   duration (and does the same pre-norm copying for the UNet).
 """
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -42,7 +42,7 @@ def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
 
 
 class ComfyTextModel:
-    """`editing.emcid.TextModel` over a ComfyUI CLIP (weights as patched on that CLIP)."""
+    """`editing.emcid.stage2.TextModel` over a ComfyUI CLIP (weights as patched on that CLIP)."""
 
     def __init__(self, clip, device: torch.device | None = None):
         if clip is None:
@@ -123,28 +123,3 @@ def _nothing() -> Iterator[None]:
 
 def _ln_input_copies(transformer: torch.nn.Module):
     return norm_inputs_copied(transformer, ("layer_norm1", "layer_norm2"))
-
-
-def compute_emcid_comfy(model, clip, pairs, cfg, ctx=None, cache_dir: str | None = None):
-    """`editing.emcid.compute_emcid` on ComfyUI objects: loads MODEL and CLIP, makes their weights
-    usable for autograd (stage 1), runs both stages and returns the Edit. Changes neither input."""
-    import comfy.model_management as mm
-
-    from ..editing.emcid import compute_emcid
-    from ..editing.lora_train import frozen_session
-    from ..editing.arch import fingerprint
-    from .adapters import ComfyDenoiser, model_family, original_weights
-
-    if model is None:
-        raise InvalidInputError("connect the MODEL (EMCID reads the model family from it, and stage 1 runs it)")
-    family = model_family(model, clip)  # the text encoders read from this CLIP
-    text = ComfyTextModel(clip, device=mm.get_torch_device())
-    denoiser = ComfyDenoiser(model, clip, ctx=ctx) if cfg.use_stage1 else None
-    # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
-    mm.load_models_gpu([model, clip.patcher] if cfg.use_stage1 else [clip.patcher])
-    roots = text.transformers() + ([model.model.diffusion_model] if cfg.use_stage1 else [])
-    with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
-        for root in roots:
-            stack.enter_context(frozen_session(root))
-        return compute_emcid(text, family, pairs, cfg, ctx, denoiser=denoiser, cache_dir=cache_dir,
-                             fingerprint=fingerprint(family, original_weights(model)))

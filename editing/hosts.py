@@ -64,6 +64,14 @@ class Trainable(Protocol):
         when the model takes none. Optional: hosts without it are treated as needing none."""
 
 
+def base_weights(host) -> Mapping[str, torch.Tensor] | None:
+    """The host's unpatched weights by ComfyUI key (``Trainable.base_weights()``, optional), the W that
+    mask edits are resolved against; None when the host does not say (its modules' weights are then
+    taken as they are)."""
+    get = getattr(host, "base_weights", None)
+    return get() if get is not None else None
+
+
 def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the UNet is conditioned on for `prompts`: (context [B, 77, d], y [B, adm] or None).
 

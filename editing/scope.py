@@ -10,7 +10,7 @@ every SpatialTransformer UNet passes whatever its layout.
 - ``emcid``: the text encoders' ``mlp.fc2`` weights; lowrank or delta.
 - ``unlearn-rgd``, ``unlearn-ga``, ``unlearn-esd``, ``distill``, ``distill-unlearn``,
   ``benign-finetune``: the parameter set recorded in ``params["param_set"]``, as
-  `editing.lora_train.select_targets` picks it: ``lora`` = the Linear weights inside
+  `editing.training.select_targets` picks it: ``lora`` = the Linear weights inside
   ``transformer_blocks``; ``lora-xattn``, ``xattn`` = the Linear ``attn2.*`` weights; ``noxattn`` =
   the Linear/Conv weights outside ``attn2``, ``time_embed``, ``label_emb`` and ``out``; lowrank or
   delta (LoRA slots fold back as lowrank, full slots as delta).
@@ -57,7 +57,7 @@ TE_FC2 = Rule("the text encoders' mlp.fc2 weights",
               r"(?!diffusion_model\.)" + _PATH + r"text_model\.encoder\.layers\.\d+\.mlp\.fc2\.weight", _WEIGHTS)
 UNET_ANY = Rule("any UNet weight", _UNET + r".+", frozenset({"delta"}), ndims=None)
 
-# What `editing.lora_train.select_targets` trains for each parameter set, as key patterns. Linear
+# What `editing.training.select_targets` trains for each parameter set, as key patterns. Linear
 # weights are 2-D, Conv2d weights 4-D; norm layers (1-D) are never trained.
 PARAM_SET_RULES: dict[str, Rule] = {
     "lora": Rule("the Linear weights inside the UNet's transformer_blocks (parameter set 'lora')",

@@ -2,10 +2,10 @@
 from the full teacher while the concept is erased from it."""
 from __future__ import annotations
 
-from ..comfy_host.jobs import distill_unlearn_models, latent_size
-from ..editing.distill import DistillConfig
-from ..editing.lora_train import PARAM_SETS
-from ..editing.plots import history_plot
+from ..comfy_host.jobs import DistillJob, distill_unlearn
+from ..editing.distill.bilevel import DistillConfig
+from ..editing.training import PARAM_SETS
+from ..editing.report.plots import history_plot
 from .common import CATEGORY, EDIT, size_inputs
 
 
@@ -60,8 +60,9 @@ class DistillUnlearn:
         cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=lr, param_set=params,
                             rank=rank, seed=seed, batch=batch, n_prompts=n_prompts, gen_steps=gen_steps,
                             erase=bool(concept.strip()))
-        out, edit = distill_unlearn_models(student, teacher, clip, concept, cfg, _lines(distill_prompts),
-                                           latent=latent_size(width, height))
+        job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=_lines(distill_prompts),
+                         width=width, height=height)
+        out, _clip, edit, _warnings = distill_unlearn(student, clip, job)
         hist = edit.metrics["history"]
         plot = history_plot({"distill": hist["distill"], "erase": [loss for _, loss in hist["erase"]]},
                             f"distill-unlearn: {concept or '(distillation only)'}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-from ..comfy_host.adapters import apply_edit, run_context
-from ..comfy_host.text_hooks import compute_emcid_comfy
-from ..editing.emcid import DEFAULT_TEMPLATES, EmcidConfig, parse_pairs
+from ..comfy_host.jobs import EmcidJob, emcid
+from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, EmcidConfig, parse_pairs
 from .common import CATEGORY, EDIT
 
 
@@ -60,8 +59,8 @@ class TextEncoderEdit:
                 templates: str | None = None, seed: int = 0):
         tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
         cfg = EmcidConfig(lam=lam, steps=steps, use_stage1=use_stage1, templates=tpl, seed=seed)
-        edit = compute_emcid_comfy(model, clip, parse_pairs(concepts), cfg, run_context(), emcid_cache_dir())
-        _, out_clip, _ = apply_edit(model, clip, edit)
+        _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
+                                                                        cache_dir=emcid_cache_dir()))
         return (out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))
 
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 
-from ..comfy_host.adapters import apply_edit, run_context
-from ..comfy_host.jobs import concept_prune, latent_size
-from ..editing.concept_prune import PruneConfig, with_preset_defaults
+from ..comfy_host.jobs import ConceptPruneJob, concept_prune
+from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
 from ..editing.prompts import PRESET_NAMES, defaults
 from .common import CATEGORY, EDIT, concepts_from_text, size_inputs, strength_input
 
@@ -66,9 +65,9 @@ class ConceptPrune:
         # 0 = the preset's default; the values used are in the edit's params
         config = with_preset_defaults(PruneConfig(skill_ratio=skill_ratio, tau=tau, steps=steps, cfg=cfg, seed=seed,
                                                   batch_size=batch_size), preset)
-        edit = concept_prune(model, clip, concepts_from_text(concepts), preset, pairs, config, run_context(),
-                             latent=latent_size(width, height))
-        patched, _clip, _warnings = apply_edit(model, None, edit, strength)
+        job = ConceptPruneJob(concepts=concepts_from_text(concepts), preset=preset, pairs_text=pairs, settings=config,
+                              strength=strength, width=width, height=height)
+        patched, _clip, edit, _warnings = concept_prune(model, clip, job)
         info = {k: v for k, v in edit.summary().items() if k not in ("keys", "params")}
         return (patched, edit, json.dumps(info, indent=1, default=str))
 

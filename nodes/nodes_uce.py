@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from ..comfy_host.jobs import cross_attention_edit, export_lora
-from ..editing.lora import LoraExportConfig
-from ..editing.uce import EMPTY_GUIDES, EXPANSIONS, MODES, UCEConfig
+from ..comfy_host.jobs import UCEJob, export_lora, uce
+from ..editing.export.lora import LoraExportConfig
+from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, UCEConfig
 from .common import CATEGORY, EDIT, concepts_from_text, unique_path
 
 
@@ -67,7 +67,8 @@ class CrossAttentionEdit:
                         default_preserve=default_preserve, lam=lam, erase_scale=erase_scale,
                         preserve_scale=preserve_scale, token_window=token_window, expand=expand,
                         empty_guide=empty_guide)
-        return cross_attention_edit(model, clip, cfg)
+        out = uce(model, clip, UCEJob(settings=cfg))
+        return (out.model, out.edit)
 
 
 class ExportLoRA:

@@ -2,18 +2,18 @@
 
 Training inside ComfyUI: the executor runs under ``torch.inference_mode()``; these nodes re-enable
 gradients for the library call only. The library trains hooks on the model as it runs and never
-writes its weights (see editing/lora_train.py), so the input MODEL is unchanged also on Cancel.
+writes its weights (see editing/training.py), so the input MODEL is unchanged also on Cancel.
 """
 from __future__ import annotations
 
 import logging
 
-from ..comfy_host.jobs import audit_models, latent_size, unlearn_model
+from ..comfy_host.jobs import UnlearnJob, audit_models, latent_size, unlearn
 from ..editing.errors import InvalidInputError
-from ..editing.lora_train import PARAM_SETS
-from ..editing.plots import audit_plot, history_plot
-from ..editing.resurgence import DEFAULT_BENIGN, AuditConfig
-from ..editing.unlearn import METHODS, UnlearnConfig
+from ..editing.training import PARAM_SETS
+from ..editing.report.plots import audit_plot, history_plot
+from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
+from ..editing.unlearn.trainer import METHODS, UnlearnConfig
 from .common import CATEGORY, EDIT, size_inputs
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class TrainUnlearn:
         cfg = UnlearnConfig(method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed, alpha=alpha,
                             truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
                             n_prompts=n_prompts, gen_steps=gen_steps)
-        out, edit = unlearn_model(model, clip, concept, cfg, lines(retain_prompts), latent=latent_size(width, height))
+        out, _clip, edit, _warnings = unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, width=width, height=height,
+                                                                 retain_prompts=lines(retain_prompts)))
         return (out, edit, history_plot(edit.metrics["history"], f"{method} / {params}: {concept}"))
 
 

@@ -8,7 +8,7 @@ from ..comfy_host.adapters import run_context
 from ..comfy_host.jobs import latent_size, presence_before_after
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
-from ..editing.view import _row_label, edit_text, edit_view  # noqa: F401 (_row_label: tests)
+from ..editing.report.view import _row_label, edit_text, edit_view  # noqa: F401 (_row_label: tests)
 from .common import CATEGORY, EDIT, size_inputs
 
 UI_KEY = "conceptedit_edit"   # the key of the "executed" message that web/conceptedit.js reads

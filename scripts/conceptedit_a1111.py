@@ -50,7 +50,7 @@ def _library():
         sys.modules[PACKAGE] = pkg
     arch = importlib.import_module(f"{PACKAGE}.editing.arch")
     edit = importlib.import_module(f"{PACKAGE}.editing.edit")
-    apply = importlib.import_module(f"{PACKAGE}.editing.diffusers_apply")
+    apply = importlib.import_module(f"{PACKAGE}.editing.export.diffusers")
     return arch, edit, apply
 
 

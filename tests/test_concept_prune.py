@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conceptedit.editing import arch
-from conceptedit.editing.concept_prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
+from conceptedit.editing.concept_prune.prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
                                                ffn_layers, floor_edit, skilled_mask, wanda_scores,
                                                with_preset_defaults)
 from conceptedit.editing.edit import Change, Edit
@@ -208,9 +208,10 @@ def test_a_model_without_cross_attention_is_a_clear_error(comfy):
 
     m = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(Config(dict(Config.unet_config)), device="cpu"),
                                          load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    from conceptedit.comfy_host.jobs import concept_prune
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, concept_prune
     with pytest.raises(UnknownArchitectureError, match="no transformer block with a cross-attention attn2"):
-        concept_prune(m, None, ["x"], "custom", PAIRS, PruneConfig(steps=2, tau=1))
+        concept_prune(m, None, ConceptPruneJob(concepts=["x"], preset="custom", pairs_text=PAIRS,
+                                               settings=PruneConfig(steps=2, tau=1)))
 
 
 # ---- on a real ComfyUI model ---------------------------------------------------------------------
@@ -436,7 +437,7 @@ def tiny_triangle_prune(comfy):
 
 
 def _presence(sample, concept, n_prompts=4, samples=2):
-    from conceptedit.editing.evaluate import evaluate
+    from conceptedit.editing.audit.evaluate import evaluate
     from conceptedit.tiny import world
     with torch.inference_mode():
         return evaluate(sample, world.prompts_for(concept, n_prompts), samples).presence.get(concept, 0.0)

@@ -1,11 +1,11 @@
-"""editing/diffusers_apply.py against real diffusers modules: every table key of SD1.5, SD2 and SDXL
+"""editing/export/diffusers.py against real diffusers modules: every table key of SD1.5, SD2 and SDXL
 names an existing parameter of the right shape in diffusers' UNet2DConditionModel / transformers'
 CLIP text models (built on the meta device), and apply/undo on a small real UNet is exact."""
 import pytest
 import torch
 
 from conceptedit.editing import arch
-from conceptedit.editing.diffusers_apply import apply_to_diffusers, map_keys
+from conceptedit.editing.export.diffusers import apply_to_diffusers, map_keys
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import FingerprintMismatchError, InvalidInputError
 

@@ -8,11 +8,11 @@ import torch
 from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
-from conceptedit.editing.captions import generic_captions
-from conceptedit.editing.emcid import (EmcidConfig, compute_emcid, concept_prompts, parse_pairs, read_keys,
+from conceptedit.editing.emcid.captions import generic_captions
+from conceptedit.editing.emcid.stage2 import (EmcidConfig, compute_emcid, concept_prompts, parse_pairs, read_keys,
                                        second_moments, solve_update, stage2, to_change)
-from conceptedit.editing.emcid_stage1 import optimise_delta
-from conceptedit.editing.lora_train import frozen_session
+from conceptedit.editing.emcid.stage1 import optimise_delta
+from conceptedit.editing.training import frozen_session
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
 from helpers import random_model, sdxl_style_model
 

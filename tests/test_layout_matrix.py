@@ -10,7 +10,7 @@ import torch
 
 from conceptedit.comfy_host.adapters import model_family, model_fingerprint
 from conceptedit.comfy_host.jobs import audit_models
-from conceptedit.editing.resurgence import AuditConfig
+from conceptedit.editing.audit.resurgence import AuditConfig
 from layouts import SPECS, build
 
 

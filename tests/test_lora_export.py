@@ -10,8 +10,8 @@ from conceptedit.comfy_host.adapters import ComfyText, original_weights, clip_st
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
-from conceptedit.editing.lora import LoraExportConfig, edit_to_lora, save_lora
-from conceptedit.editing.uce import UCEConfig, compute_uce
+from conceptedit.editing.export.lora import LoraExportConfig, edit_to_lora, save_lora
+from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
 from helpers import random_model
 from test_uce import random_clip
 
@@ -133,7 +133,7 @@ def test_svd_rank_and_error_are_reported_truthfully():
 
 def test_real_families_use_diffusers_names_comfyui_maps(comfy):
     import comfy.utils
-    from conceptedit.editing.lora import kohya_name
+    from conceptedit.editing.export.lora import kohya_name
     for fam_name in ("sd1", "sdxl"):
         fam = arch.get_family(fam_name)
         ldm_of = comfy.utils.unet_to_diffusers(dict(fam.unet_config))

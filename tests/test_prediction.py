@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from conceptedit.comfy_host.adapters import ComfyDenoiser
-from conceptedit.comfy_host.jobs import audit_models, train_host, unlearn_model
-from conceptedit.editing.distill import DistillConfig, compute_distill_unlearn
+from conceptedit.comfy_host.jobs import UnlearnJob, audit_models, unlearn
+from conceptedit.comfy_host.view import ModelView
+from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from conceptedit.editing.errors import ConceptEditError, InvalidInputError
 from conceptedit.editing.hosts import conditioning
-from conceptedit.editing.lora_train import frozen_session
-from conceptedit.editing.presence import PresenceConfig, presence_scores
-from conceptedit.editing.resurgence import AuditConfig
-from conceptedit.editing.unlearn import UnlearnConfig
+from conceptedit.editing.training import frozen_session
+from conceptedit.editing.audit.presence import PresenceConfig, presence_scores
+from conceptedit.editing.audit.resurgence import AuditConfig
+from conceptedit.editing.unlearn.trainer import UnlearnConfig
 from helpers import random_clip, random_model, sdxl_style_model
 
 
@@ -169,7 +170,8 @@ def test_unlearn_and_audit_jobs_run_on_sdxl_and_v_models(comfy, clip, kind):
         for method in ("rgd", "esd"):
             cfg = UnlearnConfig(method=method, param_set="lora-xattn", steps=2, batch=1, n_prompts=1, gen_steps=1,
                                 rank=2, lr=1e-2)
-            out, edit = unlearn_model(model, clip, "circle", cfg, retain_prompts=["a blue square"])
+            out, _clip, edit, _ = unlearn(model, clip, UnlearnJob(concept="circle", settings=cfg,
+                                                                  retain_prompts=["a blue square"]))
             assert out is not model and out.patches and not model.patches
             assert all(math.isfinite(v) for v in edit.metrics["history"]["forget"])
             assert _finite_edit(edit) > 0
@@ -188,10 +190,10 @@ def test_unlearn_and_audit_jobs_run_on_sdxl_and_v_models(comfy, clip, kind):
 
 def test_distill_and_presence_on_an_sdxl_model(comfy, clip):
     model = sdxl_style_model(64, seed=1)
-    host = train_host(model, clip)
+    host = ModelView(model, clip).denoiser
     with torch.enable_grad():
         quick = UnlearnConfig(method="esd", param_set="xattn", steps=1, batch=1, n_prompts=1, gen_steps=1)
-        _, student = unlearn_model(model, clip, "circle", quick)
+        student = unlearn(model, clip, UnlearnJob(concept="circle", settings=quick)).edit
         cfg = DistillConfig(steps=2, erase_every=2, batch=1, n_prompts=1, gen_steps=1, rank=2)
         edit = compute_distill_unlearn(host, host.text, student, "circle", cfg, family=host.family.name, ctx=host.ctx)
     assert len(edit.metrics["history"]["distill"]) == 1 and len(edit.metrics["history"]["erase"]) == 1

@@ -1,4 +1,4 @@
-"""Concept presence from the model itself (editing/presence.py) and the before/after node."""
+"""Concept presence from the model itself (editing/audit/presence.py) and the before/after node."""
 import functools
 import math
 import os
@@ -9,7 +9,7 @@ import torch
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
-from conceptedit.editing.presence import (PresenceConfig, compare_presence, image_grid, presence_scores,
+from conceptedit.editing.audit.presence import (PresenceConfig, compare_presence, image_grid, presence_scores,
                                           rank_correlation, spread_timesteps)
 from helpers import random_model
 
@@ -182,10 +182,10 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     score's `kept` and the classifier's presence rate after the edit. Prints the table."""
     if not os.path.exists(os.path.join(ROOT, "tiny", "weights", "tiny_sd.safetensors")):
         pytest.skip("tiny/weights/tiny_sd.safetensors is not trained yet")
-    from conceptedit.editing.evaluate import default_classifier, evaluate
+    from conceptedit.editing.audit.evaluate import default_classifier, evaluate
     from conceptedit.editing.hosts import RunContext
-    from conceptedit.editing.uce import UCEConfig
-    from conceptedit.comfy_host.jobs import cross_attention_edit
+    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.comfy_host.jobs import UCEJob, uce
     from conceptedit.nodes.nodes_view import presence_before_after
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     from conceptedit.tiny.world import prompts_for
@@ -198,8 +198,8 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     rows = []
     with torch.inference_mode():
         for erased in ["red", "blue", "monet"]:
-            edited, _edit = cross_attention_edit(model, clip, UCEConfig(concepts=[erased], token_window="last"),
-                                                 ctx=RunContext())
+            edited = uce(model, clip, UCEJob(settings=UCEConfig(concepts=[erased], token_window="last")),
+                         ctx=RunContext()).model
             sample = comfy_sampler(edited, clip, steps=15, cfg=5.0)
             for c in concepts:
                 prompts = [p for p, _ in prompt_sets[c]]

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 
 from conceptedit.editing import prompts, safety
-from conceptedit.editing.captions import generic_captions
-from conceptedit.editing.emcid import DEFAULT_TEMPLATES, validate_pairs
+from conceptedit.editing.emcid.captions import generic_captions
+from conceptedit.editing.emcid.stage2 import DEFAULT_TEMPLATES, validate_pairs
 from conceptedit.editing.errors import InvalidInputError
-from conceptedit.editing.resurgence import DEFAULT_BENIGN
-from conceptedit.editing.uce import DEFAULT_PRESERVE
-from conceptedit.editing.unlearn import GENERIC_TEMPLATES, paired_prompts
+from conceptedit.editing.audit.resurgence import DEFAULT_BENIGN
+from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE
+from conceptedit.editing.unlearn.trainer import GENERIC_TEMPLATES, paired_prompts
 from conceptedit.tiny import world
 
 SEXUAL_CONCEPTS = ("nudity", "naked", "nude", "nsfw", "sexual", "topless", "erotic", "porn", "lingerie",

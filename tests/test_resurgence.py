@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from conceptedit.editing import plots
-from conceptedit.editing.distill import DistillConfig, compute_distill_unlearn
+from conceptedit.editing.report import plots
+from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
-from conceptedit.editing.resurgence import AuditConfig, audit, guidance_presence, resurgence_ratio
-from conceptedit.editing.unlearn import UnlearnConfig, compute_unlearn
+from conceptedit.editing.audit.resurgence import AuditConfig, audit, guidance_presence, resurgence_ratio
+from conceptedit.editing.unlearn.trainer import UnlearnConfig, compute_unlearn
 from helpers import random_model
 from test_unlearn import Host, Text, _assert_unchanged, _snapshot
 

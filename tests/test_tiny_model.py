@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conceptedit.editing.evaluate import score, write_grid
+from conceptedit.editing.audit.evaluate import score, write_grid
 from conceptedit.tiny import world
 from conceptedit.tiny.classifier import DEFAULT_PATH as CLASSIFIER_PATH
 from conceptedit.tiny.model import DEFAULT_WEIGHTS

@@ -10,7 +10,7 @@ from helpers import random_clip
 
 from conceptedit.editing import arch
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
-from conceptedit.editing.uce import (UCEConfig, build_text_system, compute_uce, layer_change, preserve_prompts,
+from conceptedit.editing.uce.closed_form import (UCEConfig, build_text_system, compute_uce, layer_change, preserve_prompts,
                                      solve_operator)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +250,7 @@ def test_factored_guide_grams_equal_the_dense_ones(monkeypatch):
     w = torch.cat([torch.full((n,), 0.7), torch.full((n,), 0.3)]).double()
     S = torch.sparse_coo_tensor(torch.stack([rows, cols]), w, (n, u)).coalesce()
     G = torch.sparse.mm(S, V.double()).float()
-    from conceptedit.editing import uce
+    from conceptedit.editing.uce import closed_form as uce
     calls = []
     real = uce._factored_guide_grams
     monkeypatch.setattr(uce, "_factored_guide_grams", lambda *a: (calls.append(1), real(*a))[1])
@@ -287,7 +287,7 @@ def test_unconditional_prompt_is_preserved_at_every_edited_position(comfy):
 
 
 def test_expansion_and_empty_guide_follow_the_official_script():
-    from conceptedit.editing import uce
+    from conceptedit.editing.uce import closed_form as uce
 
     cfg = UCEConfig(concepts=["van gogh"], expand="artist")
     srcs, targets = uce._plan(cfg)

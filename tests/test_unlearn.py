@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from conceptedit.editing import unlearn as U
+from conceptedit.editing import diffusion as D
+from conceptedit.editing.unlearn import trainer as U
 from conceptedit.editing.errors import Cancelled, InvalidInputError
 from conceptedit.editing.hosts import RunContext
-from conceptedit.editing.lora_train import Adapters, edit_as_fixed, frozen_session, select_targets
+from conceptedit.editing.training import Adapters, edit_as_fixed, frozen_session, select_targets
 from helpers import random_model
 
 
@@ -274,7 +275,7 @@ def test_gradient_ascent_step_raises_the_forget_loss_of_its_batch(comfy):
     def loss(edit):
         ad = Adapters(mods, [], fixed=edit_as_fixed([(edit, 1.0)], mods) if edit is not None else {})
         with torch.no_grad(), ad.attached():
-            return float(U.diffusion_mse(host, x, c, t, noise, ac))
+            return float(D.diffusion_mse(host, x, c, t, noise, ac))
 
     before = loss(None)
     edit = U.compute_unlearn(host, text, "circle", cfg, family="tiny", data=data)
@@ -299,7 +300,7 @@ def test_rgd_forget_batch_above_m_adds_no_gradient(comfy):
 def test_gradient_ascent_optimises_minus_forget_plus_a_tenth_of_retain(comfy, monkeypatch):
     """GA (Ko et al.'s gradient_ascent.py): the step's gradient is ∇(−L_f + 0.1·L_r) on the trainer's
     forget and retain batches, without truncation or projection."""
-    from conceptedit.editing.lora_train import frozen_session
+    from conceptedit.editing.training import frozen_session
     m = random_model()
     host, text = Host(m), Text()
     cfg = _small_cfg(method="ga", steps=1, lr=1e-4, truncation=0.01)  # m would truncate: GA ignores it
@@ -330,8 +331,8 @@ def test_gradient_ascent_optimises_minus_forget_plus_a_tenth_of_retain(comfy, mo
     ad = Adapters(mods, select_targets(mods, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed)
     ac = host.alphas_cumprod()
     with frozen_session(unet), ad.attached(), torch.enable_grad():
-        lf = U.diffusion_mse(host, *forget[:3], forget[3], ac)
-        lr_ = U.diffusion_mse(host, *retain[:3], retain[3], ac)
+        lf = D.diffusion_mse(host, *forget[:3], forget[3], ac)
+        lr_ = D.diffusion_mse(host, *retain[:3], retain[3], ac)
         assert float(lf) > cfg.truncation
         g_f = torch.autograd.grad(-lf, ad.parameters(), retain_graph=True)
         g_r = torch.autograd.grad(lr_, ad.parameters())
@@ -359,7 +360,7 @@ def _objective(host, data, cfg, edit, patcher):
             with ad.original():
                 target = U.esd_target(host, ad, xt, t, data.c_forget, data.c_uncond.expand_as(data.c_forget), cfg.eta)
             return float(torch.nn.functional.mse_loss(host.eps(xt, t, data.c_forget), target))
-        return float(U.diffusion_mse(host, data.x_forget, data.c_forget, t, noise, ac))
+        return float(D.diffusion_mse(host, data.x_forget, data.c_forget, t, noise, ac))
 
 
 def test_cancel_mid_training_leaves_nothing_patched(comfy):
@@ -383,9 +384,9 @@ def test_cancel_mid_training_leaves_nothing_patched(comfy):
 def test_generated_latents_cache_roundtrip(comfy, tmp_path):
     m = random_model()
     host, text = Host(m), Text()
-    a = U.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
+    a = D.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
     assert list(tmp_path.glob("*.safetensors"))
-    b = U.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
+    b = D.generate_latents(host, text, ["a red circle"], steps=2, cfg=2.0, seed=0, cache_dir=str(tmp_path))
     assert torch.equal(a, b)
 
 

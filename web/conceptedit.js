@@ -4,7 +4,7 @@
 //    per-layer change (pruned fraction for ConceptPrune masks, ‖ΔW‖ for closed-form/trained edits;
 //    rows = transformer blocks in execution order, then text-encoder layers), the concepts, the base
 //    model's fingerprint and the metrics measured when the edit was made. The data comes from the
-//    node's {"ui": {"conceptedit_edit": [view]}} message (see editing/view.py: edit_view).
+//    node's {"ui": {"conceptedit_edit": [view]}} message (see editing/report/view.py: edit_view).
 // 2. Every ConceptEdit node with a multi-line "concepts" input gets a "concept preset" dropdown that
 //    fills the list (it is not sent with the prompt).
 //

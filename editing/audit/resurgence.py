@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .edit import Edit
-from .errors import InvalidInputError
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
-from .lora_train import Adapters, edit_as_fixed, frozen_session, select_targets
-from .unlearn import diffusion_mse, generate_latents
+from ..diffusion import add_noise, diffusion_mse, generate_latents
+from ..edit import Edit
+from ..errors import InvalidInputError
+from ..hosts import RunContext, TextEncoder, Trainable, base_weights, cat_y, conditioning, rows_y
+from ..training import Adapters, TrainLog, edit_as_fixed, frozen_session, select_targets, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -125,28 +125,32 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     report = AuditReport(edit.method, p_orig, p_edit, params=asdict(cfg))
     dev = benign_latents.device
     g = torch.Generator().manual_seed(cfg.seed + 5)
-    done, total = 0, cfg.checkpoints[-1]
+    total = cfg.checkpoints[-1]
     unet = host.unet()
     modules = dict(unet.named_modules())
-    fixed = edit_as_fixed([(unet_edit, 1.0)], modules) if unet_edit.changes else {}
+    fixed = edit_as_fixed([(unet_edit, 1.0)], modules, base_weights(host)) if unet_edit.changes else {}
     adapters = Adapters(modules, select_targets(modules, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr)
+    ac = host.alphas_cumprod().float().to(dev)
+
+    def step(_i):
+        idx = torch.randint(0, benign_latents.shape[0], (cfg.batch,), generator=g)
+        t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(dev)
+        noise = torch.randn((cfg.batch,) + tuple(benign_latents.shape[1:]), generator=g).to(dev)
+        loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
+                             y=None if y_benign is None else y_benign[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": round(float(loss.detach()), 6)}
+
+    run = TrainLog()
     for k in cfg.checkpoints:
         unet = host.unet()  # the presence callable may have loaded other models in between
-        ac = host.alphas_cumprod().float().to(dev)
         with frozen_session(unet), adapters.attached(), torch.enable_grad():
-            while done < k:
-                idx = torch.randint(0, benign_latents.shape[0], (cfg.batch,), generator=g)
-                t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(dev)
-                noise = torch.randn((cfg.batch,) + tuple(benign_latents.shape[1:]), generator=g).to(dev)
-                loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
-                                     y=None if y_benign is None else y_benign[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                report.loss.append(round(float(loss.detach()), 6))
-                done += 1
-                ctx.report(done, total)
+            train_loop(k - run.steps, step, ctx, what="the audit's benign fine-tuning", hint="lower lr", log=run,
+                       total=total)
+        report.loss = list(run.history.get("loss", []))
         ft = adapters.to_edit("benign-finetune", edit.family, params={"param_set": cfg.param_set, "rank": cfg.rank})
         p_k = float(presence([(edit, 1.0), (ft, 1.0)]))
         report.steps.append(k)
@@ -200,14 +204,13 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
             raise InvalidInputError("this edit changes the text encoder: pass guidance_presence(..., edited_text=<the "
                                   "text encoder with the edit applied>)")
         cu, y = conds[text_edited]
-        fixed = edit_as_fixed(edits, modules) if edits else {}
+        fixed = edit_as_fixed(edits, modules, base_weights(host)) if edits else {}
         ad = Adapters(modules, [], fixed=fixed)
         ac = host.alphas_cumprod().float()
         out = []
         with torch.no_grad(), ad.attached():
             for t, noise in zip(ts, noises):
-                a = ac[t].view(-1, 1, 1, 1).to(latents.device)
-                xt = a.sqrt() * latents + (1 - a).sqrt() * noise.to(latents.device)
+                xt = add_noise(latents, noise.to(latents.device), t, ac)
                 tt = t.to(latents.device)
                 e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), cu, y=y)
                 ec, eu = e.chunk(2)

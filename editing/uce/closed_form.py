@@ -44,10 +44,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .arch import Family
-from .edit import Change, Edit
-from .errors import InvalidInputError, NonFiniteError
-from .hosts import RunContext, TextEncoder
+from ..arch import Family
+from ..edit import Change, Edit
+from ..errors import InvalidInputError, NonFiniteError
+from ..hosts import RunContext, TextEncoder
 
 log = logging.getLogger(__name__)
 

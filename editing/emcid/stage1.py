@@ -25,10 +25,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .emcid import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys
-from .errors import InvalidInputError, NonFiniteError
-from .hooks import trace_outputs
-from .hosts import RunContext
+from ..diffusion import add_noise
+from ..errors import InvalidInputError
+from ..hooks import trace_outputs
+from ..hosts import RunContext
+from ..training import train_loop
+from .stage2 import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,7 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         return fn
 
     def eps_loss(t, noise):
-        a = abar[t].view(B, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = add_noise(x0, noise, t, abar)
         with torch.no_grad():
             target = denoiser.eps(x_t, t, ctx_dst, y=y_dst).detach()
         with ExitStack() as stack:
@@ -115,9 +116,8 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
 
     before = probe_loss()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    history: list[float] = []
-    for step in range(cfg.steps):
-        ctx.check()
+
+    def step(i):
         t = torch.randint(0, abar.shape[0], (B,), generator=g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         loss, pooled_src = eps_loss(t, noise)
@@ -125,8 +125,8 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
             loss = loss + cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src.float().to(dev), pooled_dst.float().to(dev))
         for enc, d in deltas.items():
             loss = loss + (cfg.weight_decay * d.norm() / (h[enc].norm() ** 2)).to(dev)
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"EMCID stage 1 loss became NaN/Inf for {src!r} at step {step}; lower lr")
+        if not bool(torch.isfinite(loss)):  # before the step: a NaN δ would poison the projection below
+            return {"loss": float(loss.detach())}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,9 +135,11 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
                 n = float(d.norm())
                 if n > limits[enc]:
                     d.mul_(limits[enc] / n)
-        history.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1)
+        return {"loss": float(loss.detach())}
+
+    run = train_loop(cfg.steps, step, ctx, what=f"EMCID stage 1 for {src!r}", hint="lower lr",
+                     on_step=on_step or (lambda _done: None))
+    history = run.history.get("loss", [])
     stats = {"history": history, "probe_before": before, "probe_after": probe_loss()}
     return {e: d.detach().clone() for e, d in deltas.items()}, h, stats
 
@@ -149,7 +151,7 @@ def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]]
     ctx = ctx or RunContext()
     if denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL")
-    from .emcid import text_fingerprint
+    from .stage2 import text_fingerprint
     text_fp = "|".join(text_fingerprint(text, e) for e in last) if cache_dir else ""
     total = cfg.steps * len(pairs)
     zs: dict[str, list[torch.Tensor]] = {e: [] for e in last}

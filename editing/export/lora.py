@@ -27,10 +27,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from .arch import UNET_PREFIX, Family
-from .edit import Change, Edit
-from .errors import InvalidInputError
-from .hosts import RunContext
+from ..arch import UNET_PREFIX, Family
+from ..edit import Change, Edit
+from ..errors import InvalidInputError
+from ..hosts import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import worlds
+from .. import worlds
 
 log = logging.getLogger(__name__)
 

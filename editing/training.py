@@ -1,5 +1,5 @@
-"""Trainable adapters on a frozen UNet, by forward hooks keyed by module name, and their fold-back
-into an `Edit`.
+"""Training on a frozen network: trainable adapters by forward hooks keyed by module name, their
+fold-back into an `Edit`, and the one training-loop skeleton every trainer runs (`train_loop`).
 
 Every training method here (unlearning, distillation, the resurgence audit) sees the model the same
 way: the host's UNet module, never written to, plus forward hooks that add
@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .arch import UNET_PREFIX
 from .edit import Change, Edit
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NonFiniteError
+from .hosts import RunContext
 from .hooks import copy_norm_inputs
 
 log = logging.getLogger(__name__)
@@ -235,9 +237,14 @@ def module_name(key: str) -> str:
     return key[len(UNET_PREFIX):-len(".weight")]
 
 
-def edit_as_fixed(edits: Iterable[tuple[Edit, float]], modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def edit_as_fixed(edits: Iterable[tuple[Edit, float]], modules: Mapping[str, torch.nn.Module],
+                  base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Dense ΔW per module name of several edits (with strengths), to attach as fixed hooks.
-    Masks are resolved against the module's current weight. Text-encoder changes are refused."""
+
+    A mask's ΔW = −W⊙M needs W: `base` (ComfyUI key -> the unpatched weight, as `hosts.base_weights`
+    gives it) is the W the edit is applied to everywhere else. Without it the module's current weight
+    is used, which is only right when nothing else patches the model: a host that loads some modules
+    patched and others not (ComfyUI's low-VRAM mode) would mix the two. Text-encoder changes are refused."""
     out: dict[str, torch.Tensor] = {}
     for edit, strength in edits:
         for key, change in edit.changes.items():
@@ -247,7 +254,10 @@ def edit_as_fixed(edits: Iterable[tuple[Edit, float]], modules: Mapping[str, tor
                 raise InvalidInputError(f"the {edit.method} edit changes {key}, which this UNet has no Linear/Conv2d for")
             w = _weight(mod)
             with torch.inference_mode(False):
-                d = change.delta(w.detach().float() if change.kind == "mask" else None, dtype=torch.float32, device=w.device)
+                ref = None
+                if change.kind == "mask":
+                    ref = (base[key] if base is not None and key in base else w).detach().float().to(w.device)
+                d = change.delta(ref, dtype=torch.float32, device=w.device)
                 d = d.reshape(w.shape) * strength
                 out[name] = out[name] + d if name in out else d
     return out
@@ -288,3 +298,55 @@ def frozen_session(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
             getattr(mod, where)[name] = orig
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+# ---- the training-loop skeleton ------------------------------------------------------------------
+Record = Mapping[str, "float | Sequence[float] | None"]
+
+
+@dataclass
+class TrainLog:
+    """What a training loop leaves: per-key histories, steps done and the seconds they took."""
+    history: dict[str, list] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def steps_per_s(self) -> float:
+        return round(self.steps / max(self.seconds, 1e-9), 3)
+
+
+def _finite(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(v is None or math.isfinite(float(v)) for v in values)
+
+
+def train_loop(n_steps: int, step: Callable[[int], Record], ctx: RunContext, *, what: str, hint: str,
+               log: TrainLog | None = None, total: int | None = None,
+               on_step: Callable[[int], None] | None = None) -> TrainLog:
+    """Run `step(i)` for the next `n_steps` steps (i counts on from `log.steps`, so a loop may run
+    in stretches, as the audit's checkpoints do). Before each step Cancel is checked; each step
+    returns the values to record ({"forget": 0.41, "retain": None, ...}; a value may be a list such
+    as [step, loss]); a NaN/Inf stops the run with an error that names `what`, the step and `hint`
+    (what to change). Progress goes to ``ctx.report(done, total)`` or to `on_step(done)`."""
+    log = log or TrainLog()
+    total = total if total is not None else log.steps + n_steps
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n_steps):
+            ctx.check()
+            i = log.steps
+            record = step(i)
+            for key, value in record.items():
+                if not _finite(value):
+                    raise NonFiniteError(f"{what}: {key!r} became NaN/Inf ({value}) at step {i}; {hint}; "
+                                         "nothing was applied")
+                log.history.setdefault(key, []).append(value)
+            log.steps += 1
+            if on_step is not None:
+                on_step(log.steps)
+            else:
+                ctx.report(log.steps, total)
+    finally:
+        log.seconds += time.perf_counter() - t0
+    return log

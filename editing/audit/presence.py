@@ -29,8 +29,9 @@ from typing import Sequence
 
 import torch
 
-from .errors import InvalidInputError, NonFiniteError
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
+from ..diffusion import add_noise
+from ..errors import InvalidInputError, NonFiniteError
+from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +153,11 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
         y = None if y is None else y.to(dev)
         xb = x0[lo:hi].to(dev)
         for ti, t in enumerate(ts):
-            a = ac[t].to(dev)
             tt = torch.full((hi - lo,), t, device=dev, dtype=torch.long)
             for d in range(draws):
                 ctx.check()
                 eps = _noise(x0.shape, config.seed, d * len(ts) + ti)[lo:hi].to(dev)
-                xt = a.sqrt() * xb + (1 - a).sqrt() * eps
+                xt = add_noise(xb, eps, t, ac)
                 e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=y).float()
                 ec, eu = e.chunk(2)
                 lc = (ec - eps).pow(2).flatten(1).mean(1).double()

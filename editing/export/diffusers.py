@@ -1,7 +1,7 @@
 """Apply a ConceptEdit edit to a diffusers pipeline, reversibly.
 
     from conceptedit.editing.edit import Edit
-    from conceptedit.editing.diffusers_apply import apply_to_diffusers
+    from conceptedit.editing.export.diffusers import apply_to_diffusers
     pipe = StableDiffusionPipeline.from_pretrained(...)          # or StableDiffusionXLPipeline
     handle = apply_to_diffusers(pipe, Edit.load("vangogh.safetensors"), strength=1.0)
     image = pipe("a starry night in the style of Van Gogh").images[0]
@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .arch import Family
-from .edit import Edit
-from .errors import FingerprintMismatchError, InvalidInputError
+from ..arch import Family
+from ..edit import Edit
+from ..errors import FingerprintMismatchError, InvalidInputError
 
 log = logging.getLogger(__name__)
 

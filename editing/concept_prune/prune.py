@@ -32,11 +32,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .arch import UNET_PREFIX, Family
-from .edit import Change, Edit
-from .errors import InvalidInputError, NonFiniteError
-from .hooks import trace_inputs
-from .hosts import Denoiser, RunContext
+from ..arch import UNET_PREFIX, Family
+from ..edit import Change, Edit
+from ..errors import InvalidInputError, NonFiniteError
+from ..hooks import trace_inputs
+from ..hosts import Denoiser, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def with_preset_defaults(cfg: PruneConfig, preset: str) -> PruneConfig:
     """`cfg` with skill_ratio 0 and tau 0 ("the preset's default") replaced by the preset's values
     (`editing.prompts.defaults`: the paper's per-preset best, the tiny model's own); the default τ
     is capped at `steps`. Values the user set are kept."""
-    from .prompts import defaults
+    from ..prompts import defaults
     d = defaults(preset)
     return replace(cfg, skill_ratio=cfg.skill_ratio or d["skill_ratio"],
                    tau=cfg.tau or min(d["tau"], max(cfg.steps, 1)))

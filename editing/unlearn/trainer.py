@@ -17,7 +17,6 @@ set (ESD-x: cross-attention; ESD-u: the rest) attached by hooks (`lora_train`), 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -25,12 +24,13 @@ from typing import Sequence
 
 import torch
 
-from . import worlds
-from .edit import Edit
-from .errors import InvalidInputError, NonFiniteError
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
-from .lora_train import PARAM_SETS, Adapters, frozen_session, select_targets
-from .safety import minor_in_sexual_context, refuse_unsafe
+from .. import worlds
+from ..diffusion import add_noise, diffusion_mse, generate_latents
+from ..edit import Edit
+from ..errors import InvalidInputError
+from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
+from ..safety import minor_in_sexual_context, refuse_unsafe
+from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -157,64 +157,6 @@ def _tiny_caption(attrs, rng, world, same_as: str | None = None) -> str:
     return _clean(f"{lead} {c} {s}" + (f" in the style of {a}" if a else ""))
 
 
-# ---- training data ---------------------------------------------------------------------------
-def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
-                     cache_dir: str | None = None, ctx: RunContext | None = None) -> torch.Tensor:
-    """Clean latents x₀ (in the UNet's scale) that the model generates for each prompt.
-
-    Uses the host's sampler (`Denoiser.sample`, then `latent_in` if the host has it) and falls back on
-    a deterministic DDIM with `Trainable.eps`. Cached as safetensors in `cache_dir` when given."""
-    path = None
-    if cache_dir:
-        import hashlib
-        tag = hashlib.sha256(repr((list(prompts), steps, cfg, seed, getattr(host, "cache_tag", ""))).encode()).hexdigest()[:16]
-        os.makedirs(cache_dir, exist_ok=True)
-        path = os.path.join(cache_dir, f"latents_{tag}.safetensors")
-        if os.path.isfile(path):
-            from safetensors.torch import load_file
-            return load_file(path)["x0"]
-    with torch.no_grad():
-        if hasattr(host, "sample"):
-            x0 = host.sample(list(prompts), steps=steps, cfg=cfg, seed=seed)
-            if hasattr(host, "latent_in"):
-                x0 = host.latent_in(x0)
-        else:
-            cond, y = conditioning(host, text, prompts)
-            uncond, y_uncond = conditioning(host, text, [""] * len(prompts))
-            x0 = ddim_sample(host, cond, uncond, steps=steps, cfg=cfg, seed=seed, ctx=ctx, y=y, y_uncond=y_uncond)
-    x0 = x0.detach().float().clone()
-    if path:
-        from safetensors.torch import save_file
-        save_file({"x0": x0.cpu().contiguous()}, path)
-    return x0
-
-
-def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
-                shape: tuple[int, ...] | None = None, ctx: RunContext | None = None,
-                y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler)."""
-    ac = host.alphas_cumprod().float()
-    if shape is None:
-        ch = getattr(host, "latent_channels", 4)
-        hw = getattr(host, "latent_hw", 32)
-        shape = (cond.shape[0], ch, hw, hw)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(cond.device)
-    ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
-    for i, t in enumerate(ts):
-        if ctx is not None:
-            ctx.check()
-        a = ac[t].to(x.device)
-        tt = torch.full((x.shape[0],), int(t), device=x.device)
-        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
-        ec, eu = e.chunk(2)
-        e = eu + cfg * (ec - eu)
-        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-        a_prev = ac[ts[i + 1]].to(x.device) if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
-    return x
-
-
 # ---- the objectives ----------------------------------------------------------------------------
 def truncate_forget_loss(loss: torch.Tensor, m: float) -> torch.Tensor:
     """Ko et al.'s truncation: a forget loss above m becomes L_f / ‖L_f‖ = 1. That is a constant, so
@@ -249,14 +191,6 @@ def restricted_gradients(g_f: Sequence[torch.Tensor], g_r: Sequence[torch.Tensor
     f2 = [f - cf.to(f.device) * r for f, r in zip(g_f, g_r)]
     r2 = [r - cr.to(r.device) * f for f, r in zip(g_f, g_r)]
     return f2, r2, float(dot)
-
-
-def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
-                  noise: torch.Tensor, ac: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """‖ε_θ(x_t, t, c) − ε‖² at x_t = √ᾱ x₀ + √(1−ᾱ) ε (`y`: the vector conditioning for `context`)."""
-    a = ac[t].view(-1, 1, 1, 1).to(x0.device)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return torch.nn.functional.mse_loss(host.eps(xt, t, context, y=y), noise)
 
 
 def esd_target(host: Trainable, adapters: Adapters, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -326,8 +260,6 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     opt = torch.optim.Adam(params, lr=cfg.lr)
     ac = host.alphas_cumprod().float().to(dev)
     g = torch.Generator().manual_seed(cfg.seed + 17 + 1000 * ctx.rank)  # each process its own batches
-    hist = {"forget": [], "retain": [], "dot": []}
-    t_start = time.perf_counter()
 
     def batch(x, c, y):
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
@@ -335,55 +267,52 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
         noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g)
         return x[idx], c[idx], None if y is None else y[idx], t.to(dev), noise.to(dev)
 
+    use_esd = cfg.method == "esd" or (cfg.method == "rgd" and cfg.forget_objective == "esd")
+
+    def step(_i):
+        xf, cf, yf, tf, nf = batch(data.x_forget, data.c_forget, data.y_forget)
+        if use_esd:
+            xt = add_noise(xf, nf, tf, ac)
+            target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
+                                y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
+            lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf, y=yf), target)
+            loss_f = lf
+        else:
+            lf = diffusion_mse(host, xf, cf, tf, nf, ac, y=yf)
+            # g_f = −∇L̃_f: ascent (GA is not truncated)
+            loss_f = -(lf if cfg.method == "ga" else truncate_forget_loss(lf, cfg.truncation))
+        if cfg.method == "rgd" and not use_esd and float(lf.detach()) > cfg.truncation:
+            g_f = [torch.zeros_like(p) for p in params]  # the truncated loss is constant: skip its backward
+        else:
+            g_f = _grads(loss_f, params)
+        if ctx.average is not None:  # data-parallel: every process then takes the same step
+            g_f = ctx.average(g_f)
+        dot, lr_val = 0.0, None
+        if cfg.method in ("rgd", "ga"):
+            xr, cr, yr, tr, nr = batch(data.x_retain, data.c_retain, data.y_retain)
+            lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac, y=yr)
+            g_r = _grads(lr_loss, params)
+            if ctx.average is not None:
+                g_r = ctx.average(g_r)
+            if cfg.method == "rgd":
+                g_f, g_r, dot = restricted_gradients(g_f, g_r)
+                total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
+            else:
+                total = [f + cfg.ga_retain_weight * r for f, r in zip(g_f, g_r)]
+            lr_val = round(float(lr_loss.detach()), 6)
+        else:
+            total = g_f
+        for p, gg in zip(params, total):
+            p.grad = gg
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"forget": round(float(lf.detach()), 6), "retain": lr_val, "dot": round(dot, 9)}
+
     with frozen_session(unet), adapters.attached(), torch.enable_grad():
-        for step in range(cfg.steps):
-            xf, cf, yf, tf, nf = batch(data.x_forget, data.c_forget, data.y_forget)
-            use_esd = cfg.method == "esd" or (cfg.method == "rgd" and cfg.forget_objective == "esd")
-            if use_esd:
-                a = ac[tf].view(-1, 1, 1, 1)
-                xt = a.sqrt() * xf + (1 - a).sqrt() * nf
-                target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
-                                    y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
-                lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf, y=yf), target)
-                loss_f = lf
-            else:
-                lf = diffusion_mse(host, xf, cf, tf, nf, ac, y=yf)
-                # g_f = −∇L̃_f: ascent (GA is not truncated)
-                loss_f = -(lf if cfg.method == "ga" else truncate_forget_loss(lf, cfg.truncation))
-            if cfg.method == "rgd" and not use_esd and float(lf.detach()) > cfg.truncation:
-                g_f = [torch.zeros_like(p) for p in params]  # the truncated loss is constant: skip its backward
-            else:
-                g_f = _grads(loss_f, params)
-            if ctx.average is not None:  # data-parallel: every process then takes the same step
-                g_f = ctx.average(g_f)
-            dot, lr_val = 0.0, float("nan")
-            if cfg.method in ("rgd", "ga"):
-                xr, cr, yr, tr, nr = batch(data.x_retain, data.c_retain, data.y_retain)
-                lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac, y=yr)
-                g_r = _grads(lr_loss, params)
-                if ctx.average is not None:
-                    g_r = ctx.average(g_r)
-                if cfg.method == "rgd":
-                    g_f, g_r, dot = restricted_gradients(g_f, g_r)
-                    total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
-                else:
-                    total = [f + cfg.ga_retain_weight * r for f, r in zip(g_f, g_r)]
-                lr_val = float(lr_loss.detach())
-            else:
-                total = g_f
-            for p, gg in zip(params, total):
-                p.grad = gg
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            lf_val = float(lf.detach())
-            if not (lf_val == lf_val and abs(lf_val) < 1e12):
-                raise NonFiniteError(f"the forget loss became {lf_val} at step {step}; lower lr (now {cfg.lr}) "
-                                     "or the truncation m; nothing was applied")
-            hist["forget"].append(round(lf_val, 6))
-            hist["retain"].append(round(lr_val, 6) if lr_val == lr_val else None)
-            hist["dot"].append(round(dot, 9))
-            ctx.report(step + 1, cfg.steps)
-    secs = time.perf_counter() - t_start
+        run = train_loop(cfg.steps, step, ctx, what=f"unlearning ({cfg.method})",
+                         hint=f"lower lr (now {cfg.lr}) or the truncation m")
+    secs = run.seconds
+    hist = {k: run.history.get(k, []) for k in ("forget", "retain", "dot")}
     edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(cfg))
     edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3),
                          "train_seconds": round(secs, 2), "data_seconds": round(data.seconds, 2),

@@ -8,7 +8,7 @@ Two stages (PAPERS.md §3):
   in order. For layer l_i: K = fc2 inputs at the concepts' last tokens (with the updates of the
   layers before l_i in place), R = (Z − H) / (L − i) where H is the last edit layer's output
   under the current updates (MEMIT's residual), and ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹ with
-  C₀ = E[k kᵀ] over generic caption tokens (`editing.captions`). ΔW is stored exactly as the
+  C₀ = E[k kᵀ] over generic caption tokens (`editing.emcid.captions`). ΔW is stored exactly as the
   low-rank pair up = R, down = (solve(λC₀ + KKᵀ, K))ᵀ while that is smaller than the dense matrix.
 
 The library never runs ComfyUI: it reaches the text encoder through a `TextModel` host (see
@@ -27,13 +27,13 @@ from typing import Mapping, Protocol, Sequence
 
 import torch
 
-from .arch import Family, TextEncoderSpec
+from ..arch import Family, TextEncoderSpec
 from .captions import generic_captions
-from .edit import Change, Edit
-from .errors import InvalidInputError, NonFiniteError
-from .hooks import trace_inputs, trace_outputs
-from .hosts import RunContext
-from .safety import refuse_unsafe
+from ..edit import Change, Edit
+from ..errors import InvalidInputError, NonFiniteError
+from ..hooks import trace_inputs, trace_outputs
+from ..hosts import RunContext
+from ..safety import refuse_unsafe
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     dsts = [d for _, d in pairs]
     metrics: dict = {"concepts": len(pairs)}
     if cfg.use_stage1:
-        from .emcid_stage1 import optimise_targets
+        from .stage1 import optimise_targets
         targets, m1 = optimise_targets(text, denoiser, pairs, {e: ls[-1] for e, (_, ls) in plan.items()}, cfg, ctx,
                                        cache_dir=cache_dir, fingerprint=fingerprint)
         metrics["stage1"] = m1

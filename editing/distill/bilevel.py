@@ -14,7 +14,6 @@ With ``erase=False`` it is plain distillation (the first stage of the two-stage 
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -22,12 +21,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .edit import Edit
-from .errors import InvalidInputError
-from .hooks import trace_outputs
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
-from .lora_train import PARAM_SETS, Adapters, edit_as_fixed, frozen_session, select_targets
-from .unlearn import GENERIC_TEMPLATES, esd_target, generate_latents, paired_prompts
+from ..arch import UNET_PREFIX
+from ..diffusion import add_noise, generate_latents
+from ..edit import Edit
+from ..errors import InvalidInputError
+from ..hooks import trace_outputs
+from ..hosts import RunContext, TextEncoder, Trainable, base_weights, cat_y, conditioning, rows_y
+from ..training import PARAM_SETS, Adapters, edit_as_fixed, frozen_session, select_targets, train_loop
+from ..unlearn.trainer import GENERIC_TEMPLATES, esd_target, paired_prompts
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,16 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     x_gen, x_f = latents["general"], latents.get("forget")
     unet = trainee.unet()
     modules = dict(unet.named_modules())
-    fixed = edit_as_fixed([(student_edit, 1.0)], modules) if student_edit is not None else {}
+    base = base_weights(trainee)
+    fixed = edit_as_fixed([(student_edit, 1.0)], modules, base) if student_edit is not None else {}
     kind = "lora" if cfg.param_set.startswith("lora") else "full"
     # keep_pruned: build the dense adapter against the *student's* weights, whose pruned entries are 0
     ad = Adapters(modules, select_targets(modules, cfg.param_set), kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     if kind == "full" and cfg.keep_pruned:
         for name, slot in ad.slots.items():
-            w = slot.module.weight.detach().float() + fixed.get(name, 0)
+            key = f"{UNET_PREFIX}{name}.weight"
+            w = (base[key] if base is not None and key in base else slot.module.weight).detach().float()
+            w = w.to(slot.module.weight.device) + fixed.get(name, 0)
             slot.keep = (w != 0).float()
     params = ad.parameters()
     opt_d = torch.optim.Adam(params, lr=cfg.lr_distill)
@@ -118,7 +122,6 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     blocks = [n for n in blocks if n in t_modules]
     ac = teacher.alphas_cumprod().float().to(x_gen.device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    hist = {"distill": [], "erase": []}
     feats: dict[str, torch.Tensor] = {}
     t_feats: dict[str, torch.Tensor] = feats if student is None else {}
 
@@ -134,9 +137,8 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
         t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(x.device)
         noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g).to(x.device)
-        a = ac[t].view(-1, 1, 1, 1)
         pick = (lambda v: None if v is None else v[idx])
-        return a.sqrt() * x[idx] + (1 - a).sqrt() * noise, t, c[idx], pick(y), pick(ys), noise
+        return add_noise(x[idx], noise, t, ac), t, c[idx], pick(y), pick(ys), noise
 
     def teacher_eps(xt, t, c, y):
         with torch.no_grad(), ad.original():
@@ -152,7 +154,32 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         ec, eu = e.chunk(2)
         return eu - cfg.eta * (ec - eu)
 
-    t0 = time.perf_counter()
+    def step(i):
+        if cfg.erase and (i + 1) % cfg.erase_every == 0:
+            xt, t, c, y, ys, _ = draw(x_f, c_f, y_f, ys_f)
+            target = erase_target(xt, t, c, y)
+            feats.clear()
+            loss = F.mse_loss(trainee.eps(xt, t, c, y=ys), target)
+            opt, record = opt_e, lambda v: {"erase": [i, v]}
+        else:
+            xt, t, c, y, ys, noise = draw(x_gen, c_gen, y_gen, ys_gen)
+            e_t = teacher_eps(xt, t, c, y)
+            f_t = {k: v.detach() for k, v in t_feats.items()}
+            feats.clear()
+            e_s = trainee.eps(xt, t, c, y=ys)
+            l_diff = F.mse_loss(e_s, noise)
+            l_out = F.mse_loss(e_s, e_t)
+            pairs = [k for k in f_t if k in feats and feats[k].shape == f_t[k].shape]
+            l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in pairs) if pairs else torch.zeros(())
+            loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat
+            opt, record = opt_d, lambda v: {"distill": v}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        feats.clear()
+        t_feats.clear()
+        return record(round(float(loss.detach()), 6))
+
     with ExitStack() as stack:
         stack.enter_context(frozen_session(unet))
         if student is not None:
@@ -161,39 +188,12 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         stack.enter_context(ad.attached())
         stack.enter_context(trace_outputs(modules, blocks, keep))
         stack.enter_context(torch.enable_grad())
-        for step in range(cfg.steps):
-            if cfg.erase and (step + 1) % cfg.erase_every == 0:
-                xt, t, c, y, ys, _ = draw(x_f, c_f, y_f, ys_f)
-                target = erase_target(xt, t, c, y)
-                feats.clear()
-                loss = F.mse_loss(trainee.eps(xt, t, c, y=ys), target)
-                opt_e.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_e.step()
-                hist["erase"].append([step, round(float(loss.detach()), 6)])
-            else:
-                xt, t, c, y, ys, noise = draw(x_gen, c_gen, y_gen, ys_gen)
-                e_t = teacher_eps(xt, t, c, y)
-                f_t = {k: v.detach() for k, v in t_feats.items()}
-                feats.clear()
-                e_s = trainee.eps(xt, t, c, y=ys)
-                l_diff = F.mse_loss(e_s, noise)
-                l_out = F.mse_loss(e_s, e_t)
-                pairs = [k for k in f_t if k in feats and feats[k].shape == f_t[k].shape]
-                l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in pairs) if pairs else torch.zeros(())
-                loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat
-                opt_d.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_d.step()
-                hist["distill"].append(round(float(loss.detach()), 6))
-            feats.clear()
-            t_feats.clear()
-            ctx.report(step + 1, cfg.steps)
-    secs = time.perf_counter() - t0
+        run = train_loop(cfg.steps, step, ctx, what="distill-and-unlearn", hint="lower the learning rates")
+    hist = {"distill": run.history.get("distill", []), "erase": run.history.get("erase", [])}
     name = "distill-unlearn" if cfg.erase else "distill"
     edit = ad.to_edit(name, family or (student_edit.family if student_edit is not None else "custom"),
                       concepts=[concept] if cfg.erase else [],
                       params={**asdict(cfg), "student_edit": student_edit.method if student_edit is not None else "",
                               "separate_student": student is not None})
-    edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3)})
+    edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s})
     return edit

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .arch import UNET_PREFIX, Family
-from .edit import Edit
+from ..arch import UNET_PREFIX, Family
+from ..edit import Edit
 
 # short column labels for the weights the methods touch (others keep their module path)
 _COLUMN_LABELS = {"attn2.to_k": "K", "attn2.to_v": "V", "attn2.to_q": "Q", "attn2.to_out.0": "out",

@@ -1,0 +1,85 @@
+"""One view of a ComfyUI MODEL (and its CLIP) per node call: the layout read once, the unpatched
+base weights read once (safely across clones and load states), the fingerprint, the text encoder,
+the denoiser that predicts ε through ComfyUI's own model sampling, and the one way an edit goes
+back onto a clone. Every method job builds one and hands its parts to the library."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Mapping
+
+import torch
+
+from ..editing.arch import Family, fingerprint
+from ..editing.edit import Edit
+from ..editing.errors import InvalidInputError
+from ..editing.hosts import RunContext
+from .adapters import ComfyDenoiser, ComfyText, add_edit_patches, clip_state, model_family, original_weights
+
+
+class ModelView:
+    """`model` (and `clip`, needed by text-encoder methods and by everything that encodes prompts)
+    as the methods see them. Nothing here writes to either: reads go through ComfyUI's state dict
+    and its patch backups, results go onto clones (`apply`)."""
+
+    def __init__(self, model, clip=None, *, ctx: RunContext | None = None,
+                 latent: tuple[int, int] | None = None):
+        if model is None:
+            raise InvalidInputError("connect a MODEL")
+        self.model, self.clip = model, clip
+        self.ctx = ctx or RunContext()
+        self.latent = latent
+
+    @cached_property
+    def family(self) -> Family:
+        """The layout read from the model's keys and shapes (and the CLIP's encoders when connected)."""
+        return model_family(self.model, self.clip)
+
+    @cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """ComfyUI key -> the unpatched UNet weight (a loaded clone's patched weights come from its backup;
+        in low-VRAM mode the modules ComfyUI left unloaded were never patched in place)."""
+        return original_weights(self.model)
+
+    @cached_property
+    def text_weights(self) -> dict[str, torch.Tensor]:
+        if self.clip is None:
+            raise InvalidInputError("this edit changes the text encoder: connect the CLIP too")
+        return clip_state(self.clip)
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        return fingerprint(self.family, self.weights)
+
+    @cached_property
+    def text(self) -> ComfyText:
+        if self.clip is None:
+            raise InvalidInputError("connect the CLIP that came with this MODEL: it encodes the prompts")
+        return ComfyText(self.clip, device=self.ctx.device)
+
+    @cached_property
+    def denoiser(self) -> ComfyDenoiser:
+        """The MODEL as `editing.hosts.Denoiser` + `Trainable`, at this view's latent size."""
+        return ComfyDenoiser(self.model, self.text, ctx=self.ctx, latent_hw=self.latent, family=self.family,
+                             base=lambda: self.weights, cache_tag=lambda: str(self.fingerprint))
+
+    def stamp(self, edit: Edit) -> Edit:
+        """Record this model's fingerprint on an edit made from it."""
+        edit.fingerprint = self.fingerprint
+        return edit
+
+    def apply(self, edit: Edit, strength: float = 1.0, strict_weights: bool = False):
+        """Clones of MODEL (and CLIP when the edit touches the text encoder) with `edit` as patches:
+        (model', clip', warnings). Scope, family, layout and every key's shape are checked first;
+        nothing is applied unless every key matched."""
+        edit.check_finite()
+        edit.check_scope()
+        shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in self.weights.items()}
+        te_w: Mapping[str, torch.Tensor] = {}
+        if edit.text_encoder_keys():
+            if self.clip is None:
+                raise InvalidInputError(f"this {edit.method} edit changes the text encoder: connect the CLIP too")
+            te_w = self.text_weights
+            shapes.update({k: tuple(v.shape) for k, v in te_w.items()})
+        warnings = edit.validate_for(self.family.name, shapes, self.fingerprint, strict_weights=strict_weights)
+        out_model, out_clip = add_edit_patches(self.model, self.clip, edit, self.weights, te_w, strength)
+        return out_model, out_clip, warnings

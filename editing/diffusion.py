@@ -1,0 +1,97 @@
+"""The diffusion formulas every method shares, written once: forward noising at DDPM timesteps,
+the ε-MSE loss, DDIM sampling through `Trainable.eps`, and the clean latents a model generates for
+a prompt set (what the trainers, the audit and presence train or measure on).
+
+Convention (PAPERS.md): x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε with ᾱ from `Trainable.alphas_cumprod()`,
+integer t in [0, len(ᾱ)); hosts convert their own prediction type to ε (`Trainable.eps`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t shaped to broadcast over `like` ([B, C, H, W]; a scalar t gives one value for the batch)."""
+    a = alphas_cumprod[t] if isinstance(t, int) else alphas_cumprod[t.to(alphas_cumprod.device).long()]
+    a = a.to(device=like.device, dtype=torch.float32)
+    return a.view(-1, *([1] * (like.ndim - 1))) if a.ndim else a
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε."""
+    a = alpha_bar(alphas_cumprod, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def predict_x0(xt: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x₀ = (x_t − √(1 − ᾱ)·ε) / √ᾱ: the clean latent an ε-prediction implies."""
+    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor, ac: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """‖ε_θ(x_t, t, c) − ε‖² at x_t = `add_noise(x0, noise, t)` (`y`: the vector conditioning for `context`)."""
+    return F.mse_loss(host.eps(add_noise(x0, noise, t, ac), t, context, y=y), noise)
+
+
+def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
+                shape: tuple[int, ...] | None = None, ctx: RunContext | None = None,
+                y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler)."""
+    ac = host.alphas_cumprod().float()
+    if shape is None:
+        ch = getattr(host, "latent_channels", 4)
+        hw = getattr(host, "latent_hw", 32)
+        shape = (cond.shape[0], ch, hw, hw)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(cond.device)
+    ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
+    for i, t in enumerate(ts):
+        if ctx is not None:
+            ctx.check()
+        a = ac[t].to(x.device)
+        tt = torch.full((x.shape[0],), int(t), device=x.device)
+        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
+        ec, eu = e.chunk(2)
+        e = eu + cfg * (ec - eu)
+        x0 = predict_x0(x, e, a)
+        a_prev = ac[ts[i + 1]].to(x.device) if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    return x
+
+
+def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+                     cache_dir: str | None = None, ctx: RunContext | None = None) -> torch.Tensor:
+    """Clean latents x₀ (in the UNet's scale) that the model generates for each prompt.
+
+    Uses the host's sampler (`Denoiser.sample`, then `latent_in` if the host has it) and falls back on
+    a deterministic DDIM with `Trainable.eps`. Cached as safetensors in `cache_dir` when given."""
+    path = None
+    if cache_dir:
+        tag = hashlib.sha256(repr((list(prompts), steps, cfg, seed, getattr(host, "cache_tag", ""))).encode()).hexdigest()[:16]
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f"latents_{tag}.safetensors")
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+            return load_file(path)["x0"]
+    with torch.no_grad():
+        if hasattr(host, "sample"):
+            x0 = host.sample(list(prompts), steps=steps, cfg=cfg, seed=seed)
+            if hasattr(host, "latent_in"):
+                x0 = host.latent_in(x0)
+        else:
+            cond, y = conditioning(host, text, prompts)
+            uncond, y_uncond = conditioning(host, text, [""] * len(prompts))
+            x0 = ddim_sample(host, cond, uncond, steps=steps, cfg=cfg, seed=seed, ctx=ctx, y=y, y_uncond=y_uncond)
+    x0 = x0.detach().float().clone()
+    if path:
+        from safetensors.torch import save_file
+        save_file({"x0": x0.cpu().contiguous()}, path)
+    return x0
