@@ -114,7 +114,7 @@ def patched_weights(patcher, keys: Sequence[str], base: Mapping[str, torch.Tenso
         ps = patcher.patches.get(k)
         if ps:
             w = calc(ps, w, k) if calc is not None else patcher.calculate_weight(ps, w, k)
-        out[k] = w.float()
+        out[k] = w
     return out
 
 

@@ -32,7 +32,7 @@ from ..editing.prompts import build_pairs
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
 from ..editing.unlearn.trainer import UnlearnConfig, compute_unlearn
-from .adapters import ComfyText, clip_state, model_family, original_weights, patched_weights, run_context
+from .adapters import ComfyText, clip_state, original_weights, patched_weights, run_context
 from .view import ModelView
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def distill_unlearn(model, clip, config: DistillJob, ctx: RunContext | None = No
     host = t_view.denoiser
     student_edit, student_host = None, None
     if student.model is teacher.model:
-        student_edit = edit_between(student, teacher)
+        student_edit = edit_between(student, teacher, t_view)
     else:
         student_host = s_view.denoiser
         s_ctx, t_ctx = s_view.family.context_dim, t_view.family.context_dim
@@ -226,20 +226,22 @@ def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, cli
     return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
 
 
-def edit_between(edited, original) -> Edit:
+def edit_between(edited, original, view: ModelView | None = None) -> Edit:
     """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
     one module): each one's unpatched weights plus its own patches, by ComfyUI's patch arithmetic
-    (`adapters.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode."""
+    (`adapters.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode.
+    `view`: the caller's view of `original`, whose layout and weights are then not read again."""
     keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
     if not keys:
         raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
                                 "input instead (or the output of a ConceptEdit method node)")
-    we, wo = patched_weights(edited, keys), patched_weights(original, keys)
+    view = view or ModelView(original)
+    we, wo = patched_weights(edited, keys), patched_weights(original, keys, base=view.weights)
     changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
                if not torch.equal(we[k], wo[k])}
     if not changes:
         raise InvalidInputError("the edited MODEL's weights equal the original's; nothing to audit")
-    return Edit("model-difference", model_family(original).name, changes)
+    return Edit("model-difference", view.family.name, changes)
 
 
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
@@ -248,7 +250,7 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
     host = view.denoiser
     if edit is None:
-        edit = edit_between(edited, original)
+        edit = edit_between(edited, original, view)
     edited_text = None
     if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
         edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
@@ -267,12 +269,13 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
                           latent: tuple[int, int] | None = None) -> tuple[PresenceComparison, torch.Tensor]:
     """Generate each prompt with both models (same seeds), then score concept presence on the
     original model's pictures. Returns the comparison and an image grid (row 1 original, row 2 edited)."""
-    if model_family(model).name != model_family(edited_model).name:
+    ctx = ctx or run_context()
+    before_view = ModelView(model, clip, ctx=ctx, latent=latent)
+    after_view = ModelView(edited_model, edited_clip or clip, ctx=ctx, latent=latent)
+    if before_view.family.name != after_view.family.name:
         raise InvalidInputError("the original and the edited MODEL are different model families; "
                                 "connect the model the edit was applied to as 'model'")
-    ctx = ctx or run_context()
-    before = ModelView(model, clip, ctx=ctx, latent=latent).denoiser
-    after = ModelView(edited_model, edited_clip or clip, ctx=ctx, latent=latent).denoiser
+    before, after = before_view.denoiser, after_view.denoiser
     lat_before = before.sample(prompts, steps=steps, cfg=cfg, seed=seed)
     lat_after = after.sample(prompts, steps=steps, cfg=cfg, seed=seed)
     x0 = before.latent_in(lat_before)

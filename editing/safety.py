@@ -1,8 +1,10 @@
 """Prompts the pack writes never put minors in a nudity or sexual context.
 
-Every prompt builder (ConceptPrune presets, the unlearning and distillation templates, EMCID's
-templates and caption set, the audit's benign prompts) passes what it writes through `safe_prompts`
-or `refuse_unsafe`. Calibration and training *generate pictures* from these prompts, so a prompt
+The builders that combine a concept with other words check every prompt they compose: ConceptPrune's
+presets (`prompts.Preset.pairs`) and the unlearning/distillation templates (`unlearn.paired_prompts`)
+leave such a prompt out; the user's concepts, custom pairs and EMCID pairs are refused
+(`refuse_unsafe`). The fixed prompt sets (EMCID's templates and C₀ captions, the audit's benign
+prompts, the default preserve set) name no concept and are scanned by `tests/test_prompt_safety.py`. Calibration and training *generate pictures* from these prompts, so a prompt
 that pairs a minor with nudity would make the pack itself produce abuse material: such a prompt is
 dropped when the pack composed it (a preset item next to a sexual concept), and refused with an
 error when the user wrote it.

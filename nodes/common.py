@@ -43,6 +43,11 @@ def strength_input(default: float = 1.0) -> tuple:
                       "tooltip": "How much of the edit to apply: 0 is exactly the original model, 1 the edit."})
 
 
+def prompt_lines(text: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are ignored."""
+    return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+
+
 def concepts_from_text(text: str) -> list[str]:
     """One concept per line (commas also separate); blank lines and # comments are ignored."""
     out = []

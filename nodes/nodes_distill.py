@@ -6,11 +6,7 @@ from ..comfy_host.jobs import DistillJob, distill_unlearn
 from ..editing.distill.bilevel import DistillConfig
 from ..editing.training import PARAM_SETS
 from ..editing.report.plots import history_plot
-from .common import CATEGORY, EDIT, size_inputs
-
-
-def _lines(text: str) -> list[str]:
-    return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+from .common import CATEGORY, EDIT, prompt_lines, size_inputs
 
 
 class DistillUnlearn:
@@ -60,7 +56,7 @@ class DistillUnlearn:
         cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=lr, param_set=params,
                             rank=rank, seed=seed, batch=batch, n_prompts=n_prompts, gen_steps=gen_steps,
                             erase=bool(concept.strip()))
-        job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=_lines(distill_prompts),
+        job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=prompt_lines(distill_prompts),
                          width=width, height=height)
         out, _clip, edit, _warnings = distill_unlearn(student, clip, job)
         hist = edit.metrics["history"]

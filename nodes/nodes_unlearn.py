@@ -14,13 +14,9 @@ from ..editing.training import PARAM_SETS
 from ..editing.report.plots import audit_plot, history_plot
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
 from ..editing.unlearn.trainer import METHODS, UnlearnConfig
-from .common import CATEGORY, EDIT, size_inputs
+from .common import CATEGORY, EDIT, prompt_lines, size_inputs
 
 log = logging.getLogger(__name__)
-
-
-def lines(text: str) -> list[str]:
-    return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
 
 
 class TrainUnlearn:
@@ -75,7 +71,7 @@ class TrainUnlearn:
                             truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
                             n_prompts=n_prompts, gen_steps=gen_steps)
         out, _clip, edit, _warnings = unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, width=width, height=height,
-                                                                 retain_prompts=lines(retain_prompts)))
+                                                                 retain_prompts=prompt_lines(retain_prompts)))
         return (out, edit, history_plot(edit.metrics["history"], f"{method} / {params}: {concept}"))
 
 
@@ -116,7 +112,7 @@ class ResurgenceAudit:
         except ValueError:
             raise InvalidInputError(f"steps must be numbers separated by commas, e.g. 10,25,50 (got {steps!r})") from None
         cfg = AuditConfig(checkpoints=cps, lr=lr, rank=rank, seed=seed)
-        report = audit_models(edited_model, original_model, clip, lines(concept_prompts), lines(benign_prompts), cfg, edit,
+        report = audit_models(edited_model, original_model, clip, prompt_lines(concept_prompts), prompt_lines(benign_prompts), cfg, edit,
                               latent=latent_size(width, height))
         return (report.to_text(), audit_plot(report))
 

@@ -9,7 +9,7 @@ from ..comfy_host.jobs import latent_size, presence_before_after
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
 from ..editing.report.view import _row_label, edit_text, edit_view  # noqa: F401 (_row_label: tests)
-from .common import CATEGORY, EDIT, size_inputs
+from .common import CATEGORY, EDIT, prompt_lines, size_inputs
 
 UI_KEY = "conceptedit_edit"   # the key of the "executed" message that web/conceptedit.js reads
 
@@ -72,7 +72,7 @@ class ConceptPresence:
 
     def execute(self, model, edited_model, clip, vae, prompts, seed, steps, cfg, timesteps, noise_draws,
                 edited_clip=None, width=0, height=0):
-        lines = [p.strip() for p in prompts.splitlines() if p.strip() and not p.strip().startswith("#")]
+        lines = prompt_lines(prompts)
         if not lines:
             raise InvalidInputError("Concept Presence: write at least one prompt (one per line)")
         result, grid = presence_before_after(model, edited_model, clip, vae, lines, seed=seed, steps=steps, cfg=cfg,

@@ -65,6 +65,7 @@ def test_a_job_reads_the_model_once_and_leaves_it_unchanged(comfy, monkeypatch, 
         out = jobs.run(method, model, clip, config, RunContext())
     assert counts == {"original_weights": 1, "model_family": 1}, counts
     assert out.model is not model and out.model.patches and not model.patches and out.clip is clip
+    assert out.edit.fingerprint == view.ModelView(model, clip).fingerprint
     assert out.edit.fingerprint["layout"] == arch.fingerprint(FAM, before)["layout"]
     for k, v in model.model_state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -177,7 +178,7 @@ def test_train_loop_records_runs_in_stretches_and_stops_on_nan_and_cancel():
     log = train_loop(1, lambda i: {"loss": float(i)}, ctx, what="t", hint="h", log=log, total=3)
     assert isinstance(log, TrainLog) and log.steps == 3 and log.history["loss"] == [0.0, 1.0, 2.0]
     assert log.history["pair"] == [[0, 0.5], [1, 0.5]] and log.history["none"] == [None, None]
-    assert seen == [(1, 3), (2, 3), (3, 3)] and log.seconds >= 0
+    assert seen == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(NonFiniteError, match=r"unlearning: 'retain' became NaN/Inf .* at step 1; lower lr"):
         train_loop(3, lambda i: {"retain": math.nan if i == 1 else 1.0}, RunContext(), what="unlearning",
                    hint="lower lr")

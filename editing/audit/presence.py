@@ -149,6 +149,7 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
         cond, y_cond = conditioning(host, text, prompts[lo:hi])
         uncond, y_uncond = conditioning(host, text, [config.negative] * (hi - lo))
         dev = cond.device
+        ac_dev = ac.to(dev)  # ᾱ where the batch lives: one copy per batch, not per draw
         y = cat_y(y_cond, y_uncond)
         y = None if y is None else y.to(dev)
         xb = x0[lo:hi].to(dev)
@@ -157,7 +158,7 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
             for d in range(draws):
                 ctx.check()
                 eps = _noise(x0.shape, config.seed, d * len(ts) + ti)[lo:hi].to(dev)
-                xt = add_noise(xb, eps, t, ac)
+                xt = add_noise(xb, eps, t, ac_dev)
                 e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=y).float()
                 ec, eu = e.chunk(2)
                 lc = (ec - eps).pow(2).flatten(1).mean(1).double()

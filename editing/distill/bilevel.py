@@ -135,7 +135,7 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
 
     def draw(x, c, y, ys):
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
-        t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(x.device)
+        t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(x.device)
         noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g).to(x.device)
         pick = (lambda v: None if v is None else v[idx])
         return add_noise(x[idx], noise, t, ac), t, c[idx], pick(y), pick(ys), noise

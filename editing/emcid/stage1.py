@@ -117,14 +117,17 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     before = probe_loss()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
+    pooled_target = None if pooled_dst is None else pooled_dst.float().to(dev)
+    h_sq = {enc: h[enc].norm() ** 2 for enc in deltas}  # constants of the weight-decay term
+
     def step(i):
         t = torch.randint(0, abar.shape[0], (B,), generator=g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         loss, pooled_src = eps_loss(t, noise)
         if pooled_dst is not None and pooled_src is not None and cfg.pooled_weight:
-            loss = loss + cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src.float().to(dev), pooled_dst.float().to(dev))
+            loss = loss + cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src.float().to(dev), pooled_target)
         for enc, d in deltas.items():
-            loss = loss + (cfg.weight_decay * d.norm() / (h[enc].norm() ** 2)).to(dev)
+            loss = loss + (cfg.weight_decay * d.norm() / h_sq[enc]).to(dev)
         if not bool(torch.isfinite(loss)):  # before the step: a NaN δ would poison the projection below
             return {"loss": float(loss.detach())}
         opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ for v-prediction models too), with SDXL's vector conditioning y carried alongsid
 - ESD (and RGD-esd): g_f = ∇ MSE(ε_θ(x_t, c), ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)]), ε₀ frozen;
 - RGD: g_r = ∇L_r; if ⟨g_f, g_r⟩ < 0 each is projected off the other; the step is g_f' + α g_r'.
 The model itself is never written: the trainable part is a LoRA (default) or dense ΔW on a parameter
-set (ESD-x: cross-attention; ESD-u: the rest) attached by hooks (`lora_train`), folded into an Edit.
+set (ESD-x: cross-attention; ESD-u: the rest) attached by hooks (`editing.training`), folded into an Edit.
 """
 from __future__ import annotations
 
@@ -314,7 +314,7 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     secs = run.seconds
     hist = {k: run.history.get(k, []) for k in ("forget", "retain", "dot")}
     edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(cfg))
-    edit.metrics.update({"history": hist, "steps_per_s": round(cfg.steps / max(secs, 1e-9), 3),
+    edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s,
                          "train_seconds": round(secs, 2), "data_seconds": round(data.seconds, 2),
                          "forget_prompts": data.forget_prompts[:4], "retain_prompts": data.retain_prompts[:4]})
     log.info("unlearn %s %r: %d steps in %.1fs (%.2f steps/s)", cfg.method, concept, cfg.steps, secs, cfg.steps / max(secs, 1e-9))
