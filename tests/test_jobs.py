@@ -38,6 +38,31 @@ def test_run_refuses_an_unknown_method_or_a_config_of_another_method(comfy):
         jobs.run("uce", None, None, jobs.UnlearnJob(concept="x"))
 
 
+def test_jobs_refuse_bad_input_with_what_to_connect(comfy):
+    model = random_model("tiny", seed=8)
+    with pytest.raises(InvalidInputError, match="at least 8 pixels"):
+        jobs.latent_size(4, 512)
+    assert jobs.latent_size(0, 0) is None and jobs.latent_size(512, 256) == (32, 64)
+    with pytest.raises(InvalidInputError, match="connect a MODEL"):
+        view.ModelView(None)
+    with pytest.raises(InvalidInputError, match="connect the CLIP that came with this MODEL"):
+        view.ModelView(model).text
+    te = FAM.te_fc2_keys()[0]
+    shape = FAM.expected_shapes()[te]
+    te_edit = Edit("emcid", "tiny", {te: Change("delta", shape, {"delta": torch.zeros(shape)})})
+    with pytest.raises(InvalidInputError, match="changes the text encoder: connect the CLIP"):
+        view.ModelView(model).apply(te_edit)
+    with pytest.raises(InvalidInputError, match="connect the pruned student MODEL and the full teacher"):
+        jobs.distill_unlearn(model, None, jobs.DistillJob(teacher=None), RunContext())
+    with pytest.raises(InvalidInputError, match="carries no weight patches"):
+        jobs.edit_between(model.clone(), model)
+    same = model.clone()
+    same.add_patches({FAM.attn2_kv_keys()[0]: (torch.zeros(FAM.expected_shapes()[FAM.attn2_kv_keys()[0]]),)})
+    with pytest.raises(InvalidInputError, match="equal the original's"):
+        jobs.edit_between(same, model)
+    assert not model.patches
+
+
 def _counting(monkeypatch, module, name, counts):
     real = getattr(module, name)
 
