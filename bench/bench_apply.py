@@ -16,7 +16,8 @@ shape and float32 dtype, so their size is exact without allocating ~9 GB. Runs i
 
 `--speed` samples the bundled tiny model unpatched and with each edit applied by `apply_edit` (the
 LoRA form; ComfyUI merges it into the weights when it loads the model, which is done before each
-timed run), interleaved, and prints the ratio of the median times.
+timed run), in an order that rotates every repetition (so no row always runs first or last), and
+prints the ratio of the median times and the median of the per-repetition ratios.
 """
 import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702
 
@@ -119,21 +120,58 @@ def speed(reps: int, rank: int) -> None:
         edit.family, edit.fingerprint = "tiny", model_fingerprint(model)
         runs[name] = apply_edit(model, None, edit)[0]
     times = {k: [] for k in runs}
+    ratios = {k: [] for k in runs}
     for name, m in runs.items():  # warm-up: the first load of each clone merges its patches
         comfy_sampler(m, clip, steps=20)(prompts[:2], seeds[:2])
     import comfy.model_management as mm
-    for _ in range(reps):
-        for name, m in runs.items():
+    names = list(runs)
+    for rep in range(reps):
+        # the order rotates every repetition, so each row runs in each position equally often and a
+        # drift with the position inside a repetition falls on every row alike
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        this = {}
+        for name in order:
+            m = runs[name]
             mm.load_models_gpu([m])  # the patches merge here, outside the timed sampling
             t = time.perf_counter()
             comfy_sampler(m, clip, steps=20)(prompts, seeds)
-            times[name].append(time.perf_counter() - t)
+            this[name] = time.perf_counter() - t
+        for name, secs in this.items():
+            times[name].append(secs)
+            ratios[name].append(secs / this["unpatched"])
+    # the UNet forward alone (batch 16, one context), same rotation: the per-step work without the
+    # sampler's and text encoder's share of the time
+    from conceptedit.tiny import model as tm
+    from conceptedit.tiny.comfy_model import encode
+    context = encode(clip, prompts[0])[0][0].repeat(16, 1, 1)
+    x = torch.randn((16, tm.LATENT_CHANNELS, tm.IMAGE_SIZE, tm.IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
+    steps_t = torch.full((16,), 500.0)
+    fwd, outs = {k: [] for k in runs}, {}
+    with torch.inference_mode():
+        for rep in range(reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                mm.load_models_gpu([runs[name]])
+                unet_ = runs[name].model.diffusion_model
+                outs[name] = unet_(x, steps_t, context=context)
+                t = time.perf_counter()
+                for _ in range(5):
+                    unet_(x, steps_t, context=context)
+                fwd[name].append((time.perf_counter() - t) / 5)
+    for name in names[2:]:  # the patched rows really run the patched weights
+        assert not torch.equal(outs[name], outs["unpatched"]), name
     base = statistics.median(times["unpatched"])
-    print(f"tiny model, 8 samples x 20 steps, {reps} interleaved reps, median seconds, {torch.get_num_threads()} threads")
-    print("| model | median s | / unpatched |")
-    print("|---|---|---|")
+    print(f"tiny model, 8 samples x 20 steps, {reps} repetitions in rotating order, {torch.get_num_threads()} threads")
+    print("| model | median s | median / unpatched | median of per-repetition ratios |")
+    print("|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.3f} |")
+        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.3f} | "
+              f"{statistics.median(ratios[name]):.3f} |")
+    fbase = statistics.median(fwd["unpatched"])
+    print(f"\nUNet forward alone, batch 16, 5 calls x {reps} repetitions in rotating order")
+    print("| model | median ms | / unpatched |")
+    print("|---|---|---|")
+    for name, ts_ in fwd.items():
+        print(f"| {name} | {1000 * statistics.median(ts_):.1f} | {statistics.median(ts_) / fbase:.3f} |")
 
 
 def main():

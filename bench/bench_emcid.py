@@ -1,7 +1,8 @@
 """EMCID benchmark.
 
   bash run.sh bench bench_emcid --part tiny   efficacy / specificity / paraphrase on the tiny model
-                                              (1 concept, and all-but-one shape), original vs edited
+                                              (1 concept, and all-but-one shape), original vs edited;
+                                              --residual official,memit compares stage 2's two residuals
   bash run.sh bench bench_emcid --part scale  stage-2 time and memory for 1/10/100(/1000) concepts on a
                                               CLIP-L of SD1.5's real sizes (random weights, real
                                               tokenizer), and batched vs one-concept-at-a-time
@@ -53,13 +54,16 @@ def concept_names(n: int) -> list[str]:
 def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.arch import get_family
-    from conceptedit.editing.emcid.stage2 import EmcidConfig, concept_prompts, read_keys, second_moments, stage2
+    from conceptedit.editing.emcid.stage2 import (EmcidConfig, concept_prompts, read_keys, resolve_defaults,
+                                                  second_moments, stage2)
     spec = get_family("sd1").text_encoders[0]
     layers = spec.edit_layers
     clip = clip_l_random()
     text = ComfyTextModel(clip)
     dev = torch.device(text.device)
-    cfg = EmcidConfig(use_stage1=False, n_captions=n_captions, templates=("a photo of {}",))
+    cfg, _ = resolve_defaults(EmcidConfig(use_stage1=False, n_captions=n_captions, templates=("a photo of {}",)),
+                              "sd1", ("clip_l",))
+    lam = cfg.lam_for("clip_l")
     t = time.perf_counter()
     C0 = second_moments(text, "clip_l", layers, cfg)
     out = {"device": str(dev), "layers": list(layers), "c0_seconds": round(time.perf_counter() - t, 2),
@@ -74,7 +78,7 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
             torch.cuda.synchronize(dev)
         base = _peak_mb(dev)
         t = time.perf_counter()
-        ups, m = stage2(text, "clip_l", layers, prompts, Z, C0, cfg.lam, cfg.batch)
+        ups, m = stage2(text, "clip_l", layers, prompts, Z, C0, lam, cfg.batch, residual=cfg.residual)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         row = {"concepts": n, "stage2_s": round(time.perf_counter() - t, 3), "peak_mb": round(_peak_mb(dev), 1),
@@ -84,13 +88,13 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
         t = time.perf_counter()
         from conceptedit.editing.emcid.stage2 import solve_update
         for i in layers:
-            solve_update(K, torch.randn(n, spec.width, dtype=torch.float64, device=dev), C0[i], cfg.lam)
+            solve_update(K, torch.randn(n, spec.width, dtype=torch.float64, device=dev), C0[i], lam)
         row["solves_s"] = round(time.perf_counter() - t, 3)
         if n == one_at_a_time:
             t = time.perf_counter()
             for j in range(n):
                 p1 = concept_prompts(text, names[j:j + 1], cfg.templates)
-                stage2(text, "clip_l", layers, p1, Z[j:j + 1], C0, cfg.lam, cfg.batch)
+                stage2(text, "clip_l", layers, p1, Z[j:j + 1], C0, lam, cfg.batch, residual=cfg.residual)
             row["one_at_a_time_s"] = round(time.perf_counter() - t, 3)
             row["speedup_batched_vs_one_at_a_time"] = round(row["one_at_a_time_s"] / row["stage2_s"], 2)
         log.info("%s", row)
@@ -101,7 +105,8 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
 COLOUR_TEMPLATES = EMCID_TEMPLATES["colour"]
 
 
-def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour") -> dict:
+def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour",
+              residuals=("official",)) -> dict:
     from conceptedit.comfy_host.jobs import EmcidJob, emcid
     from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.audit.evaluate import erasure_report
@@ -114,20 +119,21 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     templates = TINY_TEMPLATES if kind == "shape" else COLOUR_TEMPLATES
     cases = {"one": ([shapes[0]], [s for s in shapes[1:-1]] if kind != "shape" else shapes[1:]),
              "all_but_one": (shapes[:-1], shapes[-1:])}
-    out = {"stage1": use_stage1, "kind": kind, "templates": templates, "cases": {}}
+    out = {"stage1": use_stage1, "kind": kind, "templates": templates, "residuals": list(residuals), "cases": {}}
     erased_all = sorted({c for e, _ in cases.values() for c in e})
     base = erasure_report(comfy_sampler(model, clip), erased_all, shapes, n_prompts=n_prompts,
                           samples_per_prompt=samples)
     out["original"] = base
     cache = os.path.join(ROOT, ".cache", "emcid")
     for name, (erased, kept) in cases.items():
-        for lam in lams:
-            cfg = EmcidConfig(lam=lam, use_stage1=use_stage1, steps=steps, templates=templates, n_captions=1000)
+        for residual, lam in [(r, lam) for r in residuals for lam in lams]:
+            cfg = EmcidConfig(lam=lam, use_stage1=use_stage1, steps=steps, templates=templates, n_captions=1000,
+                              residual=residual)
             t = time.perf_counter()
             _, clip2, edit, _ = emcid(model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
             secs = time.perf_counter() - t
             r = erasure_report(comfy_sampler(model, clip2), erased, kept, n_prompts=n_prompts, samples_per_prompt=samples)
-            row = {"lam": lam, "seconds": round(secs, 1),
+            row = {"residual": residual, "lam": lam, "seconds": round(secs, 1),
                    "efficacy_presence": _mean(r["efficacy"]), "efficacy_before": _mean({c: base["efficacy"][c] for c in erased}),
                    "paraphrase_presence": _mean(r["paraphrase"]),
                    "paraphrase_before": _mean({c: base["paraphrase"][c] for c in erased if c in base["paraphrase"]}),
@@ -155,6 +161,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--kind", choices=["colour", "shape"], default="colour", help="--part tiny: which concepts to edit")
+    ap.add_argument("--residual", default="official",
+                    help="--part tiny: stage-2 residual(s), comma-separated: official (EMCID's code), memit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ensure_comfy()
@@ -163,7 +171,7 @@ def main() -> None:
         res["scale"] = part_scale([int(s) for s in args.sizes.split(",")], args.captions, args.one_at_a_time)
     if args.part in ("tiny", "all"):
         res["tiny"] = part_tiny([float(x) for x in args.lam.split(",")], args.stage1, args.steps, args.prompts, args.samples,
-                                args.kind)
+                                args.kind, tuple(r.strip() for r in args.residual.split(",") if r.strip()))
     print(json.dumps(res, indent=1, default=str))
     if args.json:
         with open(args.json, "w") as f:

@@ -2,9 +2,11 @@
 
     bash run.sh bench bench_unlearn [--part speed|unlearn|distill|audit|all] [--steps 30] [--concept circle]
 
-- unlearn: RGD vs plain gradient ascent vs ESD (all LoRA, same data, same steps): efficacy (presence of
-  the erased concept on its prompts, lower = better), specificity (accuracy of other concepts), alignment
-  on retain prompts (classifier accuracy of retained concepts), steps per second on the CPU;
+- unlearn: RGD vs plain gradient ascent vs ESD (all LoRA, same steps; RGD and GA on the same generated
+  forget images and their concept-free twins, ESD on its own partial samples of the bare concept):
+  efficacy (presence of the erased concept on its prompts, lower = better), specificity (accuracy of
+  other concepts), alignment on retain prompts (classifier accuracy of retained concepts), steps per
+  second on the CPU;
 - distill: a pruned student (25 % of each FFN's neurons, smallest-norm, structured), bilevel
   distill-and-unlearn vs two-stage (distil, then ESD erase) at the same number of steps;
 - audit: resurgence of every method's edit (ConceptPrune, cross-attention edit, text-encoder edit,
@@ -99,7 +101,9 @@ def part_unlearn(model, clip, host, args, out, methods=("rgd", "ga", "esd")):
     out["unlearn"] = {"original": measure(model, clip, [], args.concept, preserved, args)}
     edits = {}
     for method in methods:
-        cfg = UnlearnConfig(**{**base.__dict__, "method": method})
+        # ESD's x_t: DDIM from noise to a random one of --gen-steps steps (8), as everything here samples,
+        # rather than the official 50, which would add ~6 idle-CPU minutes of sampling to its 200 steps
+        cfg = UnlearnConfig(**{**base.__dict__, "method": method, "esd_ddim_steps": args.gen_steps})
         edit = compute_unlearn(host, host.text, args.concept, cfg, family="tiny", data=data)
         edits[method] = edit
         res = measure(model, clip, [edit], args.concept, preserved, args)
@@ -149,11 +153,17 @@ def part_distill(model, clip, host, args, out):
                              UnlearnConfig(method="esd", steps=n_erase, lr=args.lr, batch=4, n_prompts=8,
                                            gen_steps=args.gen_steps), family="tiny", fixed=fixed)
     t_two = time.perf_counter() - t0
+
+    def kib(*edits):
+        return round(sum(c.nbytes() for e in edits for c in e.changes.values()) / 1024, 1)
+
     out["distill"] = {"student_untrained": measure(model, clip, [student], args.concept, preserved, args),
                       "bilevel": {**measure(model, clip, [student, bilevel], args.concept, preserved, args),
-                                  "seconds": round(t_bi, 1)},
+                                  "seconds": round(t_bi, 1), "edit_kib": kib(bilevel),
+                                  "pruned_layers": len(bilevel.metrics["pruned_layers"]),
+                                  "kd_outputs": bilevel.metrics["kd_outputs"]},
                       "two_stage": {**measure(model, clip, [student, stage1, stage2], args.concept, preserved, args),
-                                    "seconds": round(t_two, 1)}}
+                                    "seconds": round(t_two, 1), "edit_kib": kib(stage1, stage2)}}
     log.info("distill: %s", out["distill"])
 
 
@@ -204,9 +214,21 @@ def part_audit(model, clip, host, args, out, edits):
 
     kind = world.kind_of(args.concept)
     others = [c for c in world.CONCEPTS[kind] if c != args.concept and world.words(c)]
-    benign = [p for c in others[:3] for p, _ in world.prompts_for(c, 3)]
-    benign_latents = None
-    out["audit"] = {}
+    benign_pairs = [pa for c in others[:3] for pa in world.prompts_for(c, 3)]
+    benign = [p for p, _ in benign_pairs]
+    benign_latents, benign_data = None, "the original model's images of the benign prompts"
+    if args.benign_data == "world":
+        # "real data": the tiny world's own renderings of the benign prompts (what the model was
+        # trained on), through the node's path: fitted, encoded by the VAE, process_latent_in
+        import random
+
+        from conceptedit.comfy_host.jobs import encode_images
+        from conceptedit.tiny.comfy_model import _classes
+        rng = random.Random(f"benign:{args.concept}")
+        images = [((world.render(a["shape"], a["colour"], a["style"], rng) + 1) / 2).movedim(0, -1) for _, a in benign_pairs]
+        benign_latents = encode_images(ModelView(model, clip), _classes()["TinyVAE"](), images)
+        benign_data = f"{len(images)} renderings of the tiny world (real data)"
+    out["audit"], out["audit_benign_data"] = {}, benign_data
     for name, edit in edits.items():
         text, edited_text = host.text, bool(edit.text_encoder_keys())
         if edited_text:  # the benign fine-tune sees the conditioning of the edited text encoder
@@ -218,7 +240,7 @@ def part_audit(model, clip, host, args, out, edits):
             benign_latents = generate_latents(host, host.text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed)
         t0 = time.perf_counter()
         rep = audit(host, text, edit, presence, cfg, benign_prompts=benign, benign_latents=benign_latents,
-                    text_is_edited=edited_text)
+                    text_is_edited=edited_text, benign_data=benign_data)
         out["audit"][name] = {"original": rep.presence_original, "edited": rep.presence_edited,
                               "after": dict(zip(rep.steps, rep.presence_after)),
                               "resurgence": dict(zip(rep.steps, [round(r, 3) for r in rep.resurgence])),
@@ -236,6 +258,9 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=8)
     ap.add_argument("--eval-prompts", type=int, default=3)
     ap.add_argument("--audit-steps", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--benign-data", default="generated", choices=("generated", "world"),
+                    help="--part audit: fine-tune on the original model's images (generated) or on the tiny "
+                         "world's renderings of the same prompts (world: real data, as the paper)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--distill-steps", type=int, default=0, help="--part distill: total steps (default --steps)")
     ap.add_argument("--erase-every", type=int, default=10, help="--part distill: one erase step every N (10 = 9:1)")

@@ -15,7 +15,11 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--edit", required=True, help="the edit file to audit (.safetensors from any ConceptEdit method)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt showing the concept (repeatable)")
-    p.add_argument("--benign", action="append", default=[], help="a benign prompt to fine-tune on (repeatable)")
+    p.add_argument("--benign", action="append", default=[],
+                   help="a benign prompt to fine-tune on (repeatable); with --benign-images, the images' captions")
+    p.add_argument("--benign-images", default="", metavar="FOLDER",
+                   help="fine-tune on your own images in FOLDER (a .txt caption beside each, else --benign) instead "
+                        "of the original model's images")
     p.add_argument("--steps", default="10,25,50", help="checkpoints: benign steps at which presence is measured")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4)
@@ -33,12 +37,14 @@ def run(args) -> int:
 
     cfg = AuditConfig(checkpoints=tuple(int(s) for s in args.steps.split(",") if s.strip()), lr=args.lr,
                       rank=args.rank, seed=args.seed).validate()
-    model, clip = load_model(args.ckpt, cpu=args.cpu)
+    model, clip, vae = load_model(args.ckpt, cpu=args.cpu, vae=True) if args.benign_images else (
+        *load_model(args.ckpt, cpu=args.cpu), None)
     edit = Edit.load(args.edit)
     edited, _, warnings = apply_edit(model, None, edit)  # validates family, layout and shapes first
     for w in warnings:
         log.warning(w)
-    report = audit_models(edited, model, clip, args.prompt, args.benign, cfg, edit=edit, ctx=terminal_context())
+    report = audit_models(edited, model, clip, args.prompt, args.benign, cfg, edit=edit, ctx=terminal_context(),
+                          vae=vae, benign_folder=args.benign_images)
     print(report.to_text())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -18,21 +18,22 @@ def add_model_arg(p) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
-def load_model(ckpt: str, cpu: bool = False):
-    """(MODEL, CLIP) as ComfyUI objects, through ComfyUI's own checkpoint loader."""
+def load_model(ckpt: str, cpu: bool = False, vae: bool = False):
+    """(MODEL, CLIP) as ComfyUI objects, through ComfyUI's own checkpoint loader; (MODEL, CLIP, VAE)
+    with `vae`."""
     from ..comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True if cpu else None)
     if ckpt == TINY:
         from ..tiny.comfy_model import load_tiny
-        model, clip, _vae = load_tiny()
-        return model, clip
+        model, clip, tiny_vae = load_tiny()
+        return (model, clip, tiny_vae) if vae else (model, clip)
     if not os.path.isfile(ckpt):
         raise SystemExit(f"no checkpoint at {ckpt}")
     if not ckpt.endswith(".safetensors"):
         raise SystemExit(f"{ckpt}: only .safetensors checkpoints are read (nothing is unpickled)")
     import comfy.sd
-    out = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=True)
-    return out[0], out[1]
+    out = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=vae, output_clip=True)
+    return (out[0], out[1], out[2]) if vae else (out[0], out[1])
 
 
 def terminal_context() -> RunContext:

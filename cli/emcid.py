@@ -15,8 +15,10 @@ def register(sub) -> None:
     p.add_argument("--pairs", required=True,
                    help="a .csv/.txt file, one 'source,destination' or 'source -> destination' per line")
     p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
-    p.add_argument("--lam", type=float, default=6000.0, help="λ, weight of generic-text preservation (4000-10000)")
-    p.add_argument("--steps", type=int, default=150, help="stage-1 Adam steps per concept")
+    p.add_argument("--lam", type=float, default=None,
+                   help="λ, weight of generic-text preservation (default: the family's, e.g. SD 4000, SDXL 4000 CLIP-L / "
+                        "10000 bigG)")
+    p.add_argument("--steps", type=int, default=None, help="stage-1 Adam steps per concept (default: the family's)")
     p.add_argument("--no-stage1", action="store_true",
                    help="skip stage 1: target = the destination's own text features (no diffusion model runs)")
     p.add_argument("--template", action="append", default=None,

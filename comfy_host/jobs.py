@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from ..editing.audit.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
-from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, guidance_presence
+from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
 from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from ..editing.edit import Change, Edit
@@ -31,8 +31,9 @@ from ..editing.hosts import RunContext
 from ..editing.prompts import build_pairs
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
+from ..editing.uce.debias import DebiasConfig, debias_uce, presence_judge, similarity_judge
 from ..editing.unlearn.trainer import UnlearnConfig, compute_unlearn
-from .adapters import ComfyText, clip_state, original_weights, patched_weights, run_context
+from .adapters import ComfyDenoiser, ComfyText, clip_state, original_weights, patched_weights, run_context
 from .view import ModelView
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,16 @@ class Job:
 
 @dataclass(kw_only=True)
 class UCEJob(Job):
+    """UCE's job. With `loop` (mode "debias") the debias edit is closed-loop (`editing.uce.debias`):
+    `judge` is a ComfyUI CLIP_VISION (then `vae` decodes the pictures for it, and the CLIP's text
+    tower must pair with it), a callable ``judge(latents, options, concept) -> scores [N, K]``
+    (latents as ComfyUI's sampler returns them), or None: the unedited MODEL judges by presence,
+    on latents (no VAE)."""
     settings: UCEConfig  # the concepts, guides and preserve set are part of UCE's own config
+    loop: DebiasConfig | None = None  # None: the single static solve
+    judge: Any = None
+    vae: Any = None
+    judge_template: str = "This is a photo of {}."  # a CLIP judge's text per option (the official pipeline's)
 
 
 @dataclass(kw_only=True)
@@ -118,10 +128,89 @@ def _training():
 
 
 def uce(model, clip, config: UCEJob, ctx: RunContext | None = None) -> JobResult:
-    """UCE from the unpatched weights, applied to a clone of MODEL."""
-    view = ModelView(model, clip, ctx=ctx or run_context())
-    edit = compute_uce(view.text, view.weights, view.family, config.settings, view.ctx)
+    """UCE from the unpatched weights, applied to a clone of MODEL (closed-loop debias with `config.loop`)."""
+    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    if config.loop is not None:
+        edit = _uce_debias(view, config)
+    else:
+        edit = compute_uce(view.text, view.weights, view.family, config.settings, view.ctx)
     return _finish(view, edit, config)
+
+
+def _uce_debias(view: ModelView, config: UCEJob) -> Edit:
+    """Each round's edit goes onto a clone that generates the concepts at the job's size, the judge
+    reads the shares, the next round re-solves from the unpatched weights."""
+    loop = config.loop
+    quiet = RunContext(should_stop=view.ctx.should_stop, device=view.ctx.device)  # the loop reports rounds
+    text = _EncodedOnce(view.clip, device=view.ctx.device)  # UCE leaves the CLIP alone: encode each prompt once
+    host = ComfyDenoiser(view.model, text, ctx=quiet, latent_hw=view.latent, family=view.family,
+                         base=lambda: view.weights)
+
+    def generate(edit, prompts, seed):
+        sampler = host
+        if edit is not None:
+            sampler = ComfyDenoiser(view.apply(edit)[0], text, ctx=quiet, latent_hw=host.latent_size,
+                                    family=view.family, base=lambda: view.weights)
+        return sampler.sample(list(prompts), steps=loop.steps, cfg=loop.cfg, seed=seed)
+
+    return debias_uce(text, view.weights, view.family, config.settings, loop, generate,
+                      _debias_judge(view, config, host, quiet), view.ctx)
+
+
+class _EncodedOnce(ComfyText):
+    """ComfyText that encodes each distinct prompt once: every round generates the same prompts N
+    times over, and the text encoder is the same in every round."""
+
+    def __init__(self, clip, device=None):
+        super().__init__(clip, device=device)
+        self._memo: dict[str, tuple] = {}
+
+    def _encode_one(self, prompt: str):
+        if prompt not in self._memo:
+            self._memo[prompt] = super()._encode_one(prompt)
+        return self._memo[prompt]
+
+
+def _debias_judge(view: ModelView, config: UCEJob, host: ComfyDenoiser, ctx: RunContext):
+    judge = config.judge
+    if judge is None:  # the unedited MODEL as a diffusion classifier, on latents
+        return presence_judge(host, host.text, to_x0=host.latent_in, ctx=ctx)
+    if not hasattr(judge, "encode_image"):
+        if callable(judge):
+            return judge
+        raise InvalidInputError(f"the debias judge must be a CLIP_VISION model, not {type(judge).__name__}")
+    if config.vae is None:
+        raise InvalidInputError("a CLIP vision judge looks at pictures: connect the checkpoint's VAE too")
+    vae = config.vae
+    return similarity_judge(lambda latents: judge.encode_image(vae.decode(latents)).image_embeds,
+                            paired_text_embeddings(view.clip), config.judge_template)
+
+
+def paired_text_embeddings(clip):
+    """`prompts -> [K, e]`: the CLIP's pooled, projected text embedding (what zero-shot CLIP compares with
+    an image embedding). Refused when the tower has no real projection: ComfyUI drops SD1.x's
+    (its checkpoints carry none; an identity stands in), so SD1.x text cannot be compared with a CLIP
+    vision model; SDXL's CLIP-G keeps its own, which pairs with clip_vision_g."""
+    if clip is None:
+        raise InvalidInputError("connect the CLIP: its text tower scores the options for the CLIP vision judge")
+    pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)[1]
+    if pooled is None:
+        raise InvalidInputError("this CLIP gives no pooled text embedding to compare with a CLIP vision model; "
+                                "disconnect clip_vision (the model then judges by presence)")
+    width = pooled.shape[-1]
+    real = [m for n, m in clip.cond_stage_model.named_modules() if n.endswith("text_projection")
+            and getattr(m, "weight", None) is not None and m.weight.shape[0] == width
+            and not torch.equal(m.weight.float().cpu(), torch.eye(*m.weight.shape))]
+    if not real:
+        raise InvalidInputError("this checkpoint's text encoder has no CLIP text projection (ComfyUI drops SD1.x's), "
+                                "so its text cannot be scored against a CLIP vision model: disconnect clip_vision "
+                                "(the model then judges by presence) or use a model whose text tower pairs with it "
+                                "(SDXL's CLIP-G with clip_vision_g)")
+
+    def encode(prompts):
+        return torch.cat([clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)[1] for p in prompts]).float()
+
+    return encode
 
 
 def concept_prune(model, clip, config: ConceptPruneJob, ctx: RunContext | None = None) -> JobResult:
@@ -244,11 +333,96 @@ def edit_between(edited, original, view: ModelView | None = None) -> Edit:
     return Edit("model-difference", view.family.name, changes)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One ComfyUI image [H, W, C] in 0..1 -> [height, width, 3]: centre-cropped to the target's aspect
+    ratio (nothing is stretched), then resized with antialiasing."""
+    if image.ndim != 3 or image.shape[-1] < 3:
+        raise InvalidInputError(f"expected an image [H, W, 3 or 4] in 0..1, got shape {tuple(image.shape)}")
+    h, w = image.shape[:2]
+    scale = min(h / height, w / width)
+    ch, cw = max(1, round(height * scale)), max(1, round(width * scale))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    x = image[top:top + ch, left:left + cw, :3].movedim(-1, 0)[None].float()
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].movedim(0, -1).clamp(0, 1)
+
+
+def load_image_folder(folder: str, limit: int = 1000) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The images in `folder` (sorted by name) as [H, W, 3] tensors in 0..1, and their captions from a
+    .txt of the same name beside each (the kohya convention), or None when no image has one."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    if not folder or not os.path.isdir(folder):
+        raise InvalidInputError(f"no folder at {folder!r}: give a folder of images (.png/.jpg/.webp, a .txt caption "
+                                "beside each)")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))[:limit]
+    if not names:
+        raise InvalidInputError(f"{folder} holds no .png/.jpg/.webp/.bmp images")
+    images, captions = [], []
+    for n in names:
+        with Image.open(os.path.join(folder, n)) as im:
+            images.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0))
+        txt = os.path.join(folder, os.path.splitext(n)[0] + ".txt")
+        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None)
+    if all(c is None for c in captions):
+        return images, None
+    missing = [n for n, c in zip(names, captions) if not c]
+    if missing:
+        raise InvalidInputError(f"{len(missing)} image(s) in {folder} have no caption .txt beside them (e.g. "
+                                f"{missing[0]}): give every image one, or none (then the benign prompts are the captions)")
+    return images, captions
+
+
+def encode_images(view: ModelView, vae, images) -> torch.Tensor:
+    """ComfyUI images (an IMAGE batch [B, H, W, C] or a list of [H, W, C]) -> clean latents in the UNet's
+    scale at the view's picture size: fitted (`fit_image`), encoded by `vae`, then ComfyUI's own
+    `process_latent_in`, where the training objectives' x₀ lives."""
+    if vae is None:
+        raise InvalidInputError("connect the checkpoint's VAE: it encodes the benign images")
+    lh, lw = view.denoiser.latent_size
+    ratio = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else vae.downscale_ratio
+    ratio = ratio if isinstance(ratio, int) else 8
+    pixels = torch.stack([fit_image(im, lh * ratio, lw * ratio) for im in images])
+    with torch.no_grad():
+        z = vae.encode(pixels)
+    if tuple(z.shape[-2:]) != (lh, lw):
+        raise InvalidInputError(f"the VAE encodes {lh * ratio}×{lw * ratio} pixels to a {tuple(z.shape[-2:])} latent, "
+                                f"not the model's {lh}×{lw}: connect the VAE that belongs to this checkpoint")
+    return view.denoiser.latent_in(z.to(view.ctx.device)).float()
+
+
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
-                 ctx=None, latent: tuple[int, int] | None = None):
-    """The resurgence audit of `edited` against `original` (its edit read off the two when not given)."""
+                 ctx=None, latent: tuple[int, int] | None = None, *, vae=None, benign_images=None,
+                 benign_folder: str = ""):
+    """The resurgence audit of `edited` against `original` (its edit read off the two when not given).
+
+    Benign data: the user's own images when given (`benign_images`, an IMAGE batch, and/or a
+    `benign_folder`), captioned by `benign_prompts` (one line per image, or one for all) or by the
+    folder's .txt files, encoded by `vae`; otherwise the original model's images of `benign_prompts`."""
     view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
     host = view.denoiser
+    latents, source = None, ""
+    if benign_images is not None or benign_folder:
+        images, captions, parts = [], [], []
+        if benign_images is not None:
+            images += list(benign_images)
+            captions += captions_for(benign_prompts, len(benign_images))
+            parts.append(f"{len(benign_images)} connected")
+        if benign_folder:
+            folder_images, folder_captions = load_image_folder(benign_folder)
+            images += folder_images
+            captions += folder_captions or captions_for(benign_prompts, len(folder_images))
+            parts.append(f"{len(folder_images)} from {benign_folder}")
+        if not images:
+            raise InvalidInputError("the benign IMAGE input is empty")
+        latents = encode_images(view, vae, images)
+        benign_prompts, source = captions, f"{len(images)} user images ({' + '.join(parts)})"
     if edit is None:
         edit = edit_between(edited, original, view)
     edited_text = None
@@ -259,7 +433,7 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
                                      gen_cfg=cfg.gen_cfg, edited_text=edited_text)
         report = audit(host, edited_text or host.text, edit, presence, cfg,
                        benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
-                       text_is_edited=edited_text is not None)
+                       text_is_edited=edited_text is not None, benign_latents=latents, benign_data=source)
     return report
 
 

@@ -41,19 +41,32 @@ def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: t
     return F.mse_loss(host.eps(add_noise(x0, noise, t, ac), t, context, y=y), noise)
 
 
+def ddim_timesteps(n_train: int, steps: int) -> torch.Tensor:
+    """The `steps` integer timesteps `ddim_sample` visits, from n_train − 1 down to 0."""
+    return torch.linspace(n_train - 1, 0, steps).round().long()
+
+
 def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
                 shape: tuple[int, ...] | None = None, ctx: RunContext | None = None,
-                y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler)."""
+                y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None,
+                stop: int | None = None) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler).
+
+    `stop`: take only the first `stop` of the `steps` steps and return the partly denoised latent,
+    which then sits at timestep ``ddim_timesteps(len(ᾱ), steps)[stop]`` (ESD's x_t); None = down to x₀."""
     ac = host.alphas_cumprod().float()
+    if stop is not None and not 0 <= stop < steps:
+        raise ValueError(f"stop must be in [0, {steps}) for {steps} DDIM steps, not {stop}")
     if shape is None:
         ch = getattr(host, "latent_channels", 4)
         hw = getattr(host, "latent_hw", 32)
         shape = (cond.shape[0], ch, hw, hw)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(cond.device)
-    ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
+    ts = ddim_timesteps(len(ac), steps)
     for i, t in enumerate(ts):
+        if stop is not None and i == stop:
+            break
         if ctx is not None:
             ctx.check()
         a = ac[t].to(x.device)

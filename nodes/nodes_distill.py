@@ -3,7 +3,7 @@ from the full teacher while the concept is erased from it."""
 from __future__ import annotations
 
 from ..comfy_host.jobs import DistillJob, distill_unlearn
-from ..editing.distill.bilevel import DistillConfig
+from ..editing.distill.bilevel import FEATURE_KD, KEEP_PRUNED, DistillConfig
 from ..editing.training import PARAM_SETS
 from ..editing.report.plots import history_plot
 from .common import CATEGORY, EDIT, prompt_lines, size_inputs
@@ -11,11 +11,12 @@ from .common import CATEGORY, EDIT, prompt_lines, size_inputs
 
 class DistillUnlearn:
     DESCRIPTION = ("Distil a pruned or smaller student from the full teacher while erasing a concept from it "
-                   "(bilevel distill-and-unlearn, Shirkavand et al. 2024): 9 distillation steps (diffusion loss + "
-                   "output and feature KD on the teacher's own pictures), then 1 erase step (ESD target from the "
-                   "teacher), repeated. The student is the output of ConceptPrune / Apply Concept Edit on the teacher, "
-                   "or a model of its own (blocks removed, other widths) using the same CLIP. Neither input is changed; "
-                   "Cancel stops cleanly.")
+                   "(bilevel distill-and-unlearn, Shirkavand et al. 2024): 9 distillation steps (Min-SNR-weighted "
+                   "diffusion loss + output KD + feature KD averaged over the UNet's level outputs, on the teacher's "
+                   "own pictures), then 1 erase step (ESD target from the teacher), repeated, each kind with its own "
+                   "AdamW. The student is the output of ConceptPrune / Apply Concept Edit on the teacher, or a model "
+                   "of its own (blocks removed, other widths) using the same CLIP. Weights the pruning zeroed stay "
+                   "zero. Neither input is changed; Cancel stops cleanly.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", EDIT, "IMAGE")
     RETURN_NAMES = ("student", "edit", "loss_plot")
@@ -48,14 +49,28 @@ class DistillUnlearn:
             "n_prompts": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Templated erase prompts."}),
             "gen_steps": ("INT", {"default": 20, "min": 1, "max": 200,
                                   "tooltip": "Sampling steps of the teacher's training pictures."}),
+            "keep_pruned": (list(KEEP_PRUNED), {"default": "mask",
+                            "tooltip": "mask: weights the pruning zeroed stay exactly zero (the LoRA is masked there; "
+                                       "a layer pruned in scattered weights, as ConceptPrune does, is saved as a dense "
+                                       "change); skip: the pruned layers are not trained (small file); off: the LoRA "
+                                       "may regrow pruned weights (the earlier behaviour)."}),
+            "feature_kd": (list(FEATURE_KD), {"default": "levels",
+                           "tooltip": "levels: feature KD is the mean over the UNet's level outputs (every down "
+                                      "level, the middle block, every up level: 9 on SD1.x, 7 on SDXL), as the "
+                                      "paper's code; blocks: the sum over every transformer block (earlier form)."}),
+            "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
+                                        "tooltip": "Min-SNR-γ weighting of the diffusion loss (5 as in the paper); "
+                                                   "0 = the plain ε-MSE."}),
             **size_inputs("the teacher generates for training"),
         }}
 
     def execute(self, student, teacher, clip, concept, distill_prompts, steps, erase_every, lr, params, rank, seed,
-                batch=4, n_prompts=16, gen_steps=20, width=0, height=0):
+                batch=4, n_prompts=16, gen_steps=20, keep_pruned="mask", feature_kd="levels", min_snr_gamma=5.0,
+                width=0, height=0):
         cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=lr, param_set=params,
                             rank=rank, seed=seed, batch=batch, n_prompts=n_prompts, gen_steps=gen_steps,
-                            erase=bool(concept.strip()))
+                            erase=bool(concept.strip()), keep_pruned=keep_pruned, feature_kd=feature_kd,
+                            min_snr_gamma=min_snr_gamma)
         job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=prompt_lines(distill_prompts),
                          width=width, height=height)
         out, _clip, edit, _warnings = distill_unlearn(student, clip, job)

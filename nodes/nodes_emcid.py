@@ -5,8 +5,21 @@ import json
 import os
 
 from ..comfy_host.jobs import EmcidJob, emcid
-from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, EmcidConfig, parse_pairs
+from ..editing.emcid.presets import FAMILY_DEFAULTS
+from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, RESIDUALS, EmcidConfig, parse_pairs
 from .common import CATEGORY, EDIT
+
+
+def _family_defaults(name: str) -> str:
+    """'SD1 4000, SD2 4000, SDXL clip_l 4000 / clip_g 10000, tiny 1000': the table's values, for the tooltips."""
+    labels = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "tiny": "tiny"}
+    out = []
+    for fam, d in FAMILY_DEFAULTS.items():
+        if name == "lam" and d.lam_per_encoder:
+            out.append(f"{labels[fam]} " + " / ".join(f"{e} {v:g}" for e, v in d.lam_per_encoder.items()))
+        else:
+            out.append(f"{labels[fam]} {getattr(d, name):g}")
+    return ", ".join(out)
 
 
 def emcid_cache_dir() -> str:
@@ -39,11 +52,15 @@ class TextEncoderEdit:
                                     "tooltip": "One 'source -> destination' per line (e.g. 'van gogh -> a painter'); "
                                                "an empty destination ('nudity ->') maps to the bare template. "
                                                "# starts a comment."}),
-            "lam": ("FLOAT", {"default": 6000.0, "min": 1.0, "max": 1e7, "step": 100.0,
-                              "tooltip": "λ: how strongly generic text is preserved (paper 4000-10000). Higher keeps "
-                                         "more of the original model, lower makes the edit reach further."}),
-            "steps": ("INT", {"default": 150, "min": 1, "max": 2000,
-                              "tooltip": "Stage-1 optimisation steps per concept (paper 100-200)."}),
+            "lam": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 100.0,
+                              "tooltip": "λ: how strongly generic text is preserved. Higher keeps more of the original "
+                                         "model, lower makes the edit reach further. A value here applies to every "
+                                         "text encoder; 0 = the model family's default per encoder (official code: "
+                                         + _family_defaults("lam") + ")."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 2000,
+                              "tooltip": "Stage-1 optimisation steps per concept. 0 = the model family's default ("
+                                         + _family_defaults("steps") + "); learning rate, weight decay, norm clamp "
+                                         "and pooled-output weight always follow the family (see the edit's params)."}),
             "use_stage1": ("BOOLEAN", {"default": True,
                                        "tooltip": "On: optimise each concept's target against the diffusion model "
                                                   "(slower, cached on disk). Off: use the destination's own text "
@@ -53,12 +70,18 @@ class TextEncoderEdit:
                                      "tooltip": "Prompts the concept is read in, one per line; '{}' marks the concept."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed for the stage-1 source images and timesteps."}),
+            "residual": (list(RESIDUALS), {"default": "official",
+                                           "tooltip": "Stage 2's residual at each edited layer: official = target minus "
+                                                      "that layer's MLP output (EMCID's code); memit = target minus the "
+                                                      "last edited layer's output (MEMIT's)."}),
         }}
 
     def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,
-                templates: str | None = None, seed: int = 0):
+                templates: str | None = None, seed: int = 0, residual: str = "official"):
         tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
-        cfg = EmcidConfig(lam=lam, steps=steps, use_stage1=use_stage1, templates=tpl, seed=seed)
+        # 0 = the model family's default; the values used are in the edit's params
+        cfg = EmcidConfig(lam=lam or None, steps=steps or None, use_stage1=use_stage1, templates=tpl, seed=seed,
+                          residual=residual)
         _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
                                                                         cache_dir=emcid_cache_dir()))
         return (out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))

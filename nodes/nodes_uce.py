@@ -5,8 +5,9 @@ import os
 
 from ..comfy_host.jobs import UCEJob, export_lora, uce
 from ..editing.export.lora import LoraExportConfig
-from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, UCEConfig
-from .common import CATEGORY, EDIT, concepts_from_text, unique_path
+from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS, UCEConfig
+from ..editing.uce.debias import DebiasConfig, report_text
+from .common import CATEGORY, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
 
 
 def loras_dir() -> str:
@@ -71,6 +72,70 @@ class CrossAttentionEdit:
         return (out.model, out.edit)
 
 
+class UCEDebias:
+    DESCRIPTION = ("Debias concepts with UCE in a closed loop (the paper's procedure): edit, generate each concept, "
+                   "let a judge read which option every picture shows, move the option weights by the gap to the "
+                   "target shares, re-solve from the original weights; stop when every gap is within tolerance. "
+                   "Judge: a CLIP vision model scored against the options with this checkpoint's own text tower "
+                   "(where they pair: SDXL's CLIP-G with clip_vision_g), else the model itself (presence).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", EDIT, "STRING")
+    RETURN_NAMES = ("model", "edit", "report")
+    OUTPUT_TOOLTIPS = ("A copy of the model with the chosen round's edit applied as patches.",
+                       "The edit; metrics.debias holds every round's weights and shares.",
+                       "The shares per round: unedited, static mix (round 0), the loop's rounds.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to debias (cloned, never changed)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder (also the judge's text tower with clip_vision)."}),
+            "concepts": ("STRING", {"multiline": True, "default": "a doctor",
+                                    "tooltip": "Concepts to debias, one per line; each is also the prompt generated."}),
+            "options": ("STRING", {"default": "male:0.5, female:0.5",
+                                   "tooltip": "The attribute options with their target shares, e.g. 'male:0.5, female:0.5'."}),
+            "tolerance": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.99, "step": 0.01,
+                                    "tooltip": "Stop when every share is within this of its target (paper code: 0.05)."}),
+            "max_iterations": ("INT", {"default": 10, "min": 0, "max": 100,
+                                       "tooltip": "Re-solves after the static mix (0 = the static mix only; paper code: 30)."}),
+            "samples": ("INT", {"default": 10, "min": 1, "max": 256,
+                                "tooltip": "Pictures per concept per round (paper code: 10). More = steadier shares."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampler steps per picture."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                             "tooltip": "Noise seed, the same every round (rounds differ only by the edit)."}),
+        }, "optional": {
+            "clip_vision": ("CLIP_VISION", {"tooltip": "The judge: a CLIP vision model whose space pairs with the "
+                            "CLIP's text tower (SDXL + clip_vision_g). Not connected: the model judges by presence."}),
+            "vae": ("VAE", {"tooltip": "Decodes the pictures for clip_vision; not needed without it."}),
+            "preserve": ("STRING", {"multiline": True, "default": "",
+                                    "tooltip": "Concepts that must stay unchanged (one per line), added to the defaults."}),
+            "default_preserve": ("BOOLEAN", {"default": True, "tooltip": "Also preserve ~30 generic prompts."}),
+            "step_size": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.05,
+                                    "tooltip": "η in weight += η × (target − share) (paper code: 1)."}),
+            "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.05, "tooltip": "λ of the closed form."}),
+            "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_e."}),
+            "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_p."}),
+            "token_window": (list(TOKEN_WINDOWS), {"default": "aligned", "tooltip": "Which tokens of each concept are edited."}),
+            "strength": strength_input(),
+            **size_inputs("the loop generates"),
+        }}
+
+    def execute(self, model, clip, concepts, options, tolerance, max_iterations, samples, steps, cfg, seed,
+                clip_vision=None, vae=None, preserve="", default_preserve=True, step_size=1.0, lam=0.5,
+                erase_scale=1.0, preserve_scale=0.1, token_window="aligned", strength=1.0, width=0, height=0):
+        settings = UCEConfig(concepts=concepts_from_text(concepts), mode="debias", guide=options,
+                             preserve=concepts_from_text(preserve), default_preserve=default_preserve, lam=lam,
+                             erase_scale=erase_scale, preserve_scale=preserve_scale, token_window=token_window)
+        loop = DebiasConfig(tolerance=tolerance, max_iterations=max_iterations, step_size=step_size, samples=samples,
+                            steps=steps, cfg=cfg, seed=seed)
+        out = uce(model, clip, UCEJob(settings=settings, loop=loop, judge=clip_vision, vae=vae, strength=strength,
+                                      width=width, height=height))
+        text = report_text(out.edit)
+        return {"ui": {"text": [text]}, "result": (out.model, out.edit, text)}
+
+
 class ExportLoRA:
     DESCRIPTION = ("Write an edit as a LoRA file in models/loras that stock LoraLoader, Automatic1111 and diffusers "
                    "load. Low-rank edits are exact; dense ones are compressed by SVD (the error is reported); "
@@ -109,8 +174,10 @@ class ExportLoRA:
 NODE_CLASS_MAPPINGS = {
     "ConceptEditCrossAttentionEdit": CrossAttentionEdit,
     "ConceptEditExportLoRA": ExportLoRA,
+    "ConceptEditUCEDebias": UCEDebias,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConceptEditCrossAttentionEdit": "Cross-Attention Edit (UCE closed form)",
     "ConceptEditExportLoRA": "Export Edit as LoRA",
+    "ConceptEditUCEDebias": "Debias (UCE, closed loop)",
 }

@@ -13,7 +13,7 @@ from ..editing.errors import InvalidInputError
 from ..editing.training import PARAM_SETS
 from ..editing.report.plots import audit_plot, history_plot
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
-from ..editing.unlearn.trainer import METHODS, UnlearnConfig
+from ..editing.unlearn.trainer import METHODS, PRESETS, RETAIN_PAIRINGS, preset_config
 from .common import CATEGORY, EDIT, prompt_lines, size_inputs
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class TrainUnlearn:
                                                      "templated prompts without the concept are always used."}),
             "method": (list(METHODS), {"default": "rgd", "tooltip": "rgd: ascent on the concept + descent on retain, "
                                        "each gradient projected off the other when they conflict; ga: gradient ascent "
-                                       "baseline, −L_forget + 0.1·L_retain; esd: negative guidance from the frozen model."}),
+                                       "baseline, −L_forget + 0.1·L_retain; esd: negative guidance from the frozen model, "
+                                       "on its own partial samples of the bare concept (Gandikota et al.)."}),
             "params": (list(PARAM_SETS), {"default": "lora", "tooltip": "What trains: lora (every transformer Linear, "
                                           "small file), lora-xattn, xattn (ESD-x, dense cross-attention), noxattn "
                                           "(ESD-u, dense everything else)."}),
@@ -61,23 +62,33 @@ class TrainUnlearn:
             "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forget/retain batch."}),
             "n_prompts": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Templated forget/retain prompt pairs (images generated once per run)."}),
             "gen_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps used to generate the training images."}),
+            "preset": (["custom", *PRESETS], {"default": "custom", "tooltip": (
+                "custom: method, params, steps and lr as set above. esd-x: Gandikota et al.'s ESD-x, ESD on the "
+                "cross-attention (params xattn), for concepts named in the prompt (styles, objects); esd-u: ESD-u, "
+                "ESD on everything but the cross-attention (noxattn), for concepts that show unnamed (nudity). "
+                "Both take the official 200 steps at lr 5e-5 in place of method, params, steps and lr.")}),
+            "retain_pairing": (list(RETAIN_PAIRINGS), {"default": "twins", "tooltip": (
+                "RGD/GA retain batch: twins = each forget prompt's concept-free twin (Ko et al.), plus some of "
+                "your retain prompts; independent = a random draw from all retain prompts.")}),
             **size_inputs("it trains on"),
         }}
 
     def execute(self, model, clip, concept, retain_prompts, method, params, steps, lr, rank, seed, alpha=1.6,
                 truncation=1.1, eta=1.0, forget_objective="ascent", batch=4, n_prompts=16, gen_steps=20,
-                width=0, height=0):
-        cfg = UnlearnConfig(method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed, alpha=alpha,
-                            truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
-                            n_prompts=n_prompts, gen_steps=gen_steps)
+                preset="custom", retain_pairing="twins", width=0, height=0):
+        cfg = preset_config(preset, method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed,
+                            alpha=alpha, truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
+                            n_prompts=n_prompts, gen_steps=gen_steps, retain_pairing=retain_pairing)
         out, _clip, edit, _warnings = unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, width=width, height=height,
                                                                  retain_prompts=prompt_lines(retain_prompts)))
-        return (out, edit, history_plot(edit.metrics["history"], f"{method} / {params}: {concept}"))
+        name = preset if preset != "custom" else f"{cfg.method} / {cfg.param_set}"
+        return (out, edit, history_plot(edit.metrics["history"], f"{name}: {concept}"))
 
 
 class ResurgenceAudit:
-    DESCRIPTION = ("Audit an erasure: fine-tune the edited model briefly on benign prompts (a LoRA, on images of the "
-                   "original model) and report how much of the concept comes back. Works for any edit. Presence is "
+    DESCRIPTION = ("Audit an erasure: fine-tune the edited model briefly on benign data (a LoRA, on your own captioned "
+                   "images, or else on images of the original model) and report how much of the concept comes back. "
+                   "Works for any edit. Presence is "
                    "measured without a classifier: how much of the original's concept direction ε(c)−ε(∅) remains.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "IMAGE")
@@ -102,18 +113,27 @@ class ResurgenceAudit:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of images and noise."}),
         }, "optional": {
             "edit": (EDIT, {"tooltip": "The edit itself; when absent it is read off the two models' weights."}),
+            "benign_images": ("IMAGE", {"tooltip": "Your own benign images to fine-tune on (as the paper does with real "
+                                                   "data); the benign prompts are their captions, one line per image "
+                                                   "or one for all. Without images the original model generates them, "
+                                                   "which partly distils the edit away. Needs the VAE."}),
+            "benign_folder": ("STRING", {"default": "", "tooltip": "A folder of benign images (.png/.jpg/.webp) to "
+                                                                    "fine-tune on, each with a .txt caption beside it "
+                                                                    "(else the benign prompts are the captions). Needs the VAE."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the benign images."}),
             **size_inputs("it fine-tunes and measures on"),
         }}
 
     def execute(self, edited_model, original_model, clip, concept_prompts, benign_prompts, steps, lr, rank, seed, edit=None,
-                width=0, height=0):
+                width=0, height=0, benign_images=None, benign_folder="", vae=None):
         try:
             cps = tuple(int(s) for s in steps.replace(";", ",").split(",") if s.strip())
         except ValueError:
             raise InvalidInputError(f"steps must be numbers separated by commas, e.g. 10,25,50 (got {steps!r})") from None
         cfg = AuditConfig(checkpoints=cps, lr=lr, rank=rank, seed=seed)
         report = audit_models(edited_model, original_model, clip, prompt_lines(concept_prompts), prompt_lines(benign_prompts), cfg, edit,
-                              latent=latent_size(width, height))
+                              latent=latent_size(width, height), vae=vae, benign_images=benign_images,
+                              benign_folder=benign_folder.strip())
         return (report.to_text(), audit_plot(report))
 
 

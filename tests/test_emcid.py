@@ -1,5 +1,7 @@
-"""EMCID: the closed form against a dense reference, exactness as λ→0, preservation of generic keys,
-the low-rank storage, stage 1's constraint and progress, the node inside real ComfyUI."""
+"""EMCID: the closed form against a dense reference (both stage-2 residuals), exactness as λ→0,
+preservation of generic keys, C₀'s tokens, the low-rank storage, stage 1's constraint and progress,
+the per-family hyper-parameters (official code) reaching stage 1, λ per text encoder, the node
+inside real ComfyUI."""
 import math
 
 import pytest
@@ -9,9 +11,12 @@ from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
 from conceptedit.editing.emcid.captions import generic_captions
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, compute_emcid, concept_prompts, parse_pairs, read_keys,
-                                       second_moments, solve_update, stage2, to_change)
+from conceptedit.editing.emcid import stage1 as stage1_mod
+from conceptedit.editing.emcid.stage2 import (EmcidConfig, caption_mask, compute_emcid, concept_prompts, parse_pairs,
+                                              read_keys, read_layer, resolve_defaults, second_moments, solve_update,
+                                              stage2, to_change)
 from conceptedit.editing.emcid.stage1 import optimise_delta
+from conceptedit.editing.hooks import trace_inputs, trace_outputs
 from conceptedit.editing.training import frozen_session
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
 from helpers import random_model, sdxl_style_model
@@ -71,18 +76,34 @@ def test_solve_update_equals_dense_formula():
     torch.testing.assert_close(up @ down, dense, rtol=1e-9, atol=1e-9)
 
 
-def test_stage2_equals_dense_reference(text, clip, c0):
-    """Hooks applying the low-rank updates == writing dense ΔW into the weights and re-reading."""
+def _fc2_out_at_concepts(text, prompts, layer):
+    """The fc2 output of `layer` at each concept's last token, averaged over templates, read by a
+    hook of this test's own (independent of `read_layer`)."""
+    got = []
+    name = f"text_model.encoder.layers.{layer}.mlp.fc2"
+    with trace_outputs(text.modules(ENC), [name], lambda _n, out: got.append(out.detach().double())), torch.no_grad():
+        text.forward(ENC, prompts.ids[ENC])
+    out = got[0][torch.arange(len(prompts.text)), prompts.pos]
+    return out.reshape(prompts.n, prompts.templates, -1).mean(1)
+
+
+@pytest.mark.parametrize("residual", ["memit", "official"])
+def test_stage2_equals_dense_reference(text, clip, c0, residual):
+    """Hooks applying the low-rank updates == writing dense ΔW into the weights and re-reading, with
+    the residual at layer l_j: MEMIT's R = (Z − H_last)/(L − j), the official R = (Z − fc2_j)/(L − j).
+    (Before the official residual became the default this test ran MEMIT's only.)"""
     layers = TINY.text_encoders[0].edit_layers
     prompts = concept_prompts(text, CONCEPTS, ("a photo of {}", "{}"))
     Z = _targets(text, prompts, layers[-1])
-    ours, _ = stage2(text, ENC, layers, prompts, Z, c0, lam=6000.0)
+    ours, m = stage2(text, ENC, layers, prompts, Z, c0, lam=6000.0, residual=residual)
+    assert m["residual"] == residual
     mods = text.modules(ENC)
     saved = {i: mods[f"text_model.encoder.layers.{i}.mlp.fc2"].weight.detach().clone() for i in layers}
     try:
         for j, (i, up, down) in enumerate(ours):
             K, H = read_keys(text, ENC, prompts, i, layers[-1])  # weights already hold earlier ΔW
-            R = (Z - H) / (len(layers) - j)
+            base = H if residual == "memit" else _fc2_out_at_concepts(text, prompts, i)
+            R = (Z - base) / (len(layers) - j)
             ref = R.T @ K @ torch.linalg.inv(6000.0 * c0[i] + K.T @ K)
             assert float((up @ down - ref).norm() / ref.norm()) < 1e-5, j
             with torch.no_grad():
@@ -94,13 +115,36 @@ def test_stage2_equals_dense_reference(text, clip, c0):
 
 
 def test_single_layer_small_lambda_maps_keys_to_targets(text, c0):
+    """MEMIT's residual (explicit since the official one is the default): the layer's output reaches Z."""
     prompts = concept_prompts(text, CONCEPTS, ("a photo of {}",))
     Z = _targets(text, prompts, 2)
-    ups, m = stage2(text, ENC, [2], prompts, Z, c0, lam=1e-7)
+    ups, m = stage2(text, ENC, [2], prompts, Z, c0, lam=1e-7, residual="memit")
     applied = {2: (ups[0][1], ups[0][2].T)}
     _, H = read_keys(text, ENC, prompts, None, 2, applied)
     torch.testing.assert_close(H, Z, rtol=1e-4, atol=1e-4)
     assert m["gap_after"] < 1e-4
+
+
+def test_official_residual_targets_the_fc2_output_not_the_layer_output(text, c0):
+    """The official code's residual is Z − (the edited layer's own fc2 output): as λ→0 that fc2
+    output becomes Z, so the layer's output is Z plus the rest of the residual stream (H − M), not
+    Z; MEMIT's gives H = Z. The two updates differ by exactly the stream's other part."""
+    prompts = concept_prompts(text, CONCEPTS, ("a photo of {}",))
+    Z = _targets(text, prompts, 2)
+    before = read_layer(text, ENC, prompts, 2, 2)
+    ups, m = stage2(text, ENC, [2], prompts, Z, c0, lam=1e-7)  # the default: official
+    assert m["residual"] == "official"
+    after = read_layer(text, ENC, prompts, 2, 2, {2: (ups[0][1], ups[0][2].T)})
+    torch.testing.assert_close(after.M, Z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after.H, Z + (before.H - before.M), rtol=1e-4, atol=1e-4)
+    assert float((after.H - Z).norm()) > 0.1 * float(Z.norm())
+    memit, _ = stage2(text, ENC, [2], prompts, Z, c0, lam=1e-7, residual="memit")
+    # on the edited keys, ΔW_official k − ΔW_memit k = (Z − M) − (Z − H) = H − M
+    K = before.K
+    diff = K @ (ups[0][1] @ ups[0][2]).T - K @ (memit[0][1] @ memit[0][2]).T
+    torch.testing.assert_close(diff, before.H - before.M, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InvalidInputError, match="residual"):
+        stage2(text, ENC, [2], prompts, Z, c0, lam=1.0, residual="nope")
 
 
 def test_preserved_keys_barely_move_while_edited_keys_reach_targets():
@@ -127,8 +171,8 @@ def test_generic_captions_move_less_as_lambda_grows(text, c0):
     caps = concept_prompts(text, generic_captions(64, seed=7), ("{}",))  # held-out captions
     Z = _targets(text, prompts, layers[-1])
     ratio = {}
-    for lam in (10.0, 500.0):
-        ups, m = stage2(text, ENC, layers, prompts, Z, c0, lam=lam)
+    for lam in (10.0, 500.0):  # MEMIT's residual: its gap_after is the share of ‖Z − H‖ left
+        ups, m = stage2(text, ENC, layers, prompts, Z, c0, lam=lam, residual="memit")
         ratio[lam] = []
         for i, up, down in ups:
             K, _ = read_keys(text, ENC, prompts, i, i)
@@ -152,9 +196,10 @@ def test_low_rank_change_equals_dense():
     torch.testing.assert_close(c2.delta(), (big_up @ big_down).float())
 
 
-def test_no_stage1_edit_applies_as_patches_and_matches_hooks(clip):
+@pytest.mark.parametrize("residual", ["memit", "official"])
+def test_no_stage1_edit_applies_as_patches_and_matches_hooks(clip, residual):
     model = random_model()
-    cfg = EmcidConfig(use_stage1=False, lam=300.0, n_captions=150, templates=("a photo of {}",))
+    cfg = EmcidConfig(use_stage1=False, lam=300.0, n_captions=150, templates=("a photo of {}",), residual=residual)
     pairs = [("circle", "square"), ("monet", "hokusai")]
     text = ComfyTextModel(clip)
     edit = compute_emcid(text, TINY, pairs, cfg)
@@ -166,7 +211,9 @@ def test_no_stage1_edit_applies_as_patches_and_matches_hooks(clip):
     _, Z = read_keys(text, ENC, dst, None, 2)
     _, H0 = read_keys(text, ENC, src, None, 2)
     _, H1 = read_keys(ComfyTextModel(clip2), ENC, src, None, 2)  # patched weights, no hooks
-    assert (H1 - Z).norm() < 0.5 * (H0 - Z).norm()
+    if residual == "memit":  # MEMIT closes the gap to Z; the official residual aims each fc2 output at Z
+        assert (H1 - Z).norm() < 0.5 * (H0 - Z).norm()
+    assert edit.params["residual"] == residual and edit.metrics["stage2"][ENC]["lam"] == 300.0
     assert edit.metrics["stage2"][ENC]["gap_after"] == pytest.approx(float((H1 - Z).norm() / (H0 - Z).norm()), rel=1e-3)
 
 
@@ -281,3 +328,158 @@ def test_stage1_trains_through_sdxl_vector_conditioning(clip):
     with torch.enable_grad(), frozen_session(patcher.model.diffusion_model):
         full, _, _ = optimise_delta(text, den, "circle", "square", {ENC: 1}, cfg)
     assert not torch.equal(cut[ENC], full[ENC])
+
+
+# ---- C₀ over BOS, real tokens and EOS ----------------------------------------------------------------
+def test_c0_includes_bos_and_eos_positions(text):
+    """C₀ averages k kᵀ over every caption's BOS, real tokens and EOS (the official layer_stats uses
+    the attention mask), not over padding; before, BOS was left out."""
+    cfg = EmcidConfig(n_captions=24, batch=10)
+    caps = generic_captions(24)
+    ids, n_real = text.tokenize(caps)
+    bos, eos = ids[ENC][0, 0], ids[ENC][0, int(n_real[0]) + 1]
+    assert bool((ids[ENC][:, 0] == bos).all())
+    assert all(int(ids[ENC][r, int(n_real[r]) + 1]) == int(eos) for r in range(len(caps)))
+    mask = caption_mask(n_real, ids[ENC].shape[1])
+    assert bool(mask[:, 0].all()) and all(bool(mask[r, int(n_real[r]) + 1]) for r in range(len(caps)))
+    assert int(mask.sum()) == int((n_real + 2).sum())  # nothing past EOS
+    got = second_moments(text, ENC, [1], cfg)[1]
+    seen = []
+    with trace_inputs(text.modules(ENC), ["text_model.encoder.layers.1.mlp.fc2"],
+                      lambda _n, x: seen.append(x.detach().double())), torch.no_grad():
+        text.forward(ENC, ids[ENC])
+    x = seen[0]
+    j = torch.arange(x.shape[1])
+    def moment(keep):
+        k = x[keep]
+        return k.T @ k / k.shape[0]
+    with_bos = (j[None] <= n_real[:, None] + 1)
+    torch.testing.assert_close(got, moment(with_bos), rtol=1e-6, atol=1e-9)
+    without_bos = with_bos & (j[None] >= 1)  # the old choice
+    assert float((got - moment(without_bos)).norm()) > 1e-3 * float(got.norm())
+
+
+def test_captions_name_people_artists_and_styles():
+    from conceptedit.editing.emcid.captions import ART_STYLES, ARTISTS, NAMES
+    caps = generic_captions(2000)
+    assert sum(any(a in c for a in ARTISTS) for c in caps) > 150
+    assert sum(any(n in c for n in NAMES) for c in caps) > 100
+    assert sum(any(f"{s} " in c for s in ART_STYLES) for c in caps) > 100
+
+
+# ---- per-family hyper-parameters (official code) --------------------------------------------------------
+def test_family_defaults_table():
+    sd, used = resolve_defaults(EmcidConfig(), "sd1", ("clip_l",))
+    assert (sd.steps, sd.lr, sd.weight_decay, sd.pooled_weight, sd.max_norm, sd.lam) == (
+        200, 0.2, 5e-4, 0.01, 1.5, {"clip_l": 4000.0})
+    assert used == {"table": "sd1", "filled": ["steps", "lr", "weight_decay", "pooled_weight", "max_norm", "lam"]}
+    xl, used = resolve_defaults(EmcidConfig(), "sdxl", ("clip_l", "clip_g"))
+    assert (xl.steps, xl.lr, xl.weight_decay, xl.pooled_weight, xl.max_norm, xl.lam) == (
+        100, 0.1, 8e-3, 0.005, 1.2, {"clip_l": 4000.0, "clip_g": 10000.0})
+    assert resolve_defaults(EmcidConfig(), "sd2", ("clip_h",))[0].weight_decay == 5e-4
+    assert resolve_defaults(EmcidConfig(), "tiny", ("clip_l",))[0].lam == {"clip_l": 1000.0}
+    # unknown layouts: SDXL's with two text encoders, else SD's
+    assert resolve_defaults(EmcidConfig(), "custom", ("clip_l", "clip_g"))[1]["table"] == "sdxl"
+    assert resolve_defaults(EmcidConfig(), "custom", ("clip_g",))[1]["table"] == "sd1"
+    # what the user sets is kept; a single λ keeps working; a partial mapping is completed
+    mine, used = resolve_defaults(EmcidConfig(lam=123.0, lr=0.05, weight_decay=0.0), "sdxl", ("clip_l", "clip_g"))
+    assert (mine.lam, mine.lr, mine.weight_decay, mine.steps) == (123.0, 0.05, 0.0, 100)
+    assert mine.lam_for("clip_g") == 123.0 and "lam" not in used["filled"] and "lr" not in used["filled"]
+    part, _ = resolve_defaults(EmcidConfig(lam={"clip_g": 7.0}), "sdxl", ("clip_l", "clip_g"))
+    assert part.lam == {"clip_l": 4000.0, "clip_g": 7.0}
+    with pytest.raises(InvalidInputError, match="clip_h"):
+        resolve_defaults(EmcidConfig(lam={"clip_h": 7.0}), "sdxl", ("clip_l", "clip_g"))
+    with pytest.raises(InvalidInputError, match="λ"):
+        EmcidConfig(lam={"clip_l": 0.0}).validate()
+
+
+@pytest.mark.parametrize("layout,table", [("sdxl_like", "sdxl"), ("sd1_like", "sd1")])
+def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, table):
+    """Through the job, on an SDXL-like (two text encoders, vector conditioning) and an SD-like
+    layout (both 'custom', so the fallback decides): the optimiser gets the table's lr, the
+    training loop its steps, stage 1 its weight decay, clamp and pooled weight, and with two
+    encoders the pooled term covers both encoders' pooled outputs. Two steps are run (of the 100
+    or 200 asked for), on a stand-in ε."""
+    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from layouts import build
+    want = {"sdxl": dict(steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.005, max_norm=1.2),
+            "sd1": dict(steps=200, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)}[table]
+    seen = {"lr": [], "steps": [], "cfg": [], "stats": []}
+    adam = torch.optim.Adam
+
+    def spy_adam(params, lr, **kw):
+        seen["lr"].append(lr)
+        return adam(params, lr=lr, **kw)
+
+    real_loop = stage1_mod.train_loop
+
+    def spy_loop(steps, step, ctx, **kw):
+        seen["steps"].append(steps)
+        return real_loop(2, step, ctx, **kw)
+
+    real_delta = stage1_mod.optimise_delta
+
+    def spy_delta(text, den, src, dst, last, cfg, *a, **kw):
+        seen["cfg"].append(cfg)
+        out = real_delta(text, den, src, dst, last, cfg, *a, **kw)
+        seen["stats"].append(out[2])
+        return out
+
+    # a cheap ε, differentiable in the context and y (what δ reaches): this test is about settings
+    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    monkeypatch.setattr(ComfyDenoiser, "eps", lambda self, x, t, c, y=None: (
+        x * c.float().mean() + (0.0 if y is None else y.float().mean())))
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
+    monkeypatch.setattr(stage1_mod, "train_loop", spy_loop)
+    monkeypatch.setattr(stage1_mod, "optimise_delta", spy_delta)
+    model, clip, spec = build(layout)
+    cfg = EmcidConfig(use_stage1=True, templates=("a photo of {}",), sample_steps=1, n_captions=20)
+    edit = emcid(model, clip, EmcidJob(pairs=[("circle", "square")], settings=cfg, width=64, height=64)).edit
+    assert seen["lr"] == [want["lr"]] and seen["steps"] == [want["steps"]]
+    got = seen["cfg"][0]
+    assert {k: getattr(got, k) for k in want} == want
+    assert {k: edit.params[k] for k in want} == want and edit.params["family_defaults"]["table"] == table
+    stats = seen["stats"][0]
+    assert stats["settings"] == want
+    encoders = [f"clip_{n}" for n, _ in spec.clip]
+    assert {k for k in stats["last_terms"] if k.startswith("decay.")} == {f"decay.{e}" for e in encoders}
+    assert {k for k in stats["last_terms"] if k.startswith("pooled.")} == {f"pooled.{e}" for e in encoders}
+    assert all(v > 0 for k, v in stats["last_terms"].items() if k.startswith("decay."))  # δ ≠ 0 at step 2
+    if table == "sdxl":
+        assert edit.params["lam"] == {"clip_l": 4000.0, "clip_g": 10000.0}
+        assert {e: m["lam"] for e, m in edit.metrics["stage2"].items()} == {"clip_l": 4000.0, "clip_g": 10000.0}
+
+
+def test_lambda_per_encoder_is_used_per_encoder(comfy):
+    """λ {clip_l: a, clip_g: b} on a two-encoder CLIP gives clip_l's changes of a single λ = a and
+    clip_g's of a single λ = b."""
+    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from layouts import build
+    model, clip, _ = build("sdxl_like")
+
+    def run(lam):
+        cfg = EmcidConfig(use_stage1=False, lam=lam, n_captions=20, templates=("a photo of {}",))
+        return emcid(model, clip, EmcidJob(pairs=[("circle", "square"), ("red", "blue")], settings=cfg)).edit
+
+    both, low, high = run({"clip_l": 5.0, "clip_g": 5000.0}), run(5.0), run(5000.0)
+    assert both.params["lam"] == {"clip_l": 5.0, "clip_g": 5000.0} and low.params["lam"] == 5.0
+    assert {e: m["lam"] for e, m in both.metrics["stage2"].items()} == {"clip_l": 5.0, "clip_g": 5000.0}
+    for key, change in both.changes.items():
+        ref = (low if key.startswith("clip_l.") else high).changes[key]
+        torch.testing.assert_close(change.delta(), ref.delta())
+    # and λ matters: the other encoder's λ gives a different change
+    key_g = next(k for k in both.changes if k.startswith("clip_g."))
+    assert not torch.allclose(both.changes[key_g].delta(), low.changes[key_g].delta())
+
+
+def test_node_zero_means_family_default(comfy, monkeypatch, tmp_path):
+    import functools
+    from conceptedit.nodes import nodes_emcid
+    monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(nodes_emcid, "EmcidConfig", functools.partial(EmcidConfig, n_captions=20))  # a quick C₀
+    with torch.inference_mode():
+        model, clip = random_model(), random_clip()
+        _, edit, _ = _node(comfy).execute(clip, model, "circle -> square", lam=0.0, steps=0, use_stage1=False,
+                                          templates="a photo of {}", residual="memit")
+    assert edit.params["lam"] == {"clip_l": 1000.0} and edit.params["steps"] == 100
+    assert edit.params["family_defaults"]["table"] == "tiny" and edit.params["residual"] == "memit"

@@ -56,6 +56,8 @@ def test_every_node_on_every_layout(comfy, name, tmp_path):
     finally:
         if old_loras is not None:
             folder_paths.folder_names_and_paths["loras"] = old_loras
+        else:
+            folder_paths.folder_names_and_paths.pop("loras", None)
 
 
 def _matrix_case(comfy, name, folder_paths):

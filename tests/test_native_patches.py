@@ -181,3 +181,42 @@ def test_quantized_weights_are_refused_with_nothing_applied(comfy):
     with pytest.raises(InvalidInputError, match="quantized"):
         apply_edit(model, None, edit)
     assert model.patches == {}
+
+
+def _forward_state(patcher):
+    """What decides the per-step work of a loaded model: each module's class, weight layout, per-forward
+    weight functions, cast flag and hooks, and the sampling wrappers in model_options."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher])
+    state = {}
+    for name, m in patcher.model.diffusion_model.named_modules():
+        w = getattr(m, "weight", None)
+        state[name] = (type(m).__name__,
+                       None if not isinstance(w, torch.Tensor) else (w.dtype, tuple(w.shape), w.stride(), w.device.type),
+                       len(getattr(m, "weight_function", []) or []), len(getattr(m, "bias_function", []) or []),
+                       bool(getattr(m, "comfy_cast_weights", False)), len(m._forward_hooks), len(m._forward_pre_hooks))
+    options = patcher.model_options
+    wrappers = (sorted(options.get("transformer_options", {}).get("patches", {})), "model_function_wrapper" in options,
+                sorted(options.get("transformer_options", {}).get("wrappers", {}) or {}))
+    return state, wrappers
+
+
+@torch.inference_mode()
+def test_a_loaded_patched_model_runs_the_originals_operations(comfy):
+    """Patches merge into the weights when ComfyUI loads the model, so a patched model samples as fast
+    as the original: the same modules, weight layouts, no per-forward weight function, cast or hook,
+    no sampling wrapper (bench_apply --speed measures the time itself)."""
+    model = random_model(seed=3)
+    shapes = FAM.expected_shapes()
+    mask = Edit("concept_prune", "tiny", {k: Change("mask", shapes[k], {"index": torch.tensor([1, 5, 9])})
+                                          for k in FAM.ffn_out_keys()[:2]}, fingerprint=model_fingerprint(model))
+    base = _loaded(model)
+    original = _forward_state(model)
+    for edit in (_unet_edit(model), mask):
+        patched, _, _ = apply_edit(model, None, edit)
+        state = _forward_state(patched)  # loaded: the patches are merged now
+        merged = patched.model_state_dict()
+        assert all(not torch.equal(merged[k], base[k]) for k in edit.changes), "the patches did not merge"
+        assert state == original, edit.method
+    import comfy.model_management as mm
+    mm.unload_all_models()

@@ -83,3 +83,15 @@ def test_library_never_imports_the_tiny_model():
     bad = [f"{os.path.relpath(f, lib)}:{i}" for f in files for i, line in enumerate(open(f), 1)
            if re.match(r"\s*(from\s+(\.\.+)?tiny\b|import\s+tiny\b)", line)]
     assert not bad, f"editing/ imports tiny/: {bad}"
+
+
+def test_license_is_apache_2_and_the_registry_reads_it():
+    """The Comfy Registry needs a license: Apache-2.0, as a LICENSE file the pyproject names."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["license"] == {"file": "LICENSE"}
+    with open(os.path.join(ROOT, project["license"]["file"]), encoding="utf-8") as f:
+        text = f.read()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text

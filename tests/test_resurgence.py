@@ -125,3 +125,86 @@ def test_plots_are_comfy_images():
     assert 0 <= float(img.min()) and float(img.max()) <= 1 and float(img.std()) > 0.01
     h = plots.history_plot({"forget": [float(i) for i in range(50)], "retain": [None] * 50, "dot": [0.0] * 50})
     assert h.shape[-1] == 3
+
+
+# ---- the user's own benign images ------------------------------------------------------------------
+def test_audit_trains_on_given_images_and_says_so(comfy):
+    """Given latents are fine-tuned on with their own captions (one each, or one for all); a caption
+    count that matches neither, or NaN latents, is refused before any training."""
+    from conceptedit.editing.audit.resurgence import captions_for
+    m = random_model()
+    host, text = Host(m), Text()
+    name = "middle_block.1.transformer_blocks.0.attn2.to_v"
+    edit = _edit_on(name, tuple(dict(m.model.diffusion_model.named_modules())[name].weight.shape))
+    x = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = AuditConfig(checkpoints=(1,), batch=2, gen_steps=2)
+    rep = audit(host, text, edit, lambda edits: 1.0 - 0.5 * bool(edits), cfg, benign_prompts=["a house"],
+                benign_latents=x, benign_data="3 photos")
+    assert rep.benign_data == "3 photos" and "benign fine-tuning data: 3 photos" in rep.to_text()
+    assert captions_for(["a", "b", "c"], 3) == ["a", "b", "c"] and captions_for(["a"], 2) == ["a", "a"]
+    with pytest.raises(InvalidInputError, match="3 benign images but 2 captions"):
+        audit(host, text, edit, lambda edits: 1.0, cfg, benign_prompts=["a", "b"], benign_latents=x)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        audit(host, text, edit, lambda edits: 1.0, cfg, benign_prompts=["a"], benign_latents=x * float("nan"))
+    generated = audit(host, text, edit, lambda edits: 1.0 - 0.5 * bool(edits), cfg, benign_prompts=["a house"])
+    assert "generated" in generated.benign_data
+
+
+def test_fit_image_crops_to_the_aspect_and_resizes():
+    from conceptedit.comfy_host.jobs import fit_image
+    img = torch.zeros(20, 40, 3)
+    img[:, 10:30] = 1.0  # the centre square of a 2:1 picture is white, its sides black
+    out = fit_image(img, 8, 8)
+    assert out.shape == (8, 8, 3) and torch.allclose(out, torch.ones_like(out))
+    assert fit_image(torch.rand(9, 9, 4), 16, 32).shape == (16, 32, 3)  # alpha dropped, wider kept
+    with pytest.raises(InvalidInputError, match="expected an image"):
+        fit_image(torch.rand(9, 9), 8, 8)
+
+
+def test_audit_job_encodes_connected_and_folder_images_with_the_vae(comfy, tmp_path):
+    """The host path: an IMAGE batch and a folder (PNG + .txt captions) go through the checkpoint's VAE
+    and ComfyUI's process_latent_in into the benign fine-tune; the report names them."""
+    import numpy as np
+    from PIL import Image
+
+    from conceptedit.comfy_host import jobs
+    from conceptedit.comfy_host.view import ModelView
+    from conceptedit.tiny.comfy_model import _classes
+    from helpers import random_clip
+    vae = _classes()["TinyVAE"]()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(300, 200, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(np.asarray(pixels)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"a house number {i}\n")
+    clip = random_clip()
+    name = "middle_block.1.transformer_blocks.0.attn2.to_v"
+    with torch.inference_mode():
+        model = random_model()
+        edit = _edit_on(name, tuple(dict(model.model.diffusion_model.named_modules())[name].weight.shape))
+        view = ModelView(model, clip)
+        images, captions = jobs.load_image_folder(str(tmp_path))
+        assert captions == ["a house number 0", "a house number 1"] and images[0].shape == (300, 200, 3)
+        z = jobs.encode_images(view, vae, images)
+        lh, lw = view.denoiser.latent_size
+        fitted = torch.stack([jobs.fit_image(im, 8 * lh, 8 * lw) for im in images])
+        assert z.shape == (2, 4, lh, lw)
+        assert torch.allclose(z, model.model.process_latent_in(vae.encode(fitted)))
+        connected = torch.rand(3, 64, 64, 3, generator=g)
+        cfg = AuditConfig(checkpoints=(1,), batch=2, gen_steps=1)
+        rep = jobs.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, vae=vae,
+                                benign_images=connected, benign_folder=str(tmp_path))
+    assert rep.benign_data == f"5 user images (3 connected + 2 from {tmp_path})", rep.benign_data
+    assert "user images" in rep.to_text() and len(rep.steps) == 1
+    with pytest.raises(InvalidInputError, match="VAE"):
+        with torch.inference_mode():
+            jobs.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, benign_images=connected)
+    with pytest.raises(InvalidInputError, match="3 benign images but 2 captions"):
+        with torch.inference_mode():
+            jobs.audit_models(model, model, clip, ["a red circle"], ["a", "b"], cfg, edit, vae=vae,
+                              benign_images=connected)
+    (tmp_path / "img1.txt").unlink()
+    with pytest.raises(InvalidInputError, match="have no caption"):
+        jobs.load_image_folder(str(tmp_path))
+    with pytest.raises(InvalidInputError, match="no folder"):
+        jobs.load_image_folder(str(tmp_path / "nothing"))

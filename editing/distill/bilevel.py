@@ -2,28 +2,35 @@
 
 The student is the user's model with a pruning Edit applied (a ConceptPrune mask, a structured
 neuron mask …); the teacher is the original. Both run on the same frozen module: the pruning edit is
-attached as a fixed hook and the student's trainable part (LoRA, or dense ΔW that keeps pruned
-weights at zero) on top, so the teacher is the same network with every hook switched off.
+attached as a fixed hook and the student's trainable part (LoRA, or dense ΔW) on top, so the teacher
+is the same network with every hook switched off.
 
-Alternating, with separate optimisers (the implemented form of min_θ max_ϑ L_CU(θ) + λ(L_ft(θ) − L_ft(ϑ))):
-- distillation steps: L_ft = L_diff + w_out·MSE(ε_S, ε_T) + w_feat·Σ_blocks MSE(h_S, h_T), on images the
-  teacher generated from general prompts (h = transformer-block outputs);
+Alternating, with two AdamW optimisers (the implemented form of min_θ max_ϑ L_CU(θ) + λ(L_ft(θ) − L_ft(ϑ))):
+- distillation steps: L_ft = L_diff + w_out·MSE(ε_S, ε_T) + w_feat·mean_levels MSE(h_S, h_T), on images
+  the teacher generated from general prompts. L_diff is the Min-SNR-γ weighted ε-MSE (γ = 5), h the
+  outputs of the UNet's levels: every down level, the middle block, every up level (9 on SD1.x/SD2.x,
+  7 on SDXL), as the official code hooks diffusers' down_blocks / mid_block / up_blocks;
 - every `erase_every`-th step an erase step: ε_S(x_t, c) → ε_T(x_t, ∅) − η[ε_T(x_t, c) − ε_T(x_t, ∅)].
 With ``erase=False`` it is plain distillation (the first stage of the two-stage baseline).
+
+Weights the pruning zeroed stay exactly zero (``keep_pruned``): the LoRA's contribution on a pruned
+layer is (B·A)⊙(1 − M) in training, and folds back as what ComfyUI patches, edit files and exports
+can hold exactly: a low-rank pair with the pruned rows of B and columns of A zeroed when M is whole
+neurons (rows/columns), else the dense ΔW of that layer (see `_KeepPruned`).
 """
 from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..arch import UNET_PREFIX
 from ..diffusion import add_noise, generate_latents
-from ..edit import Edit
+from ..edit import Change, Edit
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext, TextEncoder, Trainable, base_weights, cat_y, conditioning, rows_y
@@ -32,20 +39,35 @@ from ..unlearn.trainer import GENERIC_TEMPLATES, esd_target, paired_prompts
 
 log = logging.getLogger(__name__)
 
+KEEP_PRUNED = ("mask", "skip", "off")
+FEATURE_KD = ("levels", "blocks")
+# A student model of its own carries its pruning in its weights: a layer counts as pruned when at
+# least this share of it is exactly zero (ConceptPrune prunes ≥ 1 % of every row; a float16
+# checkpoint has ~1e-6 of its weights rounded to 0, which must not make a layer "pruned").
+PRUNED_SHARE = 1e-3
+
 
 @dataclass
 class DistillConfig:
+    """Defaults follow the official configs (configs/baselines/*_bilevel.yaml) where the tiny model
+    allows: loss weights 1 / 2.0 / 0.1, Min-SNR γ 5, AdamW β (0.9, 0.999), ε 1e-8, weight decay 0,
+    one upper (erase) step per 10. Their learning rates (1e-6 / 5e-6) are for a full fine-tune of
+    SD2.1; a LoRA here takes 1e-3."""
+
     steps: int = 100
     erase_every: int = 10        # 9 distillation steps, then 1 erase step
     erase: bool = True
     lr_distill: float = 1e-3
     lr_erase: float = 1e-3
     w_out: float = 2.0           # output KD weight
-    w_feat: float = 0.1          # feature KD weight (transformer-block outputs)
+    w_feat: float = 0.1          # feature KD weight
+    feature_kd: str = "levels"   # "levels": mean over level outputs (official); "blocks": sum over transformer blocks
+    min_snr_gamma: float = 5.0   # Min-SNR-γ weighting of the diffusion term; 0 = plain ε-MSE
+    weight_decay: float = 0.0    # AdamW's, both optimisers (official: 0)
     eta: float = 1.0
     param_set: str = "lora"
     rank: int = 4
-    keep_pruned: bool = True     # dense sets only: pruned (zero) weights stay zero
+    keep_pruned: str = "mask"    # "mask": pruned weights stay 0; "skip": pruned layers do not train; "off": may regrow
     batch: int = 4
     n_prompts: int = 16
     gen_steps: int = 20
@@ -59,7 +81,213 @@ class DistillConfig:
             raise InvalidInputError(f"param_set must be one of {', '.join(PARAM_SETS)}")
         if min(self.lr_distill, self.lr_erase) <= 0 or min(self.w_out, self.w_feat) < 0:
             raise InvalidInputError("learning rates must be > 0 and KD weights ≥ 0")
+        if isinstance(self.keep_pruned, bool):  # the earlier boolean form
+            self.keep_pruned = "mask" if self.keep_pruned else "off"
+        if self.keep_pruned not in KEEP_PRUNED:
+            raise InvalidInputError(f"keep_pruned must be one of {', '.join(KEEP_PRUNED)} ('mask': pruned weights stay "
+                                    f"zero), got {self.keep_pruned!r}")
+        if self.feature_kd not in FEATURE_KD:
+            raise InvalidInputError(f"feature_kd must be 'levels' (the official mean over the UNet's level outputs) or "
+                                    f"'blocks' (sum over transformer blocks), got {self.feature_kd!r}")
+        if not self.min_snr_gamma >= 0 or self.weight_decay < 0:
+            raise InvalidInputError("min_snr_gamma must be ≥ 0 (5 as in the paper, 0 = off) and weight_decay ≥ 0")
         return self
+
+
+# ---- the losses ----------------------------------------------------------------------------------
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights of an ε-MSE (Hang et al. 2023), min(SNR_t, γ)/SNR_t with SNR = ᾱ/(1 − ᾱ):
+    the ε-loss times this is min(SNR, γ)·‖x̂₀ − x₀‖². `Trainable.eps` gives ε for every prediction
+    type, so this is the ε form also for v-models (the official code's SNR + 1 is for a loss in v)."""
+    a = alphas_cumprod[t.to(alphas_cumprod.device).long()].double()
+    snr = a / (1 - a)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The per-sample ε-MSE weighted by `weights` [B] and averaged (None: the plain ε-MSE)."""
+    if weights is None:
+        return F.mse_loss(eps_pred.float(), noise.float())
+    per = (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return (per * weights.to(per.device)).mean()
+
+
+def feature_kd(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+               mode: str = "levels") -> tuple[torch.Tensor, list[str]]:
+    """(feature-KD loss, the outputs paired): the MSE of each output both models have with equal
+    shapes, averaged over them ("levels", the official form) or summed ("blocks")."""
+    pairs = [k for k in teacher if k in student and student[k].shape == teacher[k].shape]
+    if not pairs:
+        return torch.zeros(()), pairs
+    total = sum(F.mse_loss(student[k].float(), teacher[k].float().detach()) for k in pairs)
+    return (total / len(pairs) if mode == "levels" else total), pairs
+
+
+# ---- which outputs feature KD reads --------------------------------------------------------------
+def _ends_level(block: torch.nn.Module) -> bool:
+    # ComfyUI's Downsample/Upsample, or a ResBlock that resamples (resblock_updown layouts)
+    return any(type(m).__name__ in ("Downsample", "Upsample") or getattr(m, "updown", False) is True
+               for m in block.children())
+
+
+def _last_child(prefix: str, block: torch.nn.Module) -> str | None:
+    # ComfyUI runs a TimestepEmbedSequential through `forward_timestep_embed`, layer by layer, so a
+    # hook on the block itself never fires: its output is its last layer's output.
+    kids = list(block.named_children())
+    return f"{prefix}.{kids[-1][0]}" if kids else None
+
+
+def level_outputs(unet: torch.nn.Module) -> dict[str, str]:
+    """Module name -> level tag ("down.i", "mid", "up.i") of the modules whose outputs are the
+    UNet's level outputs, read from its own layout (ComfyUI's UNetModel): a down or up level ends at
+    its Downsample/Upsample or at the last block of its side, as diffusers' down_blocks / up_blocks
+    do (their output after the resampler); input_blocks.0 (conv_in) belongs to none. SD1.x/SD2.x
+    give 4 + 1 + 4, SDXL 3 + 1 + 3, a student with blocks removed what it has."""
+    ins, outs = getattr(unet, "input_blocks", None), getattr(unet, "output_blocks", None)
+    if ins is None or outs is None:
+        raise InvalidInputError("this UNet has no input_blocks/output_blocks (not a ComfyUI UNetModel), so its level "
+                                "outputs are unknown: use feature_kd 'blocks' or w_feat 0")
+    out: dict[str, str] = {}
+    for side, blocks, first in (("input_blocks", ins, 1), ("output_blocks", outs, 0)):
+        level = 0
+        for i in range(first, len(blocks)):
+            if _ends_level(blocks[i]) or i == len(blocks) - 1:
+                name = _last_child(f"{side}.{i}", blocks[i])
+                if name is not None:
+                    out[name] = f"{'down' if side == 'input_blocks' else 'up'}.{level}"
+                level += 1
+        if side == "input_blocks":
+            mid = getattr(unet, "middle_block", None)
+            name = _last_child("middle_block", mid) if mid is not None else None
+            if name is not None:
+                out[name] = "mid"
+    return out
+
+
+def transformer_block_outputs(modules: Mapping[str, torch.nn.Module]) -> dict[str, str]:
+    """Module name -> itself for every transformer block (the `feature_kd="blocks"` form)."""
+    return {n: n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]}
+
+
+# ---- pruned weights stay pruned --------------------------------------------------------------------
+def pruned_entries(student_edit: Edit | None, modules: Mapping[str, torch.nn.Module], names: Sequence[str],
+                   base: Mapping[str, torch.Tensor] | None,
+                   fixed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module name -> bool mask (True = pruned) of the layers in `names` whose weights the student's
+    pruning zeroed: a mask change's M; for a dense change (a patched student read off as a model
+    difference) the entries it moves to exactly 0; without an edit (a student model of its own) the
+    exact zeros of layers at least `PRUNED_SHARE` zero."""
+    wanted, out = set(names), {}
+    if student_edit is None:
+        for name in names:
+            zero = modules[name].weight.detach() == 0
+            if float(zero.float().mean()) >= PRUNED_SHARE:
+                out[name] = zero
+        return out
+    for key, change in student_edit.changes.items():
+        unet_weight = key.startswith(UNET_PREFIX) and key.endswith(".weight")
+        name = key[len(UNET_PREFIX):-len(".weight")] if unet_weight else None
+        if name not in wanted:
+            continue
+        w_mod = modules[name].weight
+        if change.kind == "mask":
+            m = change.mask(device=w_mod.device).reshape(w_mod.shape)
+        else:
+            w = (base[key] if base is not None and key in base else w_mod).detach().float().to(w_mod.device)
+            d = fixed[name].to(w_mod.device)
+            m = ((w + d) == 0) & (d != 0)
+        if bool(m.any()):
+            out[name] = m
+    return out
+
+
+@dataclass
+class _Keep:
+    rows: torch.Tensor | None = None   # neuron masks: 1 for kept output rows / input columns
+    cols: torch.Tensor | None = None
+    entries: torch.Tensor | None = None  # any other mask: bool, True = kept
+
+
+class _KeepPruned(Adapters):
+    """`Adapters` whose LoRA pairs on pruned layers add (B·A)⊙(1 − M) instead of B·A, and fold back
+    in a form every route (ComfyUI patches, edit files, LoRA/diffusers export) adds exactly.
+
+    ComfyUI's patches, and so a saved edit applied after the student's own, are additive and a mask
+    resolves against the base weight (−W⊙M), so applying the pruning "after" the LoRA cannot zero
+    what the LoRA added: the trained part itself must be 0 on M. When M is whole neurons (pruned rows
+    r and columns c, M = r ∨ c, the structured pruning the official code trains) the masked product
+    is the low-rank pair (diag(1−r)·B, A·diag(1−c)): exact and small. An unstructured mask
+    (ConceptPrune's per-row top-k) has no such pair, so that layer folds back as its dense ΔW; use
+    keep_pruned "skip" to train the other layers only and keep the file small."""
+
+    def __init__(self, *args, pruned: Mapping[str, torch.Tensor] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: dict[str, _Keep] = {}
+        for name, m in (pruned or {}).items():
+            s = self.slots[name]
+            dev = next(iter(s.params.values())).device
+            m = m.to(dev)
+            if s.kind == "full":  # Adapters' own mechanism for dense sets
+                s.keep = (~m).float()
+                continue
+            rows, cols = m.all(dim=1), m.all(dim=0)
+            if torch.equal(m, rows[:, None] | cols[None, :]):
+                self.kept[name] = _Keep(rows=(~rows).float(), cols=(~cols).float())
+            else:
+                self.kept[name] = _Keep(entries=~m)
+
+    def _pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, k = self.slots[name], self.kept[name]
+        return s.params["up"] * s.scale * k.rows[:, None], s.params["down"] * k.cols
+
+    def _masked(self, name: str) -> torch.Tensor:
+        s, k = self.slots[name], self.kept[name]
+        if k.entries is None:
+            up, down = self._pair(name)
+            return up @ down
+        return torch.where(k.entries, (s.params["up"] @ s.params["down"]) * s.scale, 0.0)
+
+    def _extra(self, name, mod, x):
+        if name not in self.kept or not self.enabled:
+            return super()._extra(name, mod, x)
+        k = self.kept[name]
+        if k.entries is None:
+            up, down = self._pair(name)
+            h = F.linear(F.linear(x.float(), down), up)
+        else:
+            h = F.linear(x.float(), self._masked(name))
+        d = self.fixed.get(name) if self.fixed_enabled else None
+        return h if d is None else h + F.linear(x.float(), d)
+
+    def delta(self, name: str) -> torch.Tensor:
+        if name not in self.kept:
+            return super().delta(name)
+        with torch.no_grad():
+            return self._masked(name).float()
+
+    def to_edit(self, method: str, family: str, **meta) -> Edit:
+        edit = super().to_edit(method, family, **meta)
+        for name, k in self.kept.items():
+            key = f"{UNET_PREFIX}{name}.weight"
+            shape = tuple(self.slots[name].module.weight.shape)
+            edit.changes.pop(key, None)
+            with torch.no_grad():
+                if k.entries is None:
+                    up, down = (t.detach().float().cpu().contiguous() for t in self._pair(name))
+                    if bool(up.any()) and bool(down.any()):
+                        edit.changes[key] = Change("lowrank", shape, {"up": up, "down": down})
+                else:
+                    d = self._masked(name).detach().float().cpu().contiguous()
+                    if bool(d.any()):
+                        edit.changes[key] = Change("delta", shape, {"delta": d})
+        edit.check_finite()
+        return edit
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+def _adamw(params, lr: float, cfg: DistillConfig) -> torch.optim.Optimizer:
+    # the official get_optimizer: AdamW, betas (0.9, 0.999), eps 1e-8, its param group's weight decay 0
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit: Edit | None, concept: str,
@@ -67,12 +295,16 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
                             family: str = "", ctx: RunContext | None = None,
                             latents: dict | None = None, student: Trainable | None = None) -> Edit:
     """Train the pruned student; returns the trained part as an Edit (apply it together with
-    `student_edit`). ``metrics["history"]`` has the distillation and erase losses.
+    `student_edit`). ``metrics["history"]`` has the distillation and erase losses and each
+    distillation step's [diffusion, output KD, feature KD] terms; ``metrics["kd_outputs"]`` the
+    outputs feature KD paired; ``metrics["pruned_layers"]`` the layers whose pruned weights were
+    held at zero.
 
     The student is either the teacher's own network with `student_edit` (a pruning mask …) attached
     as a fixed part, or, with `student`, a model of its own (another layout: blocks removed, other
-    widths) read through the same text encoder; then feature KD pairs the transformer blocks both
-    models have under the same name and shape, and the trained part is an edit of `student`."""
+    widths) read through the same text encoder; then feature KD pairs the outputs both models have
+    (the same level, or the same transformer block, with the same shape), and the trained part is
+    an edit of `student`."""
     cfg = cfg.validate() if cfg else DistillConfig().validate()
     ctx = ctx or RunContext()
     if student is None and student_edit is None:
@@ -105,32 +337,44 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     base = base_weights(trainee)
     fixed = edit_as_fixed([(student_edit, 1.0)], modules, base) if student_edit is not None else {}
     kind = "lora" if cfg.param_set.startswith("lora") else "full"
-    # keep_pruned: build the dense adapter against the *student's* weights, whose pruned entries are 0
-    ad = Adapters(modules, select_targets(modules, cfg.param_set), kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
-    if kind == "full" and cfg.keep_pruned:
-        for name, slot in ad.slots.items():
-            key = f"{UNET_PREFIX}{name}.weight"
-            w = (base[key] if base is not None and key in base else slot.module.weight).detach().float()
-            w = w.to(slot.module.weight.device) + fixed.get(name, 0)
-            slot.keep = (w != 0).float()
+    targets = select_targets(modules, cfg.param_set)
+    pruned = pruned_entries(student_edit, modules, targets, base, fixed) if cfg.keep_pruned != "off" else {}
+    if cfg.keep_pruned == "skip":
+        targets = [n for n in targets if n not in pruned]
+        if not targets:
+            raise InvalidInputError(f"every layer of the parameter set {cfg.param_set!r} is pruned, so keep_pruned "
+                                    "'skip' leaves nothing to train: use 'mask' or another parameter set")
+        pruned = {}
+    ad = _KeepPruned(modules, targets, kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed, pruned=pruned)
+    if pruned:
+        log.info("distill: %d pruned layers keep %d weights at zero", len(pruned),
+                 sum(int(m.sum()) for m in pruned.values()))
     params = ad.parameters()
-    opt_d = torch.optim.Adam(params, lr=cfg.lr_distill)
-    opt_e = torch.optim.Adam(params, lr=cfg.lr_erase)
-    blocks = [n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+    opt_d = _adamw(params, cfg.lr_distill, cfg)
+    opt_e = _adamw(params, cfg.lr_erase, cfg)
     t_unet = teacher.unet() if student is not None else unet
     t_modules = dict(t_unet.named_modules()) if student is not None else modules
-    blocks = [n for n in blocks if n in t_modules]
+    if cfg.feature_kd == "levels":
+        tags, t_tags = level_outputs(unet), level_outputs(t_unet)
+    else:
+        tags, t_tags = transformer_block_outputs(modules), transformer_block_outputs(t_modules)
+    if student is None:
+        t_tags = {}  # one network: the same hooks record the teacher's pass and the student's
     ac = teacher.alphas_cumprod().float().to(x_gen.device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     feats: dict[str, torch.Tensor] = {}
     t_feats: dict[str, torch.Tensor] = feats if student is None else {}
+    paired: set[str] = set()
+
+    def _tensor(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
 
     def keep(name, out):
-        feats[name] = out
+        feats[tags[name]] = _tensor(out)
         return None
 
     def keep_teacher(name, out):
-        t_feats[name] = out.detach()
+        t_feats[t_tags[name]] = _tensor(out).detach()
         return None
 
     def draw(x, c, y, ys):
@@ -167,12 +411,14 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
             f_t = {k: v.detach() for k, v in t_feats.items()}
             feats.clear()
             e_s = trainee.eps(xt, t, c, y=ys)
-            l_diff = F.mse_loss(e_s, noise)
-            l_out = F.mse_loss(e_s, e_t)
-            pairs = [k for k in f_t if k in feats and feats[k].shape == f_t[k].shape]
-            l_feat = sum(F.mse_loss(feats[k].float(), f_t[k].float()) for k in pairs) if pairs else torch.zeros(())
-            loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat
-            opt, record = opt_d, lambda v: {"distill": v}
+            w = min_snr_weights(ac, t, cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
+            l_diff = diffusion_loss(e_s, noise, w)
+            l_out = F.mse_loss(e_s.float(), e_t.float())
+            l_feat, pairs = feature_kd(feats, f_t, cfg.feature_kd)
+            paired.update(pairs)
+            loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat.to(l_diff.device)
+            terms = [float(f"{float(v.detach()):.6g}") for v in (l_diff, l_out, l_feat)]
+            opt, record = opt_d, lambda v: {"distill": v, "distill_terms": terms}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -184,16 +430,19 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         stack.enter_context(frozen_session(unet))
         if student is not None:
             stack.enter_context(frozen_session(t_unet))
-            stack.enter_context(trace_outputs(t_modules, blocks, keep_teacher))
+            stack.enter_context(trace_outputs(t_modules, list(t_tags), keep_teacher))
         stack.enter_context(ad.attached())
-        stack.enter_context(trace_outputs(modules, blocks, keep))
+        stack.enter_context(trace_outputs(modules, list(tags), keep))
         stack.enter_context(torch.enable_grad())
         run = train_loop(cfg.steps, step, ctx, what="distill-and-unlearn", hint="lower the learning rates")
-    hist = {"distill": run.history.get("distill", []), "erase": run.history.get("erase", [])}
+    hist = {k: run.history.get(k, []) for k in ("distill", "erase", "distill_terms")}
     name = "distill-unlearn" if cfg.erase else "distill"
     edit = ad.to_edit(name, family or (student_edit.family if student_edit is not None else "custom"),
                       concepts=[concept] if cfg.erase else [],
                       params={**asdict(cfg), "student_edit": student_edit.method if student_edit is not None else "",
                               "separate_student": student is not None})
-    edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s})
+    order = list(tags.values())
+    edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s,
+                         "kd_outputs": [k for k in order if k in paired],
+                         "pruned_layers": sorted(pruned)})
     return edit

@@ -3,8 +3,10 @@
 EMCID (like MEMIT) keeps everything it does not edit by weighting the closed-form solve with the
 second moment of the text encoder's fc2 inputs over ordinary text. The paper uses ~100k tokens of
 real captions; we cannot ship a caption corpus, so we generate one deterministically from a small
-hand-written vocabulary of everyday subjects, attributes, actions, scenes and photo styles. The
-same seed always yields the same captions, so C₀ caches stay valid across runs and machines.
+hand-written vocabulary of everyday subjects, attributes, actions, scenes and photo styles, and —
+as real prompts have them, and as the concepts users edit most often are — people's names,
+artists and art styles. The same seed always yields the same captions, so C₀ caches stay valid
+across runs and machines.
 """
 from __future__ import annotations
 
@@ -52,29 +54,64 @@ SUFFIXES = (
 )
 
 
+NAMES = (
+    "John", "Maria", "Ahmed", "Yuki", "Olga", "Carlos", "Priya", "Chen", "Fatima", "Lucas", "Amara", "Ivan",
+    "Sofia", "Kwame", "Emma", "Hiroshi", "Aisha", "Liam", "Mei", "Diego", "Abraham Lincoln", "Albert Einstein",
+    "Marie Curie", "Cleopatra", "Napoleon", "William Shakespeare", "Charles Darwin", "Queen Victoria",
+    "Julius Caesar", "Mahatma Gandhi", "Isaac Newton", "Joan of Arc", "Genghis Khan", "Mozart",
+)
+ARTISTS = (
+    "Vincent van Gogh", "Claude Monet", "Pablo Picasso", "Rembrandt", "Leonardo da Vinci", "Salvador Dali",
+    "Frida Kahlo", "Katsushika Hokusai", "Andy Warhol", "Gustav Klimt", "Edvard Munch", "Johannes Vermeer",
+    "Michelangelo", "Henri Matisse", "Piet Mondrian", "Georgia O'Keeffe", "Caravaggio", "J. M. W. Turner",
+    "Paul Cezanne", "Wassily Kandinsky", "Edward Hopper", "Alphonse Mucha", "Sandro Botticelli", "Paul Gauguin",
+    "Hieronymus Bosch", "Rene Magritte", "Egon Schiele", "Joan Miro", "Albrecht Durer", "Titian",
+)
+ART_STYLES = (
+    "impressionist", "cubist", "surrealist", "baroque", "renaissance", "art nouveau", "pop art", "ukiyo-e",
+    "anime", "pixel art", "abstract", "minimalist", "gothic", "steampunk", "cyberpunk", "expressionist",
+    "pointillist", "realist", "art deco", "low poly", "photorealistic", "romantic", "fauvist", "manga",
+)
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
 def generic_captions(n: int = 2000, seed: int = 0) -> list[str]:
-    """`n` deterministic, varied everyday captions (about 8-14 CLIP tokens each)."""
+    """`n` deterministic, varied captions (about 8-16 CLIP tokens each): everyday scenes, and about a
+    third with a person's name, an artist or an art style."""
     rng = random.Random(seed)
     out: list[str] = []
     seen: set[str] = set()
     while len(out) < n:
         subj = rng.choice(SUBJECTS)
         form = rng.random()
-        if form < 0.35:
+        if form < 0.25:
             attr = rng.choice(ATTRIBUTES)
             text = f"{rng.choice(STYLES)} {_article(attr)} {attr} {subj} {rng.choice(PLACES)}"
-        elif form < 0.6:
+        elif form < 0.42:
             text = f"{_article(subj)} {subj} {rng.choice(ACTIONS)} {rng.choice(PLACES)}"
-        elif form < 0.8:
+        elif form < 0.55:
             other = rng.choice(SUBJECTS)
             text = f"{_article(subj)} {subj} and {_article(other)} {other} {rng.choice(PLACES)}"
-        else:
+        elif form < 0.65:
             attr = rng.choice(ATTRIBUTES)
             text = f"{attr} {subj}, {rng.choice(STYLES)} {rng.choice(SUBJECTS)}"
+        elif form < 0.75:  # a person by name
+            name = rng.choice(NAMES)
+            text = rng.choice((f"a portrait of {name}", f"{name} {rng.choice(ACTIONS)} {rng.choice(PLACES)}",
+                               f"a photo of {name} with {_article(subj)} {subj}"))
+        elif form < 0.88:  # an artist
+            artist = rng.choice(ARTISTS)
+            text = rng.choice((f"{rng.choice(STYLES)} {_article(subj)} {subj} by {artist}",
+                               f"{_article(subj)} {subj} in the style of {artist}",
+                               f"{subj} {rng.choice(PLACES)}, painted by {artist}"))
+        else:  # an art style
+            art = rng.choice(ART_STYLES)
+            text = rng.choice((f"{_article(art)} {art} painting of {_article(subj)} {subj}",
+                               f"{_article(subj)} {subj} {rng.choice(PLACES)}, {art} style",
+                               f"{art} art of {_article(subj)} {subj}"))
         text += rng.choice(SUFFIXES)
         if text not in seen or len(seen) > 50 * n:  # duplicates only once the space is exhausted
             seen.add(text)

@@ -4,8 +4,11 @@
 concept's last token, and optimised so the diffusion model predicts, from the edited source text,
 the noise it predicts from the destination text — on x_t made from images of the source prompts:
 
-  L = MSE(ε(x_t, t, τ_δ(p_src)), ε(x_t, t, τ(p_dst))) + 0.01·MSE(pooled_δ(p_src), pooled(p_dst))
-      + wd·‖δ‖/‖h‖²,   Adam (lr 0.2), ‖δ‖ ≤ 1.5‖h‖ after every step, t ~ U[0, T).
+  L = MSE(ε(x_t, t, τ_δ(p_src)), ε(x_t, t, τ(p_dst))) + Σ_e pw·MSE(pooled_e,δ(p_src), pooled_e(p_dst))
+      + Σ_e wd·‖δ_e‖/‖h_e‖²,   Adam, ‖δ_e‖ ≤ c‖h_e‖ after every step, t ~ U[0, T),
+
+over the text encoders e, with the family's (steps, lr, wd, pw, c) from `presets` unless set
+(official: SD 200, 0.2, 5e-4, 0.01, 1.5; SDXL 100, 0.1, 8e-3, 0.005 on each encoder, 1.2).
 
 SDXL's UNet also takes the vector conditioning y (the pooled text ‖ size embeddings): the target
 uses y of the destination, the prediction y of the δ-edited source (`Denoiser.adm`), so δ is also
@@ -30,20 +33,41 @@ from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext
 from ..training import train_loop
-from .stage2 import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys
+from .stage2 import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys, resolve_defaults
 
 log = logging.getLogger(__name__)
 
 _STAGE1_PARAMS = ("templates", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "images_per_prompt",
                   "sample_steps", "sample_cfg", "seed")
+_OBJECTIVE = 2  # 2: the pooled term on every encoder's pooled output (1: the last encoder's only)
 
 
 def cache_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst: str, last: Mapping[str, int],
               cfg: EmcidConfig) -> str:
     params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
     raw = json.dumps({"model": dict(fingerprint or {}), "text": text_fp, "src": src, "dst": dst,
-                      "last": dict(last), "params": params}, sort_keys=True, default=list)
+                      "last": dict(last), "params": params, "objective": _OBJECTIVE}, sort_keys=True, default=list)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
+    """`compute_emcid` resolves the family's defaults; a direct caller that left stage-1 values
+    unset gets the fallback by encoder count (two: SDXL's, else SD's)."""
+    if any(getattr(cfg, k) is None for k in ("steps", "lr", "weight_decay", "pooled_weight", "max_norm")):
+        cfg = resolve_defaults(cfg, None, text.encoders)[0]
+    return cfg
+
+
+def encode(text: TextModel, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       dict[str, torch.Tensor | None]]:
+    """(the UNet's context, the pooled output the UNet's y takes, every encoder's own pooled
+    output), differentiable. The context is what `TextModel.context` builds: the encoders' states
+    concatenated in order, the pooled output of the last encoder (ComfyUI's SDXL: bigG's)."""
+    zs, pooled = [], {}
+    for e in text.encoders:
+        z, pooled[e] = text.forward(e, ids[e])
+        zs.append(z)
+    return torch.cat(zs, dim=-1), pooled[text.encoders[-1]], pooled
 
 
 def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
@@ -54,6 +78,7 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     Must run with gradients enabled (a host inside `torch.inference_mode()` wraps the call in
     ``torch.inference_mode(False), torch.enable_grad()`` and makes its weights usable for autograd)."""
     ctx = ctx or RunContext()
+    cfg = _resolved(cfg, text)
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         raise RuntimeError("EMCID stage 1 needs gradients: call it under torch.inference_mode(False), torch.enable_grad()")
     src_p = concept_prompts(text, [src], cfg.templates)
@@ -63,11 +88,12 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
         if hasattr(denoiser, "latent_in"):  # sampled latents are in the VAE's scale, x_t in the UNet's
             x0 = denoiser.latent_in(x0)
-        ctx_dst, pooled_dst = text.context({e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()})
+        ctx_dst, pooled_dst, pooled_dst_e = encode(text, {e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()})
     dev = next(denoiser.unet().parameters()).device  # where the UNet runs (the CLIP may live elsewhere)
     x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)
     ctx_dst = ctx_dst.detach().clone().to(dev)
     pooled_dst = pooled_dst.detach().clone() if pooled_dst is not None else None
+    pooled_targets = {e: p.detach().clone().float().to(dev) for e, p in pooled_dst_e.items() if p is not None}
     abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
     ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
     B = x0.shape[0]
@@ -99,10 +125,10 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         with ExitStack() as stack:
             for enc, L in last.items():
                 stack.enter_context(trace_outputs(text.modules(enc), [layer_module(L)], add_delta(enc)))
-            ctx_src, pooled_src = text.context(ids_src)
+            ctx_src, pooled_src, pooled_src_e = encode(text, ids_src)
         y_src = None if y_dst is None else adm(pooled_src.to(dev), B)  # δ reaches SDXL's y through the pooled
         pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)
-        return torch.nn.functional.mse_loss(pred, target), pooled_src
+        return torch.nn.functional.mse_loss(pred, target), pooled_src_e
 
     # a fixed probe (timesteps spread over the schedule, fixed noise) to report progress without the
     # sampling noise of the training loss
@@ -117,17 +143,24 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     before = probe_loss()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
-    pooled_target = None if pooled_dst is None else pooled_dst.float().to(dev)
     h_sq = {enc: h[enc].norm() ** 2 for enc in deltas}  # constants of the weight-decay term
+    terms: dict[str, float] = {}
 
     def step(i):
         t = torch.randint(0, abar.shape[0], (B,), generator=g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
-        loss, pooled_src = eps_loss(t, noise)
-        if pooled_dst is not None and pooled_src is not None and cfg.pooled_weight:
-            loss = loss + cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src.float().to(dev), pooled_target)
+        loss, pooled_src_e = eps_loss(t, noise)
+        terms["eps"] = float(loss.detach())
+        if cfg.pooled_weight:
+            for enc, target in pooled_targets.items():  # every encoder's pooled output (official SDXL: both)
+                if pooled_src_e.get(enc) is not None:
+                    term = cfg.pooled_weight * torch.nn.functional.mse_loss(pooled_src_e[enc].float().to(dev), target)
+                    terms[f"pooled.{enc}"] = float(term.detach())
+                    loss = loss + term
         for enc, d in deltas.items():
-            loss = loss + (cfg.weight_decay * d.norm() / h_sq[enc]).to(dev)
+            term = (cfg.weight_decay * d.norm() / h_sq[enc]).to(dev)
+            terms[f"decay.{enc}"] = float(term.detach())
+            loss = loss + term
         if not bool(torch.isfinite(loss)):  # before the step: a NaN δ would poison the projection below
             return {"loss": float(loss.detach())}
         opt.zero_grad(set_to_none=True)
@@ -143,7 +176,8 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     run = train_loop(cfg.steps, step, ctx, what=f"EMCID stage 1 for {src!r}", hint="lower lr",
                      on_step=on_step or (lambda _done: None))
     history = run.history.get("loss", [])
-    stats = {"history": history, "probe_before": before, "probe_after": probe_loss()}
+    stats = {"history": history, "probe_before": before, "probe_after": probe_loss(), "last_terms": dict(terms),
+             "settings": {k: getattr(cfg, k) for k in ("steps", "lr", "weight_decay", "pooled_weight", "max_norm")}}
     return {e: d.detach().clone() for e, d in deltas.items()}, h, stats
 
 
@@ -152,6 +186,7 @@ def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]]
                      fingerprint: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Stage 1 for every pair: targets Z per encoder [n, d] (float64) and metrics."""
     ctx = ctx or RunContext()
+    cfg = _resolved(cfg, text)
     if denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL")
     from .stage2 import text_fingerprint

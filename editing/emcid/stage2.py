@@ -4,12 +4,15 @@ Two stages (PAPERS.md §3):
 - stage 1 (`stage1.optimise_targets`, per concept, cacheable): find the residual-stream
   vector z = h + δ at the last edited layer, at the concept's last token, that makes the diffusion
   model denoise the source prompt as it denoises the destination prompt;
-- stage 2 (`stage2`, closed form, all concepts at once): spread z − h over the edit layers l_1..l_L
+- stage 2 (`stage2`, closed form, all concepts at once): write Z into the edit layers l_1..l_L
   in order. For layer l_i: K = fc2 inputs at the concepts' last tokens (with the updates of the
-  layers before l_i in place), R = (Z − H) / (L − i) where H is the last edit layer's output
-  under the current updates (MEMIT's residual), and ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹ with
-  C₀ = E[k kᵀ] over generic caption tokens (`editing.emcid.captions`). ΔW is stored exactly as the
+  layers before l_i in place), R = (Z − B) / (L − i) where B is, by default, that layer's own fc2
+  output (the official code's residual) or, as an option, the last edit layer's output (MEMIT's),
+  and ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹ with C₀ = E[k kᵀ] over the BOS, real and EOS tokens of generic
+  captions (`editing.emcid.captions`); λ may differ per text encoder. ΔW is stored exactly as the
   low-rank pair up = R, down = (solve(λC₀ + KKᵀ, K))ᵀ while that is smaller than the dense matrix.
+
+Hyper-parameters left unset come from the model family's table (`presets`, the official code's).
 
 The library never runs ComfyUI: it reaches the text encoder through a `TextModel` host (see
 `comfy_host.text_hooks.ComfyTextModel`) and reads/changes activations with forward hooks by module
@@ -22,8 +25,8 @@ import logging
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
-from typing import Mapping, Protocol, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -61,20 +64,29 @@ class TextModel(Protocol):
         output; differentiable when grad is enabled."""
 
 
+RESIDUALS = ("official", "memit")
+
+
 @dataclass
 class EmcidConfig:
-    """EMCID parameters. Defaults follow the paper where it gives them."""
+    """EMCID parameters. None = the model family's value (`presets.FAMILY_DEFAULTS`, the official
+    code's hyper-parameters), filled in by `resolve_defaults` when the edit is computed."""
 
-    lam: float = 6000.0                 # λ: weight of the preserved statistics C₀ (paper: 4000-10000)
+    # λ: weight of the preserved statistics C₀; one value for every text encoder, or per encoder
+    # name ({"clip_l": 4000, "clip_g": 10000}; encoders it leaves out get the family's)
+    lam: float | Mapping[str, float] | None = None
     use_stage1: bool = True             # False: target z = the destination's own hidden state (no UNet needed)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
     layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
+    # stage 2's residual at layer l_i: "official" = Z − (that layer's fc2 output), as EMCID's code
+    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's
+    residual: str = "official"
     # stage 1
-    steps: int = 150                    # Adam steps per concept (paper: 100-200)
-    lr: float = 0.2
-    weight_decay: float = 0.5           # wd in wd·‖δ‖/‖h‖²
-    pooled_weight: float = 0.01
-    max_norm: float = 1.5               # ‖δ‖ ≤ max_norm·‖h‖
+    steps: int | None = None            # Adam steps per concept (official: SD 200, SDXL 100)
+    lr: float | None = None             # official: SD 0.2, SDXL 0.1
+    weight_decay: float | None = None   # wd in wd·‖δ‖/‖h‖² (official: SD 5e-4, SDXL 8e-3)
+    pooled_weight: float | None = None  # weight of each encoder's pooled-output MSE (official: SD 0.01, SDXL 0.005)
+    max_norm: float | None = None       # ‖δ‖ ≤ max_norm·‖h‖ (official: SD 1.5, SDXL 1.2)
     images_per_prompt: int = 1          # source images per template for x_t
     sample_steps: int = 20
     sample_cfg: float = 5.0
@@ -85,21 +97,65 @@ class EmcidConfig:
     batch: int = 64                     # prompts per text-encoder forward (bounds memory)
 
     def validate(self) -> None:
-        if not (self.lam > 0):
-            raise InvalidInputError(f"λ must be > 0 (paper: 4000-10000), got {self.lam}")
+        lams = self.lam.values() if isinstance(self.lam, Mapping) else [] if self.lam is None else [self.lam]
+        if any(not (float(v) > 0) for v in lams):
+            raise InvalidInputError(f"λ must be > 0 (official: 4000-10000), got {self.lam}; "
+                                    "leave it unset for the model family's default")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
-        if self.steps < 1 or self.lr <= 0 or self.max_norm <= 0 or self.weight_decay < 0:
-            raise InvalidInputError("stage 1 needs steps ≥ 1, lr > 0, max_norm > 0 and weight_decay ≥ 0")
+        if self.residual not in RESIDUALS:
+            raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
+        if ((self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0)
+                or (self.max_norm is not None and self.max_norm <= 0)
+                or (self.weight_decay is not None and self.weight_decay < 0)
+                or (self.pooled_weight is not None and self.pooled_weight < 0)):
+            raise InvalidInputError("stage 1 needs steps ≥ 1, lr > 0, max_norm > 0, weight_decay ≥ 0 and "
+                                    "pooled_weight ≥ 0 (or None for the model family's default)")
         if self.images_per_prompt < 1 or self.sample_steps < 1:
             raise InvalidInputError("images_per_prompt and sample_steps must be ≥ 1")
         if self.n_captions < 10 or self.batch < 1:
             raise InvalidInputError("n_captions must be ≥ 10 and batch ≥ 1")
 
+    def lam_for(self, encoder: str) -> float:
+        """λ of one text encoder (after `resolve_defaults`)."""
+        lam = self.lam.get(encoder) if isinstance(self.lam, Mapping) else self.lam
+        if lam is None:
+            raise InvalidInputError(f"no λ for the {encoder} text encoder; give one per encoder or a single value")
+        return float(lam)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["templates"] = list(self.templates)
+        if isinstance(self.lam, Mapping):
+            d["lam"] = {k: float(v) for k, v in self.lam.items()}
         return d
+
+
+def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[str]) -> tuple[EmcidConfig, dict]:
+    """`cfg` with every hyper-parameter left at None taken from the family's table (an unknown
+    layout: SDXL's with two text encoders, else SD's); λ becomes per encoder where the table or a
+    partial mapping decides it. Returns the config and {"table": key, "filled": [fields]} for the
+    edit's params. Values the user set are kept."""
+    from .presets import TABLE_FIELDS, defaults_for
+    key, table = defaults_for(family, encoders)
+    changes, filled = {}, []
+    for name in TABLE_FIELDS:
+        if name == "lam":
+            continue
+        if getattr(cfg, name) is None:
+            changes[name] = getattr(table, name)
+            filled.append(name)
+    if cfg.lam is None or isinstance(cfg.lam, Mapping):
+        given = dict(cfg.lam or {})
+        unknown = sorted(set(given) - set(encoders))
+        if unknown:
+            raise InvalidInputError(f"λ is given for {', '.join(unknown)}, which this CLIP does not have "
+                                    f"(its text encoders: {', '.join(encoders)})")
+        lam = {e: float(given[e]) if e in given else table.lam_for(e) for e in encoders}
+        if any(e not in given for e in encoders):
+            filled.append("lam")
+        changes["lam"] = lam
+    return replace(cfg, **changes), {"table": key, "filled": filled}
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -182,15 +238,24 @@ def layer_module(i: int) -> str:
     return f"text_model.encoder.layers.{i}"
 
 
-def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
-              applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-              batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(K [n, m] fc2 inputs at `fc2_layer`, H [n, d] output of `last_layer`) at each concept's last
+class LayerReads(NamedTuple):
+    """What `read_layer` reads at each concept's last token, averaged over templates."""
+
+    K: torch.Tensor | None       # [n, m] fc2 inputs at the fc2 layer
+    H: torch.Tensor              # [n, d] output of the last layer
+    M: torch.Tensor | None       # [n, d] fc2 outputs at the fc2 layer (its update included, if applied)
+
+
+def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
+               applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               batch: int = 64) -> LayerReads:
+    """fc2 inputs and outputs at `fc2_layer` and the output of `last_layer` at each concept's last
     token, averaged over templates, with the low-rank updates `applied` {layer: (R [d,r], X [m,r])}
     added to those fc2 outputs (ΔW k = R Xᵀ k) by hooks."""
     mods = host.modules(encoder)
     applied = dict(applied or {})
-    keys, hs = [], []
+    fc2_name = None if fc2_layer is None else f"{layer_module(fc2_layer)}.mlp.fc2"
+    keys, hs, ms = [], [], []
     for a, b in _chunks(len(prompts.text), batch):
         pos = prompts.pos[a:b]
         got: dict[str, torch.Tensor] = {}
@@ -198,7 +263,7 @@ def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | 
 
         def store_in(name, x):
             fc2_in[name] = x
-            if fc2_layer is not None and name == f"{layer_module(fc2_layer)}.mlp.fc2":
+            if name == fc2_name:
                 got["k"] = _gather(x, pos).double()
 
         def add_update(name, out):
@@ -209,16 +274,21 @@ def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | 
             x = fc2_in[name]
             return out + ((x.double() @ X) @ R.T).to(out.dtype)
 
+        def read_fc2_out(name, out):
+            got["m"] = _gather(out, pos).double()
+
         def read_last(name, out):
             got["h"] = _gather(out, pos).double()
             raise _Stop
 
         fc2_names = {f"{layer_module(i)}.mlp.fc2" for i in applied}
-        if fc2_layer is not None:
-            fc2_names.add(f"{layer_module(fc2_layer)}.mlp.fc2")
+        if fc2_name is not None:
+            fc2_names.add(fc2_name)
         with ExitStack() as stack:
             stack.enter_context(trace_inputs(mods, sorted(fc2_names), store_in))
             stack.enter_context(trace_outputs(mods, [f"{layer_module(i)}.mlp.fc2" for i in applied], add_update))
+            if fc2_name is not None:  # registered after add_update: sees the updated output
+                stack.enter_context(trace_outputs(mods, [fc2_name], read_fc2_out))
             stack.enter_context(trace_outputs(mods, [layer_module(last_layer)], read_last))
             try:
                 with torch.no_grad():
@@ -228,15 +298,29 @@ def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | 
         if "h" not in got:
             raise RuntimeError(f"layer {last_layer} of {encoder} never ran; is it a layer of this encoder?")
         hs.append(got["h"])
-        if fc2_layer is not None:
+        if fc2_name is not None:
+            if "k" not in got or "m" not in got:
+                raise RuntimeError(f"fc2 of layer {fc2_layer} of {encoder} never ran before layer {last_layer}")
             keys.append(got["k"])
-    H = torch.cat(hs).reshape(prompts.n, prompts.templates, -1).mean(1)
-    K = torch.cat(keys).reshape(prompts.n, prompts.templates, -1).mean(1) if keys else None
-    for name, t in (("keys", K), ("hidden states", H)):
+            ms.append(got["m"])
+
+    def mean(parts):
+        return torch.cat(parts).reshape(prompts.n, prompts.templates, -1).mean(1) if parts else None
+
+    out = LayerReads(mean(keys), mean(hs), mean(ms))
+    for name, t in (("keys", out.K), ("hidden states", out.H), ("fc2 outputs", out.M)):
         if t is not None and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"the {encoder} text encoder produced NaN/Inf {name}; check the CLIP's weights "
                                  "(a broken checkpoint or an fp16 overflow)")
-    return K, H
+    return out
+
+
+def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
+              applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(K [n, m] fc2 inputs at `fc2_layer`, H [n, d] output of `last_layer`): `read_layer` without M."""
+    r = read_layer(host, encoder, prompts, fc2_layer, last_layer, applied, batch)
+    return r.K, r.H
 
 
 # ---- C₀: second moment of generic fc2 inputs ---------------------------------------------------
@@ -251,20 +335,28 @@ def text_fingerprint(host: TextModel, encoder: str) -> str:
     return h.hexdigest()[:20]
 
 
-def caption_prompts(host: TextModel, cfg: EmcidConfig) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
-    caps = generic_captions(cfg.n_captions, cfg.caption_seed)
-    ids, n_real = host.tokenize(caps)
-    return caps, ids, n_real
+def caption_mask(n_real: torch.Tensor, length: int, device=None) -> torch.Tensor:
+    """[B, length] True at the positions C₀ averages over: BOS, the real tokens and EOS (not the
+    padding). BOS is the same vector in every prompt and every prompt attends to it, so it must be
+    in the preserved statistics: otherwise the edit is free to change it, and with it every prompt."""
+    j = torch.arange(length, device=device)
+    return j[None, :] <= n_real.to(device)[:, None] + 1
+
+
+C0_TOKENS = "bos-real-eos"  # which caption positions C₀ averages over (part of its cache name)
 
 
 def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: EmcidConfig,
                    ctx: RunContext | None = None, cache_dir: str | None = None) -> dict[int, torch.Tensor]:
-    """C₀ = E[k kᵀ] (float64, on the device) of each layer's fc2 inputs over the real tokens and EOS
-    of generic captions. Cached per (encoder fingerprint, captions, layer) as safetensors."""
+    """C₀ = E[k kᵀ] (float64, on the device) of each layer's fc2 inputs over the BOS, real and EOS
+    tokens of generic captions (`caption_mask`). Cached per (encoder fingerprint, caption set and
+    token choice, layer) as safetensors."""
     ctx = ctx or RunContext()
     layers = sorted(set(int(i) for i in layers))
     fp = text_fingerprint(host, encoder) if cache_dir else ""
-    paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-l{i}.safetensors")
+    caps = generic_captions(cfg.n_captions, cfg.caption_seed)
+    tag = hashlib.sha256(("\n".join(caps) + "|" + C0_TOKENS).encode()).hexdigest()[:12]
+    paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-{tag}-l{i}.safetensors")
              for i in layers} if cache_dir else {}
     out: dict[int, torch.Tensor] = {}
     if cache_dir and all(os.path.isfile(p) for p in paths.values()):
@@ -273,7 +365,7 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
             out[i] = load_file(p)["c0"].to(host.device, torch.float64)
         log.info("C0 for %s layers %s from cache", encoder, layers)
         return out
-    caps, ids, n_real = caption_prompts(host, cfg)
+    ids, n_real = host.tokenize(caps)
     mods = host.modules(encoder)
     names = {f"{layer_module(i)}.mlp.fc2": i for i in layers}
     last = f"{layer_module(max(layers))}.mlp.fc2"
@@ -283,9 +375,7 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     chunks = list(_chunks(len(caps), cfg.batch))
     for c, (a, b) in enumerate(chunks):
         ctx.check()
-        j = torch.arange(ids[encoder].shape[1], device=host.device)
-        # real tokens and EOS, not BOS (the same vector in every prompt) and not padding
-        mask = (j[None, :] >= 1) & (j[None, :] <= n_real[a:b, None].to(host.device) + 1)
+        mask = caption_mask(n_real[a:b], ids[encoder].shape[1], host.device)
 
         def take(name, x, mask=mask):
             k = x[mask.to(x.device)].double()
@@ -334,9 +424,16 @@ def solve_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float)
 
 def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompts, Z: torch.Tensor,
            C0: Mapping[int, torch.Tensor], lam: float, batch: int = 64,
-           ctx: RunContext | None = None) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:
-    """Spread Z − H over `layers` in order (MEMIT). Returns [(layer, up [d,n], down [n,m])] (float64)
-    and metrics: the share of ‖Z − H‖ left after each layer and after all of them."""
+           ctx: RunContext | None = None, residual: str = "official") -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:
+    """Write Z into `layers` in order, each layer's update seeing the earlier ones. At layer l_i
+    (i = 0..L−1) the residual is R_i = (Z − B_i) / (L − i), with B_i
+      "official": the fc2 output of l_i itself (what EMCID's code subtracts: its
+                  `get_module_input_output_at_words(..., rewrite_module_tmp.format(layer))[1]`),
+      "memit":    the output of the last edit layer (MEMIT's: the gap still left to Z).
+    Returns [(layer, up [d,n], down [n,m])] (float64) and metrics: the share of ‖Z − H‖ (H: the
+    last edit layer's output) left before each layer and after all of them."""
+    if residual not in RESIDUALS:
+        raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
     ctx = ctx or RunContext()
     layers = list(layers)
     last = max(layers)
@@ -346,18 +443,19 @@ def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompt
     left = []
     for i, layer in enumerate(layers):
         ctx.check()
-        K, H = read_keys(host, encoder, prompts, layer, last, applied, batch)
-        gap = Z.to(H) - H
+        r = read_layer(host, encoder, prompts, layer, last, applied, batch)
+        gap = Z.to(r.H) - r.H
         if start is None:
             start = float(gap.norm())
         left.append(float(gap.norm()) / max(start, 1e-12))
-        up, down = solve_update(K, gap / (len(layers) - i), C0[layer], lam)
+        base = r.M if residual == "official" else r.H
+        up, down = solve_update(r.K, (Z.to(base) - base) / (len(layers) - i), C0[layer], lam)
         applied[layer] = (up, down.T)
         out.append((layer, up, down))
         ctx.report(i + 1, len(layers))
     _, H = read_keys(host, encoder, prompts, None, last, applied, batch)
     final = float((Z.to(H) - H).norm()) / max(start or 0.0, 1e-12)
-    return out, {"gap_before_layer": left, "gap_after": final}
+    return out, {"residual": residual, "gap_before_layer": left, "gap_after": final}
 
 
 def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Change:
@@ -403,6 +501,7 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     cfg.validate()
     validate_pairs(pairs)
     ctx = ctx or RunContext()
+    cfg, used = resolve_defaults(cfg, family.name, text.encoders)
     plan = edit_layers(family, text, cfg)
     if cfg.use_stage1 and denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1")
@@ -423,13 +522,15 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     for enc, (spec, layers) in plan.items():
         C0 = second_moments(text, enc, layers, cfg, ctx, cache_dir)
         prompts = concept_prompts(text, srcs, cfg.templates)
-        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam, cfg.batch, ctx)
+        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam_for(enc), cfg.batch, ctx,
+                         residual=cfg.residual)
+        m2["lam"] = cfg.lam_for(enc)
         for layer, up, down in ups:
             changes[spec.fc2_key(layer)] = to_change(spec, up, down)
         metrics["stage2"][enc] = m2
         log.info("EMCID %s: gap left %.3f after %d layers", enc, m2["gap_after"], len(layers))
     metrics["seconds"] = {"stage1": round(t1 - t0, 2), "stage2": round(time.perf_counter() - t1, 2)}
     edit = Edit(method="emcid", family=family.name, changes=changes, concepts=[f"{s} -> {d}" for s, d in pairs],
-                params=cfg.to_dict(), fingerprint=dict(fingerprint or {}), metrics=metrics)
+                params={**cfg.to_dict(), "family_defaults": used}, fingerprint=dict(fingerprint or {}), metrics=metrics)
     edit.check_finite()
     return edit

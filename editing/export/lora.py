@@ -1,8 +1,10 @@
 """Any Edit -> a kohya-format LoRA file that stock ComfyUI, Automatic1111/Forge and diffusers load.
 
 Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
-- ``lowrank`` (UCE, EMCID): written exactly as ``lora_up.weight`` = up, ``lora_down.weight`` = down,
-  ``alpha`` = rank, so the loader's scale alpha / rank is 1. A rank cap truncates it by SVD.
+- ``lowrank`` (UCE, EMCID): written exactly, ``lora_up.weight`` = up · c and ``lora_down.weight`` =
+  down · c with c = √(rank / alpha) and one ``alpha`` for the whole file (its largest rank), so the
+  loader's up · down · alpha / rank is up @ down (c = 1 when all ranks are equal). A rank cap
+  truncates it by SVD.
 - ``delta`` (dense ΔW): truncated SVD, the smallest rank whose relative Frobenius error is at most
   `max_rel_error` (or a fixed `rank`); the error is reported per key. Or ``dense_as="diff"``: the
   full delta as ``.diff`` (exact, big).
@@ -10,11 +12,16 @@ Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
   export needs them (`base`), and a pruning mask is sparse and full-rank, which SVD cannot
   compress. Such a file is tied to that checkpoint: on another checkpoint it subtracts the wrong
   values.
-``.diff`` modules are read by ComfyUI's LoraLoader and by A1111's built-in Lora, not by diffusers'
-``load_lora_weights``; for a diffusers-loadable file keep ``dense_as="svd"`` and no masks.
-UNet modules of SD1/SD2/SDXL are named diffusers-style (``lora_unet_down_blocks_0_attentions_0_…``),
-which all three hosts read; other families (the tiny model) and ``unet_names="ldm"`` get the LDM
-names (``lora_unet_input_blocks_1_1_…``), which ComfyUI and A1111 read.
+``.diff`` modules are read by ComfyUI's LoraLoader and by A1111's built-in Lora; diffusers'
+``load_lora_weights`` refuses a kohya file that holds any (ValueError "keys have not been correctly
+renamed"), so for diffusers keep ``dense_as="svd"`` and apply masks with
+`editing.export.diffusers.apply_to_diffusers` (tests/test_diffusers_lora.py checks both).
+UNet modules of SD1/SD2/SDXL transformer blocks are named diffusers-style
+(``lora_unet_down_blocks_0_attentions_0_…``), which all three hosts read. Other families (the tiny
+model, custom layouts), ``unet_names="ldm"`` and files with any UNet weight outside the transformer
+blocks (parameter set ``noxattn``) get the LDM names (``lora_unet_input_blocks_1_1_…``) for every
+UNet module: ComfyUI and A1111 read them, diffusers' SDXL loader maps them by the UNet's config,
+its SD1/SD2 loader refuses them (NoMatchingPeftModuleError).
 """
 from __future__ import annotations
 
@@ -76,6 +83,24 @@ def kohya_name(family: Family, key: str, unet_names: str = "auto") -> str:
     return family.to_kohya(key)
 
 
+def file_unet_names(family: Family, keys, unet_names: str = "auto") -> str:
+    """The UNet naming of a whole file: "auto" is diffusers-style only when every UNet key of the
+    edit has such a name (a transformer-block weight of SD1/SD2/SDXL), else LDM-style for all of them.
+    One style per file: diffusers' SDXL loader drops every LDM-named module of a file that also holds
+    diffusers-named ones, without a word (its all-LDM files it maps by the UNet config)."""
+    if unet_names != "auto":
+        return unet_names
+    if family.name not in _DIFFUSERS_NAMED:
+        return "ldm"
+    for key in keys:
+        if key.startswith(UNET_PREFIX):
+            try:
+                family.to_kohya_diffusers_style(key)
+            except KeyError:
+                return "ldm"
+    return "diffusers"
+
+
 def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, max_err: float
               ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """up = U_r √S_r, down = √S_r V_rᵀ, and the relative Frobenius error of dropping the rest."""
@@ -122,14 +147,16 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
     if not edit.changes:
         raise InvalidInputError("the edit changes no weights; there is nothing to export")
     fam = edit.layout()
+    unet_names = file_unet_names(fam, edit.changes, cfg.unet_names)
     get = base.get if isinstance(base, Mapping) else base
     dtype = DTYPES[cfg.dtype]
     sd: dict[str, torch.Tensor] = {}
     per_key: dict[str, dict] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
     names = set()
     for i, (key, change) in enumerate(edit.changes.items()):
         ctx.report(i, len(edit.changes))
-        name = kohya_name(fam, key, cfg.unet_names)
+        name = kohya_name(fam, key, unet_names)
         if name in names:
             raise InvalidInputError(f"two weights map to the LoRA module {name}")
         names.add(name)
@@ -142,14 +169,22 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
             per_key[key] = {"module": name, "form": "diff", "rel_error": 0.0}
             continue
         up, down, err = _factor(change, cfg)
-        r = up.shape[1]
-        shape = change.shape
-        sd[f"{name}.lora_up.weight"] = up.reshape(shape[0], r, *([1] * (len(shape) - 2))).to(dtype).contiguous()
-        sd[f"{name}.lora_down.weight"] = down.reshape(r, *shape[1:]).to(dtype).contiguous()
-        sd[f"{name}.alpha"] = torch.tensor(float(r))  # loader scale alpha / rank = 1
-        per_key[key] = {"module": name, "form": "lora", "rank": r, "rel_error": err}
+        factors[name] = (up.float(), down.float(), change.shape)  # float32 until the file's alpha is known
+        per_key[key] = {"module": name, "form": "lora", "rank": up.shape[1], "rel_error": err}
     ctx.report(len(edit.changes), len(edit.changes))
     ranks = [v["rank"] for v in per_key.values() if v["form"] == "lora"]
+    # One alpha for the whole file (its largest rank); each module's factors carry √(rank / alpha) each,
+    # so the loaders' up · down · alpha / rank is up @ down. Per-module alphas (alpha = rank) read the
+    # same in ComfyUI and A1111, but diffusers (0.42) files the alphas of kohya attention modules
+    # (attn*.to_q/k/v/out) under names PEFT's alpha_pattern never matches: with mixed ranks those
+    # modules would load at the file's most common alpha over their own rank (2x, 0.5x, ...).
+    alpha = float(max(ranks, default=1))
+    for name, (up, down, shape) in factors.items():
+        r = up.shape[1]
+        c = math.sqrt(r / alpha)
+        sd[f"{name}.lora_up.weight"] = (up * c).reshape(shape[0], r, *([1] * (len(shape) - 2))).to(dtype).contiguous()
+        sd[f"{name}.lora_down.weight"] = (down * c).reshape(r, *shape[1:]).to(dtype).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
     errs = [v["rel_error"] for v in per_key.values()]
     report = {"modules": len(per_key), "lora_modules": len(ranks), "diff_modules": len(per_key) - len(ranks),
               "max_rank": max(ranks, default=0), "max_rel_error": max(errs, default=0.0),

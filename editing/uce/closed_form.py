@@ -194,10 +194,15 @@ def _aligned(p: torch.Tensor, e_src: int, e_dst: int, length: int) -> torch.Tens
     return (p - e_src + e_dst).clamp(1, length - 1)
 
 
-def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
-    """Concept prompts and, per concept, the weighted guide prompts its values should take."""
+def _plan(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]] | None = None
+          ) -> tuple[list[str], list[list[tuple[float, str]]]]:
+    """Concept prompts and, per concept, the weighted guide prompts its values should take.
+    `option_weights` (debias): a concept's own weights for the options in place of the guide's, as
+    the iterative debias loop sets them (any real numbers: a weight may go below 0 or above 1)."""
     srcs, targets = [], []
     options = parse_options(cfg.guide) if cfg.mode == "debias" else None
+    if option_weights is not None:
+        check_option_weights(cfg, option_weights)
     for line in cfg.concepts:
         line = line.strip()
         if not line:
@@ -209,7 +214,8 @@ def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
         if cfg.mode == "moderate":
             tgt = [(1.0, "")]
         elif cfg.mode == "debias":
-            tgt = [(w, f"{o} {src}") for o, w in options]
+            ws = option_weights.get(src) if option_weights else None
+            tgt = [(w if ws is None else float(ws[k]), f"{o} {src}") for k, (o, w) in enumerate(options)]
         else:
             tgt = [(1.0, dst if arrow else (cfg.guide.strip() or
                                             (DEFAULT_GUIDE[cfg.expand] if cfg.mode == "erase" else "")))]
@@ -223,6 +229,20 @@ def _plan(cfg: UCEConfig) -> tuple[list[str], list[list[tuple[float, str]]]]:
                 srcs.append(template.format(src))
                 targets.append([(w, template.format(g).strip()) for w, g in tgt])
     return srcs, targets
+
+
+def check_option_weights(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]]) -> None:
+    """Per-concept debias weights must name this config's concepts and give one finite number per option."""
+    if cfg.mode != "debias":
+        raise InvalidInputError("option weights apply only to mode 'debias'")
+    k = len(parse_options(cfg.guide))
+    known = set(_base_concepts(cfg))
+    for c, ws in option_weights.items():
+        if c not in known:
+            raise InvalidInputError(f"option weights for {c!r}, which is not one of the concepts {sorted(known)}")
+        ws = list(ws)
+        if len(ws) != k or not all(math.isfinite(float(w)) for w in ws):
+            raise InvalidInputError(f"concept {c!r}: give {k} finite option weights, got {ws}")
 
 
 def _base_concepts(cfg: UCEConfig) -> list[str]:
@@ -246,10 +266,11 @@ def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
     return out
 
 
-def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None) -> TextSystem:
+def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None,
+                      option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
     """Encode every distinct prompt once and gather C, G, P by token position."""
     ctx = ctx or RunContext()
-    srcs, targets = _plan(cfg)
+    srcs, targets = _plan(cfg, option_weights)
     keep = preserve_prompts(cfg, srcs)
     prompts = list(dict.fromkeys(srcs + [p for t in targets for _, p in t] + keep + [""]))
     index = {p: i for i, p in enumerate(prompts)}
@@ -480,9 +501,11 @@ def summarise(per_key: Mapping[str, Mapping[str, float]]) -> dict:
 
 @torch.no_grad()
 def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
-                ctx: RunContext | None = None) -> Edit:
+                ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None) -> Edit:
     """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the
-    (unpatched) base weights; nothing is written to them. One solve per text width."""
+    (unpatched) base weights; nothing is written to them. One solve per text width.
+    `option_weights` (debias only): per concept, its weights for the guide's options in place of the
+    guide's own (see `debias.py`); always solved from `weights`, never from an earlier edit."""
     ctx = ctx or RunContext()
     config.validate()
     keys = [k for k in family.attn2_kv_keys()
@@ -491,7 +514,7 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     if missing:
         raise InvalidInputError(f"the model has no {missing[0]} ({len(missing)} K/V weights missing); "
                                 f"is it really {family.label}?")
-    system = build_text_system(text, config, ctx)
+    system = build_text_system(text, config, ctx, option_weights)
     d = system.C.shape[1]
     widths = {weights[k].shape[1] for k in keys}
     if widths != {d}:

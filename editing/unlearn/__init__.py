@@ -1,4 +1,5 @@
 """Unlearning by fine-tuning: RGD (Ko et al. 2024), gradient ascent and ESD (Gandikota et al. 2023),
 trained as adapters on a frozen UNet (PAPERS.md §4)."""
 
-from .trainer import FORGET_OBJECTIVES, METHODS, UnlearnConfig, compute_unlearn, paired_prompts  # noqa: F401
+from .trainer import (FORGET_OBJECTIVES, METHODS, PRESETS, UnlearnConfig, compute_unlearn, paired_prompts,  # noqa: F401
+                      preset_config)

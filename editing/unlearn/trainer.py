@@ -1,10 +1,13 @@
 """Unlearning by fine-tuning: restricted gradient descent (Ko et al. 2024, "RGD"), plain gradient
 ascent (GA) and ESD negative guidance (Gandikota et al. 2023). See PAPERS.md §4.
 
-Each step draws a forget batch (prompts with the concept, images the original model generated from
-them) and, for RGD and GA, a retain batch (the same templated prompts with the concept word removed,
-plus the user's retain prompts). Losses are ε-MSE diffusion losses at random t (`Trainable.eps` is ε
-for v-prediction models too), with SDXL's vector conditioning y carried alongside each text context:
+RGD and GA: each step draws a forget batch (templated prompts with the concept, images the original
+model generated from them) and a retain batch: by default the forget rows' own twins (the same
+prompts with the concept word removed, as Ko et al. zip their forget and retain sets), plus some of
+the user's retain prompts. ESD (and RGD-esd) follows Gandikota et al.'s code: x_t is fresh noise
+partially denoised by the frozen model with the concept prompt (DDIM, guidance 3) to a random step,
+and c is the bare concept. Losses are ε-MSE at that x_t (`Trainable.eps` is ε for v-prediction
+models too), with SDXL's vector conditioning y carried alongside each text context:
 - RGD-ascent: g_f = −∇L̃_f with Ko et al.'s truncation L̃_f = L_f / ‖L_f‖ once L_f > m: a constant 1,
   so a batch whose forget loss is already above m adds no forget gradient at all;
 - GA (the baseline of Ko et al.'s code): the gradient of −L_f + w·L_r, w = ``ga_retain_weight``
@@ -12,7 +15,8 @@ for v-prediction models too), with SDXL's vector conditioning y carried alongsid
 - ESD (and RGD-esd): g_f = ∇ MSE(ε_θ(x_t, c), ε₀(x_t, ∅) − η[ε₀(x_t, c) − ε₀(x_t, ∅)]), ε₀ frozen;
 - RGD: g_r = ∇L_r; if ⟨g_f, g_r⟩ < 0 each is projected off the other; the step is g_f' + α g_r'.
 The model itself is never written: the trainable part is a LoRA (default) or dense ΔW on a parameter
-set (ESD-x: cross-attention; ESD-u: the rest) attached by hooks (`editing.training`), folded into an Edit.
+set (ESD-x: cross-attention; ESD-u: the rest; `PRESETS`) attached by hooks (`editing.training`),
+folded into an Edit.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Sequence
 import torch
 
 from .. import worlds
-from ..diffusion import add_noise, diffusion_mse, generate_latents
+from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents
 from ..edit import Edit
 from ..errors import InvalidInputError
 from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rgd", "ga", "esd")
 FORGET_OBJECTIVES = ("ascent", "esd")
+RETAIN_PAIRINGS = ("twins", "independent")
+ESD_XT = ("sampled", "noised")
+ESD_PROMPTS = ("concept", "templates")
 
 
 @dataclass
@@ -49,7 +56,9 @@ class UnlearnConfig:
     alpha: float = 1.6               # RGD's retain weight α
     truncation: float = 1.1          # m: RGD's forget loss above m becomes the constant 1 (no forget gradient)
     ga_retain_weight: float = 0.1    # GA optimises −L_f + w·L_r (w = 0.1 in Ko et al.'s gradient_ascent.py)
-    eta: float = 1.0                 # ESD negative-guidance strength η
+    # ESD negative-guidance strength η on the unconditional base: η 1 is also the target of Gandikota
+    # et al.'s esd_sd.py, whose default 2 is taken on the conditional base (ε₀(c) − 2[ε₀(c) − ε₀(∅)])
+    eta: float = 1.0
     batch: int = 4
     n_prompts: int = 16              # forget/retain prompt pairs from the templates
     gen_steps: int = 20              # denoising steps to generate the training images
@@ -58,6 +67,17 @@ class UnlearnConfig:
     t_max: int = 999
     seed: int = 0
     cache_dir: str | None = None     # keep generated latents as safetensors between runs
+    # RGD/GA's retain batch. twins: the concept-free twin of every forget row (Ko et al. zip their
+    # forget and retain sets, pair by pair) plus rows of the user's retain prompts; independent: a
+    # batch drawn at random from all retain prompts, unrelated to the forget rows.
+    retain_pairing: str = "twins"
+    # ESD's x_t. sampled: fresh noise partially denoised by the frozen model with the ESD prompt
+    # (DDIM, `esd_ddim_steps` steps, guidance `esd_cfg`) to a random step, the target taken at that
+    # step's timestep, as Gandikota et al.'s code; noised: the generated training images noised at random t.
+    esd_xt: str = "sampled"
+    esd_prompt: str = "concept"      # ESD's c: the bare concept (as Gandikota et al.) or the templated forget prompts
+    esd_ddim_steps: int = 50
+    esd_cfg: float = 3.0
 
     def validate(self) -> "UnlearnConfig":
         if self.method not in METHODS:
@@ -66,7 +86,10 @@ class UnlearnConfig:
             raise InvalidInputError(f"forget_objective must be 'ascent' or 'esd', not {self.forget_objective!r}")
         if self.param_set not in PARAM_SETS:
             raise InvalidInputError(f"param_set must be one of {', '.join(PARAM_SETS)}, not {self.param_set!r}")
-        for name in ("steps", "batch", "n_prompts", "gen_steps", "rank"):
+        for name, choices in (("retain_pairing", RETAIN_PAIRINGS), ("esd_xt", ESD_XT), ("esd_prompt", ESD_PROMPTS)):
+            if getattr(self, name) not in choices:
+                raise InvalidInputError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        for name in ("steps", "batch", "n_prompts", "gen_steps", "rank", "esd_ddim_steps"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and self.alpha >= 0 and self.truncation > 0 and self.ga_retain_weight >= 0):
@@ -74,6 +97,35 @@ class UnlearnConfig:
         if not 0 <= self.t_min <= self.t_max <= 999:
             raise InvalidInputError(f"need 0 ≤ t_min ≤ t_max ≤ 999 (got {self.t_min}, {self.t_max})")
         return self
+
+    @property
+    def uses_esd(self) -> bool:
+        """Whether the forget gradient is ESD's (method esd, or RGD with the esd forget objective)."""
+        return self.method == "esd" or (self.method == "rgd" and self.forget_objective == "esd")
+
+    def needs_images(self) -> tuple[bool, bool]:
+        """(forget, retain): which generated training images this configuration trains on."""
+        return (not self.uses_esd or self.esd_xt == "noised"), self.method in ("rgd", "ga")
+
+
+# Gandikota et al.'s two variants as named settings (rohitgandikota/erasing, esd_sd.py for SD1.4: 200
+# iterations at Adam 5e-5, η as our default): ESD on a dense ΔW of the cross-attention (ESD-x, for
+# concepts named in the prompt: styles, objects) or of everything but it (ESD-u, for concepts that
+# show without being named, such as nudity).
+PRESETS: dict[str, dict] = {
+    "esd-x": {"method": "esd", "param_set": "xattn", "steps": 200, "lr": 5e-5},
+    "esd-u": {"method": "esd", "param_set": "noxattn", "steps": 200, "lr": 5e-5},
+}
+
+
+def preset_config(preset: str = "custom", **settings) -> UnlearnConfig:
+    """``UnlearnConfig(**settings)`` with the method, parameter set, steps and lr of `preset` in place
+    of those given ("custom": the settings as they are)."""
+    if preset == "custom":
+        return UnlearnConfig(**settings)
+    if preset not in PRESETS:
+        raise InvalidInputError(f"preset must be custom or one of {', '.join(PRESETS)}, not {preset!r}")
+    return UnlearnConfig(**{**settings, **PRESETS[preset]})
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -207,10 +259,12 @@ def esd_target(host: Trainable, adapters: Adapters, xt: torch.Tensor, t: torch.T
 # ---- the trainer -------------------------------------------------------------------------------------
 @dataclass
 class TrainData:
+    """What a run trains on. Retain row i < len(forget_prompts) is forget row i's twin (the order
+    `paired_prompts` builds them in); the user's own retain prompts follow."""
     forget_prompts: list[str]
     retain_prompts: list[str]
-    x_forget: torch.Tensor
-    x_retain: torch.Tensor
+    x_forget: torch.Tensor | None    # None where the configuration needs no forget images (ESD's sampled x_t)
+    x_retain: torch.Tensor | None    # None where it has no retain pass (ESD)
     c_forget: torch.Tensor
     c_retain: torch.Tensor
     c_uncond: torch.Tensor
@@ -219,26 +273,52 @@ class TrainData:
     y_forget: torch.Tensor | None = None
     y_retain: torch.Tensor | None = None
     y_uncond: torch.Tensor | None = None
+    c_concept: torch.Tensor | None = None  # the bare concept, ESD's prompt
+    y_concept: torch.Tensor | None = None
 
 
 def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, retain_prompts: Sequence[str] = (),
                  family: str = "", ctx: RunContext | None = None) -> TrainData:
-    """Prompts, the original model's images for them (in memory, optionally cached on disk) and
-    their text embeddings. Done once per run, before any adapter is attached."""
+    """Prompts, the original model's images for them (those `cfg` trains on; in memory, optionally
+    cached on disk) and their text embeddings. Done once per run, before any adapter is attached."""
     t0 = time.perf_counter()
     forget, retain = paired_prompts(concept, cfg.n_prompts, cfg.seed, family)
+    if not forget:
+        raise InvalidInputError(f"no training prompt for {concept!r} passed the safety filter; name the concept "
+                                "differently")
     retain = retain + [p for p in retain_prompts if p.strip()]
+    need_forget, need_retain = cfg.needs_images()
     gen = dict(steps=cfg.gen_steps, cfg=cfg.gen_cfg, cache_dir=cfg.cache_dir, ctx=ctx)
-    xf = generate_latents(host, text, forget, seed=cfg.seed, **gen)
-    xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen)
+    xf = generate_latents(host, text, forget, seed=cfg.seed, **gen) if need_forget else None
+    xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen) if need_retain else None
     with torch.no_grad():
-        (cf, yf), (cr, yr), (cu, yu) = (conditioning(host, text, p) for p in (forget, retain, [""]))
+        (cf, yf), (cr, yr), (cu, yu), (cc, yc) = (conditioning(host, text, p)
+                                                  for p in (forget, retain, [""], [concept.strip()]))
 
     def fresh(v):
         return None if v is None else v.detach().float().clone()
 
     return TrainData(forget, retain, xf, xr, fresh(cf), fresh(cr), fresh(cu), time.perf_counter() - t0,
-                     fresh(yf), fresh(yr), fresh(yu))
+                     fresh(yf), fresh(yr), fresh(yu), fresh(cc), fresh(yc))
+
+
+def _rows(y: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if y is None else y[idx]
+
+
+def _latent_shape(host, data: TrainData) -> tuple[int, ...]:
+    """(C, H, W) of the latents this host trains at: the generated images' where there are some, else
+    the host's own latent size (`latent_size` (h, w) or `latent_hw`, as its sampler uses them)."""
+    if data.x_forget is not None:
+        return tuple(data.x_forget.shape[1:])
+    hw = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
+    return (getattr(host, "latent_channels", 4), int(hw[0]), int(hw[1]))
+
+
+def extra_retain_rows(batch: int, n_twins: int, n_extra: int) -> int:
+    """How many of the user's retain prompts join a twins retain batch: their share of the whole
+    retain set, as the independent draw gives them (at least one a step, at most a batch)."""
+    return 0 if n_extra <= 0 else min(batch, max(1, round(batch * n_extra / max(n_twins, 1))))
 
 
 def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: UnlearnConfig | None = None, *,
@@ -250,35 +330,77 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     ctx = ctx or RunContext()
     if data is None:
         data = prepare_data(host, text, concept, cfg, retain_prompts, family, ctx)
+    need_forget, need_retain = cfg.needs_images()
+    if (need_forget and data.x_forget is None) or (need_retain and data.x_retain is None):
+        raise InvalidInputError("the training data lacks the generated images this configuration trains on: "
+                                "build it with prepare_data and the same config")
     unet = host.unet()
     modules = dict(unet.named_modules())
     names = select_targets(modules, cfg.param_set)
     kind = "lora" if cfg.param_set.startswith("lora") else "full"
-    dev = data.x_forget.device
+    dev = data.c_forget.device
     adapters = Adapters(modules, names, kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     params = adapters.parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr)
     ac = host.alphas_cumprod().float().to(dev)
     g = torch.Generator().manual_seed(cfg.seed + 17 + 1000 * ctx.rank)  # each process its own batches
+    n_twins = len(data.forget_prompts)
+    n_extra = len(data.retain_prompts) - n_twins
+    n_user = extra_retain_rows(cfg.batch, n_twins, n_extra)
+    use_esd = cfg.uses_esd
+    sampled = use_esd and cfg.esd_xt == "sampled"
+    if sampled:
+        ddim_ts = ddim_timesteps(len(ac), cfg.esd_ddim_steps)
+        # ESD's random stop step, among those whose timestep lies in [t_min, t_max]
+        stops = [k for k in range(cfg.esd_ddim_steps) if cfg.t_min <= int(ddim_ts[k]) <= cfg.t_max]
+        if not stops:
+            raise InvalidInputError(f"none of the {cfg.esd_ddim_steps} DDIM steps lands in t ∈ [{cfg.t_min}, "
+                                    f"{cfg.t_max}]: widen the range or take more esd_ddim_steps")
+        shape = (cfg.batch,) + _latent_shape(host, data)
+    c_concept, y_concept = data.c_concept, data.y_concept
+    if use_esd and cfg.esd_prompt == "concept" and c_concept is None:
+        with torch.no_grad():
+            c_concept, y_concept = conditioning(host, text, [concept.strip()])
 
-    def batch(x, c, y):
-        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
-        t = torch.randint(cfg.t_min, cfg.t_max + 1, (cfg.batch,), generator=g)
-        noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g)
-        return x[idx], c[idx], None if y is None else y[idx], t.to(dev), noise.to(dev)
+    def noised(x, rows):
+        t = torch.randint(cfg.t_min, cfg.t_max + 1, (len(rows),), generator=g)
+        noise = torch.randn((len(rows),) + tuple(x.shape[1:]), generator=g)
+        return x[rows], t.to(dev), noise.to(dev)
 
-    use_esd = cfg.method == "esd" or (cfg.method == "rgd" and cfg.forget_objective == "esd")
+    def esd_inputs(idx):
+        """(x_t, t, c, y) of ESD's forget term for the forget rows `idx`."""
+        if cfg.esd_prompt == "concept":
+            c, y = c_concept.to(dev).expand(cfg.batch, -1, -1), rows_y(y_concept, cfg.batch)
+        else:
+            c, y = data.c_forget[idx], _rows(data.y_forget, idx)
+        if not sampled:
+            x0, t, noise = noised(data.x_forget, idx)
+            return add_noise(x0, noise, t, ac), t, c, y
+        k = stops[int(torch.randint(0, len(stops), (1,), generator=g))]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+        with torch.no_grad(), adapters.only_fixed():  # the frozen model draws the concept
+            xt = ddim_sample(host, c, data.c_uncond.expand_as(c), steps=cfg.esd_ddim_steps, cfg=cfg.esd_cfg,
+                             seed=seed, shape=shape, ctx=ctx, y=y, y_uncond=rows_y(data.y_uncond, cfg.batch), stop=k)
+        return xt.detach().to(dev), torch.full((cfg.batch,), int(ddim_ts[k]), device=dev), c, y
+
+    def retain_rows(idx):
+        if cfg.retain_pairing == "independent":
+            return torch.randint(0, len(data.retain_prompts), (cfg.batch,), generator=g)
+        if not n_user:
+            return idx
+        return torch.cat([idx, n_twins + torch.randint(0, n_extra, (n_user,), generator=g)])
 
     def step(_i):
-        xf, cf, yf, tf, nf = batch(data.x_forget, data.c_forget, data.y_forget)
+        idx = torch.randint(0, n_twins, (cfg.batch,), generator=g)  # the forget rows
         if use_esd:
-            xt = add_noise(xf, nf, tf, ac)
+            xt, tf, cf, yf = esd_inputs(idx)
             target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
                                 y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
             lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf, y=yf), target)
             loss_f = lf
         else:
-            lf = diffusion_mse(host, xf, cf, tf, nf, ac, y=yf)
+            xf, tf, nf = noised(data.x_forget, idx)
+            lf = diffusion_mse(host, xf, data.c_forget[idx], tf, nf, ac, y=_rows(data.y_forget, idx))
             # g_f = −∇L̃_f: ascent (GA is not truncated)
             loss_f = -(lf if cfg.method == "ga" else truncate_forget_loss(lf, cfg.truncation))
         if cfg.method == "rgd" and not use_esd and float(lf.detach()) > cfg.truncation:
@@ -289,8 +411,9 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
             g_f = ctx.average(g_f)
         dot, lr_val = 0.0, None
         if cfg.method in ("rgd", "ga"):
-            xr, cr, yr, tr, nr = batch(data.x_retain, data.c_retain, data.y_retain)
-            lr_loss = diffusion_mse(host, xr, cr, tr, nr, ac, y=yr)
+            rows = retain_rows(idx)
+            xr, tr, nr = noised(data.x_retain, rows)
+            lr_loss = diffusion_mse(host, xr, data.c_retain[rows], tr, nr, ac, y=_rows(data.y_retain, rows))
             g_r = _grads(lr_loss, params)
             if ctx.average is not None:
                 g_r = ctx.average(g_r)
@@ -314,8 +437,10 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     secs = run.seconds
     hist = {k: run.history.get(k, []) for k in ("forget", "retain", "dot")}
     edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(cfg))
+    bare = use_esd and cfg.esd_prompt == "concept"
     edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s,
                          "train_seconds": round(secs, 2), "data_seconds": round(data.seconds, 2),
-                         "forget_prompts": data.forget_prompts[:4], "retain_prompts": data.retain_prompts[:4]})
+                         "forget_prompts": [concept.strip()] if bare else data.forget_prompts[:4],
+                         "retain_prompts": data.retain_prompts[:4] if cfg.method in ("rgd", "ga") else []})
     log.info("unlearn %s %r: %d steps in %.1fs (%.2f steps/s)", cfg.method, concept, cfg.steps, secs, cfg.steps / max(secs, 1e-9))
     return edit

@@ -1,0 +1,52 @@
+"""EMCID's per-family hyper-parameters, as data.
+
+The numbers are those of the official code (github:SilentView/EMCID):
+- SD (v1.4): ``hparams/dest_s-200_c-1.5_ly-11_lr-0.2_wd-5e-04_txt-align-0.01.json`` (200 Adam steps,
+  lr 0.2, ‖δ‖ ≤ 1.5‖h‖, weight decay 5e-4, pooled-output alignment 0.01) with λ = 4000, the
+  ``MOM2`` every experiment script passes (``sh_scripts/*.sh``; the json's own 10000 is overridden);
+- SDXL: ``hparams/sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01.json``
+  (100 steps, lr 0.1, clamp 1.2, weight decay 8e-3, 0.005 on each encoder's pooled output,
+  λ 4000 for CLIP-L and 10000 for OpenCLIP bigG);
+- SD2: the official code has no SD2 settings; SD's are used;
+- tiny (the project's own 4-layer, 64-wide model): SD's stage 1 with 100 steps and λ 1000, the λ
+  its README table and `bench_unlearn` use.
+
+A layout no table names (`custom`) gets SDXL's values when it has two text encoders, else SD's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    lam: float                              # λ for an encoder `lam_per_encoder` does not name
+    steps: int
+    lr: float
+    weight_decay: float                     # wd in wd·‖δ‖/‖h‖²
+    pooled_weight: float                    # weight of each encoder's pooled-output MSE
+    max_norm: float                         # ‖δ‖ ≤ max_norm·‖h‖
+    lam_per_encoder: Mapping[str, float] = field(default_factory=dict)
+
+    def lam_for(self, encoder: str) -> float:
+        return float(self.lam_per_encoder.get(encoder, self.lam))
+
+
+SD = FamilyDefaults(lam=4000.0, steps=200, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)
+SDXL = FamilyDefaults(lam=10000.0, steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.005, max_norm=1.2,
+                      lam_per_encoder={"clip_l": 4000.0, "clip_g": 10000.0})
+TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)
+
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {"sd1": SD, "sd2": SD, "sdxl": SDXL, "tiny": TINY}
+
+# the hyper-parameters the table fills when the config leaves them at None
+TABLE_FIELDS = ("lam", "steps", "lr", "weight_decay", "pooled_weight", "max_norm")
+
+
+def defaults_for(family: str | None, encoders: Sequence[str]) -> tuple[str, FamilyDefaults]:
+    """(the table's key, its values) for a family name; an unknown layout falls back on SDXL's
+    values when it has two or more text encoders, else on SD's."""
+    if family in FAMILY_DEFAULTS:
+        return family, FAMILY_DEFAULTS[family]
+    return ("sdxl", SDXL) if len(tuple(encoders)) >= 2 else ("sd1", SD)
