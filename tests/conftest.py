@@ -81,6 +81,17 @@ def comfy():
     return COMFY_NODES
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on small matrices and convolutions many threads only fight each
+    other on a shared 2-core machine (20 s vs 0.1 s a diffusers forward)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def pack():
     return PACK

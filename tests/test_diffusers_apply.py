@@ -87,13 +87,7 @@ SMALL_DIFFUSERS = dict(SD1, block_out_channels=(32, 64, 128, 128), cross_attenti
                        norm_num_groups=8, sample_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: many threads only fight each other on a shared 2-core machine (20 s vs 0.1 s a forward)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small():

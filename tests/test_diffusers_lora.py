@@ -41,13 +41,7 @@ TEXT = {"sd1": [dict(hidden_size=32, intermediate_size=64, num_hidden_layers=12,
                       projection_dim=16)]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small matrices: many threads only fight each other on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Pipe:
