@@ -36,6 +36,14 @@ def load_model(ckpt: str, cpu: bool = False, vae: bool = False):
     return (out[0], out[1], out[2]) if vae else (out[0], out[1])
 
 
+def load_clip_vision(path: str):
+    """A ComfyUI CLIP_VISION from a .safetensors file (ComfyUI's own loader, as CLIPVisionLoader)."""
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        raise SystemExit(f"{path}: need a CLIP vision .safetensors file (nothing is unpickled)")
+    import comfy.clip_vision
+    return comfy.clip_vision.load(path)
+
+
 def terminal_context() -> RunContext:
     state = {"last": -1}
 

@@ -31,6 +31,18 @@ def register(sub) -> None:
                         "guide becomes 'art'; object: 'photo of X', ...)")
     p.add_argument("--empty-guide", choices=EMPTY_GUIDES, default="eos",
                    help="last window, empty guide: map to the empty prompt's EOS (eos) or BOS (bos, the official code)")
+    g = p.add_argument_group("closed-loop debias (--mode debias --loop): edit, generate, judge, re-solve")
+    g.add_argument("--loop", action="store_true",
+                   help="iterate the debias edit until every option's share is within --tolerance of its weight")
+    g.add_argument("--tolerance", type=float, default=0.05)
+    g.add_argument("--max-iterations", type=int, default=10)
+    g.add_argument("--samples", type=int, default=10, help="pictures per concept per round")
+    g.add_argument("--sample-steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--clip-vision", default=None,
+                   help="a CLIP vision .safetensors that pairs with the checkpoint's text tower (SDXL: CLIP-G) as "
+                        "the judge; without it the unedited model judges by presence")
     p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
     p.set_defaults(func=run)
 
@@ -57,7 +69,7 @@ def read_concepts(path: str) -> list[str]:
 def run(args) -> int:
     from ..editing.uce.closed_form import UCEConfig
     from ..comfy_host.jobs import UCEJob, uce
-    from .common import load_model, terminal_context
+    from .common import load_clip_vision, load_model, terminal_context
 
     config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
                        preserve=read_concepts(args.preserve) if args.preserve else [],
@@ -65,11 +77,29 @@ def run(args) -> int:
                        preserve_scale=args.preserve_scale, token_window=args.token_window, expand=args.expand,
                        empty_guide=args.empty_guide)
     config.validate()
-    model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = uce(model, clip, UCEJob(settings=config), terminal_context()).edit
+    job = UCEJob(settings=config)
+    if args.loop:
+        from ..editing.errors import InvalidInputError
+        from ..editing.uce.debias import DebiasConfig
+        if args.mode != "debias":
+            raise InvalidInputError("--loop iterates a debias edit: add --mode debias and --guide 'a:0.5, b:0.5'")
+        job.loop = DebiasConfig(tolerance=args.tolerance, max_iterations=args.max_iterations, samples=args.samples,
+                                steps=args.sample_steps, cfg=args.cfg, seed=args.seed)
+        job.loop.validate()
+    if args.clip_vision:
+        if not args.loop:
+            raise SystemExit("--clip-vision is the debias loop's judge: add --loop")
+        model, clip, vae = load_model(args.ckpt, cpu=args.cpu, vae=True)
+        job.judge, job.vae = load_clip_vision(args.clip_vision), vae
+    else:
+        model, clip = load_model(args.ckpt, cpu=args.cpu)
+    edit = uce(model, clip, job, terminal_context()).edit
     edit.save(args.out)
     m = edit.metrics
     log.info("wrote %s: %d concepts, %d layers (%s), preserve prompts' K/V moved %.2f%% (max %.2f%%), "
              "target residual %.3g", args.out, len(edit.concepts), m["layers"], m["storage"],
              100 * m["preserve_rel_change_mean"], 100 * m["preserve_rel_change_max"], m["target_residual_mean"])
+    if "debias" in m:
+        from ..editing.uce.debias import report_text
+        log.info("%s", report_text(edit))
     return 0

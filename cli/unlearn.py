@@ -22,13 +22,16 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     from ..editing.training import PARAM_SETS
-    from ..editing.unlearn.trainer import METHODS, UnlearnConfig
+    from ..editing.unlearn.trainer import ESD_PROMPTS, ESD_XT, METHODS, PRESETS, RETAIN_PAIRINGS, UnlearnConfig
     from .common import add_model_arg
     d = UnlearnConfig()
     p = sub.add_parser("unlearn", help="erase a concept by fine-tuning (RGD, gradient ascent or ESD); LoRA by default")
     add_model_arg(p)
     p.add_argument("--concept", required=True, help="the concept word or phrase to erase")
     p.add_argument("--retain", action="append", default=[], help="a prompt to keep unchanged (repeatable)")
+    p.add_argument("--preset", choices=("custom", *PRESETS), default="custom",
+                   help="esd-x / esd-u: Gandikota et al.'s settings (method, parameter set, steps, lr), in place of "
+                        "--method/--params/--steps/--lr")
     p.add_argument("--method", choices=METHODS, default=d.method)
     p.add_argument("--forget-objective", choices=("ascent", "esd"), default=d.forget_objective)
     p.add_argument("--params", choices=PARAM_SETS, default=d.param_set,
@@ -37,6 +40,15 @@ def register(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "alpha", "truncation", "ga_retain_weight", "eta", "gen_cfg"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--esd-ddim-steps", type=int, default=d.esd_ddim_steps)
+    p.add_argument("--esd-cfg", type=float, default=d.esd_cfg)
+    p.add_argument("--retain-pairing", choices=RETAIN_PAIRINGS, default=d.retain_pairing,
+                   help="RGD/GA retain batch: each forget row's concept-free twin (default) or an independent draw")
+    p.add_argument("--esd-xt", choices=ESD_XT, default=d.esd_xt,
+                   help="ESD's x_t: sampled by partial DDIM with the concept (default, as the paper's code) or "
+                        "generated images noised at random t")
+    p.add_argument("--esd-prompt", choices=ESD_PROMPTS, default=d.esd_prompt,
+                   help="ESD's c: the bare concept (default) or the templated forget prompts")
     p.add_argument("--cache-dir", default=None, help="keep the generated training latents here (safetensors)")
     p.add_argument("--out", default=None, help="edit file to write (default: unlearn_<method>_<concept>.safetensors)")
     p.set_defaults(func=run)
@@ -50,15 +62,17 @@ def _mean_over_processes(acc, grads):
 
 
 def run(args) -> int:
-    from ..editing.unlearn.trainer import UnlearnConfig
+    from ..editing.unlearn.trainer import preset_config
     from ..comfy_host.jobs import UnlearnJob, unlearn
     from .common import load_model, terminal_context
 
-    cfg = UnlearnConfig(method=args.method, forget_objective=args.forget_objective, param_set=args.params,
+    cfg = preset_config(args.preset, method=args.method, forget_objective=args.forget_objective, param_set=args.params,
                         steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
                         gen_steps=args.gen_steps, seed=args.seed, lr=args.lr, alpha=args.alpha,
                         truncation=args.truncation, ga_retain_weight=args.ga_retain_weight, eta=args.eta,
-                        gen_cfg=args.gen_cfg, cache_dir=args.cache_dir).validate()
+                        gen_cfg=args.gen_cfg, cache_dir=args.cache_dir, retain_pairing=args.retain_pairing,
+                        esd_xt=args.esd_xt, esd_prompt=args.esd_prompt, esd_ddim_steps=args.esd_ddim_steps,
+                        esd_cfg=args.esd_cfg).validate()
     acc = None
     ctx = terminal_context()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)
@@ -71,7 +85,7 @@ def run(args) -> int:
         log.info("data parallel: process %d of %d on %s", acc.process_index, acc.num_processes, acc.device)
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     edit = unlearn(model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
-    out = args.out or f"unlearn_{args.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
+    out = args.out or f"unlearn_{cfg.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
     if acc is not None:
         edit.params["data_parallel_processes"] = acc.num_processes
         acc.wait_for_everyone()

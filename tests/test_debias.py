@@ -205,6 +205,22 @@ def test_node_runs_with_the_model_as_judge_and_leaves_input_unchanged(comfy):
     assert all(math.isclose(sum(r["shares"]["a circle"]), 1.0) for r in d["rounds"])
 
 
+def test_cli_runs_the_loop_and_writes_the_rounds(comfy, tmp_path):
+    from conceptedit import cli
+    from conceptedit.editing.edit import Edit
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("a circle\n")
+    out = tmp_path / "debias.safetensors"
+    with torch.inference_mode():
+        assert cli.main(["uce", "--ckpt", "tiny", "--concepts", str(concepts), "--mode", "debias", "--guide",
+                         "red:0.5, blue:0.5", "--no-default-preserve", "--loop", "--max-iterations", "1",
+                         "--samples", "2", "--sample-steps", "2", "--tolerance", "0.01", "--out", str(out)]) == 0
+    d = Edit.load(out).metrics["debias"]
+    assert d["options"] == ["red", "blue"] and d["original_shares"] and 1 <= len(d["rounds"]) <= 2
+    with pytest.raises(InvalidInputError, match="--mode debias"):
+        cli.main(["uce", "--ckpt", "tiny", "--concepts", str(concepts), "--loop", "--out", str(out)])
+
+
 # ---- the CLIP vision judge ---------------------------------------------------------------------------
 def _clip_vision(tmp_path, width):
     """A real ComfyUI ClipVisionModel, tiny config (2 layers: encode_image reads the penultimate), random weights."""

@@ -534,6 +534,37 @@ def test_unlearn_node_presets_are_esd_x_and_esd_u(comfy, monkeypatch):
                                                  and not n.startswith(("time_embed", "out.", "label_emb"))]
 
 
+def test_cli_unlearn_takes_the_presets_and_the_paper_options(comfy, monkeypatch, tmp_path):
+    """`conceptedit unlearn --preset esd-u --esd-xt noised ...` builds the config the node would:
+    the preset's method, parameter set, steps and lr, and the ESD/RGD options as given."""
+    from conceptedit import cli
+    from conceptedit.cli import common
+    from conceptedit.comfy_host import jobs
+    from conceptedit.comfy_host.jobs import JobResult
+    from conceptedit.editing.edit import Edit
+    seen = []
+
+    def fake_unlearn(model, clip, job, ctx=None):
+        seen.append(job.settings)
+        return JobResult(model, clip, Edit(f"unlearn-{job.settings.method}", "tiny", {},
+                                           params={"param_set": job.settings.param_set},
+                                           metrics={"history": {"forget": [1.0, 0.5]}, "steps_per_s": 1.0}), [])
+
+    monkeypatch.setattr(jobs, "unlearn", fake_unlearn)
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: ("MODEL", "CLIP"))
+    out = tmp_path / "e.safetensors"
+    assert cli.main(["unlearn", "--ckpt", "tiny", "--concept", "red", "--preset", "esd-u", "--esd-xt", "noised",
+                     "--esd-prompt", "templates", "--esd-ddim-steps", "12", "--esd-cfg", "2.5", "--out", str(out)]) == 0
+    assert cli.main(["unlearn", "--ckpt", "tiny", "--concept", "red", "--method", "ga", "--retain-pairing",
+                     "independent", "--steps", "9", "--out", str(out)]) == 0
+    u, ga = seen
+    assert (u.method, u.param_set, u.steps, u.lr) == ("esd", "noxattn", 200, 5e-5)
+    assert (u.esd_xt, u.esd_prompt, u.esd_ddim_steps, u.esd_cfg) == ("noised", "templates", 12, 2.5)
+    assert (ga.method, ga.retain_pairing, ga.steps, ga.esd_xt) == ("ga", "independent", 9, "sampled")
+    with pytest.raises(SystemExit):
+        cli.main(["unlearn", "--ckpt", "tiny", "--concept", "red", "--esd-xt", "fresh"])
+
+
 def _objective(host, data, cfg, edit, patcher):
     """The forget objective on a fixed batch, with the edit attached as a fixed hook. ESD's: the
     bare concept at x_t that the original model reached from fixed noise at fixed DDIM stop steps."""
