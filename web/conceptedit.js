@@ -168,7 +168,8 @@ function showView(node, view) {
 	node.conceptEditView = view;
 	const need = [Math.max(node.size[0], canvas.width + 40), node.size[1]];
 	node.setSize(need);
-	node.setSize(node.computeSize ? [need[0], Math.max(need[1], node.computeSize(need[0])[1])] : need);
+	// LiteGraph's computeSize(out) fills the array it is given: never pass it a width
+	node.setSize(node.computeSize ? [need[0], Math.max(need[1], node.computeSize()[1])] : need);
 	app.graph.setDirtyCanvas(true, true);
 }
 
