@@ -29,6 +29,7 @@ from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
 from ..editing.hosts import RunContext
 from ..editing.prompts import build_pairs
+from ..editing.redteam.runner import FrozenText, RedTeamConfig, concept_free, RedTeamReport, model_presence_judge, red_team
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
 from ..editing.uce.debias import DebiasConfig, debias_uce, presence_judge, similarity_judge
@@ -458,3 +459,66 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
     result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx)
     grid = image_grid([vae.decode(lat_before), vae.decode(lat_after)])
     return result, grid
+
+
+def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], world_name: str = "tiny"):
+    """The bundled world's classifier as a red-team judge: the share of pictures it labels `concept`
+    (None when the concept is not one of that world's)."""
+    from ..editing import worlds
+    try:
+        world, classifier = worlds.get(world_name), worlds.classifier(world_name)
+        kind = world.kind_of(concept)
+    except (KeyError, LookupError):
+        return None
+
+    def judge(x0):
+        labels = classifier.predict(decode(x0))[kind]
+        return sum(lab == concept for lab in labels) / max(len(labels), 1)
+    return judge
+
+
+def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg: RedTeamConfig,
+                    edit: Edit | None = None, edited_clip=None, concept: str = "", ctx=None,
+                    latent: tuple[int, int] | None = None) -> RedTeamReport:
+    """The red-team audit of `edited` against `original` (its UNet edit read off the two when `edit`
+    is not given; a text-encoder edit comes from `edit` or `edited_clip`). Judges: the model-only
+    presence score, and on the tiny model its classifier for `concept`."""
+    import comfy.model_management as mm
+
+    from .text_hooks import SoftComfyText
+    view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
+    host = view.denoiser
+    if edit is None:
+        edit = edit_between(edited, original, view)
+    prompts = [p for p in concept_prompts if p.strip()]
+    if not prompts:
+        raise InvalidInputError("give at least one concept prompt to attack (one per line)")
+    device = host.ctx.device
+    mm.load_models_gpu([original, clip.patcher])
+    text = SoftComfyText(clip, device=device)
+    edited_text = None
+    if edit.text_encoder_keys():
+        # the original's encodings (prompts, their concept-free twins, ""), before the edited CLIP loads
+        text = FrozenText(text, prompts + [concept_free(p, concept) for p in prompts] + [""])
+        clip2 = edited_clip if edited_clip is not None else view.apply(edit)[1]
+        mm.load_models_gpu([clip2.patcher])
+        edited_text = SoftComfyText(clip2, device=device)
+    with _training() as stack:
+        stack.enter_context(frozen_session(host.unet()))
+        attacked = edited_text or text
+        for root in attacked.transformers():  # the soft prompts' gradients run through it
+            stack.enter_context(frozen_session(root))
+        x0 = _red_team_pictures(host, text, prompts, cfg)
+        judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
+                                                         ctx=RunContext(should_stop=host.ctx.should_stop))}
+        if view.family.name == "tiny" and concept:
+            base = original.model
+            judge = world_judge(concept, lambda x: base.process_latent_out(x)[:, :3].float().cpu())
+            if judge is not None:
+                judges = {"classifier": judge, **judges}
+        return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
+
+
+def _red_team_pictures(host, text, prompts, cfg: RedTeamConfig) -> torch.Tensor:
+    from ..editing.redteam.runner import _original_pictures
+    return _original_pictures(host, text, prompts, cfg.attack, lambda x, t, c, y=None: host.eps(x, t, c, y=y), host.ctx)

@@ -123,3 +123,69 @@ def _nothing() -> Iterator[None]:
 
 def _ln_input_copies(transformer: torch.nn.Module):
     return norm_inputs_copied(transformer, ("layer_norm1", "layer_norm2"))
+
+
+class SoftComfyText:
+    """`editing.redteam.soft.SoftText` over a ComfyUI CLIP: the prompt's placeholder tokens get soft
+    embeddings by a forward hook on each encoder's token embedding (differentiable in them), the rest
+    runs as `ComfyTextModel` runs it. Also a `TextEncoder` (encode / encode_with_pooled / token_ids),
+    through the same path, so every prompt of an attack is encoded one way."""
+
+    placeholder = "sks"  # one token in CLIP's vocabulary, rare in prompts
+
+    def __init__(self, clip, device: torch.device | None = None):
+        self.clip = clip
+        self.model = ComfyTextModel(clip, device=device)
+        ids, _ = self.model.tokenize([self.placeholder])
+        self._ph: dict[str, int] = {}
+        for e, row in ids.items():
+            end = self.model._models[e].special_tokens.get("end")
+            if int(row[0, 2]) != end:
+                raise InvalidInputError(f"the placeholder {self.placeholder!r} is not one token for {e}")
+            self._ph[e] = int(row[0, 1])
+
+    def _embedding(self, encoder: str) -> torch.nn.Module:
+        return self.model._models[encoder].transformer.text_model.embeddings.token_embedding
+
+    def vocabulary(self) -> list[torch.Tensor]:
+        self.model.load()
+        return [self._embedding(e).weight for e in self.model.encoders]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        tok = self.clip.tokenizer
+        for name in ("clip_l", "clip_h", "clip_g"):
+            inner = getattr(getattr(tok, name, None), "tokenizer", None)
+            if inner is not None:
+                return inner.decode(list(token_ids)).strip()
+        raise InvalidInputError(f"cannot decode tokens with this CLIP's tokenizer ({type(tok).__name__})")
+
+    def encode_soft(self, prompts: Sequence[str], soft: Sequence[torch.Tensor] | None):
+        ids, _ = self.model.tokenize(list(prompts))
+        if soft is None:
+            return self.model.context(ids)
+        handles = []
+        try:
+            for e, vec in zip(self.model.encoders, soft):
+                mask = ids[e] == self._ph[e]
+                counts = mask.sum(1)
+                if not bool((counts == vec.shape[0]).all()):
+                    raise InvalidInputError(f"every attacked prompt must hold {vec.shape[0]} placeholder tokens "
+                                            f"({self.placeholder!r}); got {counts.tolist()}")
+
+                def hook(mod, args, out, mask=mask, vec=vec):
+                    rows = vec.to(device=out.device, dtype=out.dtype).repeat(out.shape[0], 1)
+                    return out.masked_scatter(mask.to(out.device)[..., None], rows)
+                handles.append(self._embedding(e).register_forward_hook(hook))
+            return self.model.context(ids)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def encode_with_pooled(self, prompts: Sequence[str]):
+        return self.encode_soft(prompts, None)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encode_soft(prompts, None)[0]
+
+    def transformers(self) -> list[torch.nn.Module]:
+        return self.model.transformers()

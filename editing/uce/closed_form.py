@@ -104,6 +104,12 @@ class UCEConfig:
     # with the `last` window an empty guide ("") maps the concept's last token to ""'s EOS (eos) or,
     # as the official code does, to its BOS (bos), the position every prompt attends to
     empty_guide: str = "eos"
+    # RECE-style hardening (Gong et al. 2024): after the solve, the embedding c' that makes the edited
+    # K/V reproduce each erased token's original K/V is found in closed form, added to the erase set
+    # with the same target, and everything re-solved from the original weights; `harden_rounds` times.
+    # harden_lam: the ridge of that solve, relative to the mean eigenvalue of W'ᵀW' summed over layers.
+    harden_rounds: int = 0
+    harden_lam: float = 0.1
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -126,6 +132,10 @@ class UCEConfig:
             log.info("λ = 0 and preserve_scale = 0: the system is solvable only if the edited tokens span the text space")
         if not (self.edit_keys or self.edit_values):
             raise InvalidInputError("edit_keys and edit_values are both off: nothing to edit")
+        if self.harden_rounds < 0 or self.harden_rounds > 20:
+            raise InvalidInputError(f"harden_rounds must lie in 0..20 (0 = no hardening), got {self.harden_rounds}")
+        if not (math.isfinite(self.harden_lam) and self.harden_lam > 0):
+            raise InvalidInputError(f"harden_lam must be > 0, got {self.harden_lam}")
         if self.mode == "redirect" and not self.guide.strip() and not all("->" in c for c in self.concepts if c.strip()):
             raise InvalidInputError('redirect needs a target: set guide, or write lines as "source -> target"')
         if self.mode == "debias":
@@ -500,6 +510,59 @@ def summarise(per_key: Mapping[str, Mapping[str, float]]) -> dict:
 
 
 @torch.no_grad()
+def _kk(Ws: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Σ_l W_lᵀ W_l (d × d, float64): ‖W_l X‖² summed over layers is ⟨that, X Xᵀ⟩."""
+    d = Ws[0].shape[1]
+    K = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for W in Ws:
+        W32 = W.to(device=device, dtype=torch.float32)
+        K += (W32.T @ W32).double()
+    return K
+
+
+def regenerating_embeddings(op: Operator, K: torch.Tensor, C0: torch.Tensor, lam_rel: float) -> torch.Tensor:
+    """RECE's closed form: per row c of C0, c' = argmin Σ_l ‖W'_l c' − W_l c‖² + λ‖c'‖², with
+    W'_l = W_l (I + A): c' = (Tᵀ K T + λ I)⁻¹ Tᵀ K c, T = I + A, λ = lam_rel · tr(Tᵀ K T) / d."""
+    d = K.shape[0]
+    T = torch.eye(d, dtype=torch.float64, device=K.device) + op.A
+    KT = K @ T
+    lhs = T.T @ KT
+    lam = lam_rel * float(torch.trace(lhs)) / d
+    lhs = lhs + lam * torch.eye(d, dtype=torch.float64, device=K.device)
+    return torch.linalg.solve(lhs, KT.T @ C0.T).T
+
+
+def _regeneration(op: Operator, K: torch.Tensor, C1: torch.Tensor, C0: torch.Tensor) -> float:
+    """‖W' c' − W c‖ / ‖W c‖ over every layer and row: how well c' brings the original K/V back."""
+    T = torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + op.A
+    E = T @ C1.T - C0.T
+    return math.sqrt(float((E * (K @ E)).sum().clamp_min(0)) / max(float((C0.T * (K @ C0.T)).sum()), 1e-30))
+
+
+def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config: UCEConfig, device,
+           ctx: RunContext) -> tuple[Operator, list[dict]]:
+    """`config.harden_rounds` RECE rounds: each adds, for every edited token row, the embedding that
+    regenerates its original K/V through the current edit, with that row's target, and re-solves."""
+    K = _kk(Ws, device)
+    C0 = system.C.to(device=device, dtype=torch.float64)
+    C_all, G_all = system.C, system.G
+    rounds = []
+    for r in range(config.harden_rounds):
+        ctx.check()
+        C1 = regenerating_embeddings(op, K, C0, config.harden_lam)
+        before = _regeneration(op, K, C1, C0)
+        C_all = torch.cat([C_all, C1.to(device=C_all.device, dtype=C_all.dtype)])
+        G_all = torch.cat([G_all, system.G])
+        op = solve_operator(C_all, G_all, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
+                            U=system.U)
+        rounds.append({"round": r + 1, "regeneration_before": round(before, 6),
+                       "regeneration_after": round(_regeneration(op, K, C1, C0), 6),
+                       "norm_ratio": round(float(C1.norm() / C0.norm().clamp_min(1e-30)), 6)})
+        log.info("UCE hardening round %d: relative error of the K/V that the regenerating embeddings reach, "
+                 "%.3f before and %.3f after the re-solve", r + 1, before, rounds[-1]["regeneration_after"])
+    return op, rounds
+
+
 def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
                 ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None) -> Edit:
     """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the
@@ -524,8 +587,13 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     ctx.check()
     op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
                         G_basis=system.G_basis, G_select=system.G_select, U=system.U)
+    hardening = None
+    if config.harden_rounds:
+        op, hardening = harden(system, op, [weights[k] for k in keys], config, device, ctx)
     changes, per_key = solve_layers(weights, keys, lambda _d: op, ctx)
     metrics = summarise(per_key)
+    if hardening is not None:
+        metrics["hardening"] = hardening
     metrics.update({"edited_token_vectors": int(system.C.shape[0]), "preserved_token_vectors": int(system.P.shape[0]),
                     "preserve_prompts": len(system.preserve_prompts), "layers": len(keys),
                     "storage": "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"})
