@@ -200,8 +200,19 @@ def audit_resurgence(wf):
     wf.link(le, "edit", audit, "edit")
     plot = wf.add("PreviewImage", pos=(1160, 100), title="presence vs benign fine-tuning steps")
     wf.link(audit, "plot", plot, "images")
-    return ("Audit an erasure for resurgence: fine-tune the edited model briefly on benign prompts and measure how "
-            "much of the erased concept comes back (no classifier needed).")
+    red = wf.add("ConceptEditRedTeamAudit", {
+        "concept": "Van Gogh",
+        "concept_prompts": "a painting in the style of Van Gogh\na starry night in the style of Van Gogh"}, pos=(760, 520))
+    wf.link(ap, "model", red, "edited_model")
+    wf.link(ck, "MODEL", red, "original_model")
+    wf.link(ck, "CLIP", red, "clip")
+    wf.link(ck, "VAE", red, "vae")
+    wf.link(le, "edit", red, "edit")
+    grid = wf.add("PreviewImage", pos=(1160, 520), title="original / edited / each attack")
+    wf.link(red, "grid", grid, "images")
+    return ("Audit an erasure: fine-tune the edited model briefly on benign prompts and measure how much of the "
+            "erased concept comes back (Resurgence Audit), and try to bring it back with adversarial prompts, a "
+            "matched soft prompt, a learned new word and restored weights (Red-Team Audit; no classifier needed).")
 
 
 FEATURES = [erase_concept_prune, erase_closed_form, massive_edit_from_list, load_shared_edit, audit_resurgence]

@@ -60,14 +60,18 @@ class CrossAttentionEdit:
             "empty_guide": (list(EMPTY_GUIDES), {"default": "eos", "tooltip": "With the 'last' window and an empty "
                             "guide: map the concept's last token to the empty prompt's EOS (eos) or, as the official "
                             "code does, to its BOS (bos)."}),
+            "harden_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": "RECE hardening: after the edit, "
+                              "find in closed form the embedding that brings each erased concept back through the "
+                              "edited layers, erase it too and re-solve; this many rounds (0 = off). Resists prompt "
+                              "attacks at some cost to the preserve set (check the Red-Team Audit)."}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,
-                preserve_scale, token_window, expand="none", empty_guide="eos"):
+                preserve_scale, token_window, expand="none", empty_guide="eos", harden_rounds=0):
         cfg = UCEConfig(concepts=concepts_from_text(concepts), mode=mode, guide=guide, preserve=concepts_from_text(preserve),
                         default_preserve=default_preserve, lam=lam, erase_scale=erase_scale,
                         preserve_scale=preserve_scale, token_window=token_window, expand=expand,
-                        empty_guide=empty_guide)
+                        empty_guide=empty_guide, harden_rounds=harden_rounds)
         out = uce(model, clip, UCEJob(settings=cfg))
         return (out.model, out.edit)
 

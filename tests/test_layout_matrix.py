@@ -89,6 +89,16 @@ def _matrix_case(comfy, name, folder_paths):
     assert c_em is not clip and not clip.patcher.patches
     _sample_one_step(comfy, model, c_em)
 
+    # red-team audit: one step of each prompt attack against the UNet edit, the prefix against the text edit
+    for edited, edit, edited_clip, on in ((m_uce, e_uce, None, (True, True, True)), (model, e_em, c_em, (True, False, False))):
+        res = _node(comfy, "ConceptEditRedTeamAudit", edited_model=edited, original_model=model, clip=clip,
+                    concept="red", concept_prompts="a red circle", prefix=on[0], embedding_match=on[1],
+                    inversion=on[2], steps=1, samples=1, sample_steps=2, cfg=2.0, edit=edit,
+                    edited_clip=edited_clip, width=64, height=64)
+        text, grid, success = res["result"]
+        assert text.count(" steps, ") == sum(on) and grid.shape[0] == 1 and 0.0 <= success <= 1.0
+    assert not model.patches and not clip.patcher.patches
+
     # training: RGD for two steps on the layout's own prediction type and conditioning
     m_un, e_un, _ = _node(comfy, "ConceptEditTrainUnlearn", model=model, clip=clip, concept="red", method="rgd",
                           steps=2, rank=2, batch=2, n_prompts=2, gen_steps=2, width=64, height=64)

@@ -156,3 +156,22 @@ def test_node_runs_in_comfyui_with_revival_on_a_mask_and_leaves_the_models_uncha
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and 0.0 <= success <= 1.0
     assert not model.patches and all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
     assert res["ui"]["text"] == [text]
+
+
+def test_cli_attacks_an_edit_file_and_writes_report_and_grid(comfy, tiny, tmp_path):
+    import json
+
+    from conceptedit import cli
+    model, clip, _ = tiny
+    path = tmp_path / "red_uce.safetensors"
+    _uce(model, clip).edit.save(path)
+    report, grid = tmp_path / "rt.json", tmp_path / "rt.png"
+    with torch.inference_mode():
+        assert cli.main(["redteam", "--ckpt", "tiny", "--edit", str(path), "--concept", "red", "--prompt",
+                         "a red circle", "--attacks", "prefix,inversion", "--steps", "3", "--samples", "2",
+                         "--sample-steps", "4", "--json", str(report), "--grid", str(grid)]) == 0
+    d = json.loads(report.read_text())
+    assert set(d["attacks"]) == {"prefix", "inversion"} and d["judges"] == ["classifier", "model presence"]
+    assert all(r["steps"] == 3 for r in d["attacks"].values()) and grid.stat().st_size > 100
+    with pytest.raises(InvalidInputError, match="unknown attack"):
+        cli.main(["redteam", "--ckpt", "tiny", "--edit", str(path), "--prompt", "x", "--attacks", "jailbreak"])

@@ -27,7 +27,7 @@ ROOT = comfy_server.ROOT
 # run in this order: the audit and shared-edit workflows load the edits the first two save
 ORDER = ["erase_concept_prune", "erase_closed_form", "massive_edit_from_list", "load_shared_edit", "audit_resurgence"]
 FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
-LONG = {"ConceptEditConceptPrune", "ConceptEditTextEncoderEdit", "ConceptEditResurgenceAudit",
+LONG = {"ConceptEditConceptPrune", "ConceptEditTextEncoderEdit", "ConceptEditResurgenceAudit", "ConceptEditRedTeamAudit",
         "ConceptEditConceptPresence", "KSampler"}
 TINY_PX = 256
 

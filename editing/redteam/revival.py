@@ -1,12 +1,12 @@
 """How few pruned weights bring a concept back (pruning masks: ConceptPrune, structured pruning).
 
-PAPERS.md §7 cites a data-free revival attack on pruning-based unlearning ("Roots Beneath the Cut",
-arXiv 2603.06640) that reverts pruning from where the zeroed weights are. Its procedure is not
-reproduced here (the paper was not available to this project); what is measured instead is the
-property such an attack exploits: the pruned weights, ranked by their original magnitude (what an
-attacker who knows the base model, or who finds the zeroed positions, would restore first), are
-restored at their original values a fraction at a time, and the concept's presence is read after
-each step. An erasure that a 1 % restore undoes sits in very few weights.
+Zhang et al. ("Roots Beneath the Cut", CVPR 2026, arXiv 2603.06640) report that the positions of the
+zeroed weights leak the erased concept and that an attack revives it from a pruned model without
+data or training. Only the abstract could be read here, and it does not give the procedure, so the
+attack itself is not reproduced. What is measured instead is the exposure it relies on: the pruned
+weights, ranked by their original magnitude, are restored at their original values a fraction at a
+time (1 %, 5 %, ... 100 %), and the concept's presence is read after each step. An erasure that a 1 %
+restore undoes sits in very few weights, and a published mask tells where they are.
 """
 from __future__ import annotations
 
