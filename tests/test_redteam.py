@@ -175,3 +175,32 @@ def test_cli_attacks_an_edit_file_and_writes_report_and_grid(comfy, tiny, tmp_pa
     assert all(r["steps"] == 3 for r in d["attacks"].values()) and grid.stat().st_size > 100
     with pytest.raises(InvalidInputError, match="unknown attack"):
         cli.main(["redteam", "--ckpt", "tiny", "--edit", str(path), "--prompt", "x", "--attacks", "jailbreak"])
+
+
+def test_cancel_mid_attack_stops_and_leaves_every_module_as_it_was(tiny):
+    """Cancel (ComfyUI's interrupt) during an attack: Cancelled is raised, no hook stays on the UNet or
+    the text encoder, every weight is the same object with the same values, and the next run works."""
+    from conceptedit.comfy_host.jobs import red_team_models
+    from conceptedit.editing.errors import Cancelled
+    from conceptedit.editing.hosts import RunContext
+    model, clip, _ = tiny
+    out = _uce(model, clip)
+    unet = model.model.diffusion_model
+    mods = list(unet.modules()) + list(clip.cond_stage_model.modules())
+    params = {id(p): p.detach().clone() for m in mods for p in m.parameters(recurse=False)}
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 30  # inside the first attack's optimisation
+
+    cfg = RedTeamConfig(attacks=("prefix",), attack=AttackConfig(steps=40, samples=2, images=2, sample_steps=4))
+    with torch.inference_mode(), pytest.raises(Cancelled):
+        red_team_models(out.model, model, clip, PROMPTS, cfg, edit=out.edit, concept="red",
+                        ctx=RunContext(should_stop=stop))
+    assert calls["n"] > 30
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in mods)
+    now = {id(p): p for m in mods for p in m.parameters(recurse=False)}
+    assert now.keys() == params.keys() and all(torch.equal(now[k], v) for k, v in params.items())
+    rep = _red_team(model, clip, out)
+    assert "prefix" in rep.attacks

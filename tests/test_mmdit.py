@@ -1,0 +1,63 @@
+"""Flux and SD3 (MMDiT: no attn2, the text enters through joint attention) built with ComfyUI's own
+`Flux` and `SD3` model classes at small widths, random weights: every method node refuses them with
+a message that names the architecture, before anything is computed, and leaves the input untouched.
+The 2024-03 ComfyUI has neither class (the key-level refusal is in tests/test_arch.py)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conceptedit.editing.errors import ConceptEditError
+from helpers import random_clip
+from test_layout_matrix import _node
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("comfy.ldm.flux") is None,
+                                reason="this ComfyUI has no Flux/SD3 classes (the 2024-03 copy)")
+
+FLUX = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 48, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": False}
+SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32,
+       "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
+       "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None}
+
+
+def _model(kind: str):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    config = sm.Flux(dict(FLUX)) if kind == "flux" else sm.SD3(dict(SD3))
+    base = config.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI's classes leave weights uninitialised (its loader fills them)
+        for t in base.state_dict().values():  # parameters and buffers (SD3's pos_embed)
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+@torch.inference_mode()
+def test_every_method_node_refuses_an_mmdit_model_by_name(comfy, kind):
+    model, clip = _model(kind), random_clip()
+    assert type(model.model).__name__ == {"flux": "Flux", "sd3": "SD3"}[kind]
+    before = {k: v.clone() for k, v in model.model_state_dict().items()}
+    calls = {
+        "ConceptEditCrossAttentionEdit": dict(model=model, clip=clip, concepts="red"),
+        "ConceptEditConceptPrune": dict(model=model, clip=clip, concepts="red", steps=2, tau=1),
+        "ConceptEditTrainUnlearn": dict(model=model, clip=clip, concept="red", steps=1),
+        "ConceptEditResurgenceAudit": dict(edited_model=model, original_model=model, clip=clip,
+                                           concept_prompts="a red circle"),
+        "ConceptEditRedTeamAudit": dict(edited_model=model, original_model=model, clip=clip,
+                                        concept_prompts="a red circle", steps=1),
+    }
+    for node_id, given in calls.items():
+        with pytest.raises(ConceptEditError, match="MMDiT model \\(SD3/Flux\\)") as err:
+            _node(comfy, node_id, **given)
+        assert "attn2" in str(err.value), node_id
+    assert not model.patches
+    changed = [k for k, v in model.model_state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, changed[:5]
