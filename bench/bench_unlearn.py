@@ -223,10 +223,10 @@ def part_audit(model, clip, host, args, out, edits):
         import random
 
         from conceptedit.comfy_host.jobs import encode_images
-        from conceptedit.tiny.comfy_model import _classes
+        from conceptedit.tiny.comfy_model import tiny_vae
         rng = random.Random(f"benign:{args.concept}")
         images = [((world.render(a["shape"], a["colour"], a["style"], rng) + 1) / 2).movedim(0, -1) for _, a in benign_pairs]
-        benign_latents = encode_images(ModelView(model, clip), _classes()["TinyVAE"](), images)
+        benign_latents = encode_images(ModelView(model, clip), tiny_vae(), images)
         benign_data = f"{len(images)} renderings of the tiny world (real data)"
     out["audit"], out["audit_benign_data"] = {}, benign_data
     for name, edit in edits.items():

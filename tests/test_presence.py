@@ -108,8 +108,8 @@ def clip(comfy):
 
 @pytest.fixture(scope="module")
 def vae(comfy):
-    from conceptedit.tiny.comfy_model import _classes
-    return _classes()["TinyVAE"]()
+    from conceptedit.tiny.comfy_model import tiny_vae
+    return tiny_vae()
 
 
 def _cut_text_edit(model):

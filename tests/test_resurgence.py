@@ -169,9 +169,9 @@ def test_audit_job_encodes_connected_and_folder_images_with_the_vae(comfy, tmp_p
 
     from conceptedit.comfy_host import jobs
     from conceptedit.comfy_host.view import ModelView
-    from conceptedit.tiny.comfy_model import _classes
+    from conceptedit.tiny.comfy_model import tiny_vae
     from helpers import random_clip
-    vae = _classes()["TinyVAE"]()
+    vae = tiny_vae()
     g = torch.Generator().manual_seed(0)
     for i in range(2):
         pixels = (torch.rand(300, 200, 3, generator=g) * 255).to(torch.uint8).numpy()

@@ -116,6 +116,11 @@ def comfy_sd1_tokenizer():
     return comfy.sd1_clip.SD1Tokenizer
 
 
+def tiny_vae():
+    """The tiny model's VAE (latents are pixels: a fixed rescale, no weights), as ComfyUI's VAE type."""
+    return _classes()["TinyVAE"]()
+
+
 def load_tiny(path: str | None = None):
     """(MODEL, CLIP, VAE) for the tiny model, weights from `path` (default: the shipped ones)."""
     c = _classes()
@@ -148,7 +153,7 @@ def load_tiny(path: str | None = None):
     if missing or unexpected:
         raise RuntimeError(f"tiny text-encoder weights do not match: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    vae = c["TinyVAE"]()
+    vae = tiny_vae()
     log.info("tiny model loaded (%s)", meta.get("format", "?"))
     return model, clip, vae
 

@@ -103,7 +103,9 @@ def nearest_tokens(text: SoftText, soft: Sequence[torch.Tensor]) -> list[int]:
 
 
 def project(text: SoftText, prompts: Sequence[str], soft: Sequence[torch.Tensor]) -> list[str]:
-    words = text.decode(nearest_tokens(text, soft)).split()
+    """The prompts with each placeholder replaced by its nearest real token, decoded one by one (so a
+    word piece stays in its own slot: what a user would type to reproduce the attack)."""
+    words = [text.decode([i]).strip() or "," for i in nearest_tokens(text, soft)]
     out = []
     for p in prompts:
         parts = p.split(text.placeholder)
