@@ -29,7 +29,8 @@ from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
 from ..editing.hosts import RunContext
 from ..editing.prompts import build_pairs
-from ..editing.redteam.runner import FrozenText, RedTeamConfig, concept_free, RedTeamReport, model_presence_judge, red_team
+from ..editing.redteam.runner import (FrozenText, RedTeamConfig, RedTeamReport, concept_free, model_presence_judge,
+                                      original_pictures, red_team)
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
 from ..editing.uce.debias import DebiasConfig, debias_uce, presence_judge, similarity_judge
@@ -508,17 +509,13 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
         attacked = edited_text or text
         for root in attacked.transformers():  # the soft prompts' gradients run through it
             stack.enter_context(frozen_session(root))
-        x0 = _red_team_pictures(host, text, prompts, cfg)
-        judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
-                                                         ctx=RunContext(should_stop=host.ctx.should_stop))}
+        x0 = original_pictures(host, text, prompts, cfg.attack, lambda x, t, c, y=None: host.eps(x, t, c, y=y), host.ctx)
+        with torch.no_grad():
+            judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
+                                                             ctx=RunContext(should_stop=host.ctx.should_stop))}
         if view.family.name == "tiny" and concept:
             base = original.model
             judge = world_judge(concept, lambda x: base.process_latent_out(x)[:, :3].float().cpu())
             if judge is not None:
                 judges = {"classifier": judge, **judges}
         return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
-
-
-def _red_team_pictures(host, text, prompts, cfg: RedTeamConfig) -> torch.Tensor:
-    from ..editing.redteam.runner import _original_pictures
-    return _original_pictures(host, text, prompts, cfg.attack, lambda x, t, c, y=None: host.eps(x, t, c, y=y), host.ctx)

@@ -43,7 +43,7 @@ def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen | None = None
     raise TimeoutError(f"{what} did not happen in {timeout:.0f}s (last error: {last})\n{tail}")
 
 
-def http(url: str, data: dict | None = None, timeout: float = 10):
+def http(url: str, data: object = None, timeout: float = 10):
     req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -106,9 +106,16 @@ def start(tmp, extra_nodes: tuple[str, ...] = (), timeout: float = 240) -> Serve
     log = os.path.join(tmp, "server.log")
     # CONCEPTEDIT_TEST_DIRS: where the test-only nodes point ComfyUI's first loras folder
     env = dict(os.environ, PYTHONUNBUFFERED="1", CONCEPTEDIT_TEST_DIRS=json.dumps(dirs))
-    proc = subprocess.Popen([sys.executable, os.path.join(comfy_path(), "main.py"), "--cpu", "--listen", "127.0.0.1",
-                             "--port", str(port), "--extra-model-paths-config", cfg, "--output-directory",
-                             dirs["output"], "--temp-directory", tmp, "--disable-auto-launch"],  # ComfyUI adds /temp
+    args = [sys.executable, os.path.join(comfy_path(), "main.py"), "--cpu", "--listen", "127.0.0.1",
+            "--port", str(port), "--extra-model-paths-config", cfg, "--output-directory",
+            dirs["output"], "--temp-directory", tmp, "--disable-auto-launch"]  # ComfyUI adds /temp
+    # the user's settings and workflows: in tmp too where this ComfyUI lets us (not the 2024 copy),
+    # so a run neither reads nor leaves the front end's state in the ComfyUI folder
+    if "--user-directory" in open(os.path.join(comfy_path(), "comfy", "cli_args.py")).read():
+        dirs["user"] = os.path.join(tmp, "user")
+        os.makedirs(dirs["user"])
+        args += ["--user-directory", dirs["user"]]
+    proc = subprocess.Popen(args,
                             cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -207,10 +207,13 @@ def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Seque
 
     edited_eps, original_eps = eps_with(True), eps_with(False)
     if x0 is None:
-        x0 = _original_pictures(host, text, prompts, a, original_eps, ctx)
+        x0 = original_pictures(host, text, prompts, a, original_eps, ctx)
     shape = tuple(x0.shape[1:])
     ref = x0[: a.samples] if x0.shape[0] >= a.samples else x0
-    read = lambda pics: {name: round(float(j(pics)), 4) for name, j in judges.items()}  # noqa: E731
+
+    def read(pics) -> dict[str, float]:
+        with torch.no_grad():  # judging needs no graph (the attacks run with gradients enabled)
+            return {name: round(float(j(pics)), 4) for name, j in judges.items()}
     with torch.no_grad():
         edited_pics = sample_soft(host, attacked_text, edited_eps, prompts, None, a, ctx, shape)
     report = RedTeamReport(prompts, list(judges), read(ref), read(edited_pics), success_at=config.success_at,
@@ -245,7 +248,7 @@ def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Seque
     return report
 
 
-def _original_pictures(host, text, prompts, a: AttackConfig, eps_fn, ctx) -> torch.Tensor:
+def original_pictures(host, text, prompts, a: AttackConfig, eps_fn, ctx) -> torch.Tensor:
     """The original model's pictures of the concept prompts (the attacks' targets), by the same DDIM."""
     n = max(a.images, a.samples)
     rows = [prompts[i % len(prompts)] for i in range(n)]
