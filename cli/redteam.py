@@ -34,7 +34,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..comfy_host.adapters import apply_edit
-    from ..comfy_host.jobs import red_team_models
+    from ..comfy_host.jobs import red_team_grid, red_team_models
     from ..editing.edit import Edit
     from ..editing.redteam.runner import RedTeamConfig
     from ..editing.redteam.soft import AttackConfig
@@ -58,9 +58,6 @@ def run(args) -> int:
             json.dump(report.to_dict(), f, indent=1)
     if args.grid:
         from PIL import Image
-
-        from ..editing.audit.presence import image_grid
-        out = model.model.process_latent_out
-        grid = image_grid([vae.decode(out(r)) for r in report.grid_rows])[0]
+        grid = red_team_grid(report, model, vae)[0]
         Image.fromarray((grid.clamp(0, 1) * 255).byte().cpu().numpy()).save(args.grid)
     return 0

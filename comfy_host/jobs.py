@@ -469,7 +469,7 @@ def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], wo
     try:
         world, classifier = worlds.get(world_name), worlds.classifier(world_name)
         kind = world.kind_of(concept)
-    except (KeyError, LookupError):
+    except LookupError:  # no such world, or not one of its concepts
         return None
 
     def judge(x0):
@@ -509,7 +509,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
         attacked = edited_text or text
         for root in attacked.transformers():  # the soft prompts' gradients run through it
             stack.enter_context(frozen_session(root))
-        x0 = original_pictures(host, text, prompts, cfg.attack, lambda x, t, c, y=None: host.eps(x, t, c, y=y), host.ctx)
+        x0 = original_pictures(host, text, prompts, cfg.attack, host.eps, host.ctx)
         with torch.no_grad():
             judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
                                                              ctx=RunContext(should_stop=host.ctx.should_stop))}
@@ -519,3 +519,16 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
             if judge is not None:
                 judges = {"classifier": judge, **judges}
         return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
+
+
+def red_team_grid(report: RedTeamReport, model, vae=None) -> torch.Tensor:
+    """The report's picture rows (original, edited, one per attack) as one ComfyUI IMAGE grid: decoded
+    by `vae`, or without one the latents' first three channels, each row scaled to 0..1."""
+    out = model.model.process_latent_out
+
+    def preview(latents):
+        x = latents[:, :3].float().cpu()
+        lo, hi = x.amin(), x.amax()
+        return ((x - lo) / (hi - lo).clamp_min(1e-6)).movedim(1, -1)
+
+    return image_grid([vae.decode(out(r)) if vae is not None else preview(out(r)) for r in report.grid_rows])

@@ -136,12 +136,15 @@ class SoftComfyText:
     def __init__(self, clip, device: torch.device | None = None):
         self.clip = clip
         self.model = ComfyTextModel(clip, device=device)
+        self._tokens: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         ids, _ = self.model.tokenize([self.placeholder])
         self._ph: dict[str, int] = {}
         for e, row in ids.items():
             end = self.model._models[e].special_tokens.get("end")
             if int(row[0, 2]) != end:
-                raise InvalidInputError(f"the placeholder {self.placeholder!r} is not one token for {e}")
+                raise InvalidInputError(f"this CLIP's {e} tokenizer splits the red team's placeholder word "
+                                        f"{self.placeholder!r} into several tokens, so soft prompts cannot go in "
+                                        "its place: the red-team audit supports CLIP tokenizers (SD1.x, SD2.x, SDXL)")
             self._ph[e] = int(row[0, 1])
 
     def _embedding(self, encoder: str) -> torch.nn.Module:
@@ -159,8 +162,19 @@ class SoftComfyText:
                 return inner.decode(list(token_ids)).strip()
         raise InvalidInputError(f"cannot decode tokens with this CLIP's tokenizer ({type(tok).__name__})")
 
+    def _ids(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids per encoder, tokenized once per prompt set (an attack encodes the same few
+        prompts at every optimisation step)."""
+        key = tuple(prompts)
+        ids = self._tokens.get(key)
+        if ids is None:
+            if len(self._tokens) > 256:
+                self._tokens.clear()
+            ids = self._tokens[key] = self.model.tokenize(list(prompts))[0]
+        return ids
+
     def encode_soft(self, prompts: Sequence[str], soft: Sequence[torch.Tensor] | None):
-        ids, _ = self.model.tokenize(list(prompts))
+        ids = self._ids(prompts)
         if soft is None:
             return self.model.context(ids)
         handles = []
@@ -170,7 +184,8 @@ class SoftComfyText:
                 counts = mask.sum(1)
                 if not bool((counts == vec.shape[0]).all()):
                     raise InvalidInputError(f"every attacked prompt must hold {vec.shape[0]} placeholder tokens "
-                                            f"({self.placeholder!r}); got {counts.tolist()}")
+                                            f"({self.placeholder!r}); got {counts.tolist()}. If your concept prompts "
+                                            f"contain the word {self.placeholder!r}, write it differently")
 
                 def hook(mod, args, out, mask=mask, vec=vec):
                     rows = vec.to(device=out.device, dtype=out.dtype).repeat(out.shape[0], 1)

@@ -188,26 +188,29 @@ def load_shared_edit(wf):
             "view, and apply it at any strength (the base model must be the family it was made for).")
 
 
+def _audit_inputs(wf, node, ck, le, ap, vae: bool = False):
+    """An audit node's edited model (the applied edit), original model, CLIP (, VAE) and the edit."""
+    wf.link(ap, "model", node, "edited_model")
+    wf.link(ck, "MODEL", node, "original_model")
+    wf.link(ck, "CLIP", node, "clip")
+    if vae:
+        wf.link(ck, "VAE", node, "vae")
+    wf.link(le, "edit", node, "edit")
+
+
 def audit_resurgence(wf):
     ck = _base(wf, "")
     le, ap = _load_and_apply(wf, ck, "vangogh_pruned.safetensors")
     audit = wf.add("ConceptEditResurgenceAudit", {
         "concept_prompts": "a painting in the style of Van Gogh\na starry night in the style of Van Gogh\n"
                            "sunflowers in the style of Van Gogh"}, pos=(760, 100))
-    wf.link(ap, "model", audit, "edited_model")
-    wf.link(ck, "MODEL", audit, "original_model")
-    wf.link(ck, "CLIP", audit, "clip")
-    wf.link(le, "edit", audit, "edit")
+    _audit_inputs(wf, audit, ck, le, ap)
     plot = wf.add("PreviewImage", pos=(1160, 100), title="presence vs benign fine-tuning steps")
     wf.link(audit, "plot", plot, "images")
     red = wf.add("ConceptEditRedTeamAudit", {
         "concept": "Van Gogh",
         "concept_prompts": "a painting in the style of Van Gogh\na starry night in the style of Van Gogh"}, pos=(760, 520))
-    wf.link(ap, "model", red, "edited_model")
-    wf.link(ck, "MODEL", red, "original_model")
-    wf.link(ck, "CLIP", red, "clip")
-    wf.link(ck, "VAE", red, "vae")
-    wf.link(le, "edit", red, "edit")
+    _audit_inputs(wf, red, ck, le, ap, vae=True)
     grid = wf.add("PreviewImage", pos=(1160, 520), title="original / edited / each attack")
     wf.link(red, "grid", grid, "images")
     return ("Audit an erasure: fine-tune the edited model briefly on benign prompts and measure how much of the "

@@ -72,6 +72,17 @@ def unique_path(folder: str, filename: str, default: str) -> str:
     return path
 
 
+def audited_inputs() -> dict:
+    """What every audit node compares: the edited and the original MODEL, and the original's CLIP."""
+    return {"edited_model": ("MODEL", {"tooltip": "The model after the edit (e.g. from a ConceptEdit method node)."}),
+            "original_model": ("MODEL", {"tooltip": "The model before the edit."}),
+            "clip": ("CLIP", {"tooltip": "The original model's text encoder."})}
+
+
+CONCEPT_PROMPTS = ("STRING", {"multiline": True, "default": "",
+                              "tooltip": "Prompts that show the erased concept (one per line)."})
+
+
 def size_inputs(what: str) -> dict:
     """Optional width/height of the pictures a node generates; 0 = the model's native size."""
     tip = (f"Width/height in pixels of the pictures {what} (multiples of 8); 0 = the model's native size "

@@ -3,11 +3,10 @@ edit, next to the Resurgence Audit. The attacks optimise a few soft token embedd
 (re-enabled for the library call only); the models' weights are never written."""
 from __future__ import annotations
 
-from ..comfy_host.jobs import latent_size, red_team_models
-from ..editing.audit.presence import image_grid
+from ..comfy_host.jobs import latent_size, red_team_grid, red_team_models
 from ..editing.redteam.runner import ATTACKS, RedTeamConfig
 from ..editing.redteam.soft import AttackConfig
-from .common import CATEGORY, EDIT, prompt_lines, size_inputs
+from .common import CATEGORY, CONCEPT_PROMPTS, EDIT, audited_inputs, prompt_lines, size_inputs
 
 
 class RedTeamAudit:
@@ -27,13 +26,10 @@ class RedTeamAudit:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "edited_model": ("MODEL", {"tooltip": "The model after the edit (e.g. from a ConceptEdit method node)."}),
-            "original_model": ("MODEL", {"tooltip": "The model before the edit."}),
-            "clip": ("CLIP", {"tooltip": "The original model's text encoder."}),
+            **audited_inputs(),
             "concept": ("STRING", {"default": "", "tooltip": "The erased concept's words (e.g. 'van gogh'): taken out "
                                    "of the prompts for the model's own presence score."}),
-            "concept_prompts": ("STRING", {"multiline": True, "default": "",
-                                           "tooltip": "Prompts that show the erased concept (one per line)."}),
+            "concept_prompts": CONCEPT_PROMPTS,
             "prefix": ("BOOLEAN", {"default": True, "tooltip": "Adversarial prefix (UnlearnDiffAtk): soft tokens before "
                                    "the prompt, optimised so the edited model denoises concept pictures."}),
             "embedding_match": ("BOOLEAN", {"default": True, "tooltip": "Soft prompt matching the original model's "
@@ -65,26 +61,15 @@ class RedTeamAudit:
     def execute(self, edited_model, original_model, clip, concept, concept_prompts, prefix, embedding_match,
                 inversion, revival, steps, tokens, lr, samples, sample_steps, cfg, seed, edit=None, vae=None,
                 edited_clip=None, time_limit_s=0.0, width=0, height=0):
-        chosen = tuple(a for a, on in zip(ATTACKS, (prefix, embedding_match, inversion)) if on)
+        on = {"prefix": prefix, "embedding_match": embedding_match, "inversion": inversion}
+        chosen = tuple(a for a in ATTACKS if on[a])
         config = RedTeamConfig(attacks=chosen, revival=revival, attack=AttackConfig(
             steps=steps, tokens=tokens, lr=lr, samples=samples, images=samples, sample_steps=sample_steps, cfg=cfg,
             seed=seed, time_limit_s=time_limit_s))
         report = red_team_models(edited_model, original_model, clip, prompt_lines(concept_prompts), config, edit=edit,
                                  edited_clip=edited_clip, concept=concept, latent=latent_size(width, height))
-        out = original_model.model.process_latent_out
-        if vae is not None:
-            rows = [vae.decode(out(r)) for r in report.grid_rows]
-        else:  # a latent preview: the first three channels, each row scaled to 0..1
-            rows = [_preview(out(r)) for r in report.grid_rows]
-        grid = image_grid(rows)
-        success = sum(report.success(a) for a in report.attacks) / max(len(report.attacks), 1)
-        return {"ui": {"text": [report.to_text()]}, "result": (report.to_text(), grid, float(success))}
-
-
-def _preview(latents):
-    x = latents[:, :3].float().cpu()
-    lo, hi = x.amin(), x.amax()
-    return ((x - lo) / (hi - lo).clamp_min(1e-6)).movedim(1, -1)
+        grid = red_team_grid(report, original_model, vae)
+        return {"ui": {"text": [report.to_text()]}, "result": (report.to_text(), grid, report.success_rate())}
 
 
 NODE_CLASS_MAPPINGS = {"ConceptEditRedTeamAudit": RedTeamAudit}

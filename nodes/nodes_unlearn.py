@@ -14,7 +14,7 @@ from ..editing.training import PARAM_SETS
 from ..editing.report.plots import audit_plot, history_plot
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
 from ..editing.unlearn.trainer import METHODS, PRESETS, RETAIN_PAIRINGS, preset_config
-from .common import CATEGORY, EDIT, prompt_lines, size_inputs
+from .common import CATEGORY, CONCEPT_PROMPTS, EDIT, audited_inputs, prompt_lines, size_inputs
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,8 @@ class ResurgenceAudit:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "edited_model": ("MODEL", {"tooltip": "The model after the edit (e.g. from a ConceptEdit method node)."}),
-            "original_model": ("MODEL", {"tooltip": "The model before the edit."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder of the original model."}),
-            "concept_prompts": ("STRING", {"multiline": True, "default": "",
-                                           "tooltip": "Prompts that show the erased concept (one per line)."}),
+            **audited_inputs(),
+            "concept_prompts": CONCEPT_PROMPTS,
             "benign_prompts": ("STRING", {"multiline": True, "default": "\n".join(DEFAULT_BENIGN),
                                           "tooltip": "Prompts unrelated to the concept, to fine-tune on (one per line)."}),
             "steps": ("STRING", {"default": "10,25,50", "tooltip": "Benign fine-tuning steps at which presence is measured."}),

@@ -167,6 +167,16 @@ def api_prompt(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def only_what(prompt: dict, node_id: str) -> dict:
+    """The part of an API prompt that `node_id` needs: it and its ancestors."""
+    keep, todo = {}, [str(node_id)]
+    while todo:
+        nid = todo.pop()
+        keep[nid] = prompt[nid]
+        todo += [str(v[0]) for v in prompt[nid]["inputs"].values() if isinstance(v, list) and str(v[0]) not in keep]
+    return keep
+
+
 class Client:
     """One websocket client of the server: queues prompts under its id and collects every message."""
 

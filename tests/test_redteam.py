@@ -204,3 +204,14 @@ def test_cancel_mid_attack_stops_and_leaves_every_module_as_it_was(tiny):
     assert now.keys() == params.keys() and all(torch.equal(now[k], v) for k, v in params.items())
     rep = _red_team(model, clip, out)
     assert "prefix" in rep.attacks
+
+
+def test_time_limit_stops_an_attack_before_its_step_budget(tiny):
+    from conceptedit.comfy_host.jobs import red_team_models
+    model, clip, _ = tiny
+    out = _uce(model, clip)
+    cfg = RedTeamConfig(attacks=("inversion",), attack=AttackConfig(steps=100_000, time_limit_s=0.5, samples=1,
+                                                                    images=1, sample_steps=2))
+    with torch.inference_mode():
+        rep = red_team_models(out.model, model, clip, PROMPTS[:1], cfg, edit=out.edit, concept="red")
+    assert 1 <= rep.attacks["inversion"]["steps"] < 100_000 and rep.attacks["inversion"]["seconds"] < 5

@@ -154,11 +154,7 @@ def test_edit_info_heatmap_renders_from_a_queued_prompt(server, page, tmp_path):
     info_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "ConceptEditEditInfo")
     prompt = _prompt_from_workflow(page)
     # keep only what the Edit Info node needs (the rest of the workflow samples, which is slow on a CPU)
-    keep, todo = {}, [str(info_id)]
-    while todo:
-        nid = todo.pop()
-        keep[nid] = prompt[nid]
-        todo += [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and str(v[0]) not in keep]
+    keep = comfy_server.only_what(prompt, info_id)
     assert {n["class_type"] for n in keep.values()} == {"ConceptEditLoadEdit", "ConceptEditEditInfo"}
     # ComfyUI sends a node's "executed" message only to the client that queued the prompt: use the page's id
     client_id = page.js("import('/scripts/api.js').then(m => m.api.clientId || sessionStorage.getItem('clientId'))")

@@ -47,16 +47,6 @@ def on_tiny(prompt: dict) -> dict:
     return out
 
 
-def only_what(prompt: dict, node_id: str) -> dict:
-    """The part of `prompt` that `node_id` needs (it and its ancestors)."""
-    keep, todo = {}, [node_id]
-    while todo:
-        nid = todo.pop()
-        keep[nid] = prompt[nid]
-        todo += [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and v[0] not in keep]
-    return keep
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = comfy_server.start(tmp_path_factory.mktemp("comfy-run"), extra_nodes=("conceptedit_test_tiny",))
@@ -125,7 +115,7 @@ def test_an_interrupt_mid_run_leaves_the_next_run_equal_to_a_clean_one(server, r
     full = on_tiny(comfy_server.api_prompt(_workflow("erase_concept_prune"), server.info))
     save = next(nid for nid, n in full.items() if n["class_type"] == "ConceptEditSaveEdit")
     prune = next(nid for nid, n in full.items() if n["class_type"] == "ConceptEditConceptPrune")
-    prompt = only_what(full, save)
+    prompt = comfy_server.only_what(full, save)
     client = server.client
     edits = server.dirs["concept_edits"]
 

@@ -18,10 +18,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..audit.presence import PresenceConfig, presence_scores, spread_timesteps
-from ..diffusion import ddim_sample
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, Trainable, base_weights, rows_y
+from ..hosts import RunContext, Trainable, base_weights
 from ..training import Adapters, edit_as_fixed
 from . import inversion, match, prefix
 from .revival import FRACTIONS, RevivalReport, mask_changes, revival
@@ -71,6 +70,10 @@ class RedTeamReport:
         lo, hi = self.edited[judge], self.original[judge]
         # nothing erased (or a judge that reads n/a) leaves nothing to bring back: never a success
         return bool(hi - lo > 1e-9 and got - lo >= self.success_at * (hi - lo))
+
+    def success_rate(self) -> float:
+        """The share of the attacks run that succeeded (0 when none ran)."""
+        return sum(self.success(a) for a in self.attacks) / max(len(self.attacks), 1)
 
     def to_dict(self) -> dict:
         out = {"concept_prompts": self.concept_prompts, "judges": self.judges, "original": self.original,
@@ -250,22 +253,7 @@ def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Seque
 
 def original_pictures(host, text, prompts, a: AttackConfig, eps_fn, ctx) -> torch.Tensor:
     """The original model's pictures of the concept prompts (the attacks' targets), by the same DDIM."""
-    n = max(a.images, a.samples)
-    rows = [prompts[i % len(prompts)] for i in range(n)]
-    with torch.no_grad():
-        cond, pooled = text.encode_soft(rows, None)
-        uncond, pooled_u = text.encode_soft([""], None)
-        y = host.adm(pooled, n) if hasattr(host, "adm") else None
-        y_u = host.adm(pooled_u, 1) if hasattr(host, "adm") else None
-
-        class _Via:
-            def alphas_cumprod(self):
-                return host.alphas_cumprod()
-
-            def eps(self, x, t, c, y=None):
-                return eps_fn(x, t, c, y)
-
-        ch = getattr(host, "latent_channels", 4)
-        size = tuple(getattr(host, "latent_size", (getattr(host, "latent_hw", 32),) * 2))
-        return ddim_sample(_Via(), cond, uncond.expand(n, *uncond.shape[1:]), steps=a.sample_steps, cfg=a.cfg,
-                           seed=a.seed + 3, shape=(n, ch, *size), ctx=ctx, y=y, y_uncond=rows_y(y_u, n))
+    ch = getattr(host, "latent_channels", 4)
+    size = tuple(getattr(host, "latent_size", (getattr(host, "latent_hw", 32),) * 2))
+    return sample_soft(host, text, eps_fn, prompts, None, a, ctx, (ch, *size), n=max(a.images, a.samples),
+                       seed=a.seed + 3)

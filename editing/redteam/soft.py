@@ -180,24 +180,24 @@ def optimise(s: Setup, prompts: Sequence[str], soft: list[torch.Tensor], target:
 
 def sample_soft(host: Trainable, text: SoftText, eps_fn: Eps, prompts: Sequence[str],
                 soft: Sequence[torch.Tensor] | None, config: AttackConfig, ctx: RunContext,
-                shape: tuple[int, ...]) -> torch.Tensor:
-    """`config.samples` pictures (x0, UNet latent scale) of the prompts, cycled, by DDIM through `eps_fn`."""
-    rows = [prompts[i % len(prompts)] for i in range(config.samples)]
+                shape: tuple[int, ...], n: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """`n` (default `config.samples`) pictures (x0, UNet latent scale) of the prompts, cycled, by DDIM
+    through `eps_fn` (the edited or the original model), seed `config.seed + 7` unless given."""
+    n = n or config.samples
+    rows = [prompts[i % len(prompts)] for i in range(n)]
     with torch.no_grad():
         cond, pooled = text.encode_soft(rows, soft)
         uncond, pooled_u = text.encode_soft([""], None)
-        y = host.adm(pooled, len(rows)) if hasattr(host, "adm") else None
+        y = host.adm(pooled, n) if hasattr(host, "adm") else None
         y_u = host.adm(pooled_u, 1) if hasattr(host, "adm") else None
 
-        class _Via:  # ddim_sample calls host.eps: route it through eps_fn (the edited model)
+        class _Via:  # ddim_sample calls host.eps: route it through eps_fn
             def alphas_cumprod(self):
                 return host.alphas_cumprod()
 
             def eps(self, x, t, c, y=None):
                 return eps_fn(x, t, c, y)
 
-        return ddim_sample(_Via(), cond, uncond.expand(len(rows), *uncond.shape[1:]), steps=config.sample_steps,
-                           cfg=config.cfg, seed=config.seed + 7, shape=(len(rows), *shape), ctx=ctx,
-                           y=y, y_uncond=rows_y(y_u, len(rows)))
-
-
+        return ddim_sample(_Via(), cond, uncond.expand(n, *uncond.shape[1:]), steps=config.sample_steps,
+                           cfg=config.cfg, seed=config.seed + 7 if seed is None else seed, shape=(n, *shape), ctx=ctx,
+                           y=y, y_uncond=rows_y(y_u, n))
