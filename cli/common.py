@@ -10,11 +10,13 @@ from ..editing.hosts import RunContext
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_FLUX = "tiny-flux"
 
 
 def add_model_arg(p) -> None:
     p.add_argument("--ckpt", default=TINY,
-                   help="checkpoint file (.safetensors, SD1.x/SD2.x/SDXL) or 'tiny' for the bundled tiny model")
+                   help="checkpoint file (.safetensors: SD1.x/SD2.x/SDXL, SD3/Flux with their text encoders inside), "
+                        "'tiny' for the bundled tiny model or 'tiny-flux' for the bundled tiny Flux")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
@@ -23,9 +25,15 @@ def load_model(ckpt: str, cpu: bool = False, vae: bool = False):
     with `vae`."""
     from ..comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True if cpu else None)
-    if ckpt == TINY:
-        from ..tiny.comfy_model import load_tiny
-        model, clip, tiny_vae = load_tiny()
+    if ckpt in (TINY, TINY_FLUX):
+        if ckpt == TINY:
+            from ..tiny.comfy_model import load_tiny as load
+        else:
+            from ..tiny.flux import load_tiny_flux as load
+        try:
+            model, clip, tiny_vae = load()
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
         return (model, clip, tiny_vae) if vae else (model, clip)
     if not os.path.isfile(ckpt):
         raise SystemExit(f"no checkpoint at {ckpt}")

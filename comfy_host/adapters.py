@@ -207,10 +207,56 @@ class ComfyText:
     def _encode_one(self, prompt: str):
         tokens = self.clip.tokenize(prompt)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        if cond.shape[1] > 77:
-            log.warning("prompt longer than 75 tokens is cut to the first 77: %r", prompt[:60])
-            cond = cond[:, :77]
+        length = self.context_length
+        if cond.shape[1] > length:
+            log.warning("prompt longer than the context (%d tokens) is cut to its first %d: %r", length, length,
+                        prompt[:60])
+            cond = cond[:, :length]
         return cond, pooled
+
+    def _runs(self) -> tuple[int, list[tuple[str, int, int]]]:
+        """(context length of the empty prompt, [(tokenizer key, first position after BOS, EOS id)]):
+        which encoders' tokens make up the context rows, in order. SD1/SD2/SDXL: the CLIP's 77
+        positions (SDXL's two encoders share them); Flux: T5's (no BOS); SD3: CLIP's then T5's.
+        Read off the empty prompt's context length, so any CLIP class ComfyUI loads is laid out
+        by what it returns."""
+        cached = getattr(self, "_runs_cache", None)
+        if cached is not None:
+            return cached
+        tokens = self.clip.tokenize("")
+        cond, _ = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        length = int(cond.shape[1])
+        sizes = {k: len(v[0]) for k, v in tokens.items()}
+        clip_key = next((k for k in ("l", "g", "h") if k in sizes), None)
+        t5_key = next((k for k in sizes if k not in ("l", "g", "h")), None)
+        order = [[clip_key], [t5_key], [clip_key, t5_key]]
+        chosen = next((o for o in order if None not in o and sum(sizes[k] for k in o) == length),
+                      [clip_key or sorted(sizes)[0]])
+        runs = []
+        for k in chosen:
+            tok = getattr(self.clip.tokenizer, f"clip_{k}", None) or getattr(self.clip.tokenizer, k, None)
+            start = int(getattr(tok, "tokens_start", 1))
+            ids = [int(t[0]) for t in tokens[k][0]]
+            end = getattr(tok, "end_token", None)
+            runs.append((k, start, int(end) if end is not None else ids[start]))
+        self._runs_cache = (length, runs)
+        return self._runs_cache
+
+    @property
+    def context_length(self) -> int:
+        """Rows of the empty prompt's context (77 on SD, 256 on Flux, 154 on SD3): longer prompts are cut to it."""
+        return self._runs()[0]
+
+    def token_segments(self, prompt: str) -> list[tuple[int, list[int], int, int]]:
+        """The context's token runs for `prompt`: [(first context row, ids, first position after BOS,
+        EOS id)] (`editing.uce.closed_form.token_segments`)."""
+        tokens = self.clip.tokenize(prompt)
+        out, offset = [], 0
+        for k, start, eos in self._runs()[1]:
+            ids = [int(t[0]) for t in tokens[k][0]]
+            out.append((offset, ids, start, eos))
+            offset += len(ids)
+        return out
 
     def encode_with_pooled(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         conds, pools = zip(*(self._encode_one(p) for p in prompts))
@@ -225,9 +271,9 @@ class ComfyText:
         return self.encode_with_pooled(prompts)[0]
 
     def token_ids(self, prompt: str) -> list[int]:
+        """The ids of the first encoder whose tokens make up the context (CLIP-L's on SD, T5's on Flux)."""
         tokens = self.clip.tokenize(prompt)
-        first = tokens[sorted(tokens)[0]] if "l" not in tokens else tokens["l"]
-        return [int(t[0]) for t in first[0]]
+        return [int(t[0]) for t in tokens[self._runs()[1][0][0]][0]]
 
     def conditioning(self, prompts: Sequence[str]):
         cond, pooled = self.encode_with_pooled(prompts)
@@ -245,23 +291,39 @@ def _model_sampling(patcher):
     return getattr(patcher, "object_patches", {}).get("model_sampling", patcher.model.model_sampling)
 
 
-def _require_ddpm_sampling(ms) -> None:
-    """Refuse a model whose noising is not x_σ = x₀ + σ·ε (the DDPM convention up to the scale
-    1/√ᾱ): flow-matching models (SD3, Flux: x_σ = (1 − σ)·x₀ + σ·ε) have no ᾱ schedule the training
-    objectives could use. Asked of ComfyUI's own `noise_scaling`, so every EPS / V / EDM variant
-    passes whatever it is called in a given ComfyUI version."""
-    sigma = torch.tensor([0.5])
+def _noising(ms) -> str:
+    """"ddpm" when the model noises as x_σ = x₀ + σ·ε (every EPS / V / EDM variant, the DDPM
+    convention up to the scale 1/√ᾱ), "flow" when as x_σ = (1 − σ)·x₀ + σ·ε (rectified flow: SD3,
+    Flux), else raise. Asked of ComfyUI's own `noise_scaling`, so it holds whatever the classes
+    are called in a given ComfyUI version."""
+    sigma = torch.tensor([0.3, 0.5]).view(2, 1)
+    kind = None
     try:
-        clean = ms.noise_scaling(sigma, torch.zeros(1, 1), torch.ones(1, 1))
-        noisy = ms.noise_scaling(sigma, torch.ones(1, 1), torch.zeros(1, 1))
-        ok = bool(torch.allclose(clean, torch.ones(1, 1)) and torch.allclose(noisy, sigma.view(1, 1)))
-    except Exception:  # a sampling without this interface is no DDPM-style one either
-        ok = False
-    if not ok or not hasattr(ms, "sigmas"):
+        clean = ms.noise_scaling(sigma, torch.zeros(2, 1), torch.ones(2, 1))
+        noisy = ms.noise_scaling(sigma, torch.ones(2, 1), torch.zeros(2, 1))
+        if torch.allclose(clean, torch.ones(2, 1)) and torch.allclose(noisy, sigma):
+            kind = "ddpm"
+        elif torch.allclose(clean, 1 - sigma) and torch.allclose(noisy, sigma):
+            kind = "flow"
+    except Exception:  # a sampling without this interface is neither
+        kind = None
+    if kind is None or not hasattr(ms, "sigmas"):
         kinds = ", ".join(c.__name__ for c in type(ms).__mro__[1:] if c.__module__.startswith("comfy"))
         raise ConceptEditError(f"this model's prediction type ({kinds or type(ms).__name__}) is not supported by "
-                               "the training methods and audits: they need an EPS or v-prediction model (SD1.x, "
-                               "SD2.x, SDXL and their finetunes); flow-matching models (SD3, Flux) are not supported")
+                               "the training methods and audits: they need an EPS, v-prediction or rectified-flow "
+                               "model (SD1.x, SD2.x, SDXL, SD3, Flux and their finetunes)")
+    return kind
+
+
+# A flow model's σ = 1 is pure noise, which has no DDPM equivalent (ᾱ = 0); its last step is read at this σ.
+_FLOW_SIGMA_MAX = 1.0 - 1e-3
+
+
+def _flow_ddpm_sigma(sigma_flow: torch.Tensor) -> torch.Tensor:
+    """The DDPM σ (x_t/√ᾱ = x₀ + σ·ε) of the same noise level as flow σ_f ((1 − σ_f)·x₀ + σ_f·ε):
+    both are x₀ + (σ_f / (1 − σ_f))·ε up to scale."""
+    s = sigma_flow.clamp(1e-6, _FLOW_SIGMA_MAX)
+    return s / (1 - s)
 
 
 def _is_inpaint(base) -> bool:
@@ -323,7 +385,8 @@ class ComfyDenoiser:
         positive = self.text.conditioning(list(prompts))
         negative_c = self.text.conditioning([negative] * n)
         if latent is None:
-            latent = torch.zeros(n, 4, *self.latent_size)
+            channels = int(getattr(getattr(self.model.model, "latent_format", None), "latent_channels", 4))
+            latent = torch.zeros(n, channels, *self.latent_size)
         noise = comfy.sample.prepare_noise(latent, seed, [0] * latent.shape[0] if noise_per_prompt else None)
 
         def callback(step, x0, x, total):
@@ -351,16 +414,25 @@ class ComfyDenoiser:
         return self.model.model.diffusion_model
 
     def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t for t = 0..999 of the model's discrete schedule (σ² = (1 − ᾱ)/ᾱ)."""
+        """ᾱ_t for t = 0..999 of the model's discrete schedule (σ² = (1 − ᾱ)/ᾱ). A flow model's
+        schedule is its own σ_f at the same 1000 steps (its shift included), as the DDPM ᾱ of equal
+        noise level (`_flow_ddpm_sigma`), so every objective written in ε sees the levels the model
+        samples at."""
         ms = _model_sampling(self.model)
-        _require_ddpm_sampling(ms)
         s = ms.sigmas.float()
+        if _noising(ms) == "flow":
+            s = _flow_ddpm_sigma(s)
         return 1.0 / (1.0 + s ** 2)
 
     def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """SDXL's vector conditioning for `pooled` (ComfyUI's own `encode_adm`: pooled ‖ size
         embeddings, at the latent size this host samples, no crop); None for models without one."""
         base = self.model.model
+        if self.family.kind == "flux":  # Flux reads the pooled CLIP-L vector itself (its vector_in)
+            if pooled is None:
+                raise InvalidInputError("this Flux model needs the pooled CLIP-L embedding: connect its own CLIP "
+                                        "(clip_l + t5xxl)")
+            return pooled.reshape(batch if pooled.shape[0] == batch else pooled.shape[0], -1).expand(batch, -1)
         if not getattr(base, "adm_channels", 0):
             return None
         if pooled is None:
@@ -389,16 +461,27 @@ class ComfyDenoiser:
         x_t/√ᾱ (σ = `model_sampling.sigmas[t]`) and returns the denoised x₀ by the model's
         `calculate_denoised`, so ε = (x_σ − x₀)/σ for any prediction type it knows."""
         base = self.model.model
-        if getattr(base, "adm_channels", 0) and y is None:
+        if (getattr(base, "adm_channels", 0) or self.family.kind == "flux") and y is None:
             raise InvalidInputError(f"this {self.family.label} model needs its vector conditioning y: pass "
                                     "y = adm(pooled, batch) from the prompts' pooled text embedding")
         self.unet()  # loads this MODEL: its weight patches and object patches (model_sampling) in place
         ms = base.model_sampling
-        _require_ddpm_sampling(ms)
+        kind = _noising(ms)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         sigma = ms.sigmas[t.to(ms.sigmas.device).long()].float().clone().to(x.device)
+        extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
+        if getattr(getattr(base.diffusion_model, "params", None), "guidance_embed", False):
+            # Flux-dev is guidance-distilled: its guidance embedding at ComfyUI's default (FluxGuidance 3.5)
+            extra["guidance"] = torch.full((x.shape[0],), 3.5, device=x.device)
+        if kind == "flow":
+            # x_t/√ᾱ = x₀ + σ_d·ε is the flow model's x_σf up to the factor 1 − σ_f = 1/(1 + σ_d)
+            sigma = sigma.clamp(1e-6, _FLOW_SIGMA_MAX)
+            sd = _flow_ddpm_sigma(sigma).view(-1, *([1] * (x.ndim - 1)))
+            sf = sigma.view_as(sd)
+            x_in = x.float() * (1.0 + sd ** 2).sqrt() / (1.0 + sd)
+            x0 = base.apply_model(x_in, sigma, c_crossattn=context, y=y, **extra)
+            return (x_in - (1 - sf) * x0.float()) / sf
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         x_sigma = x.float() * (1.0 + s ** 2).sqrt()
-        extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
         x0 = base.apply_model(x_sigma, sigma, c_crossattn=context, y=y, **extra)
         return (x_sigma - x0.float()) / s

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from ..editing.arch import TINY_WORLD_FAMILIES
 from ..editing.audit.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
@@ -218,7 +219,7 @@ def paired_text_embeddings(clip):
 def concept_prune(model, clip, config: ConceptPruneJob, ctx: RunContext | None = None) -> JobResult:
     """ConceptPrune: calibration generations at the config's size, masks applied to a clone of MODEL."""
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
-    family = view.family  # a clear error for a model without cross-attention, before any prompt is built
+    family = view.family
     pairs = build_pairs(list(config.concepts), config.preset, config.pairs_text)
     edit = compute_concept_prune(view.denoiser, family, pairs, config.settings, view.ctx, fingerprint=view.fingerprint)
     return _finish(view, edit, config)
@@ -236,6 +237,7 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
+    family.require_cross_attention("EMCID")  # its text-encoder edit targets the CLIP that SD models read
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = view.denoiser if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
@@ -513,7 +515,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
         with torch.no_grad():
             judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
                                                              ctx=RunContext(should_stop=host.ctx.should_stop))}
-        if view.family.name == "tiny" and concept:
+        if view.family.name in TINY_WORLD_FAMILIES and concept:
             base = original.model
             judge = world_judge(concept, lambda x: base.process_latent_out(x)[:, :3].float().cpu())
             if judge is not None:

@@ -26,6 +26,7 @@ from ..editing.hooks import norm_inputs_copied
 log = logging.getLogger(__name__)
 
 _ENCODERS = ("clip_l", "clip_h", "clip_g")  # in the order ComfyUI concatenates them (SDXL: l ‖ g)
+_T5 = "t5xxl"  # Flux's (and SD3's) T5, ComfyUI's own T5 class under an SDClipModel
 
 
 def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
@@ -35,6 +36,9 @@ def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
         m = getattr(csm, name, None)
         if m is not None and hasattr(m, "transformer") and hasattr(getattr(m.transformer, "text_model", None), "encoder"):
             out[name] = m
+    t5 = getattr(csm, _T5, None)
+    if out and t5 is not None and hasattr(getattr(t5, "transformer", None), "shared"):
+        out[_T5] = t5
     if not out:
         raise InvalidInputError(f"this CLIP ({type(csm).__name__}) has no CLIP text transformer ConceptEdit can edit "
                                 "(clip_l / clip_h / clip_g); EMCID supports SD1.x, SD2.x and SDXL text encoders")
@@ -68,17 +72,32 @@ class ComfyTextModel:
             mods = self._modules[encoder] = dict(self._models[encoder].transformer.named_modules())
         return mods
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    @property
+    def flux(self) -> bool:
+        """Flux's text path: the context is T5's alone, the pooled vector CLIP-L's (ComfyUI's
+        FluxClipModel); SD3's (CLIP-L ‖ G then T5 along the tokens) is not built here."""
+        return _T5 in self._models and "clip_g" not in self._models
+
+    def tokenize(self, prompts: Sequence[str], rewrite: Mapping[str, object] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids per encoder. `rewrite`: encoder -> a function applied to each prompt before
+        that encoder's own tokenizer reads it (the red team's placeholders differ per tokenizer)."""
         ids: dict[str, list[list[int]]] = {e: [] for e in self.encoders}
         n_real = []
         first = self.encoders[0]
         for p in prompts:
-            toks = self.clip.tokenize(p)
+            if rewrite:
+                toks = {e: getattr(self.clip.tokenizer, e).tokenize_with_weights(rewrite.get(e, lambda x: x)(p))
+                        for e in self.encoders}
+            else:
+                whole = self.clip.tokenize(p)
+                toks = {e: whole[e[len("clip_"):] if e.startswith("clip_") else e] for e in self.encoders}
             for e in self.encoders:
-                chunk = toks[e[len("clip_"):]][0]
+                chunk = toks[e][0]
                 if any(not isinstance(t[0], int) for t in chunk):
                     raise InvalidInputError(f"{p!r} uses a textual-inversion embedding; EMCID edits words only")
-                ids[e].append([int(t[0]) for t in chunk][:77])
+                row = [int(t[0]) for t in chunk]
+                ids[e].append(row if e == _T5 else row[:77])
             end = self._models[first].special_tokens.get("end")
             row = ids[first][-1]
             n_real.append(row.index(end, 1) - 1 if end in row[1:] else len(row) - 1)
@@ -105,11 +124,18 @@ class ComfyTextModel:
         return z.float(), pooled
 
     def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        zs, pooled = [], None
-        for e in self.encoders:
-            z, pooled = self.forward(e, ids[e])  # ComfyUI takes the pooled output of the last encoder (SDXL: bigG)
-            zs.append(z)
-        cond = torch.cat(zs, dim=-1)
+        if _T5 in self._models and not self.flux:
+            raise InvalidInputError("SD3's text path (CLIP-L ‖ G and T5 along the tokens) is not built for this "
+                                    "method yet; it runs on SD1.x/SD2.x/SDXL and Flux text encoders")
+        if self.flux:
+            cond, _ = self.forward(_T5, ids[_T5])
+            _, pooled = self.forward("clip_l", ids["clip_l"])
+        else:
+            zs, pooled = [], None
+            for e in self.encoders:
+                z, pooled = self.forward(e, ids[e])  # ComfyUI takes the pooled output of the last encoder (SDXL: bigG)
+                zs.append(z)
+            cond = torch.cat(zs, dim=-1)
         if self._out_device is not None:
             cond = cond.to(self._out_device)
             pooled = pooled.to(self._out_device) if pooled is not None else None
@@ -122,7 +148,8 @@ def _nothing() -> Iterator[None]:
 
 
 def _ln_input_copies(transformer: torch.nn.Module):
-    return norm_inputs_copied(transformer, ("layer_norm1", "layer_norm2"))
+    # CLIP layers' pre-norms, and T5's (each sub-layer's `layer_norm`; it adds in place as CLIP does)
+    return norm_inputs_copied(transformer, ("layer_norm1", "layer_norm2", "layer_norm"))
 
 
 class SoftComfyText:
@@ -132,30 +159,50 @@ class SoftComfyText:
     through the same path, so every prompt of an attack is encoded one way."""
 
     placeholder = "sks"  # one token in CLIP's vocabulary, rare in prompts
+    t5_placeholder = "<extra_id_0>"  # T5's first sentinel: one token, never in a caption
 
     def __init__(self, clip, device: torch.device | None = None):
         self.clip = clip
         self.model = ComfyTextModel(clip, device=device)
         self._tokens: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
-        ids, _ = self.model.tokenize([self.placeholder])
+        # Flux: the soft tokens go into T5, whose context is what the model reads; its CLIP-L (the
+        # pooled vector only) reads the prompt with the placeholders left out
+        self._rewrite = ({_T5: lambda p: p.replace(self.placeholder, self.t5_placeholder),
+                          "clip_l": lambda p: " ".join(p.replace(self.placeholder, " ").split())}
+                         if self.model.flux else None)
+        self.soft_encoders = [_T5] if self.model.flux else list(self.model.encoders)
+        ids, _ = self.model.tokenize([self.placeholder], self._rewrite)
         self._ph: dict[str, int] = {}
-        for e, row in ids.items():
+        for e in self.soft_encoders:
+            row = ids[e]
+            start = 0 if e == _T5 else 1
             end = self.model._models[e].special_tokens.get("end")
-            if int(row[0, 2]) != end:
+            if int(row[0, start + 1]) != end:
                 raise InvalidInputError(f"this CLIP's {e} tokenizer splits the red team's placeholder word "
                                         f"{self.placeholder!r} into several tokens, so soft prompts cannot go in "
-                                        "its place: the red-team audit supports CLIP tokenizers (SD1.x, SD2.x, SDXL)")
-            self._ph[e] = int(row[0, 1])
+                                        "its place: the red-team audit supports CLIP tokenizers (SD1.x, SD2.x, SDXL) "
+                                        "and Flux's T5")
+            self._ph[e] = int(row[0, start])
 
     def _embedding(self, encoder: str) -> torch.nn.Module:
-        return self.model._models[encoder].transformer.text_model.embeddings.token_embedding
+        return self.model._models[encoder].transformer.get_input_embeddings()
 
     def vocabulary(self) -> list[torch.Tensor]:
         self.model.load()
-        return [self._embedding(e).weight for e in self.model.encoders]
+        return [self._embedding(e).weight for e in self.soft_encoders]
+
+    @property
+    def excluded_tokens(self) -> list[int]:
+        """Tokens a projection never picks: BOS/EOS (CLIP's last two ids); T5's pad, EOS, unknown and
+        its sentinels (ids from 32000)."""
+        if self.model.flux:
+            return [0, 1, 2] + list(range(32000, int(self.vocabulary()[0].shape[0])))
+        return [int(self.vocabulary()[0].shape[0]) - 2, int(self.vocabulary()[0].shape[0]) - 1]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         tok = self.clip.tokenizer
+        if self.model.flux:
+            return tok.t5xxl.tokenizer.decode(list(token_ids)).strip()
         for name in ("clip_l", "clip_h", "clip_g"):
             inner = getattr(getattr(tok, name, None), "tokenizer", None)
             if inner is not None:
@@ -170,7 +217,7 @@ class SoftComfyText:
         if ids is None:
             if len(self._tokens) > 256:
                 self._tokens.clear()
-            ids = self._tokens[key] = self.model.tokenize(list(prompts))[0]
+            ids = self._tokens[key] = self.model.tokenize(list(prompts), self._rewrite)[0]
         return ids
 
     def encode_soft(self, prompts: Sequence[str], soft: Sequence[torch.Tensor] | None):
@@ -179,7 +226,7 @@ class SoftComfyText:
             return self.model.context(ids)
         handles = []
         try:
-            for e, vec in zip(self.model.encoders, soft):
+            for e, vec in zip(self.soft_encoders, soft):
                 mask = ids[e] == self._ph[e]
                 counts = mask.sum(1)
                 if not bool((counts == vec.shape[0]).all()):

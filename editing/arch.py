@@ -68,6 +68,45 @@ class TextEncoderSpec:
 
 
 @dataclass(frozen=True)
+class TextProjection:
+    """A Linear through which text enters an MMDiT (Flux, SD3): the closed form's layer there.
+
+    `source` says what it reads: ``"tokens"`` (the per-token context, T5 for Flux, CLIP+T5 for SD3)
+    or ``"pooled"`` (the pooled CLIP vector)."""
+
+    module: str      # inside the diffusion model, e.g. "txt_in", "vector_in.in_layer"
+    source: str      # "tokens" or "pooled"
+    rows: int        # output width (the DiT's hidden size)
+    cols: int        # input width (the text feature width)
+    diffusers: str   # e.g. "context_embedder", "time_text_embed.text_embedder.linear_1"
+
+    @property
+    def key(self) -> str:
+        return f"{UNET_PREFIX}{self.module}.weight"
+
+
+@dataclass(frozen=True)
+class DiTMLP:
+    """An MLP of a DiT block whose hidden activations ConceptPrune scores: `module`'s input columns
+    ``offset .. offset + inner`` are the MLP neurons (Flux single blocks fuse attention and MLP in
+    `linear2`, whose first `hidden` input columns are the attention output)."""
+
+    module: str      # e.g. "double_blocks.0.img_mlp.2", "single_blocks.0.linear2", "joint_blocks.0.x_block.mlp.fc2"
+    dim: int         # output width
+    inner: int       # MLP neurons
+    offset: int = 0  # first neuron column in the weight
+    diffusers: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{UNET_PREFIX}{self.module}.weight"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.offset + self.inner)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model's layout: its cross-attention transformer blocks and text encoders.
 
@@ -82,10 +121,32 @@ class Family:
     text_encoders: tuple[TextEncoderSpec, ...]
     unet_config: Mapping = field(default_factory=dict, hash=False, compare=False)
     native_latent: int = 64        # latent side of the native resolution (64 = 512 px)
+    kind: str = "unet"             # "unet" (attn2 cross-attention), "flux" or "sd3" (MMDiT)
+    projections: tuple[TextProjection, ...] = ()   # MMDiT: where the text enters
+    mlps: tuple[DiTMLP, ...] = ()                  # MMDiT: the image-stream MLPs
 
     @property
     def known(self) -> bool:
         return self.name in FAMILIES
+
+    @property
+    def is_mmdit(self) -> bool:
+        return self.kind != "unet"
+
+    def require_cross_attention(self, what: str) -> None:
+        """Refuse an MMDiT for a method that edits or reads attn2 blocks, saying what does apply."""
+        if self.is_mmdit:
+            raise UnknownArchitectureError(
+                f"{what} is not available for this {self.label}: it is an MMDiT model (SD3/Flux), whose text enters "
+                "through joint attention, not attn2 cross-attention blocks. On this model use the closed-form edit "
+                "(which edits the layers the text enters through), ConceptPrune (its MLPs), the unlearning trainer, "
+                "distill-and-unlearn or the audits.")
+
+    def projection_keys(self, source: str | None = None) -> list[str]:
+        return [p.key for p in self.projections if source is None or p.source == source]
+
+    def projection(self, key: str) -> TextProjection | None:
+        return next((p for p in self.projections if p.key == key), None)
 
     # ---- UNet keys (ComfyUI patch keys) -------------------------------------------------
     def attn2_kv_keys(self) -> list[str]:
@@ -115,6 +176,10 @@ class Family:
                 if b.geglu:
                     out[f"{base}.ff.net.0.proj.weight"] = (2 * b.ffn, b.dim)
                 out[f"{base}.ff.net.2.weight"] = (b.dim, b.ffn)
+        for p in self.projections:
+            out[p.key] = (p.rows, p.cols)
+        for m in self.mlps:
+            out[m.key] = m.shape
         for te in self.text_encoders:
             for i in range(te.layers):
                 out[te.fc2_key(i)] = (te.width, te.mlp)
@@ -129,6 +194,8 @@ class Family:
     # ---- other naming schemes ------------------------------------------------------------
     def to_diffusers(self, key: str) -> str:
         """ComfyUI key -> diffusers module-parameter name (``unet.`` / ``text_encoder.`` prefixed)."""
+        if key.startswith(UNET_PREFIX) and self.is_mmdit:
+            return "transformer." + dit_to_diffusers(self, key[len(UNET_PREFIX):])
         if key.startswith(UNET_PREFIX):
             rest = key[len(UNET_PREFIX):]
             for b in self.blocks:
@@ -240,7 +307,135 @@ FAMILIES: dict[str, Family] = {
                    (TINY_CLIP,), TINY_UNET, native_latent=32),
 }
 CUSTOM = "custom"
+# The families trained on the bundled tiny world (its prompts, classifier and defaults apply)
+TINY_WORLD_FAMILIES = ("tiny", "tiny-flux")
 _TABLE_ENCODERS = (CLIP_L, CLIP_H, CLIP_G, TINY_CLIP)
+
+
+# ---- MMDiT layouts (Flux, SD3) ------------------------------------------------------------------
+_FLUX_HINTS = ("double_blocks.", "single_blocks.", "txt_in.", "vector_in.")
+_SD3_HINTS = ("joint_blocks.", "context_embedder.", "y_embedder.")
+_DOUBLE_MLP = re.compile(r"^double_blocks\.(\d+)\.img_mlp\.2$")
+_SINGLE_L2 = re.compile(r"^single_blocks\.(\d+)\.linear2$")
+_JOINT_FC2 = re.compile(r"^joint_blocks\.(\d+)\.x_block\.mlp\.fc2$")
+
+
+def dit_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """"flux" or "sd3" when these (normalised) keys are an MMDiT's, else None."""
+    rest = [k[len(UNET_PREFIX):] for k in shapes if k.startswith(UNET_PREFIX)]
+    if any(k.startswith(_FLUX_HINTS) for k in rest):
+        return "flux"
+    if any(k.startswith(_SD3_HINTS) for k in rest):
+        return "sd3"
+    return None
+
+
+def dit_to_diffusers(family: "Family", module_param: str) -> str:
+    """An MMDiT's ComfyUI module path (no prefix, with .weight) -> the diffusers transformer's name
+    (``txt_in.weight`` -> ``context_embedder.weight``), for the layers ConceptEdit edits."""
+    mod, _, param = module_param.rpartition(".")
+    if family.kind == "flux":
+        fixed = {"txt_in": "context_embedder", "vector_in.in_layer": "time_text_embed.text_embedder.linear_1"}
+        if mod in fixed:
+            return f"{fixed[mod]}.{param}"
+        m = re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_mlp\.([02])", mod)
+        if m:
+            ff = "ff" if m.group(2) == "img" else "ff_context"
+            return f"transformer_blocks.{m.group(1)}.{ff}.net.{'0.proj' if m.group(3) == '0' else '2'}.{param}"
+        m = re.fullmatch(r"single_blocks\.(\d+)\.linear2", mod)
+        if m:
+            return f"single_transformer_blocks.{m.group(1)}.proj_out.{param}"
+    elif family.kind == "sd3":
+        fixed = {"context_embedder": "context_embedder", "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1"}
+        if mod in fixed:
+            return f"{fixed[mod]}.{param}"
+        m = re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.mlp\.fc([12])", mod)
+        if m:
+            return f"transformer_blocks.{m.group(1)}.ff.net.{'0.proj' if m.group(2) == '1' else '2'}.{param}"
+    raise KeyError(f"{module_param}: no diffusers name is known for this {family.label} layer")
+
+
+def _dit_parts(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[TextProjection, ...], tuple[DiTMLP, ...]]:
+    """The text projections and image-stream MLPs these keys name (any subset of a model's)."""
+    def mod_shape(mod):
+        s = shapes.get(f"{UNET_PREFIX}{mod}.weight")
+        return tuple(s) if s is not None and len(s) == 2 else None
+
+    projs = []
+    table = ((("txt_in", "tokens", "context_embedder"),
+              ("vector_in.in_layer", "pooled", "time_text_embed.text_embedder.linear_1")) if kind == "flux" else
+             (("context_embedder", "tokens", "context_embedder"),
+              ("y_embedder.mlp.0", "pooled", "time_text_embed.text_embedder.linear_1")))
+    for mod, source, diff in table:
+        s = mod_shape(mod)
+        if s is not None:
+            projs.append(TextProjection(mod, source, int(s[0]), int(s[1]), diff))
+    hidden = projs[0].rows if projs else 0
+    qkv = shapes.get(f"{UNET_PREFIX}double_blocks.0.img_attn.qkv.weight")
+    if qkv is not None:
+        hidden = int(qkv[1])
+    mlps = []
+    for key in shapes:
+        if not key.startswith(UNET_PREFIX) or not key.endswith(".weight"):
+            continue
+        mod = key[len(UNET_PREFIX):-len(".weight")]
+        s = mod_shape(mod)
+        if s is None:
+            continue
+        if kind == "flux" and _DOUBLE_MLP.match(mod):
+            mlps.append(DiTMLP(mod, int(s[0]), int(s[1]), 0, dit_to_diffusers(Family("", "", 0, (), (), kind=kind),
+                                                                              mod + ".weight")[:-len(".weight")]))
+        elif kind == "flux" and _SINGLE_L2.match(mod):
+            h = hidden or int(s[0])
+            mlps.append(DiTMLP(mod, int(s[0]), int(s[1]) - h, h, f"single_transformer_blocks.{mod.split('.')[1]}.proj_out"))
+        elif kind == "sd3" and _JOINT_FC2.match(mod):
+            mlps.append(DiTMLP(mod, int(s[0]), int(s[1]), 0, f"transformer_blocks.{mod.split('.')[1]}.ff.net.2"))
+    order = {"double_blocks": 0, "joint_blocks": 0, "single_blocks": 1}
+    mlps.sort(key=lambda m: (order.get(m.module.split(".")[0], 2), int(m.module.split(".")[1])))
+    return tuple(projs), tuple(mlps)
+
+
+def _dit_family(kind: str, shapes: Mapping[str, tuple[int, ...]], text: tuple[TextEncoderSpec, ...] = (),
+                unet_config: Mapping | None = None) -> Family:
+    projs, mlps = _dit_parts(kind, shapes)
+    tokens = [p for p in projs if p.source == "tokens"]
+    hidden = tokens[0].rows if tokens else 0
+    name = "Flux" if kind == "flux" else "SD3"
+    probe = Family(CUSTOM, "", tokens[0].cols if tokens else 0, (), text, kind=kind, projections=projs, mlps=mlps)
+    for fam in FAMILIES.values():
+        if fam.kind == kind and _unet_shapes(fam) == _unet_shapes(probe):
+            return replace(fam, text_encoders=text or fam.text_encoders, unet_config=dict(unet_config or {}))
+    label = f"{name}-layout MMDiT ({len(mlps)} MLPs, hidden {hidden})"
+    return replace(probe, label=label, unet_config=dict(unet_config or {}), native_latent=128)
+
+
+def _unet_shapes(fam: Family) -> dict[str, tuple[int, ...]]:
+    return {k: v for k, v in fam.expected_shapes().items() if k.startswith(UNET_PREFIX)}
+
+
+def _flux_table(name: str, label: str, hidden: int, context: int, vec: int, depth: int, single: int,
+                mlp: int, native: int) -> Family:
+    shapes = {f"{UNET_PREFIX}txt_in.weight": (hidden, context), f"{UNET_PREFIX}vector_in.in_layer.weight": (hidden, vec),
+              f"{UNET_PREFIX}double_blocks.0.img_attn.qkv.weight": (3 * hidden, hidden)}
+    shapes.update({f"{UNET_PREFIX}double_blocks.{i}.img_mlp.2.weight": (hidden, mlp) for i in range(depth)})
+    shapes.update({f"{UNET_PREFIX}single_blocks.{i}.linear2.weight": (hidden, hidden + mlp) for i in range(single)})
+    projs, mlps = _dit_parts("flux", shapes)
+    return Family(name, label, context, (), (), kind="flux", projections=projs, mlps=mlps, native_latent=native)
+
+
+def _sd3_table(name: str, label: str, hidden: int, depth: int, native: int = 128) -> Family:
+    shapes = {f"{UNET_PREFIX}context_embedder.weight": (hidden, 4096), f"{UNET_PREFIX}y_embedder.mlp.0.weight": (hidden, 2048)}
+    shapes.update({f"{UNET_PREFIX}joint_blocks.{i}.x_block.mlp.fc2.weight": (hidden, 4 * hidden) for i in range(depth)})
+    projs, mlps = _dit_parts("sd3", shapes)
+    return Family(name, label, 4096, (), (), kind="sd3", projections=projs, mlps=mlps, native_latent=native)
+
+
+# Flux.1 dev and schnell share these shapes (dev adds guidance_in); SD3 medium and SD3.5 medium
+# share theirs. The tiny Flux is tiny/flux.py's.
+FAMILIES["flux1"] = _flux_table("flux1", "Flux.1", 3072, 4096, 768, 19, 38, 12288, 128)
+FAMILIES["sd3-medium"] = _sd3_table("sd3-medium", "SD3 / SD3.5 medium", 1536, 24)
+FAMILIES["sd3.5-large"] = _sd3_table("sd3.5-large", "SD3.5 large", 2432, 38)
+FAMILIES["tiny-flux"] = _flux_table("tiny-flux", "ConceptEdit tiny Flux", 64, 64, 64, 2, 2, 256, 32)
 
 
 def get_family(name: str) -> Family:
@@ -345,6 +540,12 @@ def discover_layout(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping 
     shapes = _normalise_unet_keys(shapes)
     blocks = discover_blocks(shapes)
     if not blocks:
+        kind = dit_kind(shapes)
+        if kind is not None:
+            projs, _ = _dit_parts(kind, shapes)
+            if any(p.source == "tokens" for p in projs):
+                text = discover_text_encoders(text_shapes) if text_shapes else ()
+                return _dit_family(kind, shapes, text, unet_config)
         return _raise(_refusal(shapes, "it has no transformer block with a cross-attention attn2"))
     contexts = sorted({shapes[f"{UNET_PREFIX}{b.ldm}.attn2.to_k.weight"][1] for b in blocks})
     if len(contexts) != 1:
@@ -389,6 +590,15 @@ def layout_of_edit(family: str, keys: Mapping[str, tuple[int, ...]], encoders: I
     if family in FAMILIES:
         return FAMILIES[family]
     shapes = dict(keys)
+    kind = dit_kind(_normalise_unet_keys(shapes))
+    if kind is not None:
+        names = list(encoders) or sorted({m.group(1) for k in shapes if (m := _TE_FC2.match(k))})
+        te = {k: s for k, s in shapes.items() if _TE_FC2.match(k)}
+        te.update({f"{n}.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (1, 1) for n in names
+                   if not any(k.startswith(n + ".") for k in te)})
+        projs, mlps = _dit_parts(kind, _normalise_unet_keys(shapes))
+        return Family(family or CUSTOM, f"{family or CUSTOM} layout", 0, (), discover_text_encoders(te), kind=kind,
+                      projections=projs, mlps=mlps)
     blocks = list(discover_blocks(_normalise_unet_keys(shapes)))
     seen = {b.ldm for b in blocks}
     for k, s in shapes.items():  # blocks the edit touches only outside attn2 K/V (FFN masks, LoRAs)
@@ -416,7 +626,8 @@ def fingerprint(family: Family, state: Mapping[str, "object"]) -> dict:
     exp = {k: v for k, v in family.expected_shapes().items() if k.startswith(UNET_PREFIX)}
     layout = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in exp.items())).encode()).hexdigest()[:16]
     probe = []
-    for key in family.attn2_kv_keys()[:4] + family.ffn_out_keys()[:2]:
+    for key in family.attn2_kv_keys()[:4] + family.ffn_out_keys()[:2] + family.projection_keys() + \
+            [m.key for m in family.mlps[:2]]:
         w = state.get(key)
         if w is None:
             continue

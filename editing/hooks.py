@@ -57,9 +57,10 @@ def _post(name, fn):
 
 # ComfyUI's transformer blocks add residuals in place (``x += attn(norm(x))``) after the pre-norm
 # saved ``x`` for its backward, which autograd rejects. Giving each pre-norm a private copy of its
-# input makes the blocks trainable without touching ComfyUI. UNet blocks name them norm1..3, CLIP
-# layers layer_norm1..2.
+# input makes the blocks trainable without touching ComfyUI. UNet blocks name them norm1..3 (so do
+# SD3's MMDiT blocks), CLIP layers layer_norm1..2, Flux's blocks img/txt_norm1..2 and pre_norm.
 RESIDUAL_PRE_NORMS = ("norm1", "norm2", "norm3", "layer_norm1", "layer_norm2")
+DIT_PRE_NORMS = ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2", "pre_norm")
 
 
 def _copy_first_input(_mod, args):

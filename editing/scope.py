@@ -5,8 +5,10 @@ Scopes are module-name patterns over ComfyUI patch keys (``diffusion_model.<any 
 ``<encoder>.transformer.text_model.encoder.layers.<i>.mlp.fc2.weight``), never a list of blocks, so
 every SpatialTransformer UNet passes whatever its layout.
 
-- ``uce``: the UNet's ``attn2.to_k`` / ``attn2.to_v`` weights; lowrank or delta.
-- ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights; mask.
+- ``uce``: the UNet's ``attn2.to_k`` / ``attn2.to_v`` weights, or an MMDiT's text projections
+  (Flux ``txt_in``, ``vector_in.in_layer``; SD3 ``context_embedder``, ``y_embedder.mlp.0``); lowrank or delta.
+- ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights, or an
+  MMDiT's MLP outputs (Flux ``img_mlp.2`` / single blocks' ``linear2``, SD3 ``x_block.mlp.fc2``); mask.
 - ``emcid``: the text encoders' ``mlp.fc2`` weights; lowrank or delta.
 - ``unlearn-rgd``, ``unlearn-ga``, ``unlearn-esd``, ``distill``, ``distill-unlearn``,
   ``benign-finetune``: the parameter set recorded in ``params["param_set"]``, as
@@ -52,13 +54,32 @@ class Rule:
 
 KV = Rule("the UNet's cross-attention attn2.to_k / attn2.to_v weights",
           _UNET + _PATH + r"attn2\.to_[kv]\.weight", _WEIGHTS)
+TEXT_IN = Rule("an MMDiT's text projections (Flux txt_in / vector_in.in_layer, SD3 context_embedder / "
+               "y_embedder.mlp.0)", _UNET + r"(?:txt_in|vector_in\.in_layer|context_embedder|y_embedder\.mlp\.0)"
+               r"\.weight", _WEIGHTS)
 FFN_OUT = Rule("the UNet's FFN output ff.net.2 weights", _UNET + _PATH + r"ff\.net\.2\.weight", frozenset({"mask"}))
 TE_FC2 = Rule("the text encoders' mlp.fc2 weights",
               r"(?!diffusion_model\.)" + _PATH + r"text_model\.encoder\.layers\.\d+\.mlp\.fc2\.weight", _WEIGHTS)
+DIT_MLP_OUT = Rule("an MMDiT's MLP output weights (Flux double_blocks.N.img_mlp.2 / single_blocks.N.linear2, SD3 "
+                   "joint_blocks.N.x_block.mlp.fc2)", _UNET + r"(?:double_blocks\.\d+\.img_mlp\.2|single_blocks\.\d+"
+                   r"\.linear2|joint_blocks\.\d+\.x_block\.mlp\.fc2)\.weight", frozenset({"mask"}))
 UNET_ANY = Rule("any UNet weight", _UNET + r".+", frozenset({"delta"}), ndims=None)
 
 # What `editing.training.select_targets` trains for each parameter set, as key patterns. Linear
 # weights are 2-D, Conv2d weights 4-D; norm layers (1-D) are never trained.
+_DIT_BLOCK = _UNET + r"(?:double_blocks|single_blocks|joint_blocks)\.\d+\."
+_DIT_ATTN = (r"(?:double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
+             r"|joint_blocks\.\d+\.(?:x_block|context_block)\.attn\.(?:qkv|proj))\.weight")
+# The same parameter sets on an MMDiT (Flux, SD3), as `editing.training._dit_target` picks them.
+DIT_PARAM_SET_RULES: dict[str, Rule] = {
+    "lora": Rule("the Linear weights inside an MMDiT's blocks (parameter set 'lora')",
+                 _DIT_BLOCK + _PATH + r"[A-Za-z0-9_]+\.weight", _WEIGHTS),
+    "lora-xattn": Rule("an MMDiT's joint-attention qkv/proj weights (parameter set 'lora-xattn')",
+                       _UNET + _DIT_ATTN, _WEIGHTS),
+    "xattn": Rule("an MMDiT's joint-attention qkv/proj weights (parameter set 'xattn')", _UNET + _DIT_ATTN, _WEIGHTS),
+    "noxattn": Rule("the Linear weights of an MMDiT's blocks outside the joint attention (parameter set 'noxattn')",
+                    r"(?!" + _UNET + _DIT_ATTN + r")" + _DIT_BLOCK + _PATH + r"[A-Za-z0-9_]+\.weight", _WEIGHTS),
+}
 PARAM_SET_RULES: dict[str, Rule] = {
     "lora": Rule("the Linear weights inside the UNet's transformer_blocks (parameter set 'lora')",
                  _UNET + _PATH + r"transformer_blocks\.\d+\." + _PATH + r"[A-Za-z0-9_]+\.weight", _WEIGHTS),
@@ -72,9 +93,9 @@ PARAM_SET_RULES: dict[str, Rule] = {
 }
 
 FIXED_SCOPES: dict[str, tuple[Rule, ...]] = {
-    "uce": (KV,),
-    "concept_prune": (FFN_OUT,),
-    "structured-prune": (FFN_OUT,),   # bench baseline: whole ff.net.2 columns by norm
+    "uce": (KV, TEXT_IN),
+    "concept_prune": (FFN_OUT, DIT_MLP_OUT),
+    "structured-prune": (FFN_OUT, DIT_MLP_OUT),   # bench baseline: whole ff.net.2 columns by norm
     "emcid": (TE_FC2,),
     "model-difference": (UNET_ANY,),
 }
@@ -118,7 +139,7 @@ def rules_for(method: str, params: Any = None, source: str = "") -> tuple[Rule, 
             raise EditFileError(f"{_src(source)}this {method} edit records the unknown parameter set {ps!r} "
                                 f"(known: {', '.join(PARAM_SET_RULES)}); nothing was applied. Recompute it with this "
                                 "ConceptEdit.")
-        return (PARAM_SET_RULES[ps],)
+        return (PARAM_SET_RULES[ps], DIT_PARAM_SET_RULES[ps])
     raise EditFileError(f"{_src(source)}unknown edit method {method!r}: ConceptEdit applies only edits of its own "
                         f"methods ({', '.join(known_methods())}); nothing was applied. A file from a newer ConceptEdit "
                         "needs the pack updated; a LoRA file goes through ComfyUI's LoraLoader.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .arch import UNET_PREFIX
 from .edit import Change, Edit
 from .errors import InvalidInputError, NonFiniteError
 from .hosts import RunContext
-from .hooks import copy_norm_inputs
+from .hooks import DIT_PRE_NORMS, copy_norm_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,13 @@ def select_targets(modules: Mapping[str, torch.nn.Module], param_set: str) -> li
     if param_set not in PARAM_SETS:
         raise InvalidInputError(f"unknown trainable parameter set {param_set!r}; choose one of {', '.join(PARAM_SETS)}")
     out = []
+    dit = any(n.startswith(DIT_BLOCKS) for n in modules)
     for name, mod in modules.items():
         if not name or not _is_adaptable(mod):
             continue
-        if param_set == "lora":
+        if dit:
+            ok = _dit_target(name, mod, param_set)
+        elif param_set == "lora":
             ok = ".transformer_blocks." in name and isinstance(mod, torch.nn.Linear)
         elif param_set in ("lora-xattn", "xattn"):
             ok = ".attn2." in name and isinstance(mod, torch.nn.Linear)
@@ -66,6 +70,27 @@ def select_targets(modules: Mapping[str, torch.nn.Module], param_set: str) -> li
     if not out:
         raise InvalidInputError(f"the parameter set {param_set!r} matched no layer of this UNet")
     return out
+
+
+# MMDiT (Flux, SD3) blocks, and the attention projections where image and text tokens meet: with no
+# cross-attention, the joint attention of the double (Flux) / joint (SD3) blocks plays ESD-x's part.
+DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.")
+_DIT_ATTN = re.compile(r"^(?:double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
+                       r"|joint_blocks\.\d+\.(?:x_block|context_block)\.attn\.(?:qkv|proj))$")
+_DIT_OUTSIDE = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in", "final_layer", "x_embedder",
+                "t_embedder", "y_embedder", "context_embedder", "pos_embed")
+
+
+def _dit_target(name: str, mod: torch.nn.Module, param_set: str) -> bool:
+    """`select_targets` on an MMDiT: ``lora`` = every Linear in the blocks, ``lora-xattn``/``xattn``
+    = the joint attention's qkv/proj of the double or joint blocks, ``noxattn`` = the blocks' other
+    Linears (the embedders and the final layer are never trained, as ESD-u leaves time_embed/out)."""
+    if not isinstance(mod, torch.nn.Linear) or not name.startswith(DIT_BLOCKS):
+        return False
+    if param_set == "lora":
+        return True
+    attn = _DIT_ATTN.match(name) is not None
+    return attn if param_set in ("lora-xattn", "xattn") else not attn
 
 
 def _weight(mod: torch.nn.Module) -> torch.Tensor:
@@ -274,7 +299,7 @@ def frozen_session(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     flags: list[tuple[torch.nn.Parameter, bool]] = []
     handles = []
     try:
-        handles = copy_norm_inputs(unet, ("norm1", "norm2", "norm3"))  # ComfyUI's in-place residuals
+        handles = copy_norm_inputs(unet, ("norm1", "norm2", "norm3") + DIT_PRE_NORMS)  # ComfyUI's in-place residuals
         with torch.inference_mode(False):
             for mod in unet.modules():
                 for pname, p in list(mod._parameters.items()):

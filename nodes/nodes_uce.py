@@ -20,6 +20,8 @@ def loras_dir() -> str:
 class CrossAttentionEdit:
     DESCRIPTION = ("Closed-form edit of every cross-attention key/value projection (UCE): erase, redirect, "
                    "debias or moderate many concepts at once in seconds, keeping a preserve set unchanged. "
+                   "On Flux and SD3 (no cross-attention) it edits the layers the text enters through instead: the "
+                   "per-token projection (txt_in / context_embedder) and the pooled one (vector_in / y_embedder). "
                    "The input MODEL is not modified; the EDIT carries the change and its preservation metrics.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", EDIT)

@@ -1,4 +1,4 @@
-"""One prediction path: `ComfyDenoiser.eps` is the model's ε for EPS and v-prediction models (by
+"""One prediction path: `ComfyDenoiser.eps` is the model's ε for EPS, v-prediction and rectified-flow models (by
 ComfyUI's own model sampling), SDXL's vector conditioning y reaches every direct UNet call, and the
 training jobs, the resurgence audit, distillation and presence run on a v-prediction model and on an
 SDXL-conditioned one (real ComfyUI models at tiny widths, random weights)."""
@@ -116,25 +116,70 @@ def test_model_sampling_object_patch_is_honoured(comfy, clip):
     torch.testing.assert_close(e_v, a.sqrt() * raw + (1 - a).sqrt() * xt, atol=1e-4, rtol=1e-4)
 
 
-def test_flow_models_are_refused_clearly(comfy, clip):
+class _Flow:
+    """ComfyUI's rectified-flow sampling (CONST + ModelSamplingDiscreteFlow: x_σ = (1 − σ)·x₀ + σ·ε,
+    output v = ε − x₀, σ shifted by 3), written on ModelSamplingDiscrete so that the 2024-03 copy,
+    which has neither class, runs the same test."""
+
+    @staticmethod
+    def make(comfy):
+        import comfy.model_sampling as cms
+
+        class Flow(cms.ModelSamplingDiscrete):
+            def __init__(self):
+                super().__init__()
+                u = torch.arange(1, 1001, dtype=torch.float64) / 1000
+                self.register_buffer("sigmas", (3 * u / (1 + 2 * u)).float())
+
+            def timestep(self, sigma):
+                return sigma * 1000
+
+            def calculate_input(self, sigma, noise):
+                return noise
+
+            def calculate_denoised(self, sigma, model_output, model_input):
+                return model_input - model_output * sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+
+            def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+                return sigma * noise + (1.0 - sigma) * latent_image
+
+        return Flow()
+
+
+def test_eps_of_a_flow_model_is_what_comfyuis_own_sampling_implies(comfy, clip):
+    flow = random_model().clone()
+    flow.add_object_patch("model_sampling", _Flow.make(comfy))
+    den = ComfyDenoiser(flow, clip)
+    ac = den.alphas_cumprod()
+    sf = flow.get_model_object("model_sampling").sigmas.clamp(max=1 - 1e-3)
+    # the DDPM ᾱ of equal noise level: σ_d = σ_f / (1 − σ_f), ᾱ = 1 / (1 + σ_d²)
+    torch.testing.assert_close(ac, 1 / (1 + (sf / (1 - sf)) ** 2))
+    assert float(ac[0]) > 0.99 and float(ac[-1]) < 1e-5
+    xt, t, a = _noised(den, t=(100, 900))
+    c = den.text.encode(["a red circle", "a blue square"])
+    with torch.no_grad():
+        e = den.eps(xt, t, c)
+        base = flow.model
+        s = sf[t].view(-1, 1, 1, 1)
+        x_flow = xt / a.sqrt() * (1 - s)  # (1 − σ_f)·x₀ + σ_f·ε
+        x0_comfy = base.apply_model(x_flow, sf[t], c_crossattn=c)
+        x0_ours = (xt - (1 - a).sqrt() * e) / a.sqrt()
+        torch.testing.assert_close(x0_ours, x0_comfy.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_an_unknown_noising_is_refused_clearly(comfy, clip):
     import comfy.model_sampling as cms
 
-    class FlowLike(cms.ModelSamplingDiscrete):  # x_σ = (1 − σ)·x₀ + σ·ε, as SD3 / Flux noise
-        def calculate_input(self, sigma, noise):
-            return noise
-
-        def calculate_denoised(self, sigma, model_output, model_input):
-            return model_input - model_output * sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
-
+    class Odd(cms.ModelSamplingDiscrete):
         def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-            return sigma * noise + (1.0 - sigma) * latent_image
+            return sigma * noise + 0.5 * latent_image
 
-    flow = random_model().clone()
-    flow.add_object_patch("model_sampling", FlowLike())
-    den = ComfyDenoiser(flow, clip)
-    with pytest.raises(ConceptEditError, match="flow-matching"):
+    odd = random_model().clone()
+    odd.add_object_patch("model_sampling", Odd())
+    den = ComfyDenoiser(odd, clip)
+    with pytest.raises(ConceptEditError, match="rectified-flow"):
         den.alphas_cumprod()
-    with pytest.raises(ConceptEditError, match="flow-matching"):
+    with pytest.raises(ConceptEditError, match="rectified-flow"):
         den.eps(torch.zeros(1, 4, 8, 8), torch.tensor([10]), torch.zeros(1, 77, 64))
 
 

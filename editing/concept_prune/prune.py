@@ -90,19 +90,26 @@ class FFNStatistics:
     per denoising step: ``sumsq[name][t, j] = Σ_tokens (x_j / ‖x‖)²`` and ``rows[name][t]`` the
     number of tokens summed. Buffers live where the activations are (allocated on first use)."""
 
-    def __init__(self, names: Sequence[str], steps: int, eps: float = 1e-12):
+    def __init__(self, names: Sequence[str], steps: int, eps: float = 1e-12,
+                 columns: Mapping[str, tuple[int, int]] | None = None):
         self.names = list(names)
         self.steps = steps
         self.eps = eps
         self.step = 0
         self.sumsq: dict[str, torch.Tensor] = {}
         self.rows: dict[str, list[int]] = {n: [0] * steps for n in self.names}
+        # (first, count) of the input columns that are the MLP's neurons (Flux single blocks' linear2
+        # reads the attention output first); absent: every column
+        self.columns = dict(columns or {})
 
     def update(self, name: str, x: torch.Tensor) -> None:
         """Add one forward's input [..., 4d] at the current step. Runs in a hook: no host copies."""
         t = self.step
         if t >= self.steps:
             return
+        cols = self.columns.get(name)
+        if cols is not None:
+            x = x[..., cols[0]:cols[0] + cols[1]]
         x = x.detach().reshape(-1, x.shape[-1]).float()
         sq = x.square()
         # Σ_tokens x_j² / ‖x‖² as one mat-vec (1/‖x‖²) @ x²: no second [tokens, 4d] temporary
@@ -134,11 +141,12 @@ class _EnoughSteps(Exception):
 
 def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module], names: Sequence[str],
                        prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
-                       progress: tuple[int, int] | None = None) -> FFNStatistics:
+                       progress: tuple[int, int] | None = None,
+                       columns: Mapping[str, tuple[int, int]] | None = None) -> FFNStatistics:
     """Generate every prompt (batches of ``cfg.batch_size``, each prompt from the noise of ``cfg.seed``)
     with hooks on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
     (steps done before, total steps) for ctx.report across several calls."""
-    stats = FFNStatistics(names, cfg.kept_steps)
+    stats = FFNStatistics(names, cfg.kept_steps, columns=columns)
     done, total = progress or (0, _n_batches(len(prompts), cfg) * cfg.kept_steps)
     state = {"done": done}
 
@@ -196,16 +204,29 @@ def skilled_mask(weight: torch.Tensor, concept_norms: torch.Tensor, reference_no
 
 
 # ---- 4. the method -------------------------------------------------------------------------------
+def neuron_columns(family: Family) -> dict[str, tuple[int, int]]:
+    """Module -> (first, count) of its input columns that are MLP neurons: every column of a UNet's
+    ``ff.net.2``; an MMDiT's MLPs (`Family.mlps`: Flux double blocks' img_mlp.2, the MLP part of
+    single blocks' linear2, SD3's x_block.mlp.fc2) at their offsets."""
+    if family.is_mmdit:
+        return {m.module: (m.offset, m.inner) for m in family.mlps}
+    return {b.ldm + ".ff.net.2": (0, b.ffn) for b in family.blocks if b.has_ffn}
+
+
 def ffn_layers(family: Family, modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """The family's ``ff.net.2`` modules, checked against the table (name and shape)."""
+    """The family's MLP output modules (``ff.net.2``; an MMDiT's `mlps`), checked against the layout
+    (name and shape)."""
     out = {}
     shapes = family.expected_shapes()
-    for name in family.ffn_out_modules():
+    names = [m.module for m in family.mlps] if family.is_mmdit else family.ffn_out_modules()
+    if not names:
+        raise InvalidInputError(f"this {family.label} has no MLP layer ConceptPrune knows")
+    for name in names:
         mod = modules.get(name)
         key = f"{UNET_PREFIX}{name}.weight"
         if mod is None or not hasattr(mod, "weight"):
             raise InvalidInputError(f"the model has no {name}; is it really {family.label}? "
-                                    "ConceptPrune needs SD1.x, SD2.x or SDXL (or the tiny model)")
+                                    "Connect the MODEL whose layout this is")
         if tuple(mod.weight.shape) != shapes[key]:
             raise InvalidInputError(f"{name} has shape {tuple(mod.weight.shape)}, {family.label} has {shapes[key]}")
         out[name] = mod
@@ -229,6 +250,7 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     modules = denoiser.modules()
     layers = ffn_layers(family, modules)
     names = list(layers)
+    columns = neuron_columns(family)
 
     # Each distinct prompt set is generated once (concepts sharing a reference set share it).
     sets: list[tuple[str, ...]] = []
@@ -240,7 +262,7 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     norms: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
     done, stats_bytes = 0, 0
     for s in sets:
-        st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total))
+        st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total), columns=columns)
         done += _n_batches(len(s), cfg) * cfg.kept_steps
         norms[s] = st.norms()
         stats_bytes += st.nbytes()
@@ -252,7 +274,9 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     metrics_layers: dict[str, float] = {}
     n_pruned = n_ffn = 0
     for name in names:
-        w = modules[name].weight.detach()
+        full = modules[name].weight.detach()
+        first, count = columns.get(name, (0, full.shape[1]))
+        w = full[:, first:first + count]  # the neurons' columns (all of them but in Flux's linear2)
         mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
         for plist in pairs.values():
             cn = norms[tuple(c for c, _ in plist)][name]
@@ -260,9 +284,10 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
             if not (torch.isfinite(cn).all() and torch.isfinite(rn).all()):
                 raise NonFiniteError(f"non-finite activations in {name}; the model produced NaN/Inf while sampling")
             mask |= skilled_mask(w, cn, rn, cfg.skill_ratio, cfg.tau)
-        idx = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32).cpu()
+        rows, cols = mask.nonzero(as_tuple=True)
+        idx = (rows * full.shape[1] + cols + first).to(torch.int32).cpu()  # flat positions in the whole weight
         key = f"{UNET_PREFIX}{name}.weight"
-        changes[key] = Change("mask", tuple(w.shape), {"index": idx})
+        changes[key] = Change("mask", tuple(full.shape), {"index": idx})
         metrics_layers[key] = idx.numel() / mask.numel()
         n_pruned += idx.numel()
         n_ffn += mask.numel()

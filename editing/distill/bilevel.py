@@ -21,6 +21,7 @@ neurons (rows/columns), else the dense ΔW of that layer (see `_KeepPruned`).
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
@@ -144,6 +145,9 @@ def level_outputs(unet: torch.nn.Module) -> dict[str, str]:
     do (their output after the resampler); input_blocks.0 (conv_in) belongs to none. SD1.x/SD2.x
     give 4 + 1 + 4, SDXL 3 + 1 + 3, a student with blocks removed what it has."""
     ins, outs = getattr(unet, "input_blocks", None), getattr(unet, "output_blocks", None)
+    dit = dit_block_features(dict(unet.named_modules()))
+    if (ins is None or outs is None) and dit:
+        return dit
     if ins is None or outs is None:
         raise InvalidInputError("this UNet has no input_blocks/output_blocks (not a ComfyUI UNetModel), so its level "
                                 "outputs are unknown: use feature_kd 'blocks' or w_feat 0")
@@ -164,9 +168,20 @@ def level_outputs(unet: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+_DIT_FEATURES = re.compile(r"^(?:double_blocks\.\d+\.img_mlp|single_blocks\.\d+|joint_blocks\.\d+\.x_block\.mlp)$")
+
+
+def dit_block_features(modules: Mapping[str, torch.nn.Module]) -> dict[str, str]:
+    """An MMDiT's per-block image features (module name -> itself): Flux double blocks' image MLP
+    and single blocks' outputs, SD3 joint blocks' x_block MLP. A double or joint block returns its
+    image and text streams as a pair, so their image MLP stands for the block; both feature-KD
+    forms read these on an MMDiT."""
+    return {n: n for n in modules if _DIT_FEATURES.match(n)}
+
+
 def transformer_block_outputs(modules: Mapping[str, torch.nn.Module]) -> dict[str, str]:
     """Module name -> itself for every transformer block (the `feature_kd="blocks"` form)."""
-    return {n: n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]}
+    return {n: n for n in modules if n.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]} or dit_block_features(modules)
 
 
 # ---- pruned weights stay pruned --------------------------------------------------------------------

@@ -16,6 +16,11 @@ Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
 ``load_lora_weights`` refuses a kohya file that holds any (ValueError "keys have not been correctly
 renamed"), so for diffusers keep ``dense_as="svd"`` and apply masks with
 `editing.export.diffusers.apply_to_diffusers` (tests/test_diffusers_lora.py checks both).
+Flux and SD3 (MMDiT) modules get diffusers' transformer names in the PEFT form
+(``transformer.context_embedder.lora_A.weight`` / ``lora_B.weight``, no alpha: scale 1), which
+diffusers' Flux/SD3 loaders and ComfyUI's LoraLoader both read, when every module of the file has
+one; a file with fused layers (a trained edit's ``img_attn.qkv``, ``linear1``) keeps the original
+names kohya-style (``lora_unet_double_blocks_0_img_attn_qkv``) for every module.
 UNet modules of SD1/SD2/SDXL transformer blocks are named diffusers-style
 (``lora_unet_down_blocks_0_attentions_0_…``), which all three hosts read. Other families (the tiny
 model, custom layouts), ``unet_names="ldm"`` and files with any UNet weight outside the transformer
@@ -43,7 +48,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ARCH_TAG = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
-             "sdxl": "stable-diffusion-xl-v1-base", "tiny": "conceptedit-tiny"}
+             "sdxl": "stable-diffusion-xl-v1-base", "tiny": "conceptedit-tiny", "flux1": "flux-1-dev",
+             "sd3-medium": "stable-diffusion-v3-medium", "sd3.5-large": "stable-diffusion-v3.5-large",
+             "tiny-flux": "conceptedit-tiny-flux"}
 
 
 @dataclass
@@ -73,6 +80,10 @@ _DIFFUSERS_NAMED = ("sd1", "sd2", "sdxl")
 
 
 def kohya_name(family: Family, key: str, unet_names: str = "auto") -> str:
+    if family.is_mmdit and key.startswith(UNET_PREFIX) and unet_names == "peft":
+        # Flux/SD3: diffusers' transformer names in the PEFT form (``transformer.context_embedder``),
+        # which diffusers' Flux/SD3 loaders and ComfyUI's LoraLoader (its flux/mmdit_to_diffusers map) read
+        return family.to_diffusers(key).rsplit(".weight", 1)[0]
     if unet_names == "auto":
         unet_names = "diffusers" if family.name in _DIFFUSERS_NAMED else "ldm"
     if key.startswith(UNET_PREFIX) and unet_names == "diffusers":
@@ -90,6 +101,17 @@ def file_unet_names(family: Family, keys, unet_names: str = "auto") -> str:
     diffusers-named ones, without a word (its all-LDM files it maps by the UNet config)."""
     if unet_names != "auto":
         return unet_names
+    if family.is_mmdit:
+        # PEFT names where every UNet key has a diffusers name; else (a fused qkv or linear1 of a
+        # trained edit, which diffusers splits into to_q/k/v) the original names, kohya-style
+        # (``lora_unet_double_blocks_0_img_attn_qkv``), which ComfyUI and diffusers' kohya-Flux reader take
+        for key in keys:
+            if key.startswith(UNET_PREFIX):
+                try:
+                    family.to_diffusers(key)
+                except KeyError:
+                    return "ldm"
+        return "peft"
     if family.name not in _DIFFUSERS_NAMED:
         return "ldm"
     for key in keys:
@@ -180,6 +202,11 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
     # modules would load at the file's most common alpha over their own rank (2x, 0.5x, ...).
     alpha = float(max(ranks, default=1))
     for name, (up, down, shape) in factors.items():
+        if unet_names == "peft" and name.startswith("transformer."):
+            # PEFT modules carry no alpha: both loaders then scale by 1, so B @ A is the change itself
+            sd[f"{name}.lora_B.weight"] = up.reshape(shape[0], -1).to(dtype).contiguous()
+            sd[f"{name}.lora_A.weight"] = down.reshape(up.shape[1], *shape[1:]).to(dtype).contiguous()
+            continue
         r = up.shape[1]
         c = math.sqrt(r / alpha)
         sd[f"{name}.lora_up.weight"] = (up * c).reshape(shape[0], r, *([1] * (len(shape) - 2))).to(dtype).contiguous()

@@ -85,7 +85,10 @@ def initial_soft(text: SoftText, k: int, seed: int) -> list[torch.Tensor]:
     """k embeddings of random real tokens (UnlearnDiffAtk starts from random tokens), per encoder."""
     vocab = text.vocabulary()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(v.shape[0] for v in vocab) - 2, (k,), generator=g)  # not BOS/EOS (the last two)
+    banned = set(getattr(text, "excluded_tokens", None) or [])
+    n = min(v.shape[0] for v in vocab) - (0 if banned else 2)  # not BOS/EOS (CLIP's last two)
+    allowed = torch.tensor([i for i in range(n) if i not in banned])
+    ids = allowed[torch.randint(0, allowed.numel(), (k,), generator=g)]
     return [v[ids.to(v.device)].detach().float().clone() for v in vocab]
 
 
@@ -98,7 +101,11 @@ def nearest_tokens(text: SoftText, soft: Sequence[torch.Tensor]) -> list[int]:
         sn = torch.nn.functional.normalize(s.detach().float().to(vn.device), dim=1)
         part = (sn @ vn.T).cpu()
         score = part if score is None else score + part
-    score[:, -2:] = -math.inf  # never BOS/EOS
+    banned = getattr(text, "excluded_tokens", None)
+    if banned:
+        score[:, torch.tensor(list(banned))] = -math.inf
+    else:
+        score[:, -2:] = -math.inf  # never BOS/EOS
     return score.argmax(1).tolist()
 
 

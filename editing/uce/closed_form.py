@@ -110,6 +110,11 @@ class UCEConfig:
     # harden_lam: the ridge of that solve, relative to the mean eigenvalue of W'ᵀW' summed over layers.
     harden_rounds: int = 0
     harden_lam: float = 0.1
+    # MMDiT models (Flux, SD3), which have no attn2: the layers the text enters through, the
+    # per-token projection (Flux txt_in, SD3 context_embedder) and the pooled one (Flux
+    # vector_in.in_layer, SD3 y_embedder.mlp.0); the same closed form, biases kept
+    edit_text_tokens: bool = True
+    edit_text_pooled: bool = True
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -183,25 +188,46 @@ class TextSystem:
     G_select: torch.Tensor | None = None
 
 
-def _eos(ids: Sequence[int], eos_id: int) -> int:
-    for i in range(1, len(ids)):
+@dataclass(frozen=True)
+class Segment:
+    """One text encoder's run of positions in the context: `ids` at context rows offset.., the
+    first position after its BOS (`start`: 1 for CLIP, 0 for T5, which has none) and its EOS id."""
+
+    offset: int
+    ids: tuple[int, ...]
+    start: int
+    eos_id: int
+
+
+def token_segments(text: TextEncoder, prompt: str, eos_id: int | None = None) -> list[Segment]:
+    """The context's token runs for `prompt`: the host's ``token_segments`` when it has one (Flux:
+    one T5 run without BOS; SD3: CLIP then T5), else one CLIP run with BOS at 0."""
+    get = getattr(text, "token_segments", None)
+    if get is not None:
+        return [Segment(int(o), tuple(int(i) for i in ids), int(st), int(e)) for o, ids, st, e in get(prompt)]
+    ids = tuple(int(i) for i in text.token_ids(prompt))
+    return [Segment(0, ids, 1, ids[1] if eos_id is None else eos_id)]
+
+
+def _eos(ids: Sequence[int], eos_id: int, start: int = 1) -> int:
+    for i in range(start, len(ids)):
         if ids[i] == eos_id:
             return i
     return len(ids) - 1  # truncated prompt: treat the last position as EOS
 
 
-def _window(ids: Sequence[int], eos_id: int, scheme: str) -> list[int]:
-    e = _eos(ids, eos_id)
+def _window(ids: Sequence[int], eos_id: int, scheme: str, start: int = 1) -> list[int]:
+    e = _eos(ids, eos_id, start)
     if scheme == "last":
-        return [max(e - 1, 1)]
+        return [max(e - 1, start)]
     if scheme == "eos":
-        return list(range(1, e + 1))
-    return list(range(1, len(ids)))
+        return list(range(start, e + 1))
+    return list(range(start, len(ids)))
 
 
-def _aligned(p: torch.Tensor, e_src: int, e_dst: int, length: int) -> torch.Tensor:
-    """Guide positions for concept positions `p`: the EOS line up, clamped to [1, length − 1]."""
-    return (p - e_src + e_dst).clamp(1, length - 1)
+def _aligned(p: torch.Tensor, e_src: int, e_dst: int, length: int, start: int = 1) -> torch.Tensor:
+    """Guide positions for concept positions `p`: the EOS line up, clamped to [start, length − 1]."""
+    return (p - e_src + e_dst).clamp(start, length - 1)
 
 
 def _plan(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]] | None = None
@@ -284,8 +310,12 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
     keep = preserve_prompts(cfg, srcs)
     prompts = list(dict.fromkeys(srcs + [p for t in targets for _, p in t] + keep + [""]))
     index = {p: i for i, p in enumerate(prompts)}
-    ids = {p: text.token_ids(p) for p in prompts}
-    eos_id = ids[""][1]
+    empty = token_segments(text, "")
+    segs = {p: token_segments(text, p, empty[0].eos_id) if p else empty for p in prompts}
+    if any([(g.offset, g.start, g.eos_id) for g in segs[p]] != [(g.offset, g.start, g.eos_id) for g in empty]
+           for p in prompts):
+        raise InvalidInputError("the text encoder tokenizes prompts into differently laid out contexts "
+                                "(a prompt longer than the context?): shorten the prompts")
     emb = []
     step = 64
     for i in range(0, len(prompts), step):
@@ -304,33 +334,41 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
     slot_w: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]
     slot_key: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]  # prompt index * L + position
     for src, tgt in zip(srcs, targets):
-        sid = ids[src]
-        e_s = _eos(sid, eos_id)
-        if e_s <= 1:
-            raise InvalidInputError(f"concept {src!r} has no tokens")
-        pos = torch.tensor([p for p in _window(sid, eos_id, cfg.token_window) if p < L], dtype=torch.long)
-        concept_rows.append(int(pos.numel()))
-        c_u.append(torch.full_like(pos, index[src]))
-        c_q.append(pos)
-        for k in range(n_slots):
-            w, gp = tgt[k] if k < len(tgt) else (0.0, "")
-            e_g = _eos(ids[gp], eos_id)
-            if cfg.token_window == "last":
-                empty = 0 if cfg.empty_guide == "bos" else e_g  # an empty guide has no last word
-                q = torch.full_like(pos, max(e_g - 1, 1) if e_g > 1 else empty)
-            else:
-                q = _aligned(pos, e_s, e_g, L)
-            slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
-            slot_key[k].append(index[gp] * L + q)
+        n_rows = 0
+        for si, seg in enumerate(segs[src]):
+            e_s = _eos(seg.ids, seg.eos_id, seg.start)
+            if e_s <= seg.start:
+                raise InvalidInputError(f"concept {src!r} has no tokens")
+            end = min(len(seg.ids), L - seg.offset)
+            pos = torch.tensor([p for p in _window(seg.ids, seg.eos_id, cfg.token_window, seg.start) if p < end],
+                               dtype=torch.long)
+            n_rows += int(pos.numel())
+            c_u.append(torch.full_like(pos, index[src]))
+            c_q.append(pos + seg.offset)
+            for k in range(n_slots):
+                w, gp = tgt[k] if k < len(tgt) else (0.0, "")
+                g = segs[gp][si]
+                e_g = _eos(g.ids, g.eos_id, g.start)
+                if cfg.token_window == "last":
+                    # an empty guide has no last word: its EOS, or (official code) the position before the text
+                    no_word = max(g.start - 1, 0) if cfg.empty_guide == "bos" else e_g
+                    q = torch.full_like(pos, max(e_g - 1, g.start) if e_g > g.start else no_word)
+                else:
+                    q = _aligned(pos, e_s, e_g, end, g.start)
+                slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
+                slot_key[k].append(index[gp] * L + q + seg.offset)
+        concept_rows.append(n_rows)
     p_u, p_q = [], []
     for p in keep:
-        qs = [q for q in _window(ids[p], eos_id, cfg.token_window) if q < L]
+        qs = [q + seg.offset for seg in segs[p]
+              for q in _window(seg.ids, seg.eos_id, cfg.token_window, seg.start) if q + seg.offset < L]
         p_u += [index[p]] * len(qs)
         p_q += qs
-    # BOS (identical for every prompt, the attention sink) and, with preserve_unconditional, "" at
-    # every position the window edits in some concept
-    edited_positions = sorted(set(torch.cat(c_q).tolist()) - {0}) if cfg.preserve_unconditional else []
-    u_q = [0] + edited_positions
+    # BOS (identical for every prompt, the attention sink; T5 has none) and, with
+    # preserve_unconditional, "" at every position the window edits in some concept
+    bos = [seg.offset for seg in empty if seg.start > 0]
+    edited_positions = sorted(set(torch.cat(c_q).tolist()) - set(bos)) if cfg.preserve_unconditional else []
+    u_q = bos + edited_positions
     p_u += [index[""]] * len(u_q)
     p_q += u_q
 
@@ -563,6 +601,75 @@ def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config:
     return op, rounds
 
 
+def build_pooled_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None,
+                        option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
+    """The closed form's rows for a layer that reads the pooled text vector (one per prompt): each
+    concept's pooled vector is edited towards its guides' weighted pooled vectors; the preserve
+    prompts' and the empty prompt's are kept."""
+    ctx = ctx or RunContext()
+    srcs, targets = _plan(cfg, option_weights)
+    keep = preserve_prompts(cfg, srcs)
+    prompts = list(dict.fromkeys(srcs + [p for t in targets for _, p in t] + keep + [""]))
+    with_pooled = getattr(text, "encode_with_pooled", None)
+    if with_pooled is None:
+        raise InvalidInputError("this text encoder gives no pooled embedding, which this model's pooled text "
+                                "projection reads: connect the CLIP that belongs to the model")
+    rows = []
+    for i in range(0, len(prompts), 64):
+        ctx.check()
+        pooled = with_pooled(prompts[i:i + 64])[1]
+        if pooled is None:
+            raise InvalidInputError("the CLIP returned no pooled embedding: connect the CLIP that belongs to the model")
+        rows.append(pooled.detach().reshape(len(prompts[i:i + 64]), -1))
+    E = torch.cat(rows).float()
+    if not bool(torch.isfinite(E).all()):
+        raise NonFiniteError("the text encoder returned NaN/Inf pooled embeddings; check the CLIP weights")
+    index = {p: i for i, p in enumerate(prompts)}
+    C = E[[index[s] for s in srcs]]
+    G = torch.stack([sum(w * E[index[p]] for w, p in t) for t in targets]).to(E.dtype)
+    P = E[[index[p] for p in keep + [""]]]
+    return TextSystem(C=C, G=G, P=P, concept_rows=[1] * len(srcs), preserve_prompts=keep, U=E[[index[""]]])
+
+
+def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
+                       ctx: RunContext, option_weights) -> tuple[dict, dict, dict]:
+    """UCE on an MMDiT's text projections: one solve for the per-token projection (the context's
+    rows, windows per encoder run as on SD), one for the pooled one. ΔW only; the bias stays, and
+    since every target is W·g + b the bias cancels out of W'c + b = Wg + b."""
+    chosen = [(src, system_fn) for src, on, system_fn in
+              (("tokens", config.edit_text_tokens, build_text_system), ("pooled", config.edit_text_pooled,
+                                                                        build_pooled_system)) if on]
+    chosen = [(src, fn, family.projection_keys(src)) for src, fn in chosen if family.projection_keys(src)]
+    if not chosen:
+        raise InvalidInputError(f"nothing to edit on this {family.label}: switch on edit_text_tokens or edit_text_pooled")
+    changes, per_key, info = {}, {}, {"edited_token_vectors": 0, "preserved_token_vectors": 0, "layers": 0}
+    for src, fn, keys in chosen:
+        missing = [k for k in keys if k not in weights]
+        if missing:
+            raise InvalidInputError(f"the model has no {missing[0]}; is it really {family.label}?")
+        system = fn(text, config, ctx, option_weights)
+        d = system.C.shape[1]
+        widths = {weights[k].shape[1] for k in keys}
+        if widths != {d}:
+            raise InvalidInputError(f"the text encoder gives {d}-wide {src} embeddings but {keys[0]} reads "
+                                    f"{sorted(widths)}: connect the CLIP that belongs to this model")
+        device = ctx.device or system.C.device
+        ctx.check()
+        op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale,
+                            device, G_basis=system.G_basis, G_select=system.G_select, U=system.U)
+        if config.harden_rounds:
+            op, rounds = harden(system, op, [weights[k] for k in keys], config, device, ctx)
+            info.setdefault("hardening", {})[src] = rounds
+        c, m = solve_layers(weights, keys, lambda _d: op, ctx)
+        changes.update(c)
+        per_key.update(m)
+        info["edited_token_vectors"] += int(system.C.shape[0])
+        info["preserved_token_vectors"] += int(system.P.shape[0])
+        info["preserve_prompts"] = len(system.preserve_prompts)
+        info["layers"] += len(keys)
+    return changes, per_key, info
+
+
 def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
                 ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None) -> Edit:
     """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the
@@ -571,6 +678,15 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     guide's own (see `debias.py`); always solved from `weights`, never from an earlier edit."""
     ctx = ctx or RunContext()
     config.validate()
+    if family.is_mmdit:
+        changes, per_key, info = _compute_uce_mmdit(text, weights, family, config, ctx, option_weights)
+        metrics = summarise(per_key)
+        metrics.update(info)
+        metrics["storage"] = "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"
+        params = asdict(config)
+        params.pop("concepts")
+        return Edit(method="uce", family=family.name, changes=changes, concepts=_base_concepts(config),
+                    params=params, metrics=metrics)
     keys = [k for k in family.attn2_kv_keys()
             if (config.edit_keys and ".to_k." in k) or (config.edit_values and ".to_v." in k)]
     missing = [k for k in keys if k not in weights]

