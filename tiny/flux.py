@@ -144,18 +144,10 @@ def init_t5(t5: torch.nn.Module) -> None:
             torch.nn.init.zeros_(m.weight)
 
 
-def _weights_path(path: str | None) -> str:
-    path = path or DEFAULT_FLUX_WEIGHTS
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tiny Flux weights not found at {path}; train them with "
-                                "`bash run.sh py -m tiny.train_flux --recipe shipped`")
-    return path
-
-
 def read_flux_weights(path: str | None = None) -> tuple[dict, dict, dict]:
     """(flux_state, t5_state, metadata) from a tiny Flux checkpoint file, as float32."""
     from safetensors import safe_open
-    with safe_open(_weights_path(path), framework="pt") as f:
+    with safe_open(tm._weights_path(path, DEFAULT_FLUX_WEIGHTS, "tiny.train_flux"), framework="pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k).float() for k in f.keys()}
     flux = {k[len(tm.UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(tm.UNET_PREFIX)}

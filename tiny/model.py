@@ -160,11 +160,11 @@ def split_checkpoint(sd: dict) -> tuple[dict, dict]:
     return unet, clip
 
 
-def _weights_path(path: str | None) -> str:
-    path = path or DEFAULT_WEIGHTS
+def _weights_path(path: str | None, default: str = DEFAULT_WEIGHTS, trainer: str = "tiny.train") -> str:
+    path = path or default
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tiny model weights not found at {path}; train them with "
-                                "`bash run.sh py -m tiny.train --recipe shipped`")
+                                f"`bash run.sh py -m {trainer} --recipe shipped`")
     return path
 
 

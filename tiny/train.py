@@ -135,6 +135,23 @@ def seed_concept_embeddings(text: torch.nn.Module, tokens: "Tokens", gen: torch.
             torch.nn.init.zeros_(m.bias)
 
 
+def ema_update(pairs, step: int, ema: float) -> None:
+    """EMA of each (trained, averaged) module pair, with the warm-up decay min(ema, (1 + t)/(10 + t))."""
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for src, dst in pairs:
+            for ps, pd in zip(src.parameters(), dst.parameters()):
+                pd.lerp_(ps, 1 - decay)
+
+
+def log_progress(step: int, steps: int, history: list[float], lr: float, t0: float) -> None:
+    if (step + 1) % 25 == 0 or step == 0:
+        el = time.time() - t0
+        recent = sum(history[-25:]) / len(history[-25:])
+        print(f"step {step + 1}/{steps} loss {recent:.4f} lr {lr:.2e} {el / (step + 1):.2f}s/step "
+              f"eta {el / (step + 1) * (steps - step - 1):.0f}s", flush=True)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -219,17 +236,9 @@ def train(cfg: TrainConfig, extra_meta: dict | None = None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        decay = min(cfg.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for src, dst in ((unet, ema_unet), (text, ema_text)):
-                for ps, pd in zip(src.parameters(), dst.parameters()):
-                    pd.lerp_(ps, 1 - decay)
+        ema_update(((unet, ema_unet), (text, ema_text)), step, cfg.ema)
         history.append(float(loss.detach()))
-        if (step + 1) % 25 == 0 or step == 0:
-            el = time.time() - t0
-            recent = sum(history[-25:]) / len(history[-25:])
-            print(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {lr_at(step, cfg):.2e} "
-                  f"{el / (step + 1):.2f}s/step eta {el / (step + 1) * (cfg.steps - step - 1):.0f}s", flush=True)
+        log_progress(step, cfg.steps, history, lr_at(step, cfg), t0)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             save(os.path.join(cfg.snapshot_dir, f"step{step + 1}.safetensors"), ema_unet, ema_text, keep_ids,
                  {"step": str(step + 1)})

@@ -190,17 +190,9 @@ def train(cfg: FluxTrainConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        decay = min(cfg.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for src, dst in ((flux, ema_flux), (t5, ema_t5)):
-                for ps, pd in zip(src.parameters(), dst.parameters()):
-                    pd.lerp_(ps, 1 - decay)
+        sd_train.ema_update(((flux, ema_flux), (t5, ema_t5)), step, cfg.ema)
         history.append(float(loss.detach()))
-        if (step + 1) % 25 == 0 or step == 0:
-            el = time.time() - t0
-            recent = sum(history[-25:]) / len(history[-25:])
-            print(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {sd_train.lr_at(step, sched):.2e} "
-                  f"{el / (step + 1):.2f}s/step eta {el / (step + 1) * (cfg.steps - step - 1):.0f}s", flush=True)
+        sd_train.log_progress(step, cfg.steps, history, sd_train.lr_at(step, sched), t0)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             save(os.path.join(cfg.snapshot_dir, f"step{step + 1}.safetensors"), ema_flux, ema_t5, keep_ids,
                  {"step": str(step + 1)})

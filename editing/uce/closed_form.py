@@ -683,10 +683,7 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
         metrics = summarise(per_key)
         metrics.update(info)
         metrics["storage"] = "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"
-        params = asdict(config)
-        params.pop("concepts")
-        return Edit(method="uce", family=family.name, changes=changes, concepts=_base_concepts(config),
-                    params=params, metrics=metrics)
+        return _uce_edit(family, config, changes, metrics)
     keys = [k for k in family.attn2_kv_keys()
             if (config.edit_keys and ".to_k." in k) or (config.edit_values and ".to_v." in k)]
     missing = [k for k in keys if k not in weights]
@@ -716,6 +713,10 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     log.info("UCE %s: %d concepts, %d token vectors, preserve change %.3g (max %.3g), target residual %.3g",
              config.mode, len(system.concept_rows), system.C.shape[0], metrics["preserve_rel_change_mean"],
              metrics["preserve_rel_change_max"], metrics["target_residual_mean"])
+    return _uce_edit(family, config, changes, metrics)
+
+
+def _uce_edit(family: Family, config: UCEConfig, changes: dict, metrics: dict) -> Edit:
     params = asdict(config)
     params.pop("concepts")
     return Edit(method="uce", family=family.name, changes=changes, concepts=_base_concepts(config), params=params,
