@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser
+from conceptedit.comfy_host.adapters import ComfyDenoiser, _model_sampling
 from conceptedit.comfy_host.jobs import UnlearnJob, audit_models, unlearn
 from conceptedit.comfy_host.view import ModelView
 from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
@@ -151,7 +151,7 @@ def test_eps_of_a_flow_model_is_what_comfyuis_own_sampling_implies(comfy, clip):
     flow.add_object_patch("model_sampling", _Flow.make(comfy))
     den = ComfyDenoiser(flow, clip)
     ac = den.alphas_cumprod()
-    sf = flow.get_model_object("model_sampling").sigmas.clamp(max=1 - 1e-3)
+    sf = _model_sampling(flow).sigmas.clamp(max=1 - 1e-3)
     # the DDPM ᾱ of equal noise level: σ_d = σ_f / (1 − σ_f), ᾱ = 1 / (1 + σ_d²)
     torch.testing.assert_close(ac, 1 / (1 + (sf / (1 - sf)) ** 2))
     assert float(ac[0]) > 0.99 and float(ac[-1]) < 1e-5
