@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--lam", type=float, default=0.5)
     p.add_argument("--erase-scale", type=float, default=1.0)
     p.add_argument("--preserve-scale", type=float, default=0.1)
-    p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="aligned")
+    p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="auto")
     p.add_argument("--expand", choices=tuple(EXPANSIONS), default="none",
                    help="also edit each concept in the official templates (artist: 'painting by X', ...; the empty "
                         "guide becomes 'art'; object: 'photo of X', ...)")

@@ -52,9 +52,10 @@ class CrossAttentionEdit:
                                       "tooltip": "Weight of the edited concepts' targets (s_e)."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05,
                                          "tooltip": "Weight of keeping the preserve prompts unchanged (s_p)."}),
-            "token_window": (["aligned", "eos", "last"], {"default": "aligned", "tooltip": "aligned: edit the concept's "
-                             "words, EOS and padding (strongest); eos: its words through EOS (cheapest for thousands of "
-                             "concepts); last: only the last word token (the newer UCE code)."}),
+            "token_window": (list(TOKEN_WINDOWS), {"default": "auto", "tooltip": "auto: aligned on CLIP text, eos on "
+                             "T5 text (Flux, SD3); aligned: edit the concept's words, EOS and padding (strongest on "
+                             "CLIP); eos: its words through EOS (cheapest for thousands of concepts); last: only the "
+                             "last word token (the newer UCE code)."}),
         }, "optional": {
             "expand": (list(EXPANSIONS), {"default": "none", "tooltip": "Also edit each concept in the official "
                        "templates: artist ('painting by X', 'art by X', 'artwork by X', 'picture by X', 'style of X'; "
@@ -66,14 +67,22 @@ class CrossAttentionEdit:
                               "find in closed form the embedding that brings each erased concept back through the "
                               "edited layers, erase it too and re-solve; this many rounds (0 = off). Resists prompt "
                               "attacks at some cost to the preserve set (check the Red-Team Audit)."}),
+            "edit_text_tokens": ("BOOLEAN", {"default": True, "tooltip": "Flux/SD3 only: edit the per-token text "
+                                 "projection (Flux txt_in, SD3 context_embedder), where the prompt's words enter."}),
+            "edit_text_pooled": ("BOOLEAN", {"default": False, "tooltip": "Flux/SD3 only: also edit the pooled CLIP "
+                                 "projection (Flux vector_in, SD3 y_embedder). Off by default: pooled vectors of "
+                                 "different prompts point almost the same way, so this edit moves every prompt, and "
+                                 "on the tiny Flux it weakened the erasure."}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,
-                preserve_scale, token_window, expand="none", empty_guide="eos", harden_rounds=0):
+                preserve_scale, token_window, expand="none", empty_guide="eos", harden_rounds=0,
+                edit_text_tokens=True, edit_text_pooled=False):
         cfg = UCEConfig(concepts=concepts_from_text(concepts), mode=mode, guide=guide, preserve=concepts_from_text(preserve),
                         default_preserve=default_preserve, lam=lam, erase_scale=erase_scale,
                         preserve_scale=preserve_scale, token_window=token_window, expand=expand,
-                        empty_guide=empty_guide, harden_rounds=harden_rounds)
+                        empty_guide=empty_guide, harden_rounds=harden_rounds, edit_text_tokens=edit_text_tokens,
+                        edit_text_pooled=edit_text_pooled)
         out = uce(model, clip, UCEJob(settings=cfg))
         return (out.model, out.edit)
 
@@ -123,14 +132,14 @@ class UCEDebias:
             "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.05, "tooltip": "λ of the closed form."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_e."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_p."}),
-            "token_window": (list(TOKEN_WINDOWS), {"default": "aligned", "tooltip": "Which tokens of each concept are edited."}),
+            "token_window": (list(TOKEN_WINDOWS), {"default": "auto", "tooltip": "Which tokens of each concept are edited (auto: aligned on CLIP, eos on T5)."}),
             "strength": strength_input(),
             **size_inputs("the loop generates"),
         }}
 
     def execute(self, model, clip, concepts, options, tolerance, max_iterations, samples, steps, cfg, seed,
                 clip_vision=None, vae=None, preserve="", default_preserve=True, step_size=1.0, lam=0.5,
-                erase_scale=1.0, preserve_scale=0.1, token_window="aligned", strength=1.0, width=0, height=0):
+                erase_scale=1.0, preserve_scale=0.1, token_window="auto", strength=1.0, width=0, height=0):
         settings = UCEConfig(concepts=concepts_from_text(concepts), mode="debias", guide=options,
                              preserve=concepts_from_text(preserve), default_preserve=default_preserve, lam=lam,
                              erase_scale=erase_scale, preserve_scale=preserve_scale, token_window=token_window)

@@ -104,8 +104,11 @@ def test_closed_form_node_edits_the_text_projections_and_leaves_the_input(comfy,
     from test_layout_matrix import _node
     model, clip, _ = tiny_flux
     before = {k: v.clone() for k, v in model.model_state_dict().items()}
-    out, edit = _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=clip, concepts="red\ntriangle")
+    out, edit = _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=clip, concepts="red\ntriangle",
+                      edit_text_pooled=True)
     assert set(edit.changes) == {"diffusion_model.txt_in.weight", "diffusion_model.vector_in.in_layer.weight"}
+    plain = _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=clip, concepts="red")[1]
+    assert set(plain.changes) == {"diffusion_model.txt_in.weight"}  # the pooled projection only when asked
     assert edit.family == "tiny-flux" and edit.metrics["preserve_rel_change_mean"] < 0.2
     assert out.patches and not model.patches
     assert all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
@@ -150,7 +153,7 @@ def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path)
     fam = arch.get_family("tiny-flux")
     base = original_weights(model)
     with torch.inference_mode():
-        edit = compute_uce(ComfyText(clip), base, fam, UCEConfig(concepts=["red"], token_window="eos"))
+        edit = compute_uce(ComfyText(clip), base, fam, UCEConfig(concepts=["red"], token_window="eos", edit_text_pooled=True))
     path = tmp_path / "flux_edit.safetensors"
     save_lora(edit, str(path), LoraExportConfig(dtype="float32"))
     with safe_open(str(path), "pt") as f:
@@ -205,7 +208,6 @@ def test_concept_prune_masks_only_mlp_neurons_and_its_lora_is_read_back(comfy, t
     _assert_loraloader_reads(comfy, model, clip, edit, path, original_weights(model))
 
 
-@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
 @needs_flux
 def test_unlearning_trains_on_the_flow_model_and_exports_kohya_names(comfy, tiny_flux, tmp_path):
     from safetensors import safe_open
@@ -216,7 +218,7 @@ def test_unlearning_trains_on_the_flow_model_and_exports_kohya_names(comfy, tiny
     model, clip, _ = tiny_flux
     with torch.inference_mode():
         out, edit, _plot = _node(comfy, "ConceptEditTrainUnlearn", model=model, clip=clip, concept="red", steps=2,
-                          preset="esd-x")
+                                 method="esd", params="xattn", n_prompts=2, gen_steps=2)
     assert edit.changes and not model.patches and out.patches
     assert all(".img_attn." in k or ".txt_attn." in k for k in edit.changes), list(edit.changes)
     path = tmp_path / "flux_esd.safetensors"
@@ -250,18 +252,17 @@ def test_sd3_layout_gets_the_closed_form_on_context_embedder_and_y_embedder(comf
             t.copy_(torch.randn(t.shape, generator=g) * 0.02)
     model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
-    r = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"])))
+    r = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], edit_text_pooled=True)))
     assert set(r.edit.changes) == {"diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"}
     assert r.edit.family == "custom" and not model.patches and r.model.patches
 
 
-@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
 @needs_flux
 @torch.inference_mode()
 def test_distill_audits_and_presence_run_on_the_flux_model(comfy, tiny_flux):
     from test_layout_matrix import _node
     model, clip, vae = tiny_flux
-    pruned, _, _ = _node(comfy, "ConceptEditConceptPrune", model=model, clip=clip, concepts="red", steps=3, tau=2)
+    pruned, mask, _ = _node(comfy, "ConceptEditConceptPrune", model=model, clip=clip, concepts="red", steps=3, tau=2)
     student, edit, _ = _node(comfy, "ConceptEditDistillUnlearn", student=pruned, teacher=model, clip=clip,
                              concept="red", steps=2, gen_steps=2, n_prompts=2)
     assert edit.changes and all(k.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks."))
@@ -271,7 +272,7 @@ def test_distill_audits_and_presence_run_on_the_flux_model(comfy, tiny_flux):
     assert "red" in report or "resurgence" in report.lower()
     out = _node(comfy, "ConceptEditRedTeamAudit", edited_model=pruned, original_model=model, clip=clip, concept="red",
                 concept_prompts="a red circle\na red square", steps=2, embedding_match=False,
-                samples=2, sample_steps=6)
+                samples=2, sample_steps=6, edit=mask)
     report = out["result"][0] if isinstance(out, dict) else out[0]
     assert "prefix" in report and "inversion" in report and "revival" in report, report
     text, grid, kept = _node(comfy, "ConceptEditConceptPresence", model=model, edited_model=model, clip=clip, vae=vae,
@@ -280,10 +281,10 @@ def test_distill_audits_and_presence_run_on_the_flux_model(comfy, tiny_flux):
     assert not model.patches
 
 
-@pytest.mark.skip(reason="written against the shipped tiny Flux but not yet run to completion on it; enable once run")
 @needs_flux
 def test_the_closed_form_erases_red_from_the_tiny_flux_and_keeps_the_other_colours(comfy, tiny_flux, one_thread):
-    """Behaviour on the trained model, read by the tiny world's classifier (4 prompts x 2 samples)."""
+    """Behaviour on the trained model, read by the tiny world's classifier (4 prompts x 4 samples;
+    the defaults: the eos window on T5, txt_in only)."""
     from conceptedit.comfy_host.adapters import apply_edit
     from conceptedit.comfy_host.jobs import UCEJob, uce
     from conceptedit.editing.audit.evaluate import default_classifier, evaluate
@@ -297,11 +298,11 @@ def test_the_closed_form_erases_red_from_the_tiny_flux_and_keeps_the_other_colou
         edited = apply_edit(model, clip, edit)[0]
 
     def share(m, concept):
-        r = evaluate(comfy_sampler(m, clip, steps=12), world.prompts_for(concept, 4, 0), 2, classify)
+        r = evaluate(comfy_sampler(m, clip, steps=12), world.prompts_for(concept, 4, 0), 4, classify)
         return r.presence.get(concept, 0.0)
 
     assert share(model, "red") >= 0.75
-    assert share(edited, "red") <= 0.25
+    assert share(edited, "red") <= 0.4
     for other in ("blue", "green"):
         assert share(edited, other) >= 0.75, other
 
@@ -336,7 +337,7 @@ def test_t5_windows_start_at_position_0_and_align_on_eos():
     empty guide's EOS (position 0), and no "BOS" row is preserved."""
     from conceptedit.editing.uce.closed_form import UCEConfig, build_text_system
     text = _T5Like()
-    cfg = UCEConfig(concepts=["red apple"], default_preserve=False, preserve=["a tree"])
+    cfg = UCEConfig(concepts=["red apple"], default_preserve=False, preserve=["a tree"], token_window="aligned")
     sys_ = build_text_system(text, cfg)
     assert sys_.concept_rows == [8]  # positions 0..7
     E = text.encode(["red apple", ""])
@@ -346,6 +347,8 @@ def test_t5_windows_start_at_position_0_and_align_on_eos():
     torch.testing.assert_close(sys_.G, want)
     cfg_eos = UCEConfig(concepts=["red apple"], default_preserve=False, token_window="eos")
     assert build_text_system(text, cfg_eos).concept_rows == [3]  # the two words and EOS
+    # the default reads a T5 run (no BOS) as eos
+    assert build_text_system(text, UCEConfig(concepts=["red apple"], default_preserve=False)).concept_rows == [3]
     cfg_last = UCEConfig(concepts=["red apple"], default_preserve=False, token_window="last")
     s_last = build_text_system(text, cfg_last)
     torch.testing.assert_close(s_last.C, E[0][1:2])
