@@ -9,14 +9,14 @@
 - efficacy: presence of the concept in samples of its own prompts, before -> after;
 - paraphrase: presence for prompts naming it only by a synonym;
 - specificity: accuracy on every concept of the grid prompts that do not name it.
-The methods: UCE on the text projections (txt_in + vector_in.in_layer), ConceptPrune on the MLPs
+The methods: UCE on the text projection (txt_in; the defaults: eos window on T5), ConceptPrune on the MLPs
 (double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
 (the rest of the blocks) / RGD through the flow prediction path.
 
 `scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
 random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
 (256 positions x 4096, words then EOS then padding, no BOS) and 768-wide pooled vectors, for 1, 10,
-100, 1000 concepts; against the time a real-size T5-XXL takes to encode those prompts: one
+100, 1000 concepts (txt_in; with --pooled vector_in too); against the time a real-size T5-XXL takes to encode those prompts: one
 T5-XXL encoder block (ComfyUI's own T5 class, the XXL config, random weights) timed at 256 tokens
 and multiplied by its 24 blocks (the embedding and final norm are negligible), per prompt.
 """
@@ -103,7 +103,7 @@ def part_scale(args) -> dict:
     for n in [int(c) for c in args.counts.split(",")]:
         for window in args.windows.split(","):
             text = RandomT5Text()
-            cfg = UCEConfig(concepts=concepts(n), token_window=window)
+            cfg = UCEConfig(concepts=concepts(n), token_window=window, edit_text_pooled=args.pooled)
             t0 = time.perf_counter()
             edit = compute_uce(text, weights, fam, cfg)
             wall = time.perf_counter() - t0
@@ -124,31 +124,25 @@ def part_scale(args) -> dict:
 def part_methods(args) -> dict:
     from conceptedit.comfy_host.adapters import apply_edit
     from conceptedit.comfy_host.jobs import ConceptPruneJob, UCEJob, UnlearnJob, concept_prune, uce, unlearn
-    from conceptedit.editing.audit.evaluate import default_classifier, evaluate
+    from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.editing.concept_prune.prune import PruneConfig
     from conceptedit.editing.hosts import RunContext
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.unlearn.trainer import preset_config
-    from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler
     from conceptedit.tiny.flux import load_tiny_flux
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_prune  # the same efficacy / paraphrase / specificity measures as the SD benchmarks
 
     torch.set_num_threads(args.threads)
     model, clip, _ = load_tiny_flux(args.weights)
     classify = default_classifier()
-    spec_prompts = world.grid_prompt_set(0)
 
     def measure(m, concept):
         sample = comfy_sampler(m, clip, steps=args.steps, cfg=args.cfg)
-        eff = evaluate(sample, world.prompts_for(concept, args.prompts, 0), args.samples, classify)
-        syn_p = world.synonym_prompts(concept, args.prompts, 0)
-        syn = evaluate(sample, syn_p, args.samples, classify) if syn_p else None
-        spec = evaluate(sample, spec_prompts, 1, classify)
-        hits = [e[f"{k}_accuracy"] for e in spec.per_prompt if concept not in e["expected"].values()
-                for k in e["expected"] if f"{k}_accuracy" in e]
-        return {"efficacy": eff.presence.get(concept, 0.0),
-                "paraphrase": syn.presence.get(concept, 0.0) if syn else None,
-                "specificity": sum(hits) / len(hits)}
+        return bench_prune.measure(sample, classify, concept, bench_prune.spec_eval(sample, classify), args.prompts,
+                                   args.samples)
 
     def run_method(method, concept):
         ctx = RunContext()
@@ -200,7 +194,8 @@ def main(argv=None) -> dict:
     p.add_argument("--weights", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--counts", default="1,10,100,1000")
-    p.add_argument("--windows", default="aligned", help="token windows for --part scale (aligned,eos,last)")
+    p.add_argument("--windows", default="auto", help="token windows for --part scale (auto,aligned,eos,last)")
+    p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = part_scale(args) if args.part == "scale" else part_methods(args)

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(HERE)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_NAMES = {"seed", "noise_seed"}
 CKPT = "v1-5-pruned-emaonly.safetensors"
+FLUX_CKPT = "flux1-schnell-fp8.safetensors"
 
 
 def is_widget(spec) -> bool:
@@ -88,11 +89,11 @@ def _base(wf: Workflow, prompt: str, x: int = 0):
 
 
 def _sample(wf: Workflow, model_src, model_out, clip_src, clip_out, vae_src, prompt: str, x: int, y: int,
-            title: str, seed: int = 0):
+            title: str, seed: int = 0, sampler: dict | None = None, size: int = 512):
     pos = wf.add("CLIPTextEncode", {"text": prompt}, pos=(x, y), title=f"{title}: prompt")
     neg = wf.add("CLIPTextEncode", {"text": ""}, pos=(x, y + 160), title=f"{title}: negative")
-    lat = wf.add("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(x, y + 320))
-    ks = wf.add("KSampler", {"seed": seed, "steps": 25, "cfg": 7.5}, pos=(x + 360, y), title=title)
+    lat = wf.add("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(x, y + 320))
+    ks = wf.add("KSampler", {"seed": seed, **(sampler or {"steps": 25, "cfg": 7.5})}, pos=(x + 360, y), title=title)
     dec = wf.add("VAEDecode", pos=(x + 720, y))
     out = wf.add("PreviewImage", pos=(x + 960, y), title=title)
     for enc in (pos, neg):
@@ -150,6 +151,25 @@ def erase_closed_form(wf):
     wf.link(ce, "edit", lora, "edit")
     return ("Closed-form cross-attention edit (UCE): erase two artists in seconds; save the edit and export it as "
             "a LoRA for Automatic1111/Forge/diffusers.")
+
+
+def erase_flux_closed_form(wf):
+    # ComfyUI's all-in-one Flux.1-schnell checkpoint; with separate files, UNETLoader + DualCLIPLoader
+    # (type flux) + VAELoader give the same MODEL/CLIP/VAE. An empty latent gets Flux's 16 channels
+    # from the sampler itself.
+    ck = wf.add("CheckpointLoaderSimple", {"ckpt_name": FLUX_CKPT}, pos=(0, 100))
+    ce = wf.add("ConceptEditCrossAttentionEdit", {"concepts": "Van Gogh\nSalvador Dali", "mode": "erase"},
+                pos=(360, 100))
+    wf.link(ck, "MODEL", ce, "model")
+    wf.link(ck, "CLIP", ce, "clip")
+    _sample(wf, ce, "model", ck, "CLIP", ck, "a starry night in the style of Van Gogh", 760, 100, "edited Flux",
+            sampler={"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}, size=1024)
+    _info_and_save(wf, ce, "edit", 360, 560, "artists_uce_flux")
+    lora = wf.add("ConceptEditExportLoRA", {"filename": "artists_uce_flux_lora"}, pos=(360, 1000))
+    wf.link(ce, "edit", lora, "edit")
+    return ("Closed-form edit on Flux (needs a ComfyUI of 2024-08 or later): erase two artists where the T5 text "
+            "enters the model (txt_in), in seconds; save the edit and export it as a LoRA that ComfyUI's LoraLoader "
+            "and diffusers' Flux pipeline read.")
 
 
 def massive_edit_from_list(wf):
@@ -218,7 +238,8 @@ def audit_resurgence(wf):
             "matched soft prompt, a learned new word and restored weights (Red-Team Audit; no classifier needed).")
 
 
-FEATURES = [erase_concept_prune, erase_closed_form, massive_edit_from_list, load_shared_edit, audit_resurgence]
+FEATURES = [erase_concept_prune, erase_closed_form, erase_flux_closed_form, massive_edit_from_list, load_shared_edit,
+            audit_resurgence]
 
 
 def main() -> None:

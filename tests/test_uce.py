@@ -120,6 +120,32 @@ def test_real_layouts_get_every_kv_key(family):
     assert edit.metrics["layers"] == len(edit.changes) and edit.metrics["edited_token_vectors"] == 2
 
 
+def test_prompts_are_encoded_in_chunks_and_only_the_used_rows_are_kept():
+    """150 concepts (three encoding chunks): C, G and P are the encoder's own rows at the window's
+    positions, each prompt encoded once, and no call encodes more than one chunk."""
+    text = _RandomText(6, length=8)
+    concepts = [f"thing{i}" for i in range(150)]
+    batches = []
+    encode = text.encode
+    text.encode = lambda ps: batches.append(len(ps)) or encode(ps)
+    sys_ = build_text_system(text, UCEConfig(concepts=concepts, guide="", default_preserve=False,
+                                             preserve=["a tree"], token_window="eos"))
+    assert max(batches) <= 64 and sorted(text.calls) == sorted(set(text.calls))
+    E = encode([c for c in concepts] + ["", "a tree"])
+    # "thingN" = BOS thingN EOS: rows 1, 2; both map to ""'s EOS (1)
+    torch.testing.assert_close(sys_.C, E[:150, 1:3].reshape(-1, 6))
+    torch.testing.assert_close(sys_.G, E[150, 1].expand(300, -1))
+    torch.testing.assert_close(sys_.P[:2], E[151, 1:3])
+
+
+def test_a_context_of_another_length_is_refused_clearly():
+    text = _RandomText(6, length=8)
+    encode = text.encode
+    text.encode = lambda ps: encode(ps) if ps == [""] else torch.cat([encode(ps)] * 2, dim=1)
+    with pytest.raises(InvalidInputError, match="shorten the prompts"):
+        build_text_system(text, UCEConfig(concepts=["cat"], default_preserve=False))
+
+
 def test_aligned_tokens_map_words_to_guide_eos_not_bos():
     text = _RandomText(6, length=8)
     sys_ = build_text_system(text, UCEConfig(concepts=["red cat"], guide="", default_preserve=False))

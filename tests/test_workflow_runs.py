@@ -12,6 +12,7 @@ middle of ConceptPrune must leave the next run's edit equal to a clean run's.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +26,11 @@ pytest.importorskip("websocket", reason="websocket-client is not installed (requ
 
 ROOT = comfy_server.ROOT
 # run in this order: the audit and shared-edit workflows load the edits the first two save
-ORDER = ["erase_concept_prune", "erase_closed_form", "massive_edit_from_list", "load_shared_edit", "audit_resurgence"]
+ORDER = ["erase_concept_prune", "erase_closed_form", "erase_flux_closed_form", "massive_edit_from_list",
+         "load_shared_edit", "audit_resurgence"]
+# workflows on the tiny Flux, which the 2024-03 ComfyUI cannot load (no Flux class)
+FLUX = {"erase_flux_closed_form"}
+HAS_FLUX = importlib.util.find_spec("comfy.ldm.flux") is not None
 FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 LONG = {"ConceptEditConceptPrune", "ConceptEditTextEncoderEdit", "ConceptEditResurgenceAudit", "ConceptEditRedTeamAudit",
         "ConceptEditConceptPresence", "KSampler"}
@@ -36,12 +41,13 @@ def _workflow(name: str) -> dict:
     return json.load(open(os.path.join(ROOT, "example_workflows", name + ".json")))
 
 
-def on_tiny(prompt: dict) -> dict:
-    """The prompt with the tiny model in place of every checkpoint loader, at its 256 px."""
+def on_tiny(prompt: dict, ckpt: str = "tiny") -> dict:
+    """The prompt with the tiny model (`tiny` or `tiny-flux`) in place of every checkpoint loader, at
+    its 256 px."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
         if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = "ConceptEditTestTinyCheckpoint", {"ckpt_name": "tiny"}
+            node["class_type"], node["inputs"] = "ConceptEditTestTinyCheckpoint", {"ckpt_name": ckpt}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TINY_PX, height=TINY_PX)
     return out
@@ -67,7 +73,9 @@ def runs(server):
         if name == "load_shared_edit":  # the edit a user was sent: here the closed-form one just saved
             edits = server.dirs["concept_edits"]
             shutil.copy(os.path.join(edits, "artists_uce.safetensors"), os.path.join(edits, "shared_edit.safetensors"))
-        prompt = on_tiny(comfy_server.api_prompt(_workflow(name), server.info))
+        if name in FLUX and not HAS_FLUX:
+            continue
+        prompt = on_tiny(comfy_server.api_prompt(_workflow(name), server.info), "tiny-flux" if name in FLUX else "tiny")
         first = len(server.client.messages)
         t0 = time.time()
         hist = server.client.run(prompt, timeout=900)
@@ -78,6 +86,8 @@ def runs(server):
 
 @pytest.mark.parametrize("name", ORDER)
 def test_example_workflow_runs_and_every_output_node_delivers(server, runs, name):
+    if name not in runs:
+        pytest.skip("this ComfyUI has no Flux class (the 2024-03 copy)")
     prompt, hist, messages, seconds = runs[name]
     status = hist.get("status", {})
     errors = [m["data"] for m in messages if m["type"] == "execution_error"]
@@ -123,9 +133,14 @@ def test_an_interrupt_mid_run_leaves_the_next_run_equal_to_a_clean_one(server, r
         assert hist["status"]["status_str"] == "success", hist["status"]
         return os.path.join(edits, hist["outputs"][save]["text"][0].split("saved ", 1)[1])
 
-    def forget_cache():  # ComfyUI keeps every node's outputs: a clean run needs them dropped
+    def forget_cache():
+        """ComfyUI keeps every node's outputs: a clean run needs them dropped. The worker reads
+        /free's flags only after its next queue item (or its GC timeout), so a trivial prompt
+        is run to have them applied before the next real one."""
         server.post("/free", {"free_memory": True, "unload_models": True})
-        time.sleep(2)
+        client.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                                 "color": int(time.time() * 1000) % 65536}},
+                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
 
     forget_cache()
     first = len(client.messages)

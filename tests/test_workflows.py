@@ -14,7 +14,8 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # combo inputs that list files the user has (empty in a test install): any file name of the right kind is valid
 FILE_INPUTS = {"ckpt_name": (".safetensors", ".ckpt"), "edit_name": (".safetensors",),
                "lora_name": (".safetensors",), "vae_name": (".safetensors", ".pt")}
-FEATURES = ["erase_concept_prune", "erase_closed_form", "massive_edit_from_list", "load_shared_edit"]
+FEATURES = ["erase_concept_prune", "erase_closed_form", "erase_flux_closed_form", "massive_edit_from_list",
+            "load_shared_edit"]
 
 
 def _is_widget(spec) -> bool:

@@ -110,6 +110,20 @@ def used_token_ids(tokens: Tokens) -> set[int]:
     return ids
 
 
+def seed_word_directions(emb: torch.Tensor, tokens, gen: torch.Generator, noise: float, special: set[int]) -> None:
+    """Rows of the token embedding `emb`: every concept word's pieces one random direction, its
+    synonyms the same plus `noise`; the `special` ids (BOS/EOS/padding) stay."""
+    d = emb.shape[1]
+    with torch.no_grad():
+        for table in world.CONCEPTS.values():
+            for ws in table.values():
+                base = torch.randn(d, generator=gen)
+                for w in ws:
+                    for i in tokens([w])[0].tolist():
+                        if i not in special:
+                            emb[i] = base + noise * torch.randn(d, generator=gen)
+
+
 def seed_concept_embeddings(text: torch.nn.Module, tokens: "Tokens", gen: torch.Generator,
                             synonym_noise: float) -> None:
     """Start the text encoder where a pretrained CLIP would be for this world: every concept word
@@ -119,16 +133,8 @@ def seed_concept_embeddings(text: torch.nn.Module, tokens: "Tokens", gen: torch.
     layers left colour and shape words indistinguishable after 40k samples; this is what lets a
     CPU budget of ~20 minutes learn them. Synonyms stay distinct vectors (erasing one word and
     testing another is still a real test) and all of it is trained further jointly."""
-    emb = text.text_model.embeddings.token_embedding.weight
-    d = emb.shape[1]
-    special = {49406, 49407}
-    for table in world.CONCEPTS.values():
-        for ws in table.values():
-            base = torch.randn(d, generator=gen)
-            for w in ws:
-                for i in tokens([w])[0].tolist():
-                    if i not in special:
-                        emb[i] = base + synonym_noise * torch.randn(d, generator=gen)
+    seed_word_directions(text.text_model.embeddings.token_embedding.weight, tokens, gen, synonym_noise,
+                         special={49406, 49407})
     for name, m in text.named_modules():
         if name.endswith("self_attn.out_proj") or name.endswith("mlp.fc2"):
             torch.nn.init.zeros_(m.weight)

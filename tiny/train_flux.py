@@ -76,19 +76,8 @@ class T5Tokens:
 
 
 def seed_t5_embeddings(t5: torch.nn.Module, tokens: T5Tokens, gen: torch.Generator, noise: float) -> None:
-    """Every concept word's T5 pieces get one well-separated direction, its synonyms the same plus
-    noise (as `tiny.train.seed_concept_embeddings` does for the CLIP)."""
-    emb = t5.shared.weight
-    d = emb.shape[1]
-    special = {0, 1}
-    with torch.no_grad():
-        for table in world.CONCEPTS.values():
-            for ws in table.values():
-                base = torch.randn(d, generator=gen)
-                for w in ws:
-                    for i in tokens([w])[0].tolist():
-                        if i not in special:
-                            emb[i] = base + noise * torch.randn(d, generator=gen)
+    """The tiny CLIP's start (`tiny.train.seed_word_directions`) on T5's embedding (padding 0, EOS 1)."""
+    sd_train.seed_word_directions(t5.shared.weight, tokens, gen, noise, special={0, 1})
 
 
 def used_t5_ids(tokens: T5Tokens) -> set[int]:

@@ -317,13 +317,45 @@ def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
     return out
 
 
+def _encoded_rows(text: TextEncoder, prompts: Sequence[str], first: torch.Tensor, wanted: torch.Tensor,
+                  ctx: RunContext, step: int = 64):
+    """Encode `prompts` in chunks of `step`, keeping only the context rows `wanted` (flat indices
+    prompt index · L + position); returns the lookup from such indices to those rows. `first` is
+    the context of prompts[0], already encoded."""
+    L = first.shape[1]
+    need = torch.unique(wanted)  # sorted, so each chunk's rows are one slice of it
+    kept = []
+    for i in range(0, len(prompts), step):
+        ctx.check()
+        lo, hi = (int(torch.searchsorted(need, b * L)) for b in (i, min(i + step, len(prompts))))
+        if lo == hi:
+            continue
+        rest = list(prompts[max(i, 1):i + step])
+        enc = text.encode(rest).detach() if rest else first[:0]
+        if enc.shape[1] != L:
+            raise InvalidInputError(f"the text encoder gave a context of {enc.shape[1]} positions where the empty "
+                                    f"prompt has {L} (a prompt longer than the context?): shorten the prompts")
+        if i == 0:
+            enc = torch.cat([first.to(enc.device, enc.dtype), enc])
+        if not bool(torch.isfinite(enc).all()):
+            raise NonFiniteError("the text encoder returned NaN/Inf embeddings; check the CLIP weights")
+        kept.append(enc.reshape(-1, enc.shape[-1])[(need[lo:hi] - i * L).to(enc.device)])
+    table = torch.cat(kept)
+
+    def rows(flat: torch.Tensor) -> torch.Tensor:
+        return table[torch.searchsorted(need, flat).to(table.device)]
+    return rows
+
+
 def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None,
                       option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
-    """Encode every distinct prompt once and gather C, G, P by token position."""
+    """Encode every distinct prompt once and gather C, G, P by token position. The rows each prompt
+    contributes are known from its tokens, so prompts are encoded in chunks and only those rows kept:
+    at Flux size a full context is 256 × 4096 floats (4 MB), 1,000 concepts' contexts 4 GB."""
     ctx = ctx or RunContext()
     srcs, targets = _plan(cfg, option_weights)
     keep = preserve_prompts(cfg, srcs)
-    prompts = list(dict.fromkeys(srcs + [p for t in targets for _, p in t] + keep + [""]))
+    prompts = list(dict.fromkeys([""] + srcs + [p for t in targets for _, p in t] + keep))
     index = {p: i for i, p in enumerate(prompts)}
     empty = token_segments(text, "")
     segs = {p: token_segments(text, p, empty[0].eos_id) if p else empty for p in prompts}
@@ -331,15 +363,8 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
            for p in prompts):
         raise InvalidInputError("the text encoder tokenizes prompts into differently laid out contexts "
                                 "(a prompt longer than the context?): shorten the prompts")
-    emb = []
-    step = 64
-    for i in range(0, len(prompts), step):
-        ctx.check()
-        emb.append(text.encode(prompts[i:i + step]).detach())
-    E = torch.cat(emb)  # U × L × d
-    if not bool(torch.isfinite(E).all()):
-        raise NonFiniteError("the text encoder returned NaN/Inf embeddings; check the CLIP weights")
-    L = E.shape[1]
+    first = text.encode([""]).detach()  # the context length L; prompts[0] is ""
+    L = int(first.shape[1])
 
     # Rows as (prompt index, token position) tensors, one small vectorised block per concept: at
     # 1,000 concepts × 76 tokens, per-row Python bookkeeping cost more than the solve.
@@ -387,20 +412,24 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
     p_u += [index[""]] * len(u_q)
     p_q += u_q
 
-    dev = E.device
-    C = E[torch.cat(c_u).to(dev), torch.cat(c_q).to(dev)]
-    n = C.shape[0]
+    c_flat = torch.cat(c_u) * L + torch.cat(c_q)
+    n = int(c_flat.numel())
     w_all = torch.cat([torch.cat(ws) for ws in slot_w])
     key_all = torch.cat([torch.cat(ks) for ks in slot_key])
     row_all = torch.arange(n).repeat(n_slots)
     nz = w_all != 0
     keys, col = torch.unique(key_all[nz], return_inverse=True)  # the distinct guide token vectors
-    basis = E[(keys // L).to(dev), (keys % L).to(dev)] if keys.numel() else C.new_zeros(0, C.shape[1])
+    p_flat = torch.tensor(p_u, dtype=torch.long) * L + torch.tensor(p_q, dtype=torch.long)
+    u_flat = index[""] * L + torch.tensor(u_q, dtype=torch.long)  # empty for T5 without preserve_unconditional
+    rows = _encoded_rows(text, prompts, first, torch.cat([c_flat, keys, p_flat, u_flat]), ctx)
+    C = rows(c_flat)
+    dev = C.device
+    basis = rows(keys)
     select = torch.sparse_coo_tensor(torch.stack([row_all[nz], col]), w_all[nz], (n, int(keys.numel())),
                                      device=dev, check_invariants=False).coalesce()
     G = torch.sparse.mm(select.float(), basis.float()).to(C.dtype) if keys.numel() else torch.zeros_like(C)
-    P = E[torch.tensor(p_u, dtype=torch.long, device=dev), torch.tensor(p_q, dtype=torch.long, device=dev)]
-    U = E[index[""]][torch.tensor(u_q, dtype=torch.long, device=dev)]  # empty for T5 without preserve_unconditional
+    P = rows(p_flat)
+    U = rows(u_flat)
     return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep, U=U, G_basis=basis,
                       G_select=select)
 
