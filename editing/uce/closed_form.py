@@ -23,7 +23,7 @@ Token choice (``token_window``):
   of the whole prompt, nearly the same for every prompt; editing them pulls all prompts along and
   fights the preserve set. Measured on the tiny Flux (erase "red", 8 prompts × 6 samples): red
   left 44 % with aligned, 23 % with eos; blue and green unchanged.
-- ``"aligned"`` (default): every position of the concept prompt after BOS — its words, EOS and the
+- ``"aligned"`` (auto on CLIP): every position of the concept prompt after BOS — its words, EOS and the
   padding — is edited. SD reads all 77 context vectors and CLIP is causal, so the concept is
   spread over every position after its words; editing the words alone leaves it in EOS/padding.
   Position p of the concept maps to position p − eos_concept + eos_guide of the guide (the two
