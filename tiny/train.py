@@ -289,20 +289,24 @@ def train_shipped(out: str = tm.DEFAULT_WEIGHTS, stage1_out: str = SHIPPED_STAGE
                  extra_meta={"recipe": "shipped", "stage1_train_wall_s": str(stage1["train_wall_s"])})
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_cli(doc: str, config_cls, train_fn, shipped_fn, argv: list[str] | None = None) -> None:
+    """A tiny trainer's command line: one flag per field of `config_cls`, or `--recipe shipped`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=["shipped"], default=None,
                    help="the run that produced the shipped weights (ignores the other flags but --out)")
-    defaults = TrainConfig()
-    for f, v in asdict(defaults).items():
+    for f, v in asdict(config_cls()).items():
         kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
         p.add_argument("--" + f.replace("_", "-"), type=kind, default=v)
     args = vars(p.parse_args(argv))
     recipe = args.pop("recipe")
     if recipe == "shipped":
-        train_shipped(args["out"])
+        shipped_fn(args["out"])
         return
-    train(TrainConfig(**args))
+    train_fn(config_cls(**args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(__doc__, TrainConfig, train, train_shipped, argv)
 
 
 if __name__ == "__main__":

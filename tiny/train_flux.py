@@ -15,7 +15,6 @@ Deterministic: fixed seeds, a fixed thread count and deterministic algorithms.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -221,18 +220,7 @@ def train_shipped(out: str = tf.DEFAULT_FLUX_WEIGHTS, stage1_out: str = SHIPPED_
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=["shipped"], default=None,
-                   help="the run that produced the shipped weights (ignores the other flags but --out)")
-    for f, v in asdict(FluxTrainConfig()).items():
-        kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-        p.add_argument("--" + f.replace("_", "-"), type=kind, default=v)
-    args = vars(p.parse_args(argv))
-    recipe = args.pop("recipe")
-    if recipe == "shipped":
-        train_shipped(args["out"])
-        return
-    train(FluxTrainConfig(**args))
+    sd_train.run_cli(__doc__, FluxTrainConfig, train, train_shipped, argv)
 
 
 if __name__ == "__main__":
