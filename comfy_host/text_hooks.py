@@ -1,9 +1,10 @@
 """ComfyUI CLIP -> `editing.emcid.stage2.TextModel`: run the CLIP text transformer(s) on token ids the way
 ComfyUI builds the UNet's context, and expose their modules by name for hooks.
 
-Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel) → .clip_l /
-.clip_h / .clip_g (SDClipModel) → .transformer (comfy.clip_model.CLIPTextModel) →
-.text_model.encoder.layers[i].mlp.fc2.
+Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel / FluxClipModel)
+→ .clip_l / .clip_h / .clip_g (SDClipModel) → .transformer (comfy.clip_model.CLIPTextModel) →
+.text_model.encoder.layers[i].mlp.fc2; Flux's .t5xxl → .transformer (comfy.text_encoders.t5.T5)
+→ .encoder.block[i].layer[1].DenseReluDense.wo.
 
 Two ComfyUI details matter for gradients (EMCID stage 1):
 - `CLIPLayer.forward` adds in place (``x += ...``) to a tensor its LayerNorm saved for backward;
@@ -54,6 +55,7 @@ class ComfyTextModel:
         self.clip = clip
         self._models = _sd_clip_models(clip)
         self.encoders = tuple(self._models)
+        self.kinds = {e: "t5" if e == _T5 else "clip" for e in self.encoders}
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
         self._out_device = device
         self.device = clip.patcher.load_device
@@ -79,12 +81,12 @@ class ComfyTextModel:
         return _T5 in self._models and "clip_g" not in self._models
 
     def tokenize(self, prompts: Sequence[str], rewrite: Mapping[str, object] | None = None
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Token ids per encoder. `rewrite`: encoder -> a function applied to each prompt before
-        that encoder's own tokenizer reads it (the red team's placeholders differ per tokenizer)."""
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Token ids per encoder and, per encoder, each prompt's number of real tokens (no BOS/EOS).
+        `rewrite`: encoder -> a function applied to each prompt before that encoder's own tokenizer
+        reads it (the red team's placeholders differ per tokenizer)."""
         ids: dict[str, list[list[int]]] = {e: [] for e in self.encoders}
-        n_real = []
-        first = self.encoders[0]
+        n_real: dict[str, list[int]] = {e: [] for e in self.encoders}
         for p in prompts:
             if rewrite:
                 toks = {e: getattr(self.clip.tokenizer, e).tokenize_with_weights(rewrite.get(e, lambda x: x)(p))
@@ -98,11 +100,12 @@ class ComfyTextModel:
                     raise InvalidInputError(f"{p!r} uses a textual-inversion embedding; EMCID edits words only")
                 row = [int(t[0]) for t in chunk]
                 ids[e].append(row if e == _T5 else row[:77])
-            end = self._models[first].special_tokens.get("end")
-            row = ids[first][-1]
-            n_real.append(row.index(end, 1) - 1 if end in row[1:] else len(row) - 1)
+                end = self._models[e].special_tokens.get("end")
+                first = 0 if e == _T5 else 1  # CLIP rows start with BOS
+                row = ids[e][-1]
+                n_real[e].append(row.index(end, first) - first if end in row[first:] else len(row) - first)
         out = {e: torch.tensor(v, dtype=torch.long, device=self.device) for e, v in ids.items()}
-        return out, torch.tensor(n_real, dtype=torch.long)
+        return out, {e: torch.tensor(v, dtype=torch.long) for e, v in n_real.items()}
 
     def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One encoder as `SDClipModel.forward` runs it (layer choice, CLIP skip, projected pooled)."""
@@ -123,19 +126,27 @@ class ComfyTextModel:
             pooled = out[2].float()
         return z.float(), pooled
 
-    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _check_text_path(self) -> None:
         if _T5 in self._models and not self.flux:
             raise InvalidInputError("SD3's text path (CLIP-L ‖ G and T5 along the tokens) is not built for this "
                                     "method yet; it runs on SD1.x/SD2.x/SDXL and Flux text encoders")
+
+    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._check_text_path()
+        used = (_T5, "clip_l") if self.flux else self.encoders
+        return self.combine({e: self.forward(e, ids[e]) for e in used})
+
+    def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's context and pooled vector from the encoders' outputs, as ComfyUI builds them:
+        Flux T5's states and CLIP-L's pooled; SD the states concatenated, the last encoder's pooled
+        (SDXL: bigG's)."""
+        self._check_text_path()
         if self.flux:
-            cond, _ = self.forward(_T5, ids[_T5])
-            _, pooled = self.forward("clip_l", ids["clip_l"])
+            cond, pooled = outputs[_T5][0], outputs["clip_l"][1]
         else:
-            zs, pooled = [], None
-            for e in self.encoders:
-                z, pooled = self.forward(e, ids[e])  # ComfyUI takes the pooled output of the last encoder (SDXL: bigG)
-                zs.append(z)
-            cond = torch.cat(zs, dim=-1)
+            cond = torch.cat([outputs[e][0] for e in self.encoders], dim=-1)
+            pooled = outputs[self.encoders[-1]][1]
         if self._out_device is not None:
             cond = cond.to(self._out_device)
             pooled = pooled.to(self._out_device) if pooled is not None else None

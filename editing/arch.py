@@ -49,22 +49,37 @@ class TransformerBlock:
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    """A CLIP text encoder as ComfyUI names it (``clip_l``), with its width and MLP size."""
+    """A text encoder as ComfyUI names it (``clip_l``, ``t5xxl``), with its width and MLP size.
 
-    name: str             # ComfyUI clip name: "clip_l", "clip_h", "clip_g"
+    `kind` "clip": a CLIP text transformer (BOS first, causal, ``mlp.fc2`` the MLP's output Linear);
+    "t5": ComfyUI's T5 encoder (no BOS, bidirectional, ``layer.1.DenseReluDense.wo``), which Flux
+    and SD3 read. "fc2" below names the MLP's output Linear of either."""
+
+    name: str             # ComfyUI clip name: "clip_l", "clip_h", "clip_g", "t5xxl"
     width: int
     layers: int
     mlp: int
-    diffusers: str        # "text_encoder" or "text_encoder_2"
-    kohya: str            # "lora_te" / "lora_te1" / "lora_te2"
+    diffusers: str        # "text_encoder", "text_encoder_2", ...
+    kohya: str            # "lora_te" / "lora_te1" / "lora_te2" / ...
     a1111: str            # checkpoint prefix, for documentation and detection of full checkpoints
     edit_layers: tuple[int, ...] = ()  # EMCID's default fc2 layers to edit
+    kind: str = "clip"
 
-    def fc2_key(self, i: int) -> str:
-        return f"{self.name}.transformer.text_model.encoder.layers.{i}.mlp.fc2.weight"
+    def block_module(self, i: int) -> str:
+        """Layer i's module whose output is the residual stream after that layer."""
+        return f"encoder.block.{i}.layer.1" if self.kind == "t5" else f"text_model.encoder.layers.{i}"
 
     def fc2_module(self, i: int) -> str:
-        return f"text_model.encoder.layers.{i}.mlp.fc2"
+        return (f"encoder.block.{i}.layer.1.DenseReluDense.wo" if self.kind == "t5"
+                else f"text_model.encoder.layers.{i}.mlp.fc2")
+
+    def fc2_key(self, i: int) -> str:
+        return f"{self.name}.transformer.{self.fc2_module(i)}.weight"
+
+    @property
+    def first_token(self) -> int:
+        """Index of a prompt's first real token (CLIP puts BOS before it, T5 nothing)."""
+        return 0 if self.kind == "t5" else 1
 
 
 @dataclass(frozen=True)
@@ -132,15 +147,6 @@ class Family:
     @property
     def is_mmdit(self) -> bool:
         return self.kind != "unet"
-
-    def require_cross_attention(self, what: str) -> None:
-        """Refuse an MMDiT for a method that edits or reads attn2 blocks, saying what does apply."""
-        if self.is_mmdit:
-            raise UnknownArchitectureError(
-                f"{what} is not available for this {self.label}: it is an MMDiT model (SD3/Flux), whose text enters "
-                "through joint attention, not attn2 cross-attention blocks. On this model use the closed-form edit "
-                "(which edits the layers the text enters through), ConceptPrune (its MLPs), the unlearning trainer, "
-                "distill-and-unlearn or the audits.")
 
     def projection_keys(self, source: str | None = None) -> list[str]:
         return [p.key for p in self.projections if source is None or p.source == source]
@@ -310,6 +316,16 @@ CUSTOM = "custom"
 # The families trained on the bundled tiny world (its prompts, classifier and defaults apply)
 TINY_WORLD_FAMILIES = ("tiny", "tiny-flux")
 _TABLE_ENCODERS = (CLIP_L, CLIP_H, CLIP_G, TINY_CLIP)
+# The T5 encoders Flux and SD3 read: T5-XXL v1.1 (its MLP is gated GELU, wi_0/wi_1 -> wo) and the
+# tiny Flux's T5. EMCID's layers on them are not the official code's (it has no T5). T5 attends both ways and Flux reads the prompt from the padding positions too (swapping them
+# alone turns a red circle blue on the tiny Flux; swapping the word's own last-layer state does
+# nothing), so an edit at a word must sit early enough for later layers to carry it into the rest
+# of the sequence: the tiny T5's layer 0 (of 2); T5-XXL's 6..10 of 24 (not measured on T5-XXL).
+T5_XXL = TextEncoderSpec("t5xxl", 4096, 24, 10240, "text_encoder_2", "lora_te2", "text_encoders.t5xxl.transformer.",
+                         edit_layers=(6, 7, 8, 9, 10), kind="t5")
+TINY_T5 = TextEncoderSpec("t5xxl", 64, 2, 128, "text_encoder_2", "lora_te2", "text_encoders.t5xxl.transformer.",
+                          edit_layers=(0,), kind="t5")
+_T5_TABLES = (T5_XXL, TINY_T5)
 
 
 # ---- MMDiT layouts (Flux, SD3) ------------------------------------------------------------------
@@ -414,13 +430,13 @@ def _unet_shapes(fam: Family) -> dict[str, tuple[int, ...]]:
 
 
 def _flux_table(name: str, label: str, hidden: int, context: int, vec: int, depth: int, single: int,
-                mlp: int, native: int) -> Family:
+                mlp: int, native: int, text: tuple[TextEncoderSpec, ...]) -> Family:
     shapes = {f"{UNET_PREFIX}txt_in.weight": (hidden, context), f"{UNET_PREFIX}vector_in.in_layer.weight": (hidden, vec),
               f"{UNET_PREFIX}double_blocks.0.img_attn.qkv.weight": (3 * hidden, hidden)}
     shapes.update({f"{UNET_PREFIX}double_blocks.{i}.img_mlp.2.weight": (hidden, mlp) for i in range(depth)})
     shapes.update({f"{UNET_PREFIX}single_blocks.{i}.linear2.weight": (hidden, hidden + mlp) for i in range(single)})
     projs, mlps = _dit_parts("flux", shapes)
-    return Family(name, label, context, (), (), kind="flux", projections=projs, mlps=mlps, native_latent=native)
+    return Family(name, label, context, (), text, kind="flux", projections=projs, mlps=mlps, native_latent=native)
 
 
 def _sd3_table(name: str, label: str, hidden: int, depth: int, native: int = 128) -> Family:
@@ -432,10 +448,14 @@ def _sd3_table(name: str, label: str, hidden: int, depth: int, native: int = 128
 
 # Flux.1 dev and schnell share these shapes (dev adds guidance_in); SD3 medium and SD3.5 medium
 # share theirs. The tiny Flux is tiny/flux.py's.
-FAMILIES["flux1"] = _flux_table("flux1", "Flux.1", 3072, 4096, 768, 19, 38, 12288, 128)
+# Flux's CLIP-L and T5 in ComfyUI's LoraLoader order (lora_te1, lora_te2) and diffusers' names
+_FLUX_CLIP = "text_encoders.clip_l.transformer."
+FAMILIES["flux1"] = _flux_table("flux1", "Flux.1", 3072, 4096, 768, 19, 38, 12288, 128,
+                                (replace(CLIP_L, kohya="lora_te1", a1111=_FLUX_CLIP), T5_XXL))
 FAMILIES["sd3-medium"] = _sd3_table("sd3-medium", "SD3 / SD3.5 medium", 1536, 24)
 FAMILIES["sd3.5-large"] = _sd3_table("sd3.5-large", "SD3.5 large", 2432, 38)
-FAMILIES["tiny-flux"] = _flux_table("tiny-flux", "ConceptEdit tiny Flux", 64, 64, 64, 2, 2, 256, 32)
+FAMILIES["tiny-flux"] = _flux_table("tiny-flux", "ConceptEdit tiny Flux", 64, 64, 64, 2, 2, 256, 32,
+                                    (replace(TINY_CLIP, kohya="lora_te1", a1111=_FLUX_CLIP), TINY_T5))
 
 
 def get_family(name: str) -> Family:
@@ -465,7 +485,8 @@ def _normalise_unet_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tup
 _ATTN2_K = re.compile(r"^diffusion_model\.(.+\.transformer_blocks\.\d+)\.attn2\.to_k\.weight$")
 _ANY_BLOCK = re.compile(r"^diffusion_model\.(.+\.transformer_blocks\.\d+)\.")
 _SECTIONS = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}
-_TE_FC2 = re.compile(r"^(\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.weight$")
+_TE_FC2 = re.compile(r"^(\w+)\.transformer\.(?:text_model\.encoder\.layers\.(\d+)\.mlp\.fc2"
+                     r"|encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo)\.weight$")
 
 
 def _execution_order(path: str) -> tuple:
@@ -505,30 +526,53 @@ def discover_blocks(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TransformerB
 
 
 def discover_text_encoders(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TextEncoderSpec, ...]:
-    """The CLIP text encoders of a ComfyUI CLIP state dict (``clip_l.transformer...``), with the
-    names kohya, diffusers and EMCID's default layers take from the tables when an encoder matches."""
+    """The text encoders of a ComfyUI CLIP state dict (``clip_l.transformer...``, ``t5xxl.transformer...``)
+    in ComfyUI's order (CLIP-L, the other CLIPs, T5 last), with the names kohya, diffusers and
+    EMCID's default layers take from the tables when an encoder matches."""
     found: dict[str, dict[int, tuple[int, ...]]] = {}
+    kinds: dict[str, str] = {}
     for key, shape in shapes.items():
         m = _TE_FC2.match(key)
         if m and len(shape) == 2:
-            found.setdefault(m.group(1), {})[int(m.group(2))] = tuple(shape)
-    names = sorted(found, key=lambda n: (n != "clip_l", n))  # clip_l first, as SDXL orders them
+            found.setdefault(m.group(1), {})[int(m.group(2) or m.group(3))] = tuple(shape)
+            kinds[m.group(1)] = "clip" if m.group(2) is not None else "t5"
+    names = sorted(found, key=lambda n: (kinds[n] == "t5", n != "clip_l", n))
+    clips = [n for n in names if kinds[n] == "clip"]
     out = []
     for i, name in enumerate(names):
         layers = found[name]
         n = max(layers) + 1
         width, mlp = layers[max(layers)]
-        two = len(names) > 1
-        kohya = ("lora_te1" if i == 0 else "lora_te2") if two else "lora_te"
-        diffusers = ("text_encoder" if i == 0 else "text_encoder_2") if two else "text_encoder"
-        # beside a second encoder, CLIP-L is SDXL's (EMCID edits its late layers there)
-        tables = (CLIP_L_XL, CLIP_G) if two else _TABLE_ENCODERS
+        many = len(names) > 1
+        # ComfyUI's LoraLoader numbers the encoders in this order (Flux: lora_te1 CLIP-L, lora_te2 T5)
+        kohya = f"lora_te{i + 1}" if many else "lora_te"
+        diffusers = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        if kinds[name] == "t5":
+            tables: tuple[TextEncoderSpec, ...] = _T5_TABLES
+        else:  # beside a second CLIP, CLIP-L is SDXL's (EMCID edits its late layers there)
+            tables = (CLIP_L_XL, CLIP_G) if len(clips) > 1 else _TABLE_ENCODERS
         table = [t for t in tables if (t.name, t.width, t.layers, t.mlp) == (name, width, n, mlp)]
         # EMCID edits the early-to-late fc2 layers: the table's choice when known, else all but the last
         edit = table[0].edit_layers if table else tuple(range(max(n - 1, 1)))
         a1111 = table[0].a1111 if table else ""
-        out.append(TextEncoderSpec(name, int(width), n, int(mlp), diffusers, kohya, a1111, edit_layers=edit))
+        out.append(TextEncoderSpec(name, int(width), n, int(mlp), diffusers, kohya, a1111, edit_layers=edit,
+                                   kind=kinds[name]))
     return tuple(out)
+
+
+def _placeholder_fc2(name: str) -> str:
+    """A key of encoder `name` (for naming encoders an edit does not touch)."""
+    spec = TextEncoderSpec(name, 1, 1, 1, "", "", "", kind="t5" if name.startswith("t5") else "clip")
+    return spec.fc2_key(0)
+
+
+def _edit_text_encoders(shapes: Mapping[str, tuple[int, ...]], encoders: Iterable[str]) -> tuple[TextEncoderSpec, ...]:
+    """The text encoders an edit's keys name, with the model's other encoders (`encoders`, from the
+    fingerprint) added, since every encoder decides kohya's ``lora_te`` numbering."""
+    te = {k: s for k, s in shapes.items() if _TE_FC2.match(k)}
+    names = list(encoders) or sorted({m.group(1) for k in te if (m := _TE_FC2.match(k))})
+    te.update({_placeholder_fc2(n): (1, 1) for n in names if not any(k.startswith(n + ".") for k in te)})
+    return discover_text_encoders(te)
 
 
 def discover_layout(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | None = None,
@@ -592,13 +636,9 @@ def layout_of_edit(family: str, keys: Mapping[str, tuple[int, ...]], encoders: I
     shapes = dict(keys)
     kind = dit_kind(_normalise_unet_keys(shapes))
     if kind is not None:
-        names = list(encoders) or sorted({m.group(1) for k in shapes if (m := _TE_FC2.match(k))})
-        te = {k: s for k, s in shapes.items() if _TE_FC2.match(k)}
-        te.update({f"{n}.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (1, 1) for n in names
-                   if not any(k.startswith(n + ".") for k in te)})
         projs, mlps = _dit_parts(kind, _normalise_unet_keys(shapes))
-        return Family(family or CUSTOM, f"{family or CUSTOM} layout", 0, (), discover_text_encoders(te), kind=kind,
-                      projections=projs, mlps=mlps)
+        return Family(family or CUSTOM, f"{family or CUSTOM} layout", 0, (), _edit_text_encoders(shapes, encoders),
+                      kind=kind, projections=projs, mlps=mlps)
     blocks = list(discover_blocks(_normalise_unet_keys(shapes)))
     seen = {b.ldm for b in blocks}
     for k, s in shapes.items():  # blocks the edit touches only outside attn2 K/V (FFN masks, LoRAs)
@@ -607,14 +647,7 @@ def layout_of_edit(family: str, keys: Mapping[str, tuple[int, ...]], encoders: I
             seen.add(m.group(1))
             blocks.append(TransformerBlock(m.group(1), "", int(s[0])))
     blocks = tuple(sorted(blocks, key=lambda b: _execution_order(b.ldm)))
-    names = list(encoders) or sorted({m.group(1) for k in shapes if (m := _TE_FC2.match(k))})
-    te_shapes = {k: s for k, s in shapes.items() if _TE_FC2.match(k)}
-    text = list(discover_text_encoders(te_shapes))
-    present = {t.name for t in text}
-    for n in names:  # encoders the edit does not touch still decide the kohya prefixes
-        if n not in present:
-            te_shapes[f"{n}.transformer.text_model.encoder.layers.0.mlp.fc2.weight"] = (1, 1)
-    text = discover_text_encoders(te_shapes)
+    text = _edit_text_encoders(shapes, encoders)
     ctx = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), 0)
     return Family(family or CUSTOM, f"{family or CUSTOM} layout", int(ctx), blocks, text)
 

@@ -9,7 +9,7 @@ every SpatialTransformer UNet passes whatever its layout.
   (Flux ``txt_in``, ``vector_in.in_layer``; SD3 ``context_embedder``, ``y_embedder.mlp.0``); lowrank or delta.
 - ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights, or an
   MMDiT's MLP outputs (Flux ``img_mlp.2`` / single blocks' ``linear2``, SD3 ``x_block.mlp.fc2``); mask.
-- ``emcid``: the text encoders' ``mlp.fc2`` weights; lowrank or delta.
+- ``emcid``: the text encoders' MLP output weights (CLIP ``mlp.fc2``, T5 ``DenseReluDense.wo``); lowrank or delta.
 - ``unlearn-rgd``, ``unlearn-ga``, ``unlearn-esd``, ``distill``, ``distill-unlearn``,
   ``benign-finetune``: the parameter set recorded in ``params["param_set"]``, as
   `editing.training.select_targets` picks it: ``lora`` = the Linear weights inside
@@ -58,8 +58,9 @@ TEXT_IN = Rule("an MMDiT's text projections (Flux txt_in / vector_in.in_layer, S
                "y_embedder.mlp.0)", _UNET + r"(?:txt_in|vector_in\.in_layer|context_embedder|y_embedder\.mlp\.0)"
                r"\.weight", _WEIGHTS)
 FFN_OUT = Rule("the UNet's FFN output ff.net.2 weights", _UNET + _PATH + r"ff\.net\.2\.weight", frozenset({"mask"}))
-TE_FC2 = Rule("the text encoders' mlp.fc2 weights",
-              r"(?!diffusion_model\.)" + _PATH + r"text_model\.encoder\.layers\.\d+\.mlp\.fc2\.weight", _WEIGHTS)
+TE_FC2 = Rule("the text encoders' MLP output weights (CLIP mlp.fc2, T5 layer.1.DenseReluDense.wo)",
+              r"(?!diffusion_model\.)" + _PATH + r"(?:text_model\.encoder\.layers\.\d+\.mlp\.fc2"
+              r"|encoder\.block\.\d+\.layer\.1\.DenseReluDense\.wo)\.weight", _WEIGHTS)
 DIT_MLP_OUT = Rule("an MMDiT's MLP output weights (Flux double_blocks.N.img_mlp.2 / single_blocks.N.linear2, SD3 "
                    "joint_blocks.N.x_block.mlp.fc2)", _UNET + r"(?:double_blocks\.\d+\.img_mlp\.2|single_blocks\.\d+"
                    r"\.linear2|joint_blocks\.\d+\.x_block\.mlp\.fc2)\.weight", frozenset({"mask"}))

@@ -12,7 +12,8 @@ from .common import CATEGORY, EDIT
 
 def _family_defaults(name: str) -> str:
     """'SD1 4000, SD2 4000, SDXL clip_l 4000 / clip_g 10000, tiny 1000': the table's values, for the tooltips."""
-    labels = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "tiny": "tiny"}
+    labels = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "tiny": "tiny", "flux1": "Flux (T5)",
+              "tiny-flux": "tiny Flux (T5)"}
     out = []
     for fam, d in FAMILY_DEFAULTS.items():
         if name == "lam" and d.lam_per_encoder:
@@ -70,18 +71,19 @@ class TextEncoderEdit:
                                      "tooltip": "Prompts the concept is read in, one per line; '{}' marks the concept."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed for the stage-1 source images and timesteps."}),
-            "residual": (list(RESIDUALS), {"default": "official",
-                                           "tooltip": "Stage 2's residual at each edited layer: official = target minus "
-                                                      "that layer's MLP output (EMCID's code); memit = target minus the "
-                                                      "last edited layer's output (MEMIT's)."}),
+            "residual": (["auto", *RESIDUALS], {"default": "auto",
+                                                "tooltip": "Stage 2's residual at each edited layer: official = target minus "
+                                                           "that layer's MLP output (EMCID's code); memit = target minus the "
+                                                           "last edited layer's output (MEMIT's); auto = the model family's "
+                                                           "(official on SD1/SD2/SDXL, memit on Flux's T5)."}),
         }}
 
     def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,
-                templates: str | None = None, seed: int = 0, residual: str = "official"):
+                templates: str | None = None, seed: int = 0, residual: str = "auto"):
         tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
         # 0 = the model family's default; the values used are in the edit's params
         cfg = EmcidConfig(lam=lam or None, steps=steps or None, use_stage1=use_stage1, templates=tpl, seed=seed,
-                          residual=residual)
+                          residual=None if residual == "auto" else residual)
         _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
                                                                         cache_dir=emcid_cache_dir()))
         return (out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))

@@ -83,7 +83,7 @@ def _fc2_out_at_concepts(text, prompts, layer):
     name = f"text_model.encoder.layers.{layer}.mlp.fc2"
     with trace_outputs(text.modules(ENC), [name], lambda _n, out: got.append(out.detach().double())), torch.no_grad():
         text.forward(ENC, prompts.ids[ENC])
-    out = got[0][torch.arange(len(prompts.text)), prompts.pos]
+    out = got[0][torch.arange(len(prompts.text)), prompts.pos[ENC]]
     return out.reshape(prompts.n, prompts.templates, -1).mean(1)
 
 
@@ -337,6 +337,7 @@ def test_c0_includes_bos_and_eos_positions(text):
     cfg = EmcidConfig(n_captions=24, batch=10)
     caps = generic_captions(24)
     ids, n_real = text.tokenize(caps)
+    n_real = n_real[ENC]
     bos, eos = ids[ENC][0, 0], ids[ENC][0, int(n_real[0]) + 1]
     assert bool((ids[ENC][:, 0] == bos).all())
     assert all(int(ids[ENC][r, int(n_real[r]) + 1]) == int(eos) for r in range(len(caps)))
@@ -372,7 +373,8 @@ def test_family_defaults_table():
     sd, used = resolve_defaults(EmcidConfig(), "sd1", ("clip_l",))
     assert (sd.steps, sd.lr, sd.weight_decay, sd.pooled_weight, sd.max_norm, sd.lam) == (
         200, 0.2, 5e-4, 0.01, 1.5, {"clip_l": 4000.0})
-    assert used == {"table": "sd1", "filled": ["steps", "lr", "weight_decay", "pooled_weight", "max_norm", "lam"]}
+    assert used == {"table": "sd1", "filled": ["steps", "lr", "weight_decay", "pooled_weight", "max_norm", "residual",
+                                                     "lam"]}
     xl, used = resolve_defaults(EmcidConfig(), "sdxl", ("clip_l", "clip_g"))
     assert (xl.steps, xl.lr, xl.weight_decay, xl.pooled_weight, xl.max_norm, xl.lam) == (
         100, 0.1, 8e-3, 0.005, 1.2, {"clip_l": 4000.0, "clip_g": 10000.0})
@@ -381,6 +383,12 @@ def test_family_defaults_table():
     # unknown layouts: SDXL's with two text encoders, else SD's
     assert resolve_defaults(EmcidConfig(), "custom", ("clip_l", "clip_g"))[1]["table"] == "sdxl"
     assert resolve_defaults(EmcidConfig(), "custom", ("clip_g",))[1]["table"] == "sd1"
+    # Flux: T5 alone is edited, with MEMIT's residual (the official one barely moves T5's state)
+    fx, used = resolve_defaults(EmcidConfig(), "tiny-flux", ("clip_l", "t5xxl"))
+    assert fx.residual == "memit" and fx.lam["t5xxl"] == 100.0 and fx.pooled_weight == 0.0
+    assert resolve_defaults(EmcidConfig(), "custom", ("clip_l", "t5xxl"))[1]["table"] == "flux1"
+    assert resolve_defaults(EmcidConfig(residual="official"), "flux1", ("clip_l", "t5xxl"))[0].residual == "official"
+    assert sd.residual == "official"
     # what the user sets is kept; a single λ keeps working; a partial mapping is completed
     mine, used = resolve_defaults(EmcidConfig(lam=123.0, lr=0.05, weight_decay=0.0), "sdxl", ("clip_l", "clip_g"))
     assert (mine.lam, mine.lr, mine.weight_decay, mine.steps) == (123.0, 0.05, 0.0, 100)

@@ -58,7 +58,7 @@ def test_comfyui_detects_the_tiny_flux_as_flux_and_the_layout_is_read_from_it(ti
     assert [m.module for m in fam.mlps] == ["double_blocks.0.img_mlp.2", "double_blocks.1.img_mlp.2",
                                            "single_blocks.0.linear2", "single_blocks.1.linear2"]
     assert fam.mlps[-1].offset == 64 and fam.mlps[-1].inner == 256  # linear2: attention columns, then the MLP's
-    assert [t.name for t in fam.text_encoders] == ["clip_l"]
+    assert [t.name for t in fam.text_encoders] == ["clip_l", "t5xxl"]  # read from the shipped CLIP's keys
 
 
 @needs_flux
@@ -75,8 +75,27 @@ def test_real_flux1_and_sd35_layouts_on_meta_name_every_edited_key(comfy):
     shapes = _shapes(flux)
     fam = arch.discover_layout(shapes)
     assert fam.name == "flux1" and len(fam.mlps) == 19 + 38
-    exp = fam.expected_shapes()
+    exp = {k: v for k, v in fam.expected_shapes().items() if k.startswith("diffusion_model.")}
     assert exp and all(shapes[k] == v for k, v in exp.items())
+    # the table's text encoders against ComfyUI's own T5-XXL (its Flux config) and CLIP-L on meta
+    import json
+
+    import comfy.clip_model
+    from comfy.text_encoders.t5 import T5
+    cfg_dir = os.path.dirname(comfy.clip_model.__file__)
+    with open(os.path.join(cfg_dir, "text_encoders", "t5_config_xxl.json")) as f:
+        t5_cfg = json.load(f)
+    with open(os.path.join(cfg_dir, "sd1_clip_config.json")) as f:
+        clip_cfg = json.load(f)
+    with torch.device("meta"):
+        t5 = T5(t5_cfg, torch.float16, "meta", comfy.ops.disable_weight_init)
+        clip_l = comfy.clip_model.CLIPTextModel(clip_cfg, torch.float16, "meta", comfy.ops.disable_weight_init)
+    text = {f"t5xxl.transformer.{k}": tuple(v.shape) for k, v in t5.state_dict().items()}
+    text.update({f"clip_l.transformer.{k}": tuple(v.shape) for k, v in clip_l.state_dict().items()})
+    te = {k: v for k, v in fam.expected_shapes().items() if not k.startswith("diffusion_model.")}
+    assert {k.split(".")[0] for k in te} == {"clip_l", "t5xxl"} and all(text[k] == v for k, v in te.items())
+    assert [t.kohya for t in fam.text_encoders] == ["lora_te1", "lora_te2"]
+    assert [t.name for t in arch.discover_text_encoders(text)] == ["clip_l", "t5xxl"]
     ldm_of = comfy.utils.flux_to_diffusers(FLUX1, output_prefix="diffusion_model.")
     for k in exp:
         d = fam.to_diffusers(k)
@@ -128,18 +147,72 @@ def test_closed_form_node_edits_the_text_projections_and_leaves_the_input(comfy,
         apply_edit(sd_model, sd_clip, again)
 
 
+def _t5_state(clip, prompt: str, layer: int) -> torch.Tensor:
+    """The tiny T5's block-`layer` output [L, d] for `prompt`, as ComfyUI's encode runs it."""
+    from conceptedit.tiny.comfy_model import encode
+    got = {}
+    block = clip.cond_stage_model.t5xxl.transformer.encoder.block[layer].layer[1]
+    handle = block.register_forward_hook(lambda m, i, o: got.__setitem__("h", o[0].detach().clone()))
+    try:
+        encode(clip, prompt)
+    finally:
+        handle.remove()
+    return got["h"]
+
+
 @needs_flux
-@torch.inference_mode()
-def test_methods_not_built_for_mmdit_refuse_the_flux_model_by_name_and_say_what_works(comfy, tiny_flux):
+def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back(comfy, tiny_flux, tmp_path,
+                                                                               monkeypatch):
+    """EMCID on the tiny Flux edits T5 (Flux reads tokens from T5 alone) at the table's layer, moves
+    the concept's state towards the destination's and leaves other words' states nearly alone;
+    the input CLIP is untouched; the LoRA names T5 as ComfyUI's LoraLoader maps it (lora_te2_…)."""
+    import comfy.model_management as mm
+
+    import conceptedit.nodes.nodes_emcid as ne
+    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.editing.export.lora import LoraExportConfig, save_lora
     from test_layout_matrix import _node
     model, clip, _ = tiny_flux
-    calls = {
-        "ConceptEditTextEncoderEdit": dict(model=model, clip=clip, concepts="red -> blue"),
-    }
-    for node_id, given in calls.items():
-        with pytest.raises(ConceptEditError, match="MMDiT model \\(SD3/Flux\\).*closed-form edit"):
-            _node(comfy, node_id, **given)
-    assert not model.patches
+    monkeypatch.setattr(ne, "emcid_cache_dir", lambda: str(tmp_path / "cache"))
+    before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
+    with torch.inference_mode():
+        out_clip, edit, report = _node(comfy, "ConceptEditTextEncoderEdit", model=model, clip=clip,
+                                       concepts="red -> purple", use_stage1=False)
+    key = "t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert set(edit.changes) == {key} and edit.family == "tiny-flux"
+    assert edit.params["residual"] == "memit"  # the Flux table's, filled in
+    assert not clip.patcher.patches and out_clip.patcher.patches
+    assert all(torch.equal(v, before[k]) for k, v in clip.patcher.model_state_dict().items())
+    with torch.inference_mode():  # "red" is position 4 of "a photo of red", "purple" of "a photo of purple"
+        red0, red1 = _t5_state(clip, "a photo of red", 0)[4], _t5_state(out_clip, "a photo of red", 0)[4]
+        purple = _t5_state(clip, "a photo of purple", 0)[4]
+        sq0, sq1 = _t5_state(clip, "a blue square", 0), _t5_state(out_clip, "a blue square", 0)
+    assert float((red1 - purple).norm()) < 0.5 * float((red0 - purple).norm())
+    assert float((sq1 - sq0).norm(dim=-1).max()) < 0.1 * float((red1 - red0).norm())
+    # the LoRA file: T5 is the second text encoder of Flux in kohya naming; LoraLoader applies it
+    path = tmp_path / "flux_emcid.safetensors"
+    save_lora(edit, str(path), LoraExportConfig(dtype="float32"), base=original_weights(clip.patcher))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"lora_te2_encoder_block_0_layer_1_DenseReluDense_wo"}
+    import folder_paths
+    old = folder_paths.folder_names_and_paths.get("loras")
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], set(folder_paths.supported_pt_extensions))
+    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    try:
+        with torch.inference_mode():
+            _m, c = comfy.LoraLoader().load_lora(model, clip, path.name, 0.0, 1.0)
+            mm.load_models_gpu([c.patcher])
+            got = {k: v.float() - before[k].float() for k, v in c.patcher.model_state_dict().items()}
+            mm.unload_all_models()
+    finally:
+        if old is not None:
+            folder_paths.folder_names_and_paths["loras"] = old
+        getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    assert {k for k, v in got.items() if v.abs().max() > 0} == {key}
+    want = edit.changes[key].delta(dtype=torch.float32)
+    # the tiny T5 is stored in float16: LoraLoader's W + ΔW rounds there (about 2e-4 of ΔW's largest entry)
+    torch.testing.assert_close(got[key], want, rtol=0, atol=1e-3 * float(want.abs().max()))
 
 
 @needs_flux

@@ -24,6 +24,7 @@ SUBJECTS = (
     "piano", "violin", "camera", "phone", "computer", "umbrella", "hat", "shoe", "bag", "ball", "kite",
     "apple", "banana", "orange", "pizza", "cake", "sandwich", "bread", "coffee", "salad", "soup",
     "building", "window", "door", "fence", "statue", "fountain", "cloud", "moon", "sun", "star", "candle",
+    "circle", "square", "triangle", "cross", "heart",
 )
 ATTRIBUTES = (
     "red", "blue", "green", "yellow", "white", "black", "brown", "grey", "pink", "purple", "orange",

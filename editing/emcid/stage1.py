@@ -14,7 +14,10 @@ SDXL's UNet also takes the vector conditioning y (the pooled text ‖ size embed
 uses y of the destination, the prediction y of the δ-edited source (`Denoiser.adm`), so δ is also
 trained through the pooled output.
 
-With several text encoders (SDXL) each gets its own δ, optimised jointly. Results are cached on
+Flux's vector conditioning is CLIP-L's pooled output itself, its context T5's states; EMCID
+edits T5 there by default, so δ lives in T5's stream and the pooled vector of the source stays.
+
+With several edited text encoders (SDXL) each gets its own δ, optimised jointly. Results are cached on
 disk per (model fingerprint, concept, destination, parameters).
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext
 from ..training import train_loop
-from .stage2 import EmcidConfig, TextModel, concept_prompts, layer_module, read_keys, resolve_defaults
+from .stage2 import EmcidConfig, TextModel, concept_prompts, naming, read_keys, resolve_defaults
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,12 @@ def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
 
 def encode(text: TextModel, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                        dict[str, torch.Tensor | None]]:
-    """(the UNet's context, the pooled output the UNet's y takes, every encoder's own pooled
-    output), differentiable. The context is what `TextModel.context` builds: the encoders' states
-    concatenated in order, the pooled output of the last encoder (ComfyUI's SDXL: bigG's)."""
-    zs, pooled = [], {}
-    for e in text.encoders:
-        z, pooled[e] = text.forward(e, ids[e])
-        zs.append(z)
-    return torch.cat(zs, dim=-1), pooled[text.encoders[-1]], pooled
+    """(the model's context, the pooled vector it takes, every encoder's own pooled output),
+    differentiable; context and pooled vector as `TextModel.combine` builds them (SDXL: both
+    encoders' states, bigG's pooled; Flux: T5's states, CLIP-L's pooled)."""
+    outs = {e: text.forward(e, ids[e]) for e in text.encoders}
+    context, pooled = text.combine(outs)
+    return context, pooled, {e: p for e, (_, p) in outs.items()}
 
 
 def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
@@ -93,7 +94,9 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)
     ctx_dst = ctx_dst.detach().clone().to(dev)
     pooled_dst = pooled_dst.detach().clone() if pooled_dst is not None else None
-    pooled_targets = {e: p.detach().clone().float().to(dev) for e, p in pooled_dst_e.items() if p is not None}
+    # the pooled term of each edited encoder (an encoder left unedited has a constant pooled output)
+    pooled_targets = {e: p.detach().clone().float().to(dev) for e, p in pooled_dst_e.items()
+                      if p is not None and e in last}
     abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
     ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
     B = x0.shape[0]
@@ -110,12 +113,14 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         deltas[enc] = torch.zeros_like(h[enc], requires_grad=True)
         limits[enc] = cfg.max_norm * float(h[enc].norm())
     opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
-    onehot = torch.zeros(B, ids_src[next(iter(ids_src))].shape[1], 1, device=tdev)
-    onehot[torch.arange(B, device=tdev), src_p.pos.repeat(n_img).to(tdev)] = 1.0
+    onehot = {}  # per edited encoder: 1 at the concept's last token (its own token layout)
+    for enc in last:
+        onehot[enc] = torch.zeros(B, ids_src[enc].shape[1], 1, device=tdev)
+        onehot[enc][torch.arange(B, device=tdev), src_p.pos[enc].repeat(n_img).to(tdev)] = 1.0
 
     def add_delta(enc):
         def fn(_name, out):
-            return out + (onehot.to(out.dtype) * deltas[enc].to(out.dtype))
+            return out + (onehot[enc].to(out.dtype) * deltas[enc].to(out.dtype))
         return fn
 
     def eps_loss(t, noise):
@@ -124,7 +129,8 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
             target = denoiser.eps(x_t, t, ctx_dst, y=y_dst).detach()
         with ExitStack() as stack:
             for enc, L in last.items():
-                stack.enter_context(trace_outputs(text.modules(enc), [layer_module(L)], add_delta(enc)))
+                stack.enter_context(trace_outputs(text.modules(enc), [naming(text, enc).block_module(L)],
+                                                  add_delta(enc)))
             ctx_src, pooled_src, pooled_src_e = encode(text, ids_src)
         y_src = None if y_dst is None else adm(pooled_src.to(dev), B)  # δ reaches SDXL's y through the pooled
         pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)

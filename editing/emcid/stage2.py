@@ -46,22 +46,30 @@ DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a painting of {}
 class TextModel(Protocol):
     """What EMCID needs from a host's text encoder(s)."""
 
-    encoders: tuple[str, ...]   # ComfyUI clip names in context order, e.g. ("clip_l",) or ("clip_l", "clip_g")
+    encoders: tuple[str, ...]   # ComfyUI clip names in order, e.g. ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl")
+    kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``) or "t5" (no BOS, ``DenseReluDense.wo``)
     device: torch.device
 
     def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
-        """``named_modules()`` of that encoder's CLIP text transformer (``text_model.encoder.layers.3.mlp.fc2``)."""
+        """``named_modules()`` of that encoder's text transformer (``text_model.encoder.layers.3.mlp.fc2``,
+        ``encoder.block.3.layer.1.DenseReluDense.wo``)."""
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Token ids [B, 77] per encoder (on the device) and the number of real tokens of each
-        prompt (without BOS/EOS): the last real token sits at index n."""
+    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Token ids [B, L] per encoder (on the device; CLIP L = 77, Flux's T5 256) and, per encoder,
+        the number n of real tokens of each prompt (without BOS/EOS): the last real token sits at
+        index n on CLIP (after BOS), n − 1 on T5."""
 
     def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled)."""
 
+    def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's context and pooled vector from every encoder's `forward` output, as the host
+        builds them (SD: the encoders' states concatenated, the last one's pooled; Flux: T5's states,
+        CLIP-L's pooled)."""
+
     def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's context [B, 77, D] (all encoders, concatenated as the host does) and the pooled
-        output; differentiable when grad is enabled."""
+        """`combine` of every encoder's `forward`; differentiable when grad is enabled."""
 
 
 RESIDUALS = ("official", "memit")
@@ -79,8 +87,8 @@ class EmcidConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
     layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
     # stage 2's residual at layer l_i: "official" = Z − (that layer's fc2 output), as EMCID's code
-    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's
-    residual: str = "official"
+    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's; None = the family's (Flux: memit)
+    residual: str | None = None
     # stage 1
     steps: int | None = None            # Adam steps per concept (official: SD 200, SDXL 100)
     lr: float | None = None             # official: SD 0.2, SDXL 0.1
@@ -103,7 +111,7 @@ class EmcidConfig:
                                     "leave it unset for the model family's default")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
-        if self.residual not in RESIDUALS:
+        if self.residual is not None and self.residual not in RESIDUALS:
             raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
         if ((self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0)
                 or (self.max_norm is not None and self.max_norm <= 0)
@@ -196,27 +204,39 @@ def validate_pairs(pairs: Sequence[tuple[str, str]]) -> None:
 
 
 # ---- prompts and token positions ---------------------------------------------------------------
+def naming(host: TextModel, encoder: str) -> TextEncoderSpec:
+    """Module names and token layout of one of the host's encoders (CLIP's or T5's)."""
+    return TextEncoderSpec(encoder, 0, 0, 0, "", "", "", kind=getattr(host, "kinds", {}).get(encoder, "clip"))
+
+
 @dataclass
 class Prompts:
-    """Every concept in every template: ids per encoder [n·T, 77] and the concept's last-token index."""
+    """Every concept in every template: ids per encoder [n·T, L] and, per encoder, the index of the
+    concept's last token."""
 
     text: list[str]
     ids: dict[str, torch.Tensor]
-    pos: torch.Tensor          # [n·T] index of the concept's last token (template-major inside a concept)
+    pos: dict[str, torch.Tensor]  # encoder -> [n·T] (template-major inside a concept)
     n: int
     templates: int
 
 
 def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequence[str]) -> Prompts:
     text = [t.format(c) for c in concepts for t in templates]
-    # causal attention: the key at the concept's last token depends only on the text up to it, so its
-    # index is the number of real tokens of "template prefix + concept".
+    # the concept's last token is the last real token of "template prefix + concept" (tokenizers
+    # split at word starts, so that prefix tokenizes as the start of the whole prompt). On CLIP
+    # (causal) the key there depends only on that prefix; T5 attends both ways and reads it in the
+    # whole prompt, which is what the ids below are.
     prefixes = [t.split("{}")[0] + c for c in concepts for t in templates]
     ids, _ = host.tokenize(text)
     _, n_prefix = host.tokenize(prefixes)
-    pos = n_prefix.clamp(min=1).to(torch.long)  # an empty concept + empty prefix falls back to BOS's successor
-    if int(pos.max()) >= 76:
-        raise InvalidInputError("a concept reaches past CLIP's 75-token window; use shorter concepts/templates")
+    pos = {}
+    for e in ids:
+        # an empty concept with an empty prefix falls back to the token after the prefix (EOS)
+        pos[e] = (naming(host, e).first_token + n_prefix[e].clamp(min=1) - 1).to(torch.long)
+        if int(pos[e].max()) >= ids[e].shape[1] - 1:
+            raise InvalidInputError(f"a concept reaches past the {e} text encoder's {ids[e].shape[1]}-token window; "
+                                    "use shorter concepts/templates")
     return Prompts(text, ids, pos, len(concepts), len(templates))
 
 
@@ -234,10 +254,6 @@ class _Stop(Exception):
 
 
 # ---- reading keys and residuals -----------------------------------------------------------------
-def layer_module(i: int) -> str:
-    return f"text_model.encoder.layers.{i}"
-
-
 class LayerReads(NamedTuple):
     """What `read_layer` reads at each concept's last token, averaged over templates."""
 
@@ -253,11 +269,13 @@ def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int |
     token, averaged over templates, with the low-rank updates `applied` {layer: (R [d,r], X [m,r])}
     added to those fc2 outputs (ΔW k = R Xᵀ k) by hooks."""
     mods = host.modules(encoder)
+    names = naming(host, encoder)
     applied = dict(applied or {})
-    fc2_name = None if fc2_layer is None else f"{layer_module(fc2_layer)}.mlp.fc2"
+    fc2_name = None if fc2_layer is None else names.fc2_module(fc2_layer)
+    layer_of = {names.fc2_module(i): i for i in applied}
     keys, hs, ms = [], [], []
     for a, b in _chunks(len(prompts.text), batch):
-        pos = prompts.pos[a:b]
+        pos = prompts.pos[encoder][a:b]
         got: dict[str, torch.Tensor] = {}
         fc2_in: dict[str, torch.Tensor] = {}
 
@@ -267,10 +285,7 @@ def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int |
                 got["k"] = _gather(x, pos).double()
 
         def add_update(name, out):
-            i = int(name.split(".")[3])
-            if i not in applied:
-                return None
-            R, X = applied[i]
+            R, X = applied[layer_of[name]]
             x = fc2_in[name]
             return out + ((x.double() @ X) @ R.T).to(out.dtype)
 
@@ -281,15 +296,15 @@ def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int |
             got["h"] = _gather(out, pos).double()
             raise _Stop
 
-        fc2_names = {f"{layer_module(i)}.mlp.fc2" for i in applied}
+        fc2_names = set(layer_of)
         if fc2_name is not None:
             fc2_names.add(fc2_name)
         with ExitStack() as stack:
             stack.enter_context(trace_inputs(mods, sorted(fc2_names), store_in))
-            stack.enter_context(trace_outputs(mods, [f"{layer_module(i)}.mlp.fc2" for i in applied], add_update))
+            stack.enter_context(trace_outputs(mods, sorted(layer_of), add_update))
             if fc2_name is not None:  # registered after add_update: sees the updated output
                 stack.enter_context(trace_outputs(mods, [fc2_name], read_fc2_out))
-            stack.enter_context(trace_outputs(mods, [layer_module(last_layer)], read_last))
+            stack.enter_context(trace_outputs(mods, [names.block_module(last_layer)], read_last))
             try:
                 with torch.no_grad():
                     host.forward(encoder, prompts.ids[encoder][a:b])
@@ -335,12 +350,13 @@ def text_fingerprint(host: TextModel, encoder: str) -> str:
     return h.hexdigest()[:20]
 
 
-def caption_mask(n_real: torch.Tensor, length: int, device=None) -> torch.Tensor:
-    """[B, length] True at the positions C₀ averages over: BOS, the real tokens and EOS (not the
-    padding). BOS is the same vector in every prompt and every prompt attends to it, so it must be
-    in the preserved statistics: otherwise the edit is free to change it, and with it every prompt."""
+def caption_mask(n_real: torch.Tensor, length: int, device=None, first_token: int = 1) -> torch.Tensor:
+    """[B, length] True at the positions C₀ averages over: BOS (CLIP's; T5 has none, `first_token`
+    0), the real tokens and EOS (not the padding). BOS is the same vector in every prompt and every
+    prompt attends to it, so it must be in the preserved statistics: otherwise the edit is free to
+    change it, and with it every prompt."""
     j = torch.arange(length, device=device)
-    return j[None, :] <= n_real.to(device)[:, None] + 1
+    return j[None, :] <= n_real.to(device)[:, None] + first_token
 
 
 C0_TOKENS = "bos-real-eos"  # which caption positions C₀ averages over (part of its cache name)
@@ -367,15 +383,16 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
         return out
     ids, n_real = host.tokenize(caps)
     mods = host.modules(encoder)
-    names = {f"{layer_module(i)}.mlp.fc2": i for i in layers}
-    last = f"{layer_module(max(layers))}.mlp.fc2"
+    spec = naming(host, encoder)
+    names = {spec.fc2_module(i): i for i in layers}
+    last = spec.fc2_module(max(layers))
     sums: dict[int, torch.Tensor] = {}
     count = 0
     t0 = time.perf_counter()
     chunks = list(_chunks(len(caps), cfg.batch))
     for c, (a, b) in enumerate(chunks):
         ctx.check()
-        mask = caption_mask(n_real[a:b], ids[encoder].shape[1], host.device)
+        mask = caption_mask(n_real[encoder][a:b], ids[encoder].shape[1], host.device, spec.first_token)
 
         def take(name, x, mask=mask):
             k = x[mask.to(x.device)].double()
@@ -466,18 +483,45 @@ def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Ch
 
 
 # ---- the method -------------------------------------------------------------------------------------
+def table_family(family: Family) -> str:
+    """The name `presets.FAMILY_DEFAULTS` knows this family by: its own, or flux1 for any
+    Flux-layout model (whatever CLIP is connected, so a wrong one is named as such)."""
+    from .presets import FAMILY_DEFAULTS
+    return "flux1" if family.name not in FAMILY_DEFAULTS and family.kind == "flux" else family.name
+
+
 def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
+    """{encoder: (its spec, the fc2 layers to edit)}: the encoders the family's table edits (every
+    one, except on Flux: T5 alone), plus any `cfg.layers` names; `cfg.layers` mapping an encoder to
+    () leaves it out."""
+    from .presets import defaults_for
+    _, table = defaults_for(table_family(family), text.encoders)
     specs = {te.name: te for te in family.text_encoders}
+    given = dict(cfg.layers or {})
+    unknown = sorted(set(given) - set(text.encoders))
+    if unknown:
+        raise InvalidInputError(f"layers are given for {', '.join(unknown)}, which this CLIP does not have "
+                                f"(its text encoders: {', '.join(text.encoders)})")
+    wanted = [e for e in text.encoders if e in given or table.encoders is None or e in table.encoders]
+    missing = [e for e in (table.encoders or ()) if e not in text.encoders]
     out = {}
-    for enc in text.encoders:
+    for enc in wanted:
         spec = specs.get(enc)
         if spec is None:
             raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} layout does not "
                                     f"have ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
-        layers = tuple((cfg.layers or {}).get(enc, spec.edit_layers))
+        layers = tuple(given.get(enc, spec.edit_layers))
+        if enc in given and not layers:
+            continue
         if not layers or any(not 0 <= i < spec.layers for i in layers) or list(layers) != sorted(set(layers)):
             raise InvalidInputError(f"{enc}: edit layers must be increasing indices in 0..{spec.layers - 1}, got {layers}")
         out[enc] = (spec, layers)
+    if not out:
+        if missing:
+            raise InvalidInputError(f"EMCID on this {family.label} edits its {', '.join(missing)} text encoder, which "
+                                    f"this CLIP does not have (it has {', '.join(text.encoders)}): connect the "
+                                    "checkpoint's own CLIP (Flux: clip_l + t5xxl, e.g. DualCLIPLoader type flux)")
+        raise InvalidInputError("no text-encoder layers to edit: every encoder was given no layers")
     return out
 
 
@@ -501,7 +545,7 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     cfg.validate()
     validate_pairs(pairs)
     ctx = ctx or RunContext()
-    cfg, used = resolve_defaults(cfg, family.name, text.encoders)
+    cfg, used = resolve_defaults(cfg, table_family(family), text.encoders)
     plan = edit_layers(family, text, cfg)
     if cfg.use_stage1 and denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1")
