@@ -318,3 +318,14 @@ def test_edit_info_lists_exactly_the_changed_layers(comfy, real_edits):
         listed = [ln for ln in out["result"][0].splitlines()[3:] if ln.startswith("  ")]
         assert sum(ln.count("=") for ln in listed) == len(e.changes), name
         assert edit_text(edit_view(e)) == out["result"][0]
+
+
+def test_emcid_scope_takes_t5_feed_forward_outputs_and_nothing_else_of_t5():
+    from conceptedit.editing.scope import check_scope
+    wo = "t5xxl.transformer.encoder.block.3.layer.1.DenseReluDense.wo.weight"
+    low = Change("lowrank", (64, 128), {"up": torch.zeros(64, 1), "down": torch.zeros(1, 128)})
+    check_scope("emcid", {}, {wo: low})
+    for key in ("t5xxl.transformer.encoder.block.3.layer.0.SelfAttention.o.weight",
+                "t5xxl.transformer.encoder.block.3.layer.1.DenseReluDense.wi_0.weight"):
+        with pytest.raises(EditFileError, match="outside what emcid"):
+            check_scope("emcid", {}, {key: low})

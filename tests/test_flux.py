@@ -425,3 +425,23 @@ def test_t5_windows_start_at_position_0_and_align_on_eos():
     cfg_last = UCEConfig(concepts=["red apple"], default_preserve=False, token_window="last")
     s_last = build_text_system(text, cfg_last)
     torch.testing.assert_close(s_last.C, E[0][1:2])
+
+
+@needs_flux
+def test_debias_node_runs_on_the_tiny_flux_with_the_model_as_judge(comfy, tiny_flux):
+    """The debias loop's plumbing on Flux: pictures through the flow sampler, the model's own
+    presence score as the judge, the closed form on txt_in; the input is left unchanged."""
+    import math
+    model, clip, _ = tiny_flux
+    node = comfy.NODE_CLASS_MAPPINGS["ConceptEditUCEDebias"]()
+    before = {k: v.clone() for k, v in model.model_state_dict().items()}
+    with torch.inference_mode():
+        res = node.execute(model, clip, "a circle", "red:0.5, blue:0.5", 0.05, 1, 2, 2, 5.0, 0,
+                           default_preserve=False, width=64, height=64)
+    out_model, edit, text = res["result"]
+    assert out_model is not model and not model.patches and out_model.patches
+    assert all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
+    assert set(edit.changes) == {"diffusion_model.txt_in.weight"} and edit.family == "tiny-flux"
+    d = edit.metrics["debias"]
+    assert d["rounds"] and all(math.isclose(sum(r["shares"]["a circle"]), 1.0) for r in d["rounds"])
+    assert "round 0" in text
