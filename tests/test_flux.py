@@ -432,8 +432,11 @@ def test_debias_node_runs_on_the_tiny_flux_with_the_model_as_judge(comfy, tiny_f
     """The debias loop's plumbing on Flux: pictures through the flow sampler, the model's own
     presence score as the judge, the closed form on txt_in; the input is left unchanged."""
     import math
+
+    import comfy.model_management as mm
     model, clip, _ = tiny_flux
     node = comfy.NODE_CLASS_MAPPINGS["ConceptEditUCEDebias"]()
+    mm.unload_all_models()  # an earlier test's patched clone, loaded, would show its weights in the shared model
     before = {k: v.clone() for k, v in model.model_state_dict().items()}
     with torch.inference_mode():
         res = node.execute(model, clip, "a circle", "red:0.5, blue:0.5", 0.05, 1, 2, 2, 5.0, 0,
