@@ -92,6 +92,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def loras(comfy, tmp_path):
+    """A temporary models/loras folder registered in ComfyUI's folder_paths."""
+    import folder_paths
+    old = folder_paths.folder_names_and_paths.get("loras")
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], set(folder_paths.supported_pt_extensions))
+    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    yield tmp_path
+    if old is not None:
+        folder_paths.folder_names_and_paths["loras"] = old
+    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+
+
 @pytest.fixture(scope="session")
 def pack():
     return PACK

@@ -161,7 +161,7 @@ def _t5_state(clip, prompt: str, layer: int) -> torch.Tensor:
 
 
 @needs_flux
-def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back(comfy, tiny_flux, tmp_path,
+def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back(comfy, tiny_flux, loras,
                                                                                monkeypatch):
     """EMCID on the tiny Flux edits T5 (Flux reads tokens from T5 alone) at the table's layer, moves
     the concept's state towards the destination's and leaves other words' states nearly alone;
@@ -173,7 +173,7 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
     from test_layout_matrix import _node
     model, clip, _ = tiny_flux
-    monkeypatch.setattr(ne, "emcid_cache_dir", lambda: str(tmp_path / "cache"))
+    monkeypatch.setattr(ne, "emcid_cache_dir", lambda: str(loras / "cache"))
     before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
     with torch.inference_mode():
         out_clip, edit, report = _node(comfy, "ConceptEditTextEncoderEdit", model=model, clip=clip,
@@ -190,25 +190,16 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
     assert float((red1 - purple).norm()) < 0.5 * float((red0 - purple).norm())
     assert float((sq1 - sq0).norm(dim=-1).max()) < 0.1 * float((red1 - red0).norm())
     # the LoRA file: T5 is the second text encoder of Flux in kohya naming; LoraLoader applies it
-    path = tmp_path / "flux_emcid.safetensors"
+    path = loras / "flux_emcid.safetensors"
     save_lora(edit, str(path), LoraExportConfig(dtype="float32"), base=original_weights(clip.patcher))
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         assert {k.split(".")[0] for k in f.keys()} == {"lora_te2_encoder_block_0_layer_1_DenseReluDense_wo"}
-    import folder_paths
-    old = folder_paths.folder_names_and_paths.get("loras")
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], set(folder_paths.supported_pt_extensions))
-    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
-    try:
-        with torch.inference_mode():
-            _m, c = comfy.LoraLoader().load_lora(model, clip, path.name, 0.0, 1.0)
-            mm.load_models_gpu([c.patcher])
-            got = {k: v.float() - before[k].float() for k, v in c.patcher.model_state_dict().items()}
-            mm.unload_all_models()
-    finally:
-        if old is not None:
-            folder_paths.folder_names_and_paths["loras"] = old
-        getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    with torch.inference_mode():
+        _m, c = comfy.LoraLoader().load_lora(model, clip, path.name, 0.0, 1.0)
+        mm.load_models_gpu([c.patcher])
+        got = {k: v.float() - before[k].float() for k, v in c.patcher.model_state_dict().items()}
+        mm.unload_all_models()
     assert {k for k, v in got.items() if v.abs().max() > 0} == {key}
     want = edit.changes[key].delta(dtype=torch.float32)
     # the tiny T5 is stored in float16: LoraLoader's W + ΔW rounds there (about 2e-4 of ΔW's largest entry)
@@ -216,6 +207,7 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
 
 
 @needs_flux
+@pytest.mark.usefixtures("loras")  # LoraLoader reads the file from tmp_path
 def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path):
     from safetensors import safe_open
 
@@ -238,22 +230,14 @@ def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path)
 
 
 def _assert_loraloader_reads(comfy, model, clip, edit, path, base):
-    """ComfyUI's own LoraLoader on the file: exactly the edit's weights change, by the edit's ΔW."""
-    import folder_paths
-    old = folder_paths.folder_names_and_paths.get("loras")
-    folder_paths.folder_names_and_paths["loras"] = ([str(path.parent)], set(folder_paths.supported_pt_extensions))
-    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
-    try:
-        import comfy.model_management as mm
-        with torch.inference_mode():
-            m, _c = comfy.LoraLoader().load_lora(model, clip, os.path.basename(path), 1.0, 0.0)
-            mm.load_models_gpu([m])
-            got = {k: v.float() - base[k].float() for k, v in m.model_state_dict().items()}
-            mm.unload_all_models()
-    finally:
-        if old is not None:
-            folder_paths.folder_names_and_paths["loras"] = old
-        getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    """ComfyUI's own LoraLoader on the file (in the `loras` fixture's folder): exactly the edit's
+    weights change, by the edit's ΔW."""
+    import comfy.model_management as mm
+    with torch.inference_mode():
+        m, _c = comfy.LoraLoader().load_lora(model, clip, os.path.basename(path), 1.0, 0.0)
+        mm.load_models_gpu([m])
+        got = {k: v.float() - base[k].float() for k, v in m.model_state_dict().items()}
+        mm.unload_all_models()
     changed = {k for k, v in got.items() if v.abs().max() > 0}
     assert changed == set(edit.changes)
     for k, c in edit.changes.items():
@@ -263,6 +247,7 @@ def _assert_loraloader_reads(comfy, model, clip, edit, path, base):
 
 
 @needs_flux
+@pytest.mark.usefixtures("loras")  # LoraLoader reads the file from tmp_path
 def test_concept_prune_masks_only_mlp_neurons_and_its_lora_is_read_back(comfy, tiny_flux, tmp_path):
     from conceptedit.comfy_host.adapters import original_weights
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
@@ -282,6 +267,7 @@ def test_concept_prune_masks_only_mlp_neurons_and_its_lora_is_read_back(comfy, t
 
 
 @needs_flux
+@pytest.mark.usefixtures("loras")  # LoraLoader reads the file from tmp_path
 def test_unlearning_trains_on_the_flow_model_and_exports_kohya_names(comfy, tiny_flux, tmp_path):
     from safetensors import safe_open
 
