@@ -4,6 +4,7 @@
         [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid]
+    COMFYUI_PATH=... bash run.sh bench bench_flux --part tokens [--seeds 6]
 
 `methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
 (same prompts, seeds, sampler: euler / normal, ComfyUI's own `comfy.sample.sample`):
@@ -20,6 +21,11 @@ attacks (`red_team_models`, as the Red-Team Audit node; judges: the tiny world's
 model-only presence score) and the resurgence audit (`audit_models`, as the Resurgence Audit node: a
 benign LoRA fine-tune on the original model's pictures of unrelated prompts, presence read by the
 model-only score at 10, 25 and 50 steps).
+
+`tokens`: which T5 positions the tiny Flux reads (why EMCID edits T5 early): "a red circle" encoded
+with "a blue circle"'s T5 states put at the word, the word and EOS, or the padding of the final
+output, or at the word after T5's layer 0; colours of `--seeds` pictures by the classifier. And
+stage 2's gap left (share of ‖Z − H‖) with the official and MEMIT residuals (red -> white, layer 0, λ 100).
 
 `scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
 random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
@@ -129,19 +135,38 @@ def part_scale(args) -> dict:
 
 
 # ---- methods on the tiny Flux ------------------------------------------------------------------------
-def part_methods(args) -> dict:
-    from conceptedit.comfy_host.adapters import apply_edit
+def run_method(model, clip, method: str, concept: str, args):
+    """One method's edit of `concept` on the tiny Flux, through the nodes' job functions."""
     from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid,
                                              uce, unlearn)
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
-    from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.editing.concept_prune.prune import PruneConfig
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.hosts import RunContext
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.unlearn.trainer import preset_config
+    from conceptedit.tiny.world import kind_of
+    ctx = RunContext()
+    with torch.inference_mode():
+        if method == "uce":
+            return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
+        if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
+            dest = args.emcid_target or EMCID_DEST[kind_of(concept)]
+            return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
+                                               settings=EmcidConfig(layers=args.emcid_layers,
+                                                                    **json.loads(args.emcid_config))), ctx)
+        if method == "prune":
+            cfg = PruneConfig(**TINY_DEFAULTS, steps=args.steps, cfg=args.cfg)
+            return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
+        preset = method if method in ("esd-x", "esd-u") else "custom"
+        cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
+        return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg), ctx)
+
+
+def part_methods(args) -> dict:
+    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.tiny.comfy_model import comfy_sampler
     from conceptedit.tiny.flux import load_tiny_flux
-    from conceptedit.tiny.world import kind_of
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_prune  # the same efficacy / paraphrase / specificity measures as the SD benchmarks
@@ -155,23 +180,6 @@ def part_methods(args) -> dict:
         return bench_prune.measure(sample, classify, concept, bench_prune.spec_eval(sample, classify), args.prompts,
                                    args.samples)
 
-    def run_method(method, concept):
-        ctx = RunContext()
-        with torch.inference_mode():
-            if method == "uce":
-                return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
-            if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
-                dest = args.emcid_target or EMCID_DEST[kind_of(concept)]
-                return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
-                                                   settings=EmcidConfig(layers=args.emcid_layers,
-                                                                        **json.loads(args.emcid_config))), ctx)
-            if method == "prune":
-                cfg = PruneConfig(**TINY_DEFAULTS, steps=args.steps, cfg=args.cfg)
-                return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
-            preset = method if method in ("esd-x", "esd-u") else "custom"
-            cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
-            return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg), ctx)
-
     results = {}
     for concept in args.concepts.split(","):
         t0 = time.perf_counter()
@@ -182,7 +190,7 @@ def part_methods(args) -> dict:
         results[concept] = {"original": base}
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            r = run_method(method, concept)
+            r = run_method(model, clip, method, concept, args)
             edit_s = time.perf_counter() - t0
             edited, edited_clip, _ = apply_edit(model, clip, r.edit)
             m = measure(edited, edited_clip, concept)
@@ -199,12 +207,10 @@ EMCID_DEST = {"colour": "purple", "shape": "circle", "style": "a plain backgroun
 
 def part_audit(args) -> dict:
     from conceptedit.comfy_host.adapters import apply_edit
-    from conceptedit.comfy_host.jobs import EmcidJob, UCEJob, audit_models, emcid, red_team_models, uce
+    from conceptedit.comfy_host.jobs import audit_models, red_team_models
     from conceptedit.editing.audit.resurgence import AuditConfig
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.redteam.runner import RedTeamConfig
     from conceptedit.editing.redteam.soft import AttackConfig
-    from conceptedit.editing.uce.closed_form import UCEConfig
     from conceptedit.tiny import world
     from conceptedit.tiny.flux import load_tiny_flux
 
@@ -215,14 +221,10 @@ def part_audit(args) -> dict:
         for concept in args.concepts.split(","):
             prompts = [p for p, _ in world.prompts_for(concept, 4)]
             for method in args.methods.split(","):
-                t0 = time.perf_counter()
-                if method == "uce":
-                    edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept]))).edit
-                elif method == "emcid":
-                    dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
-                    edit = emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=EmcidConfig())).edit
-                else:
+                if method not in ("uce", "emcid"):
                     raise SystemExit(f"--part audit runs uce and emcid, not {method}")
+                t0 = time.perf_counter()
+                edit = run_method(model, clip, method, concept, args).edit
                 edited, edited_clip, _ = apply_edit(model, clip, edit)
                 cfg = RedTeamConfig(attack=AttackConfig(steps=args.attack_steps, samples=8, images=8, sample_steps=10,
                                                         cfg=args.cfg, lr=0.05))
@@ -242,6 +244,77 @@ def part_audit(args) -> dict:
     return results
 
 
+def part_tokens(args) -> dict:
+    from collections import Counter
+
+    import comfy.sample
+
+    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.editing.audit.evaluate import default_classifier
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.tiny import model as tm
+    from conceptedit.tiny.comfy_model import encode
+    from conceptedit.tiny.flux import load_tiny_flux
+
+    torch.set_num_threads(args.threads)
+    model, clip, _ = load_tiny_flux(args.weights)
+    classify = default_classifier()
+    src, dst = "a red circle", "a blue circle"
+    ids = {p: [int(t[0]) for t in clip.tokenize(p)["t5xxl"][0]] for p in (src, dst)}
+    word = next(i for i, (a, b) in enumerate(zip(ids[src], ids[dst])) if a != b)
+    eos = ids[src].index(1)
+    pads = list(range(eos + 1, len(ids[src])))
+    block0 = clip.cond_stage_model.t5xxl.transformer.encoder.block[0].layer[1]
+
+    def colours(cond) -> dict:
+        neg, imgs = encode(clip, ""), []
+        for seed in range(args.seeds):
+            noise = torch.randn((tm.LATENT_CHANNELS, tm.IMAGE_SIZE, tm.IMAGE_SIZE),
+                                generator=torch.Generator().manual_seed(seed))[None]
+            x = comfy.sample.sample(model, noise, args.steps, args.cfg, "euler", "normal", cond, neg,
+                                    torch.zeros_like(noise), disable_pbar=True, seed=seed)
+            imgs.append(x[0, :3].float().cpu().clamp(-1, 1))
+        return dict(Counter(classify(torch.stack(imgs))["colour"]))
+
+    def swapped_output(pos):
+        a, b = encode(clip, src), encode(clip, dst)
+        c = a[0][0].clone()
+        c[:, pos] = b[0][0][:, pos]
+        return [[c, a[0][1]]]
+
+    def swapped_layer0(pos):
+        got = {}
+        h = block0.register_forward_hook(lambda m, i, o: got.__setitem__("o", o.clone()))
+        encode(clip, dst)
+        h.remove()
+
+        def put(m, i, o):
+            o = o.clone()
+            o[:, pos] = got["o"][:, pos]
+            return o
+        h = block0.register_forward_hook(put)
+        try:
+            return encode(clip, src)
+        finally:
+            h.remove()
+
+    out: dict = {"positions": {"word": word, "eos": eos, "pads": f"{pads[0]}..{pads[-1]}"}, "colours": {}}
+    with torch.inference_mode():
+        cases = {"original": encode(clip, src), "final: word": swapped_output([word]),
+                 "final: word + EOS": swapped_output([word, eos]), "final: padding": swapped_output(pads),
+                 "layer 0: word": swapped_layer0([word])}
+        for name, cond in cases.items():
+            out["colours"][name] = colours(cond)
+            print(f"{src!r} with {dst!r}'s T5 states at {name}: {out['colours'][name]}", flush=True)
+        out["gap_left"] = {}
+        for residual in ("official", "memit"):  # stage 2 alone, red -> white at T5 layer 0, λ 100
+            cfg = EmcidConfig(use_stage1=False, lam=100.0, residual=residual, layers={"t5xxl": (0,)})
+            edit = emcid(model, clip, EmcidJob(pairs=[("red", "white")], settings=cfg)).edit
+            out["gap_left"][residual] = round(edit.metrics["stage2"]["t5xxl"]["gap_after"], 3)
+            print(f"stage 2, {residual} residual: gap left {out['gap_left'][residual]}", flush=True)
+    return out
+
+
 def _layers(s: str) -> dict[str, tuple[int, ...]]:
     out = {}
     for part in filter(None, s.split(";")):
@@ -256,7 +329,7 @@ def _pct(x):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["methods", "scale", "audit"], default="methods")
+    p.add_argument("--part", choices=["methods", "scale", "audit", "tokens"], default="methods")
     p.add_argument("--concepts", default="red,triangle,monet")
     p.add_argument("--methods", default="uce,emcid,prune,esd-x,esd-u,rgd")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
@@ -270,6 +343,7 @@ def main(argv=None) -> dict:
                    help="EMCID's layers, e.g. t5xxl=0,1;clip_l=3 (an encoder given nothing is left out); "
                         "default the table's")
     p.add_argument("--emcid-config", default="{}", help='EMCID settings as JSON, e.g. {"weight_decay": 0}')
+    p.add_argument("--seeds", type=int, default=6, help="--part tokens: pictures per case")
     p.add_argument("--attack-steps", type=int, default=40, help="--part audit: Adam steps per red-team attack")
     p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")
     p.add_argument("--weights", default=None)
@@ -279,7 +353,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    out = {"scale": part_scale, "audit": part_audit, "methods": part_methods}[args.part](args)
+    out = {"scale": part_scale, "audit": part_audit, "methods": part_methods, "tokens": part_tokens}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -26,7 +26,7 @@ from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
 from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from ..editing.edit import Change, Edit
 from ..editing.emcid.stage2 import EmcidConfig, compute_emcid
-from ..editing.errors import InvalidInputError, UnknownArchitectureError
+from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
 from ..editing.hosts import RunContext
 from ..editing.prompts import build_pairs
@@ -237,11 +237,6 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
-    if family.kind == "sd3":  # its text path (CLIP-L ‖ G and T5 along the tokens) is not built
-        raise UnknownArchitectureError(
-            f"EMCID is not available for this {family.label} yet: SD3 reads CLIP-L, CLIP-G and T5 together, a text "
-            "path ConceptEdit does not build. It runs on SD1.x, SD2.x, SDXL and Flux (T5). On SD3 use the closed-form "
-            "edit (its context_embedder / y_embedder), ConceptPrune, the unlearning trainer or distill-and-unlearn.")
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = view.denoiser if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in

@@ -317,10 +317,11 @@ CUSTOM = "custom"
 TINY_WORLD_FAMILIES = ("tiny", "tiny-flux")
 _TABLE_ENCODERS = (CLIP_L, CLIP_H, CLIP_G, TINY_CLIP)
 # The T5 encoders Flux and SD3 read: T5-XXL v1.1 (its MLP is gated GELU, wi_0/wi_1 -> wo) and the
-# tiny Flux's T5. EMCID's layers on them are not the official code's (it has no T5). T5 attends both ways and Flux reads the prompt from the padding positions too (swapping them
-# alone turns a red circle blue on the tiny Flux; swapping the word's own last-layer state does
-# nothing), so an edit at a word must sit early enough for later layers to carry it into the rest
-# of the sequence: the tiny T5's layer 0 (of 2); T5-XXL's 6..10 of 24 (not measured on T5-XXL).
+# tiny Flux's T5. EMCID's layers on them are not the official code's (it has no T5). T5 attends
+# both ways and Flux reads the prompt from the padding positions too (swapping them alone turns a
+# red circle blue on the tiny Flux; swapping the word's own last-layer state does nothing), so an
+# edit at a word must sit early enough for later layers to carry it into the rest of the sequence:
+# the tiny T5's layer 0 (of 2); T5-XXL's 6..10 of 24 (not measured on T5-XXL).
 T5_XXL = TextEncoderSpec("t5xxl", 4096, 24, 10240, "text_encoder_2", "lora_te2", "text_encoders.t5xxl.transformer.",
                          edit_layers=(6, 7, 8, 9, 10), kind="t5")
 TINY_T5 = TextEncoderSpec("t5xxl", 64, 2, 128, "text_encoder_2", "lora_te2", "text_encoders.t5xxl.transformer.",

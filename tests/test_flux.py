@@ -166,8 +166,6 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
     """EMCID on the tiny Flux edits T5 (Flux reads tokens from T5 alone) at the table's layer, moves
     the concept's state towards the destination's and leaves other words' states nearly alone;
     the input CLIP is untouched; the LoRA names T5 as ComfyUI's LoraLoader maps it (lora_te2_…)."""
-    import comfy.model_management as mm
-
     import conceptedit.nodes.nodes_emcid as ne
     from conceptedit.comfy_host.adapters import original_weights
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
@@ -195,15 +193,8 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         assert {k.split(".")[0] for k in f.keys()} == {"lora_te2_encoder_block_0_layer_1_DenseReluDense_wo"}
-    with torch.inference_mode():
-        _m, c = comfy.LoraLoader().load_lora(model, clip, path.name, 0.0, 1.0)
-        mm.load_models_gpu([c.patcher])
-        got = {k: v.float() - before[k].float() for k, v in c.patcher.model_state_dict().items()}
-        mm.unload_all_models()
-    assert {k for k, v in got.items() if v.abs().max() > 0} == {key}
-    want = edit.changes[key].delta(dtype=torch.float32)
     # the tiny T5 is stored in float16: LoraLoader's W + ΔW rounds there (about 2e-4 of ΔW's largest entry)
-    torch.testing.assert_close(got[key], want, rtol=0, atol=1e-3 * float(want.abs().max()))
+    _assert_loraloader_reads(comfy, model, clip, edit, path, before, text=True, rel_atol=1e-3)
 
 
 @needs_flux
@@ -229,21 +220,24 @@ def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path)
     _assert_loraloader_reads(comfy, model, clip, edit, path, base)
 
 
-def _assert_loraloader_reads(comfy, model, clip, edit, path, base):
+def _assert_loraloader_reads(comfy, model, clip, edit, path, base, text: bool = False, rel_atol: float = 1e-4):
     """ComfyUI's own LoraLoader on the file (in the `loras` fixture's folder): exactly the edit's
-    weights change, by the edit's ΔW."""
+    weights change, by the edit's ΔW (`text`: the CLIP's weights, else the model's; `base` holds
+    the unpatched weights of that side)."""
     import comfy.model_management as mm
     with torch.inference_mode():
-        m, _c = comfy.LoraLoader().load_lora(model, clip, os.path.basename(path), 1.0, 0.0)
-        mm.load_models_gpu([m])
-        got = {k: v.float() - base[k].float() for k, v in m.model_state_dict().items()}
+        m, c = comfy.LoraLoader().load_lora(model, clip, os.path.basename(path), 0.0 if text else 1.0,
+                                            1.0 if text else 0.0)
+        patched = c.patcher if text else m
+        mm.load_models_gpu([patched])
+        got = {k: v.float() - base[k].float() for k, v in patched.model_state_dict().items()}
         mm.unload_all_models()
     changed = {k for k, v in got.items() if v.abs().max() > 0}
     assert changed == set(edit.changes)
     for k, c in edit.changes.items():
         want = c.delta(base[k].float(), dtype=torch.float32) if c.kind == "mask" else c.delta(dtype=torch.float32)
         assert float(want.abs().max()) > 1e-6, k
-        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-4 * float(want.abs().max()) + 1e-7, msg=k)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=rel_atol * float(want.abs().max()) + 1e-7, msg=k)
 
 
 @needs_flux

@@ -48,7 +48,7 @@ TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_w
 # barely separates concepts (tiny Flux: cos 0.9 between "red" and "a blue circle"), so EMCID edits
 # T5 there. No official numbers exist for T5; stage 1 takes SDXL's and T5 has no pooled output.
 # Stage 2 uses MEMIT's residual: the official one aims each layer's fc2 output at Z and on the
-# tiny T5 closed 10 % of the gap at λ 100 where MEMIT's closed 83 % (docs/benchmarks.md).
+# tiny T5 left 87 % of the gap at λ 100 where MEMIT's left 4 % (bench_flux --part tokens).
 # λ 4000 for T5-XXL is CLIP-L's value, not measured on T5; the tiny T5's 100 is.
 FLUX = FamilyDefaults(lam=4000.0, steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.0, max_norm=1.2,
                       encoders=("t5xxl",), residual="memit")
@@ -61,12 +61,13 @@ FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {"sd1": SD, "sd2": SD, "sdxl": SDXL
 TABLE_FIELDS = ("lam", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "residual")
 
 
-def defaults_for(family: str | None, encoders: Sequence[str]) -> tuple[str, FamilyDefaults]:
-    """(the table's key, its values) for a family name; an unknown layout falls back on SDXL's
-    values when it has two or more text encoders, else on SD's."""
+def defaults_for(family: str | None, encoders: Sequence[str], kind: str | None = None) -> tuple[str, FamilyDefaults]:
+    """(the table's key, its values) for a family name; an unknown layout gets Flux's values when
+    it is a Flux model (`kind`, the layout's: whatever CLIP is connected, so a wrong one is named as
+    such) or its CLIP is CLIP-L + T5, else SDXL's with two or more text encoders, else SD's."""
     if family in FAMILY_DEFAULTS:
         return family, FAMILY_DEFAULTS[family]
     encoders = tuple(encoders)
-    if "t5xxl" in encoders and "clip_g" not in encoders:  # a Flux-layout model the tables do not name
+    if kind == "flux" or ("t5xxl" in encoders and "clip_g" not in encoders):
         return "flux1", FLUX
     return ("sdxl", SDXL) if len(encoders) >= 2 else ("sd1", SD)

@@ -33,7 +33,7 @@ import torch
 from ..arch import Family, TextEncoderSpec
 from .captions import generic_captions
 from ..edit import Change, Edit
-from ..errors import InvalidInputError, NonFiniteError
+from ..errors import InvalidInputError, NonFiniteError, UnknownArchitectureError
 from ..hooks import trace_inputs, trace_outputs
 from ..hosts import RunContext
 from ..safety import refuse_unsafe
@@ -139,13 +139,14 @@ class EmcidConfig:
         return d
 
 
-def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[str]) -> tuple[EmcidConfig, dict]:
+def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[str],
+                     kind: str | None = None) -> tuple[EmcidConfig, dict]:
     """`cfg` with every hyper-parameter left at None taken from the family's table (an unknown
     layout: SDXL's with two text encoders, else SD's); λ becomes per encoder where the table or a
     partial mapping decides it. Returns the config and {"table": key, "filled": [fields]} for the
     edit's params. Values the user set are kept."""
     from .presets import TABLE_FIELDS, defaults_for
-    key, table = defaults_for(family, encoders)
+    key, table = defaults_for(family, encoders, kind)
     changes, filled = {}, []
     for name in TABLE_FIELDS:
         if name == "lam":
@@ -483,19 +484,12 @@ def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Ch
 
 
 # ---- the method -------------------------------------------------------------------------------------
-def table_family(family: Family) -> str:
-    """The name `presets.FAMILY_DEFAULTS` knows this family by: its own, or flux1 for any
-    Flux-layout model (whatever CLIP is connected, so a wrong one is named as such)."""
-    from .presets import FAMILY_DEFAULTS
-    return "flux1" if family.name not in FAMILY_DEFAULTS and family.kind == "flux" else family.name
-
-
 def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
     """{encoder: (its spec, the fc2 layers to edit)}: the encoders the family's table edits (every
     one, except on Flux: T5 alone), plus any `cfg.layers` names; `cfg.layers` mapping an encoder to
     () leaves it out."""
     from .presets import defaults_for
-    _, table = defaults_for(table_family(family), text.encoders)
+    _, table = defaults_for(family.name, text.encoders, family.kind)
     specs = {te.name: te for te in family.text_encoders}
     given = dict(cfg.layers or {})
     unknown = sorted(set(given) - set(text.encoders))
@@ -521,7 +515,8 @@ def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, 
             raise InvalidInputError(f"EMCID on this {family.label} edits its {', '.join(missing)} text encoder, which "
                                     f"this CLIP does not have (it has {', '.join(text.encoders)}): connect the "
                                     "checkpoint's own CLIP (Flux: clip_l + t5xxl, e.g. DualCLIPLoader type flux)")
-        raise InvalidInputError("no text-encoder layers to edit: every encoder was given no layers")
+        raise InvalidInputError("no text-encoder layers to edit: every encoder was given no layers; give one "
+                                "encoder its layers, or leave layers unset for the family's")
     return out
 
 
@@ -545,7 +540,12 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     cfg.validate()
     validate_pairs(pairs)
     ctx = ctx or RunContext()
-    cfg, used = resolve_defaults(cfg, table_family(family), text.encoders)
+    if family.kind == "sd3":  # its text path (CLIP-L ‖ G and T5 along the tokens) is not built
+        raise UnknownArchitectureError(
+            f"EMCID is not available for this {family.label} yet: SD3 reads CLIP-L, CLIP-G and T5 together, a text "
+            "path ConceptEdit does not build. It runs on SD1.x, SD2.x, SDXL and Flux (T5). On SD3 use the closed-form "
+            "edit (its context_embedder / y_embedder), ConceptPrune, the unlearning trainer or distill-and-unlearn.")
+    cfg, used = resolve_defaults(cfg, family.name, text.encoders, family.kind)
     plan = edit_layers(family, text, cfg)
     if cfg.use_stage1 and denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1")
