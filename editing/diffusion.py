@@ -35,10 +35,34 @@ def predict_x0(xt: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Te
     return (xt - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+def objective_weights(host, t: torch.Tensor) -> torch.Tensor | None:
+    """Per-row weights w_t that turn an ε-MSE at timesteps `t` into the MSE of the model's own
+    training objective (``Trainable.loss_weight``, optional; None: the ε-MSE as it is).
+
+    Why: on a rectified-flow model (Flux, SD3) the ε an x₀ change implies shrinks with the noise
+    level (ε̂ − ε = (1 − σ_f)/σ_f · (x₀ − x̂₀)), so at the high noise levels where such a model lays
+    out colour and composition an ε-loss sees almost nothing; its velocity loss ‖v̂ − v‖² =
+    ‖ε̂ − ε‖² / (1 − σ_f)² sees them as the model was trained to."""
+    get = getattr(host, "loss_weight", None)
+    return None if get is None else get(t)
+
+
+def objective_mse(host, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """MSE of ε-predictions `pred` against `target` at timesteps `t`, weighted per row by
+    `objective_weights` (the plain ε-MSE where the host gives none)."""
+    w = objective_weights(host, t)
+    if w is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    w = w.to(per_row.device, per_row.dtype).reshape(-1).expand(per_row.shape[0])
+    return (per_row * w).mean()
+
+
 def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
                   noise: torch.Tensor, ac: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """‖ε_θ(x_t, t, c) − ε‖² at x_t = `add_noise(x0, noise, t)` (`y`: the vector conditioning for `context`)."""
-    return F.mse_loss(host.eps(add_noise(x0, noise, t, ac), t, context, y=y), noise)
+    """‖ε_θ(x_t, t, c) − ε‖² at x_t = `add_noise(x0, noise, t)` (`y`: the vector conditioning for
+    `context`), weighted to the model's own objective (`objective_mse`: velocity on flow models)."""
+    return objective_mse(host, host.eps(add_noise(x0, noise, t, ac), t, context, y=y), noise, t)
 
 
 def ddim_timesteps(n_train: int, steps: int) -> torch.Tensor:

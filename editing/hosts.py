@@ -63,6 +63,11 @@ class Trainable(Protocol):
         """The `y` this model needs for a pooled text embedding (differentiable in `pooled`), or None
         when the model takes none. Optional: hosts without it are treated as needing none."""
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-timestep weights [B] that make an ε-MSE at `t` the model's own training loss (the
+        velocity MSE of a rectified-flow model), or None for the ε-MSE itself. Optional: hosts
+        without it train on the ε-MSE (`diffusion.objective_mse`)."""
+
 
 def base_weights(host) -> Mapping[str, torch.Tensor] | None:
     """The host's unpatched weights by ComfyUI key (``Trainable.base_weights()``, optional), the W that

@@ -60,7 +60,7 @@ class DistillUnlearn:
                                       "paper's code; blocks: the sum over every transformer block (earlier form)."}),
             "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
                                         "tooltip": "Min-SNR-γ weighting of the diffusion loss (5 as in the paper); "
-                                                   "0 = the plain ε-MSE."}),
+                                                   "0 = the model's own objective (ε-MSE; velocity MSE on Flux / SD3)."}),
             **size_inputs("the teacher generates for training"),
         }}
 

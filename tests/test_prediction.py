@@ -167,6 +167,33 @@ def test_eps_of_a_flow_model_is_what_comfyuis_own_sampling_implies(comfy, clip):
         torch.testing.assert_close(x0_ours, x0_comfy.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_training_losses_on_a_flow_model_are_its_velocity_mse(comfy, clip):
+    """The ε-objectives weighted by `objective_mse` are, on a rectified-flow model, the MSE of the
+    velocity v = ε − x₀ that ComfyUI's own model output predicts; an EPS model keeps its ε-MSE."""
+    import torch.nn.functional as F
+    from conceptedit.editing.diffusion import add_noise, objective_mse, objective_weights
+    flow = random_model().clone()
+    flow.add_object_patch("model_sampling", _Flow.make(comfy))
+    den = ComfyDenoiser(flow, clip)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([150, 950])
+    xt = add_noise(x0, noise, t, den.alphas_cumprod())
+    c = den.text.encode(["a red circle", "a blue square"])
+    with torch.no_grad():
+        loss = objective_mse(den, den.eps(xt, t, c), noise, t)
+        sf = _model_sampling(flow).sigmas[t].float().view(-1, 1, 1, 1)
+        x_flow = (1 - sf) * x0 + sf * noise
+        v_hat = (x_flow - flow.model.apply_model(x_flow, sf.flatten(), c_crossattn=c).float()) / sf
+        torch.testing.assert_close(loss, F.mse_loss(v_hat, noise - x0), atol=1e-4, rtol=1e-3)
+        w = objective_weights(den, t)
+        assert float(w[1]) > 50 * float(w[0])  # the high noise levels count as the model trained them
+        eps_model = ComfyDenoiser(random_model(), clip)
+        assert objective_weights(eps_model, t) is None
+        e = eps_model.eps(xt, t, c)
+        torch.testing.assert_close(objective_mse(eps_model, e, noise, t), F.mse_loss(e, noise))
+
+
 def test_an_unknown_noising_is_refused_clearly(comfy, clip):
     import comfy.model_sampling as cms
 

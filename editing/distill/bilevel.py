@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import UNET_PREFIX
-from ..diffusion import add_noise, generate_latents
+from ..diffusion import add_noise, generate_latents, objective_mse, objective_weights
 from ..edit import Change, Edit
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
@@ -63,7 +63,7 @@ class DistillConfig:
     w_out: float = 2.0           # output KD weight
     w_feat: float = 0.1          # feature KD weight
     feature_kd: str = "levels"   # "levels": mean over level outputs (official); "blocks": sum over transformer blocks
-    min_snr_gamma: float = 5.0   # Min-SNR-γ weighting of the diffusion term; 0 = plain ε-MSE
+    min_snr_gamma: float = 5.0   # Min-SNR-γ weighting of the diffusion term; 0 = the model's own objective (ε; velocity on flow models)
     weight_decay: float = 0.0    # AdamW's, both optimisers (official: 0)
     eta: float = 1.0
     param_set: str = "lora"
@@ -418,7 +418,7 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
             xt, t, c, y, ys, _ = draw(x_f, c_f, y_f, ys_f)
             target = erase_target(xt, t, c, y)
             feats.clear()
-            loss = F.mse_loss(trainee.eps(xt, t, c, y=ys), target)
+            loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
             opt, record = opt_e, lambda v: {"erase": [i, v]}
         else:
             xt, t, c, y, ys, noise = draw(x_gen, c_gen, y_gen, ys_gen)
@@ -426,9 +426,10 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
             f_t = {k: v.detach() for k, v in t_feats.items()}
             feats.clear()
             e_s = trainee.eps(xt, t, c, y=ys)
-            w = min_snr_weights(ac, t, cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
+            # Min-SNR is itself a weighting of the x₀ error; without it, the model's own objective
+            w = min_snr_weights(ac, t, cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else objective_weights(trainee, t)
             l_diff = diffusion_loss(e_s, noise, w)
-            l_out = F.mse_loss(e_s.float(), e_t.float())
+            l_out = objective_mse(trainee, e_s, e_t, t)
             l_feat, pairs = feature_kd(feats, f_t, cfg.feature_kd)
             paired.update(pairs)
             loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat.to(l_diff.device)

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..diffusion import add_noise
+from ..diffusion import add_noise, objective_mse
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext
@@ -134,7 +134,7 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
             ctx_src, pooled_src, pooled_src_e = encode(text, ids_src)
         y_src = None if y_dst is None else adm(pooled_src.to(dev), B)  # δ reaches SDXL's y through the pooled
         pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)
-        return torch.nn.functional.mse_loss(pred, target), pooled_src_e
+        return objective_mse(denoiser, pred, target, t), pooled_src_e
 
     # a fixed probe (timesteps spread over the schedule, fixed noise) to report progress without the
     # sampling noise of the training loss

@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from ..diffusion import add_noise, ddim_sample
+from ..diffusion import add_noise, ddim_sample, objective_mse
 from ..errors import InvalidInputError, NonFiniteError
 from ..hosts import RunContext, Trainable, rows_y
 
@@ -171,7 +171,7 @@ def optimise(s: Setup, prompts: Sequence[str], soft: list[torch.Tensor], target:
         context, pooled = text.encode_soft([prompts[int(r) % len(prompts)] for r in rows], params)
         y = host.adm(pooled, config.batch) if hasattr(host, "adm") else None
         pred = edited_eps(xt, t, context.to(dev), y)
-        loss = (pred.float() - want.float()).pow(2).mean()
+        loss = objective_mse(host, pred, want, t)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the {attack} attack's loss became NaN/Inf at step {step}; lower its lr")
         opt.zero_grad(set_to_none=True)

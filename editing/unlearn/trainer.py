@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from .. import worlds
-from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents
+from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents, objective_mse
 from ..edit import Edit
 from ..errors import InvalidInputError
 from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
@@ -397,7 +397,7 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
             xt, tf, cf, yf = esd_inputs(idx)
             target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
                                 y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
-            lf = torch.nn.functional.mse_loss(host.eps(xt, tf, cf, y=yf), target)
+            lf = objective_mse(host, host.eps(xt, tf, cf, y=yf), target, tf)
             loss_f = lf
         else:
             xf, tf, nf = noised(data.x_forget, idx)
