@@ -149,13 +149,12 @@ def run_method(model, clip, method: str, concept: str, args):
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.unlearn.trainer import UnlearnConfig, preset_config
     from conceptedit.tiny import world
-    from conceptedit.tiny.world import kind_of
     ctx = RunContext()
     with torch.inference_mode():
         if method == "uce":
             return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
         if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
-            dest = args.emcid_target or EMCID_DEST[kind_of(concept)]
+            dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
             return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
                                                settings=EmcidConfig(layers=args.emcid_layers,
                                                                     **json.loads(args.emcid_config))), ctx)

@@ -47,15 +47,18 @@ def objective_weights(host, t: torch.Tensor) -> torch.Tensor | None:
     return None if get is None else get(t)
 
 
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The per-row MSE weighted by `weights` ([B], or one weight for all rows) and averaged (None: the plain MSE)."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_row * weights.to(per_row.device, per_row.dtype).reshape(-1).expand(per_row.shape[0])).mean()
+
+
 def objective_mse(host, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """MSE of ε-predictions `pred` against `target` at timesteps `t`, weighted per row by
     `objective_weights` (the plain ε-MSE where the host gives none)."""
-    w = objective_weights(host, t)
-    if w is None:
-        return F.mse_loss(pred.float(), target.float())
-    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    w = w.to(per_row.device, per_row.dtype).reshape(-1).expand(per_row.shape[0])
-    return (per_row * w).mean()
+    return weighted_mse(pred, target, objective_weights(host, t))
 
 
 def diffusion_mse(host: Trainable, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,

@@ -463,6 +463,33 @@ def test_esd_trains_on_partial_ddim_samples_of_the_bare_concept(comfy, monkeypat
     assert any(ch.delta().any() for ch in edit.changes.values())
 
 
+class _WeightedHost(Host):
+    """A host whose objective weights the ε-MSE per timestep (as a flow model's velocity loss does)."""
+
+    def __init__(self, patcher, weight):
+        super().__init__(patcher)
+        self.weight = weight
+
+    def loss_weight(self, t):
+        return torch.full((t.numel(),), self.weight)
+
+
+def test_the_hosts_objective_weights_reach_the_forget_and_retain_losses(comfy):
+    """RGD's losses are the host's weighted objective; ESD's guidance loss too: weighted by 0 it trains nothing."""
+    m = random_model()
+    cfg = _small_cfg(method="rgd", param_set="xattn", steps=1)
+    plain = U.compute_unlearn(Host(m), Text(), "circle", cfg, family="tiny").metrics["history"]
+    four = U.compute_unlearn(_WeightedHost(m, 4.0), Text(), "circle", cfg, family="tiny").metrics["history"]
+    assert plain["forget"][0] > 0.1 and plain["retain"][0] > 0.1
+    assert four["forget"][0] == pytest.approx(4 * plain["forget"][0], rel=1e-4)
+    assert four["retain"][0] == pytest.approx(4 * plain["retain"][0], rel=1e-4)
+    cfg = _small_cfg(method="esd", param_set="xattn", steps=2, lr=1e-2, esd_ddim_steps=4)
+    moved = U.compute_unlearn(Host(m), Text(), "circle", cfg, family="tiny")
+    still = U.compute_unlearn(_WeightedHost(m, 0.0), Text(), "circle", cfg, family="tiny")
+    assert any(ch.delta().any() for ch in moved.changes.values())
+    assert not any(ch.delta().any() for ch in still.changes.values())
+
+
 def test_esd_noised_templates_option_is_the_old_objective(comfy, monkeypatch):
     """esd_xt="noised", esd_prompt="templates": the generated forget images forward-noised at random t
     and the templated forget prompts, no sampling during training."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import UNET_PREFIX
-from ..diffusion import add_noise, generate_latents, objective_mse, objective_weights
+from ..diffusion import add_noise, generate_latents, objective_mse, objective_weights, weighted_mse
 from ..edit import Change, Edit
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
@@ -107,10 +107,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
 
 def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """The per-sample ε-MSE weighted by `weights` [B] and averaged (None: the plain ε-MSE)."""
-    if weights is None:
-        return F.mse_loss(eps_pred.float(), noise.float())
-    per = (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-    return (per * weights.to(per.device)).mean()
+    return weighted_mse(eps_pred, noise, weights)
 
 
 def feature_kd(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
