@@ -6,6 +6,7 @@
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part tokens [--seeds 6]
+    COMFYUI_PATH=... bash run.sh bench bench_flux --part floor [--concepts red,blue,triangle,circle]
 
 `methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
 (same prompts, seeds, sampler: euler / normal, ComfyUI's own `comfy.sample.sample`):
@@ -30,6 +31,12 @@ model-only score at 10, 25 and 50 steps).
 with "a blue circle"'s T5 states put at the word, the word and EOS, or the padding of the final
 output, or at the word after T5's layer 0; colours of `--seeds` pictures by the classifier. And
 stage 2's gap left (share of ‖Z − H‖) with the official and MEMIT residuals (red -> white, layer 0, λ 100).
+
+`floor`: what pruning MLPs can reach at all: presence of each concept (its own prompts) with every
+MLP neuron's output weights zeroed — ConceptPrune's layers (`floor_edit`: double blocks' img_mlp.2 and
+the MLP columns of single blocks' linear2, through the product's apply path), the text stream's MLPs
+(double blocks' txt_mlp.2, which ConceptPrune does not edit; their inputs zeroed by hooks), and both.
+A concept still drawn with both gone passes through attention only: no MLP pruning can erase it.
 
 `scale`: UCE on Flux.1's real text projections (txt_in 3072 x 4096, vector_in.in_layer 3072 x 768,
 random weights of the real shapes), text from a host that returns random T5-XXL-shaped contexts
@@ -323,6 +330,60 @@ def part_tokens(args) -> dict:
     return out
 
 
+# ---- floor: every MLP zeroed ---------------------------------------------------------------------------
+class _ZeroInputs:
+    """Zero the inputs of these Linears while active (the same as zeroing every weight column they
+    read; the bias stays), on the shared diffusion model, removed on exit."""
+
+    def __init__(self, modules):
+        self.modules, self.handles = list(modules), []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(lambda _m, a: (torch.zeros_like(a[0]),) + tuple(a[1:]))
+                        for m in self.modules]
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def part_floor(args) -> dict:
+    import contextlib
+    from conceptedit.comfy_host.adapters import apply_edit, model_family
+    from conceptedit.editing.audit.evaluate import default_classifier
+    from conceptedit.editing.concept_prune.prune import floor_edit, neuron_columns
+    from conceptedit.editing.edit import Change, Edit
+    from conceptedit.tiny.comfy_model import comfy_sampler
+    from conceptedit.tiny.flux import load_tiny_flux
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_prune
+
+    torch.set_num_threads(args.threads)
+    model, clip, _ = load_tiny_flux(args.weights)
+    family = model_family(model, clip)
+    classify = default_classifier()
+    dm = model.model.diffusion_model
+    # the floor edit needs only the layers' names and shapes (no calibration run)
+    layers = {arch.UNET_PREFIX + m.module + ".weight": tuple(dm.get_submodule(m.module).weight.shape) for m in family.mlps}
+    prune_layers = Edit(method="concept_prune", family=family.name, concepts=["-"],
+                        changes={k: Change("mask", s, {"index": torch.zeros(0, dtype=torch.int64)}) for k, s in layers.items()})
+    img_floor = apply_edit(model, None, floor_edit(prune_layers, neuron_columns(family)))[0]
+    txt_mlps = [m for n, m in dm.named_modules() if n.startswith("double_blocks.") and n.endswith(".txt_mlp.2")]
+    variants = {"original": (model, contextlib.nullcontext), "ConceptPrune's MLPs": (img_floor, contextlib.nullcontext),
+                "text-stream MLPs": (model, lambda: _ZeroInputs(txt_mlps)), "every MLP": (img_floor, lambda: _ZeroInputs(txt_mlps))}
+    out = {}
+    for name, (m, hooks) in variants.items():
+        t0 = time.perf_counter()
+        sample = comfy_sampler(m, clip, steps=args.steps, cfg=args.cfg)
+        with torch.inference_mode(), hooks():
+            out[name] = {c: bench_prune.presence(sample, classify, c, args.prompts, args.samples)
+                         for c in args.concepts.split(",")}
+        print(f"{name:22s} " + "  ".join(f"{c} {100 * v:5.1f} %" for c, v in out[name].items())
+              + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
 def _layers(s: str) -> dict[str, tuple[int, ...]]:
     out = {}
     for part in filter(None, s.split(";")):
@@ -337,7 +398,7 @@ def _pct(x):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["methods", "scale", "audit", "tokens"], default="methods")
+    p.add_argument("--part", choices=["methods", "scale", "audit", "tokens", "floor"], default="methods")
     p.add_argument("--concepts", default="red,triangle,monet")
     p.add_argument("--methods", default="uce,emcid,prune,esd-x,esd-u,rgd")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
@@ -367,7 +428,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    out = {"scale": part_scale, "audit": part_audit, "methods": part_methods, "tokens": part_tokens}[args.part](args)
+    out = {"scale": part_scale, "audit": part_audit, "methods": part_methods, "tokens": part_tokens, "floor": part_floor}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -93,6 +93,17 @@ def test_floor_edit_prunes_every_weight_of_the_same_layers():
         floor_edit(Edit(method="uce", family="tiny", changes={}))
 
 
+def test_floor_edit_keeps_the_columns_that_are_not_mlp_neurons():
+    """A Flux single block's linear2 reads [attention | MLP]: the floor zeroes the MLP part only."""
+    key = "diffusion_model.single_blocks.0.linear2.weight"
+    edit = Edit(method="concept_prune", family="tiny-flux", concepts=["red"],
+                changes={key: Change("mask", (3, 10), {"index": torch.tensor([7], dtype=torch.int32)})})
+    floor = floor_edit(edit, {"single_blocks.0.linear2": (4, 6)})
+    w = torch.randn(3, 10)
+    delta = floor.changes[key].delta(w, dtype=torch.float32, device="cpu")
+    assert torch.equal(delta[:, :4], torch.zeros(3, 4)) and torch.equal(delta[:, 4:], -w[:, 4:])
+
+
 def test_sdxl_width_mask_matches_a_row_by_row_reference():
     # a real SDXL ff.net.2 (1280 x 5120) with random weights and statistics; check a few rows
     # against a sort-based reference, and that no row exceeds k per step.

@@ -306,15 +306,22 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
                 metrics=metrics)
 
 
-def floor_edit(edit: Edit) -> Edit:
-    """The same layers as a ConceptPrune `edit`, every weight pruned: the model with all its
+def floor_edit(edit: Edit, columns: Mapping[str, tuple[int, int]] | None = None) -> Edit:
+    """The same layers as a ConceptPrune `edit`, every MLP weight pruned: the model with all its
     ``ff.net.2`` weights zeroed. Sampling it measures the floor of ConceptPrune on that model — a
     concept still drawn without any FFN weight cannot be erased by pruning FFN weights, whatever
-    the selection (a diagnostic for tuning; never a product edit)."""
+    the selection (a diagnostic for tuning; never a product edit). ``columns`` (`neuron_columns` of
+    the edit's family) keeps the inputs that are not MLP neurons: a Flux single block's ``linear2``
+    reads the attention output in its first columns, which ConceptPrune never prunes."""
     if edit.method != METHOD:
         raise InvalidInputError(f"floor_edit takes a ConceptPrune edit (it names the ff.net.2 layers), got a "
                                 f"{edit.method!r} edit; pass one from compute_concept_prune or the ConceptPrune node")
-    changes = {k: Change("mask", c.shape, {"index": torch.arange(math.prod(c.shape), dtype=torch.int64)})
-               for k, c in edit.changes.items()}
+    columns = columns or {}
+    changes = {}
+    for k, c in edit.changes.items():
+        rows, n = c.shape[0], math.prod(c.shape[1:])
+        first, count = columns.get(k[len(UNET_PREFIX):].removesuffix(".weight"), (0, n))
+        idx = (torch.arange(rows)[:, None] * n + torch.arange(first, first + count)[None]).flatten()
+        changes[k] = Change("mask", c.shape, {"index": idx})
     return Edit(method=METHOD, family=edit.family, changes=changes, concepts=["<every ff.net.2 weight>"],
                 params=dict(edit.params), fingerprint=dict(edit.fingerprint), metrics={"pruned_fraction_ffn": 1.0})
