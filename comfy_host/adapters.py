@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..editing.arch import Family, discover_layout, fingerprint
+from ..editing.diffusion import sampling_cfg
 from ..editing.edit import Edit
 from ..editing.errors import ConceptEditError, InvalidInputError
 from ..editing.hosts import RunContext
@@ -374,13 +375,25 @@ class ComfyDenoiser:
         mm.load_models_gpu([self.model])
         return dict(self.model.model.diffusion_model.named_modules())
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the model is guidance-distilled (Flux-dev's guidance embedding): it samples at CFG 1
+        (`editing.diffusion.sampling_cfg`) and its predictions take the embedding at 3.5, ComfyUI's default."""
+        return bool(getattr(getattr(self.model.model.diffusion_model, "params", None), "guidance_embed", False))
+
     def sample(self, prompts: Sequence[str], *, steps: int, cfg: float, seed: int, negative: str = "",
                on_step: Callable[[int], None] | None = None, latent: torch.Tensor | None = None,
                noise_per_prompt: bool = False) -> torch.Tensor:
         """Latents as ComfyUI's sampler returns them (the VAE's scale; `latent_in` gives the UNet's).
         `noise_per_prompt`: every prompt starts from the noise of a batch of one with `seed` (ComfyUI's
-        own noise indices, all 0), instead of one draw over the whole batch."""
+        own noise indices, all 0), instead of one draw over the whole batch. A guidance-distilled
+        model samples at CFG 1 whatever `cfg` says (`sampling_cfg`), without its negative branch."""
         import comfy.sample
+        if self.guidance_distilled and not getattr(self, "_said_cfg1", False):
+            log.info("%s is guidance-distilled: the pack samples it at CFG 1 (its guidance embedding at 3.5)",
+                     self.family.label)
+            self._said_cfg1 = True
+        cfg = sampling_cfg(self, cfg)
         n = len(prompts)
         positive = self.text.conditioning(list(prompts))
         negative_c = self.text.conditioning([negative] * n)
@@ -480,7 +493,7 @@ class ComfyDenoiser:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         sigma = ms.sigmas[t.to(ms.sigmas.device).long()].float().clone().to(x.device)
         extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
-        if getattr(getattr(base.diffusion_model, "params", None), "guidance_embed", False):
+        if self.guidance_distilled:
             # Flux-dev is guidance-distilled: its guidance embedding at ComfyUI's default (FluxGuidance 3.5)
             extra["guidance"] = torch.full((x.shape[0],), 3.5, device=x.device)
         if kind == "flow":

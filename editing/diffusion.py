@@ -73,6 +73,14 @@ def ddim_timesteps(n_train: int, steps: int) -> torch.Tensor:
     return torch.linspace(n_train - 1, 0, steps).round().long()
 
 
+def sampling_cfg(host, cfg: float) -> float:
+    """The classifier-free guidance scale `host` samples at when `cfg` is asked for: 1, the
+    conditional prediction alone, on a guidance-distilled model (``host.guidance_distilled``:
+    Flux-dev, whose guidance embedding does the guiding, as ComfyUI users run it at CFG 1), where
+    CFG on top draws over-guided pictures at twice the cost; `cfg` on every other model."""
+    return 1.0 if getattr(host, "guidance_distilled", False) else float(cfg)
+
+
 def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, seed: int,
                 shape: tuple[int, ...] | None = None, ctx: RunContext | None = None,
                 y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None,
@@ -80,8 +88,10 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
     """Deterministic DDIM (η = 0) with classifier-free guidance through `host.eps` (for hosts without a sampler).
 
     `stop`: take only the first `stop` of the `steps` steps and return the partly denoised latent,
-    which then sits at timestep ``ddim_timesteps(len(ᾱ), steps)[stop]`` (ESD's x_t); None = down to x₀."""
+    which then sits at timestep ``ddim_timesteps(len(ᾱ), steps)[stop]`` (ESD's x_t); None = down to x₀.
+    A guidance-distilled host samples at `sampling_cfg` 1 and never reads `uncond`."""
     ac = host.alphas_cumprod().float()
+    cfg = sampling_cfg(host, cfg)
     if stop is not None and not 0 <= stop < steps:
         raise ValueError(f"stop must be in [0, {steps}) for {steps} DDIM steps, not {stop}")
     if shape is None:
@@ -98,9 +108,12 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
             ctx.check()
         a = ac[t].to(x.device)
         tt = torch.full((x.shape[0],), int(t), device=x.device)
-        e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
-        ec, eu = e.chunk(2)
-        e = eu + cfg * (ec - eu)
+        if cfg == 1.0:
+            e = host.eps(x, tt, cond, y=y)
+        else:
+            e = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), y=cat_y(y, y_uncond))
+            ec, eu = e.chunk(2)
+            e = eu + cfg * (ec - eu)
         x0 = predict_x0(x, e, a)
         a_prev = ac[ts[i + 1]].to(x.device) if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e

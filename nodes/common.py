@@ -6,6 +6,10 @@ import os
 EDIT = "CONCEPT_EDIT"          # socket type carrying an editing.Edit
 CATEGORY = "ConceptEdit"
 EDITS_FOLDER = "concept_edits"  # models/concept_edits, listed in the Load Edit dropdown
+# appended to every guidance-scale tooltip: the pack samples guidance-distilled models at CFG 1
+# (editing.diffusion.sampling_cfg), and flow models draw best well below SD's 7.5
+CFG_NOTE = (" Flux-dev (guidance-distilled) is always sampled at CFG 1, its guidance embedding at 3.5; "
+            "other flow models want less than SD (SD3 about 4.5, Flux-schnell 1).")
 
 
 def register_edits_folder() -> None:

@@ -6,7 +6,7 @@ import json
 from ..comfy_host.jobs import ConceptPruneJob, concept_prune
 from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
 from ..editing.prompts import PRESET_NAMES, defaults
-from .common import CATEGORY, EDIT, concepts_from_text, size_inputs, strength_input
+from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input
 
 
 def _preset_defaults(name: str) -> str:
@@ -47,7 +47,7 @@ class ConceptPrune:
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
                               "tooltip": "Denoising steps of the calibration generations (paper: 50)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                              "tooltip": "Classifier-free guidance scale of the calibration generations (paper: 7.5)."}),
+                              "tooltip": "Classifier-free guidance scale of the calibration generations (paper: 7.5)." + CFG_NOTE}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
                              "tooltip": "Noise seed of the calibration generations (paper: 0)."}),
         }, "optional": {

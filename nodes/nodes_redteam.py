@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..comfy_host.jobs import latent_size, red_team_grid, red_team_models
 from ..editing.redteam.runner import ATTACKS, RedTeamConfig
 from ..editing.redteam.soft import AttackConfig
-from .common import CATEGORY, CONCEPT_PROMPTS, EDIT, audited_inputs, prompt_lines, size_inputs
+from .common import CATEGORY, CFG_NOTE, CONCEPT_PROMPTS, EDIT, audited_inputs, prompt_lines, size_inputs
 
 
 class RedTeamAudit:
@@ -45,7 +45,7 @@ class RedTeamAudit:
             "samples": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Pictures per row (each attack, the "
                                 "original, the edited model) and concept pictures the attacks target."}),
             "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "DDIM steps per picture."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance." + CFG_NOTE}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of pictures, noise and initial tokens."}),
         }, "optional": {
             "edit": (EDIT, {"tooltip": "The edit itself; when absent its UNet part is read off the two models' weights. "

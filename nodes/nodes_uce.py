@@ -7,7 +7,7 @@ from ..comfy_host.jobs import UCEJob, export_lora, uce
 from ..editing.export.lora import LoraExportConfig
 from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS, UCEConfig
 from ..editing.uce.debias import DebiasConfig, report_text
-from .common import CATEGORY, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
+from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
 
 
 def loras_dir() -> str:
@@ -117,7 +117,7 @@ class UCEDebias:
             "samples": ("INT", {"default": 10, "min": 1, "max": 256,
                                 "tooltip": "Pictures per concept per round (paper code: 10). More = steadier shares."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampler steps per picture."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale of the pictures." + CFG_NOTE}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
                              "tooltip": "Noise seed, the same every round (rounds differ only by the edit)."}),
         }, "optional": {

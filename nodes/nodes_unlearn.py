@@ -50,7 +50,7 @@ class TrainUnlearn:
             "steps": ("INT", {"default": 100, "min": 1, "max": 100000, "tooltip": "Optimiser steps."}),
             "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-6,
                              "tooltip": "Adam learning rate (the paper: 1e-5 for full fine-tuning of SD; LoRA wants more; "
-                                        "on the tiny Flux RGD erased at 1e-3 on lora-xattn, ESD-x at 3e-3)."}),
+                                        "on the tiny Flux RGD erased at 1e-3–2e-3 on lora-xattn, ESD-x at 3e-3)."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (lora sets only)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of prompts, images and noise."}),
         }, "optional": {

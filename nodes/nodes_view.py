@@ -9,7 +9,7 @@ from ..comfy_host.jobs import latent_size, presence_before_after
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
 from ..editing.report.view import _row_label, edit_text, edit_view  # noqa: F401 (_row_label: tests)
-from .common import CATEGORY, EDIT, prompt_lines, size_inputs
+from .common import CATEGORY, CFG_NOTE, EDIT, prompt_lines, size_inputs
 
 UI_KEY = "conceptedit_edit"   # the key of the "executed" message that web/conceptedit.js reads
 
@@ -60,7 +60,7 @@ class ConceptPresence:
                              "tooltip": "Seed of the samples and of the scoring noise (the same for both models)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps of the samples."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "Guidance scale of the samples."}),
+                              "tooltip": "Guidance scale of the samples." + CFG_NOTE}),
             "timesteps": ("INT", {"default": 6, "min": 1, "max": 50,
                                   "tooltip": "How many noise levels the score averages over (more = steadier, slower)."}),
             "noise_draws": ("INT", {"default": 2, "min": 1, "max": 16,

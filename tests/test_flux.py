@@ -428,3 +428,58 @@ def test_debias_node_runs_on_the_tiny_flux_with_the_model_as_judge(comfy, tiny_f
     d = edit.metrics["debias"]
     assert d["rounds"] and all(math.isclose(sum(r["shares"]["a circle"]), 1.0) for r in d["rounds"])
     assert "round 0" in text
+
+
+def _guidance_distilled_flux(tiny_flux):
+    """The tiny Flux as a Flux-dev: ComfyUI's Flux class with the guidance embedding, the tiny weights
+    and a random `guidance_in` (ComfyUI adds guidance 3.5 to its conditioning, as FluxGuidance)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from conceptedit.tiny.flux import FLUX_CONFIG, classes
+    model, _, _ = tiny_flux
+    config = classes()["TinyFlux"]({**FLUX_CONFIG, "guidance_embed": True})
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sd = model.model.diffusion_model.state_dict()
+        for k, v in base.diffusion_model.state_dict().items():
+            v.copy_(sd[k] if k in sd else torch.randn(v.shape, generator=g) * 0.1)
+    assert base.diffusion_model.params.guidance_embed
+    return comfy.model_patcher.ModelPatcher(base.eval(), load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+@needs_flux
+@torch.inference_mode()
+def test_a_guidance_distilled_flux_is_sampled_at_cfg_1_and_the_tiny_flux_at_the_cfg_asked(comfy, tiny_flux):
+    """Flux-dev guides through its guidance embedding: the pack's own pictures of it (calibration,
+    training pictures, audits) are ComfyUI's at CFG 1 whatever cfg a method asks, and its DDIM path
+    never reads the unconditional branch; a model without the embedding gets the cfg asked."""
+    import comfy.sample
+    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.editing.diffusion import ddim_sample
+    _, clip, _ = tiny_flux
+    dev = ComfyDenoiser(_guidance_distilled_flux(tiny_flux), clip)
+    schnell = ComfyDenoiser(tiny_flux[0], clip)
+    assert dev.guidance_distilled and not schnell.guidance_distilled
+
+    def comfy_at(host, cfg):
+        latent = torch.zeros(1, 4, *host.latent_size)
+        noise = comfy.sample.prepare_noise(latent, 3)
+        pos, neg = host.text.conditioning(["a red circle"]), host.text.conditioning([""])
+        return comfy.sample.sample(host.model, noise, 3, cfg, "euler", "normal", pos, neg, latent, seed=3,
+                                   disable_pbar=True)
+
+    got = dev.sample(["a red circle"], steps=3, cfg=5.0, seed=3)
+    assert torch.equal(got, comfy_at(dev, 1.0))
+    assert (got - comfy_at(dev, 5.0)).abs().max() > 1e-3  # CFG 5 would have drawn another picture
+    assert torch.equal(schnell.sample(["a red circle"], steps=3, cfg=5.0, seed=3), comfy_at(schnell, 5.0))
+
+    cond, pooled = dev.text.encode_with_pooled(["a red circle"])
+    y = dev.adm(pooled, 1)
+    nan = torch.full_like(cond, float("nan"))
+    x = ddim_sample(dev, cond, nan, steps=3, cfg=5.0, seed=0, y=y, y_uncond=torch.full_like(y, float("nan")))
+    assert torch.isfinite(x).all() and torch.equal(x, ddim_sample(dev, cond, cond, steps=3, cfg=1.0, seed=0, y=y,
+                                                                   y_uncond=y))
+    assert not torch.isfinite(ddim_sample(schnell, cond, nan, steps=3, cfg=5.0, seed=0, y=y, y_uncond=y)).all()

@@ -199,6 +199,8 @@ def sample_soft(host: Trainable, text: SoftText, eps_fn: Eps, prompts: Sequence[
         y_u = host.adm(pooled_u, 1) if hasattr(host, "adm") else None
 
         class _Via:  # ddim_sample calls host.eps: route it through eps_fn
+            guidance_distilled = getattr(host, "guidance_distilled", False)
+
             def alphas_cumprod(self):
                 return host.alphas_cumprod()
 
