@@ -165,9 +165,9 @@ def run_method(model, clip, method: str, concept: str, args):
             return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept], **json.loads(args.uce_config))), ctx)
         if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
             dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
-            return emcid(model, clip, EmcidJob(pairs=[(concept, dest)],
-                                               settings=EmcidConfig(layers=args.emcid_layers, sample_cfg=args.cfg,
-                                                                    **json.loads(args.emcid_config))), ctx)
+            settings = EmcidConfig(**{"layers": args.emcid_layers, "sample_cfg": args.cfg,
+                                      **json.loads(args.emcid_config)})
+            return emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=settings), ctx)
         if method == "prune":
             cfg = PruneConfig(**{**TINY_DEFAULTS, "steps": args.steps, "cfg": args.cfg, **json.loads(args.prune_config)})
             return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)

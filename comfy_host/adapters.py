@@ -17,6 +17,8 @@ from ..editing.errors import ConceptEditError, InvalidInputError
 from ..editing.hosts import RunContext
 
 log = logging.getLogger(__name__)
+# the guidance a guidance-distilled Flux (Flux-dev) is run at: ComfyUI's default, as its FluxGuidance node
+FLUX_GUIDANCE = 3.5
 
 
 
@@ -360,6 +362,7 @@ class ComfyDenoiser:
         self.latent_size = (int(hw[0]), int(hw[1])) if isinstance(hw, (tuple, list)) else (int(hw), int(hw))
         self.latent_hw = self.latent_size[0]
         self.ctx = ctx or RunContext()
+        self._said_cfg1 = False  # the CFG-1 note of a guidance-distilled model is logged once per host
 
     def base_weights(self) -> Mapping[str, torch.Tensor]:
         """ComfyUI key -> unpatched weight (`editing.hosts.base_weights`: what masks resolve against)."""
@@ -378,7 +381,7 @@ class ComfyDenoiser:
     @property
     def guidance_distilled(self) -> bool:
         """Whether the model is guidance-distilled (Flux-dev's guidance embedding): it samples at CFG 1
-        (`editing.diffusion.sampling_cfg`) and its predictions take the embedding at 3.5, ComfyUI's default."""
+        (`editing.diffusion.sampling_cfg`) and its predictions take the embedding at `FLUX_GUIDANCE`."""
         return bool(getattr(getattr(self.model.model.diffusion_model, "params", None), "guidance_embed", False))
 
     def sample(self, prompts: Sequence[str], *, steps: int, cfg: float, seed: int, negative: str = "",
@@ -389,9 +392,9 @@ class ComfyDenoiser:
         own noise indices, all 0), instead of one draw over the whole batch. A guidance-distilled
         model samples at CFG 1 whatever `cfg` says (`sampling_cfg`), without its negative branch."""
         import comfy.sample
-        if self.guidance_distilled and not getattr(self, "_said_cfg1", False):
-            log.info("%s is guidance-distilled: the pack samples it at CFG 1 (its guidance embedding at 3.5)",
-                     self.family.label)
+        if self.guidance_distilled and not self._said_cfg1:
+            log.info("%s is guidance-distilled: the pack samples it at CFG 1 (its guidance embedding at %s)",
+                     self.family.label, FLUX_GUIDANCE)
             self._said_cfg1 = True
         cfg = sampling_cfg(self, cfg)
         n = len(prompts)
@@ -494,8 +497,7 @@ class ComfyDenoiser:
         sigma = ms.sigmas[t.to(ms.sigmas.device).long()].float().clone().to(x.device)
         extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
         if self.guidance_distilled:
-            # Flux-dev is guidance-distilled: its guidance embedding at ComfyUI's default (FluxGuidance 3.5)
-            extra["guidance"] = torch.full((x.shape[0],), 3.5, device=x.device)
+            extra["guidance"] = torch.full((x.shape[0],), FLUX_GUIDANCE, device=x.device)
         if kind == "flow":
             # x_t/√ᾱ = x₀ + σ_d·ε is the flow model's x_σf up to the factor 1 − σ_f = 1/(1 + σ_d)
             sigma = sigma.clamp(1e-6, _FLOW_SIGMA_MAX)
