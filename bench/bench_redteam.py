@@ -126,7 +126,7 @@ def print_tables(out):
         for a in ATTACKS:
             r = d["attacks"].get(a)
             cells.append("–" if r is None else f"{pct(r['soft'][j])} / {pct(r['projected'][j])} ({r['seconds']:.0f} s)")
-        broken = [a for a, r in d["attacks"].items() if r["success"]]
+        broken = [a if r["success"] else f"{a} (words)" for a, r in d["attacks"].items() if r["succeeded"]]
         print(f"| {name} | {pct(d['original'][j])} → {pct(d['edited'][j])} | " + " | ".join(cells)
               + f" | {'no: ' + ', '.join(broken) if broken else 'yes'} |")
         if "revival" in d:

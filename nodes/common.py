@@ -90,6 +90,6 @@ CONCEPT_PROMPTS = ("STRING", {"multiline": True, "default": "",
 def size_inputs(what: str) -> dict:
     """Optional width/height of the pictures a node generates; 0 = the model's native size."""
     tip = (f"Width/height in pixels of the pictures {what} (multiples of 8); 0 = the model's native size "
-           "(SD1.x 512, SD2.x 768, SDXL and SDXL-conditioned layouts 1024, the tiny model its own).")
+           "(SD1.x 512, SD2.x 768, SDXL, SDXL-conditioned layouts, Flux and SD3 1024, the tiny models their own).")
     return {"width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip}),
             "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip})}

@@ -20,7 +20,8 @@ class RedTeamAudit:
     OUTPUT_TOOLTIPS = ("Presence of the concept: original, edited, and under each attack (soft prompt and its nearest "
                        "real words), with the prompt found and whether the attack succeeded.",
                        "Rows: the original model's concept pictures, the edited model's, then one row per attack.",
-                       "The share of the chosen attacks that brought the concept back.")
+                       "The share of the chosen attacks that brought the concept back, as a soft prompt or as its "
+                       "nearest real words.")
     FUNCTION = "execute"
 
     @classmethod

@@ -139,6 +139,21 @@ def test_config_and_report_refuse_what_cannot_be_judged():
     assert not rep.success("prefix") and rep.success("prefix", projected=True)
 
 
+def test_words_that_bring_the_concept_back_count_as_a_success_in_the_verdict_and_the_rate():
+    """The projected words are a prompt anyone can type: when only they bring the concept back, the
+    report must not say the attack failed (ESD-x on the tiny Flux: soft 75 %, "a photo of pen" 100 %)."""
+    run = lambda soft, words: {"soft": {"j": soft}, "projected": {"j": words}, "tokens": 1, "steps": 4,  # noqa: E731
+                               "seconds": 0.1, "prompt": "a photo of pen", "loss_first": 1.0, "loss_last": 0.5}
+    rep = RedTeamReport(["p"], ["j"], {"j": 1.0}, {"j": 0.75},
+                        attacks={"inversion": run(0.75, 1.0), "prefix": run(0.75, 0.75), "embedding_match": run(1.0, 1.0)})
+    assert [rep.verdict(a) for a in ("inversion", "prefix", "embedding_match")] == \
+        ["SUCCEEDS as words", "fails", "SUCCEEDS (as words too)"]
+    assert "inversion (1 tokens, 4 steps, 0.1 s): SUCCEEDS as words;" in rep.to_text()
+    assert rep.success_rate() == 2 / 3
+    d = rep.to_dict()["attacks"]
+    assert (d["inversion"]["success"], d["inversion"]["success_projected"], d["inversion"]["succeeded"]) == (False, True, True)
+
+
 def test_node_runs_in_comfyui_with_revival_on_a_mask_and_leaves_the_models_unchanged(comfy, tiny):
     from conceptedit.comfy_host.jobs import ConceptPruneJob, concept_prune
     from conceptedit.editing.concept_prune.prune import PruneConfig

@@ -289,6 +289,29 @@ def test_factored_guide_grams_equal_the_dense_ones(monkeypatch):
     assert float(dense.target_gram.abs().max()) > 1.0  # not a trivially zero comparison
 
 
+def test_low_rank_metrics_equal_the_dense_products():
+    """Few edited rows (n < d): the metric matrices come from the rank-n factors, and they equal the
+    d × d products of their definitions."""
+    g = torch.Generator().manual_seed(7)
+    n, d, m = 5, 40, 30
+    C, G, P, U = (torch.randn(k, d, generator=g) for k in (n, n, m, 4))
+    op = solve_operator(C, G, P, 0.3, 1.0, 0.5, U=U)
+    assert op.R is not None and op.n == n
+    A = op.A
+    B = torch.eye(d, dtype=torch.float64) + A.T
+    Gcc, Gcg, Ggg = (x.double().T @ y.double() for x, y in ((C, C), (C, G), (G, G)))
+    Gpp, Guu = P.double().T @ P.double(), U.double().T @ U.double()
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731  (Grams: float32 chunks)
+    close(op.residual_gram, B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg)
+    close(op.preserve_moved, A @ Gpp @ A.T)
+    close(op.uncond_moved, A @ Guu @ A.T)
+    assert float(op.preserve_moved.abs().max()) > 1e-2 and float(op.residual_gram.abs().max()) > 0.1
+    # and the residual is what is left of the targets: Σ ‖(I + A)c − g‖² over the rows
+    e = C.double() @ (torch.eye(d, dtype=torch.float64) + A).T - G.double()
+    close(op.residual_gram.trace(), e.square().sum())
+    assert float(op.residual_gram.trace()) < float(op.target_gram.trace())
+
+
 def test_unconditional_prompt_is_preserved_at_every_edited_position(comfy):
     """Classifier-free guidance reads "" for every prompt: its keys/values at the positions the window
     edits stay put (they moved freely when only its BOS was preserved)."""

@@ -503,6 +503,15 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
     return SC.T @ V, V.T @ StS @ V
 
 
+def _spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """M⁻¹ B for the symmetric M = λI + s_e CᵀC + s_p PᵀP: by Cholesky (half an LU's work) when M is
+    positive definite, else by LU, which raises on a singular M (λ = 0 with too few vectors)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(B, L)
+    return torch.linalg.solve(M, B)
+
+
 def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float, erase_scale: float,
                    preserve_scale: float, device=None, G_basis: torch.Tensor | None = None,
                    G_select: torch.Tensor | None = None, U: torch.Tensor | None = None) -> Operator:
@@ -525,25 +534,34 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
     try:
         if n < d:
             C64 = C.to(device=device, dtype=torch.float64)
-            D = torch.linalg.solve(M, C64.T)                                     # M⁻¹ Cᵀ
+            D = _spd_solve(M, C64.T)                                             # M⁻¹ Cᵀ
             R = erase_scale * (G.to(device=device, dtype=torch.float64) - C64).T  # s_e (G − C)ᵀ
             A = R @ D.T
         else:
             R = D = None
             # A = s_e (Gᵀ... ) in row form: A = s_e (G−C)ᵀ C M⁻¹ ; Aᵀ = M⁻¹ s_e Cᵀ(G − C)
-            A = torch.linalg.solve(M, erase_scale * (Gcg - Gcc)).T
+            A = _spd_solve(M, erase_scale * (Gcg - Gcc)).T
     except torch.linalg.LinAlgError as e:
         raise InvalidInputError(f"the closed form is singular ({e}); raise λ (lam) above 0") from None
     if not bool(torch.isfinite(A).all()):
         raise NonFiniteError("the closed-form solve produced NaN/Inf; raise λ or lower the scales")
     # e = (I + A)c − g, so Σ e eᵀ follows from the Grams (no n × d work).
-    B = torch.eye(d, dtype=torch.float64, device=device) + A.T
-    residual = B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg
     target = Gcc - Gcg - Gcg.T + Ggg
     Guu = _gram(U, device=device) if U is not None and U.numel() else None
-    return Operator(R=R, D=D, A=A, preserve_gram=Gpp, preserve_moved=A @ Gpp @ A.T,
+    if R is not None:
+        # A = R Dᵀ has rank n < d: each metric matrix is a rank-n correction, O(d²n) instead of the
+        # d × d × d products (Flux's 4096-wide txt_in, one concept: 13 s of a 16 s edit were these)
+        moved = lambda X: R @ (D.T @ X @ D) @ R.T  # noqa: E731  A X Aᵀ
+        GD = Gcc @ D
+        RE = R @ (GD.T - D.T @ Gcg)
+        residual = target + RE + RE.T + R @ (D.T @ GD) @ R.T
+    else:
+        moved = lambda X: A @ X @ A.T  # noqa: E731
+        B = torch.eye(d, dtype=torch.float64, device=device) + A.T
+        residual = B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg
+    return Operator(R=R, D=D, A=A, preserve_gram=Gpp, preserve_moved=moved(Gpp),
                     residual_gram=residual, target_gram=target, uncond_gram=Guu,
-                    uncond_moved=None if Guu is None else A @ Guu @ A.T)
+                    uncond_moved=None if Guu is None else moved(Guu))
 
 
 def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Change, dict[str, float]]:
