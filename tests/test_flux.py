@@ -141,6 +141,13 @@ def test_closed_form_node_edits_the_text_projections_and_leaves_the_input(comfy,
     from conceptedit.comfy_host.adapters import apply_edit
     m2, _, warnings = apply_edit(model, clip, again)
     assert not warnings and set(m2.patches) == set(out.patches)
+    # the same through the file nodes: Save, Load, Apply, Edit Info
+    _node(comfy, "ConceptEditSaveEdit", edit=edit, filename="flux_red_nodes")
+    loaded, _ = _node(comfy, "ConceptEditLoadEdit", edit_name="flux_red_nodes.safetensors")
+    m3, _, _ = _node(comfy, "ConceptEditApplyEdit", model=model, edit=loaded, strength=1.0)
+    assert set(m3.patches) == set(out.patches) and not model.patches
+    info = _node(comfy, "ConceptEditEditInfo", edit=loaded)["result"][0]
+    assert "txt_in" in info and "vector_in" in info, info
     from conceptedit.tiny.comfy_model import load_tiny
     sd_model, sd_clip, _ = load_tiny()
     with pytest.raises(ConceptEditError, match="tiny Flux"):
