@@ -312,6 +312,26 @@ def test_low_rank_metrics_equal_the_dense_products():
     assert float(op.residual_gram.trace()) < float(op.target_gram.trace())
 
 
+@pytest.mark.parametrize("m", [30, 60])  # preserve rows fewer / more than d: both ways of ⟨WᵀW, Σ p pᵀ⟩
+def test_low_rank_layer_metrics_equal_the_ones_from_w_transpose_w(m):
+    """layer_change's metrics from the rank-n factors (no d × d WᵀW per layer) equal the WᵀW ones,
+    and the change itself is the same."""
+    from dataclasses import replace
+    g = torch.Generator().manual_seed(8)
+    n, d, out = 4, 40, 24
+    C, G, P, U = (torch.randn(k, d, generator=g) for k in (n, n, m, 5))
+    W = torch.randn(out, d, generator=g)
+    op = solve_operator(C, G, P, 0.3, 1.0, 0.5, U=U)
+    assert op.low is not None
+    fast, fast_m = layer_change(W, op)
+    slow, slow_m = layer_change(W, replace(op, low=None))
+    assert set(fast_m) == set(slow_m) == {"preserve_rel_change", "target_residual", "uncond_rel_change"}
+    for k in fast_m:
+        assert fast_m[k] == pytest.approx(slow_m[k], rel=1e-4, abs=1e-7), k
+    assert 0.01 < fast_m["preserve_rel_change"] and 0 < fast_m["target_residual"] < 1
+    torch.testing.assert_close(fast.delta(dtype=torch.float64), slow.delta(dtype=torch.float64))
+
+
 def test_unconditional_prompt_is_preserved_at_every_edited_position(comfy):
     """Classifier-free guidance reads "" for every prompt: its keys/values at the positions the window
     edits stay put (they moved freely when only its BOS was preserved)."""

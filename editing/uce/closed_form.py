@@ -451,10 +451,27 @@ class Operator:
     target_gram: torch.Tensor     # Σ (c − g)(c − g)ᵀ: the gap before the edit
     uncond_gram: torch.Tensor | None = None   # Σ u uᵀ over the unconditional prompt's rows
     uncond_moved: torch.Tensor | None = None  # A (Σ u uᵀ) Aᵀ
+    low: "LowRankMetrics | None" = None       # the same metrics from rank-n factors (n < d)
 
     @property
     def n(self) -> int:
         return 0 if self.R is None else self.R.shape[1]
+
+
+@dataclass
+class LowRankMetrics:
+    """With A = R Dᵀ of rank n the per-layer metrics need no d × d WᵀW: ⟨WᵀW, R Q Rᵀ⟩ = ⟨up Q, up⟩
+    (up = W R), ⟨WᵀW, R E⟩ = ⟨W R, W Eᵀ⟩ and ⟨WᵀW, XᵀX⟩ = ‖W Xᵀ‖², so a layer costs O(out·d·n)
+    plus one W·(Σ p pᵀ) when the preserve rows outnumber d."""
+
+    gap: torch.Tensor         # n × d: C − G (target_gram = gapᵀ gap)
+    E: torch.Tensor           # n × d: Dᵀ (Gcc − Gcg) (residual_gram = target + R E + (R E)ᵀ + R Q_c Rᵀ)
+    Qc: torch.Tensor          # n × n: Dᵀ Gcc D
+    Qp: torch.Tensor          # n × n: Dᵀ Gpp D (preserve_moved = R Q_p Rᵀ)
+    P: torch.Tensor           # m × d: the preserve rows (preserve_gram = Pᵀ P)
+    Qu: torch.Tensor | None = None  # n × n: Dᵀ Guu D
+    U: torch.Tensor | None = None   # u × d: the unconditional prompt's rows
+    Gpp32: torch.Tensor | None = None  # Σ p pᵀ in float32, when the preserve rows outnumber d
 
 
 def _chunks(x: torch.Tensor):
@@ -503,6 +520,9 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
     return SC.T @ V, V.T @ StS @ V
 
 
+_LOW_RANK_LAYER_METRICS = 8  # layer metrics from the rank-n factors when 8·n ≤ d (SD1.5: 1 concept, SDXL: 3)
+
+
 def _spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """M⁻¹ B for the symmetric M = λI + s_e CᵀC + s_p PᵀP: by Cholesky (half an LU's work) when M is
     positive definite, else by LU, which raises on a singular M (λ = 0 with too few vectors)."""
@@ -548,40 +568,78 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
     # e = (I + A)c − g, so Σ e eᵀ follows from the Grams (no n × d work).
     target = Gcc - Gcg - Gcg.T + Ggg
     Guu = _gram(U, device=device) if U is not None and U.numel() else None
+    low = None
     if R is not None:
         # A = R Dᵀ has rank n < d: each metric matrix is a rank-n correction, O(d²n) instead of d³
         # products that would cost more than the edit itself on a 4096-wide T5 projection
-        moved = lambda X: R @ (D.T @ X @ D) @ R.T  # noqa: E731  A X Aᵀ
-        GD = Gcc @ D
-        RE = R @ (GD.T - D.T @ Gcg)
-        residual = target + RE + RE.T + R @ (D.T @ GD) @ R.T
+        Q = lambda X: D.T @ X @ D  # noqa: E731
+        moved = lambda X: R @ Q(X) @ R.T  # noqa: E731  A X Aᵀ
+        Qc = D.T @ Gcc @ D
+        E = D.T @ (Gcc - Gcg)
+        RE = R @ E
+        residual = target + RE + RE.T + R @ Qc @ R.T
+        has_u = Guu is not None
+        if _LOW_RANK_LAYER_METRICS * n <= d:  # per layer ~6 out·d·n in float64 against one out·d² WᵀW
+            low = LowRankMetrics(gap=(C64 - G.to(device=device, dtype=torch.float64)), E=E, Qc=Qc, Qp=Q(Gpp),
+                                 P=P, Qu=Q(Guu) if has_u else None, U=U if has_u else None,
+                                 Gpp32=Gpp.to(torch.float32) if P.shape[0] > d else None)
     else:
         moved = lambda X: A @ X @ A.T  # noqa: E731
         B = torch.eye(d, dtype=torch.float64, device=device) + A.T
         residual = B.T @ Gcc @ B - B.T @ Gcg - Gcg.T @ B + Ggg
     return Operator(R=R, D=D, A=A, preserve_gram=Gpp, preserve_moved=moved(Gpp),
                     residual_gram=residual, target_gram=target, uncond_gram=Guu,
-                    uncond_moved=None if Guu is None else moved(Guu))
+                    uncond_moved=None if Guu is None else moved(Guu), low=low)
 
 
 def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Change, dict[str, float]]:
     """The exact Change for one weight, and its preservation / target metrics."""
     out, d = W.shape
     W32 = W.to(device=op.A.device, dtype=torch.float32)
-    K = (W32.T @ W32).double()  # WᵀW: every metric is ⟨WᵀW, X⟩ for a d × d X
-    q = lambda X: float((K * X).sum().clamp_min(0))  # noqa: E731
-    metrics = {"preserve_rel_change": math.sqrt(q(op.preserve_moved) / max(q(op.preserve_gram), 1e-30)),
-               "target_residual": math.sqrt(q(op.residual_gram) / max(q(op.target_gram), 1e-30))}
-    if op.uncond_gram is not None:  # ‖ΔW u‖ / ‖W u‖ over the unconditional prompt's rows
-        metrics["uncond_rel_change"] = math.sqrt(q(op.uncond_moved) / max(q(op.uncond_gram), 1e-30))
+    up = None
+    if op.low is not None:
+        metrics, up = _low_rank_metrics(W, op)
+    else:
+        K = (W32.T @ W32).double()  # WᵀW: every metric is ⟨WᵀW, X⟩ for a d × d X
+        q = lambda X: float(torch.dot(K.reshape(-1), X.reshape(-1)).clamp_min(0))  # noqa: E731
+        metrics = {"preserve_rel_change": math.sqrt(q(op.preserve_moved) / max(q(op.preserve_gram), 1e-30)),
+                   "target_residual": math.sqrt(q(op.residual_gram) / max(q(op.target_gram), 1e-30))}
+        if op.uncond_gram is not None:  # ‖ΔW u‖ / ‖W u‖ over the unconditional prompt's rows
+            metrics["uncond_rel_change"] = math.sqrt(q(op.uncond_moved) / max(q(op.uncond_gram), 1e-30))
     n = op.n
     if op.R is not None and n * (out + d) < out * d:
-        up = W.to(device=op.A.device, dtype=torch.float64) @ op.R
+        if up is None:
+            up = W.to(device=op.A.device, dtype=torch.float64) @ op.R
         change = Change("lowrank", (out, d), {"up": up.to(dtype).cpu(), "down": op.D.T.to(dtype).cpu()})
     else:
         # float32 product of a float64-solved A: the stored delta is float32 anyway
         change = Change("delta", (out, d), {"delta": (W32 @ op.A.to(torch.float32)).to(dtype).cpu()})
     return change, metrics
+
+
+def _low_rank_metrics(W: torch.Tensor, op: Operator) -> tuple[dict[str, float], torch.Tensor]:
+    """`layer_change`'s metrics from `op.low` (see LowRankMetrics), and up = W R."""
+    low = op.low
+    dev = op.A.device
+    W64 = W.to(device=dev, dtype=torch.float64)
+    up = W64 @ op.R
+    pos = lambda v: max(float(v), 0.0)  # noqa: E731
+    quad = lambda Q: pos(((up @ Q) * up).sum())  # noqa: E731  ⟨WᵀW, R Q Rᵀ⟩
+    rows = lambda X: pos((W64 @ X.to(device=dev, dtype=torch.float64).T).square().sum())  # noqa: E731  ⟨WᵀW, XᵀX⟩
+
+    def preserved() -> float:
+        if low.Gpp32 is None:
+            return rows(low.P)
+        W32 = W.to(device=dev, dtype=torch.float32)  # more preserve rows than d: one W·Gpp instead
+        return pos((W32 @ low.Gpp32).double().mul_(W64).sum())
+
+    target = rows(low.gap)
+    residual = pos(target + 2 * float((up * (W64 @ low.E.T)).sum()) + quad(low.Qc))
+    metrics = {"preserve_rel_change": math.sqrt(quad(low.Qp) / max(preserved(), 1e-30)),
+               "target_residual": math.sqrt(residual / max(target, 1e-30))}
+    if low.Qu is not None:
+        metrics["uncond_rel_change"] = math.sqrt(quad(low.Qu) / max(rows(low.U), 1e-30))
+    return metrics, up
 
 
 def solve_layers(weights: Mapping[str, torch.Tensor], keys: Sequence[str], op_for, ctx: RunContext | None = None
