@@ -581,7 +581,8 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
         has_u = Guu is not None
         if _LOW_RANK_LAYER_METRICS * n <= d:  # per layer ~6 out·d·n in float64 against one out·d² WᵀW
             low = LowRankMetrics(gap=(C64 - G.to(device=device, dtype=torch.float64)), E=E, Qc=Qc, Qp=Q(Gpp),
-                                 P=P, Qu=Q(Guu) if has_u else None, U=U if has_u else None,
+                                 P=P.to(device=device), Qu=Q(Guu) if has_u else None,
+                                 U=U.to(device=device) if has_u else None,
                                  Gpp32=Gpp.to(torch.float32) if P.shape[0] > d else None)
     else:
         moved = lambda X: A @ X @ A.T  # noqa: E731
@@ -625,7 +626,7 @@ def _low_rank_metrics(W: torch.Tensor, op: Operator) -> tuple[dict[str, float], 
     up = W64 @ op.R
     pos = lambda v: max(float(v), 0.0)  # noqa: E731
     quad = lambda Q: pos(((up @ Q) * up).sum())  # noqa: E731  ⟨WᵀW, R Q Rᵀ⟩
-    rows = lambda X: pos((W64 @ X.to(device=dev, dtype=torch.float64).T).square().sum())  # noqa: E731  ⟨WᵀW, XᵀX⟩
+    rows = lambda X: pos((W64 @ X.to(torch.float64).T).square().sum())  # noqa: E731  ⟨WᵀW, XᵀX⟩
 
     def preserved() -> float:
         if low.Gpp32 is None:
