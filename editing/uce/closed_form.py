@@ -440,7 +440,8 @@ class Operator:
     """ΔW = W·A for every layer of text width d; exact factors R, D when n < d.
 
     The metrics need only d × d matrices: for any X, ‖W X‖²_F = ⟨WᵀW, X Xᵀ⟩, so per layer one
-    WᵀW serves the preservation change ‖ΔW P‖/‖W P‖ and the target residual."""
+    WᵀW serves the preservation change ‖ΔW P‖/‖W P‖ and the target residual; with few edited
+    vectors (`low`) the same numbers come from the rank-n factors without forming WᵀW."""
 
     R: torch.Tensor | None   # d × n: s_e (G − C)ᵀ     (up = W R)
     D: torch.Tensor | None   # d × n: M⁻¹ Cᵀ           (down = Dᵀ)
