@@ -462,16 +462,16 @@ class Operator:
 @dataclass
 class LowRankMetrics:
     """With A = R Dᵀ of rank n the per-layer metrics need no d × d WᵀW: ⟨WᵀW, R Q Rᵀ⟩ = ⟨up Q, up⟩
-    (up = W R), ⟨WᵀW, R E⟩ = ⟨W R, W Eᵀ⟩ and ⟨WᵀW, XᵀX⟩ = ‖W Xᵀ‖², so a layer costs O(out·d·n)
-    plus one W·(Σ p pᵀ) when the preserve rows outnumber d."""
+    (up = W R), ⟨WᵀW, R E⟩ = ⟨W R, W Eᵀ⟩ and ⟨WᵀW, XᵀX⟩ = ‖W Xᵀ‖², so a layer costs one
+    W · `right` (O(out·d·n)) plus one W·(Σ p pᵀ) when the preserve rows outnumber d."""
 
-    gap: torch.Tensor         # n × d: C − G (target_gram = gapᵀ gap)
-    E: torch.Tensor           # n × d: Dᵀ (Gcc − Gcg) (residual_gram = target + R E + (R E)ᵀ + R Q_c Rᵀ)
+    # d × (3n + m + u), float64: [R | (C − G)ᵀ | Eᵀ | Pᵀ | Uᵀ], E = Dᵀ (Gcc − Gcg) (the residual
+    # Gram is target + R E + (R E)ᵀ + R Q_c Rᵀ); Pᵀ only when m ≤ d, Uᵀ when there are u rows
+    right: torch.Tensor
+    widths: tuple[int, int, int, int, int]  # n, n, n, m, u
     Qc: torch.Tensor          # n × n: Dᵀ Gcc D
     Qp: torch.Tensor          # n × n: Dᵀ Gpp D (preserve_moved = R Q_p Rᵀ)
-    P: torch.Tensor           # m × d: the preserve rows (preserve_gram = Pᵀ P)
-    Qu: torch.Tensor | None = None  # n × n: Dᵀ Guu D
-    U: torch.Tensor | None = None   # u × d: the unconditional prompt's rows
+    Qu: torch.Tensor | None = None     # n × n: Dᵀ Guu D
     Gpp32: torch.Tensor | None = None  # Σ p pᵀ in float32, when the preserve rows outnumber d
 
 
@@ -521,7 +521,9 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
     return SC.T @ V, V.T @ StS @ V
 
 
-_LOW_RANK_LAYER_METRICS = 8  # layer metrics from the rank-n factors when 8·n ≤ d (SD1.5: 1 concept, SDXL: 3)
+# layer metrics from the rank-n factors when 8·n ≤ d (with the aligned window's 76 vectors per
+# concept: SD1.5 1 concept, SDXL 3; with eos, Flux.1's T5: about 170)
+_LOW_RANK_LAYER_METRICS = 8
 
 
 def _spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -575,15 +577,17 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
         # products that would cost more than the edit itself on a 4096-wide T5 projection
         Q = lambda X: D.T @ X @ D  # noqa: E731
         moved = lambda X: R @ Q(X) @ R.T  # noqa: E731  A X Aᵀ
-        Qc = D.T @ Gcc @ D
+        Qc = Q(Gcc)
         E = D.T @ (Gcc - Gcg)
         RE = R @ E
         residual = target + RE + RE.T + R @ Qc @ R.T
-        has_u = Guu is not None
         if _LOW_RANK_LAYER_METRICS * n <= d:  # per layer ~6 out·d·n in float64 against one out·d² WᵀW
-            low = LowRankMetrics(gap=(C64 - G.to(device=device, dtype=torch.float64)), E=E, Qc=Qc, Qp=Q(Gpp),
-                                 P=P.to(device=device), Qu=Q(Guu) if has_u else None,
-                                 U=U.to(device=device) if has_u else None,
+            f64 = lambda X: X.to(device=device, dtype=torch.float64)  # noqa: E731
+            p_rows = P if P.shape[0] <= d else P[:0]
+            u_rows = U if Guu is not None else P[:0]
+            parts = [R, (C64 - f64(G)).T, E.T, f64(p_rows).T, f64(u_rows).T]
+            low = LowRankMetrics(right=torch.cat(parts, dim=1), widths=tuple(x.shape[1] for x in parts),
+                                 Qc=Qc, Qp=Q(Gpp), Qu=Q(Guu) if Guu is not None else None,
                                  Gpp32=Gpp.to(torch.float32) if P.shape[0] > d else None)
     else:
         moved = lambda X: A @ X @ A.T  # noqa: E731
@@ -620,27 +624,27 @@ def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Ch
 
 
 def _low_rank_metrics(W: torch.Tensor, op: Operator) -> tuple[dict[str, float], torch.Tensor]:
-    """`layer_change`'s metrics from `op.low` (see LowRankMetrics), and up = W R."""
+    """`layer_change`'s metrics from `op.low` (see LowRankMetrics), and up = W R: one product with
+    W, the sums read back to the host together."""
     low = op.low
-    dev = op.A.device
-    W64 = W.to(device=dev, dtype=torch.float64)
-    up = W64 @ op.R
-    pos = lambda v: max(float(v), 0.0)  # noqa: E731
-    quad = lambda Q: pos(((up @ Q) * up).sum())  # noqa: E731  ⟨WᵀW, R Q Rᵀ⟩
-    rows = lambda X: pos((W64 @ X.to(torch.float64).T).square().sum())  # noqa: E731  ⟨WᵀW, XᵀX⟩
-
-    def preserved() -> float:
-        if low.Gpp32 is None:
-            return rows(low.P)
-        W32 = W.to(device=dev, dtype=torch.float32)  # more preserve rows than d: one W·Gpp instead
-        return pos((W32 @ low.Gpp32).double().mul_(W64).sum())
-
-    target = rows(low.gap)
-    residual = pos(target + 2 * float((up * (W64 @ low.E.T)).sum()) + quad(low.Qc))
-    metrics = {"preserve_rel_change": math.sqrt(quad(low.Qp) / max(preserved(), 1e-30)),
+    W64 = W.to(device=op.A.device, dtype=torch.float64)
+    up, w_gap, w_e, w_p, w_u = (W64 @ low.right).split(list(low.widths), dim=1)
+    quad = lambda Q: ((up @ Q) * up).sum()  # noqa: E731  ⟨WᵀW, R Q Rᵀ⟩
+    if low.Gpp32 is None:
+        preserved = w_p.square().sum()  # ‖W Pᵀ‖²
+    else:  # more preserve rows than d: ⟨W Gpp, W⟩
+        preserved = (W64.to(torch.float32) @ low.Gpp32).double().mul_(W64).sum()
+    sums = [quad(low.Qp), preserved, w_gap.square().sum(), (up * w_e).sum(), quad(low.Qc)]
+    if low.Qu is not None:
+        sums += [quad(low.Qu), w_u.square().sum()]
+    v = torch.stack(sums).tolist()
+    pos = lambda x: max(x, 0.0)  # noqa: E731
+    target = pos(v[2])
+    residual = pos(target + 2 * v[3] + v[4])
+    metrics = {"preserve_rel_change": math.sqrt(pos(v[0]) / max(pos(v[1]), 1e-30)),
                "target_residual": math.sqrt(residual / max(target, 1e-30))}
     if low.Qu is not None:
-        metrics["uncond_rel_change"] = math.sqrt(quad(low.Qu) / max(rows(low.U), 1e-30))
+        metrics["uncond_rel_change"] = math.sqrt(pos(v[5]) / max(pos(v[6]), 1e-30))
     return metrics, up
 
 
