@@ -229,6 +229,7 @@ class ComfyText:
         tokens = self.clip.tokenize("")
         cond, _ = self.clip.encode_from_tokens(tokens, return_pooled=True)
         length = int(cond.shape[1])
+        self._width = int(cond.shape[-1])
         sizes = {k: len(v[0]) for k, v in tokens.items()}
         clip_key = next((k for k in ("l", "g", "h") if k in sizes), None)
         t5_key = next((k for k in sizes if k not in ("l", "g", "h")), None)
@@ -244,6 +245,12 @@ class ComfyText:
             runs.append((k, start, int(end) if end is not None else ids[start]))
         self._runs_cache = (length, runs)
         return self._runs_cache
+
+    @property
+    def context_width(self) -> int:
+        """Features per context row (768 on SD1, 2048 on SDXL, 4096 on Flux and SD3)."""
+        self._runs()
+        return self._width
 
     @property
     def context_length(self) -> int:
@@ -364,6 +371,12 @@ class ComfyDenoiser:
         self.ctx = ctx or RunContext()
         self._said_cfg1 = False  # the CFG-1 note of a guidance-distilled model is logged once per host
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of this model's latents, its latent format's (4 on SD1/SD2/SDXL, 16 on SD3 and
+        Flux): what every picture the pack draws from noise (DDIM, red team, training) starts with."""
+        return int(getattr(getattr(self.model.model, "latent_format", None), "latent_channels", 4))
+
     def base_weights(self) -> Mapping[str, torch.Tensor]:
         """ComfyUI key -> unpatched weight (`editing.hosts.base_weights`: what masks resolve against)."""
         return self._base() if self._base is not None else original_weights(self.model)
@@ -401,8 +414,7 @@ class ComfyDenoiser:
         positive = self.text.conditioning(list(prompts))
         negative_c = self.text.conditioning([negative] * n)
         if latent is None:
-            channels = int(getattr(getattr(self.model.model, "latent_format", None), "latent_channels", 4))
-            latent = torch.zeros(n, channels, *self.latent_size)
+            latent = torch.zeros(n, self.latent_channels, *self.latent_size)
         noise = comfy.sample.prepare_noise(latent, seed, [0] * latent.shape[0] if noise_per_prompt else None)
 
         def callback(step, x0, x, total):

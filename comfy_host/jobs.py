@@ -237,6 +237,7 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
+    view.text  # refuses a CLIP whose text this MODEL cannot read, before anything runs
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = view.denoiser if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in

@@ -1,10 +1,16 @@
 """ComfyUI CLIP -> `editing.emcid.stage2.TextModel`: run the CLIP text transformer(s) on token ids the way
 ComfyUI builds the UNet's context, and expose their modules by name for hooks.
 
-Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel / FluxClipModel)
-→ .clip_l / .clip_h / .clip_g (SDClipModel) → .transformer (comfy.clip_model.CLIPTextModel) →
-.text_model.encoder.layers[i].mlp.fc2; Flux's .t5xxl → .transformer (comfy.text_encoders.t5.T5)
-→ .encoder.block[i].layer[1].DenseReluDense.wo.
+Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel / FluxClipModel /
+SD3ClipModel) → .clip_l / .clip_h / .clip_g (SDClipModel) → .transformer (comfy.clip_model.CLIPTextModel)
+→ .text_model.encoder.layers[i].mlp.fc2; Flux's and SD3's .t5xxl → .transformer
+(comfy.text_encoders.t5.T5) → .encoder.block[i].layer[1].DenseReluDense.wo.
+
+Three text paths, as ComfyUI builds the model's inputs (`ComfyTextModel.path`):
+- "sd": the CLIPs' states side by side on the features, the last CLIP's pooled output (SDXL: bigG's);
+- "flux": T5's states alone, CLIP-L's pooled output (FluxClipModel);
+- "sd3": CLIP-L ‖ CLIP-G on the features, zero-padded to 4096, then T5's states after them along
+  the tokens; the pooled vector CLIP-L's ‖ CLIP-G's (SD3ClipModel, which also runs without T5).
 
 Two ComfyUI details matter for gradients (EMCID stage 1):
 - `CLIPLayer.forward` adds in place (``x += ...``) to a tensor its LayerNorm saved for backward;
@@ -28,6 +34,13 @@ log = logging.getLogger(__name__)
 
 _ENCODERS = ("clip_l", "clip_h", "clip_g")  # in the order ComfyUI concatenates them (SDXL: l ‖ g)
 _T5 = "t5xxl"  # Flux's (and SD3's) T5, ComfyUI's own T5 class under an SDClipModel
+
+
+def _text_path(csm, models: Mapping[str, torch.nn.Module]) -> str:
+    # SD3's CLIP class always has the three attributes (None for an encoder it was built without)
+    if hasattr(csm, "clip_g") and hasattr(csm, _T5) and hasattr(csm, "clip_l"):
+        return "sd3"
+    return "flux" if _T5 in models else "sd"
 
 
 def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
@@ -56,6 +69,7 @@ class ComfyTextModel:
         self._models = _sd_clip_models(clip)
         self.encoders = tuple(self._models)
         self.kinds = {e: "t5" if e == _T5 else "clip" for e in self.encoders}
+        self.path = _text_path(clip.cond_stage_model, self._models)
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
         self._out_device = device
         self.device = clip.patcher.load_device
@@ -76,9 +90,8 @@ class ComfyTextModel:
 
     @property
     def flux(self) -> bool:
-        """Flux's text path: the context is T5's alone, the pooled vector CLIP-L's (ComfyUI's
-        FluxClipModel); SD3's (CLIP-L ‖ G then T5 along the tokens) is not built here."""
-        return _T5 in self._models and "clip_g" not in self._models
+        """Flux's text path: the context is T5's alone, the pooled vector CLIP-L's."""
+        return self.path == "flux"
 
     def tokenize(self, prompts: Sequence[str], rewrite: Mapping[str, object] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -104,6 +117,10 @@ class ComfyTextModel:
                 first = 0 if e == _T5 else 1  # CLIP rows start with BOS
                 row = ids[e][-1]
                 n_real[e].append(row.index(end, first) - first if end in row[first:] else len(row) - first)
+        for e in self.encoders:  # T5 rows grow past their minimum length with a long prompt
+            width = max(len(r) for r in ids[e])
+            pad = self._models[e].special_tokens.get("pad", 0)
+            ids[e] = [r + [pad] * (width - len(r)) for r in ids[e]]
         out = {e: torch.tensor(v, dtype=torch.long, device=self.device) for e, v in ids.items()}
         return out, {e: torch.tensor(v, dtype=torch.long) for e, v in n_real.items()}
 
@@ -126,31 +143,56 @@ class ComfyTextModel:
             pooled = out[2].float()
         return z.float(), pooled
 
-    def _check_text_path(self) -> None:
-        if _T5 in self._models and not self.flux:
-            raise InvalidInputError("SD3's text path (CLIP-L ‖ G and T5 along the tokens) is not built for this "
-                                    "method yet; it runs on SD1.x/SD2.x/SDXL and Flux text encoders")
-
     def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._check_text_path()
         used = (_T5, "clip_l") if self.flux else self.encoders
         return self.combine({e: self.forward(e, ids[e]) for e in used})
 
     def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The model's context and pooled vector from the encoders' outputs, as ComfyUI builds them:
-        Flux T5's states and CLIP-L's pooled; SD the states concatenated, the last encoder's pooled
-        (SDXL: bigG's)."""
-        self._check_text_path()
+        """The model's context and pooled vector from the encoders' outputs, as ComfyUI builds them
+        (see the module's docstring for the three paths)."""
         if self.flux:
             cond, pooled = outputs[_T5][0], outputs["clip_l"][1]
+        elif self.path == "sd3":
+            cond, pooled = _sd3_combine(outputs)
         else:
-            cond = torch.cat([outputs[e][0] for e in self.encoders], dim=-1)
-            pooled = outputs[self.encoders[-1]][1]
+            clips = [e for e in self.encoders if e != _T5]
+            cond = torch.cat([outputs[e][0] for e in clips], dim=-1)
+            pooled = outputs[clips[-1]][1]
         if self._out_device is not None:
             cond = cond.to(self._out_device)
             pooled = pooled.to(self._out_device) if pooled is not None else None
         return cond, pooled
+
+
+# SD3's joint context width (T5-XXL's) and the pooled widths it assumes for a missing CLIP
+_SD3_CONTEXT, _SD3_POOLED = 4096, {"clip_l": 768, "clip_g": 1280}
+
+
+def _sd3_combine(outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SD3ClipModel.encode_token_weights` on per-encoder outputs: CLIP-L ‖ CLIP-G on the features
+    (cut to the shorter), a missing CLIP-L as zeros in front of G, zero-padded to 4096, T5's states
+    after them along the tokens; pooled = CLIP-L's ‖ CLIP-G's (zeros for a missing one)."""
+    l, g, t5 = outputs.get("clip_l"), outputs.get("clip_g"), outputs.get(_T5)
+    any_out = next(o[0] for o in (l, g, t5) if o is not None)
+    batch, dev = any_out.shape[0], any_out.device
+    cond = None
+    if l is not None or g is not None:
+        if l is not None and g is not None:
+            cut = min(l[0].shape[1], g[0].shape[1])
+            cond = torch.cat([l[0][:, :cut], g[0][:, :cut]], dim=-1)
+        elif l is not None:
+            cond = l[0]
+        else:
+            cond = torch.nn.functional.pad(g[0], (_SD3_POOLED["clip_l"], 0))
+        cond = torch.nn.functional.pad(cond, (0, _SD3_CONTEXT - cond.shape[-1]))
+    if t5 is not None:
+        cond = t5[0] if cond is None else torch.cat([cond, t5[0].to(cond.dtype)], dim=-2)
+    pooled = torch.cat([o[1] if o is not None and o[1] is not None
+                        else torch.zeros(batch, _SD3_POOLED[name], device=dev)
+                        for name, o in (("clip_l", l), ("clip_g", g))], dim=-1)
+    return cond, pooled
 
 
 @contextmanager
@@ -177,11 +219,16 @@ class SoftComfyText:
         self.model = ComfyTextModel(clip, device=device)
         self._tokens: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         # Flux: the soft tokens go into T5, whose context is what the model reads; its CLIP-L (the
-        # pooled vector only) reads the prompt with the placeholders left out
-        self._rewrite = ({_T5: lambda p: p.replace(self.placeholder, self.t5_placeholder),
-                          "clip_l": lambda p: " ".join(p.replace(self.placeholder, " ").split())}
-                         if self.model.flux else None)
-        self.soft_encoders = [_T5] if self.model.flux else list(self.model.encoders)
+        # pooled vector only) reads the prompt with the placeholders left out. SD3: into CLIP-L and
+        # CLIP-G (one vocabulary, so a soft prompt projects to words; they give the pooled vector
+        # and the first 77 context rows), T5 reading the prompt without them, as CLIP-L does on Flux.
+        drop = lambda p: " ".join(p.replace(self.placeholder, " ").split())  # noqa: E731
+        path = self.model.path
+        self._rewrite = ({_T5: lambda p: p.replace(self.placeholder, self.t5_placeholder), "clip_l": drop}
+                         if path == "flux" else {_T5: drop} if path == "sd3" and _T5 in self.model.encoders
+                         else None)
+        self.soft_encoders = ([_T5] if path == "flux"
+                              else [e for e in self.model.encoders if self.model.kinds[e] == "clip"])
         ids, _ = self.model.tokenize([self.placeholder], self._rewrite)
         self._ph: dict[str, int] = {}
         for e in self.soft_encoders:
@@ -191,8 +238,8 @@ class SoftComfyText:
             if int(row[0, start + 1]) != end:
                 raise InvalidInputError(f"this CLIP's {e} tokenizer splits the red team's placeholder word "
                                         f"{self.placeholder!r} into several tokens, so soft prompts cannot go in "
-                                        "its place: the red-team audit supports CLIP tokenizers (SD1.x, SD2.x, SDXL) "
-                                        "and Flux's T5")
+                                        "its place: the red-team audit supports CLIP tokenizers (SD1.x, SD2.x, SDXL, "
+                                        "SD3) and Flux's T5")
             self._ph[e] = int(row[0, start])
 
     def _embedding(self, encoder: str) -> torch.nn.Module:

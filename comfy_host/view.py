@@ -16,6 +16,10 @@ from ..editing.hosts import RunContext
 from .adapters import ComfyDenoiser, ComfyText, add_edit_patches, clip_state, model_family, original_weights
 
 
+_CLIP_HINTS = {"flux": "Flux: clip_l + t5xxl, DualCLIPLoader type flux, or ",
+               "sd3": "SD3: clip_l + clip_g + t5xxl, TripleCLIPLoader, or "}
+
+
 class ModelView:
     """`model` (and `clip`, needed by text-encoder methods and by everything that encodes prompts)
     as the methods see them. Nothing here writes to either: reads go through ComfyUI's state dict
@@ -52,9 +56,20 @@ class ModelView:
 
     @cached_property
     def text(self) -> ComfyText:
+        """The CLIP as `editing.hosts.TextEncoder`, refused when its text is not as wide as the text
+        this MODEL reads (a CLIP of another model would fail deep inside the first forward)."""
         if self.clip is None:
             raise InvalidInputError("connect the CLIP that came with this MODEL: it encodes the prompts")
-        return ComfyText(self.clip, device=self.ctx.device)
+        text = ComfyText(self.clip, device=self.ctx.device)
+        need, got = self.family.context_dim, text.context_width
+        if need and got != need:
+            encoders = (", ".join(te.name for te in self.family.text_encoders)
+                        or type(self.clip.cond_stage_model).__name__)
+            raise InvalidInputError(
+                f"this CLIP ({encoders}) gives text {got} wide, but this {self.family.label} model reads text "
+                f"{need} wide: connect the CLIP of the model's own checkpoint ({_CLIP_HINTS.get(self.family.kind, '')}"
+                "the checkpoint loader's CLIP output)")
+        return text
 
     @cached_property
     def denoiser(self) -> ComfyDenoiser:

@@ -46,6 +46,9 @@ class Denoiser(Protocol):
 class Trainable(Protocol):
     """What training-based methods need on top of `Denoiser` (ComfyDenoiser provides it)."""
 
+    latent_channels: int            # the model's latent channels (4 on SD, 16 on SD3 and Flux)
+    latent_size: tuple[int, int]    # (h, w) of the latents it draws and trains at
+
     def unet(self) -> torch.nn.Module:
         """The UNet module (LDM names) as it runs, weights patched."""
 

@@ -13,9 +13,11 @@ from .common import CATEGORY, EDIT
 def _family_defaults(name: str) -> str:
     """'SD1 4000, SD2 4000, SDXL clip_l 4000 / clip_g 10000, tiny 1000': the table's values, for the tooltips."""
     labels = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "tiny": "tiny", "flux1": "Flux (T5)",
-              "tiny-flux": "tiny Flux (T5)"}
+              "tiny-flux": "tiny Flux (T5)", "sd3-medium": "SD3"}
     out = []
     for fam, d in FAMILY_DEFAULTS.items():
+        if fam not in labels:  # SD3.5 large shares SD3's table
+            continue
         if name == "lam" and d.lam_per_encoder:
             out.append(f"{labels[fam]} " + " / ".join(f"{e} {v:g}" for e, v in d.lam_per_encoder.items()))
         else:
@@ -75,7 +77,8 @@ class TextEncoderEdit:
                                                 "tooltip": "Stage 2's residual at each edited layer: official = target minus "
                                                            "that layer's MLP output (EMCID's code); memit = target minus the "
                                                            "last edited layer's output (MEMIT's); auto = the model family's "
-                                                           "(official on SD1/SD2/SDXL, memit on Flux's T5)."}),
+                                                           "(official on SD1/SD2/SDXL and SD3's CLIPs, memit on T5: "
+                                                           "Flux's and SD3's)."}),
         }}
 
     def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,

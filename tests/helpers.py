@@ -79,3 +79,77 @@ def clip_from_target(target, seed: int):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return c
+
+
+# SD3's text stack at small widths (ComfyUI hard-codes the 4096-wide joint context, so its T5 keeps
+# T5-XXL's width with one narrow layer; the CLIPs are the tiny CLIP's config and a wider "bigG")
+SD3_CLIP_G = {"architectures": ["CLIPTextModel"], "hidden_act": "gelu", "hidden_size": 96, "intermediate_size": 384,
+              "layer_norm_eps": 1e-5, "max_position_embeddings": 77, "model_type": "clip_text_model",
+              "num_attention_heads": 4, "num_hidden_layers": 4, "projection_dim": 96, "torch_dtype": "float32",
+              "vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
+SD3_T5 = {"d_ff": 128, "d_kv": 8, "d_model": 4096, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+          "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 2, "num_layers": 2, "vocab_size": 32128,
+          "relative_attention_num_buckets": 32, "eos_token_id": 1, "pad_token_id": 0}
+SD3_POOLED = 64 + 96  # CLIP-L's pooled ‖ CLIP-G's: the SD3 model's adm_in_channels
+
+
+def sd3_clip(seed: int = 1, t5: bool = True):
+    """A real ComfyUI CLIP of SD3's class (`SD3ClipModel`: its encode, CLIP-L ‖ G padded to 4096 then
+    T5 along the tokens, pooled L ‖ G) with SD3's encoder settings (CLIP-L's penultimate layer,
+    unprojected pooled; bigG's penultimate, projected) at small widths, SD3's real tokenizers, and
+    random weights. Only in ComfyUI copies that have SD3 (not the 2024-03 one)."""
+    import json
+    import os
+
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip as sd3
+    import comfy.text_encoders.t5
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "tiny", "clip_config.json")) as f:
+        clip_l_cfg = json.load(f)
+
+    class SmallSD3Clip(sd3.SD3ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            torch.nn.Module.__init__(self)
+            sd = comfy.sd1_clip.SDClipModel
+            self.clip_l = sd(device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=clip_l_cfg,
+                             layer_norm_hidden_state=False, return_projected_pooled=False, model_options=model_options)
+            self.clip_g = sd(device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=SD3_CLIP_G,
+                             special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                             return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+            self.t5xxl = sd(device=device, dtype=dtype, layer="last", layer_idx=None, textmodel_json_config=SD3_T5,
+                            special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                            enable_attention_masks=False, return_attention_masks=False,
+                            model_options={**model_options, "model_name": "t5xxl"}) if t5 else None
+            self.t5_attention_mask = False
+            self.dtypes = {dtype}
+
+    target = type("Target", (), {})()
+    target.params = {}
+    target.clip = SmallSD3Clip
+    target.tokenizer = sd3.SD3Tokenizer
+    return clip_from_target(target, seed)
+
+
+def sd3_model(seed: int = 0, hidden_blocks: int = 2):
+    """ComfyUI's own SD3 model class (`supported_models.SD3` → `model_base.SD3`: rectified flow, shift
+    3, y = the pooled text) at small widths, reading `sd3_clip`'s 4096-wide context and its pooled
+    vector, random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": hidden_blocks,
+           "adm_in_channels": SD3_POOLED,
+           "context_embedder_config": {"target": "torch.nn.Linear",
+                                       "params": {"in_features": 4096, "out_features": 64 * hidden_blocks}},
+           "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None}
+    base = sm.SD3(dict(cfg)).get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # ComfyUI's classes leave weights uninitialised (its loader fills them)
+        for t in base.state_dict().values():  # parameters and buffers (pos_embed)
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

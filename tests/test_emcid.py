@@ -399,6 +399,23 @@ def test_family_defaults_table():
         resolve_defaults(EmcidConfig(lam={"clip_h": 7.0}), "sdxl", ("clip_l", "clip_g"))
     with pytest.raises(InvalidInputError, match="λ"):
         EmcidConfig(lam={"clip_l": 0.0}).validate()
+    # SD3: all three encoders, SDXL's CLIP values and Flux's T5 ones, the residual per encoder
+    sd3_encoders = ("clip_l", "clip_g", "t5xxl")
+    s3, used = resolve_defaults(EmcidConfig(), "sd3-medium", sd3_encoders)
+    assert s3.lam == {"clip_l": 4000.0, "clip_g": 10000.0, "t5xxl": 4000.0}
+    assert (s3.steps, s3.pooled_weight) == (100, 0.005) and "residual" in used["filled"]
+    assert s3.residual == {"clip_l": "official", "clip_g": "official", "t5xxl": "memit"}
+    assert [s3.residual_for(e) for e in sd3_encoders] == ["official", "official", "memit"]
+    assert resolve_defaults(EmcidConfig(), "custom", sd3_encoders, "sd3")[1]["table"] == "sd3-medium"
+    assert resolve_defaults(EmcidConfig(), "custom", sd3_encoders)[1]["table"] == "sd3-medium"
+    assert resolve_defaults(EmcidConfig(residual="memit"), "sd3-medium", sd3_encoders)[0].residual == "memit"
+    part, used = resolve_defaults(EmcidConfig(residual={"clip_g": "memit"}), "sd3-medium", sd3_encoders)
+    assert part.residual == {"clip_l": "official", "clip_g": "memit", "t5xxl": "memit"}
+    assert part.to_dict()["residual"] == part.residual and "residual" in used["filled"]
+    with pytest.raises(InvalidInputError, match="clip_h"):
+        resolve_defaults(EmcidConfig(residual={"clip_h": "memit"}), "sd3-medium", sd3_encoders)
+    with pytest.raises(InvalidInputError, match="residual must be one of"):
+        EmcidConfig(residual={"clip_l": "other"}).validate()
 
 
 @pytest.mark.parametrize("layout,table", [("sdxl_like", "sdxl"), ("sd1_like", "sd1")])

@@ -1,6 +1,7 @@
 """Flux and SD3 (MMDiT) in the current ComfyUI: the layout read from ComfyUI's own Flux/SD3 classes
 (the shipped tiny Flux, and Flux.1 / SD3.5 at real size on the meta device), the closed form on the
-text projections through the real nodes, edit files, and LoRA export read back by LoraLoader.
+text projections through the real nodes, edit files, and LoRA export read back by LoraLoader
+(SD3 with its own text stack: tests/test_sd3.py).
 The 2024-03 ComfyUI has no Flux class: there the tiny Flux loader refuses with a clear message."""
 from __future__ import annotations
 
@@ -205,6 +206,21 @@ def test_emcid_on_flux_edits_t5_only_moves_the_concept_and_its_lora_is_read_back
 
 
 @needs_flux
+@torch.inference_mode()
+def test_emcid_on_flux_with_a_clip_without_t5_says_which_encoder_is_missing(comfy, tiny_flux):
+    """The tiny SD CLIP is as wide as the tiny Flux's text (64), so the model could read it, but
+    EMCID edits Flux's T5, which that CLIP does not have: refused before anything runs."""
+    from helpers import random_clip
+    from test_layout_matrix import _node
+    model, _, _ = tiny_flux
+    clip = random_clip()
+    with pytest.raises(ConceptEditError, match="edits its t5xxl text encoder, which this CLIP does not have.*"
+                                               "connect the checkpoint's own CLIP"):
+        _node(comfy, "ConceptEditTextEncoderEdit", model=model, clip=clip, concepts="red -> blue", use_stage1=False)
+    assert not clip.patcher.patches and not model.patches
+
+
+@needs_flux
 @pytest.mark.usefixtures("loras")  # LoraLoader reads the file from tmp_path
 def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path):
     from safetensors import safe_open
@@ -286,35 +302,6 @@ def test_unlearning_trains_on_the_flow_model_and_exports_kohya_names(comfy, tiny
     with safe_open(str(path), "pt") as f:
         assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in f.keys())
     _assert_loraloader_reads(comfy, model, clip, edit, path, original_weights(model))
-
-
-@needs_flux
-@torch.inference_mode()
-def test_sd3_layout_gets_the_closed_form_on_context_embedder_and_y_embedder(comfy):
-    """ComfyUI's SD3 class at small widths (random weights; its text here is the tiny Flux's T5 and
-    CLIP-L, 64 wide, which SD3's own CLIP class at real size would replace): UCE edits its
-    context_embedder and y_embedder.mlp.0, nothing else."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-
-    from conceptedit.comfy_host.jobs import UCEJob, uce
-    from conceptedit.editing.uce.closed_form import UCEConfig
-    from conceptedit.tiny.flux import load_tiny_flux
-    _, clip, _ = load_tiny_flux()
-    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
-           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
-           "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None}
-    base = sm.SD3(dict(cfg)).get_model({})
-    g = torch.Generator().manual_seed(0)
-    for t in base.state_dict().values():
-        if t.is_floating_point():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
-    r = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], edit_text_pooled=True)))
-    assert set(r.edit.changes) == {"diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"}
-    assert r.edit.family == "custom" and not model.patches and r.model.patches
 
 
 @needs_flux

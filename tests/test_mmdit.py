@@ -1,8 +1,8 @@
 """Flux and SD3 (MMDiT: no attn2, the text enters through joint attention) built with ComfyUI's own
-`Flux` and `SD3` model classes at small widths, random weights: where EMCID cannot run (SD3's text
-path is not built; a Flux model with a CLIP that has no T5) it refuses with a message that names
-the model and what to do, before anything is computed, and leaves the input untouched; the methods
-run on the tiny Flux in tests/test_flux.py.
+`Flux` and `SD3` model classes at small widths, random weights: given the CLIP of another model
+(an SD CLIP-L), EMCID refuses with a message that names the model and what to connect, before
+anything is computed, and leaves the inputs untouched; the methods run on the tiny Flux in
+tests/test_flux.py and on SD3's text stack in tests/test_sd3.py.
 The 2024-03 ComfyUI has neither class (the key-level refusal is in tests/test_arch.py)."""
 from __future__ import annotations
 
@@ -41,21 +41,25 @@ def _model(kind: str):
                                             offload_device=mm.unet_offload_device())
 
 
-REFUSALS = {
-    "sd3": "EMCID is not available for this .*SD3 reads CLIP-L, CLIP-G and T5.*closed-form edit",
-    "flux": "edits its t5xxl text encoder, which this CLIP does not have.*connect the checkpoint's own CLIP",
+REFUSALS = {  # an SD CLIP, 64 wide: neither model reads text that wide (48 here)
+    "sd3": r"this CLIP \(clip_l\) gives text 64 wide, but this SD3-layout .* reads text 48 wide: connect the CLIP of "
+           r"the model's own checkpoint \(SD3: clip_l \+ clip_g \+ t5xxl, TripleCLIPLoader",
+    "flux": r"this CLIP \(clip_l\) gives text 64 wide, but this Flux-layout .* reads text 48 wide: connect the CLIP "
+            r"of the model's own checkpoint \(Flux: clip_l \+ t5xxl, DualCLIPLoader",
 }
 
 
+@pytest.mark.parametrize("use_stage1", [True, False])
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 @torch.inference_mode()
-def test_emcid_refuses_sd3_and_a_flux_model_without_its_t5_and_says_what_to_do(comfy, kind):
+def test_emcid_refuses_a_clip_of_another_model_and_says_what_to_do(comfy, kind, use_stage1):
     model, clip = _model(kind), random_clip()  # an SD CLIP-L: no T5
     assert type(model.model).__name__ == {"flux": "Flux", "sd3": "SD3"}[kind]
     before = {k: v.clone() for k, v in model.model_state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
     with pytest.raises(ConceptEditError, match=REFUSALS[kind]):
-        _node(comfy, "ConceptEditTextEncoderEdit", model=model, clip=clip, concepts="red -> blue")
+        _node(comfy, "ConceptEditTextEncoderEdit", model=model, clip=clip, concepts="red -> blue",
+              use_stage1=use_stage1)
     assert not model.patches and not clip.patcher.patches
     assert all(torch.equal(v, clip_before[k]) for k, v in clip.patcher.model_state_dict().items())
     changed = [k for k, v in model.model_state_dict().items() if not torch.equal(v, before[k])]

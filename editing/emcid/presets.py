@@ -13,8 +13,11 @@ The numbers are those of the official code (github:SilentView/EMCID):
 
 - Flux (Flux.1 and the tiny Flux): T5 alone, SDXL's stage 1 without the pooled term (no official
   code; see `FLUX`).
+- SD3 / SD3.5: all three encoders, SDXL's values on its CLIP-L and CLIP-G (the same two encoders),
+  Flux's on its T5 (no official code; see `SD3`).
 
-A layout no table names (`custom`) gets Flux's values when its CLIP is CLIP-L + T5, SDXL's when it
+A layout no table names (`custom`) gets SD3's values when it is an SD3 model or its CLIP is
+CLIP-L + CLIP-G + T5, Flux's when it is a Flux model or its CLIP is CLIP-L + T5, SDXL's when it
 has two CLIP encoders, else SD's.
 """
 from __future__ import annotations
@@ -34,9 +37,13 @@ class FamilyDefaults:
     lam_per_encoder: Mapping[str, float] = field(default_factory=dict)
     encoders: tuple[str, ...] | None = None  # the text encoders edited by default; None = every one
     residual: str = "official"              # stage 2's residual (`EmcidConfig.residual`)
+    residual_per_encoder: Mapping[str, str] = field(default_factory=dict)
 
     def lam_for(self, encoder: str) -> float:
         return float(self.lam_per_encoder.get(encoder, self.lam))
+
+    def residual_for(self, encoder: str) -> str:
+        return self.residual_per_encoder.get(encoder, self.residual)
 
 
 SD = FamilyDefaults(lam=4000.0, steps=200, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)
@@ -53,21 +60,30 @@ TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_w
 FLUX = FamilyDefaults(lam=4000.0, steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.0, max_norm=1.2,
                       encoders=("t5xxl",), residual="memit")
 TINY_FLUX = replace(FLUX, lam=100.0)
+# SD3 reads CLIP-L ‖ CLIP-G (the pooled vector and the first 77 context rows) and T5 (the rows after
+# them), so a concept left in any one of them still reaches the model: EMCID edits all three, the
+# CLIPs as on SDXL (the same two encoders, with SDXL's official values), T5 as on Flux (MEMIT's
+# residual, λ 4000). Stage 1 optimises the three δ jointly with SDXL's settings.
+SD3 = replace(SDXL, lam_per_encoder={"clip_l": 4000.0, "clip_g": 10000.0, "t5xxl": FLUX.lam},
+              residual_per_encoder={"t5xxl": FLUX.residual})
 
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {"sd1": SD, "sd2": SD, "sdxl": SDXL, "tiny": TINY, "flux1": FLUX,
-                                              "tiny-flux": TINY_FLUX}
+                                              "tiny-flux": TINY_FLUX, "sd3-medium": SD3, "sd3.5-large": SD3}
 
 # the hyper-parameters the table fills when the config leaves them at None
 TABLE_FIELDS = ("lam", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "residual")
 
 
 def defaults_for(family: str | None, encoders: Sequence[str], kind: str | None = None) -> tuple[str, FamilyDefaults]:
-    """(the table's key, its values) for a family name; an unknown layout gets Flux's values when
-    it is a Flux model (`kind`, the layout's: whatever CLIP is connected, so a wrong one is named as
-    such) or its CLIP is CLIP-L + T5, else SDXL's with two or more text encoders, else SD's."""
+    """(the table's key, its values) for a family name; an unknown layout gets SD3's values when it
+    is an SD3 model (`kind`, the layout's: whatever CLIP is connected, so a wrong one is named as
+    such) or its CLIP is CLIP-L + CLIP-G + T5, Flux's when it is a Flux model or its CLIP is
+    CLIP-L + T5, else SDXL's with two or more text encoders, else SD's."""
     if family in FAMILY_DEFAULTS:
         return family, FAMILY_DEFAULTS[family]
     encoders = tuple(encoders)
+    if kind == "sd3" or (kind is None and {"clip_g", "t5xxl"} <= set(encoders)):
+        return "sd3-medium", SD3
     if kind == "flux" or ("t5xxl" in encoders and "clip_g" not in encoders):
         return "flux1", FLUX
     return ("sdxl", SDXL) if len(encoders) >= 2 else ("sd1", SD)

@@ -17,7 +17,10 @@ trained through the pooled output.
 Flux's vector conditioning is CLIP-L's pooled output itself, its context T5's states; EMCID
 edits T5 there by default, so δ lives in T5's stream and the pooled vector of the source stays.
 
-With several edited text encoders (SDXL) each gets its own δ, optimised jointly. Results are cached on
+SD3 reads CLIP-L ‖ CLIP-G and T5 along the tokens and takes y = the pooled L ‖ G: all three get
+a δ (T5 has no pooled term), and δ on the CLIPs reaches y through their pooled outputs.
+
+With several edited text encoders (SDXL, SD3) each gets its own δ, optimised jointly. Results are cached on
 disk per (model fingerprint, concept, destination, parameters).
 """
 from __future__ import annotations

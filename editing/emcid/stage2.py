@@ -33,7 +33,7 @@ import torch
 from ..arch import Family, TextEncoderSpec
 from .captions import generic_captions
 from ..edit import Change, Edit
-from ..errors import InvalidInputError, NonFiniteError, UnknownArchitectureError
+from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs, trace_outputs
 from ..hosts import RunContext
 from ..safety import refuse_unsafe
@@ -46,7 +46,9 @@ DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a painting of {}
 class TextModel(Protocol):
     """What EMCID needs from a host's text encoder(s)."""
 
-    encoders: tuple[str, ...]   # ComfyUI clip names in order, e.g. ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl")
+    # ComfyUI clip names in order: ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl") (Flux),
+    # ("clip_l", "clip_g", "t5xxl") (SD3)
+    encoders: tuple[str, ...]
     kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``) or "t5" (no BOS, ``DenseReluDense.wo``)
     device: torch.device
 
@@ -55,9 +57,9 @@ class TextModel(Protocol):
         ``encoder.block.3.layer.1.DenseReluDense.wo``)."""
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Token ids [B, L] per encoder (on the device; CLIP L = 77, Flux's T5 256) and, per encoder,
-        the number n of real tokens of each prompt (without BOS/EOS): the last real token sits at
-        index n on CLIP (after BOS), n − 1 on T5."""
+        """Token ids [B, L] per encoder (on the device; CLIP L = 77, Flux's T5 256, SD3's T5 at
+        least 77) and, per encoder, the number n of real tokens of each prompt (without BOS/EOS):
+        the last real token sits at index n on CLIP (after BOS), n − 1 on T5."""
 
     def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled)."""
@@ -66,7 +68,8 @@ class TextModel(Protocol):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's context and pooled vector from every encoder's `forward` output, as the host
         builds them (SD: the encoders' states concatenated, the last one's pooled; Flux: T5's states,
-        CLIP-L's pooled)."""
+        CLIP-L's pooled; SD3: CLIP-L ‖ G padded to T5's width, then T5's states along the tokens,
+        pooled L ‖ G)."""
 
     def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`combine` of every encoder's `forward`; differentiable when grad is enabled."""
@@ -87,8 +90,9 @@ class EmcidConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
     layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
     # stage 2's residual at layer l_i: "official" = Z − (that layer's fc2 output), as EMCID's code
-    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's; None = the family's (Flux: memit)
-    residual: str | None = None
+    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's; one for every encoder or
+    # per encoder name; None = the family's (memit on T5: Flux's and SD3's)
+    residual: str | Mapping[str, str] | None = None
     # stage 1
     steps: int | None = None            # Adam steps per concept (official: SD 200, SDXL 100)
     lr: float | None = None             # official: SD 0.2, SDXL 0.1
@@ -111,7 +115,9 @@ class EmcidConfig:
                                     "leave it unset for the model family's default")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
-        if self.residual is not None and self.residual not in RESIDUALS:
+        residuals = (self.residual.values() if isinstance(self.residual, Mapping)
+                     else [] if self.residual is None else [self.residual])
+        if any(r not in RESIDUALS for r in residuals):
             raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
         if ((self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0)
                 or (self.max_norm is not None and self.max_norm <= 0)
@@ -131,11 +137,18 @@ class EmcidConfig:
             raise InvalidInputError(f"no λ for the {encoder} text encoder; give one per encoder or a single value")
         return float(lam)
 
+    def residual_for(self, encoder: str) -> str:
+        """Stage 2's residual on one text encoder (after `resolve_defaults`)."""
+        r = self.residual.get(encoder) if isinstance(self.residual, Mapping) else self.residual
+        return r or "official"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["templates"] = list(self.templates)
         if isinstance(self.lam, Mapping):
             d["lam"] = {k: float(v) for k, v in self.lam.items()}
+        if isinstance(self.residual, Mapping):
+            d["residual"] = dict(self.residual)
         return d
 
 
@@ -154,6 +167,17 @@ def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[st
         if getattr(cfg, name) is None:
             changes[name] = getattr(table, name)
             filled.append(name)
+    if isinstance(cfg.residual, Mapping) or (cfg.residual is None and table.residual_per_encoder):
+        # per encoder (SD3's table: memit on T5, official on the CLIPs); a partial mapping keeps the
+        # table's value for the encoders it leaves out, as λ does
+        given = dict(cfg.residual or {})
+        unknown = sorted(set(given) - set(encoders))
+        if unknown:
+            raise InvalidInputError(f"a residual is given for {', '.join(unknown)}, which this CLIP does not have "
+                                    f"(its text encoders: {', '.join(encoders)})")
+        changes["residual"] = {e: given.get(e, table.residual_for(e)) for e in encoders}
+        if any(e not in given for e in encoders) and "residual" not in filled:
+            filled.append("residual")
     if cfg.lam is None or isinstance(cfg.lam, Mapping):
         given = dict(cfg.lam or {})
         unknown = sorted(set(given) - set(encoders))
@@ -540,11 +564,6 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     cfg.validate()
     validate_pairs(pairs)
     ctx = ctx or RunContext()
-    if family.kind == "sd3":  # its text path (CLIP-L ‖ G and T5 along the tokens) is not built
-        raise UnknownArchitectureError(
-            f"EMCID is not available for this {family.label} yet: SD3 reads CLIP-L, CLIP-G and T5 together, a text "
-            "path ConceptEdit does not build. It runs on SD1.x, SD2.x, SDXL and Flux (T5). On SD3 use the closed-form "
-            "edit (its context_embedder / y_embedder), ConceptPrune, the unlearning trainer or distill-and-unlearn.")
     cfg, used = resolve_defaults(cfg, family.name, text.encoders, family.kind)
     plan = edit_layers(family, text, cfg)
     if cfg.use_stage1 and denoiser is None:
@@ -567,7 +586,7 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
         C0 = second_moments(text, enc, layers, cfg, ctx, cache_dir)
         prompts = concept_prompts(text, srcs, cfg.templates)
         ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam_for(enc), cfg.batch, ctx,
-                         residual=cfg.residual)
+                         residual=cfg.residual_for(enc))
         m2["lam"] = cfg.lam_for(enc)
         for layer, up, down in ups:
             changes[spec.fc2_key(layer)] = to_change(spec, up, down)
