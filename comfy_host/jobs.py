@@ -144,6 +144,7 @@ def _uce_debias(view: ModelView, config: UCEJob) -> Edit:
     """Each round's edit goes onto a clone that generates the concepts at the job's size, the judge
     reads the shares, the next round re-solves from the unpatched weights."""
     loop = config.loop
+    view.check_clip()
     quiet = RunContext(should_stop=view.ctx.should_stop, device=view.ctx.device)  # the loop reports rounds
     text = _EncodedOnce(view.clip, device=view.ctx.device)  # UCE leaves the CLIP alone: encode each prompt once
     host = ComfyDenoiser(view.model, text, ctx=quiet, latent_hw=view.latent, family=view.family,
@@ -237,7 +238,7 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
-    view.text  # refuses a CLIP whose text this MODEL cannot read, before anything runs
+    view.check_clip()
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = view.denoiser if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in

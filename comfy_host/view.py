@@ -71,6 +71,11 @@ class ModelView:
                 "the checkpoint loader's CLIP output)")
         return text
 
+    def check_clip(self) -> None:
+        """Refuse a CLIP whose text this MODEL cannot read (`text`), before a method starts that
+        reaches the CLIP another way (EMCID's own text path, the debias loop's encode-once cache)."""
+        _ = self.text
+
     @cached_property
     def denoiser(self) -> ComfyDenoiser:
         """The MODEL as `editing.hosts.Denoiser` + `Trainable`, at this view's latent size."""

@@ -1,7 +1,7 @@
 """Flux and SD3 (MMDiT: no attn2, the text enters through joint attention) built with ComfyUI's own
 `Flux` and `SD3` model classes at small widths, random weights: given the CLIP of another model
-(an SD CLIP-L), EMCID refuses with a message that names the model and what to connect, before
-anything is computed, and leaves the inputs untouched; the methods run on the tiny Flux in
+(an SD CLIP-L), EMCID and every other method refuse with a message that names the model and what
+to connect, before anything is computed, and leave the inputs untouched; the methods run on the tiny Flux in
 tests/test_flux.py and on SD3's text stack in tests/test_sd3.py.
 The 2024-03 ComfyUI has neither class (the key-level refusal is in tests/test_arch.py)."""
 from __future__ import annotations
@@ -64,3 +64,17 @@ def test_emcid_refuses_a_clip_of_another_model_and_says_what_to_do(comfy, kind, 
     assert all(torch.equal(v, clip_before[k]) for k, v in clip.patcher.model_state_dict().items())
     changed = [k for k, v in model.model_state_dict().items() if not torch.equal(v, before[k])]
     assert not changed, changed[:5]
+
+
+@pytest.mark.parametrize("node,given", [
+    ("ConceptEditCrossAttentionEdit", {"concepts": "red"}),
+    ("ConceptEditUCEDebias", {"concepts": "doctor", "options": "man, woman"}),
+    ("ConceptEditConceptPrune", {"concepts": "red"}),
+    ("ConceptEditTrainUnlearn", {"concept": "red"}),
+])
+@torch.inference_mode()
+def test_every_method_refuses_a_clip_of_another_model_before_it_runs(comfy, node, given):
+    model, clip = _model("sd3"), random_clip()
+    with pytest.raises(ConceptEditError, match=REFUSALS["sd3"]):
+        _node(comfy, node, model=model, clip=clip, **given)
+    assert not model.patches and not clip.patcher.patches

@@ -1,8 +1,9 @@
 """SD3's text path in the current ComfyUI: ComfyUI's own `SD3ClipModel` (CLIP-L ‖ CLIP-G padded to
 4096, then T5 along the tokens; pooled L ‖ G) at small widths with SD3's tokenizers, and ComfyUI's
 SD3 model class reading it (`helpers.sd3_clip`, `helpers.sd3_model`, random weights). EMCID edits all
-three encoders through the real node and job, its LoRA is read back by LoraLoader, and the red
-team's soft prompts go into the CLIPs. The 2024-03 ComfyUI has no SD3 class."""
+three encoders through the real node and job, its LoRA is read back by LoraLoader, the closed
+form and unlearning run on the 16-channel flow model, and the red team's soft prompts go into the
+CLIPs. The 2024-03 ComfyUI has no SD3 class."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from helpers import sd3_clip, sd3_model
-
 
 
 def _has_sd3() -> bool:
