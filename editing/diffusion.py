@@ -96,8 +96,8 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
         raise ValueError(f"stop must be in [0, {steps}) for {steps} DDIM steps, not {stop}")
     if shape is None:
         ch = getattr(host, "latent_channels", 4)
-        hw = getattr(host, "latent_hw", 32)
-        shape = (cond.shape[0], ch, hw, hw)
+        h, w = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
+        shape = (cond.shape[0], ch, int(h), int(w))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(cond.device)
     ts = ddim_timesteps(len(ac), steps)

@@ -175,6 +175,20 @@ def test_unlearning_trains_on_sd3s_16_channel_flow_latents(comfy, sd3):
 
 
 @torch.inference_mode()
+def test_pictures_drawn_from_noise_have_the_models_channels_and_the_size_asked(comfy, sd3):
+    """DDIM from noise (the red team's targets, ESD's x_t) on SD3's 16-channel latents, 8 x 12."""
+    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.editing.diffusion import ddim_sample
+    from conceptedit.editing.hosts import conditioning
+    model, clip = sd3
+    host = ComfyDenoiser(model, clip, latent_hw=(8, 12))
+    cond, y = conditioning(host, host.text, ["a red circle"])
+    uncond, y_uncond = conditioning(host, host.text, [""])
+    x = ddim_sample(host, cond, uncond, steps=2, cfg=4.0, seed=0, y=y, y_uncond=y_uncond)
+    assert x.shape == (1, 16, 8, 12) and torch.isfinite(x).all()
+
+
+@torch.inference_mode()
 def test_red_team_soft_prompts_go_into_the_clips_and_t5_reads_the_rest(comfy, sd3):
     from conceptedit.comfy_host.text_hooks import SoftComfyText
     from test_layout_matrix import _node
