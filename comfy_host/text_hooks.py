@@ -132,10 +132,16 @@ class ComfyTextModel:
         if getattr(self.clip, "layer_idx", None) is not None:  # CLIPSetLastLayer
             csm.set_clip_options({"layer": self.clip.layer_idx})
         m = self._models[encoder]
+        ids = ids.to(self.device)
+        # a T5 loaded with its attention mask on (SD3's t5_attention_mask, some Flux loaders) attends
+        # only up to EOS, and ComfyUI may zero the masked rows: both as `SDClipModel.forward` does
+        mask = _attention_mask(m, ids) if getattr(m, "enable_attention_masks", False) else None
         with _ln_input_copies(m.transformer) if torch.is_grad_enabled() else _nothing():
-            out = m.transformer(ids.to(self.device), None, intermediate_output=m.layer_idx,
+            out = m.transformer(ids, mask, intermediate_output=m.layer_idx,
                                 final_layer_norm_intermediate=m.layer_norm_hidden_state)
         z = out[0] if m.layer == "last" else out[1]
+        if getattr(m, "zero_out_masked", False):
+            z = z * _attention_mask(m, ids).unsqueeze(-1).to(z.dtype)
         pooled = None
         if len(out) >= 4 and not m.return_projected_pooled and out[3] is not None:
             pooled = out[3].float()
@@ -163,6 +169,16 @@ class ComfyTextModel:
             cond = cond.to(self._out_device)
             pooled = pooled.to(self._out_device) if pooled is not None else None
         return cond, pooled
+
+
+def _attention_mask(m, ids: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's text attention mask [B, L]: 1 up to and including the first end token, 0 after it
+    (an encoder without an end token: 0 from its first pad token on)."""
+    end = m.special_tokens.get("end")
+    hit = ids == (end if end is not None else m.special_tokens.get("pad", -1))
+    before = (hit.long().cumsum(1) - hit.long()) > 0  # such a token sits strictly before
+    mask = ~before if end is not None else ~(before | hit)
+    return mask.long()
 
 
 # SD3's joint context width (T5-XXL's) and the pooled widths it assumes for a missing CLIP

@@ -93,11 +93,12 @@ SD3_T5 = {"d_ff": 128, "d_kv": 8, "d_model": 4096, "dense_act_fn": "gelu_pytorch
 SD3_POOLED = 64 + 96  # CLIP-L's pooled ‖ CLIP-G's: the SD3 model's adm_in_channels
 
 
-def sd3_clip(seed: int = 1, t5: bool = True):
+def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False):
     """A real ComfyUI CLIP of SD3's class (`SD3ClipModel`: its encode, CLIP-L ‖ G padded to 4096 then
     T5 along the tokens, pooled L ‖ G) with SD3's encoder settings (CLIP-L's penultimate layer,
     unprojected pooled; bigG's penultimate, projected) at small widths, SD3's real tokenizers, and
-    random weights. Only in ComfyUI copies that have SD3 (not the 2024-03 one)."""
+    random weights; `t5_attention_mask` as SD3's loader option. Only in ComfyUI copies that have
+    SD3 (not the 2024-03 one)."""
     import json
     import os
 
@@ -120,9 +121,9 @@ def sd3_clip(seed: int = 1, t5: bool = True):
                              return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
             self.t5xxl = sd(device=device, dtype=dtype, layer="last", layer_idx=None, textmodel_json_config=SD3_T5,
                             special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                            enable_attention_masks=False, return_attention_masks=False,
+                            enable_attention_masks=t5_attention_mask, return_attention_masks=t5_attention_mask,
                             model_options={**model_options, "model_name": "t5xxl"}) if t5 else None
-            self.t5_attention_mask = False
+            self.t5_attention_mask = t5_attention_mask
             self.dtypes = {dtype}
 
     target = type("Target", (), {})()

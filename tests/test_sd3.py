@@ -33,11 +33,12 @@ def sd3(comfy):
     return sd3_model(), sd3_clip()
 
 
-@pytest.mark.parametrize("t5", [True, False])
+@pytest.mark.parametrize("t5,masked", [(True, False), (True, True), (False, False)])
 @torch.inference_mode()
-def test_the_text_path_is_comfyuis_sd3_encode_with_and_without_t5(comfy, t5):
+def test_the_text_path_is_comfyuis_sd3_encode_with_and_without_t5(comfy, t5, masked):
+    """`masked`: T5 loaded with its attention mask (SD3's t5_attention_mask), which attends only up to EOS."""
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
-    clip = sd3_clip(t5=t5)
+    clip = sd3_clip(t5=t5, t5_attention_mask=masked)
     text = ComfyTextModel(clip)
     assert text.path == "sd3" and text.encoders == (("clip_l", "clip_g", "t5xxl") if t5 else ("clip_l", "clip_g"))
     ids, n_real = text.tokenize(PROMPTS)
