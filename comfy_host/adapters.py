@@ -210,11 +210,18 @@ class ComfyText:
     def _encode_one(self, prompt: str):
         tokens = self.clip.tokenize(prompt)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        length = self.context_length
+        length, runs = self._runs()
         if cond.shape[1] > length:
             log.warning("prompt longer than the context (%d tokens) is cut to its first %d: %r", length, length,
                         prompt[:60])
-            cond = cond[:, :length]
+            if len(runs) > 1:  # SD3: CLIP's rows then T5's; each run keeps the empty prompt's share
+                parts, at = [], 0
+                for k, _, _ in runs:
+                    parts.append(cond[:, at:at + self._run_rows[k]])
+                    at += sum(len(chunk) for chunk in tokens[k])
+                cond = torch.cat(parts, dim=1)
+            else:
+                cond = cond[:, :length]
         return cond, pooled
 
     def _runs(self) -> tuple[int, list[tuple[str, int, int]]]:
@@ -227,10 +234,12 @@ class ComfyText:
         if cached is not None:
             return cached
         tokens = self.clip.tokenize("")
-        cond, _ = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         length = int(cond.shape[1])
         self._width = int(cond.shape[-1])
+        self._pooled_width = int(pooled.shape[-1]) if pooled is not None else 0
         sizes = {k: len(v[0]) for k, v in tokens.items()}
+        self._run_rows = sizes
         clip_key = next((k for k in ("l", "g", "h") if k in sizes), None)
         t5_key = next((k for k in sizes if k not in ("l", "g", "h")), None)
         order = [[clip_key], [t5_key], [clip_key, t5_key]]
@@ -251,6 +260,12 @@ class ComfyText:
         """Features per context row (768 on SD1, 2048 on SDXL, 4096 on Flux and SD3)."""
         self._runs()
         return self._width
+
+    @property
+    def pooled_width(self) -> int:
+        """Features of the pooled vector (0 when the CLIP gives none): Flux 768, SD3 2048."""
+        self._runs()
+        return self._pooled_width
 
     @property
     def context_length(self) -> int:

@@ -54,8 +54,9 @@ def _sd_clip_models(clip) -> dict[str, torch.nn.Module]:
     if out and t5 is not None and hasattr(getattr(t5, "transformer", None), "shared"):
         out[_T5] = t5
     if not out:
-        raise InvalidInputError(f"this CLIP ({type(csm).__name__}) has no CLIP text transformer ConceptEdit can edit "
-                                "(clip_l / clip_h / clip_g); EMCID supports SD1.x, SD2.x and SDXL text encoders")
+        raise InvalidInputError(f"this CLIP ({type(csm).__name__}) has no CLIP text transformer (clip_l / clip_h / "
+                                "clip_g), which EMCID and the red-team audit read (with T5 on Flux and SD3): connect "
+                                "the model's own CLIP with its CLIP-L (SD3: CLIP-L and/or CLIP-G)")
     return out
 
 
@@ -70,6 +71,8 @@ class ComfyTextModel:
         self.encoders = tuple(self._models)
         self.kinds = {e: "t5" if e == _T5 else "clip" for e in self.encoders}
         self.path = _text_path(clip.cond_stage_model, self._models)
+        self._t5_length: int | None = None
+        self._said_cut = False
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
         self._out_device = device
         self.device = clip.patcher.load_device
@@ -112,17 +115,28 @@ class ComfyTextModel:
                 if any(not isinstance(t[0], int) for t in chunk):
                     raise InvalidInputError(f"{p!r} uses a textual-inversion embedding; EMCID edits words only")
                 row = [int(t[0]) for t in chunk]
-                ids[e].append(row if e == _T5 else row[:77])
+                ids[e].append(self._fit_t5(row, p) if e == _T5 else row[:77])
                 end = self._models[e].special_tokens.get("end")
                 first = 0 if e == _T5 else 1  # CLIP rows start with BOS
                 row = ids[e][-1]
                 n_real[e].append(row.index(end, first) - first if end in row[first:] else len(row) - first)
-        for e in self.encoders:  # T5 rows grow past their minimum length with a long prompt
-            width = max(len(r) for r in ids[e])
-            pad = self._models[e].special_tokens.get("pad", 0)
-            ids[e] = [r + [pad] * (width - len(r)) for r in ids[e]]
         out = {e: torch.tensor(v, dtype=torch.long, device=self.device) for e, v in ids.items()}
         return out, {e: torch.tensor(v, dtype=torch.long) for e, v in n_real.items()}
+
+    def _fit_t5(self, row: list[int], prompt: str) -> list[int]:
+        """A T5 row at the length of the empty prompt's (Flux 256, SD3 77): ComfyUI's T5 tokenizer
+        grows a long prompt's row past it, so the rows of a batch would differ; a longer prompt is
+        cut to that many tokens, its last one EOS (as every context is cut to the empty prompt's
+        length, `ComfyText.context_length`; the CLIP rows to their first 77)."""
+        if self._t5_length is None:
+            self._t5_length = len(self.clip.tokenize("")[_T5][0])
+        n = self._t5_length
+        if len(row) <= n:
+            return row
+        if not self._said_cut:
+            log.warning("a prompt longer than T5's %d tokens is cut to them for this method: %r", n, prompt[:60])
+            self._said_cut = True
+        return row[:n - 1] + [int(self._models[_T5].special_tokens.get("end", 1))]
 
     def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One encoder as `SDClipModel.forward` runs it (layer choice, CLIP skip, projected pooled)."""

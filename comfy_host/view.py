@@ -61,14 +61,18 @@ class ModelView:
         if self.clip is None:
             raise InvalidInputError("connect the CLIP that came with this MODEL: it encodes the prompts")
         text = ComfyText(self.clip, device=self.ctx.device)
-        need, got = self.family.context_dim, text.context_width
-        if need and got != need:
-            encoders = (", ".join(te.name for te in self.family.text_encoders)
-                        or type(self.clip.cond_stage_model).__name__)
-            raise InvalidInputError(
-                f"this CLIP ({encoders}) gives text {got} wide, but this {self.family.label} model reads text "
-                f"{need} wide: connect the CLIP of the model's own checkpoint ({_CLIP_HINTS.get(self.family.kind, '')}"
-                "the checkpoint loader's CLIP output)")
+        # an MMDiT also reads the pooled vector itself (Flux vector_in 768, SD3 y_embedder 2048), which
+        # tells apart the CLIPs of Flux and SD3 (both 4096 wide)
+        pooled = next((p.cols for p in self.family.projections if p.source == "pooled"), 0)
+        for what, need, got in (("text", self.family.context_dim, text.context_width),
+                                ("a pooled vector", pooled, text.pooled_width if pooled else 0)):
+            if need and got != need:
+                encoders = (", ".join(te.name for te in self.family.text_encoders)
+                            or type(self.clip.cond_stage_model).__name__)
+                raise InvalidInputError(
+                    f"this CLIP ({encoders}) gives {what} {got} wide, but this {self.family.label} model reads "
+                    f"{what} {need} wide: connect the CLIP of the model's own checkpoint "
+                    f"({_CLIP_HINTS.get(self.family.kind, '')}the checkpoint loader's CLIP output)")
         return text
 
     def check_clip(self) -> None:

@@ -545,8 +545,9 @@ def discover_text_encoders(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TextE
         n = max(layers) + 1
         width, mlp = layers[max(layers)]
         many = len(names) > 1
-        # ComfyUI's LoraLoader numbers the encoders in this order (Flux: lora_te1 CLIP-L, lora_te2 T5)
-        kohya = f"lora_te{i + 1}" if many else "lora_te"
+        # ComfyUI's LoraLoader numbers the encoders in this order (Flux: lora_te1 CLIP-L, lora_te2 T5;
+        # SD3: te1 CLIP-L, te2 CLIP-G, te3 T5), except CLIP-G without CLIP-L, which it reads as lora_te
+        kohya = f"lora_te{i + 1}" if many and not (name == "clip_g" and "clip_l" not in names) else "lora_te"
         diffusers = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
         if kinds[name] == "t5":
             tables: tuple[TextEncoderSpec, ...] = _T5_TABLES

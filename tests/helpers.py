@@ -91,14 +91,15 @@ SD3_T5 = {"d_ff": 128, "d_kv": 8, "d_model": 4096, "dense_act_fn": "gelu_pytorch
           "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 2, "num_layers": 2, "vocab_size": 32128,
           "relative_attention_num_buckets": 32, "eos_token_id": 1, "pad_token_id": 0}
 SD3_POOLED = 64 + 96  # CLIP-L's pooled ‖ CLIP-G's: the SD3 model's adm_in_channels
+SD3_POOLED_NO_L = 768 + 96  # without CLIP-L, ComfyUI puts 768 zeros (real CLIP-L's width) before G's
 
 
-def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False):
+def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False, clip_l: bool = True):
     """A real ComfyUI CLIP of SD3's class (`SD3ClipModel`: its encode, CLIP-L ‖ G padded to 4096 then
     T5 along the tokens, pooled L ‖ G) with SD3's encoder settings (CLIP-L's penultimate layer,
     unprojected pooled; bigG's penultimate, projected) at small widths, SD3's real tokenizers, and
-    random weights; `t5_attention_mask` as SD3's loader option. Only in ComfyUI copies that have
-    SD3 (not the 2024-03 one)."""
+    random weights; `t5_attention_mask` as SD3's loader option; without `clip_l` as DualCLIPLoader
+    builds it from CLIP-G and T5. Only in ComfyUI copies that have SD3 (not the 2024-03 one)."""
     import json
     import os
 
@@ -115,7 +116,8 @@ def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False):
             torch.nn.Module.__init__(self)
             sd = comfy.sd1_clip.SDClipModel
             self.clip_l = sd(device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=clip_l_cfg,
-                             layer_norm_hidden_state=False, return_projected_pooled=False, model_options=model_options)
+                             layer_norm_hidden_state=False, return_projected_pooled=False,
+                             model_options=model_options) if clip_l else None
             self.clip_g = sd(device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=SD3_CLIP_G,
                              special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
                              return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
@@ -133,16 +135,16 @@ def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False):
     return clip_from_target(target, seed)
 
 
-def sd3_model(seed: int = 0, hidden_blocks: int = 2):
+def sd3_model(seed: int = 0, hidden_blocks: int = 2, pooled: int = SD3_POOLED):
     """ComfyUI's own SD3 model class (`supported_models.SD3` → `model_base.SD3`: rectified flow, shift
     3, y = the pooled text) at small widths, reading `sd3_clip`'s 4096-wide context and its pooled
-    vector, random weights."""
+    vector (`pooled` wide), random weights."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
 
     cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": hidden_blocks,
-           "adm_in_channels": SD3_POOLED,
+           "adm_in_channels": pooled,
            "context_embedder_config": {"target": "torch.nn.Linear",
                                        "params": {"in_features": 4096, "out_features": 64 * hidden_blocks}},
            "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None}

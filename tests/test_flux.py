@@ -260,7 +260,8 @@ def _assert_loraloader_reads(comfy, model, clip, edit, path, base, text: bool = 
     for k, c in edit.changes.items():
         want = c.delta(base[k].float(), dtype=torch.float32) if c.kind == "mask" else c.delta(dtype=torch.float32)
         assert float(want.abs().max()) > 1e-6, k
-        torch.testing.assert_close(got[k], want, rtol=0, atol=rel_atol * float(want.abs().max()) + 1e-7, msg=k)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=rel_atol * float(want.abs().max()) + 1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @needs_flux

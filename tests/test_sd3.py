@@ -33,23 +33,55 @@ def sd3(comfy):
     return sd3_model(), sd3_clip()
 
 
-@pytest.mark.parametrize("t5,masked", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("t5,masked,clip_l", [(True, False, True), (True, True, True), (False, False, True),
+                                              (True, False, False)])
 @torch.inference_mode()
-def test_the_text_path_is_comfyuis_sd3_encode_with_and_without_t5(comfy, t5, masked):
-    """`masked`: T5 loaded with its attention mask (SD3's t5_attention_mask), which attends only up to EOS."""
+def test_the_text_path_is_comfyuis_sd3_encode(comfy, t5, masked, clip_l):
+    """With and without T5, T5 with its attention mask (SD3's t5_attention_mask: it attends only up
+    to EOS), and without CLIP-L (DualCLIPLoader's CLIP-G + T5: 768 zeros stand in for CLIP-L)."""
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
-    clip = sd3_clip(t5=t5, t5_attention_mask=masked)
+    clip = sd3_clip(t5=t5, t5_attention_mask=masked, clip_l=clip_l)
     text = ComfyTextModel(clip)
-    assert text.path == "sd3" and text.encoders == (("clip_l", "clip_g", "t5xxl") if t5 else ("clip_l", "clip_g"))
+    assert text.path == "sd3" and text.encoders == (("clip_l",) * clip_l + ("clip_g",) + ("t5xxl",) * t5)
     ids, n_real = text.tokenize(PROMPTS)
     cond, pooled = text.context(ids)
-    assert cond.shape == (2, 154 if t5 else 77, 4096) and pooled.shape == (2, 64 + 96)
+    lg = 64 + 96 if clip_l else 768 + 96
+    assert cond.shape == (2, 154 if t5 else 77, 4096) and pooled.shape == (2, lg)
     for i, p in enumerate(PROMPTS):
         want, want_pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
         torch.testing.assert_close(cond[i:i + 1], want.float(), rtol=0, atol=1e-5)
         torch.testing.assert_close(pooled[i:i + 1], want_pooled.float(), rtol=0, atol=1e-5)
-    assert float(cond[:, :77, 160:].abs().max()) == 0  # L ‖ G fill 160 columns, the rest is the 4096 pad
-    assert n_real["clip_l"].tolist() == n_real["clip_g"].tolist() and int(n_real["clip_l"][0]) == 4
+    assert float(cond[:, :77, lg:].abs().max()) == 0  # L ‖ G fill the first columns, the rest is the 4096 pad
+    assert int(n_real["clip_g"][0]) == 4 and (not clip_l or n_real["clip_l"].tolist() == n_real["clip_g"].tolist())
+
+
+@torch.inference_mode()
+def test_a_prompt_longer_than_t5s_77_tokens_is_cut_there_and_batches_with_short_ones(comfy, sd3):
+    """ComfyUI's SD3 T5 tokenizer grows a long prompt's row past 77; the method's text path cuts it
+    to 77 (EOS last), so a batch with short prompts and "" keeps one shape and the short prompts'
+    contexts stay exactly ComfyUI's."""
+    from conceptedit.comfy_host.text_hooks import ComfyTextModel
+    _, clip = sd3
+    long = ", ".join(["a red circle on a blue square"] * 20)
+    assert len(clip.tokenize(long)["t5xxl"][0]) > 77
+    text = ComfyTextModel(clip)
+    ids, n_real = text.tokenize([long, PROMPTS[0], ""])
+    assert ids["t5xxl"].shape == (3, 77) and int(ids["t5xxl"][0, -1]) == 1 and int(n_real["t5xxl"][0]) == 76
+    cond, _ = text.context(ids)
+    assert cond.shape == (3, 154, 4096)
+    for i, p in ((1, PROMPTS[0]), (2, "")):
+        want, _ = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+        torch.testing.assert_close(cond[i:i + 1], want.float(), rtol=0, atol=1e-5)
+    # the host's own encode (every other method): a long prompt's CLIP part is several chunks (77
+    # rows) before T5's; the cut keeps the first 77 of each, so T5 is not cut away
+    from conceptedit.comfy_host.adapters import ComfyText
+    whole, _ = clip.encode_from_tokens(clip.tokenize(long), return_pooled=True)
+    clip_rows = 77 * len(clip.tokenize(long)["l"])
+    assert clip_rows >= 154 and whole.shape[1] > clip_rows + 77
+    got = ComfyText(clip).encode([long])
+    assert got.shape == (1, 154, 4096)
+    torch.testing.assert_close(got[:, :77], whole[:, :77].float(), rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 77:], whole[:, clip_rows:clip_rows + 77].float(), rtol=0, atol=0)
 
 
 def _context(clip, prompt: str) -> torch.Tensor:
@@ -133,6 +165,33 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     _assert_loraloader_reads(comfy, model, clip, edit, path, before, text=True, rel_atol=1e-3)
 
 
+def test_a_clip_g_and_t5_edit_is_named_as_loraloader_reads_it(comfy, loras):
+    """DualCLIPLoader's SD3 CLIP of CLIP-G + T5: ComfyUI reads CLIP-G as lora_te (not te1) there and
+    T5 as lora_te2; the exported LoRA names them so and LoraLoader applies both."""
+    from safetensors import safe_open
+
+    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.export.lora import LoraExportConfig, save_lora
+    from helpers import SD3_POOLED_NO_L
+    from test_flux import _assert_loraloader_reads
+    model, clip = sd3_model(pooled=SD3_POOLED_NO_L), sd3_clip(clip_l=False)
+    before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
+    with torch.inference_mode():
+        r = emcid(model, clip, EmcidJob(pairs=[("red", "purple")],
+                                        settings=EmcidConfig(lam={"clip_g": 50.0, "t5xxl": 5.0}, use_stage1=False,
+                                                             n_captions=60)))
+    # (small λ: a ΔW well above float16's rounding of W + ΔW, in which this CLIP is held)
+    assert {k.split(".")[0] for k in r.edit.changes} == {"clip_g", "t5xxl"}
+    path = loras / "sd3_g_t5.safetensors"
+    save_lora(r.edit, str(path), LoraExportConfig(dtype="float32"), base=original_weights(clip.patcher))
+    with safe_open(str(path), "pt") as f:
+        prefixes = {k.split(".")[0].split("_")[1] for k in f.keys()}
+    assert prefixes == {"te", "te2"}
+    _assert_loraloader_reads(comfy, model, clip, r.edit, path, before, text=True, rel_atol=1e-3)
+
+
 def test_emcid_node_runs_on_sd3(comfy, sd3, loras, monkeypatch):
     """The node on SD3 (a CLIP of another model is refused in tests/test_mmdit.py). C₀ from 100
     generic captions instead of 2,000 keeps it to seconds."""
@@ -149,6 +208,20 @@ def test_emcid_node_runs_on_sd3(comfy, sd3, loras, monkeypatch):
     assert edit.concepts == ["red -> purple", "circle -> square"] and edit.params["n_captions"] == 100
     assert '"t5xxl"' in report and out_clip.patcher.patches and not clip.patcher.patches
     assert {k.split(".")[0] for k in out_clip.patcher.patches} == {"clip_l", "clip_g", "t5xxl"}
+
+
+@torch.inference_mode()
+def test_a_clip_of_the_right_text_width_but_another_pooled_width_is_refused(comfy, sd3):
+    """Flux's and SD3's CLIPs both give 4096-wide text: the pooled vector the model reads itself
+    (SD3 y_embedder, Flux vector_in) tells them apart. Here a CLIP-G + T5 CLIP (pooled 768 + 96)
+    on a model that reads L ‖ G (64 + 96)."""
+    from conceptedit.editing.errors import ConceptEditError
+    from test_layout_matrix import _node
+    model, _ = sd3
+    with pytest.raises(ConceptEditError, match="gives a pooled vector 864 wide, but this SD3-layout .* reads a "
+                                               "pooled vector 160 wide: connect the CLIP of the model's own"):
+        _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=sd3_clip(clip_l=False), concepts="red")
+    assert not model.patches
 
 
 @torch.inference_mode()
@@ -172,7 +245,6 @@ def test_unlearning_trains_on_sd3s_16_channel_flow_latents(comfy, sd3):
                                  n_prompts=2, gen_steps=2, batch=2, width=64, height=64)
     assert edit.changes and all(k.startswith("diffusion_model.joint_blocks.") for k in edit.changes)
     assert out.patches and not model.patches
-    assert model.model.latent_format.latent_channels == 16
 
 
 @torch.inference_mode()
