@@ -214,14 +214,12 @@ class ComfyText:
         if cond.shape[1] > length:
             log.warning("prompt longer than the context (%d tokens) is cut to its first %d: %r", length, length,
                         prompt[:60])
-            if len(runs) > 1:  # SD3: CLIP's rows then T5's; each run keeps the empty prompt's share
-                parts, at = [], 0
-                for k, _, _ in runs:
-                    parts.append(cond[:, at:at + self._run_rows[k]])
-                    at += sum(len(chunk) for chunk in tokens[k])
-                cond = torch.cat(parts, dim=1)
-            else:
-                cond = cond[:, :length]
+            # each run keeps the empty prompt's share of rows (SD3: CLIP's 77, then T5's 77)
+            parts, at = [], 0
+            for k, _, _ in runs:
+                parts.append(cond[:, at:at + self._run_rows[k]])
+                at += sum(len(chunk) for chunk in tokens[k])
+            cond = torch.cat(parts, dim=1)
         return cond, pooled
 
     def _runs(self) -> tuple[int, list[tuple[str, int, int]]]:
@@ -239,12 +237,14 @@ class ComfyText:
         self._width = int(cond.shape[-1])
         self._pooled_width = int(pooled.shape[-1]) if pooled is not None else 0
         sizes = {k: len(v[0]) for k, v in tokens.items()}
-        self._run_rows = sizes
         clip_key = next((k for k in ("l", "g", "h") if k in sizes), None)
         t5_key = next((k for k in sizes if k not in ("l", "g", "h")), None)
         order = [[clip_key], [t5_key], [clip_key, t5_key]]
         chosen = next((o for o in order if None not in o and sum(sizes[k] for k in o) == length),
                       [clip_key or sorted(sizes)[0]])
+        # the context rows each run fills for the empty prompt (a layout no rule matches: all of them)
+        self._run_rows = ({k: sizes[k] for k in chosen} if sum(sizes[k] for k in chosen) == length
+                          else {chosen[0]: length})
         runs = []
         for k in chosen:
             tok = getattr(self.clip.tokenizer, f"clip_{k}", None) or getattr(self.clip.tokenizer, k, None)

@@ -149,13 +149,14 @@ class ComfyTextModel:
         ids = ids.to(self.device)
         # a T5 loaded with its attention mask on (SD3's t5_attention_mask, some Flux loaders) attends
         # only up to EOS, and ComfyUI may zero the masked rows: both as `SDClipModel.forward` does
-        mask = _attention_mask(m, ids) if getattr(m, "enable_attention_masks", False) else None
+        masked, zero = getattr(m, "enable_attention_masks", False), getattr(m, "zero_out_masked", False)
+        mask = _attention_mask(m, ids) if masked or zero else None
         with _ln_input_copies(m.transformer) if torch.is_grad_enabled() else _nothing():
-            out = m.transformer(ids, mask, intermediate_output=m.layer_idx,
+            out = m.transformer(ids, mask if masked else None, intermediate_output=m.layer_idx,
                                 final_layer_norm_intermediate=m.layer_norm_hidden_state)
         z = out[0] if m.layer == "last" else out[1]
-        if getattr(m, "zero_out_masked", False):
-            z = z * _attention_mask(m, ids).unsqueeze(-1).to(z.dtype)
+        if zero:
+            z = z * mask.unsqueeze(-1).to(z.dtype)
         pooled = None
         if len(out) >= 4 and not m.return_projected_pooled and out[3] is not None:
             pooled = out[3].float()

@@ -65,7 +65,7 @@ class ModelView:
         # tells apart the CLIPs of Flux and SD3 (both 4096 wide)
         pooled = next((p.cols for p in self.family.projections if p.source == "pooled"), 0)
         for what, need, got in (("text", self.family.context_dim, text.context_width),
-                                ("a pooled vector", pooled, text.pooled_width if pooled else 0)):
+                                ("a pooled vector", pooled, text.pooled_width)):
             if need and got != need:
                 encoders = (", ".join(te.name for te in self.family.text_encoders)
                             or type(self.clip.cond_stage_model).__name__)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
+from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, latent_shape
 
 
 def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -95,9 +95,7 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
     if stop is not None and not 0 <= stop < steps:
         raise ValueError(f"stop must be in [0, {steps}) for {steps} DDIM steps, not {stop}")
     if shape is None:
-        ch = getattr(host, "latent_channels", 4)
-        h, w = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
-        shape = (cond.shape[0], ch, int(h), int(w))
+        shape = (cond.shape[0], *latent_shape(host))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(cond.device)
     ts = ddim_timesteps(len(ac), steps)

@@ -80,6 +80,13 @@ def base_weights(host) -> Mapping[str, torch.Tensor] | None:
     return get() if get is not None else None
 
 
+def latent_shape(host) -> tuple[int, int, int]:
+    """(C, H, W) of the latents this host draws from noise: its `latent_channels` (4 when it does
+    not say) and `latent_size` (h, w), else a square of `latent_hw` (32 when it says neither)."""
+    h, w = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
+    return int(getattr(host, "latent_channels", 4)), int(h), int(w)
+
+
 def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the UNet is conditioned on for `prompts`: (context [B, 77, d], y [B, adm] or None).
 

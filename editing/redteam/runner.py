@@ -20,7 +20,7 @@ import torch
 from ..audit.presence import PresenceConfig, presence_scores, spread_timesteps
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, Trainable, base_weights
+from ..hosts import RunContext, Trainable, base_weights, latent_shape
 from ..training import Adapters, edit_as_fixed
 from . import inversion, match, prefix
 from .revival import FRACTIONS, RevivalReport, mask_changes, revival
@@ -263,7 +263,5 @@ def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Seque
 
 def original_pictures(host, text, prompts, a: AttackConfig, eps_fn, ctx) -> torch.Tensor:
     """The original model's pictures of the concept prompts (the attacks' targets), by the same DDIM."""
-    ch = getattr(host, "latent_channels", 4)
-    size = tuple(getattr(host, "latent_size", (getattr(host, "latent_hw", 32),) * 2))
-    return sample_soft(host, text, eps_fn, prompts, None, a, ctx, (ch, *size), n=max(a.images, a.samples),
+    return sample_soft(host, text, eps_fn, prompts, None, a, ctx, latent_shape(host), n=max(a.images, a.samples),
                        seed=a.seed + 3)

@@ -32,7 +32,7 @@ from .. import worlds
 from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents, objective_mse
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, rows_y
+from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, latent_shape, rows_y
 from ..safety import minor_in_sexual_context, refuse_unsafe
 from ..arch import TINY_WORLD_FAMILIES
 from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
@@ -309,11 +309,10 @@ def _rows(y: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 def _latent_shape(host, data: TrainData) -> tuple[int, ...]:
     """(C, H, W) of the latents this host trains at: the generated images' where there are some, else
-    the host's own latent size (`latent_size` (h, w) or `latent_hw`, as its sampler uses them)."""
+    the host's own (`hosts.latent_shape`)."""
     if data.x_forget is not None:
         return tuple(data.x_forget.shape[1:])
-    hw = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
-    return (getattr(host, "latent_channels", 4), int(hw[0]), int(hw[1]))
+    return latent_shape(host)
 
 
 def extra_retain_rows(batch: int, n_twins: int, n_extra: int) -> int:
