@@ -10,11 +10,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..editing.arch import Family, discover_layout, fingerprint
+from ..editing.arch import Family, clip_hint, discover_layout, fingerprint
 from ..editing.diffusion import sampling_cfg
 from ..editing.edit import Edit
 from ..editing.errors import ConceptEditError, InvalidInputError
 from ..editing.hosts import RunContext
+from .quantized import FloatWeights, dequantized, is_quantized
 
 log = logging.getLogger(__name__)
 # the guidance a guidance-distilled Flux (Flux-dev) is run at: ComfyUI's default, as its FluxGuidance node
@@ -45,21 +46,41 @@ def run_context(total_hint: int | None = None) -> RunContext:
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def original_weights(patcher) -> dict[str, torch.Tensor]:
-    """Key -> the *unpatched* weight (a loaded clone may have patched weights in place)."""
+def stored_weights(patcher) -> dict[str, torch.Tensor]:
+    """Key -> the *unpatched* weight as ComfyUI stores it (float, float8, a QuantizedTensor, a GGUF
+    tensor; a loaded clone may have patched weights in place, whose originals are in its backup)."""
+    import comfy.utils
     sd = patcher.model_state_dict()
     backup = getattr(patcher, "backup", None) or {}
     out = {}
     for k, w in sd.items():
         b = backup.get(k)
-        out[k] = getattr(b, "weight", b) if b is not None else w
+        if b is not None:
+            out[k] = getattr(b, "weight", b)
+        elif w.device.type == "meta":
+            # ComfyUI-GGUF's layers put meta stand-ins in the state dict (for memory estimates); the
+            # packed weight is the module's own parameter, unpatched (its patches ride beside it)
+            try:
+                out[k] = comfy.utils.get_attr(patcher.model, k)
+            except AttributeError:  # a stand-in with no parameter behind it ("temp.weight")
+                continue
+        else:
+            out[k] = w
     return out
+
+
+def original_weights(patcher) -> FloatWeights:
+    """Key -> the *unpatched* weight as a float tensor: as stored when float16/bfloat16/float32,
+    dequantized exactly on each read when stored quantized (`quantized.FloatWeights`, which keeps the
+    stored tensors for applying)."""
+    return FloatWeights(stored_weights(patcher))
 
 
 def model_family(model, clip=None) -> Family:
     """The layout read from this MODEL (and its CLIP's text encoders when given): its keys and
     shapes, with ComfyUI's own UNet config for diffusers names when no table names the layout."""
-    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
+    # logical shapes of the stored weights (a GGUF tensor's packed shape is not its weight's)
+    shapes = FloatWeights(stored_weights(model)).shapes()
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
     text = {k: tuple(v.shape) for k, v in clip.patcher.model_state_dict().items()} if clip is not None else None
     return discover_layout(shapes, unet_config=config, text_shapes=text)
@@ -69,7 +90,7 @@ def model_fingerprint(model) -> dict:
     return fingerprint(model_family(model), original_weights(model))
 
 
-def clip_state(clip) -> dict[str, torch.Tensor]:
+def clip_state(clip) -> FloatWeights:
     return original_weights(clip.patcher)
 
 
@@ -87,10 +108,14 @@ def add_edit_patches(model, clip, edit: Edit, unet_w: Mapping[str, torch.Tensor]
                      strength: float = 1.0):
     """(model', clip'): clones carrying `edit` as patches (an input is returned as it is when the
     edit has no key of it); `unet_w`/`te_w` are the unpatched weights masks are resolved against.
-    Every patch must match a key, else nothing is returned."""
+    Every patch must match a key, else nothing is returned. At strength 0 the clones carry no patch,
+    as ComfyUI's LoraLoader adds none: a weight stored in float8 would otherwise be rounded again
+    (stochastically in current ComfyUI, which moves some exact values by a step)."""
     patches = edit_patches(edit, {k: (te_w[k] if k in te_w else unet_w[k]) for k in edit.changes})
     unet_patches = {k: p for k, p in patches.items() if k not in te_w}
     te_patches = {k: p for k, p in patches.items() if k in te_w}
+    if strength == 0:
+        return (model.clone() if unet_patches else model), (clip.clone() if te_patches else clip)
     out_model, out_clip = model, clip
     if unet_patches:
         out_model = model.clone()
@@ -121,8 +146,6 @@ def patched_weights(patcher, keys: Sequence[str], base: Mapping[str, torch.Tenso
     return out
 
 
-_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                if hasattr(torch, n))
 _PATCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -134,27 +157,19 @@ def edit_state_dict(edit: Edit, weights: Mapping[str, torch.Tensor]) -> tuple[di
     """(kohya-style state dict, key map) of `edit` for `comfy.lora.load_lora`: per changed key a
     module named after the key, low-rank changes as ``lora_up``/``lora_down`` with ``alpha`` = rank
     (scale 1), dense deltas as ``diff`` (their own float dtype, never the weight's), masks as a
-    sparse COO ``diff`` of −W⊙M. `weights` maps each changed key to its base weight (masks need its
-    values; only dtype and device are read otherwise).
+    sparse COO ``diff`` of −W⊙M. `weights` maps each changed key to its base weight as a float tensor
+    (masks need its values; a quantized one is dequantized here; nothing else is read).
 
-    Weights stored in float8 are refused: ComfyUI rounds a patched weight back to float8 (3 mantissa
-    bits), which keeps too little of a low-rank or dense change to be that edit, and current versions
-    round stochastically over the whole weight, which moves untouched weights of a mask's layer by an
-    ulp and makes even strength 0 differ from the original."""
+    Weights stored quantized take the same patches as a LoRA: ComfyUI adds W + ΔW in float32 and
+    stores the sum back in the weight's type (float8 and scaled fp8 rounded, stochastically in
+    current versions; a QuantizedTensor re-quantized; GGUF patched at each forward), so the edit
+    arrives less what that rounding loses (`quantized.rounding_per_layer` measures it)."""
     sd: dict[str, torch.Tensor] = {}
     key_map: dict[str, str] = {}
     for key, change in edit.changes.items():
         base = weights[key]
-        if base.dtype in _FLOAT8:
-            raise InvalidInputError(
-                f"{key} is stored as {base.dtype} in this model: ComfyUI rounds a patched float8 weight back to "
-                f"float8, which cannot hold the {edit.method} edit exactly, so nothing was applied. Load the model "
-                "with weight_dtype 'default' (float16/bfloat16) to apply this edit.")
-        if not base.is_floating_point() or hasattr(base, "tensor_type"):  # GGUF / integer-quantized weights
-            raise InvalidInputError(
-                f"{key} is stored quantized ({getattr(base, 'tensor_type', base.dtype)}) in this model: an exact "
-                f"{edit.method} edit cannot be added to it, so nothing was applied. Load the unquantized checkpoint "
-                "(safetensors, float16/bfloat16) to apply this edit, then quantize the result if you need to.")
+        if change.kind == "mask" and is_quantized(base):
+            base = dequantized(base)
         name = _module_name(key)
         if name in key_map:
             raise InvalidInputError(f"two keys of the edit name the module {name}")
@@ -198,41 +213,134 @@ def _check_matched(patches: Mapping, got: set, what: str) -> None:
 
 
 # ---- text ----------------------------------------------------------------------------------------
+# Two prompts a ComfyText reads once to learn its CLIP's context layout (`ComfyText._runs`): their
+# tokens against the empty prompt's show the template around the user's text, and since the second
+# extends the first, the rows before the words they differ in show whether the encoder is causal.
+_PROBES = ("a photo of a cat", "a photo of a cat on a chair")
+# prompts whose extras a ComfyText keeps for `extras_for` (one HiDream prompt's Llama states are ~32 MB);
+# an older one is encoded again when asked for
+_KEEP_EXTRAS = 64
+# Contexts of their own lengths are padded to a multiple of this many rows by `encode`, so that contexts
+# encoded in separate calls (a batch's prompts, then "") stack and concatenate as CLIP's and T5's do;
+# Flux.2's model pads every context to this itself (`model_base.Flux2`). The denoiser runs the model on
+# a batch's rows without the padding all its prompts share (`ComfyText.extras_for`).
+_ROWS_MULTIPLE = 512
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _pad_rows(t: torch.Tensor, rows: int, left: bool) -> torch.Tensor:
+    """`t` [b, n, ...] with zero rows added before (left) or after its n rows, up to `rows`."""
+    extra = rows - t.shape[1]
+    if extra <= 0:
+        return t
+    zeros = t.new_zeros((t.shape[0], extra) + tuple(t.shape[2:]))
+    return torch.cat([zeros, t] if left else [t, zeros], dim=1)
+
+
+def _cat_padded(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One batch of per-prompt tensors [1, ...]; any of their other dimensions that differ are padded
+    with zeros at the end to the largest."""
+    shape = [max(t.shape[i] for t in ts) for i in range(1, ts[0].ndim)]
+    out = []
+    for t in ts:
+        pad = []
+        for i in reversed(range(1, t.ndim)):
+            pad += [0, shape[i - 1] - t.shape[i]]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(out)
+
+
 class ComfyText:
-    """`editing.hosts.TextEncoder` over a ComfyUI CLIP."""
+    """`editing.hosts.TextEncoder` over a ComfyUI CLIP.
+
+    Which context row each token of a prompt becomes is read off the CLIP (`_runs`), not assumed. CLIP
+    and T5 give every prompt a context of one length (77 CLIP rows, T5 padded), token i at row i. The
+    LLM encoders of current ComfyUI wrap the prompt in a chat template, some drop the template's first
+    tokens from the context (Qwen-Image, HunyuanImage 2.1), and every prompt's context has its own
+    length. A batch of such prompts is one tensor: each context padded with zero rows on the side its
+    tokenizer pads, every prompt's rows exactly its own encode (`encode_with_pooled`). What the CLIP
+    returns besides the context (attention masks, HiDream's Llama states) goes with it: batched in
+    `conditioning`, and found again for a context on the denoiser's path (`extras_for`)."""
 
     def __init__(self, clip, device=None):
         if clip is None:
             raise InvalidInputError("connect a CLIP")
         self.clip = clip
         self.device = device
+        import inspect
+        try:  # current ComfyUI returns a CLIP's extra outputs (attention masks, HiDream's Llama states) in a dict
+            self._dict = "return_dict" in inspect.signature(clip.encode_from_tokens).parameters
+        except (TypeError, ValueError):
+            self._dict = False
+        self._fps: dict[str, torch.Tensor] = {}  # prompt -> its rows' fingerprint (`extras_for`)
+        self._fp_groups: dict[int, tuple[list[str], torch.Tensor]] | None = None
+        self._extras: dict[str, dict] = {}  # the last _KEEP_EXTRAS prompts' extras, oldest first
+        # the context layout, read by `_runs`
+        self._varies, self._drop, self._causal, self._pad_left = False, 0, None, False
 
-    def _encode_one(self, prompt: str):
+    def _from_tokens(self, tokens) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(context, pooled, extras): what the CLIP returns besides the two (empty on the 2024 ComfyUI)."""
+        if not self._dict:
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            return cond, pooled, {}
+        out = dict(self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True))
+        cond, pooled = out.pop("cond"), out.pop("pooled_output", None)
+        return cond, pooled, {k: v for k, v in out.items() if v is not None}
+
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         tokens = self.clip.tokenize(prompt)
-        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        cond, pooled, extras = self._from_tokens(tokens)
         length, runs = self._runs()
-        if cond.shape[1] > length:
+        if self._varies:
+            chunks = tokens[runs[0][0]]
+            rows = sum(len(c) for c in chunks) - self._drop
+            if len(chunks) != 1 or cond.shape[1] != rows:
+                raise ConceptEditError(
+                    f"this CLIP gave {cond.shape[1]} context rows for a prompt of {rows} tokens (past the "
+                    f"{self._drop} template tokens it leaves out for the empty prompt), so its token rows "
+                    f"cannot be named: {prompt[:60]!r}")
+        elif cond.shape[1] > length:
             log.warning("prompt longer than the context (%d tokens) is cut to its first %d: %r", length, length,
                         prompt[:60])
             # each run keeps the empty prompt's share of rows (SD3: CLIP's 77, then T5's 77)
             parts, at = [], 0
             for k, _, _ in runs:
-                parts.append(cond[:, at:at + self._run_rows[k]])
+                parts.append((at, self._run_rows[k]))
                 at += sum(len(chunk) for chunk in tokens[k])
-            cond = torch.cat(parts, dim=1)
-        return cond, pooled
+            cond = torch.cat([cond[:, a:a + n] for a, n in parts], dim=1)
+            mask = extras.get("attention_mask")
+            if torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[1] >= at:
+                extras = {**extras, "attention_mask": torch.cat([mask[:, a:a + n] for a, n in parts], dim=1)}
+        return cond, pooled, extras
 
     def _runs(self) -> tuple[int, list[tuple[str, int, int]]]:
-        """(context length of the empty prompt, [(tokenizer key, first position after BOS, EOS id)]):
-        which encoders' tokens make up the context rows, in order. SD1/SD2/SDXL: the CLIP's 77
-        positions (SDXL's two encoders share them); Flux: T5's (no BOS); SD3: CLIP's then T5's.
-        Read off the empty prompt's context length, so any CLIP class ComfyUI loads is laid out
-        by what it returns."""
+        """(context length of the empty prompt, [(tokenizer key, first token of the prompt's own text,
+        EOS id)]): which encoders' tokens make up the context rows, in order. SD1/SD2/SDXL: the CLIP's
+        77 positions (SDXL's two encoders share them); Flux: T5's (no BOS); SD3: CLIP's then T5's; the
+        LLM encoders: their one run, template included.
+
+        All read off the CLIP. The run layout: from the empty prompt's context length. Where the
+        prompt's own tokens start: where the empty prompt's tokens and those of two probes first
+        differ (1 after CLIP's BOS, 0 for T5, after the chat template's prefix for an LLM). The EOS:
+        the first token the empty prompt has there (CLIP's and T5's end token; the first template
+        token after the text, e.g. Qwen's <|im_end|>; none, -1, when nothing follows, as with
+        Lumina 2's bare Gemma). Whether contexts have one length: a probe's context length; where
+        they do not, the template tokens the encoder drops from the front (Qwen-Image's system
+        prompt) are the empty prompt's tokens less its rows, and whether the encoder is causal is
+        read from the rows two probes share."""
         cached = getattr(self, "_runs_cache", None)
         if cached is not None:
             return cached
         tokens = self.clip.tokenize("")
-        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        cond, pooled, _ = self._from_tokens(tokens)
         length = int(cond.shape[1])
         self._width = int(cond.shape[-1])
         self._pooled_width = int(pooled.shape[-1]) if pooled is not None else 0
@@ -245,15 +353,53 @@ class ComfyText:
         # the context rows each run fills for the empty prompt (a layout no rule matches: all of them)
         self._run_rows = ({k: sizes[k] for k in chosen} if sum(sizes[k] for k in chosen) == length
                           else {chosen[0]: length})
+        probes = [self.clip.tokenize(p) for p in _PROBES]
         runs = []
         for k in chosen:
-            tok = getattr(self.clip.tokenizer, f"clip_{k}", None) or getattr(self.clip.tokenizer, k, None)
-            start = int(getattr(tok, "tokens_start", 1))
             ids = [int(t[0]) for t in tokens[k][0]]
-            end = getattr(tok, "end_token", None)
-            runs.append((k, start, int(end) if end is not None else ids[start]))
+            start = min(_common_prefix(ids, [int(t[0]) for t in p[k][0]]) for p in probes)
+            runs.append((k, start, ids[start] if start < len(ids) else -1))
+        self._varies, self._drop, self._causal, self._pad_left = False, 0, None, False
+        k = chosen[0]
+        ids = [int(t[0]) for t in tokens[k][0]]
+        pad = self._pad_id(k)
+        # a run that ends in padding is one fixed length (CLIP's 77, T5's minimum): no probe to encode
+        if len(chosen) == 1 and not (pad is not None and len(ids) > runs[0][1] + 1 and ids[-1] == pad):
+            first = self._from_tokens(probes[0])[0]
+            if first.shape[1] != length:
+                self._read_varying(k, runs[0][1], sizes[k] - length, length, probes, first)
         self._runs_cache = (length, runs)
         return self._runs_cache
+
+    def _tokenizer(self, key: str):
+        return getattr(self.clip.tokenizer, f"clip_{key}", None) or getattr(self.clip.tokenizer, key, None)
+
+    def _pad_id(self, key: str) -> int | None:
+        """The id the tokenizer of run `key` pads with (the 2024 ComfyUI names it only by `pad_with_end`)."""
+        tok = self._tokenizer(key)
+        pad = getattr(tok, "pad_token", None)
+        if pad is None and hasattr(tok, "pad_with_end"):
+            pad = getattr(tok, "end_token", None) if tok.pad_with_end else 0
+        return int(pad) if isinstance(pad, int) else None
+
+    def _read_varying(self, key: str, start: int, drop: int, length: int, probes, first: torch.Tensor) -> None:
+        """The layout of a CLIP whose contexts have the prompt's own length: `drop` tokens in front
+        that no row holds, the side its tokenizer pads a batch on, and whether it is causal."""
+        n = len(probes[0][key][0])
+        if drop < 0 or drop > start or n - drop != first.shape[1]:
+            raise ConceptEditError(
+                f"this CLIP's contexts have no fixed length and its token rows cannot be named: the empty "
+                f"prompt has {length} rows for {length + drop} tokens, {_PROBES[0]!r} {first.shape[1]} for "
+                f"{n} tokens")
+        self._varies, self._drop = True, drop
+        self._pad_left = bool(getattr(self._tokenizer(key), "pad_left", False))
+        # causal: the rows the probes share (template and common words) are the same in both contexts
+        shared = _common_prefix([int(t[0]) for t in probes[0][key][0]],
+                                [int(t[0]) for t in probes[1][key][0]]) - drop
+        if shared > start - drop:
+            second = self._from_tokens(probes[1])[0]
+            a, b = first[0, :shared].float(), second[0, :shared].float()
+            self._causal = bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-8))
 
     @property
     def context_width(self) -> int:
@@ -269,41 +415,190 @@ class ComfyText:
 
     @property
     def context_length(self) -> int:
-        """Rows of the empty prompt's context (77 on SD, 256 on Flux, 154 on SD3): longer prompts are cut to it."""
+        """Rows of the empty prompt's context (77 on SD, 256 on Flux, 154 on SD3): longer prompts are
+        cut to it, except where every prompt's context has its own length (`context_varies`)."""
         return self._runs()[0]
 
-    def token_segments(self, prompt: str) -> list[tuple[int, list[int], int, int]]:
-        """The context's token runs for `prompt`: [(first context row, ids, first position after BOS,
-        EOS id)] (`editing.uce.closed_form.token_segments`)."""
+    @property
+    def context_varies(self) -> bool:
+        """Whether every prompt's context has its own length (the LLM encoders: Qwen-Image, Z-Image,
+        Lumina 2, Flux.2, HunyuanImage 2.1); a batch is then padded with zero rows (`pads_left`)."""
+        self._runs()
+        return self._varies
+
+    @property
+    def pads_left(self) -> bool:
+        """Whether a batch of contexts of different lengths is padded before each prompt's rows (the side
+        Flux.2's Mistral tokenizer pads, as Flux.2's model pads every context to 512 rows) rather than after."""
+        self._runs()
+        return self._pad_left
+
+    def token_segments(self, prompt: str) -> list[tuple[int, list[int], int, int, bool | None]]:
+        """The context's token runs for `prompt`: [(first context row, ids, first position of the prompt's
+        own tokens, EOS id, causal)] (`editing.uce.closed_form.token_segments`). ids[i] is context row
+        first row + i (template tokens the encoder leaves out of the context are left out here); EOS id
+        -1: no token follows the prompt's; causal: whether each row reads only the tokens before it
+        (None where not read: contexts of one length keep the CLIP/T5 rule)."""
         tokens = self.clip.tokenize(prompt)
+        runs = self._runs()[1]
         out, offset = [], 0
-        for k, start, eos in self._runs()[1]:
+        for k, start, eos in runs:
             ids = [int(t[0]) for t in tokens[k][0]]
-            out.append((offset, ids, start, eos))
+            if self._drop:  # one run: the dropped template prefix has no row
+                ids, start = ids[self._drop:], start - self._drop
+            out.append((offset, ids, start, eos, self._causal))
             offset += len(ids)
         return out
 
-    def encode_with_pooled(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        conds, pools = zip(*(self._encode_one(p) for p in prompts))
-        cond = torch.cat(conds)
+    def _batch(self, prompts: Sequence[str]):
+        """([(context, pooled, extras)] of `prompts`, each its own encode; the rows of their batch)."""
+        items = [self._encode_one(p) for p in prompts]
+        if self._dict and (self._varies or any(e for _, _, e in items)):
+            for p, (c, _, e) in zip(prompts, items):
+                self._remember(p, c, e)
+        return items, max((int(c.shape[1]) for c, _, _ in items), default=0)
+
+    def _stack(self, items, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch of `items`' contexts, each padded to `rows`, and of their pooled vectors."""
+        cond = torch.cat([_pad_rows(c, rows, self._pad_left) for c, _, _ in items])
+        pools = [p for _, p, _ in items]
         pooled = torch.cat(pools) if all(p is not None for p in pools) else None
         if self.device is not None:
             cond = cond.to(self.device)
             pooled = pooled.to(self.device) if pooled is not None else None
         return cond, pooled
 
+    def encode_with_pooled(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, T, d], pooled [B, p] or None). CLIP and T5 contexts all have one length and are
+        stacked as they are. Contexts of their own lengths (`context_varies`) are padded with zero rows
+        after each prompt's rows, or before them (`pads_left`), to the multiple of `_ROWS_MULTIPLE` (512)
+        rows that holds the longest, so every prompt's rows are exactly its own encode and separately
+        encoded batches still stack. ComfyUI's way, repeating each context to the least common multiple
+        of the lengths (`comfy.conds.CONDCrossAttn.concat`), leaves only plain cross-attention
+        unchanged; the models these encoders feed read their text as `CONDRegular` (joint attention,
+        text positions), whose conditionings of different lengths ComfyUI never batches."""
+        items, rows = self._batch(prompts)
+        if self._varies:
+            rows = -(-rows // _ROWS_MULTIPLE) * _ROWS_MULTIPLE
+        return self._stack(items, rows)
+
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.encode_with_pooled(prompts)[0]
 
     def token_ids(self, prompt: str) -> list[int]:
-        """The ids of the first encoder whose tokens make up the context (CLIP-L's on SD, T5's on Flux)."""
+        """The ids of the first encoder whose tokens make up the context (CLIP-L's on SD, T5's on Flux),
+        from the first that has a context row."""
         tokens = self.clip.tokenize(prompt)
-        return [int(t[0]) for t in tokens[self._runs()[1][0][0]][0]]
+        return [int(t[0]) for t in tokens[self._runs()[1][0][0]][0]][self._drop:]
+
+    def _batched_extras(self, items, rows: int) -> dict:
+        """The prompts' extras as one batch of contexts of `rows` rows: tensors stacked (other
+        dimensions that differ zero-padded at the end), other values kept when every prompt has the
+        same, a key only some prompts have left out. Attention masks (ones for a prompt whose CLIP gave
+        none) only where no context is padded: ComfyUI's DiTs take a text mask for a batch of one
+        prompt (Lumina's refiner and HunyuanVideo's blocks fail on a [B, T] one), and
+        ComfyUI's encoders pad nothing, so a padded batch goes without one (see `extras_for`)."""
+        keys = list(dict.fromkeys(k for _, _, e in items for k in e))
+        out = {}
+        for key in keys:
+            if key == "attention_mask":
+                continue
+            vals = [e.get(key) for _, _, e in items]
+            if any(v is None for v in vals):
+                log.warning("only some prompts of the batch have the CLIP output %r: left out for all", key)
+            elif all(torch.is_tensor(v) for v in vals):
+                out[key] = _cat_padded(vals)
+            elif all(v is vals[0] or (not torch.is_tensor(v) and v == vals[0]) for v in vals):
+                out[key] = vals[0]
+        lengths = [int(c.shape[1]) for c, _, _ in items]
+        if "attention_mask" in keys and all(n == rows for n in lengths):
+            given = [e.get("attention_mask") for _, _, e in items]
+            dtype = next(m.dtype for m in given if torch.is_tensor(m))
+            out["attention_mask"] = torch.cat([m.reshape(1, -1).to(dtype) if torch.is_tensor(m)
+                                               else torch.ones(1, n, dtype=dtype) for m, n in zip(given, lengths)])
+        return out
 
     def conditioning(self, prompts: Sequence[str]):
-        cond, pooled = self.encode_with_pooled(prompts)
-        extra = {"pooled_output": pooled} if pooled is not None else {}
-        return [[cond, extra]]
+        """ComfyUI's CONDITIONING of the prompts, as CLIPTextEncode makes it: the pooled output is
+        always named, None where the CLIP gives none (Chroma's and Flux.2's models read the key), and
+        everything else the CLIP returns (`encode_from_tokens(..., return_dict=True)`: attention masks,
+        HiDream's `conditioning_llama3`, ...) batched across the prompts (`_batched_extras`)."""
+        items, rows = self._batch(prompts)
+        cond, pooled = self._stack(items, rows)
+        return [[cond, {"pooled_output": pooled, **self._batched_extras(items, rows)}]]
+
+    # ---- the extras of an encoded context, for the denoiser ----
+    @staticmethod
+    def _direction(width: int, device) -> torch.Tensor:
+        g = torch.Generator().manual_seed(width)
+        v = torch.randn(width, generator=g, dtype=torch.float64)
+        return (v / v.norm()).to(device=device, dtype=torch.float32)
+
+    def _remember(self, prompt: str, cond: torch.Tensor, extras: dict) -> None:
+        if prompt not in self._fps:
+            with torch.no_grad():
+                self._fps[prompt] = (cond[0].float() @ self._direction(cond.shape[-1], cond.device)).double().cpu()
+            self._fp_groups = None
+        self._keep_extras(prompt, extras)
+
+    def _keep_extras(self, prompt: str, extras: dict) -> None:
+        self._extras.pop(prompt, None)
+        self._extras[prompt] = extras
+        while len(self._extras) > _KEEP_EXTRAS:
+            self._extras.pop(next(iter(self._extras)))
+
+    def _match(self, fp: torch.Tensor) -> str | None:
+        """The prompt whose context has fingerprint `fp` [T] (its rows, padded or not), or None."""
+        if self._fp_groups is None:
+            groups: dict[int, list[str]] = {}
+            for p, f in self._fps.items():
+                groups.setdefault(int(f.shape[0]), []).append(p)
+            self._fp_groups = {n: (ps, torch.stack([self._fps[p] for p in ps])) for n, ps in groups.items()}
+        rows = int(fp.shape[0])
+        for n, (ps, table) in self._fp_groups.items():
+            if n > rows:
+                continue
+            own, pad = (fp[rows - n:], fp[:rows - n]) if self._pad_left else (fp[:n], fp[n:])
+            scale = float(own.abs().max()) + 1e-12
+            if pad.numel() and float(pad.abs().max()) > 1e-6 * scale:
+                continue
+            err = (table - own).abs().amax(dim=1)
+            best = int(err.argmin())
+            if float(err[best]) <= 1e-4 * scale:
+                return ps[best]
+        return None
+
+    def extras_for(self, context: torch.Tensor) -> dict:
+        """`extra_conds` keywords for a context [B, T, d] made of contexts this ComfyText encoded, as
+        `conditioning` gives them for the same prompts: what the CLIP returned besides the context
+        (HiDream's Llama states, attention masks), batched, on the context's device, and, where every
+        row of the batch is padded, `cross_attn`: the context without the padding all rows share, so
+        that a batch of one prompt's context (or of contexts of one length) reaches the model exactly
+        as that prompt's own encode; a batch of different lengths keeps zero rows after the shorter
+        ones (before them on Flux.2, which pads so itself). ComfyDenoiser passes these to the model.
+        Rows are recognised by their values (a fixed projection of every row), so copies, moves,
+        slices and concatenations of encoded contexts are found; {} when some row is none of them (a
+        soft prompt's) or nothing was kept (a CLIP with no extras and contexts of one length)."""
+        if not self._fps or context.ndim != 3:
+            return {}
+        with torch.no_grad():
+            fps = (context.detach().float() @ self._direction(context.shape[-1], context.device)).double().cpu()
+        prompts = [self._match(f) for f in fps]
+        if any(p is None for p in prompts):
+            return {}
+        items = []
+        for p in prompts:
+            extras = self._extras.get(p)
+            if extras is None:  # kept no longer: encoded again
+                extras = self._encode_one(p)[2]
+                self._keep_extras(p, extras)
+            items.append((torch.empty(1, int(self._fps[p].shape[0]), 0), None, extras))
+        rows = max(int(c.shape[1]) for c, _, _ in items)
+        out = {k: (v.to(context.device) if torch.is_tensor(v) else v)
+               for k, v in self._batched_extras(items, rows).items()}
+        if rows < context.shape[1]:
+            out["cross_attn"] = context[:, context.shape[1] - rows:] if self._pad_left else context[:, :rows]
+        return out
 
 
 # ---- denoiser ------------------------------------------------------------------------------------
@@ -387,6 +682,12 @@ class ComfyDenoiser:
         self._said_cfg1 = False  # the CFG-1 note of a guidance-distilled model is logged once per host
 
     @property
+    def latent_dims(self) -> int:
+        """Spatial dimensions of this model's latents: 2 (images), 3 for the video-shaped latents of
+        Wan and Qwen-Image ([B, C, frames, H, W]; the pack draws one frame)."""
+        return int(getattr(getattr(self.model.model, "latent_format", None), "latent_dimensions", 2))
+
+    @property
     def latent_channels(self) -> int:
         """Channels of this model's latents, its latent format's (4 on SD1/SD2/SDXL, 16 on SD3 and
         Flux): what every picture the pack draws from noise (DDIM, red team, training) starts with."""
@@ -430,6 +731,8 @@ class ComfyDenoiser:
         negative_c = self.text.conditioning([negative] * n)
         if latent is None:
             latent = torch.zeros(n, self.latent_channels, *self.latent_size)
+        fix = getattr(comfy.sample, "fix_empty_latent_channels", None)  # video-shaped latents, as KSampler does
+        latent = fix(self.model, latent) if fix is not None else latent
         noise = comfy.sample.prepare_noise(latent, seed, [0] * latent.shape[0] if noise_per_prompt else None)
 
         def callback(step, x0, x, total):
@@ -481,10 +784,10 @@ class ComfyDenoiser:
         """SDXL's vector conditioning for `pooled` (ComfyUI's own `encode_adm`: pooled ‖ size
         embeddings, at the latent size this host samples, no crop); None for models without one."""
         base = self.model.model
-        if self.family.kind == "flux":  # Flux reads the pooled CLIP-L vector itself (its vector_in)
+        if self.reads_pooled:  # Flux.1's vector_in, HiDream's p_embedder: the pooled vector itself
             if pooled is None:
-                raise InvalidInputError("this Flux model needs the pooled CLIP-L embedding: connect its own CLIP "
-                                        "(clip_l + t5xxl)")
+                raise InvalidInputError(f"this {self.family.label} model needs the pooled text embedding: connect its "
+                                        f"own CLIP ({clip_hint(self.family)}the checkpoint loader's CLIP output)")
             return pooled.reshape(batch if pooled.shape[0] == batch else pooled.shape[0], -1).expand(batch, -1)
         if not getattr(base, "adm_channels", 0):
             return None
@@ -514,7 +817,7 @@ class ComfyDenoiser:
         x_t/√ᾱ (σ = `model_sampling.sigmas[t]`) and returns the denoised x₀ by the model's
         `calculate_denoised`, so ε = (x_σ − x₀)/σ for any prediction type it knows."""
         base = self.model.model
-        if (getattr(base, "adm_channels", 0) or self.family.kind == "flux") and y is None:
+        if (getattr(base, "adm_channels", 0) or self.reads_pooled) and y is None:
             raise InvalidInputError(f"this {self.family.label} model needs its vector conditioning y: pass "
                                     "y = adm(pooled, batch) from the prompts' pooled text embedding")
         self.unet()  # loads this MODEL: its weight patches and object patches (model_sampling) in place
@@ -522,18 +825,42 @@ class ComfyDenoiser:
         kind = _noising(ms)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         sigma = ms.sigmas[t.to(ms.sigmas.device).long()].float().clone().to(x.device)
-        extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
-        if self.guidance_distilled:
-            extra["guidance"] = torch.full((x.shape[0],), FLUX_GUIDANCE, device=x.device)
         if kind == "flow":
             # x_t/√ᾱ = x₀ + σ_d·ε is the flow model's x_σf up to the factor 1 − σ_f = 1/(1 + σ_d)
             sigma = sigma.clamp(1e-6, _FLOW_SIGMA_MAX)
             sd = _flow_ddpm_sigma(sigma).view(-1, *([1] * (x.ndim - 1)))
             sf = sigma.view_as(sd)
             x_in = x.float() * (1.0 + sd ** 2).sqrt() / (1.0 + sd)
-            x0 = base.apply_model(x_in, sigma, c_crossattn=context, y=y, **extra)
+            x0 = base.apply_model(x_in, sigma, **self._conds(base, x_in, context, y))
             return (x_in - (1 - sf) * x0.float()) / sf
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         x_sigma = x.float() * (1.0 + s ** 2).sqrt()
-        x0 = base.apply_model(x_sigma, sigma, c_crossattn=context, y=y, **extra)
+        x0 = base.apply_model(x_sigma, sigma, **self._conds(base, x_sigma, context, y))
         return (x_sigma - x0.float()) / s
+
+    @property
+    def reads_pooled(self) -> bool:
+        """Whether the diffusion model reads the pooled text vector as it is (its y): a DiT whose
+        adapter says so and which has the pooled projection (Flux.1's vector_in; Flux.2 and Chroma
+        have none)."""
+        adapter = self.family.adapter
+        return bool(adapter is not None and adapter.pooled_y and self.family.projection_keys("pooled"))
+
+    def _conds(self, base, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> dict:
+        """What `apply_model` takes besides x and σ. SD-style UNets, Flux.1 and SD3: the context, y
+        and (inpainting UNets, Flux-dev) the blank concat and the guidance, as always. Every other
+        DiT: what ComfyUI's own `extra_conds` makes of the context and y for its sampler (Flux.2
+        pads the text to 512 rows, Chroma takes a guidance of 0, Lumina the token count, ...), so
+        the prediction is the one ComfyUI samples with. Every tensor stays differentiable."""
+        if self.family.kind in ("unet", "sd3") or (self.family.kind == "flux" and self.family.variant == "flux1"):
+            extra = {"c_concat": _blank_inpaint_concat(x)} if _is_inpaint(base) else {}
+            if self.guidance_distilled:
+                extra["guidance"] = torch.full((x.shape[0],), FLUX_GUIDANCE, device=x.device)
+            return {"c_crossattn": context, "y": y, **extra}
+        h, w = (8 * n for n in x.shape[-2:])
+        # what the CLIP gave besides the context for these prompts (HiDream's Llama states, attention
+        # masks), as CLIPTextEncode puts it in the conditioning: `ComfyText.extras_for`
+        extras = getattr(self.text, "extras_for", None)
+        extras = {"cross_attn": context, **(extras(context) if extras is not None else {})}
+        conds = base.extra_conds(**extras, pooled_output=y, noise=x, device=x.device, width=w, height=h)
+        return {k: c.process_cond(batch_size=x.shape[0], device=x.device).cond for k, c in conds.items()}

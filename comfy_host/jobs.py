@@ -13,9 +13,10 @@ because it speaks ComfyUI.
 from __future__ import annotations
 
 import logging
+from collections import ChainMap
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -119,11 +120,17 @@ class DistillJob(Job):
 def _finish(view: ModelView, edit: Edit, config: Job) -> JobResult:
     view.stamp(edit)
     model, clip, warnings = view.apply(edit, config.strength)
-    return JobResult(model, clip, edit, warnings)
+    return JobResult(model, clip, edit, list(edit.metrics.get("warnings", ())) + list(warnings))
 
 
-def _training():
-    """What a training job runs under inside ComfyUI's `torch.inference_mode()` executor."""
+def _training(*load):
+    """What a training job runs under inside ComfyUI's `torch.inference_mode()` executor. The MODELs
+    in `load` are loaded first, still in inference mode as ComfyUI loads them: loaded outside it,
+    ComfyUI's QuantizedTensor weights are swapped for non-inference ones, which its own state dict
+    then fails to read under inference mode."""
+    if load:
+        import comfy.model_management as mm
+        mm.load_models_gpu(list(load))
     stack = ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
@@ -136,7 +143,7 @@ def uce(model, clip, config: UCEJob, ctx: RunContext | None = None) -> JobResult
     if config.loop is not None:
         edit = _uce_debias(view, config)
     else:
-        edit = compute_uce(view.text, view.weights, view.family, config.settings, view.ctx)
+        edit = compute_uce(view.text, view.weights, view.family, config.settings, view.ctx, norms=view.text_norms)
     return _finish(view, edit, config)
 
 
@@ -158,12 +165,13 @@ def _uce_debias(view: ModelView, config: UCEJob) -> Edit:
         return sampler.sample(list(prompts), steps=loop.steps, cfg=loop.cfg, seed=seed)
 
     return debias_uce(text, view.weights, view.family, config.settings, loop, generate,
-                      _debias_judge(view, config, host, quiet), view.ctx)
+                      _debias_judge(view, config, host, quiet), view.ctx, norms=view.text_norms)
 
 
 class _EncodedOnce(ComfyText):
-    """ComfyText that encodes each distinct prompt once: every round generates the same prompts N
-    times over, and the text encoder is the same in every round."""
+    """ComfyText that encodes each distinct prompt once (its context, pooled vector and the CLIP's other
+    outputs, `ComfyText._encode_one`): every round generates the same prompts N times over, and the
+    text encoder is the same in every round."""
 
     def __init__(self, clip, device=None):
         super().__init__(clip, device=device)
@@ -238,6 +246,7 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
+    view.check_text_path("The Text Encoder Edit (EMCID)")
     view.check_clip()
     text = ComfyTextModel(clip, device=mm.get_torch_device())
     denoiser = view.denoiser if cfg.use_stage1 else None
@@ -256,7 +265,7 @@ def unlearn(model, clip, config: UnlearnJob, ctx: RunContext | None = None) -> J
     """RGD / GA / ESD: adapters trained on the frozen MODEL, the result applied to a clone."""
     view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
     host = view.denoiser
-    with _training():
+    with _training(model):
         edit = compute_unlearn(host, host.text, config.concept, config.settings, retain_prompts=list(config.retain_prompts),
                                family=view.family.name, ctx=view.ctx)
     return _finish(view, edit, config)
@@ -272,7 +281,7 @@ def distill_unlearn(model, clip, config: DistillJob, ctx: RunContext | None = No
         raise InvalidInputError("connect the pruned student MODEL and the full teacher MODEL it is distilled from")
     ctx = ctx or run_context()
     t_view = ModelView(teacher, clip, ctx=ctx, latent=config.latent())
-    s_view = ModelView(student, clip, ctx=ctx, latent=config.latent() or t_view.denoiser.latent_size)
+    s_view = ModelView(student, clip, ctx=ctx, latent=config.latent() or t_view.cells8())
     host = t_view.denoiser
     student_edit, student_host = None, None
     if student.model is teacher.model:
@@ -313,10 +322,11 @@ def run(method: str, model, clip, config: Job, ctx: RunContext | None = None) ->
 
 def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
     """Write `edit` as a LoRA file at `path` (masks need the MODEL/CLIP they were made for)."""
-    weights = {}
+    weights: Mapping[str, torch.Tensor] = {}
     if any(c.kind == "mask" for c in edit.changes.values()):
-        weights.update(original_weights(model) if model is not None else {})
-        weights.update(clip_state(clip) if clip is not None else {})
+        # chained, not merged: a quantized model's weights are dequantized only where a mask reads them
+        weights = ChainMap(*[w for w in (clip_state(clip) if clip is not None else None,
+                                         original_weights(model) if model is not None else None) if w is not None])
     return save_lora(edit, path, config, base=weights, ctx=ctx or run_context())
 
 
@@ -491,6 +501,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
 
     from .text_hooks import SoftComfyText
     view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
+    view.check_text_path("The Red-Team Audit's prompt attacks")
     host = view.denoiser
     if edit is None:
         edit = edit_between(edited, original, view)

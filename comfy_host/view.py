@@ -4,20 +4,21 @@ the denoiser that predicts ε through ComfyUI's own model sampling, and the one 
 back onto a clone. Every method job builds one and hands its parts to the library."""
 from __future__ import annotations
 
+import logging
 from functools import cached_property
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
-from ..editing.arch import Family, fingerprint
+from ..editing.arch import Family, clip_hint, fingerprint
+from ..editing.arch.dit import text_encoders_read
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
 from ..editing.hosts import RunContext
 from .adapters import ComfyDenoiser, ComfyText, add_edit_patches, clip_state, model_family, original_weights
+from .quantized import FloatWeights, rounding_per_layer, rounding_summary, weight_shapes
 
-
-_CLIP_HINTS = {"flux": "Flux: clip_l + t5xxl, DualCLIPLoader type flux, or ",
-               "sd3": "SD3: clip_l + clip_g + t5xxl, TripleCLIPLoader, or "}
+log = logging.getLogger(__name__)
 
 
 class ModelView:
@@ -31,7 +32,7 @@ class ModelView:
             raise InvalidInputError("connect a MODEL")
         self.model, self.clip = model, clip
         self.ctx = ctx or RunContext()
-        self.latent = latent
+        self.latent = latent  # the picture size in 8-pixel cells (`jobs.latent_size`), None = native
 
     @cached_property
     def family(self) -> Family:
@@ -39,16 +40,27 @@ class ModelView:
         return model_family(self.model, self.clip)
 
     @cached_property
-    def weights(self) -> dict[str, torch.Tensor]:
-        """ComfyUI key -> the unpatched UNet weight (a loaded clone's patched weights come from its backup;
-        in low-VRAM mode the modules ComfyUI left unloaded were never patched in place)."""
+    def weights(self) -> FloatWeights:
+        """ComfyUI key -> the unpatched UNet weight as a float tensor (a loaded clone's patched weights
+        come from its backup; in low-VRAM mode the modules ComfyUI left unloaded were never patched in
+        place). Weights stored quantized (float8, scaled fp8, QuantizedTensor, GGUF) read as their exact
+        float32 values; `weights.stored` keeps them as ComfyUI holds them."""
         return original_weights(self.model)
 
     @cached_property
-    def text_weights(self) -> dict[str, torch.Tensor]:
+    def text_weights(self) -> FloatWeights:
         if self.clip is None:
             raise InvalidInputError("this edit changes the text encoder: connect the CLIP too")
         return clip_state(self.clip)
+
+    @cached_property
+    def text_norms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Norm module name -> the model's own module as a function, for each norm a DiT applies in
+        front of a text projection (Qwen-Image's `txt_norm`, Lumina's `cap_embedder.0`): the closed
+        form solves on the rows that projection reads."""
+        names = sorted({p.norm for p in self.family.projections if p.norm})
+        root = self.model.model.diffusion_model
+        return {n: _module_fn(root.get_submodule(n)) for n in names}
 
     @cached_property
     def fingerprint(self) -> dict:
@@ -72,18 +84,56 @@ class ModelView:
                 raise InvalidInputError(
                     f"this CLIP ({encoders}) gives {what} {got} wide, but this {self.family.label} model reads "
                     f"{what} {need} wide: connect the CLIP of the model's own checkpoint "
-                    f"({_CLIP_HINTS.get(self.family.kind, '')}the checkpoint loader's CLIP output)")
+                    f"({clip_hint(self.family)}the checkpoint loader's CLIP output)")
         return text
+
+    def check_text_path(self, what: str) -> None:
+        """Refuse, saying what to use instead, a method that runs the CLIP's own layers (EMCID, the red
+        team's soft prompts) on a model whose text encoder those hooks do not reach: they know the
+        CLIP and T5 text paths of SD1.x/SD2.x/SDXL, Flux.1 and SD3 (and T5-only CLIPs have no CLIP
+        transformer to read)."""
+        fam = self.family
+        if fam.kind in ("unet", "sd3") or (fam.kind == "flux" and fam.variant == "flux1"):
+            return
+        proj = next((p.module for p in fam.projections if p.source == "tokens"), "")
+        instead = (f"the Cross-Attention Edit (closed form on its text projection {proj}), " if proj else "") + \
+            "Unlearn Concept or ConceptPrune"
+        raise InvalidInputError(f"{what} runs the text encoder's own layers, which ConceptEdit reaches for the CLIP "
+                                f"and T5 encoders of SD, SDXL, Flux.1 and SD3; this {fam.label} reads "
+                                f"{text_encoders_read(fam) or 'another text encoder'}. "
+                                f"Use {instead} on this model instead.")
 
     def check_clip(self) -> None:
         """Refuse a CLIP whose text this MODEL cannot read (`text`), before a method starts that
         reaches the CLIP another way (EMCID's own text path, the debias loop's encode-once cache)."""
         _ = self.text
 
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell of this model (8 on SD/Flux.1/SD3, 16 on Flux.2 and Wan 2.2 5B, 32 on
+        HunyuanImage 2.1), from its latent format."""
+        fmt = getattr(self.model.model, "latent_format", None)
+        return int(getattr(fmt, "spacial_downscale_ratio", 8) or 8)
+
+    def model_cells(self, cells8: tuple[int, int] | None) -> tuple[int, int] | None:
+        """A picture size in 8-pixel cells (what the nodes' width/height give, `jobs.latent_size`) ->
+        this model's latent cells; None stays None (the native size)."""
+        if cells8 is None:
+            return None
+        r = self.downscale
+        return max(1, int(cells8[0]) * 8 // r), max(1, int(cells8[1]) * 8 // r)
+
+    def cells8(self) -> tuple[int, int]:
+        """The picture size this view works at, in 8-pixel cells (its own `latent`, else the native size)."""
+        if self.latent is not None:
+            return int(self.latent[0]), int(self.latent[1])
+        h, w = self.denoiser.latent_size
+        return h * self.downscale // 8, w * self.downscale // 8
+
     @cached_property
     def denoiser(self) -> ComfyDenoiser:
         """The MODEL as `editing.hosts.Denoiser` + `Trainable`, at this view's latent size."""
-        return ComfyDenoiser(self.model, self.text, ctx=self.ctx, latent_hw=self.latent, family=self.family,
+        return ComfyDenoiser(self.model, self.text, ctx=self.ctx, latent_hw=self.model_cells(self.latent), family=self.family,
                              base=lambda: self.weights, cache_tag=lambda: str(self.fingerprint))
 
     def stamp(self, edit: Edit) -> Edit:
@@ -94,16 +144,33 @@ class ModelView:
     def apply(self, edit: Edit, strength: float = 1.0, strict_weights: bool = False):
         """Clones of MODEL (and CLIP when the edit touches the text encoder) with `edit` as patches:
         (model', clip', warnings). Scope, family, layout and every key's shape are checked first;
-        nothing is applied unless every key matched."""
+        nothing is applied unless every key matched. Layers stored quantized add a warning with the
+        rounding error their storage adds to the edit (`quantized.rounding_summary`)."""
         edit.check_finite()
         edit.check_scope()
-        shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in self.weights.items()}
+        shapes: dict[str, tuple[int, ...]] = weight_shapes(self.weights)
         te_w: Mapping[str, torch.Tensor] = {}
         if edit.text_encoder_keys():
             if self.clip is None:
                 raise InvalidInputError(f"this {edit.method} edit changes the text encoder: connect the CLIP too")
             te_w = self.text_weights
-            shapes.update({k: tuple(v.shape) for k, v in te_w.items()})
+            shapes.update(weight_shapes(te_w))
         warnings = edit.validate_for(self.family.name, shapes, self.fingerprint, strict_weights=strict_weights)
+        rounding = rounding_summary(rounding_per_layer(edit, strength, (self.weights, te_w)))
         out_model, out_clip = add_edit_patches(self.model, self.clip, edit, self.weights, te_w, strength)
-        return out_model, out_clip, warnings
+        for line in rounding:
+            log.warning("%s", line)
+        return out_model, out_clip, warnings + rounding
+
+
+def _module_fn(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as a function of rows on any device: run where its weights live, in their dtype (as the
+    model runs it), the result back on the rows' device and dtype. No gradient: the rows are data."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        p = next((t for t in module.parameters() if t.is_floating_point()), None)
+        dev, dt = (p.device, p.dtype) if p is not None else (x.device, x.dtype)
+        if dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            dt = torch.float32  # a norm stored in float8 computes upcast, as ComfyUI's cast ops run it
+        with torch.no_grad():
+            return module(x.to(device=dev, dtype=dt)).to(device=x.device, dtype=x.dtype)
+    return run

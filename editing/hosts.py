@@ -80,11 +80,13 @@ def base_weights(host) -> Mapping[str, torch.Tensor] | None:
     return get() if get is not None else None
 
 
-def latent_shape(host) -> tuple[int, int, int]:
+def latent_shape(host) -> tuple[int, ...]:
     """(C, H, W) of the latents this host draws from noise: its `latent_channels` (4 when it does
-    not say) and `latent_size` (h, w), else a square of `latent_hw` (32 when it says neither)."""
+    not say) and `latent_size` (h, w), else a square of `latent_hw` (32 when it says neither); (C, 1,
+    H, W), one frame, for a model whose latents are video-shaped (`latent_dims` 3: Wan, Qwen-Image)."""
     h, w = getattr(host, "latent_size", None) or (getattr(host, "latent_hw", 32),) * 2
-    return int(getattr(host, "latent_channels", 4)), int(h), int(w)
+    c = int(getattr(host, "latent_channels", 4))
+    return (c, 1, int(h), int(w)) if getattr(host, "latent_dims", 2) == 3 else (c, int(h), int(w))
 
 
 def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

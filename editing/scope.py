@@ -5,10 +5,12 @@ Scopes are module-name patterns over ComfyUI patch keys (``diffusion_model.<any 
 ``<encoder>.transformer.text_model.encoder.layers.<i>.mlp.fc2.weight``), never a list of blocks, so
 every SpatialTransformer UNet passes whatever its layout.
 
-- ``uce``: the UNet's ``attn2.to_k`` / ``attn2.to_v`` weights, or an MMDiT's text projections
-  (Flux ``txt_in``, ``vector_in.in_layer``; SD3 ``context_embedder``, ``y_embedder.mlp.0``); lowrank or delta.
-- ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights, or an
-  MMDiT's MLP outputs (Flux ``img_mlp.2`` / single blocks' ``linear2``, SD3 ``x_block.mlp.fc2``); mask.
+- ``uce``: the UNet's ``attn2.to_k`` / ``attn2.to_v`` weights, or a DiT's text projections (each
+  adapter's in `editing.arch`: Flux ``txt_in``, ``vector_in.in_layer``; SD3 ``context_embedder``,
+  ``y_embedder.mlp.0``; Qwen-Image ``txt_in``; ...); lowrank or delta.
+- ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights, or a
+  DiT's MLP outputs (each adapter's: Flux ``img_mlp.2`` / single blocks' ``linear2``, SD3
+  ``x_block.mlp.fc2``, ...); mask.
 - ``emcid``: the text encoders' MLP output weights (CLIP ``mlp.fc2``, T5 ``DenseReluDense.wo``); lowrank or delta.
 - ``unlearn-rgd``, ``unlearn-ga``, ``unlearn-esd``, ``distill``, ``distill-unlearn``,
   ``benign-finetune``: the parameter set recorded in ``params["param_set"]``, as
@@ -31,6 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .arch.dit import ADAPTERS
 from .errors import EditFileError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,24 +57,25 @@ class Rule:
 
 KV = Rule("the UNet's cross-attention attn2.to_k / attn2.to_v weights",
           _UNET + _PATH + r"attn2\.to_[kv]\.weight", _WEIGHTS)
-TEXT_IN = Rule("an MMDiT's text projections (Flux txt_in / vector_in.in_layer, SD3 context_embedder / "
-               "y_embedder.mlp.0)", _UNET + r"(?:txt_in|vector_in\.in_layer|context_embedder|y_embedder\.mlp\.0)"
-               r"\.weight", _WEIGHTS)
+TEXT_IN = Rule("a DiT's text projections (Flux txt_in / vector_in.in_layer, SD3 context_embedder / y_embedder.mlp.0, "
+               "Qwen-Image txt_in, Lumina / Z-Image cap_embedder.1, Wan text_embedding.0, ...)",
+               _UNET + r"(?:" + "|".join(sorted({re.escape(r.module) for a in ADAPTERS.values() for r in a.projections}))
+               + r")\.weight", _WEIGHTS)
 FFN_OUT = Rule("the UNet's FFN output ff.net.2 weights", _UNET + _PATH + r"ff\.net\.2\.weight", frozenset({"mask"}))
 TE_FC2 = Rule("the text encoders' MLP output weights (CLIP mlp.fc2, T5 layer.1.DenseReluDense.wo)",
               r"(?!diffusion_model\.)" + _PATH + r"(?:text_model\.encoder\.layers\.\d+\.mlp\.fc2"
               r"|encoder\.block\.\d+\.layer\.1\.DenseReluDense\.wo)\.weight", _WEIGHTS)
-DIT_MLP_OUT = Rule("an MMDiT's MLP output weights (Flux double_blocks.N.img_mlp.2 / single_blocks.N.linear2, SD3 "
-                   "joint_blocks.N.x_block.mlp.fc2)", _UNET + r"(?:double_blocks\.\d+\.img_mlp\.2|single_blocks\.\d+"
-                   r"\.linear2|joint_blocks\.\d+\.x_block\.mlp\.fc2)\.weight", frozenset({"mask"}))
+DIT_MLP_OUT = Rule("a DiT's MLP output weights (Flux double_blocks.N.img_mlp.2 / single_blocks.N.linear2, SD3 "
+                   "joint_blocks.N.x_block.mlp.fc2, and each DiT adapter's MLPs)",
+                   _UNET + r"(?:" + "|".join(r.pattern for a in ADAPTERS.values() for r in a.mlps) + r")\.weight",
+                   frozenset({"mask"}))
 UNET_ANY = Rule("any UNet weight", _UNET + r".+", frozenset({"delta"}), ndims=None)
 
 # What `editing.training.select_targets` trains for each parameter set, as key patterns. Linear
 # weights are 2-D, Conv2d weights 4-D; norm layers (1-D) are never trained.
-_DIT_BLOCK = _UNET + r"(?:double_blocks|single_blocks|joint_blocks)\.\d+\."
-_DIT_ATTN = (r"(?:double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
-             r"|joint_blocks\.\d+\.(?:x_block|context_block)\.attn\.(?:qkv|proj))\.weight")
-# The same parameter sets on an MMDiT (Flux, SD3), as `editing.training._dit_target` picks them.
+_DIT_BLOCK = _UNET + r"(?:" + "|".join(sorted({re.escape(p) for a in ADAPTERS.values() for p in a.blocks})) + r")\d+\."
+_DIT_ATTN = r"(?:" + "|".join(a.attention for a in ADAPTERS.values() if a.attention) + r")\.weight"
+# The same parameter sets on a DiT, as `editing.training._dit_target` picks them with its adapter.
 DIT_PARAM_SET_RULES: dict[str, Rule] = {
     "lora": Rule("the Linear weights inside an MMDiT's blocks (parameter set 'lora')",
                  _DIT_BLOCK + _PATH + r"[A-Za-z0-9_]+\.weight", _WEIGHTS),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .arch import UNET_PREFIX
+from .arch import UNET_PREFIX, DiTAdapter, detect_kind
 from .edit import Change, Edit
 from .errors import InvalidInputError, NonFiniteError
 from .hosts import RunContext
@@ -38,8 +37,19 @@ log = logging.getLogger(__name__)
 PARAM_SETS = ("lora", "lora-xattn", "xattn", "noxattn")
 
 
+def _is_linear(mod: torch.nn.Module) -> bool:
+    """A Linear layer, also one that is not a `torch.nn.Linear` subclass: ComfyUI's mixed-precision
+    ops (quantized checkpoints, 0.3.7x) are plain Modules holding a 2-D weight (QuantizedTensor or
+    float) and in/out features, and every Linear of such a model is one."""
+    if isinstance(mod, torch.nn.Linear):
+        return True
+    w = getattr(mod, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.ndim == 2 and hasattr(mod, "in_features")
+            and hasattr(mod, "out_features") and tuple(w.shape) == (mod.out_features, mod.in_features))
+
+
 def _is_adaptable(mod: torch.nn.Module) -> bool:
-    return isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))
+    return _is_linear(mod) or isinstance(mod, torch.nn.Conv2d)
 
 
 def select_targets(modules: Mapping[str, torch.nn.Module], param_set: str) -> list[str]:
@@ -53,43 +63,49 @@ def select_targets(modules: Mapping[str, torch.nn.Module], param_set: str) -> li
     if param_set not in PARAM_SETS:
         raise InvalidInputError(f"unknown trainable parameter set {param_set!r}; choose one of {', '.join(PARAM_SETS)}")
     out = []
-    dit = any(n.startswith(DIT_BLOCKS) for n in modules)
+    adapter = dit_adapter(modules)
     for name, mod in modules.items():
         if not name or not _is_adaptable(mod):
             continue
-        if dit:
-            ok = _dit_target(name, mod, param_set)
+        if adapter is not None:
+            ok = _dit_target(adapter, name, mod, param_set)
         elif param_set == "lora":
-            ok = ".transformer_blocks." in name and isinstance(mod, torch.nn.Linear)
+            ok = ".transformer_blocks." in name and _is_linear(mod)
         elif param_set in ("lora-xattn", "xattn"):
-            ok = ".attn2." in name and isinstance(mod, torch.nn.Linear)
+            ok = ".attn2." in name and _is_linear(mod)
         else:
             ok = ".attn2." not in name and not name.startswith(("time_embed", "out.", "label_emb"))
         if ok:
             out.append(name)
     if not out:
-        raise InvalidInputError(f"the parameter set {param_set!r} matched no layer of this UNet")
+        raise InvalidInputError(f"the parameter set {param_set!r} matched no layer of this "
+                                f"{adapter.label if adapter is not None else 'UNet'}")
     return out
 
 
-# MMDiT (Flux, SD3) blocks, and the attention projections where image and text tokens meet: with no
-# cross-attention, the joint attention of the double (Flux) / joint (SD3) blocks plays ESD-x's part.
-DIT_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.")
-_DIT_ATTN = re.compile(r"^(?:double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
-                       r"|joint_blocks\.\d+\.(?:x_block|context_block)\.attn\.(?:qkv|proj))$")
-_DIT_OUTSIDE = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in", "final_layer", "x_embedder",
-                "t_embedder", "y_embedder", "context_embedder", "pos_embed")
+def dit_adapter(modules: Mapping[str, torch.nn.Module]) -> DiTAdapter | None:
+    """The DiT adapter of a diffusion model's modules (`editing.arch.dit`), None for a UNet (a module
+    tree with attn2 cross-attention) or for no known kind."""
+    names = [n for n in modules if n]
+    if any(".attn2" in n for n in names):
+        return None
+    # the modules that hold weights themselves, as a checkpoint's keys name them (HunyuanImage's txt_in
+    # is a container, Flux's the Linear itself)
+    own = [n for n in names if next(modules[n].parameters(recurse=False), None) is not None]
+    return detect_kind([n + ".weight" for n in own])[0]
 
 
-def _dit_target(name: str, mod: torch.nn.Module, param_set: str) -> bool:
-    """`select_targets` on an MMDiT: ``lora`` = every Linear in the blocks, ``lora-xattn``/``xattn``
-    = the joint attention's qkv/proj of the double or joint blocks, ``noxattn`` = the blocks' other
-    Linears (the embedders and the final layer are never trained, as ESD-u leaves time_embed/out)."""
-    if not isinstance(mod, torch.nn.Linear) or not name.startswith(DIT_BLOCKS):
+def _dit_target(adapter: DiTAdapter, name: str, mod: torch.nn.Module, param_set: str) -> bool:
+    """`select_targets` on a DiT: ``lora`` = every Linear in its transformer blocks,
+    ``lora-xattn``/``xattn`` = the attention where image and text tokens meet (the adapter's: Flux's
+    and SD3's joint attention, Wan's and PixArt's cross-attention, Lumina's single-stream attention),
+    ``noxattn`` = the blocks' other Linears (the embedders and the final layer are never trained, as
+    ESD-u leaves time_embed/out)."""
+    if not _is_linear(mod) or not adapter.in_blocks(name):
         return False
     if param_set == "lora":
         return True
-    attn = _DIT_ATTN.match(name) is not None
+    attn = adapter.is_attention(name)
     return attn if param_set in ("lora-xattn", "xattn") else not attn
 
 
@@ -138,7 +154,7 @@ class Adapters:
             dev = device or w.device
             with torch.inference_mode(False):
                 if kind == "lora":
-                    if not isinstance(mod, torch.nn.Linear):
+                    if not _is_linear(mod):
                         raise InvalidInputError(f"{name}: LoRA adapters train Linear layers only; use a full set")
                     out_f, in_f = w.shape
                     # A random (Kaiming-uniform like PEFT), B zero: training starts at exactly ΔW = 0.

@@ -90,6 +90,7 @@ CONCEPT_PROMPTS = ("STRING", {"multiline": True, "default": "",
 def size_inputs(what: str) -> dict:
     """Optional width/height of the pictures a node generates; 0 = the model's native size."""
     tip = (f"Width/height in pixels of the pictures {what} (multiples of 8); 0 = the model's native size "
-           "(SD1.x 512, SD2.x 768, SDXL, SDXL-conditioned layouts, Flux and SD3 1024, the tiny models their own).")
+           "(SD1.x 512, SD2.x 768, SDXL, SDXL-conditioned layouts, Flux, SD3 and most DiTs 1024, "
+           "HunyuanImage 2.1 2048, Wan 2.1 512, the tiny models their own).")
     return {"width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip}),
             "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": tip})}

@@ -29,7 +29,8 @@ class ConceptPrune:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD-style UNet (SD1.x, SD2.x, SDXL, ...), Flux or SD3 model, or a bundled tiny one. "
+            "model": ("MODEL", {"tooltip": "An SD-style UNet (SD1.x, SD2.x, SDXL, ...), a DiT (Flux, SD3, Qwen-Image, Z-Image, "
+                                           "Wan, PixArt, HiDream, ...: its image-stream MLPs), or a bundled tiny one. "
                                            "It is never changed."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder, to encode the calibration prompts."}),
             "concepts": ("STRING", {"multiline": True, "default": "",

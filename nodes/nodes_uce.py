@@ -20,8 +20,10 @@ def loras_dir() -> str:
 class CrossAttentionEdit:
     DESCRIPTION = ("Closed-form edit of every cross-attention key/value projection (UCE): erase, redirect, "
                    "debias or moderate many concepts at once in seconds, keeping a preserve set unchanged. "
-                   "On Flux and SD3 (no cross-attention) it edits the layers the text enters through instead: the "
-                   "per-token projection (txt_in / context_embedder) and the pooled one (vector_in / y_embedder). "
+                   "On DiTs without cross-attention it edits the layer the text enters through instead: Flux/SD3's "
+                   "per-token projection (txt_in / context_embedder) and the pooled one (vector_in / y_embedder), "
+                   "Qwen-Image's txt_in, Z-Image's and Lumina 2's cap_embedder, Wan's text_embedding, PixArt's "
+                   "y_embedder, AuraFlow's cond_seq_linear, HunyuanImage's txt_in (HiDream is refused). "
                    "The input MODEL is not modified; the EDIT carries the change and its preservation metrics.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", EDIT)
@@ -67,8 +69,8 @@ class CrossAttentionEdit:
                               "find in closed form the embedding that brings each erased concept back through the "
                               "edited layers, erase it too and re-solve; this many rounds (0 = off). Resists prompt "
                               "attacks at some cost to the preserve set (check the Red-Team Audit)."}),
-            "edit_text_tokens": ("BOOLEAN", {"default": True, "tooltip": "Flux/SD3 only: edit the per-token text "
-                                 "projection (Flux txt_in, SD3 context_embedder), where the prompt's words enter."}),
+            "edit_text_tokens": ("BOOLEAN", {"default": True, "tooltip": "DiTs only: edit the per-token text "
+                                 "projection (Flux txt_in, SD3 context_embedder, ...), where the prompt's words enter."}),
             "edit_text_pooled": ("BOOLEAN", {"default": False, "tooltip": "Flux/SD3 only: also edit the pooled CLIP "
                                  "projection (Flux vector_in, SD3 y_embedder). Off by default: pooled vectors of "
                                  "different prompts point almost the same way, so this edit moves every prompt, and "

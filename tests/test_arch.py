@@ -95,11 +95,13 @@ def test_diffusers_names_exist_in_real_diffusers_layout(comfy):
 def test_a_model_without_cross_attention_is_a_clear_error():
     flux = {"diffusion_model.double_blocks.0.img_mlp.0.weight": (12288, 3072),
             "diffusion_model.double_blocks.0.img_mlp.2.weight": (3072, 12288),
+            "diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+            "diffusion_model.single_blocks.0.linear2.weight": (3072, 15360),
             "diffusion_model.txt_in.weight": (3072, 4096)}
-    fam = arch.discover_layout(flux)  # an MMDiT: its text enters through txt_in
+    fam = arch.discover_layout(flux)  # a DiT: its text enters through txt_in
     assert fam.kind == "flux" and fam.projection_keys() == ["diffusion_model.txt_in.weight"]
     del flux["diffusion_model.txt_in.weight"]  # no layer the text enters through that ConceptEdit knows
-    with pytest.raises(UnknownArchitectureError, match="MMDiT"):
+    with pytest.raises(UnknownArchitectureError, match="none of the DiTs.*double_blocks, single_blocks"):
         arch.discover_layout(flux)
     with pytest.raises(UnknownArchitectureError, match="attn2"):
         arch.discover_layout({"diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320)})

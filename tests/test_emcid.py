@@ -508,3 +508,15 @@ def test_node_zero_means_family_default(comfy, monkeypatch, tmp_path):
                                           templates="a photo of {}", residual="memit")
     assert edit.params["lam"] == {"clip_l": 1000.0} and edit.params["steps"] == 100
     assert edit.params["family_defaults"]["table"] == "tiny" and edit.params["residual"] == "memit"
+
+
+def test_an_edit_that_closes_less_than_half_its_gap_says_to_lower_lambda(clip):
+    """λ is in absolute units of the kept captions' keys: a λ far too large for this 64-wide encoder
+    leaves the gap open, and the edit's metrics (shown by the node, logged) say which λ to lower."""
+    text = ComfyTextModel(clip)
+    cfg = dict(use_stage1=False, n_captions=40, templates=("a photo of {}",), residual="memit")
+    stuck = compute_emcid(text, TINY, [("circle", "square")], EmcidConfig(lam=1e9, **cfg))
+    assert stuck.metrics["stage2"][ENC]["gap_after"] > 0.5
+    assert len(stuck.metrics["warnings"]) == 1 and "lower lam (now 1e+09" in stuck.metrics["warnings"][0]
+    fine = compute_emcid(text, TINY, [("circle", "square")], EmcidConfig(lam=1.0, **cfg))
+    assert fine.metrics["stage2"][ENC]["gap_after"] < 0.5 and "warnings" not in fine.metrics

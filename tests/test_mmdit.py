@@ -43,9 +43,9 @@ def _model(kind: str):
 
 REFUSALS = {  # an SD CLIP, 64 wide: neither model reads text that wide (48 here)
     "sd3": r"this CLIP \(clip_l\) gives text 64 wide, but this SD3-layout .* reads text 48 wide: connect the CLIP of "
-           r"the model's own checkpoint \(SD3: clip_l \+ clip_g \+ t5xxl, TripleCLIPLoader",
+           r"the model's own checkpoint \(SD3: clip_l \+ clip_g \+ t5xxl \(TripleCLIPLoader\)",
     "flux": r"this CLIP \(clip_l\) gives text 64 wide, but this Flux-layout .* reads text 48 wide: connect the CLIP "
-            r"of the model's own checkpoint \(Flux: clip_l \+ t5xxl, DualCLIPLoader",
+            r"of the model's own checkpoint \(Flux.1: clip_l \+ t5xxl \(DualCLIPLoader, type flux\)",
 }
 
 

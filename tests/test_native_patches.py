@@ -128,31 +128,6 @@ def test_dense_deltas_stay_float32_on_a_half_precision_model(comfy):
     assert torch.equal(_loaded(m2)[k], (base.float() + d).half())
 
 
-@torch.inference_mode()
-def test_float8_weights_are_refused_with_nothing_applied(comfy):
-    """ComfyUI rounds a patched float8 weight back to float8 (current versions stochastically, over
-    the whole weight): no kind of change would be exact there, so every kind is refused."""
-    model = random_model(seed=7)
-    unet = model.model.diffusion_model
-    kk, kf = FAM.attn2_kv_keys()[0], FAM.ffn_out_keys()[0]
-    mods = dict(unet.named_modules())
-    for key in (kk, kf):
-        mod = mods[key[len("diffusion_model."):-len(".weight")]]
-        mod.weight = torch.nn.Parameter(mod.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
-    shapes = FAM.expected_shapes()
-    low = Edit("uce", "tiny", {kk: _lowrank(shapes[kk], 2, 0)})
-    mask = Edit("concept_prune", "tiny", {kf: Change("mask", shapes[kf], {"index": torch.arange(0, 90, 3)})})
-    for edit in (low, _dense(low), mask):
-        with pytest.raises(InvalidInputError, match=r"float8_e4m3fn.*weight_dtype 'default'"):
-            apply_edit(model, None, edit)
-    assert model.patches == {}
-    # the same edits on the same model in float16 apply
-    for key in (kk, kf):
-        mod = mods[key[len("diffusion_model."):-len(".weight")]]
-        mod.weight = torch.nn.Parameter(mod.weight.detach().to(torch.float16), requires_grad=False)
-    assert set(apply_edit(model, None, mask)[0].patches) == {kf}
-
-
 def test_patches_come_from_comfyuis_own_lora_loader(comfy, monkeypatch):
     import comfy.lora
     model = random_model(seed=8)
@@ -172,7 +147,8 @@ def test_patches_come_from_comfyuis_own_lora_loader(comfy, monkeypatch):
 
 @torch.inference_mode()
 def test_quantized_weights_are_refused_with_nothing_applied(comfy):
-    """GGUF-style packed weights (integer storage) cannot take an exact edit: refused by name."""
+    """Integer storage with no scale the pack can read (not float8, scaled fp8, a QuantizedTensor or
+    GGUF, which tests/test_quantized.py applies) cannot take an exact edit: refused by name."""
     model = random_model(seed=9)
     kk = FAM.attn2_kv_keys()[0]
     mod = dict(model.model.diffusion_model.named_modules())[kk[len("diffusion_model."):-len(".weight")]]

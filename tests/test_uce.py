@@ -373,3 +373,19 @@ def test_expansion_and_empty_guide_follow_the_official_script():
     for where, pos in (("eos", 1), ("bos", 0)):  # 'last' window, empty guide
         system = build_text_system(text, UCEConfig(concepts=["cat"], token_window="last", empty_guide=where))
         assert torch.equal(system.G[0], empty[pos]), where
+
+
+def test_an_edit_that_reaches_less_than_half_its_target_says_what_to_change():
+    """λ weighs the kept rows in absolute units: on this 24-wide random model λ 1e6 holds every weight in
+    place, and the edit's metrics (which the nodes show and log) say to lower it; a λ that reaches the
+    target says nothing."""
+    fam = arch.get_family("tiny")
+    g = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(s, generator=g) for k, s in fam.expected_shapes().items() if k.endswith(("to_k.weight",
+                                                                                                       "to_v.weight"))}
+    text = _RandomText(fam.context_dim, length=8)
+    stuck = compute_uce(text, weights, fam, UCEConfig(concepts=["red"], lam=1e6, default_preserve=False))
+    assert stuck.metrics["target_residual_mean"] > 0.5
+    assert len(stuck.metrics["warnings"]) == 1 and "lower lam (now 1e+06)" in stuck.metrics["warnings"][0]
+    fine = compute_uce(text, weights, fam, UCEConfig(concepts=["red"], lam=0.1, default_preserve=False))
+    assert fine.metrics["target_residual_mean"] < 0.5 and "warnings" not in fine.metrics

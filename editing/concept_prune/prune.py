@@ -36,7 +36,7 @@ from ..arch import UNET_PREFIX, Family
 from ..edit import Change, Edit
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs
-from ..hosts import Denoiser, RunContext
+from ..hosts import Denoiser, RunContext, base_weights
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,20 @@ def ffn_layers(family: Family, modules: Mapping[str, torch.nn.Module]) -> dict[s
     return out
 
 
+def _float_weight(denoiser: Denoiser, name: str, w: torch.Tensor) -> torch.Tensor:
+    """The weight the scores read: the running module's own when it is a float tensor (float8 too:
+    per-layer scales cancel in the row-wise ranking); packed blocks (GGUF), which only the host can
+    decode, as the host's exact read of the unpatched weight (`hosts.base_weights`)."""
+    if w.is_floating_point():
+        return w
+    key = f"{UNET_PREFIX}{name}.weight"
+    base = base_weights(denoiser)
+    if base is None or key not in base:
+        raise InvalidInputError(f"{name} is stored packed ({w.dtype}) and the host gives no float read of it: "
+                                "load a float or float8 checkpoint for ConceptPrune")
+    return base[key].detach().to(w.device)
+
+
 @torch.no_grad()
 def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
                           config: PruneConfig | None = None, ctx: RunContext | None = None,
@@ -274,7 +288,7 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     metrics_layers: dict[str, float] = {}
     n_pruned = n_ffn = 0
     for name in names:
-        full = modules[name].weight.detach()
+        full = _float_weight(denoiser, name, modules[name].weight.detach())
         first, count = columns.get(name, (0, full.shape[1]))
         w = full[:, first:first + count]  # the neurons' columns (all of them but in Flux's linear2)
         mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)

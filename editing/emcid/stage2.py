@@ -39,6 +39,8 @@ from ..hosts import RunContext
 from ..safety import refuse_unsafe
 
 log = logging.getLogger(__name__)
+# An edit that leaves more than this share of its gap did not do what was asked (the node says so)
+UNDER_REACH = 0.5
 
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a painting of {}")
 
@@ -592,6 +594,14 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
             changes[spec.fc2_key(layer)] = to_change(spec, up, down)
         metrics["stage2"][enc] = m2
         log.info("EMCID %s: gap left %.3f after %d layers", enc, m2["gap_after"], len(layers))
+    warned = [f"{enc}: the edit closed only {100 * (1 - m['gap_after']):.0f} % of the gap to the destination "
+              f"(gap_after {m['gap_after']:.2f}): lower lam (now {m['lam']:g}; λ weighs the kept captions in absolute "
+              "units, so a text encoder narrower or smaller-scaled than SD's needs a smaller one) and compute it again"
+              for enc, m in metrics["stage2"].items() if m["gap_after"] > UNDER_REACH]
+    for w in warned:
+        log.warning("EMCID %s", w)
+    if warned:
+        metrics["warnings"] = warned
     metrics["seconds"] = {"stage1": round(t1 - t0, 2), "stage2": round(time.perf_counter() - t1, 2)}
     edit = Edit(method="emcid", family=family.name, changes=changes, concepts=[f"{s} -> {d}" for s, d in pairs],
                 params={**cfg.to_dict(), "family_defaults": used}, fingerprint=dict(fingerprint or {}), metrics=metrics)

@@ -45,7 +45,7 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -199,25 +199,36 @@ class TextSystem:
 @dataclass(frozen=True)
 class Segment:
     """One text encoder's run of positions in the context: `ids` at context rows offset.., the
-    first position after its BOS (`start`: 1 for CLIP, 0 for T5, which has none) and its EOS id."""
+    first position of the prompt's own tokens (`start`: 1 for CLIP, after its BOS; 0 for T5, which
+    has none; after the chat template's prefix for an LLM encoder) and its EOS id (the first template
+    token after the prompt's; < 0 when none follows). `causal`: whether each row reads only the
+    tokens before it, where the host measured it (`_scheme`)."""
 
     offset: int
     ids: tuple[int, ...]
     start: int
     eos_id: int
+    causal: bool | None = None
 
 
 def token_segments(text: TextEncoder, prompt: str, eos_id: int | None = None) -> list[Segment]:
     """The context's token runs for `prompt`: the host's ``token_segments`` when it has one (Flux:
-    one T5 run without BOS; SD3: CLIP then T5), else one CLIP run with BOS at 0."""
+    one T5 run without BOS; SD3: CLIP then T5; an LLM encoder: its template's run, read off the
+    encoder by `comfy_host.adapters.ComfyText`), else one CLIP run with BOS at 0. A host's run is
+    (offset, ids, start, eos id) or with `causal` after them."""
     get = getattr(text, "token_segments", None)
     if get is not None:
-        return [Segment(int(o), tuple(int(i) for i in ids), int(st), int(e)) for o, ids, st, e in get(prompt)]
+        return [Segment(int(r[0]), tuple(int(i) for i in r[1]), int(r[2]), int(r[3]),
+                        None if len(r) < 5 or r[4] is None else bool(r[4])) for r in get(prompt)]
     ids = tuple(int(i) for i in text.token_ids(prompt))
     return [Segment(0, ids, 1, ids[1] if eos_id is None else eos_id)]
 
 
 def _eos(ids: Sequence[int], eos_id: int, start: int = 1) -> int:
+    """Position of the EOS: of `eos_id` from `start` on; len(ids), one past the last token, where no
+    token follows the prompt's own (`eos_id` < 0: Lumina 2's Gemma context ends with the text)."""
+    if eos_id < 0:
+        return len(ids)
     for i in range(start, len(ids)):
         if ids[i] == eos_id:
             return i
@@ -225,9 +236,13 @@ def _eos(ids: Sequence[int], eos_id: int, start: int = 1) -> int:
 
 
 def _scheme(cfg: UCEConfig, seg: Segment) -> str:
-    """The token window for one encoder run: `auto` reads T5 (no BOS, start 0) as eos."""
+    """The token window for one encoder run: `auto` is aligned on a causal encoder (CLIP, the LLMs:
+    every row after the concept's words reads them) and eos on a bidirectional one (T5). Where the
+    host did not measure it, a run with BOS (start > 0) counts as CLIP and one without as T5."""
     if cfg.token_window != "auto":
         return cfg.token_window
+    if seg.causal is not None:
+        return "aligned" if seg.causal else "eos"
     return "eos" if seg.start == 0 else "aligned"
 
 
@@ -236,13 +251,15 @@ def _window(ids: Sequence[int], eos_id: int, scheme: str, start: int = 1) -> lis
     if scheme == "last":
         return [max(e - 1, start)]
     if scheme == "eos":
-        return list(range(start, e + 1))
+        return list(range(start, min(e + 1, len(ids))))
     return list(range(start, len(ids)))
 
 
 def _aligned(p: torch.Tensor, e_src: int, e_dst: int, length: int, start: int = 1) -> torch.Tensor:
-    """Guide positions for concept positions `p`: the EOS line up, clamped to [start, length − 1]."""
-    return (p - e_src + e_dst).clamp(start, length - 1)
+    """Guide positions for concept positions `p`: the EOS line up, clamped to [start, length − 1]
+    (`length`: the guide's rows; a guide with no row from `start` on, an empty prompt that is only
+    its template's prefix, maps to its last row)."""
+    return (p - e_src + e_dst).clamp(min(start, length - 1), length - 1)
 
 
 def _plan(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]] | None = None
@@ -317,29 +334,50 @@ def preserve_prompts(cfg: UCEConfig, concepts: Sequence[str]) -> list[str]:
     return out
 
 
+def _pad_to(t: torch.Tensor, rows: int, left: bool) -> torch.Tensor:
+    """Contexts `t` [b, n, d] with zero rows before (left) or after their rows, up to `rows`."""
+    if t.shape[1] >= rows:
+        return t
+    z = t.new_zeros(t.shape[0], rows - t.shape[1], t.shape[2])
+    return torch.cat([z, t] if left else [t, z], dim=1)
+
+
 def _encoded_rows(text: TextEncoder, prompts: Sequence[str], first: torch.Tensor, wanted: torch.Tensor,
-                  ctx: RunContext, step: int = 64):
+                  ctx: RunContext, stride: int | None = None, lengths: torch.Tensor | None = None,
+                  left: bool = False, step: int = 64):
     """Encode `prompts` in chunks of `step`, keeping only the context rows `wanted` (flat indices
-    prompt index · L + position); returns the lookup from such indices to those rows. `first` is
-    the context of prompts[0], already encoded."""
+    prompt index · stride + row, stride the context length L by default); returns the lookup from
+    such indices to those rows. `first` is the context of prompts[0], already encoded. `lengths`:
+    each prompt's own rows, for a host whose contexts have the prompt's own length and whose batch
+    pads them to the longest, after each prompt's rows or before them (`left`); None: every context
+    has L rows."""
     L = first.shape[1]
+    stride = stride or L
     need = torch.unique(wanted)  # sorted, so each chunk's rows are one slice of it
     kept = []
     for i in range(0, len(prompts), step):
         ctx.check()
-        lo, hi = (int(torch.searchsorted(need, b * L)) for b in (i, min(i + step, len(prompts))))
+        lo, hi = (int(torch.searchsorted(need, b * stride)) for b in (i, min(i + step, len(prompts))))
         if lo == hi:
             continue
         rest = list(prompts[max(i, 1):i + step])
         enc = text.encode(rest).detach() if rest else first[:0]
-        if enc.shape[1] != L:
+        if lengths is None and enc.shape[1] != L:
             raise InvalidInputError(f"the text encoder gave a context of {enc.shape[1]} positions where the empty "
                                     f"prompt has {L} (a prompt longer than the context?): shorten the prompts")
         if i == 0:
-            enc = torch.cat([first.to(enc.device, enc.dtype), enc])
+            rows = max(int(enc.shape[1]), L)
+            enc = torch.cat([_pad_to(first.to(enc.device, enc.dtype), rows, left), _pad_to(enc, rows, left)])
         if not bool(torch.isfinite(enc).all()):
             raise NonFiniteError("the text encoder returned NaN/Inf embeddings; check the CLIP weights")
-        kept.append(enc.reshape(-1, enc.shape[-1])[(need[lo:hi] - i * L).to(enc.device)])
+        flat = need[lo:hi]
+        j, q = flat // stride, flat % stride
+        if lengths is not None and left:
+            q = q + enc.shape[1] - lengths[j]
+        if lengths is not None and bool((q >= enc.shape[1]).any()):
+            raise InvalidInputError(f"the text encoder gave a batch of {enc.shape[1]} context rows, fewer than its "
+                                    "prompts' tokens name")
+        kept.append(enc[(j - i).to(enc.device), q.to(enc.device)])
     table = torch.cat(kept)
 
     def rows(flat: torch.Tensor) -> torch.Tensor:
@@ -351,7 +389,12 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
                       option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
     """Encode every distinct prompt once and gather C, G, P by token position. The rows each prompt
     contributes are known from its tokens, so prompts are encoded in chunks and only those rows kept:
-    at Flux size a full context is 256 × 4096 floats (4 MB), 1,000 concepts' contexts 4 GB."""
+    at Flux size a full context is 256 × 4096 floats (4 MB), 1,000 concepts' contexts 4 GB.
+
+    A host whose contexts have the prompt's own length (`context_varies`: the LLM encoders) gives
+    each prompt its own rows, the rows its token runs span; every window and every guide position
+    stays within its prompt's rows (a guide shorter than its concept maps the concept's last rows to
+    its own last). Otherwise every context has the empty prompt's L rows, as CLIP and T5 give."""
     ctx = ctx or RunContext()
     srcs, targets = _plan(cfg, option_weights)
     keep = preserve_prompts(cfg, srcs)
@@ -365,6 +408,13 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
                                 "(a prompt longer than the context?): shorten the prompts")
     first = text.encode([""]).detach()  # the context length L; prompts[0] is ""
     L = int(first.shape[1])
+    varies = bool(getattr(text, "context_varies", False))
+    # each prompt's context rows, and the rows of one of its runs that exist
+    own = {p: max(g.offset + len(g.ids) for g in segs[p]) if varies else L for p in prompts}
+
+    def end(seg: Segment) -> int:
+        return len(seg.ids) if varies else min(len(seg.ids), L - seg.offset)
+    S = max([L] + list(own.values()))  # flat row index: prompt index · S + row
 
     # Rows as (prompt index, token position) tensors, one small vectorised block per concept: at
     # 1,000 concepts × 76 tokens, per-row Python bookkeeping cost more than the solve.
@@ -372,15 +422,15 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
     c_u, c_q = [], []
     n_slots = max(len(t) for t in targets)
     slot_w: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]
-    slot_key: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]  # prompt index * L + position
+    slot_key: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]  # prompt index * S + position
     for src, tgt in zip(srcs, targets):
         n_rows = 0
         for si, seg in enumerate(segs[src]):
             e_s = _eos(seg.ids, seg.eos_id, seg.start)
             if e_s <= seg.start:
                 raise InvalidInputError(f"concept {src!r} has no tokens")
-            end = min(len(seg.ids), L - seg.offset)
-            pos = torch.tensor([p for p in _window(seg.ids, seg.eos_id, _scheme(cfg, seg), seg.start) if p < end],
+            e_end = end(seg)
+            pos = torch.tensor([p for p in _window(seg.ids, seg.eos_id, _scheme(cfg, seg), seg.start) if p < e_end],
                                dtype=torch.long)
             n_rows += int(pos.numel())
             c_u.append(torch.full_like(pos, index[src]))
@@ -388,40 +438,45 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
             for k in range(n_slots):
                 w, gp = tgt[k] if k < len(tgt) else (0.0, "")
                 g = segs[gp][si]
+                g_end = end(g)
                 e_g = _eos(g.ids, g.eos_id, g.start)
                 if _scheme(cfg, seg) == "last":
                     # an empty guide has no last word: its EOS, or (official code) the position before the text
                     no_word = max(g.start - 1, 0) if cfg.empty_guide == "bos" else e_g
-                    q = torch.full_like(pos, max(e_g - 1, g.start) if e_g > g.start else no_word)
+                    q = torch.full_like(pos, min(max(e_g - 1, g.start) if e_g > g.start else no_word, g_end - 1))
                 else:
-                    q = _aligned(pos, e_s, e_g, end, g.start)
+                    q = _aligned(pos, e_s, e_g, g_end, g.start)
                 slot_w[k].append(torch.full(pos.shape, float(w), dtype=torch.float64))
-                slot_key[k].append(index[gp] * L + q + seg.offset)
+                slot_key[k].append(index[gp] * S + q + g.offset)
         concept_rows.append(n_rows)
     p_u, p_q = [], []
     for p in keep:
         qs = [q + seg.offset for seg in segs[p]
-              for q in _window(seg.ids, seg.eos_id, _scheme(cfg, seg), seg.start) if q + seg.offset < L]
+              for q in _window(seg.ids, seg.eos_id, _scheme(cfg, seg), seg.start) if q < end(seg)]
         p_u += [index[p]] * len(qs)
         p_q += qs
-    # BOS (identical for every prompt, the attention sink; T5 has none) and, with
-    # preserve_unconditional, "" at every position the window edits in some concept
-    bos = [seg.offset for seg in empty if seg.start > 0]
-    edited_positions = sorted(set(torch.cat(c_q).tolist()) - set(bos)) if cfg.preserve_unconditional else []
+    # The rows before the prompt's own tokens, the same for every prompt: CLIP's BOS (the attention
+    # sink) and a chat template's prefix on a causal LLM (T5 has none); and, with
+    # preserve_unconditional, "" at every position the window edits in some concept that "" has
+    bos = [seg.offset + i for seg in empty for i in range(min(seg.start, end(seg)))]
+    edited_positions = (sorted(q for q in set(torch.cat(c_q).tolist()) - set(bos) if q < own[""])
+                        if cfg.preserve_unconditional else [])
     u_q = bos + edited_positions
     p_u += [index[""]] * len(u_q)
     p_q += u_q
 
-    c_flat = torch.cat(c_u) * L + torch.cat(c_q)
+    c_flat = torch.cat(c_u) * S + torch.cat(c_q)
     n = int(c_flat.numel())
     w_all = torch.cat([torch.cat(ws) for ws in slot_w])
     key_all = torch.cat([torch.cat(ks) for ks in slot_key])
     row_all = torch.arange(n).repeat(n_slots)
     nz = w_all != 0
     keys, col = torch.unique(key_all[nz], return_inverse=True)  # the distinct guide token vectors
-    p_flat = torch.tensor(p_u, dtype=torch.long) * L + torch.tensor(p_q, dtype=torch.long)
-    u_flat = index[""] * L + torch.tensor(u_q, dtype=torch.long)  # empty for T5 without preserve_unconditional
-    rows = _encoded_rows(text, prompts, first, torch.cat([c_flat, keys, p_flat, u_flat]), ctx)
+    p_flat = torch.tensor(p_u, dtype=torch.long) * S + torch.tensor(p_q, dtype=torch.long)
+    u_flat = index[""] * S + torch.tensor(u_q, dtype=torch.long)  # empty for T5 without preserve_unconditional
+    lengths = torch.tensor([own[p] for p in prompts], dtype=torch.long) if varies else None
+    rows = _encoded_rows(text, prompts, first, torch.cat([c_flat, keys, p_flat, u_flat]), ctx, S, lengths,
+                         bool(getattr(text, "pads_left", False)))
     C = rows(c_flat)
     dev = C.device
     basis = rows(keys)
@@ -435,44 +490,134 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
 
 
 # ---- the closed form, shared by all layers of one text width -------------------------------------
-@dataclass
-class Operator:
-    """ΔW = W·A for every layer of text width d; exact factors R, D when n < d.
+class _LazyDense:
+    """An Operator field holding a d × d matrix. The row-space solve leaves these unset (at Flux.2's
+    d = 15,360 each would be 1.9 GB) since the edit itself reads only the factors; reading one builds
+    it from those factors (`Operator.low`) and keeps it."""
 
-    The metrics need only d × d matrices: for any X, ‖W X‖²_F = ⟨WᵀW, X Xᵀ⟩, so per layer one
-    WᵀW serves the preservation change ‖ΔW P‖/‖W P‖ and the target residual; with few edited
-    vectors (`low`) the same numbers come from the rank-n factors without forming WᵀW."""
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, op, owner=None):
+        if op is None:
+            return None  # the dataclass default
+        if self.name not in op.__dict__:
+            if op.low is None:
+                return None
+            op.__dict__[self.name] = _dense_from_factors(op, self.name)
+        return op.__dict__[self.name]
+
+    def __set__(self, op, value):
+        if value is None:
+            op.__dict__.pop(self.name, None)
+        else:
+            op.__dict__[self.name] = value
+
+
+@dataclass(repr=False, eq=False)
+class Operator:
+    """ΔW = W·A for every layer of text width d; exact factors A = R Dᵀ when n < d.
+
+    From the dense route (see `solve_operator`) every field is set. The metrics need only d × d
+    matrices: for any X, ‖W X‖²_F = ⟨WᵀW, X Xᵀ⟩, so per layer one WᵀW serves the preservation change
+    ‖ΔW P‖/‖W P‖ and the target residual; with few edited vectors (`low`) the same numbers come from
+    the rank-n factors without forming WᵀW. From the row-space route only R, D and `low` are set:
+    the d × d fields below are built from them when read (tests, RECE's dense form), never by the
+    edit itself."""
 
     R: torch.Tensor | None   # d × n: s_e (G − C)ᵀ     (up = W R)
     D: torch.Tensor | None   # d × n: M⁻¹ Cᵀ           (down = Dᵀ)
-    A: torch.Tensor          # d × d, ΔW = W A
-    preserve_gram: torch.Tensor   # Σ p pᵀ
-    preserve_moved: torch.Tensor  # A (Σ p pᵀ) Aᵀ: what ΔW does to the preserved vectors
-    residual_gram: torch.Tensor   # Σ e eᵀ, e = (I + A)c − g: what is left of the targets
-    target_gram: torch.Tensor     # Σ (c − g)(c − g)ᵀ: the gap before the edit
-    uncond_gram: torch.Tensor | None = None   # Σ u uᵀ over the unconditional prompt's rows
-    uncond_moved: torch.Tensor | None = None  # A (Σ u uᵀ) Aᵀ
+    A: torch.Tensor | None = _LazyDense()               # d × d, ΔW = W A
+    preserve_gram: torch.Tensor | None = _LazyDense()   # Σ p pᵀ
+    preserve_moved: torch.Tensor | None = _LazyDense()  # A (Σ p pᵀ) Aᵀ: what ΔW does to the preserved vectors
+    residual_gram: torch.Tensor | None = _LazyDense()   # Σ e eᵀ, e = (I + A)c − g: what is left of the targets
+    target_gram: torch.Tensor | None = _LazyDense()     # Σ (c − g)(c − g)ᵀ: the gap before the edit
+    uncond_gram: torch.Tensor | None = _LazyDense()     # Σ u uᵀ over the unconditional prompt's rows
+    uncond_moved: torch.Tensor | None = _LazyDense()    # A (Σ u uᵀ) Aᵀ
     low: "LowRankMetrics | None" = None       # the same metrics from rank-n factors (n < d)
 
     @property
     def n(self) -> int:
         return 0 if self.R is None else self.R.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return (self.R if self.R is not None else self.A).device
+
+    @property
+    def row_space(self) -> bool:
+        """Solved in the row space: no d × d matrix is held until one of the fields is read."""
+        return self.low is not None and "A" not in self.__dict__
+
+    def __repr__(self) -> str:  # without building the lazy fields
+        d = None if self.D is None else self.D.shape[0]
+        return f"Operator(n={self.n}, d={d}, row_space={self.row_space})"
+
 
 @dataclass
 class LowRankMetrics:
-    """With A = R Dᵀ of rank n the per-layer metrics need no d × d WᵀW: ⟨WᵀW, R Q Rᵀ⟩ = ⟨up Q, up⟩
-    (up = W R), ⟨WᵀW, R E⟩ = ⟨W R, W Eᵀ⟩ and ⟨WᵀW, XᵀX⟩ = ‖W Xᵀ‖², so a layer costs one
-    W · `right` (O(out·d·n)) plus one W·(Σ p pᵀ) when the preserve rows outnumber d."""
+    """The per-layer metrics of A = R Dᵀ (rank n) with no d × d matrix. With w_gap = W (C − G)ᵀ
+    (out × n): up = W R = −s_e w_gap; the residuals e = (I + A)c − g give W Eᵀ = w_gap Nc; and
+    ΔW Pᵀ = up (P D)ᵀ, so ‖ΔW Pᵀ‖² = ‖up Fpᵀ‖² for any Fp with Fpᵀ Fp = (P D)ᵀ(P D) (Fu for U
+    likewise); ‖W Xᵀ‖² is read off W Xᵀ. A layer costs one W · `right` (O(out·d·(n + m + u))) and
+    O(out·n²), plus one W·(Σ p pᵀ) when the preserve rows outnumber d (dense route only)."""
 
-    # d × (3n + m + u), float64: [R | (C − G)ᵀ | Eᵀ | Pᵀ | Uᵀ], E = Dᵀ (Gcc − Gcg) (the residual
-    # Gram is target + R E + (R E)ᵀ + R Q_c Rᵀ); Pᵀ only when m ≤ d, Uᵀ when there are u rows
-    right: torch.Tensor
-    widths: tuple[int, int, int, int, int]  # n, n, n, m, u
-    Qc: torch.Tensor          # n × n: Dᵀ Gcc D
-    Qp: torch.Tensor          # n × n: Dᵀ Gpp D (preserve_moved = R Q_p Rᵀ)
-    Qu: torch.Tensor | None = None     # n × n: Dᵀ Guu D
+    right: torch.Tensor       # d × (n + m + u), float64: [(C − G)ᵀ | Pᵀ | Uᵀ]; Pᵀ only when m ≤ d
+    widths: tuple[int, int, int]  # n, m (0 when Gpp32 is used), u
+    erase_scale: float
+    Nc: torch.Tensor          # n × n: I − s_e Dᵀ Cᵀ
+    Fp: torch.Tensor          # k × n (k ≤ n): Fpᵀ Fp = Dᵀ (Σ p pᵀ) D
+    Fu: torch.Tensor | None = None     # k × n: Fuᵀ Fu = Dᵀ (Σ u uᵀ) D
     Gpp32: torch.Tensor | None = None  # Σ p pᵀ in float32, when the preserve rows outnumber d
+
+    @staticmethod
+    def work(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def at(self, dtype: torch.dtype) -> LowRankMetrics:
+        """These factors in `dtype` (float32 copies made once, for the per-layer products)."""
+        if dtype == self.right.dtype:
+            return self
+        cache = self.__dict__.setdefault("_copies", {})
+        if dtype not in cache:
+            cast = lambda X: None if X is None else X.to(dtype)  # noqa: E731
+            cache[dtype] = LowRankMetrics(right=cast(self.right), widths=self.widths, erase_scale=self.erase_scale,
+                                          Nc=cast(self.Nc), Fp=cast(self.Fp), Fu=cast(self.Fu), Gpp32=self.Gpp32)
+        return cache[dtype]
+
+
+def _dense_from_factors(op: Operator, name: str) -> torch.Tensor | None:
+    """One d × d field of a row-space Operator, from R, D and `op.low` (see LowRankMetrics)."""
+    low, R = op.low, op.R
+    gap, Pt, Ut = low.right.split(list(low.widths), dim=1)
+    outer = lambda X: X @ X.T  # noqa: E731
+    if name == "A":
+        return R @ op.D.T
+    if name == "target_gram":
+        return outer(gap)
+    if name == "residual_gram":
+        return outer(gap @ low.Nc)
+    if name == "preserve_gram":
+        return outer(Pt) if low.Gpp32 is None else low.Gpp32.double()
+    if name == "preserve_moved":
+        return outer(R @ low.Fp.T)
+    if name == "uncond_gram":
+        return outer(Ut) if low.Fu is not None else None
+    if name == "uncond_moved":
+        return outer(R @ low.Fu.T) if low.Fu is not None else None
+    raise KeyError(name)
+
+
+def _psd_root(Q: torch.Tensor) -> torch.Tensor:
+    """F with Fᵀ F = Q for a symmetric positive semi-definite Q (n × n)."""
+    ev, V = torch.linalg.eigh((Q + Q.T) / 2)
+    return (V * ev.clamp_min(0).sqrt()).T
+
+
+def _few_rows(F: torch.Tensor) -> torch.Tensor:
+    """F' with F'ᵀ F' = Fᵀ F and at most F.shape[1] rows (the R of F's QR when F is tall), so that
+    ‖X F'ᵀ‖² costs O(out·n·min(k, n)) per layer."""
+    return torch.linalg.qr(F, mode="r").R if F.shape[0] > F.shape[1] else F
 
 
 def _chunks(x: torch.Tensor):
@@ -521,29 +666,123 @@ def _factored_guide_grams(C: torch.Tensor, basis: torch.Tensor, select: torch.Te
     return SC.T @ V, V.T @ StS @ V
 
 
-# layer metrics from the rank-n factors when 8·n ≤ d (with the aligned window's 76 vectors per
-# concept: SD1.5 1 concept, SDXL 3; with eos, Flux.1's T5: about 170)
+# the dense route's layer metrics from the rank-n factors when 8·n ≤ d (with the aligned window's 76
+# vectors per concept: SD1.5 1 concept, SDXL 3); the row space always reads them so
 _LOW_RANK_LAYER_METRICS = 8
 
 
 def _spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """M⁻¹ B for the symmetric M = λI + s_e CᵀC + s_p PᵀP: by Cholesky (half an LU's work) when M is
-    positive definite, else by LU, which raises on a singular M (λ = 0 with too few vectors)."""
+    """M⁻¹ B for the symmetric M = λI + s_e CᵀC + s_p PᵀP (or the row space's H = λS⁻¹ + X Xᵀ): by
+    Cholesky (half an LU's work) when M is positive definite, else by LU, which raises on a singular
+    M (λ = 0 with too few vectors)."""
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
         return torch.cholesky_solve(B, L)
     return torch.linalg.solve(M, B)
 
 
+def _rows_gram(X: torch.Tensor, Y: torch.Tensor, device) -> torch.Tensor:
+    """X Yᵀ (rows × rows, float64) accumulated over chunks of the width, each chunk's product in the
+    data's own precision as in `_gram`."""
+    out = torch.zeros(X.shape[0], Y.shape[0], dtype=torch.float64, device=device)
+    work = torch.float64 if torch.float64 in (X.dtype, Y.dtype) else torch.float32
+    for j in range(0, X.shape[1], _CHUNK):
+        a = X[:, j:j + _CHUNK].to(device=device, dtype=work)
+        b = a if Y is X else Y[:, j:j + _CHUNK].to(device=device, dtype=work)
+        out += (a @ b.T).double()
+    return out
+
+
+def _xt_times(X: torch.Tensor, B: torch.Tensor, device) -> torch.Tensor:
+    """Xᵀ B in float64 (d × k) for rows X (r × d), a chunk of the width at a time."""
+    out = torch.empty(X.shape[1], B.shape[1], dtype=torch.float64, device=device)
+    for j in range(0, X.shape[1], _CHUNK):
+        out[j:j + _CHUNK] = X[:, j:j + _CHUNK].to(device=device, dtype=torch.float64).T @ B
+    return out
+
+
+def _uses_row_space(n: int, m: int, u: int, d: int, lam: float, erase_scale: float, preserve_scale: float) -> bool:
+    """The row-space route when all the rows the solve and its metrics read (n + m + u) are fewer
+    than d: then each r × r matrix is smaller than a d × d one, and the solve costs O(r²d + r³)
+    instead of O(d²r + d³). Measured on the 2-core CPU (d = 2048, n = r / 2, float32 rows, one
+    1280 × 2048 layer), solve + layer, row space against dense: r = d/2 1.5 s / 5.7 s, r = 0.8 d
+    2.2 s / 7.2 s, r = d 2.7 s / 7.8 s, r = 1.3 d 5.2 s / 9.8 s. Each further layer costs about the
+    same either way (0.54–0.67 s against 0.5 s near r = d: out·d·r + out·n² against out·d²), so the
+    row space would still win somewhat past r = d, but its r × r matrices outgrow the d × d ones
+    there: the rule stays r < d. Negative scales or s_e = 0 (outside `UCEConfig.validate`) stay dense."""
+    return n + m + u < d and erase_scale > 0 and preserve_scale >= 0 and lam >= 0
+
+
+def _row_space_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, U: torch.Tensor | None, lam: float,
+                        erase_scale: float, preserve_scale: float, device) -> Operator:
+    """`solve_operator` in the row space of X = [C; P] (r × d, r < d), no d × d matrix.
+
+    With S = diag(s_e·1_n, s_p·1_m), M = λI + Xᵀ S X and M Xᵀ = Xᵀ (λI + S X Xᵀ), so
+    M⁻¹ Xᵀ = Xᵀ (λ S⁻¹ + X Xᵀ)⁻¹ S⁻¹ and D = M⁻¹ Cᵀ = Xᵀ B with H B = [I_n; 0] / s_e,
+    H = λ S⁻¹ + X Xᵀ (r × r, positive definite for λ > 0). The block rows of H B give the products
+    the metrics need without cancellation: s_e C D = I − λ B_C, so Nc = I − s_e Dᵀ Cᵀ = λ B_Cᵀ; and
+    P D = −(λ / s_p) B_P. With s_p = 0 the preserve rows are not in M and P D = (P Xᵀ) B."""
+    n, d = C.shape
+    m = P.shape[0]
+    in_m = preserve_scale > 0 and m > 0
+    X = torch.cat([C, P.to(C.dtype)]) if in_m else C
+    K = _rows_gram(X, X, device)
+    if not bool(torch.isfinite(K).all()):
+        raise NonFiniteError("the text embeddings give a non-finite system (NaN/Inf); nothing was edited")
+    if lam == 0:  # M = Xᵀ S X has rank ≤ r < d
+        raise InvalidInputError(f"the closed form is singular (λ = 0 with {X.shape[0]} text vectors in a "
+                                f"{d}-wide space); raise λ (lam) above 0")
+    inv_s = torch.full((X.shape[0],), lam / erase_scale, dtype=torch.float64, device=device)
+    if in_m:
+        inv_s[n:] = lam / preserve_scale
+    H = K + torch.diag(inv_s)
+    del K
+    rhs = torch.zeros(X.shape[0], n, dtype=torch.float64, device=device)
+    rhs[:n].fill_diagonal_(1.0 / erase_scale)
+    try:
+        B = _spd_solve(H, rhs)
+    except torch.linalg.LinAlgError as e:
+        raise InvalidInputError(f"the closed form is singular ({e}); raise λ (lam) above 0") from None
+    del H, rhs
+    U = U if U is not None and U.shape[0] else None
+    u = 0 if U is None else U.shape[0]
+    right = torch.empty(d, n + m + u, dtype=torch.float64, device=device)
+    for j in range(0, d, _CHUNK):
+        cols = slice(j, j + _CHUNK)
+        for Y, at in ((C, slice(0, n)), (P, slice(n, n + m)), (U, slice(n + m, None))):
+            if Y is not None:
+                right[cols, at] = Y[:, cols].to(device=device, dtype=torch.float64).T
+        right[cols, :n] -= G[:, cols].to(device=device, dtype=torch.float64).T
+    R = right[:, :n] * (-erase_scale)
+    D = _xt_times(X, B, device)
+    if not (bool(torch.isfinite(R).all()) and bool(torch.isfinite(D).all())):
+        raise NonFiniteError("the closed-form solve produced NaN/Inf; raise λ or lower the scales")
+    PD = -(lam / preserve_scale) * B[n:] if in_m else _rows_gram(P, X, device) @ B
+    low = LowRankMetrics(right=right, widths=(n, m, u), erase_scale=erase_scale,
+                         Nc=lam * B[:n].T, Fp=_few_rows(PD),
+                         Fu=None if U is None else _few_rows(_rows_gram(U, X, device) @ B))
+    return Operator(R=R, D=D, low=low)
+
+
 def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float, erase_scale: float,
                    preserve_scale: float, device=None, G_basis: torch.Tensor | None = None,
                    G_select: torch.Tensor | None = None, U: torch.Tensor | None = None) -> Operator:
-    """One float64 solve for every layer of this text width (C, G: n × d rows; P: m × d rows).
-    `G_basis`/`G_select` (see TextSystem) make Cᵀ G and Gᵀ G cheap when few distinct guides."""
+    """One float64 solve for every layer of this text width (C, G: n × d rows; P: m × d; U: u × d).
+
+    Two routes to the same edit and metrics (float64 data: equal to ~1e-9 relative, float32 rows to
+    the float32 Grams' ~1e-6; tests/test_uce_rowspace.py): the row space (`_row_space_operator`)
+    when the rows are fewer than the width, n + m + u < d (`_uses_row_space`): only r × r and d × r
+    matrices, which makes Flux.2's d = 15,360 fit; else the dense route: d × d Grams accumulated
+    over row chunks and one d × d Cholesky, whose memory does not grow with the rows. `G_basis` /
+    `G_select` (see TextSystem) make the dense route's Cᵀ G and Gᵀ G cheap when few distinct guides;
+    the row space never forms them."""
     device = device or C.device
     n, d = C.shape
     if P.shape[1] != d or G.shape != C.shape:
         raise InvalidInputError(f"text vectors disagree in width: C {tuple(C.shape)}, G {tuple(G.shape)}, P {tuple(P.shape)}")
+    u = 0 if U is None else U.shape[0]
+    if _uses_row_space(n, P.shape[0], u, d, lam, erase_scale, preserve_scale):
+        return _row_space_operator(C, G, P, U, lam, erase_scale, preserve_scale, device)
     Gcc = _gram(C, device=device)
     Gpp = _gram(P, device=device)
     M = lam * torch.eye(d, dtype=torch.float64, device=device) + erase_scale * Gcc + preserve_scale * Gpp
@@ -581,13 +820,15 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
         E = D.T @ (Gcc - Gcg)
         RE = R @ E
         residual = target + RE + RE.T + R @ Qc @ R.T
-        if _LOW_RANK_LAYER_METRICS * n <= d:  # per layer ~6 out·d·n in float64 against one out·d² WᵀW
+        if _LOW_RANK_LAYER_METRICS * n <= d:  # per layer out·d·(n + m + u) in float64 against one out·d² WᵀW
             f64 = lambda X: X.to(device=device, dtype=torch.float64)  # noqa: E731
             p_rows = P if P.shape[0] <= d else P[:0]
             u_rows = U if Guu is not None else P[:0]
-            parts = [R, (C64 - f64(G)).T, E.T, f64(p_rows).T, f64(u_rows).T]
+            parts = [(C64 - f64(G)).T, f64(p_rows).T, f64(u_rows).T]
             low = LowRankMetrics(right=torch.cat(parts, dim=1), widths=tuple(x.shape[1] for x in parts),
-                                 Qc=Qc, Qp=Q(Gpp), Qu=Q(Guu) if Guu is not None else None,
+                                 erase_scale=erase_scale,
+                                 Nc=torch.eye(n, dtype=torch.float64, device=device) - erase_scale * (C64 @ D).T,
+                                 Fp=_psd_root(Q(Gpp)), Fu=_psd_root(Q(Guu)) if Guu is not None else None,
                                  Gpp32=Gpp.to(torch.float32) if P.shape[0] > d else None)
     else:
         moved = lambda X: A @ X @ A.T  # noqa: E731
@@ -601,51 +842,79 @@ def solve_operator(C: torch.Tensor, G: torch.Tensor, P: torch.Tensor, lam: float
 def layer_change(W: torch.Tensor, op: Operator, dtype=torch.float32) -> tuple[Change, dict[str, float]]:
     """The exact Change for one weight, and its preservation / target metrics."""
     out, d = W.shape
-    W32 = W.to(device=op.A.device, dtype=torch.float32)
+    dev = op.device
     up = None
+    lowrank = op.R is not None and op.n * (out + d) < out * d
     if op.low is not None:
-        metrics, up = _low_rank_metrics(W, op)
+        metrics, up = _low_rank_metrics(W, op, exact_up=lowrank)
     else:
+        W32 = W.to(device=dev, dtype=torch.float32)
         K = (W32.T @ W32).double()  # WᵀW: every metric is ⟨WᵀW, X⟩ for a d × d X
         q = lambda X: float(torch.dot(K.reshape(-1), X.reshape(-1)).clamp_min(0))  # noqa: E731
         metrics = {"preserve_rel_change": math.sqrt(q(op.preserve_moved) / max(q(op.preserve_gram), 1e-30)),
                    "target_residual": math.sqrt(q(op.residual_gram) / max(q(op.target_gram), 1e-30))}
         if op.uncond_gram is not None:  # ‖ΔW u‖ / ‖W u‖ over the unconditional prompt's rows
             metrics["uncond_rel_change"] = math.sqrt(q(op.uncond_moved) / max(q(op.uncond_gram), 1e-30))
-    n = op.n
-    if op.R is not None and n * (out + d) < out * d:
-        if up is None:
-            up = W.to(device=op.A.device, dtype=torch.float64) @ op.R
+    if up is None and (lowrank or op.row_space):
+        up = W.to(device=dev, dtype=torch.float64) @ op.R
+    if lowrank:
         change = Change("lowrank", (out, d), {"up": up.to(dtype).cpu(), "down": op.D.T.to(dtype).cpu()})
+    elif op.row_space:
+        # ΔW = up Dᵀ, O(out·n·d) and no d × d A; in float32 like the dense route's W A below
+        work = torch.float64 if W.dtype == torch.float64 else torch.float32
+        change = Change("delta", (out, d), {"delta": (up.to(work) @ op.D.T.to(work)).to(dtype).cpu()})
     else:
         # float32 product of a float64-solved A: the stored delta is float32 anyway
+        W32 = W.to(device=dev, dtype=torch.float32)
         change = Change("delta", (out, d), {"delta": (W32 @ op.A.to(torch.float32)).to(dtype).cpu()})
     return change, metrics
 
 
-def _low_rank_metrics(W: torch.Tensor, op: Operator) -> tuple[dict[str, float], torch.Tensor]:
+def _low_rank_metrics(W: torch.Tensor, op: Operator, exact_up: bool = False
+                      ) -> tuple[dict[str, float], torch.Tensor]:
     """`layer_change`'s metrics from `op.low` (see LowRankMetrics), and up = W R: one product with
-    W, the sums read back to the host together."""
+    W, the sums read back to the host together. The products run in float32 for a float32 (or
+    lower) W, as the dense route's WᵀW does: twice the speed of float64 on a CPU, which keeps a
+    layer's cost near the dense route's out·d² as r approaches d. `exact_up` (up is stored as the
+    low-rank factor): up = W R in float64, as the stored pair has always been computed."""
     low = op.low
-    W64 = W.to(device=op.A.device, dtype=torch.float64)
-    up, w_gap, w_e, w_p, w_u = (W64 @ low.right).split(list(low.widths), dim=1)
-    quad = lambda Q: ((up @ Q) * up).sum()  # noqa: E731  ⟨WᵀW, R Q Rᵀ⟩
+    work = low.work(W.dtype)
+    n = low.widths[0]
+    Wk = W.to(device=low.right.device, dtype=work)
+    if exact_up and work != torch.float64:
+        w_gap = W.to(device=low.right.device, dtype=torch.float64) @ low.right[:, :n]
+        w_p, w_u = (Wk @ low.at(work).right[:, n:]).split(list(low.widths[1:]), dim=1)
+        work = torch.float64
+    else:
+        w_gap, w_p, w_u = (Wk @ low.at(work).right).split(list(low.widths), dim=1)
+    up = w_gap * -low.erase_scale  # W R, R = s_e (G − C)ᵀ
+    sq = lambda X: X.double().square().sum()  # noqa: E731
+    quad = lambda F: sq(up @ F.T)  # noqa: E731  ‖up Fᵀ‖² = ⟨WᵀW, R Fᵀ F Rᵀ⟩
     if low.Gpp32 is None:
-        preserved = w_p.square().sum()  # ‖W Pᵀ‖²
+        preserved = sq(w_p)  # ‖W Pᵀ‖²
     else:  # more preserve rows than d: ⟨W Gpp, W⟩
-        preserved = (W64.to(torch.float32) @ low.Gpp32).double().mul_(W64).sum()
-    sums = [quad(low.Qp), preserved, w_gap.square().sum(), (up * w_e).sum(), quad(low.Qc)]
-    if low.Qu is not None:
-        sums += [quad(low.Qu), w_u.square().sum()]
-    v = torch.stack(sums).tolist()
-    pos = lambda x: max(x, 0.0)  # noqa: E731
-    target = pos(v[2])
-    residual = pos(target + 2 * v[3] + v[4])
-    metrics = {"preserve_rel_change": math.sqrt(pos(v[0]) / max(pos(v[1]), 1e-30)),
-               "target_residual": math.sqrt(residual / max(target, 1e-30))}
-    if low.Qu is not None:
-        metrics["uncond_rel_change"] = math.sqrt(pos(v[5]) / max(pos(v[6]), 1e-30))
+        preserved = (Wk.to(torch.float32) @ low.Gpp32).double().mul_(Wk.double()).sum()
+    sums = [quad(low.at(work).Fp), preserved, sq(w_gap), sq(w_gap @ low.at(work).Nc)]
+    if low.Fu is not None:
+        sums += [quad(low.at(work).Fu), sq(w_u)]
+    v = [max(x, 0.0) for x in torch.stack(sums).tolist()]
+    metrics = {"preserve_rel_change": math.sqrt(v[0] / max(v[1], 1e-30)),
+               "target_residual": math.sqrt(v[3] / max(v[2], 1e-30))}
+    if low.Fu is not None:
+        metrics["uncond_rel_change"] = math.sqrt(v[4] / max(v[5], 1e-30))
     return metrics, up
+
+
+def _float_weight(key: str, W: torch.Tensor) -> torch.Tensor:
+    """`W` as a float tensor the solve can read: a plain float8 weight's value is exactly its float32
+    upcast (torch has no isfinite or matmul for float8 on every device); anything else not float
+    (packed or scaled quantization) must come dequantized from the host (`comfy_host.quantized`)."""
+    if W.is_floating_point() and W.element_size() == 1:
+        return W.detach().to(torch.float32)
+    if not W.is_floating_point():
+        raise InvalidInputError(f"the model weight {key} is stored as {W.dtype}; the closed form reads float weights: "
+                                "dequantize it first (the ComfyUI host does: comfy_host.quantized)")
+    return W
 
 
 def solve_layers(weights: Mapping[str, torch.Tensor], keys: Sequence[str], op_for, ctx: RunContext | None = None
@@ -654,7 +923,7 @@ def solve_layers(weights: Mapping[str, torch.Tensor], keys: Sequence[str], op_fo
     changes, per_key = {}, {}
     for i, k in enumerate(keys):
         ctx.report(i, len(keys))
-        W = weights[k]
+        W = _float_weight(k, weights[k])
         if not bool(torch.isfinite(W).all()):
             raise NonFiniteError(f"the model weight {k} has NaN/Inf; nothing was edited")
         changes[k], per_key[k] = layer_change(W, op_for(W.shape[1]))
@@ -674,20 +943,43 @@ def summarise(per_key: Mapping[str, Mapping[str, float]]) -> dict:
 
 
 @torch.no_grad()
-def _kk(Ws: Sequence[torch.Tensor], device) -> torch.Tensor:
-    """Σ_l W_lᵀ W_l (d × d, float64): ‖W_l X‖² summed over layers is ⟨that, X Xᵀ⟩."""
+def _kk(Ws: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, bool]:
+    """What RECE's ‖W_l X‖² summed over layers reads, and whether it is the stacked form: the layers'
+    weights stacked (N × d, float64) when their rows are fewer than d (a DiT's one text projection:
+    Flux.2's 6,144 rows at d = 15,360), since ‖W_stack X‖² is that sum; else Σ_l W_lᵀ W_l (d × d,
+    float64; a UNet's many K/V layers at d ≤ 4096), with ‖W_l X‖² summed = ⟨that, X Xᵀ⟩."""
     d = Ws[0].shape[1]
+    if sum(W.shape[0] for W in Ws) < d:
+        return torch.cat([W.to(device=device, dtype=torch.float64) for W in Ws]), True
     K = torch.zeros(d, d, dtype=torch.float64, device=device)
     for W in Ws:
         W32 = W.to(device=device, dtype=torch.float32)
         K += (W32.T @ W32).double()
-    return K
+    return K, False
 
 
-def regenerating_embeddings(op: Operator, K: torch.Tensor, C0: torch.Tensor, lam_rel: float) -> torch.Tensor:
+def _through(op: Operator, Ws: torch.Tensor) -> torch.Tensor:
+    """Ws (I + A) for stacked weights Ws (N × d), from the factors when the operator has them."""
+    if op.R is not None:
+        return Ws + (Ws @ op.R) @ op.D.T
+    return Ws + Ws @ op.A
+
+
+def regenerating_embeddings(op: Operator, K: torch.Tensor, C0: torch.Tensor, lam_rel: float,
+                            stacked: bool = False) -> torch.Tensor:
     """RECE's closed form: per row c of C0, c' = argmin Σ_l ‖W'_l c' − W_l c‖² + λ‖c'‖², with
-    W'_l = W_l (I + A): c' = (Tᵀ K T + λ I)⁻¹ Tᵀ K c, T = I + A, λ = lam_rel · tr(Tᵀ K T) / d."""
-    d = K.shape[0]
+    W'_l = W_l (I + A): c' = (Tᵀ K T + λ I)⁻¹ Tᵀ K c, T = I + A, λ = lam_rel · tr(Tᵀ K T) / d.
+
+    `stacked` (see `_kk`): K is the layers' weights stacked, N × d with N < d, and with F = K T the
+    same c' is Fᵀ (F Fᵀ + λ I_N)⁻¹ K c: an N × N solve and no d × d matrix. Otherwise K is the d × d
+    Σ WᵀW and a row-space operator's A is built (d × d) for this, as it is only when hardening."""
+    d = K.shape[1]
+    if stacked:
+        F = _through(op, K)
+        lam = lam_rel * float(F.square().sum()) / d
+        lhs = F @ F.T
+        lhs.diagonal().add_(lam)
+        return (F.T @ _spd_solve(lhs, K @ C0.T)).T
     T = torch.eye(d, dtype=torch.float64, device=K.device) + op.A
     KT = K @ T
     lhs = T.T @ KT
@@ -696,8 +988,13 @@ def regenerating_embeddings(op: Operator, K: torch.Tensor, C0: torch.Tensor, lam
     return torch.linalg.solve(lhs, KT.T @ C0.T).T
 
 
-def _regeneration(op: Operator, K: torch.Tensor, C1: torch.Tensor, C0: torch.Tensor) -> float:
-    """‖W' c' − W c‖ / ‖W c‖ over every layer and row: how well c' brings the original K/V back."""
+def _regeneration(op: Operator, K: torch.Tensor, C1: torch.Tensor, C0: torch.Tensor, stacked: bool = False) -> float:
+    """‖W' c' − W c‖ / ‖W c‖ over every layer and row: how well c' brings the original K/V back
+    (K as in `regenerating_embeddings`)."""
+    if stacked:
+        orig = K @ C0.T
+        return math.sqrt(float((_through(op, K) @ C1.T - orig).square().sum())
+                         / max(float(orig.square().sum()), 1e-30))
     T = torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + op.A
     E = T @ C1.T - C0.T
     return math.sqrt(float((E * (K @ E)).sum().clamp_min(0)) / max(float((C0.T * (K @ C0.T)).sum()), 1e-30))
@@ -706,21 +1003,23 @@ def _regeneration(op: Operator, K: torch.Tensor, C1: torch.Tensor, C0: torch.Ten
 def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config: UCEConfig, device,
            ctx: RunContext) -> tuple[Operator, list[dict]]:
     """`config.harden_rounds` RECE rounds: each adds, for every edited token row, the embedding that
-    regenerates its original K/V through the current edit, with that row's target, and re-solves."""
-    K = _kk(Ws, device)
+    regenerates its original K/V through the current edit, with that row's target, and re-solves.
+    With fewer weight rows than d the rounds run on the stacked weights (see `_kk`), else on the
+    d × d Σ WᵀW."""
+    K, stacked = _kk(Ws, device)
     C0 = system.C.to(device=device, dtype=torch.float64)
     C_all, G_all = system.C, system.G
     rounds = []
     for r in range(config.harden_rounds):
         ctx.check()
-        C1 = regenerating_embeddings(op, K, C0, config.harden_lam)
-        before = _regeneration(op, K, C1, C0)
+        C1 = regenerating_embeddings(op, K, C0, config.harden_lam, stacked)
+        before = _regeneration(op, K, C1, C0, stacked)
         C_all = torch.cat([C_all, C1.to(device=C_all.device, dtype=C_all.dtype)])
         G_all = torch.cat([G_all, system.G])
         op = solve_operator(C_all, G_all, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
                             U=system.U)
         rounds.append({"round": r + 1, "regeneration_before": round(before, 6),
-                       "regeneration_after": round(_regeneration(op, K, C1, C0), 6),
+                       "regeneration_after": round(_regeneration(op, K, C1, C0, stacked), 6),
                        "norm_ratio": round(float(C1.norm() / C0.norm().clamp_min(1e-30)), 6)})
         log.info("UCE hardening round %d: relative error of the K/V that the regenerating embeddings reach, "
                  "%.3f before and %.3f after the re-solve", r + 1, before, rounds[-1]["regeneration_after"])
@@ -757,11 +1056,36 @@ def build_pooled_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | Non
     return TextSystem(C=C, G=G, P=P, concept_rows=[1] * len(srcs), preserve_prompts=keep, U=E[[index[""]]])
 
 
+class NormedText:
+    """A text encoder whose context rows pass through `norm` (a DiT's norm in front of its text
+    projection: Qwen-Image's `txt_norm`, Lumina's `cap_embedder.0`), so that the closed form solves on
+    the rows the projection reads. A per-row norm commutes with picking rows, so every prompt's rows
+    are exactly the model's; the pooled vector is left as it is."""
+
+    def __init__(self, text: TextEncoder, norm: Callable[[torch.Tensor], torch.Tensor]):
+        self._text, self._norm = text, norm
+
+    def __getattr__(self, name):
+        return getattr(self._text, name)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._norm(self._text.encode(prompts))
+
+    def encode_with_pooled(self, prompts: Sequence[str]):
+        cond, pooled = self._text.encode_with_pooled(prompts)
+        return self._norm(cond), pooled
+
+
 def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
-                       ctx: RunContext, option_weights) -> tuple[dict, dict, dict]:
-    """UCE on an MMDiT's text projections: one solve for the per-token projection (the context's
-    rows, windows per encoder run as on SD), one for the pooled one. ΔW only; the bias stays, and
-    since every target is W·g + b the bias cancels out of W'c + b = Wg + b."""
+                       ctx: RunContext, option_weights, norms: Mapping[str, Callable] | None = None
+                       ) -> tuple[dict, dict, dict]:
+    """UCE on a DiT's text projections: one solve for the per-token projection (the context's rows,
+    windows per encoder run as on SD), one for the pooled one. ΔW only; the bias stays, and since
+    every target is W·g + b the bias cancels out of W'c + b = Wg + b. A projection behind a norm
+    (`TextProjection.norm`) is solved on the normed rows, with `norms[name]` the host's module."""
+    adapter = family.adapter
+    if adapter is not None and adapter.closed_form_note and config.edit_text_tokens:
+        raise InvalidInputError(adapter.closed_form_note)
     chosen = [(src, system_fn) for src, on, system_fn in
               (("tokens", config.edit_text_tokens, build_text_system), ("pooled", config.edit_text_pooled,
                                                                         build_pooled_system)) if on]
@@ -773,7 +1097,18 @@ def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], f
         missing = [k for k in keys if k not in weights]
         if missing:
             raise InvalidInputError(f"the model has no {missing[0]}; is it really {family.label}?")
-        system = fn(text, config, ctx, option_weights)
+        in_front = {p.norm for k in keys if (p := family.projection(k)) is not None and p.norm}
+        if len(in_front) > 1:
+            raise InvalidInputError(f"the {src} projections of this {family.label} read through different norms "
+                                    f"{sorted(in_front)}, which one solve cannot serve")
+        read = text
+        if in_front:
+            name = in_front.pop()
+            if not norms or name not in norms:
+                raise InvalidInputError(f"{keys[0]} reads the text through {name}, which the host did not give: "
+                                        "run the edit through ConceptEdit's nodes or comfy_host.jobs")
+            read = NormedText(text, norms[name])
+        system = fn(read, config, ctx, option_weights)
         d = system.C.shape[1]
         widths = {weights[k].shape[1] for k in keys}
         if widths != {d}:
@@ -797,15 +1132,17 @@ def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], f
 
 
 def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
-                ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None) -> Edit:
+                ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None,
+                norms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Edit:
     """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the
     (unpatched) base weights; nothing is written to them. One solve per text width.
     `option_weights` (debias only): per concept, its weights for the guide's options in place of the
-    guide's own (see `debias.py`); always solved from `weights`, never from an earlier edit."""
+    guide's own (see `debias.py`); always solved from `weights`, never from an earlier edit. `norms`
+    (a DiT whose text projection reads through a norm): module name -> that module, from the host."""
     ctx = ctx or RunContext()
     config.validate()
     if family.is_mmdit:
-        changes, per_key, info = _compute_uce_mmdit(text, weights, family, config, ctx, option_weights)
+        changes, per_key, info = _compute_uce_mmdit(text, weights, family, config, ctx, option_weights, norms)
         metrics = summarise(per_key)
         metrics.update(info)
         metrics["storage"] = "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"
@@ -842,7 +1179,28 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     return _uce_edit(family, config, changes, metrics)
 
 
+# An edit whose solve leaves more than this share of the way to its targets did not do what was asked
+UNDER_REACH = 0.5
+
+
+def reach_warnings(metrics: Mapping, lam: float) -> list[str]:
+    """What to change when the solve reached less than half of its target on average (its
+    `target_residual_mean`: ‖W'c − W g‖ / ‖W c − W g‖ over the edited rows). λ and the preserve scale
+    weigh the kept rows against the edited ones in absolute units, so a value tuned on one model can
+    hold a model of another width or scale in place."""
+    left = float(metrics.get("target_residual_mean", 0.0))
+    if left <= UNDER_REACH:
+        return []
+    return [f"the edit reached only {100 * (1 - left):.0f} % of its target (target_residual_mean {left:.2f}): "
+            f"lower lam (now {lam:g}) or preserve_scale, or raise erase_scale, and compute it again"]
+
+
 def _uce_edit(family: Family, config: UCEConfig, changes: dict, metrics: dict) -> Edit:
+    warned = reach_warnings(metrics, config.lam)
+    for w in warned:
+        log.warning("UCE: %s", w)
+    if warned:
+        metrics["warnings"] = warned
     params = asdict(config)
     params.pop("concepts")
     return Edit(method="uce", family=family.name, changes=changes, concepts=_base_concepts(config), params=params,

@@ -121,13 +121,14 @@ def next_step_size(step_size: float, gap: torch.Tensor, previous_gap: torch.Tens
 
 
 def debias_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
-               loop: DebiasConfig, generate: Generator, judge: Judge, ctx: RunContext | None = None) -> Edit:
+               loop: DebiasConfig, generate: Generator, judge: Judge, ctx: RunContext | None = None,
+               norms: Mapping[str, Callable] | None = None) -> Edit:
     """The iterative debias procedure; returns the chosen round's UCE edit with the rounds in
     ``metrics["debias"]`` (weights, shares and the largest gap of each, the unedited model's shares).
 
     `generate(edit, prompts, seed)`: samples of the model with `edit` applied (None = unedited);
     `judge(samples, options, concept)`: scores [N, K]. Cancel and progress go through `ctx`; the UCE
-    solves inside run without their own progress bar."""
+    solves inside run without their own progress bar. `norms`: as `compute_uce`'s."""
     ctx = ctx or RunContext()
     config.validate()
     loop.validate()
@@ -166,7 +167,8 @@ def debias_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: F
     best: tuple[float, int, Edit] | None = None
     edit = None
     for it in range(loop.max_iterations + 1):
-        edit = compute_uce(text, weights, family, config, inner, option_weights={c: w[c].tolist() for c in concepts})
+        edit = compute_uce(text, weights, family, config, inner, option_weights={c: w[c].tolist() for c in concepts},
+                           norms=norms)
         edit.params = dict(edit.params, option_weights=listed(w))
         shares = measure(edit)
         gap = max(float((desired - shares[c]).abs().max()) for c in concepts)

@@ -1,0 +1,17 @@
+"""PixArt-α / Σ (`comfy/ldm/pixart`): DiT blocks `blocks.N` with self-attention, a cross-attention to
+the text (`cross_attn.q_linear`, `kv_linear` = K ‖ V fused, `proj`) and an MLP `mlp.fc1 -> fc2`. T5's
+states enter through `y_embedder.y_proj` (fc1, GELU, fc2); the closed form edits fc1."""
+from __future__ import annotations
+
+from .dit import DiTAdapter, MLPRule, ProjectionRule, Variant, register
+
+PIXART = register(DiTAdapter(
+    kind="pixart", label="PixArt",
+    signature=(r"y_embedder\.y_proj\.fc1", r"blocks\.\d+\.cross_attn\.kv_linear", r"t_block\.1"),
+    image_models=("pixart_alpha", "pixart_sigma"),
+    projections=(ProjectionRule("y_embedder.y_proj.fc1", "tokens", "caption_projection.linear_1"),),
+    mlps=(MLPRule(r"blocks\.(\d+)\.mlp\.fc2", "transformer_blocks.{0}.ff.net.2"),),
+    attention=r"blocks\.\d+\.cross_attn\.(?:q_linear|kv_linear|proj)",
+    blocks=("blocks.",),
+    variants=(Variant("pixart", "PixArt-α / Σ", "t5xxl (CLIPLoader, type pixart)"),),
+))
