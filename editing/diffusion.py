@@ -2,7 +2,7 @@
 the ε-MSE loss, DDIM sampling through `Trainable.eps`, and the clean latents a model generates for
 a prompt set (what the trainers, the audit and presence train or measure on).
 
-Convention (PAPERS.md): x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε with ᾱ from `Trainable.alphas_cumprod()`,
+Convention: x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε with ᾱ from `Trainable.alphas_cumprod()`,
 integer t in [0, len(ᾱ)); hosts convert their own prediction type to ε (`Trainable.eps`).
 """
 from __future__ import annotations

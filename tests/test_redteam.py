@@ -1,4 +1,4 @@
-"""The red-team audit (editing/redteam, PAPERS.md §7) and UCE hardening (RECE) on the tiny model and
+"""The red-team audit (editing/redteam) and UCE hardening (RECE) on the tiny model and
 on real ComfyUI modules: soft prompts reach the text encoder exactly where the placeholders are, the
 prefix attack brings back a concept that a plain UCE edit erased (and nothing counts as a success
 where nothing was erased), hardening makes the same attack fail, and the node runs inside ComfyUI."""

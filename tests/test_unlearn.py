@@ -94,7 +94,7 @@ def test_projection_conflicting_pairs_become_orthogonal():
         # each projected gradient is orthogonal to the *other original* one
         assert abs(float(_flat(f2) @ _flat(gr))) < 1e-4 * float(_flat(gf).norm() * _flat(gr).norm())
         assert abs(float(_flat(r2) @ _flat(gf))) < 1e-4 * float(_flat(gf).norm() * _flat(gr).norm())
-        # and matches the closed form of PAPERS §4
+        # and matches its closed form
         F_, R_ = _flat(gf), _flat(gr)
         assert torch.allclose(_flat(f2), F_ - (F_ @ R_) / (R_ @ R_) * R_, atol=1e-5)
         assert torch.allclose(_flat(r2), R_ - (F_ @ R_) / (F_ @ F_) * F_, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The concept-resurgence audit (Suriyakumar et al. 2024; PAPERS.md §6).
+"""The concept-resurgence audit (Suriyakumar et al. 2024).
 
 Given the original model and any Edit, fine-tune the edited model briefly on benign data that does
 not mention the concept (a LoRA on top of the edit), and measure concept presence: original, after

@@ -1,6 +1,6 @@
 """ConceptPrune (Chavhan, Li, Hospedales 2024): find the FFN weights that are "skilled" at a
 concept and prune them. Training-free: two sets of real generations (concept and reference
-prompts), forward hooks, running sums, a per-row top-k. See /PAPERS.md §1.
+prompts), forward hooks, running sums, a per-row top-k.
 
 Steps, named after the paper:
 1. `collect_statistics`: during the denoising of each prompt (both CFG halves), the input X of

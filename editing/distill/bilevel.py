@@ -1,4 +1,4 @@
-"""Bilevel distill-and-unlearn for a pruned student (Shirkavand et al. 2024; PAPERS.md §5).
+"""Bilevel distill-and-unlearn for a pruned student (Shirkavand et al. 2024).
 
 The student is the user's model with a pruning Edit applied (a ConceptPrune mask, a structured
 neuron mask …); the teacher is the original. Both run on the same frozen module: the pruning edit is

@@ -1,5 +1,5 @@
 """EMCID (Xiong et al. 2024): stage 1 optimises each concept's target through the diffusion model
 (`stage1`), stage 2 writes all targets into the text encoder's fc2 layers in closed form (`stage2`),
-preserving generic captions (`captions`). PAPERS.md §3."""
+preserving generic captions (`captions`)."""
 
 from .stage2 import DEFAULT_TEMPLATES, EmcidConfig, TextModel, compute_emcid, parse_pairs, validate_pairs  # noqa: F401

@@ -1,6 +1,6 @@
 """EMCID (Xiong et al. 2024): massive concept editing of the text encoder, MEMIT-style.
 
-Two stages (PAPERS.md §3):
+Two stages:
 - stage 1 (`stage1.optimise_targets`, per concept, cacheable): find the residual-stream
   vector z = h + δ at the last edited layer, at the concept's last token, that makes the diffusion
   model denoise the source prompt as it denoises the destination prompt;

@@ -1,4 +1,4 @@
-"""Concept inversion, CCE-style (Pham et al. 2024; PAPERS.md §7).
+"""Concept inversion, CCE-style (Pham et al. 2024).
 
 Textual inversion of one new token S* on pictures of the concept, against the edited model: the
 prompts never name the concept ("a photo of S*", ...), so an edit that only remaps the concept's

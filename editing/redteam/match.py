@@ -1,4 +1,4 @@
-"""Embedding match, P4D-style (Chin et al. 2024; PAPERS.md §7).
+"""Embedding match, P4D-style (Chin et al. 2024).
 
 A soft prompt of k tokens for the edited model whose noise prediction matches the *original*
 model's prediction for the concept prompt at the same x_t: min ‖ε_θ'(x_t, t, p*) − ε_θ(x_t, t, p)‖².

@@ -1,4 +1,4 @@
-"""Adversarial prompt, UnlearnDiffAtk-style (Zhang et al., ECCV 2024; PAPERS.md §7).
+"""Adversarial prompt, UnlearnDiffAtk-style (Zhang et al., ECCV 2024).
 
 The judge is the edited model itself: k soft tokens are put before the concept prompt and optimised
 so that the edited model, prompted with [prefix; prompt], predicts the noise of the original model's

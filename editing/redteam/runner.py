@@ -1,4 +1,4 @@
-"""The red-team audit: every chosen attack against one edit, judged the same way (PAPERS.md §7).
+"""The red-team audit: every chosen attack against one edit, judged the same way.
 
 For the concept prompts: the original model's pictures (the attacks' targets and the reference),
 the edited model's pictures (what the edit achieved), then per attack the edited model's pictures

@@ -1,4 +1,4 @@
-"""UCE (Gandikota et al. 2023): every cross-attention K/V projection edited in closed form (PAPERS.md §2),
+"""UCE (Gandikota et al. 2023): every cross-attention K/V projection edited in closed form,
 and the paper's closed-loop debias procedure around it (`debias.py`)."""
 
 from .closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS, UCEConfig, compute_uce  # noqa: F401

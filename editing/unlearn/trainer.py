@@ -1,5 +1,5 @@
 """Unlearning by fine-tuning: restricted gradient descent (Ko et al. 2024, "RGD"), plain gradient
-ascent (GA) and ESD negative guidance (Gandikota et al. 2023). See PAPERS.md §4.
+ascent (GA) and ESD negative guidance (Gandikota et al. 2023).
 
 RGD and GA: each step draws a forget batch (templated prompts with the concept, images the original
 model generated from them) and a retain batch: by default the forget rows' own twins (the same
