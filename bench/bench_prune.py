@@ -55,8 +55,8 @@ def measure(sample, classify, concept: str, spec, n_prompts: int, samples: int) 
             "specificity": sum(hits) / len(hits)}
 
 
-def spec_eval(sample, classify):
-    return evaluate(sample, specificity_set(), 1, classify)
+def spec_eval(sample, classify, samples: int = 1):
+    return evaluate(sample, specificity_set(), samples, classify)
 
 
 def timed(fn):

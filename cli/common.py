@@ -11,12 +11,14 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TINY_FLUX = "tiny-flux"
+TINY_QWEN_IMAGE = "tiny-qwen-image"
 
 
 def add_model_arg(p) -> None:
     p.add_argument("--ckpt", default=TINY,
                    help="checkpoint file (.safetensors: SD1.x/SD2.x/SDXL, SD3/Flux with their text encoders inside), "
-                        "'tiny' for the bundled tiny model or 'tiny-flux' for the bundled tiny Flux")
+                        "'tiny' for the bundled tiny model, 'tiny-flux' / 'tiny-qwen-image' for the bundled tiny Flux / "
+                        "Qwen-Image (these two need ComfyUI 0.3.75 or later: COMFYUI_PATH)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
@@ -25,11 +27,13 @@ def load_model(ckpt: str, cpu: bool = False, vae: bool = False):
     with `vae`."""
     from ..comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True if cpu else None)
-    if ckpt in (TINY, TINY_FLUX):
+    if ckpt in (TINY, TINY_FLUX, TINY_QWEN_IMAGE):
         if ckpt == TINY:
             from ..tiny.comfy_model import load_tiny as load
-        else:
+        elif ckpt == TINY_FLUX:
             from ..tiny.flux import load_tiny_flux as load
+        else:
+            from ..tiny.qwen_image import load_tiny_qwen_image as load
         try:
             model, clip, tiny_vae = load()
         except RuntimeError as e:

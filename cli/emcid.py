@@ -16,8 +16,11 @@ def register(sub) -> None:
                    help="a .csv/.txt file, one 'source,destination' or 'source -> destination' per line")
     p.add_argument("--out", required=True, help="edit file to write (.safetensors)")
     p.add_argument("--lam", type=float, default=None,
-                   help="λ, weight of generic-text preservation (default: the family's, e.g. SD 4000, SDXL 4000 CLIP-L / "
-                        "10000 bigG)")
+                   help="λ, weight of generic-text preservation (default: the family's official value, e.g. SD 4000, "
+                        "SDXL 4000 CLIP-L / 10000 bigG, per key dimension: scaled to this text encoder's width)")
+    p.add_argument("--lam-mode", choices=["relative", "absolute"], default=None,
+                   help="how --lam counts: relative = per dimension of each edited layer's keys, absolute = the "
+                        "paper's λ (default: absolute when --lam is given, relative for the family's value)")
     p.add_argument("--steps", type=int, default=None, help="stage-1 Adam steps per concept (default: the family's)")
     p.add_argument("--no-stage1", action="store_true",
                    help="skip stage 1: target = the destination's own text features (no diffusion model runs)")
@@ -49,7 +52,7 @@ def run(args) -> int:
 
     pairs = read_pairs(args.pairs)
     validate_pairs(pairs)
-    cfg = EmcidConfig(lam=args.lam, steps=args.steps, use_stage1=not args.no_stage1,
+    cfg = EmcidConfig(lam=args.lam, lam_mode=args.lam_mode, steps=args.steps, use_stage1=not args.no_stage1,
                       templates=tuple(args.template) if args.template else DEFAULT_TEMPLATES, seed=args.seed)
     cfg.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)

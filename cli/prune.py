@@ -33,9 +33,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
     from ..comfy_host.jobs import ConceptPruneJob, concept_prune
-    from .common import TINY, TINY_FLUX, load_model, terminal_context
+    from .common import TINY, TINY_FLUX, TINY_QWEN_IMAGE, load_model, terminal_context
 
-    preset = args.preset or (TINY if args.ckpt in (TINY, TINY_FLUX) else "artist")
+    preset = args.preset or (TINY if args.ckpt in (TINY, TINY_FLUX, TINY_QWEN_IMAGE) else "artist")
     pairs_text = ""
     if args.pairs:
         with open(args.pairs, encoding="utf-8") as f:

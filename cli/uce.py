@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--preserve", default="", help="a .txt file of concepts to keep unchanged (added to the defaults)")
     p.add_argument("--no-default-preserve", action="store_true", help="do not add the ~30 generic preserve prompts")
     p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
+                   help="absolute: the paper's λ; relative: λ per unit of the text rows' mean square (scale-free)")
     p.add_argument("--erase-scale", type=float, default=1.0)
     p.add_argument("--preserve-scale", type=float, default=0.1)
     p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="auto")
@@ -73,7 +75,8 @@ def run(args) -> int:
 
     config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
                        preserve=read_concepts(args.preserve) if args.preserve else [],
-                       default_preserve=not args.no_default_preserve, lam=args.lam, erase_scale=args.erase_scale,
+                       default_preserve=not args.no_default_preserve, lam=args.lam, lam_mode=args.lam_mode,
+                       erase_scale=args.erase_scale,
                        preserve_scale=args.preserve_scale, token_window=args.token_window, expand=args.expand,
                        empty_guide=args.empty_guide)
     config.validate()

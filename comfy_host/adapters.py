@@ -433,6 +433,14 @@ class ComfyText:
         self._runs()
         return self._pad_left
 
+    def prompt_layout(self) -> tuple[str, int, int, int]:
+        """(tokenizer key of the first run, index of the prompt's first own token in that run's tokens as
+        the tokenizer gives them, the EOS id after them (-1: none), template tokens the encoder leaves
+        out of the context): `_runs` for a caller that runs the encoder on token ids itself
+        (`text_hooks.ComfyTextModel`: EMCID, the red team's soft prompts)."""
+        key, start, eos = self._runs()[1][0]
+        return key, start, eos, self._drop
+
     def token_segments(self, prompt: str) -> list[tuple[int, list[int], int, int, bool | None]]:
         """The context's token runs for `prompt`: [(first context row, ids, first position of the prompt's
         own tokens, EOS id, causal)] (`editing.uce.closed_form.token_segments`). ids[i] is context row
@@ -567,6 +575,29 @@ class ComfyText:
             if float(err[best]) <= 1e-4 * scale:
                 return ps[best]
         return None
+
+    def own_rows(self, context: torch.Tensor) -> list[int] | None:
+        """Per row of a context batch [B, T, d]: how many rows that prompt's context has without the
+        zero rows a batch of different lengths is padded with (after its rows, or before them where the
+        tokenizer pads left); None where contexts do not vary in length (CLIP, T5: padding is part of
+        every context there). An LLM's hidden state is never an exact zero row, so this holds for any
+        batch, soft prompts' included. ComfyDenoiser runs a batch of mixed lengths per length from
+        this, so no prompt is seen with padding its model never reads."""
+        if context.ndim != 3 or not self.context_varies:
+            return None
+        with torch.no_grad():
+            filled = (context.detach() != 0).any(dim=-1).cpu()  # [B, T]
+        t = filled.shape[1]
+        out = []
+        for row in filled:
+            idx = torch.nonzero(row).flatten()
+            if idx.numel() == 0:
+                out.append(t)
+            elif self._pad_left:
+                out.append(t - int(idx[0]))
+            else:
+                out.append(int(idx[-1]) + 1)
+        return out
 
     def extras_for(self, context: torch.Tensor) -> dict:
         """`extra_conds` keywords for a context [B, T, d] made of contexts this ComfyText encoded, as
@@ -831,12 +862,35 @@ class ComfyDenoiser:
             sd = _flow_ddpm_sigma(sigma).view(-1, *([1] * (x.ndim - 1)))
             sf = sigma.view_as(sd)
             x_in = x.float() * (1.0 + sd ** 2).sqrt() / (1.0 + sd)
-            x0 = base.apply_model(x_in, sigma, **self._conds(base, x_in, context, y))
+            x0 = self._apply(base, x_in, sigma, context, y)
             return (x_in - (1 - sf) * x0.float()) / sf
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         x_sigma = x.float() * (1.0 + s ** 2).sqrt()
-        x0 = base.apply_model(x_sigma, sigma, **self._conds(base, x_sigma, context, y))
+        x0 = self._apply(base, x_sigma, sigma, context, y)
         return (x_sigma - x0.float()) / s
+
+    def _apply(self, base, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None):
+        """`apply_model` on the batch; a batch whose prompts' contexts have different own lengths (LLM
+        encoders, `ComfyText.own_rows`) runs once per length, each group on its rows without padding:
+        ComfyUI samples every prompt at its own length, and these DiTs take no text mask for a padded
+        batch, so zero rows would change what the model predicts. Differentiable throughout."""
+        own = getattr(self.text, "own_rows", None)
+        rows = own(context) if own is not None else None
+        if not rows or len(set(rows)) == 1:
+            return base.apply_model(x, sigma, **self._conds(base, x, context, y))
+        left = bool(getattr(self.text, "pads_left", False))
+        parts, order = [], []
+        for n in sorted(set(rows)):
+            idx = [i for i, r in enumerate(rows) if r == n]
+            sel = torch.tensor(idx, device=x.device)
+            ctx = context[sel][:, context.shape[1] - n:] if left else context[sel][:, :n]
+            xs, ys = x[sel], (y[sel] if y is not None else None)
+            parts.append(base.apply_model(xs, sigma[sel.to(sigma.device)], **self._conds(base, xs, ctx, ys)))
+            order += idx
+        out = torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return out[inverse.to(out.device)]
 
     @property
     def reads_pooled(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..editing.arch import TINY_WORLD_FAMILIES
+from ..editing.arch import TINY_WORLD_FAMILIES, clip_hint
 from ..editing.audit.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
@@ -248,7 +248,12 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
     family = view.family  # the text encoders read from this CLIP
     view.check_text_path("The Text Encoder Edit (EMCID)")
     view.check_clip()
-    text = ComfyTextModel(clip, device=mm.get_torch_device())
+    text = ComfyTextModel(clip, device=mm.get_torch_device(), hint=clip_hint(family))
+    why = text.emcid_refusal()
+    if why:
+        raise InvalidInputError(f"The Text Encoder Edit (EMCID) cannot edit this {family.label}: {why}. Use "
+                                f"{view.alternatives()} on this model instead (the Red-Team Audit's prompt attacks "
+                                "do run on its text encoder)")
     denoiser = view.denoiser if cfg.use_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
     mm.load_models_gpu([model, clip.patcher] if cfg.use_stage1 else [clip.patcher])
@@ -475,6 +480,11 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
     return result, grid
 
 
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """Video-shaped latents [B, C, T, H, W] (Wan, Qwen-Image: one frame drawn) as pictures [B·T, C, H, W]."""
+    return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
+
+
 def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], world_name: str = "tiny"):
     """The bundled world's classifier as a red-team judge: the share of pictures it labels `concept`
     (None when the concept is not one of that world's)."""
@@ -510,14 +520,14 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
         raise InvalidInputError("give at least one concept prompt to attack (one per line)")
     device = host.ctx.device
     mm.load_models_gpu([original, clip.patcher])
-    text = SoftComfyText(clip, device=device)
+    text = SoftComfyText(clip, device=device, hint=clip_hint(view.family))
     edited_text = None
     if edit.text_encoder_keys():
         # the original's encodings (prompts, their concept-free twins, ""), before the edited CLIP loads
         text = FrozenText(text, prompts + [concept_free(p, concept) for p in prompts] + [""])
         clip2 = edited_clip if edited_clip is not None else view.apply(edit)[1]
         mm.load_models_gpu([clip2.patcher])
-        edited_text = SoftComfyText(clip2, device=device)
+        edited_text = SoftComfyText(clip2, device=device, hint=clip_hint(view.family))
     with _training() as stack:
         stack.enter_context(frozen_session(host.unet()))
         attacked = edited_text or text
@@ -529,7 +539,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
                                                              ctx=RunContext(should_stop=host.ctx.should_stop))}
         if view.family.name in TINY_WORLD_FAMILIES and concept:
             base = original.model
-            judge = world_judge(concept, lambda x: base.process_latent_out(x)[:, :3].float().cpu())
+            judge = world_judge(concept, lambda x: _frames(base.process_latent_out(x))[:, :3].float().cpu())
             if judge is not None:
                 judges = {"classifier": judge, **judges}
         return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
@@ -537,12 +547,19 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
 
 def red_team_grid(report: RedTeamReport, model, vae=None) -> torch.Tensor:
     """The report's picture rows (original, edited, one per attack) as one ComfyUI IMAGE grid: decoded
-    by `vae`, or without one the latents' first three channels, each row scaled to 0..1."""
+    by `vae`, or without one the latents' first three channels, each row scaled to 0..1. Video-shaped
+    latents (Wan, Qwen-Image: [B, C, frames, H, W], one frame drawn) give their frames as pictures."""
     out = model.model.process_latent_out
 
     def preview(latents):
         x = latents[:, :3].float().cpu()
+        if x.ndim == 5:
+            x = x.movedim(2, 1).reshape(-1, x.shape[1], *x.shape[-2:])
         lo, hi = x.amin(), x.amax()
         return ((x - lo) / (hi - lo).clamp_min(1e-6)).movedim(1, -1)
 
-    return image_grid([vae.decode(out(r)) if vae is not None else preview(out(r)) for r in report.grid_rows])
+    def decode(latents):
+        img = vae.decode(latents)
+        return img.reshape(-1, *img.shape[-3:])  # a video VAE's [B, frames, H, W, C]
+
+    return image_grid([decode(out(r)) if vae is not None else preview(out(r)) for r in report.grid_rows])

@@ -89,19 +89,28 @@ class ModelView:
 
     def check_text_path(self, what: str) -> None:
         """Refuse, saying what to use instead, a method that runs the CLIP's own layers (EMCID, the red
-        team's soft prompts) on a model whose text encoder those hooks do not reach: they know the
-        CLIP and T5 text paths of SD1.x/SD2.x/SDXL, Flux.1 and SD3 (and T5-only CLIPs have no CLIP
-        transformer to read)."""
+        team's soft prompts) on a model whose text those hooks cannot reach exactly. They run CLIP and
+        T5 (SD1.x/SD2.x/SDXL, Flux.1, SD3), a T5 alone (Chroma, PixArt, AuraFlow, Wan) and one LLM
+        encoder (Qwen-Image, HunyuanImage 2.1, Z-Image, Lumina 2, Flux.2); `text_hooks.ComfyTextModel`
+        then checks the CLIP itself against ComfyUI's own encode. HiDream reads four encoders, among
+        them the Llama 3.1 states of every layer through each block's own projection: an edit or a soft
+        prompt in one encoder leaves the concept in the others."""
         fam = self.family
-        if fam.kind in ("unet", "sd3") or (fam.kind == "flux" and fam.variant == "flux1"):
+        if fam.kind != "hidream":
             return
-        proj = next((p.module for p in fam.projections if p.source == "tokens"), "")
-        instead = (f"the Cross-Attention Edit (closed form on its text projection {proj}), " if proj else "") + \
-            "Unlearn Concept or ConceptPrune"
-        raise InvalidInputError(f"{what} runs the text encoder's own layers, which ConceptEdit reaches for the CLIP "
-                                f"and T5 encoders of SD, SDXL, Flux.1 and SD3; this {fam.label} reads "
-                                f"{text_encoders_read(fam) or 'another text encoder'}. "
+        instead = self.alternatives()
+        raise InvalidInputError(f"{what} runs the text encoder's own layers; this {fam.label} reads "
+                                f"{text_encoders_read(fam) or 'several text encoders'}, the context from T5 and "
+                                "the hidden states of every Llama 3.1 layer in its blocks besides the pooled CLIP-L "
+                                "and CLIP-G: an edit or soft prompt in one of them leaves the concept in the others. "
                                 f"Use {instead} on this model instead.")
+
+    def alternatives(self) -> str:
+        """The methods that edit this model without running its text encoder, for a refusal's advice."""
+        proj = next((p.module for p in self.family.projections if p.source == "tokens"), "")
+        closed = bool(proj) and not (self.family.adapter is not None and self.family.adapter.closed_form_note)
+        return (f"the Cross-Attention Edit (closed form on its text projection {proj}), " if closed else "") + \
+            "Unlearn Concept or ConceptPrune"
 
     def check_clip(self) -> None:
         """Refuse a CLIP whose text this MODEL cannot read (`text`), before a method starts that

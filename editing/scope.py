@@ -11,7 +11,8 @@ every SpatialTransformer UNet passes whatever its layout.
 - ``concept_prune``, ``structured-prune`` (a bench baseline): the UNet's ``ff.net.2`` weights, or a
   DiT's MLP outputs (each adapter's: Flux ``img_mlp.2`` / single blocks' ``linear2``, SD3
   ``x_block.mlp.fc2``, ...); mask.
-- ``emcid``: the text encoders' MLP output weights (CLIP ``mlp.fc2``, T5 ``DenseReluDense.wo``); lowrank or delta.
+- ``emcid``: the text encoders' MLP output weights (CLIP ``mlp.fc2``, T5 ``DenseReluDense.wo``, an LLM
+  encoder's ``model.layers.<i>.mlp.down_proj``); lowrank or delta.
 - ``unlearn-rgd``, ``unlearn-ga``, ``unlearn-esd``, ``distill``, ``distill-unlearn``,
   ``benign-finetune``: the parameter set recorded in ``params["param_set"]``, as
   `editing.training.select_targets` picks it: ``lora`` = the Linear weights inside
@@ -62,9 +63,11 @@ TEXT_IN = Rule("a DiT's text projections (Flux txt_in / vector_in.in_layer, SD3 
                _UNET + r"(?:" + "|".join(sorted({re.escape(r.module) for a in ADAPTERS.values() for r in a.projections}))
                + r")\.weight", _WEIGHTS)
 FFN_OUT = Rule("the UNet's FFN output ff.net.2 weights", _UNET + _PATH + r"ff\.net\.2\.weight", frozenset({"mask"}))
-TE_FC2 = Rule("the text encoders' MLP output weights (CLIP mlp.fc2, T5 layer.1.DenseReluDense.wo)",
+TE_FC2 = Rule("the text encoders' MLP output weights (CLIP mlp.fc2, T5 layer.1.DenseReluDense.wo, LLM "
+              "model.layers.N.mlp.down_proj)",
               r"(?!diffusion_model\.)" + _PATH + r"(?:text_model\.encoder\.layers\.\d+\.mlp\.fc2"
-              r"|encoder\.block\.\d+\.layer\.1\.DenseReluDense\.wo)\.weight", _WEIGHTS)
+              r"|encoder\.block\.\d+\.layer\.1\.DenseReluDense\.wo"
+              r"|transformer\.model\.layers\.\d+\.mlp\.down_proj)\.weight", _WEIGHTS)
 DIT_MLP_OUT = Rule("a DiT's MLP output weights (Flux double_blocks.N.img_mlp.2 / single_blocks.N.linear2, SD3 "
                    "joint_blocks.N.x_block.mlp.fc2, and each DiT adapter's MLPs)",
                    _UNET + r"(?:" + "|".join(r.pattern for a in ADAPTERS.values() for r in a.mlps) + r")\.weight",

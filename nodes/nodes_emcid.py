@@ -6,20 +6,28 @@ import os
 
 from ..comfy_host.jobs import EmcidJob, emcid
 from ..editing.emcid.presets import FAMILY_DEFAULTS
-from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, RESIDUALS, EmcidConfig, parse_pairs
-from .common import CATEGORY, EDIT
+from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, LAM_MODES, RESIDUALS, EmcidConfig, parse_pairs
+from .common import CATEGORY, EDIT, size_inputs
 
 
-def _family_defaults(name: str) -> str:
-    """'SD1 4000, SD2 4000, SDXL clip_l 4000 / clip_g 10000, tiny 1000': the table's values, for the tooltips."""
+def _family_defaults(name: str, relative: bool = False) -> str:
+    """'SD1 4000, SD2 4000, SDXL clip_l 4000 / clip_g 10000, tiny 1000': the table's values, for the
+    tooltips; `relative`: λ per key dimension ('SD1 1.302, ...')."""
     labels = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "tiny": "tiny", "flux1": "Flux (T5)",
-              "tiny-flux": "tiny Flux (T5)", "sd3-medium": "SD3"}
+              "tiny-flux": "tiny Flux (T5)", "sd3-medium": "SD3", "chroma": "a T5 alone (Chroma, PixArt, AuraFlow, Wan)",
+              "qwen-image": "LLM encoders (Qwen-Image, HunyuanImage 2.1, Z-Image, Flux.2)"}
+
+    def lam(d, encoder: str) -> float:
+        return round(d.relative_lam_for(encoder), 3) if relative else d.lam_for(encoder)
+
     out = []
     for fam, d in FAMILY_DEFAULTS.items():
         if fam not in labels:  # SD3.5 large shares SD3's table
             continue
         if name == "lam" and d.lam_per_encoder:
-            out.append(f"{labels[fam]} " + " / ".join(f"{e} {v:g}" for e, v in d.lam_per_encoder.items()))
+            out.append(f"{labels[fam]} " + " / ".join(f"{e} {lam(d, e):g}" for e in d.lam_per_encoder))
+        elif name == "lam":
+            out.append(f"{labels[fam]} {lam(d, ''):g}")
         else:
             out.append(f"{labels[fam]} {getattr(d, name):g}")
     return ", ".join(out)
@@ -55,10 +63,14 @@ class TextEncoderEdit:
                                     "tooltip": "One 'source -> destination' per line (e.g. 'van gogh -> a painter'); "
                                                "an empty destination ('nudity ->') maps to the bare template. "
                                                "# starts a comment."}),
-            "lam": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 100.0,
+            "lam": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1, "round": 0.001,
                               "tooltip": "λ: how strongly generic text is preserved. Higher keeps more of the original "
-                                         "model, lower makes the edit reach further. A value here applies to every "
-                                         "text encoder; 0 = the model family's default per encoder (official code: "
+                                         "model, lower makes the edit reach further. Counted as lam_mode says "
+                                         "(relative by default: per dimension of each edited layer's keys, so a value "
+                                         "means the same on any text encoder width). A value here applies to every "
+                                         "text encoder; 0 = the model family's default per encoder, relative: "
+                                         + _family_defaults("lam", relative=True)
+                                         + "; absolute (the official code's where it has one): "
                                          + _family_defaults("lam") + ")."}),
             "steps": ("INT", {"default": 0, "min": 0, "max": 2000,
                               "tooltip": "Stage-1 optimisation steps per concept. 0 = the model family's default ("
@@ -78,17 +90,29 @@ class TextEncoderEdit:
                                                            "that layer's MLP output (EMCID's code); memit = target minus the "
                                                            "last edited layer's output (MEMIT's); auto = the model family's "
                                                            "(official on SD1/SD2/SDXL and SD3's CLIPs, memit on T5: "
-                                                           "Flux's and SD3's)."}),
+                                                           "Flux's, SD3's, Chroma's, PixArt's, AuraFlow's, Wan's; and on "
+                                                           "the LLM encoders of Qwen-Image, HunyuanImage 2.1, Z-Image and "
+                                                           "Flux.2)."}),
+            "lam_mode": (list(LAM_MODES), {"default": "relative",
+                                           "tooltip": "How lam counts. relative: λ = lam × the width of each edited "
+                                                      "layer's keys (its MLP width), so the family default that is "
+                                                      "SD1.5's official 4000 on CLIP-L's 3072-wide keys keeps the same "
+                                                      "strength on a narrower or wider text encoder. absolute: lam is "
+                                                      "the paper's λ as written (4000-10000 on real CLIPs), and 0 the "
+                                                      "official number. The report shows both for every encoder."}),
+            **size_inputs("stage 1 draws of each source concept"),
         }}
 
     def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,
-                templates: str | None = None, seed: int = 0, residual: str = "auto"):
+                templates: str | None = None, seed: int = 0, residual: str = "auto", lam_mode: str = "relative",
+                width: int = 0, height: int = 0):
         tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
         # 0 = the model family's default; the values used are in the edit's params
-        cfg = EmcidConfig(lam=lam or None, steps=steps or None, use_stage1=use_stage1, templates=tpl, seed=seed,
-                          residual=None if residual == "auto" else residual)
+        cfg = EmcidConfig(lam=lam or None, lam_mode=lam_mode, steps=steps or None, use_stage1=use_stage1,
+                          templates=tpl, seed=seed, residual=None if residual == "auto" else residual)
         _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
-                                                                        cache_dir=emcid_cache_dir()))
+                                                                        cache_dir=emcid_cache_dir(), width=width,
+                                                                        height=height))
         return (out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))
 
 

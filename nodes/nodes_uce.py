@@ -5,9 +5,16 @@ import os
 
 from ..comfy_host.jobs import UCEJob, export_lora, uce
 from ..editing.export.lora import LoraExportConfig
-from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS, UCEConfig
+from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, LAM_MODES, MODES, TOKEN_WINDOWS, UCEConfig
 from ..editing.uce.debias import DebiasConfig, report_text
 from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
+
+
+LAM_MODE_TIP = ("How lam counts. absolute: the paper's λ, in the squared units of the text embeddings (the "
+                "same edit as UCE's code). relative: λ times the mean square per coordinate of the text rows the "
+                "edit reads, so a value means the same on a text encoder whose outputs are larger or smaller "
+                "(about 1 on layer-normed CLIP outputs, where both give nearly the same edit). The edit's metrics "
+                "(lam_used) record both.")
 
 
 def loras_dir() -> str:
@@ -49,7 +56,9 @@ class CrossAttentionEdit:
                                     "tooltip": "Concepts that must stay unchanged (one per line), added to the defaults."}),
             "default_preserve": ("BOOLEAN", {"default": True, "tooltip": "Also preserve ~30 generic prompts (a photo, a person, a dog, ...)."}),
             "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.05,
-                              "tooltip": "λ: how strongly every direction stays at the original weights."}),
+                              "tooltip": "λ: how strongly every direction stays at the original weights (the paper: "
+                                         "0.5). Counted as lam_mode says: absolute (the paper's units, squared text-"
+                                         "embedding units) or relative to the mean square of the text rows."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05,
                                       "tooltip": "Weight of the edited concepts' targets (s_e)."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05,
@@ -75,13 +84,14 @@ class CrossAttentionEdit:
                                  "projection (Flux vector_in, SD3 y_embedder). Off by default: pooled vectors of "
                                  "different prompts point almost the same way, so this edit moves every prompt, and "
                                  "on the tiny Flux it weakened the erasure."}),
+            "lam_mode": (list(LAM_MODES), {"default": "absolute", "tooltip": LAM_MODE_TIP}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,
                 preserve_scale, token_window, expand="none", empty_guide="eos", harden_rounds=0,
-                edit_text_tokens=True, edit_text_pooled=False):
+                edit_text_tokens=True, edit_text_pooled=False, lam_mode="absolute"):
         cfg = UCEConfig(concepts=concepts_from_text(concepts), mode=mode, guide=guide, preserve=concepts_from_text(preserve),
-                        default_preserve=default_preserve, lam=lam, erase_scale=erase_scale,
+                        default_preserve=default_preserve, lam=lam, lam_mode=lam_mode, erase_scale=erase_scale,
                         preserve_scale=preserve_scale, token_window=token_window, expand=expand,
                         empty_guide=empty_guide, harden_rounds=harden_rounds, edit_text_tokens=edit_text_tokens,
                         edit_text_pooled=edit_text_pooled)
@@ -131,20 +141,24 @@ class UCEDebias:
             "default_preserve": ("BOOLEAN", {"default": True, "tooltip": "Also preserve ~30 generic prompts."}),
             "step_size": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.05,
                                     "tooltip": "η in weight += η × (target − share) (paper code: 1)."}),
-            "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.05, "tooltip": "λ of the closed form."}),
+            "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.05,
+                              "tooltip": "λ of the closed form, counted as lam_mode says."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_e."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": "s_p."}),
             "token_window": (list(TOKEN_WINDOWS), {"default": "auto", "tooltip": "Which tokens of each concept are edited (auto: aligned on CLIP, eos on T5)."}),
             "strength": strength_input(),
             **size_inputs("the loop generates"),
+            "lam_mode": (list(LAM_MODES), {"default": "absolute", "tooltip": LAM_MODE_TIP}),
         }}
 
     def execute(self, model, clip, concepts, options, tolerance, max_iterations, samples, steps, cfg, seed,
                 clip_vision=None, vae=None, preserve="", default_preserve=True, step_size=1.0, lam=0.5,
-                erase_scale=1.0, preserve_scale=0.1, token_window="auto", strength=1.0, width=0, height=0):
+                erase_scale=1.0, preserve_scale=0.1, token_window="auto", strength=1.0, width=0, height=0,
+                lam_mode="absolute"):
         settings = UCEConfig(concepts=concepts_from_text(concepts), mode="debias", guide=options,
                              preserve=concepts_from_text(preserve), default_preserve=default_preserve, lam=lam,
-                             erase_scale=erase_scale, preserve_scale=preserve_scale, token_window=token_window)
+                             lam_mode=lam_mode, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                             token_window=token_window)
         loop = DebiasConfig(tolerance=tolerance, max_iterations=max_iterations, step_size=step_size, samples=samples,
                             steps=steps, cfg=cfg, seed=seed)
         out = uce(model, clip, UCEJob(settings=settings, loop=loop, judge=clip_vision, vae=vae, strength=strength,

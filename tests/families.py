@@ -274,12 +274,14 @@ def missing(name: str) -> str | None:
     return None
 
 
-def build(name: str, seed: int = 0, clip: bool = True):
-    """(ModelPatcher, CLIP or None, info) of family `name` with random weights (seeded)."""
+def build(name: str, seed: int = 0, clip: bool = True, unet: dict | None = None):
+    """(ModelPatcher, CLIP or None, info) of family `name` with random weights (seeded). `unet`
+    replaces entries of the tiny unet_config (other widths, e.g. to match another library's model)."""
     import comfy.model_patcher
     import comfy.supported_models
 
     spec = _spec(name)
+    spec["unet"].update(unet or {})
     config = getattr(comfy.supported_models, spec["config_class"])(dict(spec["unet"]))
     base = config.get_model({})
     g = torch.Generator().manual_seed(seed)

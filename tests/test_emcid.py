@@ -257,13 +257,15 @@ def test_node_in_comfy_leaves_input_clip_unchanged(comfy, monkeypatch, tmp_path)
         model, clip = random_model(), random_clip()
         before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
         out_clip, edit, report = _node(comfy).execute(clip, model, "circle -> square\nmonet -> hokusai", lam=300.0,
-                                                      steps=2, use_stage1=True, templates="a photo of {}")
+                                                      steps=2, use_stage1=True, templates="a photo of {}",
+                                                      lam_mode="absolute")
         after = clip.cond_stage_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not clip.patcher.patches and out_clip is not clip
     assert set(out_clip.patcher.patches) == set(edit.changes) and len(edit.changes) == 3
     assert edit.method == "emcid" and edit.concepts == ["circle -> square", "monet -> hokusai"]
     assert len(edit.metrics["stage1"]["probe_loss_after"]) == 2 and "gap_after" in report
+    assert edit.params["lam_mode"] == "absolute" and edit.metrics["stage2"]["clip_l"]["lam"] == 300.0
     assert any(p.startswith("stage1-") for p in __import__("os").listdir(tmp_path))  # targets cached
 
 
@@ -370,28 +372,38 @@ def test_captions_name_people_artists_and_styles():
 
 # ---- per-family hyper-parameters (official code) --------------------------------------------------------
 def test_family_defaults_table():
-    sd, used = resolve_defaults(EmcidConfig(), "sd1", ("clip_l",))
+    official = EmcidConfig(lam_mode="absolute")
+    sd, used = resolve_defaults(official, "sd1", ("clip_l",))
     assert (sd.steps, sd.lr, sd.weight_decay, sd.pooled_weight, sd.max_norm, sd.lam) == (
         200, 0.2, 5e-4, 0.01, 1.5, {"clip_l": 4000.0})
     assert used == {"table": "sd1", "filled": ["steps", "lr", "weight_decay", "pooled_weight", "max_norm", "residual",
                                                      "lam"]}
-    xl, used = resolve_defaults(EmcidConfig(), "sdxl", ("clip_l", "clip_g"))
+    xl, used = resolve_defaults(official, "sdxl", ("clip_l", "clip_g"))
     assert (xl.steps, xl.lr, xl.weight_decay, xl.pooled_weight, xl.max_norm, xl.lam) == (
         100, 0.1, 8e-3, 0.005, 1.2, {"clip_l": 4000.0, "clip_g": 10000.0})
     assert resolve_defaults(EmcidConfig(), "sd2", ("clip_h",))[0].weight_decay == 5e-4
-    assert resolve_defaults(EmcidConfig(), "tiny", ("clip_l",))[0].lam == {"clip_l": 1000.0}
+    assert resolve_defaults(official, "tiny", ("clip_l",))[0].lam == {"clip_l": 1000.0}
+    # unset, λ is the official one per key dimension: times the width it was set at, exactly the official
+    rel, used = resolve_defaults(EmcidConfig(), "sd1", ("clip_l",))
+    assert rel.lam_mode == "relative" and used["filled"][-2:] == ["lam_mode", "lam"]
+    assert rel.lam == {"clip_l": 4000.0 / 3072} and rel.lam_for("clip_l", 3072) == 4000.0
+    xl_rel = resolve_defaults(EmcidConfig(), "sdxl", ("clip_l", "clip_g"))[0]
+    assert (xl_rel.lam_for("clip_l", 3072), xl_rel.lam_for("clip_g", 5120)) == (4000.0, 10000.0)
+    assert resolve_defaults(EmcidConfig(), "tiny", ("clip_l",))[0].lam_for("clip_l", 256) == 1000.0
+    with pytest.raises(InvalidInputError, match="relative"):
+        rel.lam_for("clip_l")  # a relative λ is never handed out as if it were absolute
     # unknown layouts: SDXL's with two text encoders, else SD's
     assert resolve_defaults(EmcidConfig(), "custom", ("clip_l", "clip_g"))[1]["table"] == "sdxl"
     assert resolve_defaults(EmcidConfig(), "custom", ("clip_g",))[1]["table"] == "sd1"
     # Flux: T5 alone is edited, with MEMIT's residual (the official one barely moves T5's state)
     fx, used = resolve_defaults(EmcidConfig(), "tiny-flux", ("clip_l", "t5xxl"))
-    assert fx.residual == "memit" and fx.lam["t5xxl"] == 100.0 and fx.pooled_weight == 0.0
+    assert fx.residual == "memit" and fx.lam_for("t5xxl", 128) == 100.0 and fx.pooled_weight == 0.0
     assert resolve_defaults(EmcidConfig(), "custom", ("clip_l", "t5xxl"))[1]["table"] == "flux1"
     assert resolve_defaults(EmcidConfig(residual="official"), "flux1", ("clip_l", "t5xxl"))[0].residual == "official"
     assert sd.residual == "official"
     # what the user sets is kept; a single λ keeps working; a partial mapping is completed
     mine, used = resolve_defaults(EmcidConfig(lam=123.0, lr=0.05, weight_decay=0.0), "sdxl", ("clip_l", "clip_g"))
-    assert (mine.lam, mine.lr, mine.weight_decay, mine.steps) == (123.0, 0.05, 0.0, 100)
+    assert (mine.lam, mine.lr, mine.weight_decay, mine.steps, mine.lam_mode) == (123.0, 0.05, 0.0, 100, "absolute")
     assert mine.lam_for("clip_g") == 123.0 and "lam" not in used["filled"] and "lr" not in used["filled"]
     part, _ = resolve_defaults(EmcidConfig(lam={"clip_g": 7.0}), "sdxl", ("clip_l", "clip_g"))
     assert part.lam == {"clip_l": 4000.0, "clip_g": 7.0}
@@ -401,8 +413,10 @@ def test_family_defaults_table():
         EmcidConfig(lam={"clip_l": 0.0}).validate()
     # SD3: all three encoders, SDXL's CLIP values and Flux's T5 ones, the residual per encoder
     sd3_encoders = ("clip_l", "clip_g", "t5xxl")
-    s3, used = resolve_defaults(EmcidConfig(), "sd3-medium", sd3_encoders)
+    s3, used = resolve_defaults(official, "sd3-medium", sd3_encoders)
     assert s3.lam == {"clip_l": 4000.0, "clip_g": 10000.0, "t5xxl": 4000.0}
+    s3_rel = resolve_defaults(EmcidConfig(), "sd3-medium", sd3_encoders)[0]
+    assert [s3_rel.lam_for(e, w) for e, w in zip(sd3_encoders, (3072, 5120, 10240))] == [4000.0, 10000.0, 4000.0]
     assert (s3.steps, s3.pooled_weight) == (100, 0.005) and "residual" in used["filled"]
     assert s3.residual == {"clip_l": "official", "clip_g": "official", "t5xxl": "memit"}
     assert [s3.residual_for(e) for e in sd3_encoders] == ["official", "official", "memit"]
@@ -470,9 +484,11 @@ def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, tabl
     assert {k for k in stats["last_terms"] if k.startswith("decay.")} == {f"decay.{e}" for e in encoders}
     assert {k for k in stats["last_terms"] if k.startswith("pooled.")} == {f"pooled.{e}" for e in encoders}
     assert all(v > 0 for k, v in stats["last_terms"].items() if k.startswith("decay."))  # δ ≠ 0 at step 2
-    if table == "sdxl":
-        assert edit.params["lam"] == {"clip_l": 4000.0, "clip_g": 10000.0}
-        assert {e: m["lam"] for e, m in edit.metrics["stage2"].items()} == {"clip_l": 4000.0, "clip_g": 10000.0}
+    if table == "sdxl":  # the official λ per key dimension, scaled to this layout's narrow encoders
+        assert edit.params["lam"] == {"clip_l": 4000.0 / 3072, "clip_g": 10000.0 / 5120}
+        assert edit.params["lam_mode"] == "relative"
+        for e, m in edit.metrics["stage2"].items():
+            assert m["lam"] == edit.params["lam"][e] * m["key_width"] and m["key_width"] < 3072
 
 
 def test_lambda_per_encoder_is_used_per_encoder(comfy):
@@ -506,7 +522,9 @@ def test_node_zero_means_family_default(comfy, monkeypatch, tmp_path):
         model, clip = random_model(), random_clip()
         _, edit, _ = _node(comfy).execute(clip, model, "circle -> square", lam=0.0, steps=0, use_stage1=False,
                                           templates="a photo of {}", residual="memit")
-    assert edit.params["lam"] == {"clip_l": 1000.0} and edit.params["steps"] == 100
+    # the node counts λ per key dimension: the tiny table's 1000 on its 256-wide keys
+    assert edit.params["lam"] == {"clip_l": 1000.0 / 256} and edit.params["lam_mode"] == "relative"
+    assert edit.metrics["stage2"][ENC]["lam"] == 1000.0 and edit.params["steps"] == 100
     assert edit.params["family_defaults"]["table"] == "tiny" and edit.params["residual"] == "memit"
 
 

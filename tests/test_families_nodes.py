@@ -1,8 +1,9 @@
 """Every node on every 2025-26 family of ComfyUI 0.3.75 (tests/families.py: ComfyUI's own model and
 text-encoder classes at tiny widths, random weights), inside the real ComfyUI: the layout is read as
 that family's adapter; each method that has its layer computes, goes onto a clone, and the clone
-samples a step; the input stays bit-identical; the LoRA export is read back by ComfyUI's LoraLoader
-onto exactly the edited keys; methods that cannot apply say so and what to use instead."""
+samples a step (EMCID's edited CLIP included); the input stays bit-identical; the LoRA export is read
+back by ComfyUI's LoraLoader onto exactly the edited keys; methods that cannot apply say so and what to
+use instead (EMCID on HiDream's four encoders and on Lumina 2's Gemma 2, the closed form on HiDream)."""
 from __future__ import annotations
 
 import importlib.util
@@ -53,8 +54,14 @@ def _readback(comfy, folder_paths, model, clip, edit, name):
 
 
 @pytest.mark.parametrize("name", families.NAMES)
-def test_every_node_on_every_family(comfy, one_thread, loras, name):
+def test_every_node_on_every_family(comfy, one_thread, loras, monkeypatch, tmp_path, name):
+    import functools
+
     import folder_paths
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.nodes import nodes_emcid
+    monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path / "emcid"))
+    monkeypatch.setattr(nodes_emcid, "EmcidConfig", functools.partial(EmcidConfig, n_captions=100))
     why = families.missing(name)
     if why:
         pytest.skip(why)
@@ -86,11 +93,19 @@ def test_every_node_on_every_family(comfy, one_thread, loras, name):
         assert set(e_cp.changes) == {m.key for m in layout.mlps} == _patched_keys(m_cp)
         _sample(comfy, name, m_cp, clip, info)
 
-        # EMCID and the red team's prompt attacks run the CLIP's own layers: refused with what to use
-        if (layout.kind, layout.variant) != ("flux", "flux1"):
+        # EMCID runs the CLIP's own layers: on HiDream's four encoders, and on Lumina 2's Gemma 2 (whose MLP
+        # outputs are normalised before they join the residual stream), refused with what to use instead
+        e_emcid = None
+        if name in ("hidream", "lumina2"):
             with pytest.raises(ConceptEditError, match="instead"):
                 _node(comfy, "ConceptEditTextEncoderEdit", clip=clip, model=model, concepts="red -> blue",
                       steps=2, use_stage1=False)
+        else:
+            c_emcid, e_emcid, _ = _node(comfy, "ConceptEditTextEncoderEdit", clip=clip, model=model,
+                                        concepts="red -> blue", lam=1.0, use_stage1=False, templates="a photo of {}")
+            assert e_emcid.changes and set(e_emcid.changes) == _patched_keys(c_emcid.patcher)
+            assert all(".mlp.down_proj." in k or ".DenseReluDense.wo." in k for k in e_emcid.changes)
+            _sample(comfy, name, model, c_emcid, info)
 
     # unlearning: RGD for two steps on the family's own prediction and conditioning
     with torch.inference_mode():
@@ -100,11 +115,11 @@ def test_every_node_on_every_family(comfy, one_thread, loras, name):
         _sample(comfy, name, m_un, clip, info)
 
         # shared files: save, load, apply with validation, export as LoRA read back by LoraLoader
-        for edit in [e for e in (e_uce, e_cp, e_un) if e is not None]:
+        for edit in [e for e in (e_uce, e_cp, e_un, e_emcid) if e is not None]:
             _node(comfy, "ConceptEditSaveEdit", edit=edit, filename=f"families_{name}_{edit.method}")
             loaded, _ = _node(comfy, "ConceptEditLoadEdit", edit_name=f"families_{name}_{edit.method}.safetensors")
-            m_ap, _, _ = _node(comfy, "ConceptEditApplyEdit", model=model, edit=loaded, strength=1.0)
-            assert _patched_keys(m_ap) == set(edit.changes)
+            m_ap, c_ap, _ = _node(comfy, "ConceptEditApplyEdit", model=model, edit=loaded, strength=1.0, clip=clip)
+            assert _patched_keys(m_ap) | _patched_keys(c_ap.patcher) == set(edit.changes)
             _readback(comfy, folder_paths, model, clip, edit, name)
         import comfy.model_management as mm
         mm.unload_all_models()  # a loaded clone's patches sit in the shared modules until it unloads

@@ -183,3 +183,29 @@ def test_padded_context_reaches_the_model_as_its_own(comfy, one_thread, name):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([400])
         assert torch.allclose(host.eps(x, t, padded), host.eps(x, t, own), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen_image", "z_image", "flux2"])
+def test_a_batch_of_mixed_lengths_is_predicted_per_length_as_each_prompt_alone(comfy, one_thread, name):
+    """A padded batch of prompts of different lengths: every row's prediction is that prompt's own
+    (the denoiser runs each length on its own rows; these DiTs read zero rows as text), and gradients
+    reach the context through the grouping."""
+    model, clip, _ = _build(name)
+    text = ComfyText(clip)
+    prompts = ["a red circle", "a photo of a dog on a wooden chair in the sun", "a blue square"]
+    host = ComfyDenoiser(model, text, family=model_family(model), latent_hw=8)
+    with torch.inference_mode():
+        batch = text.encode(prompts)
+        assert text.own_rows(batch) is not None and len(set(text.own_rows(batch))) >= 2
+        shape = (3, host.latent_channels) + ((1,) if host.latent_dims == 3 else ()) + (8, 8)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([400, 300, 200])
+        got = host.eps(x, t, batch)
+        for i, p in enumerate(prompts):
+            alone = host.eps(x[i:i + 1], t[i:i + 1], _own(clip, p))
+            assert torch.allclose(got[i:i + 1], alone, atol=1e-5), p
+    if name == "flux2":  # Flux's blocks add in place; training runs them in `training.frozen_session`
+        return
+    ctx = batch.clone().requires_grad_(True)
+    host.eps(x.clone(), t.clone(), ctx).square().sum().backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0

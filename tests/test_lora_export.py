@@ -145,3 +145,35 @@ def test_masks_need_base_weights_and_become_diff():
     assert int((d != 0).sum()) == 3
     with pytest.raises(InvalidInputError, match="no weights"):
         edit_to_lora(Edit("x", "tiny", {}))
+
+
+def test_dit_files_split_fused_layers_into_diffusers_modules_or_keep_comfyui_names():
+    from conceptedit.editing.arch.dit import split_rows
+    g = torch.Generator().manual_seed(3)
+    qkv, lin1 = "diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight"
+    shapes = {qkv: (96, 32), lin1: (96 + 128, 32)}
+    changes = {k: Change("lowrank", s, {"up": torch.randn(s[0], 2, generator=g), "down": torch.randn(2, s[1], generator=g)})
+               for k, s in shapes.items()}
+    sd, rep = edit_to_lora(Edit("unlearn-rgd", "chroma", changes, params={"param_set": "lora"}),
+                           LoraExportConfig(dtype="float32"))
+    # Chroma: diffusers' names, the fused rows split (q, k, v as wide as the input, the MLP the rest)
+    parts = {qkv: [f"transformer.transformer_blocks.0.attn.to_{p}" for p in "qkv"],
+             lin1: [f"transformer.single_transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+             + ["transformer.single_transformer_blocks.0.proj_mlp"]}
+    assert set(sd) == {f"{n}.lora_{ab}.weight" for names in parts.values() for n in names for ab in "AB"}
+    for key, names in parts.items():
+        assert rep["per_key"][key]["modules"] == names
+        up = torch.cat([sd[f"{n}.lora_B.weight"] for n in names])
+        assert all(torch.equal(sd[f"{n}.lora_A.weight"], sd[f"{names[0]}.lora_A.weight"]) for n in names)
+        torch.testing.assert_close(up @ sd[f"{names[0]}.lora_A.weight"], changes[key].delta())
+    assert [r[2] for r in split_rows(("a", "b", "c", "d*"), 224, 32)] == [32, 32, 32, 128]
+    with pytest.raises(ValueError, match="does not split"):
+        split_rows(("a", "b", "c"), 100, 32)
+    # a layer with no known diffusers name: ComfyUI's names for the whole file (ComfyUI reads them for
+    # every model), and a refusal when diffusers' names are asked for
+    odd = "diffusion_model.distilled_guidance_layer.in_proj.weight"
+    more = dict(changes, **{odd: Change("delta", (16, 16), {"delta": torch.randn(16, 16, generator=g)})})
+    sd2, _ = edit_to_lora(Edit("test", "chroma", more), LoraExportConfig(dtype="float32"))
+    assert {k.rsplit(".lora_", 1)[0] for k in sd2} == {k[:-len(".weight")] for k in more}
+    with pytest.raises(InvalidInputError, match="no diffusers name"):
+        edit_to_lora(Edit("test", "chroma", more), LoraExportConfig(unet_names="diffusers"))

@@ -439,34 +439,12 @@ def test_a_uce_edit_on_comfyui_ggufs_own_model_is_added_at_each_forward(comfy):
     them) under its GGUFModelPatcher. The edit is solved on the exact dequantized weights and rides on
     the packed weight as patches that its layers add at every forward."""
     import comfy.model_management as mm
-    import gguf
-    from comfy import model_base, model_patcher
     from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, add_edit_patches
     from conceptedit.editing.concept_prune.prune import PruneConfig, compute_concept_prune
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.uce.closed_form import compute_uce
-    from conceptedit.tiny import comfy_model as cm
-    from conceptedit.tiny import model as tm
 
-    ops, nodes = _comfyui_gguf()
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    _, clip, _ = cm.load_tiny()
-    unet_sd, _, _ = tm.read_weights(None)
-    sd = {}
-    for k, v in unet_sd.items():
-        if v.ndim == 2 and v.shape[1] % 32 == 0:
-            sd[k] = ops.GGMLTensor(torch.from_numpy(gguf.quants.quantize(v.numpy(), q8)), tensor_type=q8,
-                                   tensor_shape=v.shape)
-        else:
-            sd[k] = ops.GGMLTensor(v.clone(), tensor_type=gguf.GGMLQuantizationType.F32, tensor_shape=v.shape)
-    config = cm._classes()["TinySD"](tm.unet_config())
-    config.custom_operations = ops.GGMLOps()
-    config.set_inference_dtype(torch.float32, None)
-    base = model_base.BaseModel(config, model_type=model_base.ModelType.EPS, device="cpu")
-    base.load_model_weights({f"model.diffusion_model.{k}": v for k, v in sd.items()}, "model.diffusion_model.")
-    plain = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    model = nodes.GGUFModelPatcher.clone(plain)
-
+    model, clip, nodes = _gguf_tiny()
     keys = FAM.attn2_kv_keys()
     w = original_weights(model)
     assert w.stored_type(keys[0]) == "GGUF Q8_0" and w.shapes()[keys[0]] == FAM.expected_shapes()[keys[0]]
@@ -502,3 +480,56 @@ def test_a_uce_edit_on_comfyui_ggufs_own_model_is_added_at_each_forward(comfy):
         assert bool((running[m].abs() <= 2.0 ** -10 * w[k][m].abs()).all()), k
         assert float((running[~m] - w[k][~m]).abs().max()) <= 2.0 ** -10 * float(w[k].abs().max()), k
     mm.unload_all_models()
+
+
+def _gguf_tiny():
+    """(MODEL, CLIP, ComfyUI-GGUF's nodes module): the tiny model as ComfyUI-GGUF's loader builds a
+    GGUF diffusion model: GGMLOps layers holding Q8_0 GGMLTensors (F32 where a row is not a whole
+    number of Q8_0 blocks) under its GGUFModelPatcher."""
+    import comfy.model_management as mm
+    import gguf
+    from comfy import model_base, model_patcher
+    from conceptedit.tiny import comfy_model as cm
+    from conceptedit.tiny import model as tm
+
+    ops, nodes = _comfyui_gguf()
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    _, clip, _ = cm.load_tiny()
+    unet_sd, _, _ = tm.read_weights(None)
+    sd = {}
+    for k, v in unet_sd.items():
+        if v.ndim == 2 and v.shape[1] % 32 == 0:
+            sd[k] = ops.GGMLTensor(torch.from_numpy(gguf.quants.quantize(v.numpy(), q8)), tensor_type=q8,
+                                   tensor_shape=v.shape)
+        else:
+            sd[k] = ops.GGMLTensor(v.clone(), tensor_type=gguf.GGMLQuantizationType.F32, tensor_shape=v.shape)
+    config = cm._classes()["TinySD"](tm.unet_config())
+    config.custom_operations = ops.GGMLOps()
+    config.set_inference_dtype(torch.float32, None)
+    base = model_base.BaseModel(config, model_type=model_base.ModelType.EPS, device="cpu")
+    base.load_model_weights({f"model.diffusion_model.{k}": v for k, v in sd.items()}, "model.diffusion_model.")
+    plain = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return nodes.GGUFModelPatcher.clone(plain), clip, nodes
+
+
+@torch.inference_mode()  # as ComfyUI's executor runs every node
+def test_unlearning_trains_a_float32_lora_on_comfyui_ggufs_own_model(comfy):
+    """An unlearning LoRA on a GGUF model: trained through ComfyUI-GGUF's own layers (dequantized at
+    each forward, the packed weights never written), then carried as patches its layers add."""
+    import comfy.model_management as mm
+    model, clip, nodes = _gguf_tiny()
+    packed = {n: p.data.clone() for n, p in model.model.diffusion_model.named_parameters()}
+    out, edit, _plot = _node(comfy, "ConceptEditTrainUnlearn", model=model, clip=clip, concept="red", method="rgd",
+                             steps=2, rank=2, batch=2, n_prompts=2, gen_steps=2, width=64, height=64)
+    assert edit.changes and set(out.patches) == set(edit.changes) and isinstance(out, nodes.GGUFModelPatcher)
+    assert any(k.endswith("attn2.to_k.weight") for k in edit.changes)
+    for c in edit.changes.values():
+        assert c.kind == "lowrank" and c.tensors["up"].dtype == c.tensors["down"].dtype == torch.float32
+    assert any(float(c.delta(dtype=torch.float32).abs().max()) > 0 for c in edit.changes.values())
+    lines = rounding_summary(rounding_per_layer(edit, 1.0, (original_weights(model),)))
+    assert len(lines) == 1 and "nothing is rounded back" in lines[0]
+    _sample_one_step(comfy, out, clip)
+    mm.unload_all_models()
+    assert not model.patches
+    for n, p in model.model.diffusion_model.named_parameters():
+        assert torch.equal(p.data, packed[n]), n

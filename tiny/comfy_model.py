@@ -81,6 +81,8 @@ def _classes():
                                                             offload_device=self.device)
 
         def decode(self, samples_in, *args, **kwargs):
+            if samples_in.ndim == 5:  # video-shaped latents [B, C, T, H, W] (the tiny Qwen-Image): frames
+                samples_in = samples_in.movedim(2, 1).flatten(0, 1)
             x = samples_in[:, :3].float()
             x = torch.nn.functional.interpolate(x, scale_factor=self.upscale_ratio, mode="nearest")
             return self.process_output(x).movedim(1, -1).to(self.output_device)
@@ -173,6 +175,8 @@ def comfy_sampler(model, clip, steps: int = 20, cfg: float = 5.0, sampler_name: 
     import comfy.sample
 
     neg = encode(clip, negative)
+    # video-shaped models (the tiny Qwen-Image) draw one frame: [B, C, 1, H, W]
+    video = getattr(model.model.latent_format, "latent_dimensions", 2) == 3
     cache: dict[str, list] = {}
 
     def sample(prompts, seeds):
@@ -190,9 +194,13 @@ def comfy_sampler(model, clip, steps: int = 20, cfg: float = 5.0, sampler_name: 
                 noise = torch.stack([torch.randn((tm.LATENT_CHANNELS, tm.IMAGE_SIZE, tm.IMAGE_SIZE),
                                                  generator=torch.Generator().manual_seed(int(seeds[i])))
                                      for i in part])
+                if video:
+                    noise = noise.unsqueeze(2)
                 latent = torch.zeros_like(noise)
                 x = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, cache[p], neg,
                                         latent, disable_pbar=True, seed=int(seeds[part[0]]))
+                if video:
+                    x = x[:, :, 0]
                 for j, i in enumerate(part):
                     out[i] = x[j, :3].float().cpu().clamp(-1, 1)
         return torch.stack(out)

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 UNET_PREFIX = "diffusion_model."
+# The LoRA prefix ComfyUI's loader maps onto every CLIP weight by its own key
+# (``text_encoders.qwen25_7b.transformer.model.layers.0.mlp.down_proj``, `comfy.lora.model_lora_keys_clip`):
+# the only names it reads for an LLM text encoder, or for a T5 with no CLIP beside it (umT5, Pile-T5).
+GENERIC_TE_LORA = "text_encoders"
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,11 @@ class TextEncoderSpec:
     """A text encoder as ComfyUI names it (``clip_l``, ``t5xxl``), with its width and MLP size.
 
     `kind` "clip": a CLIP text transformer (BOS first, causal, ``mlp.fc2`` the MLP's output Linear);
-    "t5": ComfyUI's T5 encoder (no BOS, bidirectional, ``layer.1.DenseReluDense.wo``), which Flux
-    and SD3 read. "fc2" below names the MLP's output Linear of either."""
+    "t5": ComfyUI's T5 encoder (no BOS, bidirectional, ``layer.1.DenseReluDense.wo``), which Flux,
+    SD3, Chroma, PixArt, AuraFlow and Wan (umT5) read; "llm": ComfyUI's Llama-family decoder
+    (`comfy.text_encoders.llama`: Qwen2.5-VL, Qwen3, Gemma 2, Mistral 3, Llama 3.1; causal,
+    ``model.layers.{i}.mlp.down_proj``), whose prompt sits inside a chat template (the host says
+    where: `first_token` is 0 there). "fc2" below names the MLP's output Linear of any of them."""
 
     name: str             # ComfyUI clip name: "clip_l", "clip_h", "clip_g", "t5xxl"
     width: int
@@ -56,9 +63,13 @@ class TextEncoderSpec:
 
     def block_module(self, i: int) -> str:
         """Layer i's module whose output is the residual stream after that layer."""
+        if self.kind == "llm":
+            return f"model.layers.{i}"
         return f"encoder.block.{i}.layer.1" if self.kind == "t5" else f"text_model.encoder.layers.{i}"
 
     def fc2_module(self, i: int) -> str:
+        if self.kind == "llm":
+            return f"model.layers.{i}.mlp.down_proj"
         return (f"encoder.block.{i}.layer.1.DenseReluDense.wo" if self.kind == "t5"
                 else f"text_model.encoder.layers.{i}.mlp.fc2")
 
@@ -67,8 +78,9 @@ class TextEncoderSpec:
 
     @property
     def first_token(self) -> int:
-        """Index of a prompt's first real token (CLIP puts BOS before it, T5 nothing)."""
-        return 0 if self.kind == "t5" else 1
+        """Index of a prompt's first real token (CLIP puts BOS before it, T5 nothing; an LLM's chat
+        template is the host's to read, `TextModel.first_token`)."""
+        return 1 if self.kind == "clip" else 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +239,8 @@ class Family:
         for te in self.text_encoders:
             p = f"{te.name}.transformer."
             if key.startswith(p):
+                if te.kohya == GENERIC_TE_LORA:  # ComfyUI's own generic names (no kohya name is read there)
+                    return f"{GENERIC_TE_LORA}.{key.rsplit('.weight', 1)[0]}"
                 mod = key[len(p):].rsplit(".weight", 1)[0]
                 return f"{te.kohya}_" + mod.replace(".", "_")
         raise KeyError(f"{key} is not in the {self.label} table")

@@ -11,8 +11,16 @@ Lumina 2 / Z-Image, HiDream, Wan, PixArt, HunyuanImage, AuraFlow. Each kind's mo
 - the attention layers where image and text tokens meet (`attention`, unlearning's ESD-x set) and
   the blocks every other trainable Linear lives in (`blocks`);
 - whether the model reads the pooled text vector itself (`pooled_y`), which CLIP to connect
-  (`Variant.hint`), the native size, and the diffusers names where known.
+  (`Variant.hint`), the native size, and the diffusers names where known;
+- how a LoRA file names its modules so that ComfyUI's LoraLoader and diffusers' loader for that
+  model both read them (`Variant.lora_names`).
 Widths are never in the tables: they are read off the loaded model's shapes (`parts`).
+
+Diffusers names may split what ComfyUI fuses: a template ``attn.to_q|attn.to_k|attn.to_v`` says
+that the module's rows are those three diffusers Linears stacked. Each part has as many rows as the
+module has inputs (the hidden width), except parts marked ``*``, which share the rows left equally
+(Chroma's ``linear1`` = to_q | to_k | to_v | proj_mlp*, Lumina 2's grouped-query ``qkv`` =
+to_q | to_k* | to_v*); `split_rows` resolves them for a shape.
 """
 from __future__ import annotations
 
@@ -56,6 +64,16 @@ class Variant:
     config: tuple[tuple[str, object], ...] = ()   # unet_config entries only it has
     custom_name: str = ""               # the family name of a layout no table names ("custom" for Flux.1, SD3)
     diffusers_names: bool = True        # the adapter's diffusers names hold for this variant
+    # (module pattern, diffusers template) of this variant, looked up before the adapter's names
+    renames: tuple[tuple[str, str], ...] = ()
+    # How its LoRA files name the diffusion model's modules, so that ComfyUI's LoraLoader and the
+    # diffusers loader of its pipeline both read them (editing/export/lora.py):
+    #   "transformer"       transformer.<diffusers name> (PEFT lora_A/lora_B; fused Linears split)
+    #   "diffusion_model"   diffusion_model.<ComfyUI name> (PEFT lora_A/lora_B)
+    #   "diffusion_model+diffusers"  diffusion_model.<diffusers name> (fused Linears split)
+    #   ""                  Flux.1 / SD3: transformer.<diffusers name> when no module is fused, else
+    #                       kohya lora_unet_<ComfyUI name> (which diffusers' Flux loader splits itself)
+    lora_names: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,26 +161,52 @@ class DiTAdapter:
         return bool(self.attention) and re.fullmatch(self.attention, name) is not None
 
     # ---- names -------------------------------------------------------------------------------
+    def diffusers_modules(self, module: str, variant: str = "", label: str = "") -> tuple[str, ...]:
+        """A module path (``txt_in``) -> the diffusers transformer module(s) it is: one name, or
+        several (with ``*`` marks, see the module's docstring) where diffusers keeps apart what the
+        module fuses. KeyError for a layer whose diffusers name this adapter does not know."""
+        v = self.variant(variant) if variant else None
+        rules: list[tuple[str, str]] = list(v.renames) if v is not None else []
+        if v is None or v.diffusers_names:
+            rules += [(re.escape(r.module), r.diffusers) for r in self.projections if r.diffusers]
+            rules += [(r.pattern, r.diffusers) for r in self.mlps if r.diffusers]
+            rules += list(self.renames)
+        for pat, template in rules:
+            m = re.fullmatch(pat, module)
+            if m:
+                return tuple(template.format(*m.groups()).split("|"))
+        raise KeyError(f"{module}: no diffusers name is known for this {label or self.label} layer")
+
     def diffusers_name(self, module_param: str, label: str = "", variant: str = "") -> str:
         """A module path with its parameter (``txt_in.weight``) -> the diffusers transformer's name,
-        for the layers whose diffusers name this adapter knows; KeyError otherwise (the LoRA export
-        then writes the original names, which ComfyUI reads for every model)."""
+        for the layers whose diffusers name this adapter knows and that diffusers does not split;
+        KeyError otherwise (the LoRA export then writes names ComfyUI reads for every model)."""
         mod, _, param = module_param.rpartition(".")
-        v = self.variant(variant) if variant else None
-        if v is not None and not v.diffusers_names:
-            raise KeyError(f"{module_param}: diffusers names of {v.label} are not known to ConceptEdit")
-        for rule in self.projections:
-            if rule.module == mod and rule.diffusers:
-                return f"{rule.diffusers}.{param}"
-        for rule in self.mlps:
-            m = re.fullmatch(rule.pattern, mod)
-            if m and rule.diffusers:
-                return f"{rule.diffusers.format(*m.groups())}.{param}"
-        for pat, template in self.renames:
-            m = re.fullmatch(pat, mod)
-            if m:
-                return f"{template.format(*m.groups())}.{param}"
-        raise KeyError(f"{module_param}: no diffusers name is known for this {label or self.label} layer")
+        names = self.diffusers_modules(mod, variant, label)
+        if len(names) > 1:
+            raise KeyError(f"{module_param} is {len(names)} separate layers in diffusers ({', '.join(names)})")
+        return f"{names[0].rstrip('*')}.{param}"
+
+
+def fused(prefix: str, *parts: str) -> str:
+    """The diffusers template of a Linear that diffusers keeps apart as `parts` under `prefix`:
+    ``fused("blocks.{0}.attn", "to_q", "to_k", "to_v")`` = ``blocks.{0}.attn.to_q|...|blocks.{0}.attn.to_v``."""
+    return "|".join(f"{prefix}.{p}" for p in parts)
+
+
+def split_rows(parts: tuple[str, ...], rows: int, cols: int) -> list[tuple[str, int, int]]:
+    """(name, first row, rows) of each diffusers part of a (rows, cols) weight: parts marked ``*``
+    share what the others (``cols`` rows each) leave; ValueError when the shape does not split so."""
+    shared = [p for p in parts if p.endswith("*")]
+    rest = rows - cols * (len(parts) - len(shared))
+    if (shared and (rest <= 0 or rest % len(shared))) or (not shared and rest != 0):
+        raise ValueError(f"a ({rows}, {cols}) weight does not split into {' | '.join(parts)}")
+    out, start = [], 0
+    for p in parts:
+        n = rest // len(shared) if p.endswith("*") else cols
+        out.append((p.rstrip("*"), start, n))
+        start += n
+    return out
 
 
 ADAPTERS: dict[str, DiTAdapter] = {}

@@ -8,14 +8,14 @@ from dataclasses import replace
 
 from ..errors import UnknownArchitectureError
 from .core import UNET_PREFIX, Family
-from . import flux, sd3  # noqa: F401  (registers the adapters the tables read)
+from . import flux, qwen_image, sd3  # noqa: F401  (registers the adapters the tables read)
 from .dit import ADAPTERS
 from .text import CLIP_G, CLIP_H, CLIP_L, CLIP_L_XL, T5_XXL, TINY_CLIP, TINY_T5
 from .unet import SD1_UNET, SD2_UNET, SDXL_UNET, TINY_UNET, _blocks_from_unet
 
 CUSTOM = "custom"
 # The families trained on the bundled tiny world (its prompts, classifier and defaults apply)
-TINY_WORLD_FAMILIES = ("tiny", "tiny-flux")
+TINY_WORLD_FAMILIES = ("tiny", "tiny-flux", "tiny-qwen-image")
 
 
 def _flux_table(name: str, label: str, hidden: int, context: int, vec: int, depth: int, single: int,
@@ -27,6 +27,14 @@ def _flux_table(name: str, label: str, hidden: int, context: int, vec: int, dept
     projs, mlps = ADAPTERS["flux"].parts(shapes)
     return Family(name, label, context, (), text, kind="flux", projections=projs, mlps=mlps, native_latent=native,
                   variant="flux1")
+
+
+def _qwen_image_table(name: str, label: str, hidden: int, context: int, depth: int, mlp: int, native: int) -> Family:
+    shapes = {f"{UNET_PREFIX}txt_in.weight": (hidden, context), f"{UNET_PREFIX}txt_norm.weight": (context,)}
+    shapes.update({f"{UNET_PREFIX}transformer_blocks.{i}.img_mlp.net.2.weight": (hidden, mlp) for i in range(depth)})
+    projs, mlps = ADAPTERS["qwen_image"].parts(shapes)
+    return Family(name, label, context, (), (), kind="qwen_image", projections=projs, mlps=mlps, native_latent=native,
+                  variant="qwen-image")
 
 
 def _sd3_table(name: str, label: str, hidden: int, depth: int, native: int = 128) -> Family:
@@ -54,6 +62,8 @@ FAMILIES: dict[str, Family] = {
     "sd3.5-large": _sd3_table("sd3.5-large", "SD3.5 large", 2432, 38),
     "tiny-flux": _flux_table("tiny-flux", "ConceptEdit tiny Flux", 64, 64, 64, 2, 2, 256, 32,
                              (replace(TINY_CLIP, kohya="lora_te1", a1111=_FLUX_CLIP), TINY_T5)),
+    # tiny/qwen_image.py's: Qwen-Image's layout at hidden 64, three blocks, a 64-wide Qwen2.5 text tower
+    "tiny-qwen-image": _qwen_image_table("tiny-qwen-image", "ConceptEdit tiny Qwen-Image", 64, 64, 3, 256, 32),
 }
 
 

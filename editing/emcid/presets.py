@@ -15,6 +15,15 @@ The numbers are those of the official code (github:SilentView/EMCID):
   code; see `FLUX`).
 - SD3 / SD3.5: all three encoders, SDXL's values on its CLIP-L and CLIP-G (the same two encoders),
   Flux's on its T5 (no official code; see `SD3`).
+- A T5 alone (Chroma, PixArt, AuraFlow, Wan) takes Flux's values, one LLM encoder (Qwen-Image,
+  HunyuanImage 2.1, Z-Image, Lumina 2, Flux.2) MEMIT's λ and residual (see `T5_ONLY`, `LLM`).
+
+λ as a table holds it is the official absolute number, with the key width it was set at
+(`lam_width`: the fc2 input width of the encoder each value was set for, 3072 for CLIP-L, 5120 for
+bigG, 10240 for T5-XXL; 256 and 128 for the tiny CLIP and T5 the tiny values were measured on). The
+relative default (`EmcidConfig.lam_mode` "relative") is λ / lam_width: on that encoder it gives the
+official λ exactly, and on an encoder of another width the same λ per key dimension (see
+`stage2.absolute_lam`).
 
 A layout no table names (`custom`) gets SD3's values when it is an SD3 model or its CLIP is
 CLIP-L + CLIP-G + T5, Flux's when it is a Flux model or its CLIP is CLIP-L + T5, SDXL's when it
@@ -38,9 +47,17 @@ class FamilyDefaults:
     encoders: tuple[str, ...] | None = None  # the text encoders edited by default; None = every one
     residual: str = "official"              # stage 2's residual (`EmcidConfig.residual`)
     residual_per_encoder: Mapping[str, str] = field(default_factory=dict)
+    # the key (fc2 input) width each λ above was set at, for the relative default
+    lam_width: int = 3072
+    lam_width_per_encoder: Mapping[str, int] = field(default_factory=dict)
 
     def lam_for(self, encoder: str) -> float:
+        """The table's absolute λ (the official code's number) for one encoder."""
         return float(self.lam_per_encoder.get(encoder, self.lam))
+
+    def relative_lam_for(self, encoder: str) -> float:
+        """The same λ per key dimension: λ / the width it was set at."""
+        return self.lam_for(encoder) / float(self.lam_width_per_encoder.get(encoder, self.lam_width))
 
     def residual_for(self, encoder: str) -> str:
         return self.residual_per_encoder.get(encoder, self.residual)
@@ -48,8 +65,10 @@ class FamilyDefaults:
 
 SD = FamilyDefaults(lam=4000.0, steps=200, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)
 SDXL = FamilyDefaults(lam=10000.0, steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.005, max_norm=1.2,
-                      lam_per_encoder={"clip_l": 4000.0, "clip_g": 10000.0})
-TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)
+                      lam_per_encoder={"clip_l": 4000.0, "clip_g": 10000.0}, lam_width=5120,
+                      lam_width_per_encoder={"clip_l": 3072, "clip_g": 5120})
+TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5,
+                      lam_width=256)
 
 # Flux reads the tokens from T5 alone; CLIP-L gives only the pooled vector (vector_in), which
 # barely separates concepts (tiny Flux: cos 0.9 between "red" and "a blue circle"), so EMCID edits
@@ -58,17 +77,31 @@ TINY = FamilyDefaults(lam=1000.0, steps=100, lr=0.2, weight_decay=5e-4, pooled_w
 # tiny T5 left 87 % of the gap at λ 100 where MEMIT's left 4 % (bench_flux --part tokens).
 # λ 4000 for T5-XXL is CLIP-L's value, not measured on T5; the tiny T5's 100 is.
 FLUX = FamilyDefaults(lam=4000.0, steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.0, max_norm=1.2,
-                      encoders=("t5xxl",), residual="memit")
-TINY_FLUX = replace(FLUX, lam=100.0)
+                      encoders=("t5xxl",), residual="memit", lam_width=10240)
+TINY_FLUX = replace(FLUX, lam=100.0, lam_width=128)
 # SD3 reads CLIP-L ‖ CLIP-G (the pooled vector and the first 77 context rows) and T5 (the rows after
 # them), so a concept left in any one of them still reaches the model: EMCID edits all three, the
 # CLIPs as on SDXL (the same two encoders, with SDXL's official values), T5 as on Flux (MEMIT's
 # residual, λ 4000). Stage 1 optimises the three δ jointly with SDXL's settings.
 SD3 = replace(SDXL, lam_per_encoder={"clip_l": 4000.0, "clip_g": 10000.0, "t5xxl": FLUX.lam},
+              lam_width_per_encoder={"clip_l": 3072, "clip_g": 5120, "t5xxl": FLUX.lam_width},
               residual_per_encoder={"t5xxl": FLUX.residual})
 
+# A T5 alone (Chroma and PixArt: T5-XXL; AuraFlow: Pile-T5-XL; Wan: umT5-XXL) is the context itself,
+# as Flux's T5 is: Flux's values on the one encoder there is.
+T5_ONLY = replace(FLUX, encoders=None)
+# One causal LLM encoder (Qwen-Image and HunyuanImage 2.1: Qwen2.5-VL; Z-Image: Qwen3; Lumina 2:
+# Gemma 2; Flux.2: Mistral 3). No EMCID numbers exist for them; this is MEMIT's home ground, so
+# stage 2 takes MEMIT's residual and its λ (mom2_update_weight 15000, set on GPT-J's 16384-wide MLP
+# keys), stage 1 Flux's (SDXL's, no pooled term: these encoders give none). Not measured on any of
+# these models.
+LLM = replace(FLUX, encoders=None, lam=15000.0, lam_width=16384)
+
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {"sd1": SD, "sd2": SD, "sdxl": SDXL, "tiny": TINY, "flux1": FLUX,
-                                              "tiny-flux": TINY_FLUX, "sd3-medium": SD3, "sd3.5-large": SD3}
+                                              "tiny-flux": TINY_FLUX, "sd3-medium": SD3, "sd3.5-large": SD3,
+                                              "chroma": T5_ONLY, "pixart": T5_ONLY, "auraflow": T5_ONLY,
+                                              "wan": T5_ONLY, "qwen-image": LLM, "hunyuan-image": LLM,
+                                              "z-image": LLM, "lumina2": LLM, "flux2": LLM}
 
 # the hyper-parameters the table fills when the config leaves them at None
 TABLE_FIELDS = ("lam", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "residual")

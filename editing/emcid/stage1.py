@@ -20,6 +20,12 @@ edits T5 there by default, so δ lives in T5's stream and the pooled vector of t
 SD3 reads CLIP-L ‖ CLIP-G and T5 along the tokens and takes y = the pooled L ‖ G: all three get
 a δ (T5 has no pooled term), and δ on the CLIPs reaches y through their pooled outputs.
 
+A T5 alone (Chroma, PixArt, AuraFlow, Wan) or one LLM encoder (Qwen-Image, HunyuanImage 2.1,
+Z-Image, Flux.2) gives the whole context and no pooled vector: one δ, at the concept's last token
+inside the chat template (the host's `first_token`), with no pooled term; the context it reaches the
+model through is the host's (`TextModel.combine`: Flux.2's stacked layers, Qwen-Image's template rows
+left out).
+
 With several edited text encoders (SDXL, SD3) each gets its own δ, optimised jointly. Results are cached on
 disk per (model fingerprint, concept, destination, parameters).
 """

@@ -9,7 +9,8 @@ Two stages:
   layers before l_i in place), R = (Z − B) / (L − i) where B is, by default, that layer's own fc2
   output (the official code's residual) or, as an option, the last edit layer's output (MEMIT's),
   and ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹ with C₀ = E[k kᵀ] over the BOS, real and EOS tokens of generic
-  captions (`editing.emcid.captions`); λ may differ per text encoder. ΔW is stored exactly as the
+  captions (`editing.emcid.captions`); λ may differ per text encoder and counts, by default, per
+  dimension of the layer's keys (`absolute_lam`). ΔW is stored exactly as the
   low-rank pair up = R, down = (solve(λC₀ + KKᵀ, K))ᵀ while that is smaller than the dense matrix.
 
 Hyper-parameters left unset come from the model family's table (`presets`, the official code's).
@@ -51,7 +52,7 @@ class TextModel(Protocol):
     # ComfyUI clip names in order: ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl") (Flux),
     # ("clip_l", "clip_g", "t5xxl") (SD3)
     encoders: tuple[str, ...]
-    kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``) or "t5" (no BOS, ``DenseReluDense.wo``)
+    kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``), "t5" (no BOS, ``DenseReluDense.wo``) or "llm"
     device: torch.device
 
     def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
@@ -76,8 +77,29 @@ class TextModel(Protocol):
     def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`combine` of every encoder's `forward`; differentiable when grad is enabled."""
 
+    # Optional, for encoders whose prompt sits inside a chat template or which the model reads at a hidden
+    # layer (kind "llm": ``model.layers.{i}.mlp.down_proj``); CLIP's and T5's rules apply where absent:
+    #   first_token(encoder) -> int: index of a prompt's first own token (CLIP 1, T5 0);
+    #   caption_rows(encoder, ids) -> [B, L] bool or None: the rows C₀ averages over (None: `caption_mask`);
+    #   caption_tag(encoder) -> str: what besides the weights decides C₀ (its cache name);
+    #   read_layer(encoder) -> int or None: the last layer whose output the model reads (`edit_layers`).
+
 
 RESIDUALS = ("official", "memit")
+LAM_MODES = ("relative", "absolute")
+
+
+def absolute_lam(lam: float, mode: str, width: int) -> float:
+    """The λ a layer's solve uses: `lam` itself ("absolute", the paper's units) or `lam` per dimension
+    of the layer's keys ("relative": λ = lam · m, m the fc2 input width).
+
+    Why the width: for one key k the update writes the share q / (λ + q) of what is asked of the
+    layer, q = kᵀ C₀⁻¹ k, and over the captions' own keys E[q] = tr(C₀⁻¹ C₀) = m. C₀ and KᵀK scale
+    together with the keys' norms, so those cancel; the width does not, and an absolute λ tuned
+    at CLIP-L's m = 3072 holds a 256-wide layer about twelve times as firmly."""
+    if mode not in LAM_MODES:
+        raise InvalidInputError(f"lam_mode must be one of {', '.join(LAM_MODES)}, got {mode!r}")
+    return float(lam) * width if mode == "relative" else float(lam)
 
 
 @dataclass
@@ -88,6 +110,11 @@ class EmcidConfig:
     # λ: weight of the preserved statistics C₀; one value for every text encoder, or per encoder
     # name ({"clip_l": 4000, "clip_g": 10000}; encoders it leaves out get the family's)
     lam: float | Mapping[str, float] | None = None
+    # how `lam` counts (`absolute_lam`): "relative" = per dimension of each layer's keys, so one value
+    # means the same on every width (the family defaults: SD's 4000 at CLIP-L's 3072 is 1.302);
+    # "absolute" = the paper's λ as written. None: absolute when `lam` is given (a number written as
+    # the paper's λ keeps its meaning), relative for the family's default
+    lam_mode: str | None = None
     use_stage1: bool = True             # False: target z = the destination's own hidden state (no UNet needed)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
     layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
@@ -113,8 +140,10 @@ class EmcidConfig:
     def validate(self) -> None:
         lams = self.lam.values() if isinstance(self.lam, Mapping) else [] if self.lam is None else [self.lam]
         if any(not (float(v) > 0) for v in lams):
-            raise InvalidInputError(f"λ must be > 0 (official: 4000-10000), got {self.lam}; "
+            raise InvalidInputError(f"λ must be > 0 (official: 4000-10000 absolute, 1.3-2 relative), got {self.lam}; "
                                     "leave it unset for the model family's default")
+        if self.lam_mode is not None and self.lam_mode not in LAM_MODES:
+            raise InvalidInputError(f"lam_mode must be one of {', '.join(LAM_MODES)}, got {self.lam_mode!r}")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
         residuals = (self.residual.values() if isinstance(self.residual, Mapping)
@@ -132,8 +161,21 @@ class EmcidConfig:
         if self.n_captions < 10 or self.batch < 1:
             raise InvalidInputError("n_captions must be ≥ 10 and batch ≥ 1")
 
-    def lam_for(self, encoder: str) -> float:
-        """λ of one text encoder (after `resolve_defaults`)."""
+    def lam_for(self, encoder: str, width: int | None = None) -> float:
+        """λ of one text encoder (after `resolve_defaults`) as the solve uses it on keys `width` wide.
+        Without a width only an absolute λ can be given: a relative one is refused, never returned
+        as if it were absolute."""
+        lam = self.lam_value(encoder)
+        mode = self.lam_mode or "absolute"
+        if width is None:
+            if mode == "relative":
+                raise InvalidInputError(f"the {encoder} λ is relative ({lam:g} per key dimension): "
+                                        "give the key width, or read it with `lam_value`")
+            return lam
+        return absolute_lam(lam, mode, width)
+
+    def lam_value(self, encoder: str) -> float:
+        """`lam` of one text encoder as configured, in `lam_mode`'s units."""
         lam = self.lam.get(encoder) if isinstance(self.lam, Mapping) else self.lam
         if lam is None:
             raise InvalidInputError(f"no λ for the {encoder} text encoder; give one per encoder or a single value")
@@ -159,7 +201,9 @@ def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[st
     """`cfg` with every hyper-parameter left at None taken from the family's table (an unknown
     layout: SDXL's with two text encoders, else SD's); λ becomes per encoder where the table or a
     partial mapping decides it. Returns the config and {"table": key, "filled": [fields]} for the
-    edit's params. Values the user set are kept."""
+    edit's params. Values the user set are kept. `lam_mode` left at None becomes "absolute" when
+    λ is given (all of it or some encoders') and "relative" otherwise; the family's λ for an
+    encoder the config leaves out is then its official value, or that value per key dimension."""
     from .presets import TABLE_FIELDS, defaults_for
     key, table = defaults_for(family, encoders, kind)
     changes, filled = {}, []
@@ -180,13 +224,18 @@ def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[st
         changes["residual"] = {e: given.get(e, table.residual_for(e)) for e in encoders}
         if any(e not in given for e in encoders) and "residual" not in filled:
             filled.append("residual")
+    mode = cfg.lam_mode or ("relative" if cfg.lam is None else "absolute")
+    if cfg.lam_mode is None:
+        changes["lam_mode"] = mode
+        filled.append("lam_mode")
     if cfg.lam is None or isinstance(cfg.lam, Mapping):
         given = dict(cfg.lam or {})
         unknown = sorted(set(given) - set(encoders))
         if unknown:
             raise InvalidInputError(f"λ is given for {', '.join(unknown)}, which this CLIP does not have "
                                     f"(its text encoders: {', '.join(encoders)})")
-        lam = {e: float(given[e]) if e in given else table.lam_for(e) for e in encoders}
+        of_table = table.relative_lam_for if mode == "relative" else table.lam_for
+        lam = {e: float(given[e]) if e in given else of_table(e) for e in encoders}
         if any(e not in given for e in encoders):
             filled.append("lam")
         changes["lam"] = lam
@@ -253,18 +302,33 @@ def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequenc
     # the concept's last token is the last real token of "template prefix + concept" (tokenizers
     # split at word starts, so that prefix tokenizes as the start of the whole prompt). On CLIP
     # (causal) the key there depends only on that prefix; T5 attends both ways and reads it in the
-    # whole prompt, which is what the ids below are.
+    # whole prompt, which is what the ids below are. A causal LLM encoder (Qwen, Gemma, Mistral) keys
+    # the same token, inside its chat template (`first_token`): there, as on CLIP, that token is the
+    # first to have read the whole concept, and every later row (the rest of the prompt, the
+    # template's closing tokens, which Qwen-Image and Z-Image read as context) sees the concept only
+    # through it. Those later rows are EOS-like: their keys mix the concept with whatever follows
+    # it, differ from template to template, and are rows a kept prompt has too, so editing there
+    # would move kept prompts; the edit at the concept's last token reaches them through attention
+    # in the layers after it, up to the layer the model reads.
     prefixes = [t.split("{}")[0] + c for c in concepts for t in templates]
-    ids, _ = host.tokenize(text)
+    ids, n_text = host.tokenize(text)
     _, n_prefix = host.tokenize(prefixes)
     pos = {}
     for e in ids:
+        first = _first_token(host, e)
         # an empty concept with an empty prefix falls back to the token after the prefix (EOS)
-        pos[e] = (naming(host, e).first_token + n_prefix[e].clamp(min=1) - 1).to(torch.long)
-        if int(pos[e].max()) >= ids[e].shape[1] - 1:
+        pos[e] = (first + n_prefix[e].clamp(min=1) - 1).to(torch.long)
+        if bool((pos[e] > first + n_text[e].clamp(min=1) - 1).any()):
             raise InvalidInputError(f"a concept reaches past the {e} text encoder's {ids[e].shape[1]}-token window; "
                                     "use shorter concepts/templates")
     return Prompts(text, ids, pos, len(concepts), len(templates))
+
+
+def _first_token(host: TextModel, encoder: str) -> int:
+    """Index of a prompt's first own token in `encoder`'s ids: the host's where it says (an LLM's chat
+    template), else CLIP's 1 (after BOS) or T5's 0."""
+    first = getattr(host, "first_token", None)
+    return int(first(encoder)) if callable(first) else naming(host, encoder).first_token
 
 
 def _chunks(n: int, size: int):
@@ -398,7 +462,10 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     layers = sorted(set(int(i) for i in layers))
     fp = text_fingerprint(host, encoder) if cache_dir else ""
     caps = generic_captions(cfg.n_captions, cfg.caption_seed)
-    tag = hashlib.sha256(("\n".join(caps) + "|" + C0_TOKENS).encode()).hexdigest()[:12]
+    # a host whose captions sit in a template (an LLM's chat template) names it: one encoder's C₀ differs
+    # between the templates two models wrap it in (Qwen-Image's and HunyuanImage's Qwen2.5-VL)
+    around = getattr(host, "caption_tag", lambda _e: "")(encoder)
+    tag = hashlib.sha256(("\n".join(caps) + "|" + C0_TOKENS + around).encode()).hexdigest()[:12]
     paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-{tag}-l{i}.safetensors")
              for i in layers} if cache_dir else {}
     out: dict[int, torch.Tensor] = {}
@@ -419,7 +486,12 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     chunks = list(_chunks(len(caps), cfg.batch))
     for c, (a, b) in enumerate(chunks):
         ctx.check()
-        mask = caption_mask(n_real[encoder][a:b], ids[encoder].shape[1], host.device, spec.first_token)
+        # a host may name the rows itself (an LLM: the whole chat template, `ComfyTextModel.caption_rows`)
+        rows = getattr(host, "caption_rows", None)
+        mask = rows(encoder, ids[encoder][a:b]) if rows is not None else None
+        if mask is None:
+            mask = caption_mask(n_real[encoder][a:b], ids[encoder].shape[1], host.device, _first_token(host, encoder))
+        mask = mask.to(host.device)
 
         def take(name, x, mask=mask):
             k = x[mask.to(x.device)].double()
@@ -466,16 +538,32 @@ def solve_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float)
     return R.T.contiguous(), X.T.contiguous()
 
 
+def layer_reach(K: torch.Tensor, R: torch.Tensor, down: torch.Tensor) -> float:
+    """The share of the change R asked of a layer that its update writes at the keys K:
+    1 − ‖R − H R‖ / ‖R‖ with H = K (λC₀ + KᵀK)⁻¹ Kᵀ = K downᵀ (ΔW Kᵀ = Rᵀ H). One key alone gets
+    q / (λ + q), q = kᵀ C₀⁻¹ k. Unlike the gap to Z it means the same for both residuals: the
+    official one aims each fc2 output at Z, so its gap after stage 2 can exceed 1 with every layer
+    writing all it was asked."""
+    K = K.to(torch.float64)
+    R = R.to(device=K.device, dtype=torch.float64)
+    H = K @ down.to(device=K.device, dtype=torch.float64).T
+    asked = float(R.norm())
+    return 1.0 - float((R - H @ R).norm()) / asked if asked > 0 else 1.0
+
+
 def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompts, Z: torch.Tensor,
            C0: Mapping[int, torch.Tensor], lam: float, batch: int = 64,
-           ctx: RunContext | None = None, residual: str = "official") -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:
+           ctx: RunContext | None = None, residual: str = "official",
+           lam_mode: str = "absolute") -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:
     """Write Z into `layers` in order, each layer's update seeing the earlier ones. At layer l_i
     (i = 0..L−1) the residual is R_i = (Z − B_i) / (L − i), with B_i
       "official": the fc2 output of l_i itself (what EMCID's code subtracts: its
                   `get_module_input_output_at_words(..., rewrite_module_tmp.format(layer))[1]`),
       "memit":    the output of the last edit layer (MEMIT's: the gap still left to Z).
+    `lam` counts as `lam_mode` says (`absolute_lam`, per layer from its keys' width).
     Returns [(layer, up [d,n], down [n,m])] (float64) and metrics: the share of ‖Z − H‖ (H: the
-    last edit layer's output) left before each layer and after all of them."""
+    last edit layer's output) left before each layer and after all of them, the λ each layer used
+    and the share of its asked change each layer wrote (`layer_reach`)."""
     if residual not in RESIDUALS:
         raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {residual!r}")
     ctx = ctx or RunContext()
@@ -484,7 +572,7 @@ def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompt
     applied: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     out = []
     start = None
-    left = []
+    left, lams, reach = [], [], []
     for i, layer in enumerate(layers):
         ctx.check()
         r = read_layer(host, encoder, prompts, layer, last, applied, batch)
@@ -493,13 +581,43 @@ def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompt
             start = float(gap.norm())
         left.append(float(gap.norm()) / max(start, 1e-12))
         base = r.M if residual == "official" else r.H
-        up, down = solve_update(r.K, (Z.to(base) - base) / (len(layers) - i), C0[layer], lam)
+        R = (Z.to(base) - base) / (len(layers) - i)
+        lams.append(absolute_lam(lam, lam_mode, int(C0[layer].shape[0])))
+        up, down = solve_update(r.K, R, C0[layer], lams[-1])
+        reach.append(layer_reach(r.K, R, down))
         applied[layer] = (up, down.T)
         out.append((layer, up, down))
         ctx.report(i + 1, len(layers))
     _, H = read_keys(host, encoder, prompts, None, last, applied, batch)
     final = float((Z.to(H) - H).norm()) / max(start or 0.0, 1e-12)
-    return out, {"residual": residual, "gap_before_layer": left, "gap_after": final}
+    return out, {"residual": residual, "gap_before_layer": left, "gap_after": final, "lam_per_layer": lams,
+                 "reach_per_layer": reach}
+
+
+def reach_warning(encoder: str, m: Mapping) -> str | None:
+    """What to change when stage 2 fell short on one encoder (`m`: its stage-2 metrics). With MEMIT's
+    residual: more than half of the gap to Z is left after the last layer. With the official one,
+    whose gap is no measure of reach (it aims each fc2 output at Z, and its gap after stage 2 exceeds
+    1 with every layer writing all it was asked): the layers wrote less than half of their change on
+    average (`layer_reach`)."""
+    reach = m.get("reach_per_layer") or []
+    mean = sum(reach) / len(reach) if reach else 1.0
+    gap = float(m["gap_after"])
+    if m.get("residual") == "memit":
+        if gap <= UNDER_REACH:
+            return None
+        what = f"closed only {100 * max(1 - gap, 0):.0f} % of the gap to the destination (gap_after {gap:.2f})"
+    else:
+        if mean >= 1 - UNDER_REACH:
+            return None
+        what = f"wrote only {100 * mean:.0f} % of the change asked of each layer on average (gap_after {gap:.2f})"
+    if m.get("lam_mode") == "relative":
+        now = (f"now {m['lam_rel']:g} relative, i.e. λ {m['lam']:g} on these {m['key_width']}-wide keys"
+               + ("; a λ in the paper's units (thousands) needs lam_mode absolute" if m["lam_rel"] >= 50 else ""))
+    else:
+        now = (f"now {m['lam']:g} absolute, {m['lam_rel']:.3g} per dimension of these {m['key_width']}-wide keys; "
+               "lam_mode relative scales the family's default to this width")
+    return f"{encoder}: the edit {what}: lower lam ({now}) and compute it again"
 
 
 def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Change:
@@ -513,7 +631,10 @@ def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Ch
 def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
     """{encoder: (its spec, the fc2 layers to edit)}: the encoders the family's table edits (every
     one, except on Flux: T5 alone), plus any `cfg.layers` names; `cfg.layers` mapping an encoder to
-    () leaves it out."""
+    () leaves it out. On an encoder the model reads at a hidden layer (the host's `read_layer`: an
+    LLM's), the default is MEMIT's band up to that layer and a layer after it is refused: its output
+    never reaches the model."""
+    from ..arch.text import llm_edit_layers
     from .presets import defaults_for
     _, table = defaults_for(family.name, text.encoders, family.kind)
     specs = {te.name: te for te in family.text_encoders}
@@ -530,11 +651,16 @@ def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, 
         if spec is None:
             raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} layout does not "
                                     f"have ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
-        layers = tuple(given.get(enc, spec.edit_layers))
+        read = getattr(text, "read_layer", lambda _e: None)(enc)
+        default = llm_edit_layers(read) if read is not None and spec.kind == "llm" else spec.edit_layers
+        layers = tuple(given.get(enc, default))
         if enc in given and not layers:
             continue
         if not layers or any(not 0 <= i < spec.layers for i in layers) or list(layers) != sorted(set(layers)):
             raise InvalidInputError(f"{enc}: edit layers must be increasing indices in 0..{spec.layers - 1}, got {layers}")
+        if read is not None and max(layers) > read:
+            raise InvalidInputError(f"{enc}: layer {max(layers)} comes after layer {read}, the last one whose output "
+                                    f"this model reads, so an edit there changes nothing: choose layers in 0..{read}")
         out[enc] = (spec, layers)
     if not out:
         if missing:
@@ -587,17 +713,21 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     for enc, (spec, layers) in plan.items():
         C0 = second_moments(text, enc, layers, cfg, ctx, cache_dir)
         prompts = concept_prompts(text, srcs, cfg.templates)
-        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam_for(enc), cfg.batch, ctx,
-                         residual=cfg.residual_for(enc))
-        m2["lam"] = cfg.lam_for(enc)
+        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam_value(enc), cfg.batch, ctx,
+                         residual=cfg.residual_for(enc), lam_mode=cfg.lam_mode)
+        width = int(C0[layers[0]].shape[0])
+        # `lam`: the absolute λ the solve used (every fc2 layer of an encoder has the same width);
+        # `lam_rel`: the same per key dimension; both whatever lam_mode the config counted in
+        lam_abs = m2["lam_per_layer"][0]
+        m2.update(lam=lam_abs, lam_rel=cfg.lam_value(enc) if cfg.lam_mode == "relative" else lam_abs / width,
+                  key_width=width, lam_mode=cfg.lam_mode)
         for layer, up, down in ups:
             changes[spec.fc2_key(layer)] = to_change(spec, up, down)
         metrics["stage2"][enc] = m2
-        log.info("EMCID %s: gap left %.3f after %d layers", enc, m2["gap_after"], len(layers))
-    warned = [f"{enc}: the edit closed only {100 * (1 - m['gap_after']):.0f} % of the gap to the destination "
-              f"(gap_after {m['gap_after']:.2f}): lower lam (now {m['lam']:g}; λ weighs the kept captions in absolute "
-              "units, so a text encoder narrower or smaller-scaled than SD's needs a smaller one) and compute it again"
-              for enc, m in metrics["stage2"].items() if m["gap_after"] > UNDER_REACH]
+        log.info("EMCID %s: gap left %.3f after %d layers, each writing %s of its change at λ %g (%g per key "
+                 "dimension)", enc, m2["gap_after"], len(layers), ", ".join(f"{r:.2f}" for r in m2["reach_per_layer"]),
+                 m2["lam"], m2["lam_rel"])
+    warned = [w for enc, m in metrics["stage2"].items() if (w := reach_warning(enc, m))]
     for w in warned:
         log.warning("EMCID %s", w)
     if warned:

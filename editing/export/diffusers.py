@@ -10,8 +10,11 @@
 Keys are mapped with the family tables (`editing.arch.Family.to_diffusers`): ComfyUI's
 ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`` becomes the UNet's
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``, ``clip_l.transformer.*``
-the ``text_encoder`` (SDXL: ``clip_g`` → ``text_encoder_2``). Every key and shape is checked before
-any weight is written; the handle keeps the original values of the changed weights only.
+the ``text_encoder`` (SDXL: ``clip_g`` → ``text_encoder_2``), a DiT's keys the ``transformer``'s
+names (``diffusion_model.txt_in.weight`` → ``transformer.context_embedder.weight`` on Chroma; its
+adapter's table, `editing.arch.dit`). A Linear that diffusers splits (a fused ``qkv``) has no one
+parameter there and is refused: load such an edit's LoRA export. Every key and shape is checked
+before any weight is written; the handle keeps the original values of the changed weights only.
 Pure torch: diffusers itself is never imported here (a pipeline is just an object with modules).
 """
 from __future__ import annotations
@@ -28,18 +31,19 @@ from ..errors import FingerprintMismatchError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def pipeline_modules(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's components an edit can touch: a diffusers pipeline (attributes ``unet``,
-    ``text_encoder``, ``text_encoder_2``) or a mapping with those names."""
+    """The pipeline's components an edit can touch: a diffusers pipeline (attributes ``unet`` or
+    ``transformer``, ``text_encoder``, ``text_encoder_2``) or a mapping with those names."""
     get = pipe.get if isinstance(pipe, Mapping) else (lambda name: getattr(pipe, name, None))
     mods = {name: get(name) for name in COMPONENTS}
     mods = {k: v for k, v in mods.items() if v is not None}
-    if "unet" not in mods and "text_encoder" not in mods:
-        raise InvalidInputError("this object has neither a 'unet' nor a 'text_encoder'; pass a diffusers "
-                                "StableDiffusionPipeline / StableDiffusionXLPipeline or {'unet': ..., 'text_encoder': ...}")
+    if not {"unet", "transformer", "text_encoder"} & set(mods):
+        raise InvalidInputError("this object has neither a 'unet', a 'transformer' nor a 'text_encoder'; pass a "
+                                "diffusers pipeline (StableDiffusionPipeline, QwenImagePipeline, ...) or "
+                                "{'unet': ..., 'text_encoder': ...}")
     return mods
 
 
@@ -53,8 +57,11 @@ def map_keys(edit: Edit, modules: Mapping[str, torch.nn.Module], family: Family 
     for key, change in edit.changes.items():
         try:
             full = fam.to_diffusers(key)
-        except KeyError:
-            raise FingerprintMismatchError(f"{key} has no diffusers name in the {fam.label} table") from None
+        except KeyError as e:
+            hint = (" (a layer diffusers splits has no one parameter to change: load the edit's LoRA export "
+                    "with the pipeline's load_lora_weights instead)" if fam.is_mmdit else "")
+            raise FingerprintMismatchError(f"{key} has no diffusers name in the {fam.label} table: "
+                                           f"{e.args[0]}{hint}") from None
         component, name = full.split(".", 1)
         if component not in params:
             raise InvalidInputError(f"the edit changes the pipeline's {component} ({key}), which this pipeline does "

@@ -1,6 +1,6 @@
-"""Any Edit -> a kohya-format LoRA file that stock ComfyUI, Automatic1111/Forge and diffusers load.
+"""Any Edit -> a LoRA file that stock ComfyUI, Automatic1111/Forge and diffusers load.
 
-Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
+Per changed weight (ComfyUI key -> the file's module name(s), see "Names" below):
 - ``lowrank`` (UCE, EMCID): written exactly, ``lora_up.weight`` = up · c and ``lora_down.weight`` =
   down · c with c = √(rank / alpha) and one ``alpha`` for the whole file (its largest rank), so the
   loader's up · down · alpha / rank is up @ down (c = 1 when all ranks are equal). A rank cap
@@ -12,21 +12,38 @@ Per changed weight (ComfyUI key -> kohya module name via `Family.to_kohya*`):
   export needs them (`base`), and a pruning mask is sparse and full-rank, which SVD cannot
   compress. Such a file is tied to that checkpoint: on another checkpoint it subtracts the wrong
   values.
-``.diff`` modules are read by ComfyUI's LoraLoader and by A1111's built-in Lora; diffusers'
-``load_lora_weights`` refuses a kohya file that holds any (ValueError "keys have not been correctly
-renamed"), so for diffusers keep ``dense_as="svd"`` and apply masks with
+``.diff`` modules are read by ComfyUI's LoraLoader and by A1111's built-in Lora; diffusers' loaders
+refuse a file that holds any (ValueError "keys have not been correctly renamed" / "Make sure all
+LoRA param names contain 'lora'"), so for diffusers keep ``dense_as="svd"`` and apply masks with
 `editing.export.diffusers.apply_to_diffusers` (tests/test_diffusers_lora.py checks both).
-Flux and SD3 (MMDiT) modules get diffusers' transformer names in the PEFT form
-(``transformer.context_embedder.lora_A.weight`` / ``lora_B.weight``, no alpha: scale 1), which
-diffusers' Flux/SD3 loaders and ComfyUI's LoraLoader both read, when every module of the file has
-one; a file with fused layers (a trained edit's ``img_attn.qkv``, ``linear1``) keeps the original
-names kohya-style (``lora_unet_double_blocks_0_img_attn_qkv``) for every module.
-UNet modules of SD1/SD2/SDXL transformer blocks are named diffusers-style
-(``lora_unet_down_blocks_0_attentions_0_…``), which all three hosts read. Other families (the tiny
+
+Names. UNet modules of SD1/SD2/SDXL transformer blocks are named diffusers-style
+(``lora_unet_down_blocks_0_attentions_0_…``), which all three hosts read. Other UNets (the tiny
 model, custom layouts), ``unet_names="ldm"`` and files with any UNet weight outside the transformer
 blocks (parameter set ``noxattn``) get the LDM names (``lora_unet_input_blocks_1_1_…``) for every
 UNet module: ComfyUI and A1111 read them, diffusers' SDXL loader maps them by the UNet's config,
 its SD1/SD2 loader refuses them (NoMatchingPeftModuleError).
+A DiT's modules are named as its variant says (`editing.arch.dit.Variant.lora_names`): names that
+ComfyUI's LoraLoader and the diffusers loader of that model's pipeline both read, in the PEFT form
+(``<name>.lora_A.weight`` / ``lora_B.weight``, no alpha: both scale by 1, so B @ A is the change):
+- ``transformer.<diffusers name>`` (Chroma, Qwen-Image, HiDream, PixArt, AuraFlow): a Linear that
+  ComfyUI fuses and diffusers splits (``img_attn.qkv`` -> ``attn.to_q/to_k/to_v``) becomes one module
+  per part, the down factor shared and the up factor's rows split, which ComfyUI maps back onto
+  row slices of the fused weight. A file with a layer whose diffusers name is not known falls back to
+  ComfyUI's names below;
+- ``diffusion_model.<ComfyUI name>`` (Flux.2, Wan, Lumina 2, HunyuanImage), which ComfyUI reads for
+  every model and diffusers' Flux.2 / Wan / Lumina 2 loaders convert (Wan's only when the file holds
+  a block's layer, Lumina 2's only for every Linear of every block at its real widths; HunyuanImage's
+  pipeline has no loader);
+- ``diffusion_model.<diffusers name>`` (Z-Image: ComfyUI's Lumina map and diffusers' Z-Image loader);
+- Flux.1 and SD3: ``transformer.<diffusers name>`` when no module of the file is fused, else every
+  module kohya-style in the original names (``lora_unet_double_blocks_0_img_attn_qkv``), which ComfyUI
+  and diffusers' kohya-Flux reader take.
+``unet_names="diffusers"`` writes every DiT module as ``transformer.<diffusers name>`` (what diffusers'
+loaders read for every model they take, and its `load_lora_adapter` on HunyuanImage's transformer;
+ComfyUI reads these only for Flux.1, Chroma, SD3, Qwen-Image, HiDream, PixArt and AuraFlow);
+``"ldm"`` writes kohya ``lora_unet_<ComfyUI name>`` with alphas, which ComfyUI and A1111 read.
+tests/test_diffusers_families.py loads each family's file into diffusers and into ComfyUI.
 """
 from __future__ import annotations
 
@@ -40,6 +57,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..arch import UNET_PREFIX, Family
+from ..arch.dit import split_rows
 from ..edit import Change, Edit
 from ..errors import InvalidInputError
 from ..hosts import RunContext
@@ -50,7 +68,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _ARCH_TAG = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
              "sdxl": "stable-diffusion-xl-v1-base", "tiny": "conceptedit-tiny", "flux1": "flux-1-dev",
              "sd3-medium": "stable-diffusion-v3-medium", "sd3.5-large": "stable-diffusion-v3.5-large",
-             "tiny-flux": "conceptedit-tiny-flux"}
+             "tiny-flux": "conceptedit-tiny-flux",
+             "tiny-qwen-image": "conceptedit-tiny-qwen-image"}
 
 
 @dataclass
@@ -58,7 +77,10 @@ class LoraExportConfig:
     rank: int = 0                 # cap on the rank per module; 0 = exact low-rank / error-driven SVD
     max_rel_error: float = 0.01   # dense deltas: largest relative Frobenius error allowed by SVD
     dense_as: str = "svd"         # "svd" (lora_up/down) | "diff" (full delta)
-    unet_names: str = "auto"      # "auto" | "diffusers" | "ldm"
+    # "auto" | "diffusers" | "ldm": UNets' kohya names in diffusers' or LDM's style; a DiT's modules in
+    # the names its ComfyUI and diffusers both read ("auto"), diffusers' own ("diffusers") or kohya's
+    # lora_unet_<ComfyUI name> ("ldm"); see the module's docstring
+    unet_names: str = "auto"
     dtype: str = "float16"
 
     def validate(self) -> None:
@@ -77,16 +99,20 @@ class LoraExportConfig:
 # Families whose diffusers-style names ComfyUI's own `unet_to_diffusers` map agrees with (checked in
 # tests/test_arch.py). The tiny model has a level without res blocks, which that map gets wrong.
 _DIFFUSERS_NAMED = ("sd1", "sd2", "sdxl")
+# module names written in the PEFT form (lora_A / lora_B, no alpha); every other is kohya's
+_PEFT_PREFIXES = ("transformer.", UNET_PREFIX)
 
 
 def kohya_name(family: Family, key: str, unet_names: str = "auto") -> str:
+    """The file's module name of a key that diffusers does not split (UNets, text encoders, the
+    legacy Flux.1/SD3 naming); `lora_modules` names any key."""
     if family.is_mmdit and key.startswith(UNET_PREFIX) and unet_names == "peft":
         # Flux/SD3: diffusers' transformer names in the PEFT form (``transformer.context_embedder``),
         # which diffusers' Flux/SD3 loaders and ComfyUI's LoraLoader (its flux/mmdit_to_diffusers map) read
         return family.to_diffusers(key).rsplit(".weight", 1)[0]
     if unet_names == "auto":
         unet_names = "diffusers" if family.name in _DIFFUSERS_NAMED else "ldm"
-    if key.startswith(UNET_PREFIX) and unet_names == "diffusers":
+    if key.startswith(UNET_PREFIX) and unet_names == "diffusers" and not family.is_mmdit:
         try:
             return family.to_kohya_diffusers_style(key)
         except KeyError:  # a UNet weight outside the transformer-block table: LDM name
@@ -94,24 +120,40 @@ def kohya_name(family: Family, key: str, unet_names: str = "auto") -> str:
     return family.to_kohya(key)
 
 
+# DiT namings (`Variant.lora_names`): the prefix of a module's name, and whether it is diffusers' name
+_DIT_NAMINGS = {"transformer": ("transformer.", True), "diffusion_model": (UNET_PREFIX, False),
+                "diffusion_model+diffusers": (UNET_PREFIX, True)}
+
+
+def lora_modules(family: Family, key: str, shape: tuple[int, ...], naming: str) -> list[tuple[str, int, int]]:
+    """(module name in the file, first row, rows) for one key under the file's `naming`
+    (`file_unet_names`): one module, or one per diffusers part of a Linear diffusers splits.
+    KeyError when the naming needs a diffusers name this layout does not know."""
+    rows = int(shape[0])
+    if family.is_mmdit and key.startswith(UNET_PREFIX) and naming in _DIT_NAMINGS:
+        prefix, diffusers_names = _DIT_NAMINGS[naming]
+        module = key[len(UNET_PREFIX):].rsplit(".weight", 1)[0]
+        if not diffusers_names:
+            return [(prefix + module, 0, rows)]
+        parts = family.adapter.diffusers_modules(module, family.variant, family.label)
+        if len(parts) == 1:
+            return [(prefix + parts[0].rstrip("*"), 0, rows)]
+        cols = math.prod(shape[1:])
+        return [(prefix + name, start, n) for name, start, n in split_rows(parts, rows, cols)]
+    return [(kohya_name(family, key, naming), 0, rows)]
+
+
 def file_unet_names(family: Family, keys, unet_names: str = "auto") -> str:
     """The UNet naming of a whole file: "auto" is diffusers-style only when every UNet key of the
     edit has such a name (a transformer-block weight of SD1/SD2/SDXL), else LDM-style for all of them.
     One style per file: diffusers' SDXL loader drops every LDM-named module of a file that also holds
-    diffusers-named ones, without a word (its all-LDM files it maps by the UNet config)."""
+    diffusers-named ones, without a word (its all-LDM files it maps by the UNet config).
+    A DiT's: its variant's `lora_names` (falling back to ComfyUI's names, ``diffusion_model``, when a
+    key has no known diffusers name), "transformer" for ``unet_names="diffusers"``."""
+    if family.is_mmdit:
+        return _dit_naming(family, keys, unet_names)
     if unet_names != "auto":
         return unet_names
-    if family.is_mmdit:
-        # PEFT names where every UNet key has a diffusers name; else (a fused qkv or linear1 of a
-        # trained edit, which diffusers splits into to_q/k/v) the original names, kohya-style
-        # (``lora_unet_double_blocks_0_img_attn_qkv``), which ComfyUI and diffusers' kohya-Flux reader take
-        for key in keys:
-            if key.startswith(UNET_PREFIX):
-                try:
-                    family.to_diffusers(key)
-                except KeyError:
-                    return "ldm"
-        return "peft"
     if family.name not in _DIFFUSERS_NAMED:
         return "ldm"
     for key in keys:
@@ -121,6 +163,35 @@ def file_unet_names(family: Family, keys, unet_names: str = "auto") -> str:
             except KeyError:
                 return "ldm"
     return "diffusers"
+
+
+def _dit_naming(family: Family, keys, unet_names: str) -> str:
+    if unet_names == "ldm":
+        return "ldm"
+    variant = family.adapter.variant(family.variant) if family.adapter is not None else None
+    naming = "transformer" if unet_names == "diffusers" else (variant.lora_names if variant is not None else "")
+    unet_keys = [k for k in keys if k.startswith(UNET_PREFIX)]
+    if naming == "":
+        # Flux.1 / SD3: PEFT names where every UNet key has one diffusers name; else (a fused qkv or
+        # linear1 of a trained edit, which diffusers splits into to_q/k/v) the original names,
+        # kohya-style (``lora_unet_double_blocks_0_img_attn_qkv``), which ComfyUI and diffusers' kohya-Flux reader take
+        try:
+            for key in unet_keys:
+                family.to_diffusers(key)
+        except KeyError:
+            return "ldm"
+        return "peft"
+    if _DIT_NAMINGS[naming][1]:
+        for key in unet_keys:
+            module = key[len(UNET_PREFIX):].rsplit(".weight", 1)[0]
+            try:
+                family.adapter.diffusers_modules(module, family.variant, family.label)
+            except KeyError:
+                if unet_names == "diffusers":
+                    raise InvalidInputError(f"{key} has no diffusers name in ConceptEdit's {family.label} table: "
+                                            "export with unet_names 'auto' (names ComfyUI reads)") from None
+                return "diffusion_model"
+    return naming
 
 
 def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, max_err: float
@@ -178,21 +249,28 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
     names = set()
     for i, (key, change) in enumerate(edit.changes.items()):
         ctx.report(i, len(edit.changes))
-        name = kohya_name(fam, key, unet_names)
-        if name in names:
-            raise InvalidInputError(f"two weights map to the LoRA module {name}")
-        names.add(name)
+        modules = lora_modules(fam, key, change.shape, unet_names)
+        for name, _, _ in modules:
+            if name in names:
+                raise InvalidInputError(f"two weights map to the LoRA module {name}")
+            names.add(name)
+        described = {"module": modules[0][0]} if len(modules) == 1 else {"module": modules[0][0],
+                                                                          "modules": [m[0] for m in modules]}
         if change.kind == "mask" or (change.kind == "delta" and cfg.dense_as == "diff"):
             w = get(key) if (get is not None and change.kind == "mask") else None
             if change.kind == "mask" and w is None:
                 raise InvalidInputError(f"{key} is a pruning mask: its LoRA form (−W⊙M) needs the base weights; "
                                         "connect the MODEL (and CLIP for text-encoder masks) to Export LoRA")
-            sd[f"{name}.diff"] = change.delta(w, dtype=torch.float32).reshape(change.shape).to(dtype).contiguous()
-            per_key[key] = {"module": name, "form": "diff", "rel_error": 0.0}
+            delta = change.delta(w, dtype=torch.float32).reshape(change.shape)
+            for name, start, rows in modules:
+                sd[f"{name}.diff"] = delta[start:start + rows].to(dtype).contiguous()
+            per_key[key] = {**described, "form": "diff", "rel_error": 0.0}
             continue
         up, down, err = _factor(change, cfg)
-        factors[name] = (up.float(), down.float(), change.shape)  # float32 until the file's alpha is known
-        per_key[key] = {"module": name, "form": "lora", "rank": up.shape[1], "rel_error": err}
+        for name, start, rows in modules:
+            # float32 until the file's alpha is known; a split module shares the down factor
+            factors[name] = (up[start:start + rows].float(), down.float(), (rows, *change.shape[1:]))
+        per_key[key] = {**described, "form": "lora", "rank": up.shape[1], "rel_error": err}
     ctx.report(len(edit.changes), len(edit.changes))
     ranks = [v["rank"] for v in per_key.values() if v["form"] == "lora"]
     # One alpha for the whole file (its largest rank); each module's factors carry √(rank / alpha) each,
@@ -202,7 +280,7 @@ def edit_to_lora(edit: Edit, config: LoraExportConfig | None = None,
     # modules would load at the file's most common alpha over their own rank (2x, 0.5x, ...).
     alpha = float(max(ranks, default=1))
     for name, (up, down, shape) in factors.items():
-        if unet_names == "peft" and name.startswith("transformer."):
+        if name.startswith(_PEFT_PREFIXES):
             # PEFT modules carry no alpha: both loaders then scale by 1, so B @ A is the change itself
             sd[f"{name}.lora_B.weight"] = up.reshape(shape[0], -1).to(dtype).contiguous()
             sd[f"{name}.lora_A.weight"] = down.reshape(up.shape[1], *shape[1:]).to(dtype).contiguous()

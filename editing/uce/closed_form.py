@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("erase", "redirect", "debias", "moderate")
 TOKEN_WINDOWS = ("auto", "aligned", "eos", "last")
+LAM_MODES = ("absolute", "relative")
 EMPTY_GUIDES = ("eos", "bos")
 # Prompt expansion of the official erase script (concept_type art / object): each concept and its
 # guide also appear in these templates, so "painting by X" loses X as "X" does.
@@ -97,6 +98,12 @@ class UCEConfig:
     lam: float = 0.5             # λ: weight of staying at W (regularises M)
     erase_scale: float = 1.0     # s_e
     preserve_scale: float = 0.1  # s_p
+    # how `lam` counts (`solve_lam`): "absolute" = the paper's λ, in squared units of the text
+    # embeddings; "relative" = per unit of the edit's text rows' mean square per coordinate, so the
+    # edit is the same whatever scale the text encoder outputs. s_e and s_p weigh Grams of those same
+    # rows and need no such mode. Absolute stays the default: on the tiny models the mean square is
+    # 0.85 (CLIP) and 0.98 (T5), where both modes give the same edit, but SD1.5's is not measured here
+    lam_mode: str = "absolute"
     token_window: str = "auto"  # aligned on a causal CLIP's run, eos on a T5 run (see _scheme)
     edit_keys: bool = True       # attn2.to_k
     edit_values: bool = True     # attn2.to_v
@@ -141,6 +148,8 @@ class UCEConfig:
                 raise InvalidInputError(f"{name} must be a finite number ≥ 0, got {v}")
         if self.erase_scale == 0:
             raise InvalidInputError("erase_scale is 0: the edit would do nothing; use 1 (the paper's value)")
+        if self.lam_mode not in LAM_MODES:
+            raise InvalidInputError(f"unknown lam_mode {self.lam_mode!r}; choose {' or '.join(LAM_MODES)}")
         if self.lam == 0 and self.preserve_scale == 0:
             log.info("λ = 0 and preserve_scale = 0: the system is solvable only if the edited tokens span the text space")
         if not (self.edit_keys or self.edit_values):
@@ -194,6 +203,30 @@ class TextSystem:
     # so Cᵀ G and Gᵀ G cost O(n·d + u·d²) instead of two more n × d² Grams.
     G_basis: torch.Tensor | None = None
     G_select: torch.Tensor | None = None
+
+
+def text_scale(system: TextSystem) -> float:
+    """The mean square per coordinate of the edit's text rows, edited and preserved: tr(CᵀC + PᵀP) /
+    ((n + m) d), the unit a relative λ counts in. M = λI + s_e CᵀC + s_p PᵀP: scaling every
+    embedding by s scales both Grams by s², so λ must scale with them for the edit to stay the same
+    (measured on the tiny SD: embeddings × 0.1 left 12 % of the target at λ 0.5, where × 1 left 2.5 %)."""
+    total, rows = 0.0, 0
+    for X in (system.C, system.P):
+        for i in range(0, X.shape[0], _CHUNK):
+            total += float(X[i:i + _CHUNK].double().square().sum())
+        rows += X.shape[0]
+    return total / max(rows * system.C.shape[1], 1)
+
+
+def solve_lam(config: UCEConfig, system: TextSystem) -> dict:
+    """The λ the solve uses for this system, and what it is in the other mode's units:
+    {"lam": absolute, "lam_rel": per unit of `text_scale`, "text_scale": that mean square, "lam_mode"}."""
+    scale = text_scale(system)
+    if config.lam_mode == "relative":
+        lam, rel = config.lam * scale, config.lam
+    else:
+        lam, rel = config.lam, config.lam / max(scale, 1e-30)
+    return {"lam": lam, "lam_rel": rel, "text_scale": scale, "lam_mode": config.lam_mode}
 
 
 @dataclass(frozen=True)
@@ -1001,11 +1034,13 @@ def _regeneration(op: Operator, K: torch.Tensor, C1: torch.Tensor, C0: torch.Ten
 
 
 def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config: UCEConfig, device,
-           ctx: RunContext) -> tuple[Operator, list[dict]]:
+           ctx: RunContext, lam: float | None = None) -> tuple[Operator, list[dict]]:
     """`config.harden_rounds` RECE rounds: each adds, for every edited token row, the embedding that
     regenerates its original K/V through the current edit, with that row's target, and re-solves.
     With fewer weight rows than d the rounds run on the stacked weights (see `_kk`), else on the
-    d × d Σ WᵀW."""
+    d × d Σ WᵀW. `lam`: the absolute λ of the first solve (`solve_lam`; default `config.lam`), kept
+    for every re-solve so the added rows do not change the unit it counts in."""
+    lam = config.lam if lam is None else lam
     K, stacked = _kk(Ws, device)
     C0 = system.C.to(device=device, dtype=torch.float64)
     C_all, G_all = system.C, system.G
@@ -1016,7 +1051,7 @@ def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config:
         before = _regeneration(op, K, C1, C0, stacked)
         C_all = torch.cat([C_all, C1.to(device=C_all.device, dtype=C_all.dtype)])
         G_all = torch.cat([G_all, system.G])
-        op = solve_operator(C_all, G_all, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
+        op = solve_operator(C_all, G_all, system.P, lam, config.erase_scale, config.preserve_scale, device,
                             U=system.U)
         rounds.append({"round": r + 1, "regeneration_before": round(before, 6),
                        "regeneration_after": round(_regeneration(op, K, C1, C0, stacked), 6),
@@ -1116,10 +1151,12 @@ def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], f
                                     f"{sorted(widths)}: connect the CLIP that belongs to this model")
         device = ctx.device or system.C.device
         ctx.check()
-        op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale,
+        lam = solve_lam(config, system)
+        info.setdefault("lam_used", {})[src] = lam
+        op = solve_operator(system.C, system.G, system.P, lam["lam"], config.erase_scale, config.preserve_scale,
                             device, G_basis=system.G_basis, G_select=system.G_select, U=system.U)
         if config.harden_rounds:
-            op, rounds = harden(system, op, [weights[k] for k in keys], config, device, ctx)
+            op, rounds = harden(system, op, [weights[k] for k in keys], config, device, ctx, lam["lam"])
             info.setdefault("hardening", {})[src] = rounds
         c, m = solve_layers(weights, keys, lambda _d: op, ctx)
         changes.update(c)
@@ -1161,13 +1198,15 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
                                 f"{sorted(widths)}: connect the CLIP that belongs to this model")
     device = ctx.device or system.C.device
     ctx.check()
-    op = solve_operator(system.C, system.G, system.P, config.lam, config.erase_scale, config.preserve_scale, device,
+    lam = solve_lam(config, system)
+    op = solve_operator(system.C, system.G, system.P, lam["lam"], config.erase_scale, config.preserve_scale, device,
                         G_basis=system.G_basis, G_select=system.G_select, U=system.U)
     hardening = None
     if config.harden_rounds:
-        op, hardening = harden(system, op, [weights[k] for k in keys], config, device, ctx)
+        op, hardening = harden(system, op, [weights[k] for k in keys], config, device, ctx, lam["lam"])
     changes, per_key = solve_layers(weights, keys, lambda _d: op, ctx)
     metrics = summarise(per_key)
+    metrics["lam_used"] = {"tokens": lam}
     if hardening is not None:
         metrics["hardening"] = hardening
     metrics.update({"edited_token_vectors": int(system.C.shape[0]), "preserved_token_vectors": int(system.P.shape[0]),
@@ -1183,16 +1222,27 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
 UNDER_REACH = 0.5
 
 
-def reach_warnings(metrics: Mapping, lam: float) -> list[str]:
+def reach_warnings(metrics: Mapping, lam: float | None = None) -> list[str]:
     """What to change when the solve reached less than half of its target on average (its
-    `target_residual_mean`: ‖W'c − W g‖ / ‖W c − W g‖ over the edited rows). λ and the preserve scale
-    weigh the kept rows against the edited ones in absolute units, so a value tuned on one model can
-    hold a model of another width or scale in place."""
+    `target_residual_mean`: ‖W'c − W g‖ / ‖W c − W g‖ over the edited rows). λ is named with what it
+    was in both units (`metrics["lam_used"]`, see `solve_lam`): an absolute λ counts in the text
+    embeddings' squared units, so one tuned on a text encoder whose outputs are near unit scale holds
+    an encoder with smaller outputs in place. `lam`: the configured λ, for metrics without lam_used."""
     left = float(metrics.get("target_residual_mean", 0.0))
     if left <= UNDER_REACH:
         return []
+    used = list((metrics.get("lam_used") or {}).values())
+    if used:
+        u = used[0]
+        if u["lam_mode"] == "relative":
+            now = f"now {u['lam_rel']:g} relative, i.e. λ {u['lam']:.3g}"
+        else:
+            now = (f"now {u['lam']:g} absolute, {u['lam_rel']:.3g} times the text rows' mean square "
+                   f"{u['text_scale']:.3g}; lam_mode relative counts λ in that unit")
+    else:
+        now = f"now {lam:g}"
     return [f"the edit reached only {100 * (1 - left):.0f} % of its target (target_residual_mean {left:.2f}): "
-            f"lower lam (now {lam:g}) or preserve_scale, or raise erase_scale, and compute it again"]
+            f"lower lam ({now}) or preserve_scale, or raise erase_scale, and compute it again"]
 
 
 def _uce_edit(family: Family, config: UCEConfig, changes: dict, metrics: dict) -> Edit:
