@@ -63,7 +63,7 @@ def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
     dev = torch.device(text.device)
     cfg, _ = resolve_defaults(EmcidConfig(use_stage1=False, n_captions=n_captions, templates=("a photo of {}",)),
                               "sd1", ("clip_l",))
-    lam = cfg.lam_for("clip_l")
+    lam = cfg.lam_for("clip_l", spec.mlp)  # the default is relative: per dimension of the 3072-wide keys
     t = time.perf_counter()
     C0 = second_moments(text, "clip_l", layers, cfg)
     out = {"device": str(dev), "layers": list(layers), "c0_seconds": round(time.perf_counter() - t, 2),
