@@ -875,7 +875,8 @@ class ComfyDenoiser:
         ComfyUI samples every prompt at its own length, and these DiTs take no text mask for a padded
         batch, so zero rows would change what the model predicts. Differentiable throughout."""
         own = getattr(self.text, "own_rows", None)
-        rows = own(context) if own is not None else None
+        # one prompt needs no grouping (extras_for cuts its padding): no host read of the context
+        rows = own(context) if own is not None and context.shape[0] > 1 else None
         if not rows or len(set(rows)) == 1:
             return base.apply_model(x, sigma, **self._conds(base, x, context, y))
         left = bool(getattr(self.text, "pads_left", False))

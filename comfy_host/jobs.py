@@ -29,7 +29,7 @@ from ..editing.edit import Change, Edit
 from ..editing.emcid.stage2 import EmcidConfig, compute_emcid
 from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
-from ..editing.hosts import RunContext
+from ..editing.hosts import RunContext, frames
 from ..editing.prompts import build_pairs
 from ..editing.redteam.runner import (FrozenText, RedTeamConfig, RedTeamReport, concept_free, model_presence_judge,
                                       original_pictures, red_team)
@@ -480,11 +480,6 @@ def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *,
     return result, grid
 
 
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    """Video-shaped latents [B, C, T, H, W] (Wan, Qwen-Image: one frame drawn) as pictures [B·T, C, H, W]."""
-    return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
-
-
 def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], world_name: str = "tiny"):
     """The bundled world's classifier as a red-team judge: the share of pictures it labels `concept`
     (None when the concept is not one of that world's)."""
@@ -539,7 +534,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
                                                              ctx=RunContext(should_stop=host.ctx.should_stop))}
         if view.family.name in TINY_WORLD_FAMILIES and concept:
             base = original.model
-            judge = world_judge(concept, lambda x: _frames(base.process_latent_out(x))[:, :3].float().cpu())
+            judge = world_judge(concept, lambda x: frames(base.process_latent_out(x))[:, :3].float().cpu())
             if judge is not None:
                 judges = {"classifier": judge, **judges}
         return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
@@ -552,9 +547,7 @@ def red_team_grid(report: RedTeamReport, model, vae=None) -> torch.Tensor:
     out = model.model.process_latent_out
 
     def preview(latents):
-        x = latents[:, :3].float().cpu()
-        if x.ndim == 5:
-            x = x.movedim(2, 1).reshape(-1, x.shape[1], *x.shape[-2:])
+        x = frames(latents[:, :3].float().cpu())
         lo, hi = x.amin(), x.amax()
         return ((x - lo) / (hi - lo).clamp_min(1e-6)).movedim(1, -1)
 

@@ -89,6 +89,12 @@ def latent_shape(host) -> tuple[int, ...]:
     return (c, 1, int(h), int(w)) if getattr(host, "latent_dims", 2) == 3 else (c, int(h), int(w))
 
 
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Latents or pictures as a batch of single pictures: video-shaped [B, C, T, H, W] (Wan, Qwen-Image,
+    one frame drawn) -> [B·T, C, H, W]; 4-D ones as they are."""
+    return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
+
+
 def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the UNet is conditioned on for `prompts`: (context [B, 77, d], y [B, adm] or None).
 

@@ -330,6 +330,22 @@ def build(name: str, seed: int = 0, clip: bool = True, unet: dict | None = None)
     return model, (_clip(name, spec, seed + 1) if clip else None), info
 
 
+_BUILT: dict = {}
+
+
+def built(name: str):
+    """`build(name)` once per process (seed 0, with its CLIP), shared by the test modules that only read
+    the models; skips the calling test where this ComfyUI or environment lacks the family."""
+    import pytest
+
+    why = missing(name)
+    if why:
+        pytest.skip(why)
+    if name not in _BUILT:
+        _BUILT[name] = build(name)
+    return _BUILT[name]
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLIP
 

@@ -52,16 +52,6 @@ TEMPLATES = ("a photo of {}", "a {} circle")
 UNSEEN = "a large {} square"          # a template the edit never read
 KEPT = ("a photo of a dog", "a green square", "a cat on a chair")
 LAM = 1.0  # relative λ (per key dimension): these random encoders' keys are unlike a trained CLIP's
-_BUILT: dict = {}
-
-
-def _build(name):
-    why = families.missing(name)
-    if why:
-        pytest.skip(why)
-    if name not in _BUILT:
-        _BUILT[name] = families.build(name)
-    return _BUILT[name]
 
 
 @pytest.fixture
@@ -107,7 +97,7 @@ def _same(patcher, before):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_text_encoder_edit_moves_the_concept_and_keeps_the_rest(comfy, one_thread, loras, emcid_node, name):
     import folder_paths
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     with torch.inference_mode():
         clip_before, model_before = _state(clip.patcher), _state(model)
         out_clip, edit, report = emcid_node(model, clip)
@@ -158,7 +148,7 @@ def test_text_encoder_edit_moves_the_concept_and_keeps_the_rest(comfy, one_threa
 def test_stage1_trains_through_the_models_own_prediction(one_thread, emcid_node, name):
     """Stage 1 (two steps, small pictures) on an LLM and a T5-only family: δ is optimised through the
     model's own prediction path and the result still edits only the intended layers."""
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     px = _size(name)
     with torch.inference_mode():
         before = _state(clip.patcher)
@@ -178,7 +168,7 @@ def test_layers_after_the_read_layer_are_refused(comfy, one_thread, tmp_path, na
     from conceptedit.comfy_host.jobs import EmcidJob, emcid
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.emcid.stage2 import EmcidConfig
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     text = ComfyTextModel(clip)
     enc = text.encoders[0]
     assert text.read_layer(enc) == READ_LAYER[name]
@@ -199,7 +189,7 @@ def test_soft_tokens_take_exactly_the_placeholders_place(comfy, one_thread, name
     and project back to it (Lumina 2's Gemma too, which EMCID refuses but the attacks reach)."""
     from conceptedit.comfy_host.text_hooks import SoftComfyText
     from conceptedit.editing.redteam.soft import nearest_tokens, project
-    _, clip, _ = _build(name)
+    _, clip, _ = families.built(name)
     text = SoftComfyText(clip)
     with torch.inference_mode():
         word = _word_tokens(text, "red")
@@ -219,7 +209,7 @@ def test_soft_tokens_take_exactly_the_placeholders_place(comfy, one_thread, name
 def test_red_team_node_attacks_an_emcid_edit(comfy, one_thread, emcid_node, name):
     """The Red-Team Audit node, a prefix attack of two steps against the EMCID edit (the edited CLIP's
     soft prompts through the family's own model): it runs, reports, draws, and changes no input."""
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     px = _size(name)
     with torch.inference_mode():
         out_clip, edit, _ = emcid_node(model, clip)
@@ -239,8 +229,8 @@ def test_red_team_node_attacks_an_emcid_edit(comfy, one_thread, emcid_node, name
 def test_hidream_and_emcid_on_lumina2_are_refused_saying_what_to_use(comfy, emcid_node):
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     for name, match in (("hidream", "Unlearn Concept or ConceptPrune"), ("lumina2", "Cross-Attention Edit")):
-        model, clip, _ = _build(name)
+        model, clip, _ = families.built(name)
         with torch.inference_mode(), pytest.raises(ConceptEditError, match=match):
             emcid_node(model, clip)
     with pytest.raises(InvalidInputError, match="QuadrupleCLIPLoader|several|leaves the concept"):
-        ComfyTextModel(_build("hidream")[1])
+        ComfyTextModel(families.built("hidream")[1])

@@ -30,16 +30,6 @@ from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, model_fami
 from conceptedit.editing.uce import closed_form as cf  # noqa: E402
 
 LLM = ("qwen_image", "z_image", "lumina2", "flux2", "hunyuan_image21")
-_BUILT: dict = {}
-
-
-def _build(name):
-    why = families.missing(name)
-    if why:
-        pytest.skip(why)
-    if name not in _BUILT:
-        _BUILT[name] = families.build(name)
-    return _BUILT[name]
 
 
 def _own(clip, prompt):
@@ -49,7 +39,7 @@ def _own(clip, prompt):
 
 @pytest.mark.parametrize("name", LLM)
 def test_word_rows_are_where_the_contexts_first_differ(comfy, one_thread, name):
-    _, clip, _ = _build(name)
+    _, clip, _ = families.built(name)
     text = ComfyText(clip)
     with torch.inference_mode():
         red, blue = _own(clip, "a red circle")[0], _own(clip, "a blue circle")[0]
@@ -74,7 +64,7 @@ def test_word_rows_are_where_the_contexts_first_differ(comfy, one_thread, name):
 
 @pytest.mark.parametrize("name", LLM)
 def test_batch_of_different_lengths_is_each_prompts_own_encode(comfy, one_thread, name):
-    _, clip, _ = _build(name)
+    _, clip, _ = families.built(name)
     text = ComfyText(clip)
     prompts = ["a red circle", "", "a photo of a dog on a wooden chair in the sun"]
     with torch.inference_mode():
@@ -120,7 +110,7 @@ def test_closed_form_moves_the_concept_rows_on_the_models_projection(comfy, one_
     of preserved prompts stay. lam is small here: the tiny builds' rows are small (random norm weights,
     RMS ~0.03 hidden states) next to the default lam 0.5, which real checkpoints' rows are not."""
     from conceptedit.comfy_host.view import ModelView
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     with torch.inference_mode():
         m_uce, edit = _node(comfy, "ConceptEditCrossAttentionEdit", model=model, clip=clip, concepts="red",
                             lam=1e-3)
@@ -151,7 +141,7 @@ def test_closed_form_moves_the_concept_rows_on_the_models_projection(comfy, one_
 def test_hidream_llama_states_reach_the_denoiser(comfy, one_thread):
     """HiDream's model reads the Llama states (`conditioning_llama3`) besides the T5 context: the
     denoiser's own path (`ComfyDenoiser.eps`) finds them for the context it is given."""
-    model, clip, _ = _build("hidream")
+    model, clip, _ = families.built("hidream")
     text = ComfyText(clip)
     with torch.inference_mode():
         ctx, pooled = text.encode_with_pooled(["a red circle", "a blue square"])
@@ -172,7 +162,7 @@ def test_hidream_llama_states_reach_the_denoiser(comfy, one_thread):
 @pytest.mark.parametrize("name", ["qwen_image", "flux2"])
 def test_padded_context_reaches_the_model_as_its_own(comfy, one_thread, name):
     """A prompt's context out of a padded batch gives the prediction of its own encode."""
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     text = ComfyText(clip)
     with torch.inference_mode():
         host = ComfyDenoiser(model, text, family=model_family(model), latent_hw=8)
@@ -190,7 +180,7 @@ def test_a_batch_of_mixed_lengths_is_predicted_per_length_as_each_prompt_alone(c
     """A padded batch of prompts of different lengths: every row's prediction is that prompt's own
     (the denoiser runs each length on its own rows; these DiTs read zero rows as text), and gradients
     reach the context through the grouping."""
-    model, clip, _ = _build(name)
+    model, clip, _ = families.built(name)
     text = ComfyText(clip)
     prompts = ["a red circle", "a photo of a dog on a wooden chair in the sun", "a blue square"]
     host = ComfyDenoiser(model, text, family=model_family(model), latent_hw=8)

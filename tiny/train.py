@@ -141,6 +141,37 @@ def seed_concept_embeddings(text: torch.nn.Module, tokens: "Tokens", gen: torch.
             torch.nn.init.zeros_(m.bias)
 
 
+def start(cfg) -> tuple[random.Random, torch.Generator]:
+    """A deterministic run of any tiny trainer: ComfyUI set up for training, `cfg.threads` threads,
+    deterministic algorithms, and the caption / noise generators seeded from `cfg.seed`."""
+    _setup_comfy_for_training()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+
+
+def averaged(*modules: torch.nn.Module) -> list[torch.nn.Module]:
+    """Frozen copies of `modules` (eval, no gradients) for their EMA weights (`ema_update`)."""
+    copies = [copy.deepcopy(m).eval() for m in modules]
+    for c in copies:
+        for p in c.parameters():
+            p.requires_grad_(False)
+    return copies
+
+
+def update(loss: torch.Tensor, opt, params, pairs, step: int, cfg, history: list[float], lr: float, t0: float) -> None:
+    """One optimiser step of a tiny trainer: backward, gradients clipped at `cfg.grad_clip`, the step,
+    the EMA of each (trained, averaged) pair at `cfg.ema`, the loss logged."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    ema_update(pairs, step, cfg.ema)
+    history.append(float(loss.detach()))
+    log_progress(step, cfg.steps, history, lr, t0)
+
+
 def ema_update(pairs, step: int, ema: float) -> None:
     """EMA of each (trained, averaged) module pair, with the warm-up decay min(ema, (1 + t)/(10 + t))."""
     decay = min(ema, (1 + step) / (10 + step))
@@ -180,12 +211,7 @@ def save(path: str, unet: torch.nn.Module, text: torch.nn.Module, keep_ids: set[
 
 
 def train(cfg: TrainConfig, extra_meta: dict | None = None) -> dict:
-    _setup_comfy_for_training()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rng, gen = start(cfg)
 
     unet = tm.build_unet()
     tm.init_weights(unet)
@@ -209,9 +235,7 @@ def train(cfg: TrainConfig, extra_meta: dict | None = None) -> dict:
     tokens = Tokens()
     keep_ids = used_token_ids(tokens)
 
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
-        p.requires_grad_(False)
+    ema_unet, ema_text = averaged(unet, text)
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ac = tm.alphas_cumprod()
@@ -238,13 +262,7 @@ def train(cfg: TrainConfig, extra_meta: dict | None = None) -> dict:
         if cfg.high_noise_weight_cap > 1:
             w = w * torch.clamp(1 / snr, min=1.0, max=cfg.high_noise_weight_cap)
         loss = (w * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        ema_update(((unet, ema_unet), (text, ema_text)), step, cfg.ema)
-        history.append(float(loss.detach()))
-        log_progress(step, cfg.steps, history, lr_at(step, cfg), t0)
+        update(loss, opt, params, ((unet, ema_unet), (text, ema_text)), step, cfg, history, lr_at(step, cfg), t0)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             save(os.path.join(cfg.snapshot_dir, f"step{step + 1}.safetensors"), ema_unet, ema_text, keep_ids,
                  {"step": str(step + 1)})

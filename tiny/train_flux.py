@@ -15,10 +15,8 @@ Deterministic: fixed seeds, a fixed thread count and deterministic algorithms.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -107,13 +105,8 @@ def sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def train(cfg: FluxTrainConfig) -> dict:
-    sd_train._setup_comfy_for_training()
+    rng, gen = sd_train.start(cfg)
     from editing.hooks import copy_norm_inputs
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     c = tf.classes()
     flux = tf.build_flux()
@@ -149,9 +142,7 @@ def train(cfg: FluxTrainConfig) -> dict:
     for m in (flux, t5):
         copy_norm_inputs(m, FLUX_PRE_NORMS)
         m.requires_grad_(True).train()
-    ema_flux, ema_t5 = copy.deepcopy(flux).eval(), copy.deepcopy(t5).eval()
-    for p in list(ema_flux.parameters()) + list(ema_t5.parameters()):
-        p.requires_grad_(False)
+    ema_flux, ema_t5 = sd_train.averaged(flux, t5)
     params = list(flux.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     n_params = sum(p.numel() for p in flux.parameters()), sum(p.numel() for p in t5.parameters())
@@ -174,13 +165,8 @@ def train(cfg: FluxTrainConfig) -> dict:
         context = t5(t5_tokens(caps), None, dtype=torch.float32)[0]
         v = flux(xt, sigma, context, y=pooled(caps))
         loss = (v - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sd_train.ema_update(((flux, ema_flux), (t5, ema_t5)), step, cfg.ema)
-        history.append(float(loss.detach()))
-        sd_train.log_progress(step, cfg.steps, history, sd_train.lr_at(step, sched), t0)
+        sd_train.update(loss, opt, params, ((flux, ema_flux), (t5, ema_t5)), step, cfg, history,
+                        sd_train.lr_at(step, sched), t0)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             save(os.path.join(cfg.snapshot_dir, f"step{step + 1}.safetensors"), ema_flux, ema_t5, keep_ids,
                  {"step": str(step + 1)})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -117,7 +116,8 @@ def encode(text: torch.nn.Module, tokens: QwenTokens, caps: list[str], remap: to
         if remap is not None:
             ids = remap[ids]
             if bool((ids < 0).any()):  # a token no stored row holds would train on another's row
-                raise ValueError(f"caption {caps[idx[0]]!r} has a token outside the stored vocabulary (used_ids)")
+                raise ValueError(f"caption {caps[idx[0]]!r} has a token outside the rows the trainer keeps: add its "
+                                 "words to the world's vocabulary (tiny/world.py) or its pieces to `used_ids`")
         start = tokens(caps[idx[0]])[1]  # the template is the same for every caption
         h = text(ids, None, dtype=torch.float32)[0]
         out[length] = (idx, h[:, start:])
@@ -164,12 +164,7 @@ def save(path: str, dit: torch.nn.Module, text: torch.nn.Module, keep_ids: set[i
 
 
 def train(cfg: QwenImageTrainConfig) -> dict:
-    sd_train._setup_comfy_for_training()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rng, gen = sd_train.start(cfg)
 
     dit = tq.build_dit()
     tq.init_dit(dit)
@@ -193,9 +188,7 @@ def train(cfg: QwenImageTrainConfig) -> dict:
     text.model.embed_tokens = CompactEmbedding(full_embedding.weight[kept])
     for m in (dit, text):
         m.requires_grad_(True).train()
-    ema_dit, ema_text = copy.deepcopy(dit).eval(), copy.deepcopy(text).eval()
-    for p in list(ema_dit.parameters()) + list(ema_text.parameters()):
-        p.requires_grad_(False)
+    ema_dit, ema_text = sd_train.averaged(dit, text)
     params = list(dit.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     n_params = sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in text.parameters())
@@ -222,14 +215,8 @@ def train(cfg: QwenImageTrainConfig) -> dict:
             i = torch.tensor(idx)
             v = dit(xt[i], sigma[i], ctx)
             loss = loss + (v - target[i]).pow(2).sum() / target[0].numel()
-        loss = loss / cfg.batch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sd_train.ema_update(((dit, ema_dit), (text, ema_text)), step, cfg.ema)
-        history.append(float(loss.detach()))
-        sd_train.log_progress(step, cfg.steps, history, sd_train.lr_at(step, sched), t0)
+        sd_train.update(loss / cfg.batch, opt, params, ((dit, ema_dit), (text, ema_text)), step, cfg, history,
+                        sd_train.lr_at(step, sched), t0)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             snap = copy.deepcopy(ema_text)
             snap.model.embed_tokens = _full(full_embedding, kept, ema_text.model.embed_tokens.weight)

@@ -16,6 +16,16 @@ from __future__ import annotations
 
 from .dit import DiTAdapter, MLPRule, ProjectionRule, Variant, fused, register
 
+# The double blocks' attention under diffusers' names, as Flux.1 and Flux.2 (`Flux2Transformer2DModel`)
+# both name it: the fused qkv split into to_q/k/v (image) and add_q/k/v_proj (text)
+_DOUBLE_ATTENTION = (
+    (r"double_blocks\.(\d+)\.img_attn\.qkv", fused("transformer_blocks.{0}.attn", "to_q", "to_k", "to_v")),
+    (r"double_blocks\.(\d+)\.txt_attn\.qkv",
+     fused("transformer_blocks.{0}.attn", "add_q_proj", "add_k_proj", "add_v_proj")),
+    (r"double_blocks\.(\d+)\.img_attn\.proj", "transformer_blocks.{0}.attn.to_out.0"),
+    (r"double_blocks\.(\d+)\.txt_attn\.proj", "transformer_blocks.{0}.attn.to_add_out"),
+)
+
 FLUX = register(DiTAdapter(
     kind="flux", label="Flux",
     signature=(r"txt_in", r"double_blocks\.\d+\.img_attn\.qkv"),
@@ -31,12 +41,7 @@ FLUX = register(DiTAdapter(
                 marks=(r"double_stream_modulation_img\.lin",), config=(("image_model", "flux2"),),
                 diffusers_names=False, lora_names="diffusion_model",
                 renames=((r"txt_in", "context_embedder"),
-                         (r"double_blocks\.(\d+)\.img_attn\.qkv",
-                          fused("transformer_blocks.{0}.attn", "to_q", "to_k", "to_v")),
-                         (r"double_blocks\.(\d+)\.txt_attn\.qkv",
-                          fused("transformer_blocks.{0}.attn", "add_q_proj", "add_k_proj", "add_v_proj")),
-                         (r"double_blocks\.(\d+)\.img_attn\.proj", "transformer_blocks.{0}.attn.to_out.0"),
-                         (r"double_blocks\.(\d+)\.txt_attn\.proj", "transformer_blocks.{0}.attn.to_add_out"),
+                         *_DOUBLE_ATTENTION,
                          (r"double_blocks\.(\d+)\.img_mlp\.0", "transformer_blocks.{0}.ff.linear_in"),
                          (r"double_blocks\.(\d+)\.img_mlp\.2", "transformer_blocks.{0}.ff.linear_out"),
                          (r"double_blocks\.(\d+)\.txt_mlp\.0", "transformer_blocks.{0}.ff_context.linear_in"),
@@ -52,12 +57,7 @@ FLUX = register(DiTAdapter(
     renames=((r"double_blocks\.(\d+)\.img_mlp\.0", "transformer_blocks.{0}.ff.net.0.proj"),
              (r"double_blocks\.(\d+)\.txt_mlp\.0", "transformer_blocks.{0}.ff_context.net.0.proj"),
              (r"double_blocks\.(\d+)\.txt_mlp\.2", "transformer_blocks.{0}.ff_context.net.2"),
-             (r"double_blocks\.(\d+)\.img_attn\.qkv",
-              fused("transformer_blocks.{0}.attn", "to_q", "to_k", "to_v")),
-             (r"double_blocks\.(\d+)\.txt_attn\.qkv",
-              fused("transformer_blocks.{0}.attn", "add_q_proj", "add_k_proj", "add_v_proj")),
-             (r"double_blocks\.(\d+)\.img_attn\.proj", "transformer_blocks.{0}.attn.to_out.0"),
-             (r"double_blocks\.(\d+)\.txt_attn\.proj", "transformer_blocks.{0}.attn.to_add_out"),
+             *_DOUBLE_ATTENTION,
              (r"double_blocks\.(\d+)\.img_mod\.lin", "transformer_blocks.{0}.norm1.linear"),
              (r"double_blocks\.(\d+)\.txt_mod\.lin", "transformer_blocks.{0}.norm1_context.linear"),
              (r"single_blocks\.(\d+)\.linear1",
