@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..comfy_host.jobs import UCEJob, export_lora, uce
-from ..editing.export.lora import LoraExportConfig
+from ..editing.export.lora import DTYPES, LoraExportConfig
 from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, LAM_MODES, MODES, TOKEN_WINDOWS, UCEConfig
 from ..editing.uce.debias import DebiasConfig, report_text
 from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
@@ -191,10 +191,20 @@ class ExportLoRA:
         }, "optional": {
             "model": ("MODEL", {"tooltip": "Needed only for pruning masks (their delta depends on the base weights)."}),
             "clip": ("CLIP", {"tooltip": "Needed only for pruning masks on the text encoder."}),
+            "unet_names": (["auto", "diffusers", "ldm"], {"default": "auto", "tooltip": "How the file names the "
+                           "model's layers. auto: names that ComfyUI, A1111/Forge and diffusers all read (SD1/2/XL "
+                           "in diffusers' kohya style, DiTs by their ComfyUI names). diffusers: diffusers' own "
+                           "transformer names, for a pipeline's load_lora_weights on a DiT family. ldm: kohya's "
+                           "lora_unet_<ComfyUI name> for every layer."}),
+            "dtype": (list(DTYPES), {"default": "float16", "tooltip": "Storage type of the LoRA's tensors "
+                      "(float16 is what LoRA files usually carry; float32 keeps the edit exactly)."}),
         }}
 
-    def execute(self, edit, filename, rank, max_rel_error, dense_as, model=None, clip=None):
-        cfg = LoraExportConfig(rank=rank, max_rel_error=max_rel_error, dense_as=dense_as)
+    def execute(self, edit, filename, rank, max_rel_error, dense_as, model=None, clip=None, unet_names="auto",
+                dtype="float16"):
+        cfg = LoraExportConfig(rank=rank, max_rel_error=max_rel_error, dense_as=dense_as, unet_names=unet_names,
+                               dtype=dtype)
+        cfg.validate()
         path = unique_path(loras_dir(), filename, "concept_edit_lora")  # never overwrite
         rep = export_lora(edit, path, cfg, model, clip)
         text = (f"{os.path.basename(rep['path'])}: {rep['modules']} modules ({rep['diff_modules']} diff), "

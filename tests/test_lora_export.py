@@ -95,6 +95,26 @@ def test_export_node_writes_a_file_loraloader_lists_and_diff_form(comfy, loras, 
         _assert_fp16_close((dt if k == TE_KEY else du)[k], d.float(), k)
 
 
+def test_export_node_names_and_dtype(comfy, loras, model_clip):
+    """The node's optional unet_names / dtype reach the file: diffusers-style UNet names and float32."""
+    model, clip = model_clip
+    edit = _edit(model, clip, "last")
+    node = comfy.NODE_CLASS_MAPPINGS["ConceptEditExportLoRA"]
+    node().execute(edit, "named_ldm", 0, 0.01, "svd")
+    node().execute(edit, "named_diffusers", 0, 0.01, "svd", unet_names="diffusers", dtype="float32")
+    with safe_open(str(loras / "named_ldm.safetensors"), framework="pt") as f:
+        ldm = {k: f.get_tensor(k).dtype for k in f.keys()}
+    with safe_open(str(loras / "named_diffusers.safetensors"), framework="pt") as f:
+        dif = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in ldm)
+    assert any(k.startswith("lora_unet_down_blocks_") for k in dif)
+    assert not any(k.startswith("lora_unet_input_blocks_") for k in dif)
+    assert {d for k, d in ldm.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {d for k, d in dif.items() if not k.endswith(".alpha")} == {torch.float32}
+    with pytest.raises(Exception, match="unet_names"):
+        node().execute(edit, "bad", 0, 0.01, "svd", unet_names="peft")
+
+
 def test_svd_rank_and_error_are_reported_truthfully():
     g = torch.Generator().manual_seed(0)
     k = FAM.attn2_kv_keys()[0]
