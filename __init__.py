@@ -1,4 +1,4 @@
-"""ConceptEdit: erase, redirect, debias and audit concepts in Stable Diffusion models.
+"""ConceptEdit: erase, redirect, debias and audit concepts in text-to-image diffusion models.
 
 ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS. Imported anywhere else
 (tests, the command line, A1111), it registers nothing and fails nothing: the nodes load only

@@ -106,7 +106,8 @@ COLOUR_TEMPLATES = EMCID_TEMPLATES["colour"]
 
 
 def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour",
-              residuals=("official",)) -> dict:
+              residuals=("official",), case_names=("one", "all_but_one")) -> dict:
+    """`lams`: (λ, lam_mode) pairs; λ 0 is the family default in that mode."""
     from conceptedit.comfy_host.jobs import EmcidJob, emcid
     from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.audit.evaluate import erasure_report
@@ -119,6 +120,7 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     templates = TINY_TEMPLATES if kind == "shape" else COLOUR_TEMPLATES
     cases = {"one": ([shapes[0]], [s for s in shapes[1:-1]] if kind != "shape" else shapes[1:]),
              "all_but_one": (shapes[:-1], shapes[-1:])}
+    cases = {k: v for k, v in cases.items() if k in case_names}
     out = {"stage1": use_stage1, "kind": kind, "templates": templates, "residuals": list(residuals), "cases": {}}
     erased_all = sorted({c for e, _ in cases.values() for c in e})
     base = erasure_report(comfy_sampler(model, clip), erased_all, shapes, n_prompts=n_prompts,
@@ -126,14 +128,16 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     out["original"] = base
     cache = os.path.join(ROOT, ".cache", "emcid")
     for name, (erased, kept) in cases.items():
-        for residual, lam in [(r, lam) for r in residuals for lam in lams]:
-            cfg = EmcidConfig(lam=lam, use_stage1=use_stage1, steps=steps, templates=templates, n_captions=1000,
-                              residual=residual)
+        for residual, (lam, lam_mode) in [(r, lam) for r in residuals for lam in lams]:
+            cfg = EmcidConfig(lam=lam, lam_mode=lam_mode, use_stage1=use_stage1, steps=steps, templates=templates,
+                              n_captions=1000, residual=residual)
             t = time.perf_counter()
             _, clip2, edit, _ = emcid(model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
             secs = time.perf_counter() - t
             r = erasure_report(comfy_sampler(model, clip2), erased, kept, n_prompts=n_prompts, samples_per_prompt=samples)
-            row = {"residual": residual, "lam": lam, "seconds": round(secs, 1),
+            st2 = edit.metrics["stage2"]["clip_l"]
+            row = {"residual": residual, "lam": lam, "lam_mode": lam_mode, "lam_absolute": st2.get("lam"),
+                   "reach_per_layer": st2.get("reach_per_layer"), "seconds": round(secs, 1),
                    "efficacy_presence": _mean(r["efficacy"]), "efficacy_before": _mean({c: base["efficacy"][c] for c in erased}),
                    "paraphrase_presence": _mean(r["paraphrase"]),
                    "paraphrase_before": _mean({c: base["paraphrase"][c] for c in erased if c in base["paraphrase"]}),
@@ -154,7 +158,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,10,100", help="concept counts for --part scale (add 1000 on a GPU)")
     ap.add_argument("--one-at-a-time", type=int, default=10, help="size at which to also time N single-concept runs")
     ap.add_argument("--captions", type=int, default=2000, help="captions for C0 in --part scale")
-    ap.add_argument("--lam", default="100,1000,6000", help="λ values for --part tiny")
+    ap.add_argument("--lam", default="100,1000,6000", help="λ values for --part tiny, each VALUE or VALUE:MODE (mode "
+                    "absolute, the default here, or relative; 0 = the family default in that mode)")
+    ap.add_argument("--cases", default="one,all_but_one", help="--part tiny: one (the kind's first concept), "
+                    "all_but_one, comma-separated")
     ap.add_argument("--stage1", action="store_true", help="--part tiny: run stage 1 (else destination targets)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=6)
@@ -170,8 +177,10 @@ def main() -> None:
     if args.part in ("scale", "all"):
         res["scale"] = part_scale([int(s) for s in args.sizes.split(",")], args.captions, args.one_at_a_time)
     if args.part in ("tiny", "all"):
-        res["tiny"] = part_tiny([float(x) for x in args.lam.split(",")], args.stage1, args.steps, args.prompts, args.samples,
-                                args.kind, tuple(r.strip() for r in args.residual.split(",") if r.strip()))
+        lams = [(float(x.split(":")[0]), (x.split(":") + ["absolute"])[1]) for x in args.lam.split(",")]
+        res["tiny"] = part_tiny(lams, args.stage1, args.steps, args.prompts, args.samples, args.kind,
+                                tuple(r.strip() for r in args.residual.split(",") if r.strip()),
+                                tuple(c.strip() for c in args.cases.split(",") if c.strip()))
     print(json.dumps(res, indent=1, default=str))
     if args.json:
         with open(args.json, "w") as f:

@@ -303,15 +303,19 @@ def part_audit(args) -> dict:
                                       concept=concept)
                 t1 = time.perf_counter()
                 print(f"\n{concept} / {method}: red team ({t1 - t0:.0f} s)\n{rep.to_text()}", flush=True)
-                aud = audit_models(edited, model, clip, prompts, [], AuditConfig(checkpoints=(10, 25, 50), gen_cfg=args.cfg), edit=edit)
-                print(f"{concept} / {method}: resurgence audit ({time.perf_counter() - t1:.0f} s)\n{aud.to_text()}",
-                      flush=True)
-                results[f"{concept}/{method}"] = {
-                    "red_team": rep.to_dict(), "red_team_s": round(t1 - t0, 1),
-                    "resurgence": {"original": aud.presence_original, "edited": aud.presence_edited,
-                                   "after": dict(zip(aud.steps, aud.presence_after)),
-                                   "resurgence": dict(zip(aud.steps, aud.resurgence))},
-                    "audit_s": round(time.perf_counter() - t1, 1)}
+                row = {"red_team": rep.to_dict(), "red_team_s": round(t1 - t0, 1)}
+                # presence against the concept-free twin (the audit's default) and, for comparison, against ∅
+                for baseline in args.audit_baseline.split(","):
+                    t2 = time.perf_counter()
+                    aud = audit_models(edited, model, clip, prompts, [], AuditConfig(checkpoints=(10, 25, 50),
+                                       gen_cfg=args.cfg), edit=edit, concept=None if baseline == "twin" else "")
+                    print(f"{concept} / {method}: resurgence audit, baseline {baseline} ({time.perf_counter() - t2:.0f} s)"
+                          f"\n{aud.to_text()}", flush=True)
+                    row[f"resurgence_{baseline}"] = {"original": aud.presence_original, "edited": aud.presence_edited,
+                                                     "after": dict(zip(aud.steps, aud.presence_after)),
+                                                     "resurgence": dict(zip(aud.steps, aud.resurgence)),
+                                                     "audit_s": round(time.perf_counter() - t2, 1)}
+                results[f"{concept}/{method}"] = row
     return results
 
 
@@ -485,6 +489,9 @@ def main(argv=None) -> dict:
                    help="ESD / RGD: 1 adds prompts of three sibling concepts to the retain set (RGD trains on them)")
     p.add_argument("--seeds", type=int, default=6, help="--part tokens: pictures per case")
     p.add_argument("--attack-steps", type=int, default=40, help="--part audit: Adam steps per red-team attack")
+    p.add_argument("--audit-baseline", default="twin", help="--part audit: what the resurgence audit's presence "
+                   "measures the concept prompts against: twin (their concept-free twins, the default), empty (∅), "
+                   "or twin,empty for both")
     p.add_argument("--train-steps", type=int, default=100, help="optimiser steps of ESD / RGD")
     p.add_argument("--weights", default=None)
     p.add_argument("--threads", type=int, default=2)

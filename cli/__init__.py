@@ -1,6 +1,6 @@
 """ConceptEdit's command line. Each sub-command is a module here with `register(subparsers)`;
 `python conceptedit.py --help` lists them. Runs ComfyUI's own loaders headless (see README:
-the same code path as the nodes, and it reads every real SD1/SD2/SDXL checkpoint layout)."""
+the same code path as the nodes, and it reads every checkpoint layout ComfyUI loads)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ COMMANDS = ["demo", "info", "prune", "uce", "export_lora", "emcid", "unlearn", "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conceptedit", description="Edit what a Stable Diffusion model knows.")
+    parser = argparse.ArgumentParser(prog="conceptedit", description="Edit what a text-to-image diffusion model knows.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:

@@ -15,6 +15,8 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--edit", required=True, help="the edit file to audit (.safetensors from any ConceptEdit method)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt showing the concept (repeatable)")
+    p.add_argument("--concept", default=None, help="the erased concept's words (comma-separated): presence is measured "
+                   "against each prompt without them (default: the edit's own concepts; '' for the empty prompt)")
     p.add_argument("--benign", action="append", default=[],
                    help="a benign prompt to fine-tune on (repeatable); with --benign-images, the images' captions")
     p.add_argument("--benign-images", default="", metavar="FOLDER",
@@ -44,7 +46,7 @@ def run(args) -> int:
     for w in warnings:
         log.warning(w)
     report = audit_models(edited, model, clip, args.prompt, args.benign, cfg, edit=edit, ctx=terminal_context(),
-                          vae=vae, benign_folder=args.benign_images)
+                          vae=vae, benign_folder=args.benign_images, concept=args.concept)
     print(report.to_text())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

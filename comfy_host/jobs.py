@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ..editing.arch import TINY_WORLD_FAMILIES, clip_hint
-from ..editing.audit.presence import PresenceComparison, PresenceConfig, compare_presence, image_grid, spread_timesteps
+from ..editing.audit.presence import (PresenceComparison, PresenceConfig, compare_presence, concept_twins, image_grid,
+                                      spread_timesteps)
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
 from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
@@ -254,10 +255,10 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
         raise InvalidInputError(f"The Text Encoder Edit (EMCID) cannot edit this {family.label}: {why}. Use "
                                 f"{view.alternatives()} on this model instead (the Red-Team Audit's prompt attacks "
                                 "do run on its text encoder)")
-    denoiser = view.denoiser if cfg.use_stage1 else None
+    denoiser = view.denoiser if cfg.runs_stage1 else None
     # load (and patch) first: ComfyUI must never patch the plain copies frozen_session swaps in
-    mm.load_models_gpu([model, clip.patcher] if cfg.use_stage1 else [clip.patcher])
-    roots = text.transformers() + ([model.model.diffusion_model] if cfg.use_stage1 else [])
+    mm.load_models_gpu([model, clip.patcher] if cfg.runs_stage1 else [clip.patcher])
+    roots = text.transformers() + ([model.model.diffusion_model] if cfg.runs_stage1 else [])
     with _training() as stack:
         for root in roots:
             stack.enter_context(frozen_session(root))
@@ -419,8 +420,13 @@ def encode_images(view: ModelView, vae, images) -> torch.Tensor:
 
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
                  ctx=None, latent: tuple[int, int] | None = None, *, vae=None, benign_images=None,
-                 benign_folder: str = ""):
+                 benign_folder: str = "", concept: str | None = None):
     """The resurgence audit of `edited` against `original` (its edit read off the two when not given).
+
+    Presence is the model's own score (`guidance_presence`), each concept prompt measured against
+    its concept-free twin: the concept's words are `concept` (one or more, comma-separated; "" for
+    none), by default the edit's own concepts; a prompt with none of them is measured against the
+    empty prompt.
 
     Benign data: the user's own images when given (`benign_images`, an IMAGE batch, and/or a
     `benign_folder`), captioned by `benign_prompts` (one line per image, or one for all) or by the
@@ -448,12 +454,21 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     edited_text = None
     if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
         edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
+    words = list(edit.concepts) if concept is None else [w.strip() for w in concept.split(",") if w.strip()]
+    twins = concept_twins(concept_prompts, words)
     with _training():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
-                                     gen_cfg=cfg.gen_cfg, edited_text=edited_text)
+                                     gen_cfg=cfg.gen_cfg, edited_text=edited_text, concepts=words)
         report = audit(host, edited_text or host.text, edit, presence, cfg,
                        benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
                        text_is_edited=edited_text is not None, benign_latents=latents, benign_data=source)
+    n_twin = sum(1 for t in twins if t)
+    rest = "" if n_twin == len(twins) else ", the rest against the empty prompt"
+    report.presence_measure = (f"the model's own score, {n_twin} of {len(twins)} concept prompts against their "
+                               f"concept-free twin (without {', '.join(repr(w.split('->')[0].strip()) for w in words)})"
+                               f"{rest}" if n_twin else
+                               "the model's own score, the concept prompts against the empty prompt (name the "
+                               "concept's words to measure against concept-free twins, more telling on flow models)")
     return report
 
 

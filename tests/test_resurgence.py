@@ -208,3 +208,33 @@ def test_audit_job_encodes_connected_and_folder_images_with_the_vae(comfy, tmp_p
         jobs.load_image_folder(str(tmp_path))
     with pytest.raises(InvalidInputError, match="no folder"):
         jobs.load_image_folder(str(tmp_path / "nothing"))
+
+
+def test_concept_twins_take_out_every_concept_and_fall_back_on_empty():
+    from conceptedit.editing.audit.presence import concept_twins
+    prompts = ["a red circle", "a circle by monet", "red", "a crimson star"]
+    assert concept_twins(prompts, ["red -> purple", "monet"]) == ["a circle", "a circle by", "", ""]
+    assert concept_twins(prompts, []) == ["", "", "", ""]
+
+
+def test_guidance_presence_against_concept_free_twins(comfy):
+    """With the concept's words named, each prompt is measured against its concept-free twin: a
+    text encoder that reads 'a red circle' exactly as 'a circle' (a perfect erasure of red) scores 0,
+    where against the empty prompt it keeps most of its score, the circle's share, which no erasure
+    of red should remove."""
+    from conceptedit.editing.audit.presence import concept_free
+
+    class Erased(Text):  # the text encoder after the erasure
+        def encode(self, prompts):
+            return super().encode([concept_free(p, "red") for p in prompts])
+
+    m = random_model()
+    host, text = Host(m), Text()
+    prompts = ["a red circle", "a red square"]
+    te_key = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.weight"
+    erased = Edit("toy", "tiny", {te_key: Change("delta", (4, 4), {"delta": torch.zeros(4, 4)})})
+    twin = guidance_presence(host, text, prompts, n_t=2, gen_steps=2, edited_text=Erased(), concepts=["red"])
+    empty = guidance_presence(host, text, prompts, n_t=2, gen_steps=2, edited_text=Erased())
+    assert twin([]) == pytest.approx(1.0) and empty([]) == pytest.approx(1.0)
+    assert abs(twin([(erased, 1.0)])) < 1e-5
+    assert empty([(erased, 1.0)]) > 0.3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -34,6 +35,30 @@ from ..errors import InvalidInputError, NonFiniteError
 from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
 
 log = logging.getLogger(__name__)
+
+
+def concept_free(prompt: str, concept: str) -> str:
+    """The prompt with the concept's words taken out ("a red circle", "red" -> "a circle"): the
+    contrast that isolates the concept from the rest of a prompt (shape, style, setting)."""
+    if not concept.strip():
+        return ""
+    out = re.sub(rf"\b{re.escape(concept.strip())}\b", " ", prompt, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", out).strip()
+
+
+def concept_twins(prompts: Sequence[str], concepts: Sequence[str]) -> list[str]:
+    """Per prompt, its concept-free twin: every concept's words taken out (a redirect's
+    ``source -> target`` counts by its source). A prompt that names none of the concepts, or is
+    nothing but the concept, gets the empty prompt."""
+    sources = [c.split("->", 1)[0].strip() for c in concepts]
+    sources = [c for c in sources if c]
+    out = []
+    for p in prompts:
+        twin = p
+        for c in sources:
+            twin = concept_free(twin, c)
+        out.append(twin if sources and twin != p.strip() else "")
+    return out
 
 
 @dataclass

@@ -24,9 +24,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion import add_noise, diffusion_mse, generate_latents
+from .presence import concept_twins
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, TextEncoder, Trainable, base_weights, cat_y, conditioning, rows_y
+from ..hosts import RunContext, TextEncoder, Trainable, base_weights, conditioning
 from ..training import Adapters, TrainLog, edit_as_fixed, frozen_session, select_targets, train_loop
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,14 @@ class AuditReport:
     params: dict = field(default_factory=dict)
     seconds: float = 0.0
     benign_data: str = ""  # what the benign fine-tune trained on
+    presence_measure: str = ""  # how presence was read (e.g. the model's own score, against what baseline)
 
     def to_text(self) -> str:
         lines = [f"Resurgence audit of a {self.method} edit"]
         if self.benign_data:
             lines.append(f"benign fine-tuning data: {self.benign_data}")
+        if self.presence_measure:
+            lines.append(f"presence: {self.presence_measure}")
         lines.append(f"presence: original {self.presence_original:.3f}, after the edit {self.presence_edited:.3f} "
                      f"(removed {self.presence_original - self.presence_edited:+.3f})")
         for k, p, r in zip(self.steps, self.presence_after, self.resurgence):
@@ -192,13 +196,18 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
 
 def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Sequence[str], *, n_t: int = 4,
                       seed: int = 0, gen_steps: int = 20, gen_cfg: float = 5.0,
-                      latents: torch.Tensor | None = None, edited_text: TextEncoder | None = None) -> Presence:
+                      latents: torch.Tensor | None = None, edited_text: TextEncoder | None = None,
+                      concepts: Sequence[str] = ()) -> Presence:
     """A presence measure that needs no classifier: how much of the ORIGINAL model's concept
-    direction ε₀(x_t, c) − ε₀(x_t, ∅) the model still produces, at a fixed set of (x_t, t) from the
+    direction ε₀(x_t, c) − ε₀(x_t, b) the model still produces, at a fixed set of (x_t, t) from the
     original's own images of the concept prompts:
-        presence = Σ ⟨d_m, d₀⟩ / Σ ‖d₀‖²,   d = ε(x_t, c) − ε(x_t, ∅).
-    The original scores 1; an edit that maps the concept onto the empty prompt scores ≈ 0; ESD's
-    negative guidance pushes it below 0.
+        presence = Σ ⟨d_m, d₀⟩ / Σ ‖d₀‖²,   d = ε(x_t, c) − ε(x_t, b).
+    The baseline b of a prompt is its concept-free twin when `concepts` names a word the prompt
+    contains ("a red circle" → "a circle"), else the empty prompt. Against ∅ the direction also
+    carries the rest of the prompt (the circle), which an erasure of red keeps: on models whose
+    text path spreads a word over the whole prompt (flow transformers with T5 or LLM encoders) that
+    part dominates and an erasure that the pictures show barely moves the score. The original
+    scores 1; an edit that maps the concept away scores ≈ 0; ESD's negative guidance pushes it below 0.
 
     `edited_text`: the text encoder with a text-encoder edit applied; edits that change text-encoder
     keys are then scored with its conditioning (their UNet keys, if any, by hooks as usual)."""
@@ -208,12 +217,11 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
     if latents is None:
         latents = generate_latents(host, text, prompts, steps=gen_steps, cfg=gen_cfg, seed=seed)
 
-    def both(enc):  # (context, y) of the prompts and of the empty prompt, as one [2n] batch
-        c, y = conditioning(host, enc, prompts)
-        u, yu = conditioning(host, enc, [""])
-        c, u = c.detach().float(), u.detach().float().expand_as(c)
-        y = cat_y(y, rows_y(yu, c.shape[0]))
-        return torch.cat([c, u]), None if y is None else y.detach().float()
+    baselines = concept_twins(prompts, concepts)
+
+    def both(enc):  # (context, y) of the prompts and of their baselines, as one [2n] batch
+        c, y = conditioning(host, enc, prompts + baselines)  # one call: one padded length for both halves
+        return c.detach().float(), None if y is None else y.detach().float()
 
     with torch.no_grad():
         conds = {False: both(text)}

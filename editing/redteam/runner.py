@@ -11,13 +11,12 @@ revival measurement (revival.py). Every picture is drawn with one DDIM sampler a
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..audit.presence import PresenceConfig, presence_scores, spread_timesteps
+from ..audit.presence import PresenceConfig, concept_free, presence_scores, spread_timesteps
 from ..edit import Edit
 from ..errors import InvalidInputError
 from ..hosts import RunContext, Trainable, base_weights, latent_shape
@@ -149,14 +148,6 @@ class FrozenText:
 
     def decode(self, ids):
         return self._text.decode(ids)
-
-
-def concept_free(prompt: str, concept: str) -> str:
-    """The prompt with the concept's words taken out ("a red circle", "red" -> "a circle")."""
-    if not concept.strip():
-        return ""
-    out = re.sub(rf"\b{re.escape(concept.strip())}\b", " ", prompt, flags=re.IGNORECASE)
-    return re.sub(r"\s+", " ", out).strip()
 
 
 def model_presence_judge(host: Trainable, text, concept_prompts: Sequence[str], reference_x0: torch.Tensor,
