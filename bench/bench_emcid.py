@@ -6,6 +6,10 @@
   bash run.sh bench bench_emcid --part scale  stage-2 time and memory for 1/10/100(/1000) concepts on a
                                               CLIP-L of SD1.5's real sizes (random weights, real
                                               tokenizer), and batched vs one-concept-at-a-time
+  bash run.sh bench bench_emcid --part stage1 stage-1 time on the tiny model for 1/8(/64) concepts
+                                              (--stage1-sizes), concepts batched (stage1_batch 0,
+                                              automatic) vs one at a time, in one run; denoiser
+                                              forwards per concept
 """
 import os, sys; ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, ROOT); import _pack; _pack.load()  # noqa: E401,E702,I001
 
@@ -148,13 +152,83 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     return out
 
 
+def part_stage1(sizes, steps: int) -> dict:
+    """Stage 1 alone (`optimise_targets`, no cache) on the shipped tiny model, each size one at a time
+    (stage1_batch=1) and batched (0: automatic), with the same concepts and settings."""
+    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.text_hooks import ComfyTextModel
+    from conceptedit.editing.arch import get_family
+    from conceptedit.editing.emcid.stage1 import optimise_targets, stage1_batch_size
+    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.training import frozen_session
+    from conceptedit.tiny import world
+    from conceptedit.tiny.comfy_model import load_tiny
+    model, clip, _ = load_tiny()
+    text, den = ComfyTextModel(clip), ComfyDenoiser(model, clip)
+    last = {"clip_l": get_family("tiny").text_encoders[0].edit_layers[-1]}
+    names = [f"{c} {s}" for s in world.SHAPES for c in world.COLOURS]
+    calls = {"eps": 0, "eps_rows": 0, "sample": 0, "sample_s": 0.0}
+    eps, sample = den.eps, den.sample
+
+    def counted_eps(x, *a, **kw):
+        calls["eps"] += 1
+        calls["eps_rows"] += x.shape[0]
+        return eps(x, *a, **kw)
+
+    def counted_sample(prompts, **kw):  # the pictures are drawn per concept either way: timed apart
+        calls["sample"] += 1
+        t = time.perf_counter()
+        try:
+            return sample(prompts, **kw)
+        finally:
+            calls["sample_s"] += time.perf_counter() - t
+
+    den.eps, den.sample = counted_eps, counted_sample
+    dev = next(den.unet().parameters()).device
+    out = {"device": str(dev), "threads": torch.get_num_threads(), "steps": steps, "templates": len(TINY_TEMPLATES),
+           "rows": []}
+    for n in sizes:
+        pairs = [(names[i % len(names)] + ("" if i < len(names) else f" {i}"), world.SHAPES[i % len(world.SHAPES)])
+                 for i in range(n)]
+        row = {"concepts": n}
+        zs = {}
+        for mode, size in (("one_at_a_time", 1), ("batched", 0)):
+            cfg = EmcidConfig(steps=steps, templates=TINY_TEMPLATES, stage1_batch=size)
+            for k in calls:
+                calls[k] = 0
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            with torch.enable_grad(), frozen_session(model.model.diffusion_model):
+                zs[mode], m = optimise_targets(text, den, pairs, last, cfg)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            row[f"{mode}_s"] = round(time.perf_counter() - t, 2)
+            row[f"{mode}_sampling_s"] = round(calls["sample_s"], 2)
+            row[f"{mode}_optimise_s"] = round(row[f"{mode}_s"] - calls["sample_s"], 2)
+            row[f"{mode}_batch"] = m["stage1_batch"]
+            row[f"{mode}_eps_forwards_per_concept"] = round(calls["eps"] / n, 2)
+            row[f"{mode}_eps_rows_per_forward"] = round(calls["eps_rows"] / max(calls["eps"], 1), 1)
+            row["sampling_calls_per_concept"] = calls["sample"] / n
+        row["speedup_batched_vs_one_at_a_time"] = round(row["one_at_a_time_s"] / row["batched_s"], 2)
+        row["speedup_optimisation_alone"] = round(row["one_at_a_time_optimise_s"] / row["batched_optimise_s"], 2)
+        z1, zb = zs["one_at_a_time"]["clip_l"], zs["batched"]["clip_l"]
+        row["max_rel_diff_z"] = float(((zb - z1).norm(dim=1) / z1.norm(dim=1)).max())
+        log.info("%s", row)
+        out["rows"].append(row)
+    out["auto_batch_for_64"] = stage1_batch_size(EmcidConfig(templates=TINY_TEMPLATES), den, 64)
+    den.eps, den.sample = eps, sample
+    return out
+
+
 def _mean(d) -> float:
     return round(sum(d.values()) / len(d), 3) if d else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["tiny", "scale", "all"], default="all")
+    ap.add_argument("--part", choices=["tiny", "scale", "stage1", "all"], default="all")
+    ap.add_argument("--stage1-sizes", default="1,8", help="concept counts for --part stage1 (64 too on a GPU)")
     ap.add_argument("--sizes", default="1,10,100", help="concept counts for --part scale (add 1000 on a GPU)")
     ap.add_argument("--one-at-a-time", type=int, default=10, help="size at which to also time N single-concept runs")
     ap.add_argument("--captions", type=int, default=2000, help="captions for C0 in --part scale")
@@ -163,7 +237,7 @@ def main() -> None:
     ap.add_argument("--cases", default="one,all_but_one", help="--part tiny: one (the kind's first concept), "
                     "all_but_one, comma-separated")
     ap.add_argument("--stage1", action="store_true", help="--part tiny: run stage 1 (else destination targets)")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=None, help="stage-1 steps (--part tiny: 100, --part stage1: 20)")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the results here")
@@ -176,9 +250,11 @@ def main() -> None:
     res = {}
     if args.part in ("scale", "all"):
         res["scale"] = part_scale([int(s) for s in args.sizes.split(",")], args.captions, args.one_at_a_time)
+    if args.part in ("stage1", "all"):
+        res["stage1"] = part_stage1([int(s) for s in args.stage1_sizes.split(",")], args.steps or 20)
     if args.part in ("tiny", "all"):
         lams = [(float(x.split(":")[0]), (x.split(":") + ["absolute"])[1]) for x in args.lam.split(",")]
-        res["tiny"] = part_tiny(lams, args.stage1, args.steps, args.prompts, args.samples, args.kind,
+        res["tiny"] = part_tiny(lams, args.stage1, args.steps or 100, args.prompts, args.samples, args.kind,
                                 tuple(r.strip() for r in args.residual.split(",") if r.strip()),
                                 tuple(c.strip() for c in args.cases.split(",") if c.strip()))
     print(json.dumps(res, indent=1, default=str))

@@ -27,6 +27,12 @@ def register(sub) -> None:
     p.add_argument("--template", action="append", default=None,
                    help="a prompt with '{}' for the concept (repeatable); default: '{}', 'a photo of {}', ...")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--official", choices=["off", "emcid"], default="off",
+                   help="emcid: the official EMCID code's procedure (github SilentView/EMCID, commit 10a392a) for these "
+                        "pairs, templates, λ and steps: SD1.4/SDXL hyper-parameters, λ absolute, C0 from 100k captions "
+                        "in float32, stage 1 always on (50 steps, CFG 7.5), the official text path; off: the pack's")
+    p.add_argument("--stage1-batch", type=int, default=0,
+                   help="stage 1: concepts optimised together (0 = automatic: free GPU memory, 8 on a CPU; 1 = one at a time)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "conceptedit", "emcid"),
                    help="where C0 and stage-1 targets are cached ('' = no cache)")
     p.set_defaults(func=run)
@@ -53,7 +59,8 @@ def run(args) -> int:
     pairs = read_pairs(args.pairs)
     validate_pairs(pairs)
     cfg = EmcidConfig(lam=args.lam, lam_mode=args.lam_mode, steps=args.steps, use_stage1=not args.no_stage1,
-                      templates=tuple(args.template) if args.template else DEFAULT_TEMPLATES, seed=args.seed)
+                      templates=tuple(args.template) if args.template else DEFAULT_TEMPLATES, seed=args.seed,
+                      official=args.official, stage1_batch=args.stage1_batch)
     cfg.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     edit = emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=args.cache_dir or None), terminal_context()).edit

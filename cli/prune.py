@@ -8,6 +8,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
+    from ..editing.concept_prune.prune import OFFICIAL, OFFICIAL_SOURCE
     from ..editing.prompts import PRESET_NAMES
     from .common import add_model_arg
     p = sub.add_parser("prune", help="ConceptPrune: erase concepts by pruning skilled FFN weights")
@@ -26,6 +27,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--full-trajectory", action="store_true",
                    help="run every step of the calibration generations (same mask; slower)")
+    p.add_argument("--select-ratio", type=float, default=0.0,
+                   help="prune weights skilled at more than select_ratio·τ of the first τ steps (0: the union, "
+                        "as every published run)")
+    p.add_argument("--official", choices=OFFICIAL, default="off",
+                   help="concept-prune: the authors' procedure (PNDM calibration, their column norms, "
+                        "k = int(ratio·4d); " + OFFICIAL_SOURCE + "); off: the pack's")
     p.add_argument("--out", default=None, help="edit file to write (default: prune_<concepts>.safetensors)")
     p.set_defaults(func=run)
 
@@ -43,11 +50,15 @@ def run(args) -> int:
         preset = args.preset or "custom"
     config = with_preset_defaults(PruneConfig(skill_ratio=args.skill_ratio, tau=args.tau, steps=args.steps,
                                               cfg=args.cfg, seed=args.seed, batch_size=args.batch_size,
-                                              full_trajectory=args.full_trajectory), preset)
+                                              full_trajectory=args.full_trajectory, select_ratio=args.select_ratio,
+                                              official=args.official), preset)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     job = ConceptPruneJob(concepts=args.concept, preset=preset, pairs_text=pairs_text, settings=config)
-    edit = concept_prune(model, clip, job, terminal_context()).edit
+    result = concept_prune(model, clip, job, terminal_context())
+    edit = result.edit
+    for w in result.warnings:
+        log.warning("%s", w)
     out = args.out or "prune_" + "_".join(c.replace(" ", "-") for c in args.concept)[:80] + ".safetensors"
     edit.save(out)
     m = edit.metrics

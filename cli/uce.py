@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, TOKEN_WINDOWS
+    from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, OFFICIAL, OFFICIAL_SOURCES, TOKEN_WINDOWS
     from .common import add_model_arg
     p = sub.add_parser("uce", help="closed-form cross-attention edit (UCE): erase/redirect/debias/moderate concepts")
     add_model_arg(p)
@@ -20,19 +20,28 @@ def register(sub) -> None:
                         "column is the concept and optional second column its target")
     p.add_argument("--mode", choices=MODES, default="erase")
     p.add_argument("--guide", default="", help="erase/redirect target ('' = unconditional); debias: 'a:0.5, b:0.5'")
-    p.add_argument("--preserve", default="", help="a .txt file of concepts to keep unchanged (added to the defaults)")
+    p.add_argument("--preserve", default="", help="a .txt file of concepts to keep unchanged (added to the defaults; "
+                   "under --official a line \"\" is the empty prompt)")
     p.add_argument("--no-default-preserve", action="store_true", help="do not add the ~30 generic preserve prompts")
     p.add_argument("--lam", type=float, default=0.5)
     p.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
                    help="absolute: the paper's λ; relative: λ per unit of the text rows' mean square (scale-free)")
     p.add_argument("--erase-scale", type=float, default=1.0)
-    p.add_argument("--preserve-scale", type=float, default=0.1)
+    p.add_argument("--preserve-scale", type=float, default=None,
+                   help="s_p; left out: the procedure's own default (off 0.1, uce_sd_erase 1, train_erase "
+                        "max(0.1, 1 / (1 + preserve prompts)))")
     p.add_argument("--token-window", choices=TOKEN_WINDOWS, default="auto")
     p.add_argument("--expand", choices=tuple(EXPANSIONS), default="none",
                    help="also edit each concept in the official templates (artist: 'painting by X', ...; the empty "
                         "guide becomes 'art'; object: 'photo of X', ...)")
     p.add_argument("--empty-guide", choices=EMPTY_GUIDES, default="eos",
                    help="last window, empty guide: map to the empty prompt's EOS (eos) or BOS (bos, the official code)")
+    p.add_argument("--no-preserve-unconditional", action="store_true",
+                   help="keep only the empty prompt's BOS, not its keys/values at every edited position")
+    p.add_argument("--official", choices=OFFICIAL, default="off",
+                   help="follow an official script of rohitgandikota/unified-concept-editing instead of the pack's "
+                        "choices (token positions, preserve handling, absolute λ; concepts, guide, preserve, λ, scales "
+                        "and --expand stay yours): " + "; ".join(f"{k}: {v}" for k, v in OFFICIAL_SOURCES.items()))
     g = p.add_argument_group("closed-loop debias (--mode debias --loop): edit, generate, judge, re-solve")
     g.add_argument("--loop", action="store_true",
                    help="iterate the debias edit until every option's share is within --tolerance of its weight")
@@ -68,17 +77,26 @@ def read_concepts(path: str) -> list[str]:
         return out
 
 
+def settings(args, concepts: list[str], preserve: list[str]):
+    """The UCEConfig of a parsed `uce` command line, given its concept and preserve lines."""
+    from ..editing.uce.closed_form import UCEConfig, script_preserve_scale
+    config = UCEConfig(concepts=concepts, mode=args.mode, guide=args.guide, preserve=preserve,
+                       default_preserve=not args.no_default_preserve, lam=args.lam, lam_mode=args.lam_mode,
+                       erase_scale=args.erase_scale, token_window=args.token_window, expand=args.expand,
+                       empty_guide=args.empty_guide, preserve_unconditional=not args.no_preserve_unconditional,
+                       official=args.official)
+    if args.preserve_scale is not None:
+        config.preserve_scale = args.preserve_scale
+    else:
+        config.preserve_scale = script_preserve_scale(args.official, preserve)
+    return config
+
+
 def run(args) -> int:
-    from ..editing.uce.closed_form import UCEConfig
     from ..comfy_host.jobs import UCEJob, uce
     from .common import load_clip_vision, load_model, terminal_context
 
-    config = UCEConfig(concepts=read_concepts(args.concepts), mode=args.mode, guide=args.guide,
-                       preserve=read_concepts(args.preserve) if args.preserve else [],
-                       default_preserve=not args.no_default_preserve, lam=args.lam, lam_mode=args.lam_mode,
-                       erase_scale=args.erase_scale,
-                       preserve_scale=args.preserve_scale, token_window=args.token_window, expand=args.expand,
-                       empty_guide=args.empty_guide)
+    config = settings(args, read_concepts(args.concepts), read_concepts(args.preserve) if args.preserve else [])
     config.validate()
     job = UCEJob(settings=config)
     if args.loop:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     from ..editing.training import PARAM_SETS
-    from ..editing.unlearn.trainer import ESD_PROMPTS, ESD_XT, METHODS, PRESETS, RETAIN_PAIRINGS, UnlearnConfig
+    from ..editing.unlearn.trainer import (ESD_PROMPTS, ESD_XT, METHODS, OFFICIAL, PRESETS, RETAIN_PAIRINGS,
+                                           UnlearnConfig)
     from .common import add_model_arg
     d = UnlearnConfig()
     p = sub.add_parser("unlearn", help="erase a concept by fine-tuning (RGD, gradient ascent or ESD); LoRA by default")
@@ -49,6 +50,9 @@ def register(sub) -> None:
                         "generated images noised at random t")
     p.add_argument("--esd-prompt", choices=ESD_PROMPTS, default=d.esd_prompt,
                    help="ESD's c: the bare concept (default) or the templated forget prompts")
+    p.add_argument("--official", choices=OFFICIAL, default=d.official,
+                   help="esd: each step as ESD's train-esd.py (needs --method esd); rgd: as Ko et al.'s nsfw_RGD.py "
+                        "with run-surgery.sh (needs --method rgd); both fine-tune the layers in full")
     p.add_argument("--cache-dir", default=None, help="keep the generated training latents here (safetensors)")
     p.add_argument("--out", default=None, help="edit file to write (default: unlearn_<method>_<concept>.safetensors)")
     p.set_defaults(func=run)
@@ -72,7 +76,7 @@ def run(args) -> int:
                         truncation=args.truncation, ga_retain_weight=args.ga_retain_weight, eta=args.eta,
                         gen_cfg=args.gen_cfg, cache_dir=args.cache_dir, retain_pairing=args.retain_pairing,
                         esd_xt=args.esd_xt, esd_prompt=args.esd_prompt, esd_ddim_steps=args.esd_ddim_steps,
-                        esd_cfg=args.esd_cfg).validate()
+                        esd_cfg=args.esd_cfg, official=args.official).validate()
     acc = None
     ctx = terminal_context()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)

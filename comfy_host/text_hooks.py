@@ -326,9 +326,12 @@ class ComfyTextModel:
         if getattr(self.clip, "layer_idx", None) is not None:  # CLIPSetLastLayer
             csm.set_clip_options({"layer": self.clip.layer_idx})
 
-    def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, encoder: str, ids: torch.Tensor, masked: bool | None = None,
+                projected: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One encoder as `SDClipModel.forward` runs it (layer choice, CLIP skip, projected pooled); on the
-        single path its part is the model's whole context (`_context_rows`)."""
+        single path its part is the model's whole context (`_context_rows`). `masked` / `projected`
+        (None: as ComfyUI runs this encoder): the tokens after EOS masked as keys, the pooled output
+        projected or not (EMCID's official stage 1 runs the CLIP as HF's CLIPTextModel does)."""
         self.load()
         self._options()
         if self.path == "single":
@@ -337,7 +340,8 @@ class ComfyTextModel:
         ids = ids.to(self.device)
         # a T5 loaded with its attention mask on (SD3's t5_attention_mask, some Flux loaders) attends
         # only up to EOS, and ComfyUI may zero the masked rows: both as `SDClipModel.forward` does
-        masked, zero = getattr(m, "enable_attention_masks", False), getattr(m, "zero_out_masked", False)
+        masked = getattr(m, "enable_attention_masks", False) if masked is None else masked
+        zero = getattr(m, "zero_out_masked", False)
         mask = _attention_mask(m, ids) if masked or zero else None
         with _ln_input_copies(m.transformer) if torch.is_grad_enabled() else _nothing():
             out = m.transformer(ids, mask if masked else None, intermediate_output=m.layer_idx,
@@ -346,7 +350,8 @@ class ComfyTextModel:
         if zero:
             z = z * mask.unsqueeze(-1).to(z.dtype)
         pooled = None
-        if len(out) >= 4 and not m.return_projected_pooled and out[3] is not None:
+        projected = m.return_projected_pooled if projected is None else projected
+        if len(out) >= 4 and not projected and out[3] is not None:
             pooled = out[3].float()
         elif len(out) >= 3 and out[2] is not None:
             pooled = out[2].float()

@@ -3,7 +3,7 @@ from the full teacher while the concept is erased from it."""
 from __future__ import annotations
 
 from ..comfy_host.jobs import DistillJob, distill_unlearn
-from ..editing.distill.bilevel import FEATURE_KD, KEEP_PRUNED, DistillConfig
+from ..editing.distill.bilevel import FEATURE_KD, KEEP_PRUNED, OFFICIAL, DistillConfig
 from ..editing.training import PARAM_SETS
 from ..editing.report.plots import history_plot
 from .common import CATEGORY, EDIT, prompt_lines, size_inputs
@@ -38,9 +38,11 @@ class DistillUnlearn:
                                                       "templated erase prompts."}),
             "steps": ("INT", {"default": 100, "min": 1, "max": 100000, "tooltip": "Optimiser steps in all."}),
             "erase_every": ("INT", {"default": 10, "min": 2, "max": 1000,
-                                    "tooltip": "Every n-th step is an erase step (10: 9 distillation steps, then 1)."}),
+                                    "tooltip": "Every n-th step is an erase step (10: 9 distillation steps, then "
+                                               "1); official bilevel adds it after every n-th distillation step."}),
             "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
-                             "tooltip": "Learning rate of both optimisers (distillation and erase)."}),
+                             "tooltip": "Learning rate of the distillation optimiser, and of the erase one "
+                                        "unless erase_lr is set."}),
             "params": (list(PARAM_SETS), {"default": "lora", "tooltip": "What trains (as in Unlearn Concept)."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (lora sets only)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of prompts, pictures and noise."}),
@@ -62,15 +64,27 @@ class DistillUnlearn:
                                         "tooltip": "Min-SNR-γ weighting of the diffusion loss (5 as in the paper); "
                                                    "0 = the model's own objective (ε-MSE; velocity MSE on Flux / SD3)."}),
             **size_inputs("the teacher generates for training"),
+            "erase_lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                   "tooltip": "Learning rate of the erase optimiser; 0 = lr (the official configs: "
+                                              "1e-6 distillation, 5e-6 erase)."}),
+            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                     "tooltip": "Linear warm-up of both learning rates over this many of each "
+                                                "optimiser's steps (the official configs: 250); 0 = none."}),
+            "official": (list(OFFICIAL), {"default": "off", "tooltip": (
+                "off: the pack's procedure. bilevel: the loop of the official code (rezashkv/unlearn-ft "
+                "BilevelUnetFineTuner @7a9f282d): a distillation step every step plus an erase step after every "
+                "erase_every-th, η 1, shuffled batches without replacement, the student's layers fine-tuned in full "
+                "(no LoRA), pruned weights kept at zero. Steps, lrs, warm-up, loss weights, γ stay yours.")}),
         }}
 
     def execute(self, student, teacher, clip, concept, distill_prompts, steps, erase_every, lr, params, rank, seed,
                 batch=4, n_prompts=16, gen_steps=20, keep_pruned="mask", feature_kd="levels", min_snr_gamma=5.0,
-                width=0, height=0):
-        cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=lr, param_set=params,
-                            rank=rank, seed=seed, batch=batch, n_prompts=n_prompts, gen_steps=gen_steps,
-                            erase=bool(concept.strip()), keep_pruned=keep_pruned, feature_kd=feature_kd,
-                            min_snr_gamma=min_snr_gamma)
+                width=0, height=0, erase_lr=0.0, warmup_steps=0, official="off"):
+        cfg = DistillConfig(steps=steps, erase_every=erase_every, lr_distill=lr, lr_erase=erase_lr or lr,
+                            param_set=params, rank=rank, seed=seed, batch=batch, n_prompts=n_prompts,
+                            gen_steps=gen_steps, erase=bool(concept.strip()), keep_pruned=keep_pruned,
+                            feature_kd=feature_kd, min_snr_gamma=min_snr_gamma, warmup_steps=warmup_steps,
+                            official=official)
         job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=prompt_lines(distill_prompts),
                          width=width, height=height)
         out, _clip, edit, _warnings = distill_unlearn(student, clip, job)

@@ -6,7 +6,7 @@ import os
 
 from ..comfy_host.jobs import EmcidJob, emcid
 from ..editing.emcid.presets import FAMILY_DEFAULTS
-from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, LAM_MODES, RESIDUALS, EmcidConfig, parse_pairs
+from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, LAM_MODES, OFFICIAL, RESIDUALS, EmcidConfig, parse_pairs
 from .common import CATEGORY, EDIT, size_inputs
 
 
@@ -101,15 +101,30 @@ class TextEncoderEdit:
                                                       "the paper's λ as written (4000-10000 on real CLIPs), and 0 the "
                                                       "official number. The report shows both for every encoder."}),
             **size_inputs("stage 1 draws of each source concept"),
+            "official": (list(OFFICIAL), {"default": "off",
+                                          "tooltip": "off: the pack's defaults. emcid: the official EMCID code's procedure "
+                                                     "(github SilentView/EMCID, commit 10a392a: emcid_main.py, compute_z.py, "
+                                                     "layer_stats.py) for these concepts, prompts, λ and steps: its "
+                                                     "SD1.4/SDXL hyper-parameters (also on other SD-style models), λ "
+                                                     "absolute (0 = 4000; SDXL 4000 / 10000), C0 from 100k captions in "
+                                                     "float32, stage 1 always on with 50-step CFG 7.5 pictures, prompts "
+                                                     "padded to the longest and masked, HF's pooled outputs, h from the "
+                                                     "first prompt. Settings it has no place for are ignored and named in "
+                                                     "the report's warnings. Refused on T5/LLM encoders (no official code)."}),
+            "stage1_batch": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                     "tooltip": "Stage 1: how many concepts are optimised together (one denoiser pass "
+                                                "for all of them per step; the same targets as one at a time). 0 = "
+                                                "automatic (from free GPU memory; 8 on a CPU), 1 = one at a time."}),
         }}
 
     def execute(self, clip, model, concepts: str, lam: float, steps: int, use_stage1: bool,
                 templates: str | None = None, seed: int = 0, residual: str = "auto", lam_mode: str = "relative",
-                width: int = 0, height: int = 0):
+                width: int = 0, height: int = 0, official: str = "off", stage1_batch: int = 0):
         tpl = tuple(t.strip() for t in (templates or "").splitlines() if t.strip()) or DEFAULT_TEMPLATES
         # 0 = the model family's default; the values used are in the edit's params
         cfg = EmcidConfig(lam=lam or None, lam_mode=lam_mode, steps=steps or None, use_stage1=use_stage1,
-                          templates=tpl, seed=seed, residual=None if residual == "auto" else residual)
+                          templates=tpl, seed=seed, residual=None if residual == "auto" else residual,
+                          official=official, stage1_batch=stage1_batch)
         _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
                                                                         cache_dir=emcid_cache_dir(), width=width,
                                                                         height=height))

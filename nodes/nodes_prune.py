@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..comfy_host.jobs import ConceptPruneJob, concept_prune
-from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
+from ..editing.concept_prune.prune import OFFICIAL, OFFICIAL_SOURCE, PruneConfig, with_preset_defaults
 from ..editing.prompts import PRESET_NAMES, defaults
 from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input
 
@@ -60,13 +60,21 @@ class ConceptPrune:
                                    "tooltip": "Prompts generated together; lower it if memory runs out."}),
             "strength": strength_input(),
             **size_inputs("the calibration generates"),
+            "official": (list(OFFICIAL), {"default": "off",
+                                          "tooltip": "off: the pack's procedure. concept-prune: the authors' code "
+                                                     "(" + OFFICIAL_SOURCE + "): calibration with SD1.x's PNDM sampler "
+                                                     "(50 steps = 51 UNet evaluations; τ counts evaluations), float16 "
+                                                     "seed noise, the empty negative, column norms summed over all "
+                                                     "tokens, k = int(ratio·4d) with no minimum. Concepts, prompt "
+                                                     "pairs, ratio, τ, steps, CFG and seed stay yours; the paper's "
+                                                     "prompt lists are not bundled (give them as pairs)."}),
         }}
 
     def execute(self, model, clip, concepts, preset, skill_ratio, tau, steps, cfg, seed, pairs="", batch_size=4,
-                strength=1.0, width=0, height=0):
+                strength=1.0, width=0, height=0, official="off"):
         # 0 = the preset's default; the values used are in the edit's params
         config = with_preset_defaults(PruneConfig(skill_ratio=skill_ratio, tau=tau, steps=steps, cfg=cfg, seed=seed,
-                                                  batch_size=batch_size), preset)
+                                                  batch_size=batch_size, official=official), preset)
         job = ConceptPruneJob(concepts=concepts_from_text(concepts), preset=preset, pairs_text=pairs, settings=config,
                               strength=strength, width=width, height=height)
         patched, _clip, edit, _warnings = concept_prune(model, clip, job)

@@ -5,7 +5,8 @@ import os
 
 from ..comfy_host.jobs import UCEJob, export_lora, uce
 from ..editing.export.lora import DTYPES, LoraExportConfig
-from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, LAM_MODES, MODES, TOKEN_WINDOWS, UCEConfig
+from ..editing.uce.closed_form import (EMPTY_GUIDES, EXPANSIONS, LAM_MODES, MODES, OFFICIAL, OFFICIAL_SOURCES,
+                                       TOKEN_WINDOWS, UCEConfig)
 from ..editing.uce.debias import DebiasConfig, report_text
 from .common import CATEGORY, CFG_NOTE, EDIT, concepts_from_text, size_inputs, strength_input, unique_path
 
@@ -15,6 +16,18 @@ LAM_MODE_TIP = ("How lam counts. absolute: the paper's λ, in the squared units 
                 "edit reads, so a value means the same on a text encoder whose outputs are larger or smaller "
                 "(about 1 on layer-normed CLIP outputs, where both give nearly the same edit). The edit's metrics "
                 "(lam_used) record both.")
+
+
+OFFICIAL_TIP = ("off: the pack's procedure. Any other value runs an official script of "
+                "rohitgandikota/unified-concept-editing step by step: "
+                + "; ".join(f"{k}: {v}" for k, v in OFFICIAL_SOURCES.items())
+                + ". concepts, guide, preserve, lam, the scales and expand stay yours (the scripts' defaults: lam 0.5, "
+                "erase_scale 1, preserve_scale 1 in uce_sd_erase, max(0.1, 1/(1 + preserve prompts)) in train_erase); "
+                "the script decides the rest: uce_sd_erase edits each concept's last word token (an empty guide: "
+                "BOS), train_erase its last word through the padding lined up with the guide's; the preserve lines "
+                "are used as given (repeats counted, a line \"\" is the empty prompt), with no default prompts and "
+                "no extra empty-prompt rows (train_erase always keeps \"\" at every position). Changed settings "
+                "the script has no place for are ignored and named in the edit's warnings.")
 
 
 def loras_dir() -> str:
@@ -62,7 +75,9 @@ class CrossAttentionEdit:
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05,
                                       "tooltip": "Weight of the edited concepts' targets (s_e)."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.05,
-                                         "tooltip": "Weight of keeping the preserve prompts unchanged (s_p)."}),
+                                         "tooltip": "Weight of keeping the preserve prompts unchanged (s_p). The "
+                                                    "official scripts' default is 1 (uce_sd_erase; erase_scale 1 too): "
+                                                    "set it when official is on."}),
             "token_window": (list(TOKEN_WINDOWS), {"default": "auto", "tooltip": "auto: aligned on CLIP text, eos on "
                              "T5 text (Flux, SD3); aligned: edit the concept's words, EOS and padding (strongest on "
                              "CLIP); eos: its words through EOS (cheapest for thousands of concepts); last: only the "
@@ -85,16 +100,23 @@ class CrossAttentionEdit:
                                  "different prompts point almost the same way, so this edit moves every prompt, and "
                                  "on the tiny Flux it weakened the erasure."}),
             "lam_mode": (list(LAM_MODES), {"default": "absolute", "tooltip": LAM_MODE_TIP}),
+            "preserve_unconditional": ("BOOLEAN", {"default": True, "tooltip": "Keep the empty prompt's keys/values "
+                                       "at every position the edit touches, not only its BOS: classifier-free "
+                                       "guidance subtracts the empty prompt from every prompt, so a moved one shifts "
+                                       "them all. Off: only its BOS is kept."}),
+            "official": (list(OFFICIAL), {"default": "off", "tooltip": OFFICIAL_TIP}),
         }}
 
     def execute(self, model, clip, concepts, mode, guide, preserve, default_preserve, lam, erase_scale,
                 preserve_scale, token_window, expand="none", empty_guide="eos", harden_rounds=0,
-                edit_text_tokens=True, edit_text_pooled=False, lam_mode="absolute"):
+                edit_text_tokens=True, edit_text_pooled=False, lam_mode="absolute", preserve_unconditional=True,
+                official="off"):
         cfg = UCEConfig(concepts=concepts_from_text(concepts), mode=mode, guide=guide, preserve=concepts_from_text(preserve),
                         default_preserve=default_preserve, lam=lam, lam_mode=lam_mode, erase_scale=erase_scale,
                         preserve_scale=preserve_scale, token_window=token_window, expand=expand,
                         empty_guide=empty_guide, harden_rounds=harden_rounds, edit_text_tokens=edit_text_tokens,
-                        edit_text_pooled=edit_text_pooled)
+                        edit_text_pooled=edit_text_pooled, preserve_unconditional=preserve_unconditional,
+                        official=official)
         out = uce(model, clip, UCEJob(settings=cfg))
         return (out.model, out.edit)
 

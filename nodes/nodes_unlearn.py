@@ -13,7 +13,7 @@ from ..editing.errors import InvalidInputError
 from ..editing.training import PARAM_SETS
 from ..editing.report.plots import audit_plot, history_plot
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
-from ..editing.unlearn.trainer import METHODS, PRESETS, RETAIN_PAIRINGS, preset_config
+from ..editing.unlearn.trainer import METHODS, OFFICIAL, PRESETS, RETAIN_PAIRINGS, preset_config
 from .common import CATEGORY, CONCEPT_PROMPTS, EDIT, audited_inputs, prompt_lines, size_inputs
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,21 @@ class TrainUnlearn:
                 "RGD/GA retain batch: twins = each forget prompt's concept-free twin (Ko et al.), plus some of "
                 "your retain prompts; independent = a random draw from all retain prompts.")}),
             **size_inputs("it trains on"),
+            "official": (list(OFFICIAL), {"default": "off", "tooltip": (
+                "off: the pack's procedure. esd: each step as Gandikota et al.'s train-esd.py (rohitgandikota/"
+                "erasing @b8aeab6d): batch 1, x_t from the model's own DDIM sample of the concept (ldm schedule), "
+                "plain ε-MSE, the chosen layers fine-tuned in full (no LoRA); needs method esd. rgd: as Ko et al.'s "
+                "nsfw_RGD.py with run-surgery.sh (reds-lab/Restricted_gradient_diversity_unlearning @0075ecbb): "
+                "forget/retain twins in order, ldm loss, truncation and projection as the script, full fine-tuning; "
+                "needs method rgd. Steps, lr, η, α, m, batch stay yours.")}),
         }}
 
     def execute(self, model, clip, concept, retain_prompts, method, params, steps, lr, rank, seed, alpha=1.6,
                 truncation=1.1, eta=1.0, forget_objective="ascent", batch=4, n_prompts=16, gen_steps=20,
-                preset="custom", retain_pairing="twins", width=0, height=0):
+                preset="custom", retain_pairing="twins", width=0, height=0, official="off"):
         cfg = preset_config(preset, method=method, param_set=params, steps=steps, lr=lr, rank=rank, seed=seed,
                             alpha=alpha, truncation=truncation, eta=eta, forget_objective=forget_objective, batch=batch,
-                            n_prompts=n_prompts, gen_steps=gen_steps, retain_pairing=retain_pairing)
+                            n_prompts=n_prompts, gen_steps=gen_steps, retain_pairing=retain_pairing, official=official)
         out, _clip, edit, _warnings = unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, width=width, height=height,
                                                                  retain_prompts=prompt_lines(retain_prompts)))
         name = preset if preset != "custom" else f"{cfg.method} / {cfg.param_set}"
@@ -120,10 +127,15 @@ class ResurgenceAudit:
                                                                     "(else the benign prompts are the captions). Needs the VAE."}),
             "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the benign images."}),
             **size_inputs("it fine-tunes and measures on"),
+            "concept": ("STRING", {"default": "", "tooltip": "The erased concept's words (e.g. 'van gogh'; several "
+                                   "comma-separated): presence is how much more each concept prompt moves the "
+                                   "model's prediction than the same prompt without them. Empty: the connected "
+                                   "edit's concepts, or, without an edit, the empty prompt (which also counts the "
+                                   "rest of the prompt and reads little of an erasure on flow models)."}),
         }}
 
     def execute(self, edited_model, original_model, clip, concept_prompts, benign_prompts, steps, lr, rank, seed, edit=None,
-                width=0, height=0, benign_images=None, benign_folder="", vae=None):
+                width=0, height=0, benign_images=None, benign_folder="", vae=None, concept=""):
         try:
             cps = tuple(int(s) for s in steps.replace(";", ",").split(",") if s.strip())
         except ValueError:
@@ -131,7 +143,7 @@ class ResurgenceAudit:
         cfg = AuditConfig(checkpoints=cps, lr=lr, rank=rank, seed=seed)
         report = audit_models(edited_model, original_model, clip, prompt_lines(concept_prompts), prompt_lines(benign_prompts), cfg, edit,
                               latent=latent_size(width, height), vae=vae, benign_images=benign_images,
-                              benign_folder=benign_folder.strip())
+                              benign_folder=benign_folder.strip(), concept=concept.strip() or None)
         return (report.to_text(), audit_plot(report))
 
 

@@ -567,16 +567,8 @@ def test_cli_unlearn_takes_the_presets_and_the_paper_options(comfy, monkeypatch,
     from conceptedit import cli
     from conceptedit.cli import common
     from conceptedit.comfy_host import jobs
-    from conceptedit.comfy_host.jobs import JobResult
-    from conceptedit.editing.edit import Edit
     seen = []
-
-    def fake_unlearn(model, clip, job, ctx=None):
-        seen.append(job.settings)
-        return JobResult(model, clip, Edit(f"unlearn-{job.settings.method}", "tiny", {},
-                                           params={"param_set": job.settings.param_set},
-                                           metrics={"history": {"forget": [1.0, 0.5]}, "steps_per_s": 1.0}), [])
-
+    fake_unlearn = recording_unlearn(seen)
     monkeypatch.setattr(jobs, "unlearn", fake_unlearn)
     monkeypatch.setattr(common, "load_model", lambda *a, **k: ("MODEL", "CLIP"))
     out = tmp_path / "e.safetensors"
@@ -667,6 +659,11 @@ def test_unlearn_and_audit_nodes_run_in_comfyui_and_leave_input_unchanged(comfy)
         audit_node = comfy.NODE_CLASS_MAPPINGS["ConceptEditResurgenceAudit"]()
         report, aplot = audit_node.execute(out, model, clip, "a red circle", "a house", "1", 1e-3, 2, 0)
         assert "after    1 benign steps" in report and aplot.shape[-1] == 3
+        assert "against the empty prompt" in report  # read off the two models: no concept words known
+        report, _ = audit_node.execute(out, model, clip, "a red circle", "a house", "1", 1e-3, 2, 0, concept="red")
+        assert "1 of 1 concept prompts against their concept-free twin (without 'red')" in report, report
+        report, _ = audit_node.execute(out, model, clip, "a red circle", "a house", "1", 1e-3, 2, 0, edit=edit)
+        assert "concept-free twin (without 'circle')" in report, report  # the edit's own concept
     import comfy.model_management as mm
     mm.load_models_gpu([model])
     after = model.model_state_dict()
@@ -752,3 +749,17 @@ def test_cli_unlearn_data_parallel_in_two_cpu_processes(tmp_path):
     edit = Edit.load(str(out))
     assert edit.params["data_parallel_processes"] == 2 and edit.method == "unlearn-rgd"
     assert [p.name for p in tmp_path.iterdir()] == ["dp.safetensors"]  # only rank 0 wrote, only --out
+
+
+def recording_unlearn(seen: list):
+    """A stand-in for the unlearn job that records the config a node or the command line built and
+    returns an empty edit, so that tests of argument handling need no training."""
+    from conceptedit.comfy_host.jobs import JobResult
+    from conceptedit.editing.edit import Edit
+
+    def fake_unlearn(model, clip, job, ctx=None):
+        seen.append(job.settings)
+        return JobResult(model, clip, Edit(f"unlearn-{job.settings.method}", "tiny", {},
+                                           params={"param_set": job.settings.param_set},
+                                           metrics={"history": {"forget": [1.0, 0.5]}, "steps_per_s": 1.0}), [])
+    return fake_unlearn

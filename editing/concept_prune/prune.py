@@ -21,6 +21,24 @@ batched.
 Only the first τ steps feed the mask, and a step's activations do not depend on later steps, so
 by default the generations stop after τ steps: the mask is the same as with full generations
 (``full_trajectory=True`` runs them to the end and keeps statistics for every step).
+
+``official="concept-prune"`` follows the authors' code (github:ruchikachavhan/concept-prune at
+72927d9a2b518caed4e5dddd8549d04b168ad5d7: wanda/wanda.py, neuron_receivers/wanda_receiver.py,
+utils/base_utils.py, wanda/save_union_over_time.py) where the pack's defaults depart from it:
+- calibration sampler: diffusers' StableDiffusionPipeline with SD1.x's PNDM scheduler (PLMS, 50
+  steps = 51 UNet evaluations, the second timestep evaluated twice), the empty prompt as the
+  negative, CFG only when the scale is above 1; "step" t of the statistics and of τ is the UNet
+  evaluation index. Off: the host's sampler (ComfyUI's euler / normal), one step per evaluation.
+- noise: ``torch.manual_seed(seed)`` then one float16 draw on the compute device per generation
+  (off: ComfyUI's float32 CPU noise of the seed; on a CPU the two differ by float16 rounding only).
+- column norm: √Σ_tokens (x_j/‖x‖)² summed over every token, both CFG halves and every prompt, with
+  F.normalize's ε = 1e-12 on ‖x‖ (off: the RMS over the tokens, ε = 1e-6 on ‖x‖). The mask is the
+  same whenever concept and reference saw as many tokens, as paired prompts do; the scores differ
+  by √tokens.
+- k = int(skill_ratio · 4d) per row, possibly 0 (off: at least 1).
+Both: top-k of each row by concept score among those that beat the reference score, per step; a
+weight is pruned when skilled at more than select_ratio · τ of the first τ steps (0: the union);
+the union over concepts.
 """
 from __future__ import annotations
 
@@ -36,11 +54,20 @@ from ..arch import UNET_PREFIX, Family
 from ..edit import Change, Edit
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs
-from ..hosts import Denoiser, RunContext, base_weights
+from ..hosts import Denoiser, RunContext, TextEncoder, base_weights, cat_y, conditioning, latent_shape
 
 log = logging.getLogger(__name__)
 
 METHOD = "concept_prune"
+# "off": the pack's procedure; "concept-prune": the authors' code (see the module docstring)
+OFFICIAL = ("off", "concept-prune")
+OFFICIAL_SOURCE = ("github:ruchikachavhan/concept-prune at commit 72927d9a2b518caed4e5dddd8549d04b168ad5d7: "
+                   "wanda/wanda.py, neuron_receivers/wanda_receiver.py, utils/base_utils.py, "
+                   "wanda/save_union_over_time.py; diffusers' StableDiffusionPipeline + PNDMScheduler (SD1.x config)")
+# what wanda/wanda.py's pipeline call runs with (StableDiffusionPipeline's defaults, never overridden)
+OFFICIAL_STEPS, OFFICIAL_CFG = 50, 7.5
+# utils/base_utils.py: the StableDiffusionPipeline model ids the official scripts load
+OFFICIAL_FAMILIES = ("sd1", "sd2")
 
 
 @dataclass
@@ -55,23 +82,40 @@ class PruneConfig:
     batch_size: int = 8         # prompts per generation call (speed and memory only; the mask is the same)
     negative: str = ""
     full_trajectory: bool = False  # run every step even though only the first τ matter
+    select_ratio: float = 0.0   # pruned when skilled at more than select_ratio·τ of the first τ steps (0: the union)
+    official: str = "off"       # one of OFFICIAL: "concept-prune" runs the authors' procedure
 
     def validate(self) -> None:
+        if self.official not in OFFICIAL:
+            raise InvalidInputError(f"official must be one of {', '.join(map(repr, OFFICIAL))}, got {self.official!r}: "
+                                    "'off' for the pack's procedure, 'concept-prune' for the authors' code")
         if not 0.0 < self.skill_ratio <= 1.0:
             raise InvalidInputError(f"skill_ratio must be in (0, 1], got {self.skill_ratio}; the paper uses 0.01-0.02")
         if self.steps < 1:
             raise InvalidInputError(f"steps must be at least 1, got {self.steps}")
-        if not 1 <= self.tau <= self.steps:
+        n = self.evaluations
+        if not 1 <= self.tau <= n:
+            what = (f"the {n} UNet evaluations of {self.steps} PNDM steps" if self.official != "off"
+                    else f"steps={self.steps}")
             raise InvalidInputError(f"tau (the number of early steps whose skilled weights are pruned) must be "
-                                    f"between 1 and steps={self.steps}, got {self.tau}")
+                                    f"between 1 and {what}, got {self.tau}")
+        if not 0.0 <= self.select_ratio < 1.0:
+            raise InvalidInputError(f"select_ratio must be in [0, 1), got {self.select_ratio}; 0 (every published "
+                                    "run) prunes the union of the first τ steps' skilled weights")
         if self.cfg < 0:
             raise InvalidInputError(f"cfg must be >= 0, got {self.cfg}")
         if self.batch_size < 1:
             raise InvalidInputError(f"batch_size must be at least 1, got {self.batch_size}")
 
     @property
+    def evaluations(self) -> int:
+        """Model evaluations of one calibration generation, the "steps" the statistics and τ count:
+        `steps` for the host's sampler; the PNDM schedule's length (steps + 1) for official."""
+        return len(plms_timesteps(self.steps)) if self.official != "off" else self.steps
+
+    @property
     def kept_steps(self) -> int:
-        return self.steps if self.full_trajectory else self.tau
+        return self.evaluations if self.full_trajectory else self.tau
 
 
 def with_preset_defaults(cfg: PruneConfig, preset: str) -> PruneConfig:
@@ -88,13 +132,17 @@ def with_preset_defaults(cfg: PruneConfig, preset: str) -> PruneConfig:
 class FFNStatistics:
     """Running sums, per ``ff.net.2`` module, of the squared per-token-normalised inputs, one row
     per denoising step: ``sumsq[name][t, j] = Σ_tokens (x_j / ‖x‖)²`` and ``rows[name][t]`` the
-    number of tokens summed. Buffers live where the activations are (allocated on first use)."""
+    number of tokens summed. Buffers live where the activations are (allocated on first use).
+
+    ``eps`` bounds ‖x‖² from below (1e-12, i.e. ‖x‖ ≥ 1e-6; official: F.normalize's 1e-12 on ‖x‖,
+    1e-24 here). ``mean``: `norms` is the RMS over the tokens (True) or the official √Σ (False)."""
 
     def __init__(self, names: Sequence[str], steps: int, eps: float = 1e-12,
-                 columns: Mapping[str, tuple[int, int]] | None = None):
+                 columns: Mapping[str, tuple[int, int]] | None = None, mean: bool = True):
         self.names = list(names)
         self.steps = steps
         self.eps = eps
+        self.mean = mean
         self.step = 0
         self.sumsq: dict[str, torch.Tensor] = {}
         self.rows: dict[str, list[int]] = {n: [0] * steps for n in self.names}
@@ -122,11 +170,16 @@ class FFNStatistics:
         self.rows[name][t] += x.shape[0]  # a shape, known on the host: no device sync
 
     def norms(self) -> dict[str, torch.Tensor]:
-        """‖X_j‖₂ per step as an RMS over the tokens seen: [steps, 4d] per layer."""
+        """‖X_j‖₂ per step, [steps, 4d] per layer: an RMS over the tokens seen (so concept and
+        reference sets of different sizes compare fairly), or with ``mean=False`` the official
+        column norm √Σ_tokens over every token of every prompt."""
         out = {}
         for n in self.names:
             if n not in self.sumsq:
                 raise InvalidInputError(f"no activations reached {n}; the model did not run its FFN layers")
+            if not self.mean:
+                out[n] = self.sumsq[n].sqrt()
+                continue
             rows = torch.tensor(self.rows[n], dtype=torch.float32, device=self.sumsq[n].device).clamp_min(1)
             out[n] = (self.sumsq[n] / rows[:, None]).sqrt()
         return out
@@ -142,11 +195,19 @@ class _EnoughSteps(Exception):
 def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module], names: Sequence[str],
                        prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
                        progress: tuple[int, int] | None = None,
-                       columns: Mapping[str, tuple[int, int]] | None = None) -> FFNStatistics:
+                       columns: Mapping[str, tuple[int, int]] | None = None,
+                       text: TextEncoder | None = None) -> FFNStatistics:
     """Generate every prompt (batches of ``cfg.batch_size``, each prompt from the noise of ``cfg.seed``)
     with hooks on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
-    (steps done before, total steps) for ctx.report across several calls."""
-    stats = FFNStatistics(names, cfg.kept_steps, columns=columns)
+    (steps done before, total steps) for ctx.report across several calls. With ``cfg.official`` the
+    generations are the official pipeline's (`official_generate`, through `denoiser.eps` and `text`,
+    default ``denoiser.text``) and the statistics its column norms."""
+    official = cfg.official != "off"
+    if official:
+        text = _official_host(denoiser, text)
+        stats = FFNStatistics(names, cfg.kept_steps, eps=OFFICIAL_NORM_EPS ** 2, columns=columns, mean=False)
+    else:
+        stats = FFNStatistics(names, cfg.kept_steps, columns=columns)
     done, total = progress or (0, _n_batches(len(prompts), cfg) * cfg.kept_steps)
     state = {"done": done}
 
@@ -162,8 +223,12 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
             ctx.check()
             batch = list(prompts[b:b + cfg.batch_size])
             try:
-                denoiser.sample(batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed, negative=cfg.negative,
-                                on_step=on_step, noise_per_prompt=True)
+                if official:
+                    official_generate(denoiser, text, batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed,
+                                      on_step=on_step, ctx=ctx)
+                else:
+                    denoiser.sample(batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed, negative=cfg.negative,
+                                    on_step=on_step, noise_per_prompt=True)
             except _EnoughSteps:
                 pass
             state["done"] += cfg.kept_steps  # (the last step has no on_step after it)
@@ -175,32 +240,150 @@ def _n_batches(n: int, cfg: PruneConfig) -> int:
     return (n + cfg.batch_size - 1) // cfg.batch_size
 
 
+# ---- the official calibration generation ---------------------------------------------------------
+OFFICIAL_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default ε on ‖x‖
+
+
+def plms_timesteps(steps: int, n_train: int = 1000, offset: int = 1) -> list[int]:
+    """The timesteps diffusers' PNDMScheduler evaluates with SD1.x's scheduler config (skip_prk_steps,
+    "leading" spacing, steps_offset 1): i·⌊n_train/steps⌋ + 1 for i = steps−1 … 0, the second one
+    twice (PLMS's warm-up evaluates it again). 50 steps: 981, 961, 961, 941, …, 21, 1."""
+    stride = n_train // steps
+    if stride < 1:
+        raise InvalidInputError(f"the official PNDM schedule needs steps <= {n_train} (the model's timesteps), "
+                                f"got {steps}")
+    up = [i * stride + offset for i in range(steps)]
+    return (up[:-1] + up[-2:-1] + up[-1:])[::-1]
+
+
+class PLMS:
+    """Pseudo linear multistep in ε (PNDM with skip_prk_steps, the sampler diffusers runs SD1.x with):
+    `step(eps, t, x)` for the timesteps of `plms_timesteps`, in order, returns the next x.
+
+    The first step is a plain one; the second evaluation, at the step it led to, replaces it by a
+    step from the first x with the mean of both ε; then Adams–Bashforth of order 2, 3 and 4 over the
+    ε kept (every evaluation's but the warm-up's second). The move from t to t' with ε is
+    PNDM's formula (9): x' = √(ᾱ'/ᾱ) x − (ᾱ' − ᾱ) ε / (ᾱ √(1−ᾱ') + √(ᾱ (1−ᾱ) ᾱ')), with ᾱ₀ below
+    t = 0 (set_alpha_to_one False)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, steps: int):
+        self.ac = alphas_cumprod.float()
+        self.stride = len(self.ac) // steps
+        self.kept: list[torch.Tensor] = []
+        self.first: torch.Tensor | None = None
+        self.count = 0
+
+    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        if self.count == 1:
+            src, dst, e, x = t + self.stride, t, (eps + self.kept[-1]) / 2, self.first
+            self.first = None
+        else:
+            self.kept = self.kept[-3:] + [eps]
+            src, dst, h = t, t - self.stride, self.kept
+            if self.count == 0:
+                e, self.first = eps, x
+            elif len(h) == 2:
+                e = (3 * h[-1] - h[-2]) / 2
+            elif len(h) == 3:
+                e = (23 * h[-1] - 16 * h[-2] + 5 * h[-3]) / 12
+            else:
+                e = (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
+        self.count += 1
+        a = self.ac[src].to(x.device)
+        a_prev = self.ac[max(dst, 0)].to(x.device)
+        denom = a * (1 - a_prev).sqrt() + (a * (1 - a) * a_prev).sqrt()
+        return (a_prev / a).sqrt() * x - (a_prev - a) * e / denom
+
+
+def official_noise(shape: Sequence[int], seed: int, device: torch.device | str) -> torch.Tensor:
+    """The starting latent of every official calibration generation: after ``torch.manual_seed(seed)``
+    the pipeline draws ``randn([1, *shape])`` in float16 on its device (a CUDA draw there; on a CPU,
+    the CPU draw, which is ComfyUI's float32 noise of the seed rounded to float16). Float32 out."""
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=g, device=device, dtype=torch.float16).float()
+
+
+def official_generate(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+                      on_step=None, ctx: RunContext | None = None) -> torch.Tensor:
+    """wanda/wanda.py's generation of each prompt: StableDiffusionPipeline's defaults (PNDM /
+    `PLMS` over `plms_timesteps`, guidance when cfg > 1 with the empty prompt's embedding as the
+    unconditional half, which goes first in the one UNet call per evaluation), each prompt from
+    `official_noise`, through ``host.eps`` (ε for any prediction type). ``on_step(i)`` runs before
+    evaluation i. Returns the final latents (the UNet's scale)."""
+    ac = host.alphas_cumprod().float()
+    ts = plms_timesteps(steps, len(ac))
+    n = len(prompts)
+    cond, y = conditioning(host, text, prompts)
+    guided = cfg > 1
+    if guided:
+        uncond, y_uncond = conditioning(host, text, [""] * n)
+        context, y_both = torch.cat([uncond, cond]), cat_y(y_uncond, y)
+    x = official_noise(latent_shape(host), seed, cond.device).expand(n, *latent_shape(host)).clone()
+    sampler = PLMS(ac.to(x.device), steps)
+    for i, t in enumerate(ts):
+        if ctx is not None:
+            ctx.check()
+        if on_step is not None:
+            on_step(i)
+        tt = torch.full((n,), t, device=x.device, dtype=torch.long)
+        if guided:
+            e_uncond, e_cond = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), context, y=y_both).float().chunk(2)
+            e = e_uncond + cfg * (e_cond - e_uncond)
+        else:
+            e = host.eps(x, tt, cond, y=y).float()
+        x = sampler.step(e, t, x)
+    return x
+
+
+def _official_host(denoiser, text: TextEncoder | None) -> TextEncoder:
+    """The text encoder the official generation encodes with; refuses a host it cannot run on."""
+    text = text if text is not None else getattr(denoiser, "text", None)
+    missing = [m for m in ("eps", "alphas_cumprod") if not hasattr(denoiser, m)]
+    if missing or text is None:
+        raise InvalidInputError("official='concept-prune' samples with the official PNDM pipeline through the model's "
+                                f"ε-prediction and text encoder; this host lacks {', '.join(missing) or 'a text encoder'}. "
+                                "Use official='off'")
+    return text
+
+
 # ---- 2.-3. scores and masks ----------------------------------------------------------------------
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| · ‖X_j‖₂ for W [d, 4d] and norms [4d] (or [T, 4d] -> [T, d, 4d])."""
     return weight.abs().float() * norms.unsqueeze(-2)
 
 
+def skill_k(skill_ratio: float, width: int, at_least_one: bool = True) -> int:
+    """Weights per row that may count as skilled: the official int(ratio · 4d) (a floor, 0 when
+    ratio · 4d < 1); by default at least one, so a tiny ratio on a narrow layer still selects something."""
+    k = math.floor(skill_ratio * width)
+    return min(width, max(1, k) if at_least_one else k)
+
+
 def skilled_mask(weight: torch.Tensor, concept_norms: torch.Tensor, reference_norms: torch.Tensor,
-                 skill_ratio: float, tau: int) -> torch.Tensor:
-    """Boolean [d, 4d]: weights skilled at the concept at any of the first τ steps.
+                 skill_ratio: float, tau: int, *, at_least_one: bool = True, select_ratio: float = 0.0) -> torch.Tensor:
+    """Boolean [d, 4d]: weights skilled at the concept at more than ``select_ratio · τ`` of the
+    first τ steps (select_ratio 0: at any of them).
 
     ``concept_norms``/``reference_norms`` are [steps, 4d] column norms. A weight is skilled at
-    step t when it is among its row's top-k by concept score and its concept score beats its
-    reference score. Vectorised over rows and columns; the loop is over the τ steps only."""
+    step t when it is among its row's top-k by concept score (k = `skill_k`) and its concept score
+    beats its reference score. Vectorised over rows and columns; the loop is over the τ steps only."""
     d, n = weight.shape
-    # the official rule, int(ratio · 4d) (a floor); at least one weight per row so a tiny ratio on a
-    # narrow layer still selects something
-    k = min(n, max(1, math.floor(skill_ratio * n)))
-    aw = weight.detach().abs().float()
+    k = skill_k(skill_ratio, n, at_least_one)
     mask = torch.zeros(d, n, dtype=torch.bool, device=weight.device)
+    if k == 0:
+        return mask
+    aw = weight.detach().abs().float()
+    votes = torch.zeros(d, n, dtype=torch.int32, device=weight.device) if select_ratio > 0 else None
     for t in range(min(tau, concept_norms.shape[0])):
         sc = aw * concept_norms[t].to(aw.device)
         sr = aw * reference_norms[t].to(aw.device)
         top = sc.topk(k, dim=1).indices                       # [d, k]
         wins = torch.gather(sc > sr, 1, top)                  # the top-k entries that favour the concept
-        mask |= torch.zeros_like(mask).scatter_(1, top, wins)
-    return mask
+        if votes is None:
+            mask |= torch.zeros_like(mask).scatter_(1, top, wins)
+        else:
+            votes.scatter_add_(1, top, wins.to(votes.dtype))
+    return mask if votes is None else votes > select_ratio * tau
 
 
 # ---- 4. the method -------------------------------------------------------------------------------
@@ -247,19 +430,49 @@ def _float_weight(denoiser: Denoiser, name: str, w: torch.Tensor) -> torch.Tenso
     return base[key].detach().to(w.device)
 
 
+def official_warnings(cfg: PruneConfig, family: Family, host=None) -> list[str]:
+    """What an official run does with the settings it has no place for, or keeps though the official
+    scripts fix them (`host`: the denoiser, for the picture size); refuses a model the official
+    procedure does not run on."""
+    if family.kind != "unet":
+        raise InvalidInputError(f"official='concept-prune' runs the authors' StableDiffusionPipeline procedure, which "
+                                f"exists for SD-style UNets only; this {family.label} has none. Use official='off'")
+    out = []
+    if family.name not in OFFICIAL_FAMILIES and family.name != "tiny":
+        out.append(f"official: the authors' scripts load SD1.x/SD2 pipelines only; the same procedure "
+                   f"(PNDM calibration, their statistics and selection) is applied to this {family.label}")
+    if cfg.negative:
+        out.append(f"official: negative prompt {cfg.negative!r} ignored; the official pipeline's unconditional "
+                   "half is the empty prompt")
+    if (cfg.steps, cfg.cfg) != (OFFICIAL_STEPS, OFFICIAL_CFG):
+        out.append(f"official: calibration at {cfg.steps} steps, CFG {cfg.cfg:g} as set; wanda/wanda.py runs the "
+                   f"pipeline's defaults, {OFFICIAL_STEPS} steps and CFG {OFFICIAL_CFG:g}")
+    native = getattr(family, "native_latent", None)
+    size = tuple(latent_shape(host)[-2:]) if host is not None else None
+    if native and size and size != (native, native):
+        out.append(f"official: calibration at {8 * size[1]}×{8 * size[0]} pixels as set; the official pipeline "
+                   f"generates at the model's native {8 * native}×{8 * native}")
+    return out
+
+
 @torch.no_grad()
 def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
                           config: PruneConfig | None = None, ctx: RunContext | None = None,
-                          fingerprint: Mapping[str, str] | None = None) -> Edit:
+                          fingerprint: Mapping[str, str] | None = None, text: TextEncoder | None = None) -> Edit:
     """ConceptPrune for one or more concepts. ``pairs`` maps concept -> [(concept prompt,
     reference prompt), ...] (see `editing.prompts.build_pairs`). Returns an Edit of masks over
     the family's ``ff.net.2`` weights; the model itself is never changed (hooks are removed on
-    return, error and Cancel)."""
+    return, error and Cancel). ``text``: the encoder of the official generations (default
+    ``denoiser.text``; unused with ``official="off"``)."""
     cfg = config or PruneConfig()
     cfg.validate()
     ctx = ctx or RunContext()
     if not pairs or any(len(p) == 0 for p in pairs.values()):
         raise InvalidInputError("every concept needs at least one (concept prompt, reference prompt) pair")
+    official = cfg.official != "off"
+    warnings = official_warnings(cfg, family, denoiser) if official else []
+    if official:
+        text = _official_host(denoiser, text)
     t0 = time.perf_counter()
     modules = denoiser.modules()
     layers = ffn_layers(family, modules)
@@ -276,7 +489,8 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     norms: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
     done, stats_bytes = 0, 0
     for s in sets:
-        st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total), columns=columns)
+        st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total), columns=columns,
+                                text=text)
         done += _n_batches(len(s), cfg) * cfg.kept_steps
         norms[s] = st.norms()
         stats_bytes += st.nbytes()
@@ -287,6 +501,7 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
     changes: dict[str, Change] = {}
     metrics_layers: dict[str, float] = {}
     n_pruned = n_ffn = 0
+    zero_k: set[int] = set()
     for name in names:
         full = _float_weight(denoiser, name, modules[name].weight.detach())
         first, count = columns.get(name, (0, full.shape[1]))
@@ -297,7 +512,8 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
             rn = norms[tuple(r for _, r in plist)][name]
             if not (torch.isfinite(cn).all() and torch.isfinite(rn).all()):
                 raise NonFiniteError(f"non-finite activations in {name}; the model produced NaN/Inf while sampling")
-            mask |= skilled_mask(w, cn, rn, cfg.skill_ratio, cfg.tau)
+            mask |= skilled_mask(w, cn, rn, cfg.skill_ratio, cfg.tau, at_least_one=not official,
+                                 select_ratio=cfg.select_ratio)
         rows, cols = mask.nonzero(as_tuple=True)
         idx = (rows * full.shape[1] + cols + first).to(torch.int32).cpu()  # flat positions in the whole weight
         key = f"{UNET_PREFIX}{name}.weight"
@@ -305,6 +521,8 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
         metrics_layers[key] = idx.numel() / mask.numel()
         n_pruned += idx.numel()
         n_ffn += mask.numel()
+        if official and skill_k(cfg.skill_ratio, w.shape[1], at_least_one=False) == 0:
+            zero_k.add(w.shape[1])
     unet_params = sum(p.numel() for p in modules[""].parameters()) if "" in modules else None
     ctx.report(total, total)
     prompts_meta = {c: [list(p) for p in plist] for c, plist in pairs.items()}
@@ -313,6 +531,13 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
                "pruned_fraction_unet": (n_pruned / unet_params) if unet_params else None,
                "generations": sum(len(s) for s in sets), "stats_bytes": stats_bytes,
                "seconds": time.perf_counter() - t0}
+    if zero_k:
+        warnings.append(f"official: k = int({cfg.skill_ratio:g} · 4d) is 0 on the layers {sorted(zero_k)} wide: "
+                        "nothing pruned there (official='off' takes at least one weight per row)")
+    if official:
+        metrics["official_source"] = OFFICIAL_SOURCE
+    if warnings:
+        metrics["warnings"] = warnings
     log.info("ConceptPrune %s: %d weights pruned (%.3f%% of ff.net.2) in %.1fs", list(pairs), n_pruned,
              100 * metrics["pruned_fraction_ffn"], metrics["seconds"])
     return Edit(method=METHOD, family=family.name, changes=changes, concepts=list(pairs),

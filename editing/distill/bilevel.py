@@ -13,6 +13,11 @@ Alternating, with two AdamW optimisers (the implemented form of min_θ max_ϑ L_
 - every `erase_every`-th step an erase step: ε_S(x_t, c) → ε_T(x_t, ∅) − η[ε_T(x_t, c) − ε_T(x_t, ∅)].
 With ``erase=False`` it is plain distillation (the first stage of the two-stage baseline).
 
+``official="bilevel"`` runs the official loop instead (rezashkv/unlearn-ft, BilevelUnetFineTuner):
+every step a distillation step, and after every `erase_every`-th one an extra erase step with η 1;
+batches in shuffled epochs (no replacement), ε then t drawn per row; a dense ΔW on the parameter
+set's layers (the official code fine-tunes the student's weights themselves).
+
 Weights the pruning zeroed stay exactly zero (``keep_pruned``): the LoRA's contribution on a pruned
 layer is (B·A)⊙(1 − M) in training, and folds back as what ComfyUI patches, edit files and exports
 can hold exactly: a low-rank pair with the pruned rows of B and columns of A zeroed when M is whole
@@ -23,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -42,6 +47,12 @@ log = logging.getLogger(__name__)
 
 KEEP_PRUNED = ("mask", "skip", "off")
 FEATURE_KD = ("levels", "blocks")
+# `official`: "off" is the pack's procedure; "bilevel" follows BilevelUnetFineTuner of the official
+# code (`OFFICIAL_SOURCE`) step by step (`official_config` / `official_warnings`)
+OFFICIAL = ("off", "bilevel")
+OFFICIAL_SOURCE = ("rezashkv/unlearn-ft pdm/training/trainer.py (BilevelUnetFineTuner.train / step / upper_step) "
+                   "with configs/baselines/sd-2-1_coco_aptp_both_512_bilevel.yaml (commit "
+                   "7a9f282d17311f506c587437a3fd8ad9fa5b7bbc)")
 # A student model of its own carries its pruning in its weights: a layer counts as pruned when at
 # least this share of it is exactly zero (ConceptPrune prunes ≥ 1 % of every row; a float16
 # checkpoint has ~1e-6 of its weights rounded to 0, which must not make a layer "pruned").
@@ -74,6 +85,12 @@ class DistillConfig:
     gen_steps: int = 20
     gen_cfg: float = 5.0
     seed: int = 0
+    # linear warm-up of both learning rates over this many of each optimiser's steps (the official
+    # "constant_with_warmup"; its configs take 250), 0 = none
+    warmup_steps: int = 0
+    # "bilevel": the official loop (`OFFICIAL`): a distillation step every step and an extra erase step
+    # after every erase_every-th, full-rank updates, η 1, batches drawn without replacement
+    official: str = "off"
 
     def validate(self) -> "DistillConfig":
         if self.steps < 1 or self.erase_every < 2 or self.batch < 1 or self.n_prompts < 1:
@@ -92,7 +109,39 @@ class DistillConfig:
                                     f"'blocks' (sum over transformer blocks), got {self.feature_kd!r}")
         if not self.min_snr_gamma >= 0 or self.weight_decay < 0:
             raise InvalidInputError("min_snr_gamma must be ≥ 0 (5 as in the paper, 0 = off) and weight_decay ≥ 0")
+        if self.warmup_steps < 0:
+            raise InvalidInputError(f"warmup_steps must be ≥ 0 (0 = no warm-up; the official configs take 250), got "
+                                    f"{self.warmup_steps}")
+        if self.official not in OFFICIAL:
+            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)}")
         return self
+
+
+# What the official code fixes that the pack leaves to a setting: name -> (value, why).
+_OFFICIAL_FIXED: dict[str, tuple[object, str]] = {
+    "eta": (1.0, "the official upper target is ε_T(∅) − (ε_T(c) − ε_T(∅)), η fixed at 1"),
+    "feature_kd": ("levels", "the official block loss is the mean over the UNet's level outputs"),
+    "keep_pruned": ("mask", "the official student has its pruned channels removed, so they stay zero and every "
+                            "other weight trains"),
+    "rank": (None, "the official code fine-tunes the student's weights themselves (full rank, no LoRA)"),
+}
+
+
+def official_config(cfg: DistillConfig) -> DistillConfig:
+    """The settings a run under `cfg.official` reads (the official code's fixed choices in place of the pack's)."""
+    if cfg.official == "off":
+        return cfg
+    return replace(cfg, **{k: v for k, (v, _) in _OFFICIAL_FIXED.items() if v is not None})
+
+
+def official_warnings(cfg: DistillConfig) -> list[str]:
+    """One line per setting the user changed from its default that `cfg.official` ignores."""
+    if cfg.official == "off":
+        return []
+    defaults = DistillConfig()
+    return [f"official {cfg.official} ignores {name}={getattr(cfg, name)!r}: {why}"
+            for name, (fixed, why) in _OFFICIAL_FIXED.items()
+            if getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != fixed]
 
 
 # ---- the losses ----------------------------------------------------------------------------------
@@ -302,6 +351,29 @@ def _adamw(params, lr: float, cfg: DistillConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 
+def _warmup(opt: torch.optim.Optimizer, steps: int):
+    """diffusers' constant_with_warmup: lr · min(1, s / steps) at the optimiser's step s (None: no warm-up)."""
+    if steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / steps if s < steps else 1.0)
+
+
+class _Loader:
+    """The row batches of a DataLoader with shuffle on over n rows: a permutation drawn from `g` when an
+    epoch starts, cut into batches in order (the last one of an epoch may be short)."""
+
+    def __init__(self, n: int, batch: int, g: torch.Generator):
+        self.n, self.batch, self.g = n, batch, g
+        self.perm, self.pos = torch.empty(0, dtype=torch.long), n
+
+    def next(self) -> torch.Tensor:
+        if self.pos >= self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
+        rows = self.perm[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return rows
+
+
 def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit: Edit | None, concept: str,
                             cfg: DistillConfig | None = None, *, distill_prompts: Sequence[str] = (),
                             family: str = "", ctx: RunContext | None = None,
@@ -317,7 +389,11 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     widths) read through the same text encoder; then feature KD pairs the outputs both models have
     (the same level, or the same transformer block, with the same shape), and the trained part is
     an edit of `student`."""
-    cfg = cfg.validate() if cfg else DistillConfig().validate()
+    asked = cfg.validate() if cfg else DistillConfig().validate()
+    warned = official_warnings(asked)
+    for w in warned:
+        log.warning("distill: %s", w)
+    cfg = official_config(asked)
     ctx = ctx or RunContext()
     if student is None and student_edit is None:
         raise InvalidInputError("give the student: a pruning edit of the teacher, or a student model of its own")
@@ -348,7 +424,8 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     modules = dict(unet.named_modules())
     base = base_weights(trainee)
     fixed = edit_as_fixed([(student_edit, 1.0)], modules, base) if student_edit is not None else {}
-    kind = "lora" if cfg.param_set.startswith("lora") else "full"
+    # the official code fine-tunes the student's weights themselves: a dense ΔW on the same layers
+    kind = "lora" if cfg.param_set.startswith("lora") and cfg.official == "off" else "full"
     targets = select_targets(modules, cfg.param_set)
     pruned = pruned_entries(student_edit, modules, targets, base, fixed) if cfg.keep_pruned != "off" else {}
     if cfg.keep_pruned == "skip":
@@ -364,6 +441,7 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
     params = ad.parameters()
     opt_d = _adamw(params, cfg.lr_distill, cfg)
     opt_e = _adamw(params, cfg.lr_erase, cfg)
+    sched_d, sched_e = _warmup(opt_d, cfg.warmup_steps), _warmup(opt_e, cfg.warmup_steps)
     t_unet = teacher.unet() if student is not None else unet
     t_modules = dict(t_unet.named_modules()) if student is not None else modules
     if cfg.feature_kd == "levels":
@@ -389,12 +467,19 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         t_feats[t_tags[name]] = _tensor(out).detach()
         return None
 
-    def draw(x, c, y, ys):
-        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
-        t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(x.device)
-        noise = torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g).to(x.device)
+    def rows_at(x, c, y, ys, idx, t, noise):
+        t, noise = t.to(x.device), noise.to(x.device)
         pick = (lambda v: None if v is None else v[idx])
         return add_noise(x[idx], noise, t, ac), t, c[idx], pick(y), pick(ys), noise
+
+    def draw(x, c, y, ys):  # rows with replacement, then t, then ε
+        idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
+        t = torch.randint(0, len(ac), (cfg.batch,), generator=g)
+        return rows_at(x, c, y, ys, idx, t, torch.randn((cfg.batch,) + tuple(x.shape[1:]), generator=g))
+
+    def draw_official(x, c, y, ys, rows):  # the official step's order: ε, then t, per row of the loader's batch
+        noise = torch.randn((len(rows),) + tuple(x.shape[1:]), generator=g)
+        return rows_at(x, c, y, ys, rows, torch.randint(0, len(ac), (len(rows),), generator=g), noise)
 
     def teacher_eps(xt, t, c, y):
         with torch.no_grad(), ad.original():
@@ -410,34 +495,50 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         ec, eu = e.chunk(2)
         return eu - cfg.eta * (ec - eu)
 
-    def step(i):
-        if cfg.erase and (i + 1) % cfg.erase_every == 0:
-            xt, t, c, y, ys, _ = draw(x_f, c_f, y_f, ys_f)
-            target = erase_target(xt, t, c, y)
-            feats.clear()
-            loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
-            opt, record = opt_e, lambda v: {"erase": [i, v]}
-        else:
-            xt, t, c, y, ys, noise = draw(x_gen, c_gen, y_gen, ys_gen)
-            e_t = teacher_eps(xt, t, c, y)
-            f_t = {k: v.detach() for k, v in t_feats.items()}
-            feats.clear()
-            e_s = trainee.eps(xt, t, c, y=ys)
-            # Min-SNR is itself a weighting of the x₀ error; without it, the model's own objective
-            w = min_snr_weights(ac, t, cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else objective_weights(trainee, t)
-            l_diff = diffusion_loss(e_s, noise, w)
-            l_out = objective_mse(trainee, e_s, e_t, t)
-            l_feat, pairs = feature_kd(feats, f_t, cfg.feature_kd)
-            paired.update(pairs)
-            loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat.to(l_diff.device)
-            terms = [float(f"{float(v.detach()):.6g}") for v in (l_diff, l_out, l_feat)]
-            opt, record = opt_d, lambda v: {"distill": v, "distill_terms": terms}
+    def update(opt, sched, loss):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         feats.clear()
         t_feats.clear()
-        return record(round(float(loss.detach()), 6))
+        return round(float(loss.detach()), 6)
+
+    def erase_update(i, xt, t, c, y, ys, _noise):
+        target = erase_target(xt, t, c, y)
+        feats.clear()
+        loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
+        return {"erase": [i, update(opt_e, sched_e, loss)]}
+
+    def distill_update(xt, t, c, y, ys, noise):
+        e_t = teacher_eps(xt, t, c, y)
+        f_t = {k: v.detach() for k, v in t_feats.items()}
+        feats.clear()
+        e_s = trainee.eps(xt, t, c, y=ys)
+        # Min-SNR is itself a weighting of the x₀ error; without it, the model's own objective
+        w = min_snr_weights(ac, t, cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else objective_weights(trainee, t)
+        l_diff = diffusion_loss(e_s, noise, w)
+        l_out = objective_mse(trainee, e_s, e_t, t)
+        l_feat, pairs = feature_kd(feats, f_t, cfg.feature_kd)
+        paired.update(pairs)
+        loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat.to(l_diff.device)
+        terms = [float(f"{float(v.detach()):.6g}") for v in (l_diff, l_out, l_feat)]
+        return {"distill": update(opt_d, sched_d, loss), "distill_terms": terms}
+
+    def step(i):  # the erase step takes the place of every erase_every-th distillation step
+        if cfg.erase and (i + 1) % cfg.erase_every == 0:
+            return erase_update(i, *draw(x_f, c_f, y_f, ys_f))
+        return distill_update(*draw(x_gen, c_gen, y_gen, ys_gen))
+
+    lower = _Loader(x_gen.shape[0], cfg.batch, g)
+    upper = _Loader(x_f.shape[0], cfg.batch, g) if cfg.erase else None
+
+    def step_official(i):  # BilevelUnetFineTuner.train: every step a lower step, every erase_every-th an upper one too
+        record = distill_update(*draw_official(x_gen, c_gen, y_gen, ys_gen, lower.next()))
+        if cfg.erase and (i + 1) % cfg.erase_every == 0:
+            record.update(erase_update(i, *draw_official(x_f, c_f, y_f, ys_f, upper.next())))
+        return record
 
     with ExitStack() as stack:
         stack.enter_context(frozen_session(unet))
@@ -447,15 +548,20 @@ def compute_distill_unlearn(teacher: Trainable, text: TextEncoder, student_edit:
         stack.enter_context(ad.attached())
         stack.enter_context(trace_outputs(modules, list(tags), keep))
         stack.enter_context(torch.enable_grad())
-        run = train_loop(cfg.steps, step, ctx, what="distill-and-unlearn", hint="lower the learning rates")
+        run = train_loop(cfg.steps, step_official if cfg.official == "bilevel" else step, ctx,
+                         what="distill-and-unlearn", hint="lower the learning rates")
     hist = {k: run.history.get(k, []) for k in ("distill", "erase", "distill_terms")}
     name = "distill-unlearn" if cfg.erase else "distill"
     edit = ad.to_edit(name, family or (student_edit.family if student_edit is not None else "custom"),
                       concepts=[concept] if cfg.erase else [],
-                      params={**asdict(cfg), "student_edit": student_edit.method if student_edit is not None else "",
+                      params={**asdict(asked), "student_edit": student_edit.method if student_edit is not None else "",
                               "separate_student": student is not None})
     order = list(tags.values())
     edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s,
                          "kd_outputs": [k for k in order if k in paired],
                          "pruned_layers": sorted(pruned)})
+    if cfg.official != "off":
+        edit.metrics["official_source"] = OFFICIAL_SOURCE
+    if warned:
+        edit.metrics["warnings"] = warned
     return edit

@@ -28,14 +28,25 @@ left out).
 
 With several edited text encoders (SDXL, SD3) each gets its own δ, optimised jointly. Results are cached on
 disk per (model fingerprint, concept, destination, parameters).
+
+Several concepts run together (`optimise_deltas`, `EmcidConfig.stage1_batch`): one text-encoder and
+two denoiser forwards per step carry every concept's rows, each concept keeping its own draws, loss
+term, Adam state, clamp and step count, so the targets are the one-at-a-time ones up to rounding.
+
+Under `EmcidConfig.official` the text path is the official code's (`official`): each step takes one
+picture per prompt, the prompts are padded to the longest of their batch with the padding masked
+(the UNet reads that many context rows), the pooled term reads HF's pooled outputs, and h is the first
+prompt's state, not the mean over the prompts.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -45,7 +56,7 @@ from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext
 from ..training import train_loop
-from .stage2 import EmcidConfig, TextModel, concept_prompts, naming, read_keys, resolve_defaults
+from .stage2 import EmcidConfig, Prompts, TextModel, concept_prompts, naming, read_keys, resolve_defaults
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,8 @@ _OBJECTIVE = 2  # 2: the pooled term on every encoder's pooled output (1: the la
 def cache_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst: str, last: Mapping[str, int],
               cfg: EmcidConfig) -> str:
     params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
+    if cfg.official != "off":
+        params["official"] = cfg.official
     raw = json.dumps({"model": dict(fingerprint or {}), "text": text_fp, "src": src, "dst": dst,
                       "last": dict(last), "params": params, "objective": _OBJECTIVE}, sort_keys=True, default=list)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
@@ -66,18 +79,44 @@ def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
     """`compute_emcid` resolves the family's defaults; a direct caller that left stage-1 values
     unset gets the fallback by encoder count (two: SDXL's, else SD's)."""
     if any(getattr(cfg, k) is None for k in ("steps", "lr", "weight_decay", "pooled_weight", "max_norm")):
-        cfg = resolve_defaults(cfg, None, text.encoders)[0]
+        table = None
+        if cfg.official != "off":
+            from .official import official_table
+            table = official_table(text.encoders)
+        cfg = resolve_defaults(cfg, None, text.encoders, table=table)[0]
     return cfg
 
 
-def encode(text: TextModel, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       dict[str, torch.Tensor | None]]:
+def encode(text: TextModel, ids: Mapping[str, torch.Tensor], masked: bool = False,
+           projected: Mapping[str, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                 dict[str, torch.Tensor | None]]:
     """(the model's context, the pooled vector it takes, every encoder's own pooled output),
     differentiable; context and pooled vector as `TextModel.combine` builds them (SDXL: both
-    encoders' states, bigG's pooled; Flux: T5's states, CLIP-L's pooled)."""
-    outs = {e: text.forward(e, ids[e]) for e in text.encoders}
+    encoders' states, bigG's pooled; Flux: T5's states, CLIP-L's pooled). `masked` / `projected`:
+    the official text path (`TextModel.forward`)."""
+    if masked or projected:
+        outs = {e: text.forward(e, ids[e], masked=masked, projected=(projected or {}).get(e)) for e in text.encoders}
+    else:
+        outs = {e: text.forward(e, ids[e]) for e in text.encoders}
     context, pooled = text.combine(outs)
     return context, pooled, {e: p for e, (_, p) in outs.items()}
+
+
+def longest_prompt(text: TextModel, p) -> int:
+    """The length of the longest prompt of the batch (BOS, its tokens, EOS): the width the official code's
+    tokenizer call (padding=True) pads the batch to, the same on every encoder (SDXL concatenates the two
+    encoders' rows). ComfyUI's CLIP runs 77 positions; with the padding masked as keys, its first rows
+    are those of the shorter run (a causal row reads no later position)."""
+    from .stage2 import _first_token
+    return max(int(p.n_real[e].max()) + _first_token(text, e) + 1 for e in p.ids)
+
+
+def official_text(text: TextModel, ids: Mapping[str, torch.Tensor], width: int):
+    """`encode` as the official code runs the text encoder(s): the padding masked, HF's pooled outputs
+    (`official.pooled_projected`), the context cut to the batch's longest prompt."""
+    from .official import pooled_projected
+    context, pooled, pooled_e = encode(text, ids, masked=True, projected=pooled_projected(text.encoders))
+    return context[:, :width], pooled, pooled_e
 
 
 def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
@@ -91,14 +130,26 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     cfg = _resolved(cfg, text)
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         raise RuntimeError("EMCID stage 1 needs gradients: call it under torch.inference_mode(False), torch.enable_grad()")
+    official = cfg.official != "off"
     src_p = concept_prompts(text, [src], cfg.templates)
     dst_p = concept_prompts(text, [dst], cfg.templates)
     n_img = cfg.images_per_prompt
+    if official:  # one picture per prompt and step, the official tokenizer's batch and pooled outputs
+        from .official import destination_ids_from
+        ids_src = src_p.ids
+        ids_dst = {e: dst_p.ids[whose] for e, whose in destination_ids_from(text.encoders).items()}
+        w_src, w_dst = longest_prompt(text, src_p), longest_prompt(text, dst_p)
+        run_text = lambda ids, width: official_text(text, ids, width)  # noqa: E731
+    else:
+        ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
+        ids_dst = {e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()}
+        w_src = w_dst = None
+        run_text = lambda ids, _width: encode(text, ids)  # noqa: E731
     with torch.no_grad():
         x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
         if hasattr(denoiser, "latent_in"):  # sampled latents are in the VAE's scale, x_t in the UNet's
             x0 = denoiser.latent_in(x0)
-        ctx_dst, pooled_dst, pooled_dst_e = encode(text, {e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()})
+        ctx_dst, pooled_dst, pooled_dst_e = run_text(ids_dst, w_dst)
     dev = next(denoiser.unet().parameters()).device  # where the UNet runs (the CLIP may live elsewhere)
     x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)
     ctx_dst = ctx_dst.detach().clone().to(dev)
@@ -107,8 +158,7 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     pooled_targets = {e: p.detach().clone().float().to(dev) for e, p in pooled_dst_e.items()
                       if p is not None and e in last}
     abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
-    ids_src = {e: v.repeat(n_img, 1) for e, v in src_p.ids.items()}
-    B = x0.shape[0]
+    B = len(src_p.text) if official else x0.shape[0]  # rows per step: official, one picture per prompt
     adm = getattr(denoiser, "adm", None) or (lambda pooled, batch: None)  # SDXL: y from the pooled text
     with torch.no_grad():
         y_dst = adm(None if pooled_dst is None else pooled_dst.to(dev), B)
@@ -116,8 +166,10 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     tdev = text.device
 
     h, deltas, limits = {}, {}, {}
+    # h: the mean over the prompts; officially the first prompt's (compute_z's source_init)
+    h_p = concept_prompts(text, [src], cfg.templates[:1]) if official else src_p
     for enc, L in last.items():
-        _, H = read_keys(text, enc, src_p, None, L, None, cfg.batch)
+        _, H = read_keys(text, enc, h_p, None, L, None, cfg.batch)
         h[enc] = H[0].float().detach().clone()
         deltas[enc] = torch.zeros_like(h[enc], requires_grad=True)
         limits[enc] = cfg.max_norm * float(h[enc].norm())
@@ -125,22 +177,22 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     onehot = {}  # per edited encoder: 1 at the concept's last token (its own token layout)
     for enc in last:
         onehot[enc] = torch.zeros(B, ids_src[enc].shape[1], 1, device=tdev)
-        onehot[enc][torch.arange(B, device=tdev), src_p.pos[enc].repeat(n_img).to(tdev)] = 1.0
+        onehot[enc][torch.arange(B, device=tdev), src_p.pos[enc].repeat(B // len(src_p.text)).to(tdev)] = 1.0
 
     def add_delta(enc):
         def fn(_name, out):
             return out + (onehot[enc].to(out.dtype) * deltas[enc].to(out.dtype))
         return fn
 
-    def eps_loss(t, noise):
-        x_t = add_noise(x0, noise, t, abar)
+    def eps_loss(rows, t, noise):
+        x_t = add_noise(rows, noise, t, abar)
         with torch.no_grad():
             target = denoiser.eps(x_t, t, ctx_dst, y=y_dst).detach()
         with ExitStack() as stack:
             for enc, L in last.items():
                 stack.enter_context(trace_outputs(text.modules(enc), [naming(text, enc).block_module(L)],
                                                   add_delta(enc)))
-            ctx_src, pooled_src, pooled_src_e = encode(text, ids_src)
+            ctx_src, pooled_src, pooled_src_e = run_text(ids_src, w_src)
         y_src = None if y_dst is None else adm(pooled_src.to(dev), B)  # δ reaches SDXL's y through the pooled
         pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)
         return objective_mse(denoiser, pred, target, t), pooled_src_e
@@ -148,12 +200,13 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     # a fixed probe (timesteps spread over the schedule, fixed noise) to report progress without the
     # sampling noise of the training loss
     gp = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-    probe = [(torch.full((B,), int(tt), dtype=torch.long, device=dev), torch.randn(x0.shape, generator=gp).to(dev))
+    x0_probe = x0[:B]  # every picture; officially each prompt's first
+    probe = [(torch.full((B,), int(tt), dtype=torch.long, device=dev), torch.randn(x0_probe.shape, generator=gp).to(dev))
              for tt in torch.linspace(50, abar.shape[0] - 50, 4)]
 
     def probe_loss() -> float:
         with torch.no_grad():
-            return sum(float(eps_loss(tt, nn)[0]) for tt, nn in probe) / len(probe)
+            return sum(float(eps_loss(x0_probe, tt, nn)[0]) for tt, nn in probe) / len(probe)
 
     before = probe_loss()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -162,9 +215,13 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     terms: dict[str, float] = {}
 
     def step(i):
+        rows = x0
+        if official:  # per prompt one of its pictures (compute_z's sample_indices)
+            pick = torch.randint(0, n_img, (B,), generator=g).to(dev)
+            rows = x0[pick * B + torch.arange(B, device=dev)]
         t = torch.randint(0, abar.shape[0], (B,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        loss, pooled_src_e = eps_loss(t, noise)
+        noise = torch.randn(rows.shape, generator=g).to(dev)
+        loss, pooled_src_e = eps_loss(rows, t, noise)
         terms["eps"] = float(loss.detach())
         if cfg.pooled_weight:
             for enc, target in pooled_targets.items():  # every encoder's pooled output (official SDXL: both)
@@ -196,10 +253,265 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
     return {e: d.detach().clone() for e, d in deltas.items()}, h, stats
 
 
+
+# ---- several concepts at once --------------------------------------------------------------------
+CPU_BATCH = 8        # concepts per batch on the CPU: past this the rows stop getting cheaper per row
+MAX_BATCH = 64       # on a GPU, whatever the free memory says
+_ROW_FLOOR = 256 * 2**20  # the least memory one denoiser row with its graph is assumed to take
+
+
+def stage1_batch_size(cfg: EmcidConfig, denoiser, n: int) -> int:
+    """How many of `n` concepts `optimise_targets` optimises together: `cfg.stage1_batch` where set;
+    one under the official procedure (its stage 1 is the official code's, one concept per run, and
+    that is what its differential test pins down); else
+    `CPU_BATCH` on the CPU and, on a GPU, what 60 % of the free memory holds at an assumed cost per
+    denoiser row of twice the UNet's weights (at least `_ROW_FLOOR`): a forward kept for the backward
+    stores activations of about that size per picture on SD-sized UNets. The estimate is rough; a
+    batch that runs out of memory is halved and run again (`optimise_targets`)."""
+    n = max(1, int(n))
+    if cfg.official != "off" or n == 1:
+        return 1
+    if cfg.stage1_batch:
+        return max(1, min(int(cfg.stage1_batch), n))
+    unet = denoiser.unet()
+    dev = next(unet.parameters()).device
+    if dev.type != "cuda":
+        return min(n, CPU_BATCH)
+    free, _ = torch.cuda.mem_get_info(dev)
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    rows = len(cfg.templates) * cfg.images_per_prompt * 2  # the no-grad target forward rides along
+    per_concept = rows * max(2 * weights, _ROW_FLOOR)
+    return max(1, min(n, MAX_BATCH, int(0.6 * free // per_concept)))
+
+
+def _width_key(text: TextModel, p: Prompts) -> tuple:
+    """Concepts batch together when this agrees: the token width of every encoder whose contexts all
+    have one length (CLIP, a T5 padded to a fixed width), where a wider batch would change what each
+    prompt reads. An LLM encoder masks its padding and gives each prompt its own rows, which the
+    denoiser runs per length (`ComfyDenoiser._apply`), so its widths may differ."""
+    kinds = getattr(text, "kinds", {})
+    return tuple(None if kinds.get(e) == "llm" else int(v.shape[1]) for e, v in sorted(p.ids.items()))
+
+
+def _stack(text: TextModel, each: Sequence[Prompts], concepts: Sequence[str], templates, n_img: int
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ids [n·n_img·T, L], last-token index [n·n_img·T]) per encoder: concept by concept, each as its
+    one-at-a-time run lays out its rows (n_img pictures of the T templates). Where an encoder's widths
+    differ (LLM only, `_width_key`) the ids come from one tokenizer call over all prompts, padded as
+    the host pads a batch."""
+    joint = None
+    ids, pos = {}, {}
+    T = len(templates)
+    for e in each[0].ids:
+        if len({int(p.ids[e].shape[1]) for p in each}) == 1:
+            rows = [(p.ids[e], p.pos[e]) for p in each]
+        else:
+            if joint is None:
+                joint = concept_prompts(text, list(concepts), templates)
+            rows = [(joint.ids[e][b * T:(b + 1) * T], joint.pos[e][b * T:(b + 1) * T]) for b in range(len(each))]
+        ids[e] = torch.cat([i.repeat(n_img, 1) for i, _ in rows])
+        pos[e] = torch.cat([q.repeat(n_img) for _, q in rows])
+    return ids, pos
+
+
+def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
+                    cfg: EmcidConfig, ctx: RunContext | None = None, on_step=None,
+                    steps: Sequence[int] | None = None) -> list[tuple[dict, dict, dict]]:
+    """Stage 1 for several concepts together: `optimise_delta`'s result for each pair, computed with
+    one text-encoder and two denoiser forwards per step over every concept's rows.
+
+    Each concept keeps what its own run has: its pictures, timesteps and noise drawn from its own
+    generators seeded as `optimise_delta` seeds them, its own δ tensors (one Adam over all of them is
+    B Adams: Adam is per element and keeps its step count per tensor), its loss a separate term of
+    the sum that is differentiated (so δ_b's gradient is its own loss's), its norm clamp, and its
+    `steps` (default `cfg.steps` for all): a concept that has finished leaves the batch, its δ gets no
+    gradient and Adam skips it. What differs is only the rounding of batched matrix products.
+
+    The official procedure and a single concept run `optimise_delta` itself, one at a time.
+    Concepts must agree on `_width_key`."""
+    ctx = ctx or RunContext()
+    cfg = _resolved(cfg, text)
+    n = len(pairs)
+    steps = [int(s) for s in steps] if steps is not None else [cfg.steps] * n
+    if len(steps) != n or any(s < 1 for s in steps):
+        raise InvalidInputError("stage 1 needs one step count ≥ 1 per concept")
+    done_before = [0]
+
+    def one_report():
+        return lambda s: on_step(done_before[0] + s) if on_step is not None else None
+
+    if cfg.official != "off" or n == 1:
+        out = []
+        for (src, dst), k in zip(pairs, steps):
+            c = cfg if k == cfg.steps else replace(cfg, steps=k)
+            out.append(optimise_delta(text, denoiser, src, dst, last, c, ctx, on_step=one_report()))
+            done_before[0] += k
+        return out
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError("EMCID stage 1 needs gradients: call it under torch.inference_mode(False), torch.enable_grad()")
+
+    srcs, dsts = [s for s, _ in pairs], [d for _, d in pairs]
+    src_each = [concept_prompts(text, [s], cfg.templates) for s in srcs]
+    dst_each = [concept_prompts(text, [d], cfg.templates) for d in dsts]
+    if len({_width_key(text, p) for p in src_each + dst_each}) > 1:
+        raise InvalidInputError("these concepts' prompts have different token widths: batch them apart")
+    n_img = cfg.images_per_prompt
+    R = len(cfg.templates) * n_img  # rows per concept, in the order of its own run
+    ids_src, pos_src = _stack(text, src_each, srcs, cfg.templates, n_img)
+    ids_dst, _ = _stack(text, dst_each, dsts, cfg.templates, n_img)
+    dev = next(denoiser.unet().parameters()).device
+    tdev = text.device
+    with torch.no_grad():
+        x0s = []
+        for p in src_each:  # each concept's pictures as its own run draws them
+            x = denoiser.sample(p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
+            if hasattr(denoiser, "latent_in"):
+                x = denoiser.latent_in(x)
+            x0s.append(x.detach().clone().float().to(dev))
+        x0 = torch.cat(x0s)
+        ctx_dst, pooled_dst, pooled_dst_e = encode(text, ids_dst)
+    N = x0.shape[0]
+    ctx_dst = ctx_dst.detach().clone().to(dev)
+    pooled_dst = pooled_dst.detach().clone() if pooled_dst is not None else None
+    pooled_targets = {e: p.detach().clone().float().to(dev) for e, p in pooled_dst_e.items()
+                      if p is not None and e in last}
+    abar = denoiser.alphas_cumprod().detach().clone().float().to(dev)
+    adm = getattr(denoiser, "adm", None) or (lambda pooled, batch: None)
+    with torch.no_grad():
+        y_dst = adm(None if pooled_dst is None else pooled_dst.to(dev), N)
+    y_dst = None if y_dst is None else y_dst.detach().clone()
+
+    hs, deltas, limits, h_sq = [], {e: [] for e in last}, [], []
+    for p in src_each:  # h as each concept's own run reads it (mean over its prompts)
+        h = {}
+        for enc, L in last.items():
+            _, H = read_keys(text, enc, p, None, L, None, cfg.batch)
+            h[enc] = H[0].float().detach().clone()
+            deltas[enc].append(torch.zeros_like(h[enc], requires_grad=True))
+        hs.append(h)
+        limits.append({e: cfg.max_norm * float(h[e].norm()) for e in last})
+        h_sq.append({e: h[e].norm() ** 2 for e in last})
+    opt = torch.optim.Adam([d for enc in last for d in deltas[enc]], lr=cfg.lr)
+    onehot = {}
+    for enc in last:
+        onehot[enc] = torch.zeros(N, ids_src[enc].shape[1], 1, device=tdev)
+        onehot[enc][torch.arange(N, device=tdev), pos_src[enc].to(tdev)] = 1.0
+
+    def rows_of(active: Sequence[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(b * R, (b + 1) * R) for b in active])
+
+    def eps_losses(active, idx, x_rows, t, noise):
+        """Per active concept its ε-loss, and every encoder's pooled output of the batch's rows."""
+        didx = idx.to(dev)
+        x_t = add_noise(x_rows, noise, t, abar)
+        with torch.no_grad():
+            target = denoiser.eps(x_t, t, ctx_dst[didx], y=None if y_dst is None else y_dst[didx]).detach()
+        rows_delta = {enc: torch.stack([deltas[enc][b] for b in active]).repeat_interleave(R, dim=0)
+                      for enc in last}
+        hot = {enc: onehot[enc][idx.to(tdev)] for enc in last}
+
+        def add_delta(enc):
+            def fn(_name, out):
+                return out + hot[enc].to(out.dtype) * rows_delta[enc].to(out.device, out.dtype)[:, None, :]
+            return fn
+
+        with ExitStack() as stack:
+            for enc, L in last.items():
+                stack.enter_context(trace_outputs(text.modules(enc), [naming(text, enc).block_module(L)],
+                                                  add_delta(enc)))
+            ctx_src, pooled_src, pooled_src_e = encode(text, {e: v[idx.to(v.device)] for e, v in ids_src.items()})
+        y_src = None if y_dst is None else adm(pooled_src.to(dev), len(idx))
+        pred = denoiser.eps(x_t, t, ctx_src.to(dev), y=y_src)
+        losses = [objective_mse(denoiser, pred[j * R:(j + 1) * R], target[j * R:(j + 1) * R], t[j * R:(j + 1) * R])
+                  for j in range(len(active))]
+        return losses, pooled_src_e
+
+    everyone = list(range(n))
+    probes = []  # per concept its own run's probe (the same seeds), then stacked per probe timestep
+    for b in everyone:
+        gp = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        probes.append([torch.randn(x0s[b].shape, generator=gp).to(dev) for _ in range(4)])
+    probe_t = [int(tt) for tt in torch.linspace(50, abar.shape[0] - 50, 4)]
+
+    def probe_losses() -> list[float]:
+        out = [0] * n
+        idx = rows_of(everyone)
+        with torch.no_grad():
+            for k, tt in enumerate(probe_t):
+                t = torch.full((N,), tt, dtype=torch.long, device=dev)
+                losses, _ = eps_losses(everyone, idx, x0, t, torch.cat([probes[b][k] for b in everyone]))
+                for b in everyone:
+                    out[b] = out[b] + float(losses[b])
+        return [v / len(probe_t) for v in out]
+
+    before = probe_losses()
+    gens = [torch.Generator(device="cpu").manual_seed(cfg.seed) for _ in everyone]
+    histories: list[list[float]] = [[] for _ in everyone]
+    terms: list[dict[str, float]] = [{} for _ in everyone]
+
+    def step(i):
+        active = [b for b in everyone if i < steps[b]]
+        ts, noises = [], []
+        for b in active:  # the draws of its own run, in its order: timesteps, then noise
+            ts.append(torch.randint(0, abar.shape[0], (R,), generator=gens[b]).to(dev))
+            noises.append(torch.randn(x0s[b].shape, generator=gens[b]).to(dev))
+        idx = rows_of(active)
+        t = torch.cat(ts)
+        eps_terms, pooled_src_e = eps_losses(active, idx, x0[idx.to(dev)], t, torch.cat(noises))
+        total = 0
+        for j, b in enumerate(active):
+            loss = eps_terms[j]
+            terms[b]["eps"] = float(loss.detach())
+            sl = slice(j * R, (j + 1) * R)
+            if cfg.pooled_weight:
+                for enc, target in pooled_targets.items():
+                    if pooled_src_e.get(enc) is not None:
+                        term = cfg.pooled_weight * torch.nn.functional.mse_loss(
+                            pooled_src_e[enc][sl].float().to(dev), target[b * R:(b + 1) * R])
+                        terms[b][f"pooled.{enc}"] = float(term.detach())
+                        loss = loss + term
+            for enc in last:
+                term = (cfg.weight_decay * deltas[enc][b].norm() / h_sq[b][enc]).to(dev)
+                terms[b][f"decay.{enc}"] = float(term.detach())
+                loss = loss + term
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before the step, as one concept's run stops
+                return {f"loss of {srcs[b]!r}": value}
+            histories[b].append(value)
+            total = total + loss  # a separate term per concept: δ_b's gradient is its own loss's
+        opt.zero_grad(set_to_none=True)  # finished concepts keep grad None: Adam leaves them alone
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            for b in active:
+                for enc in last:
+                    d = deltas[enc][b]
+                    norm = float(d.norm())
+                    if norm > limits[b][enc]:
+                        d.mul_(limits[b][enc] / norm)
+        return {"loss": float(total.detach())}
+
+    report = (lambda s: on_step(sum(min(s, k) for k in steps))) if on_step is not None else (lambda _s: None)
+    train_loop(max(steps), step, ctx, what=f"EMCID stage 1 for {', '.join(map(repr, srcs))}", hint="lower lr",
+               on_step=report)
+    after = probe_losses()
+    settings = {k: getattr(cfg, k) for k in ("steps", "lr", "weight_decay", "pooled_weight", "max_norm")}
+    return [({e: deltas[e][b].detach().clone() for e in last}, hs[b],
+             {"history": histories[b], "probe_before": before[b], "probe_after": after[b],
+              "last_terms": dict(terms[b]), "settings": dict(settings, steps=steps[b])})
+            for b in everyone]
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
+
+
 def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
                      cfg: EmcidConfig, ctx: RunContext | None = None, cache_dir: str | None = None,
                      fingerprint: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Stage 1 for every pair: targets Z per encoder [n, d] (float64) and metrics."""
+    """Stage 1 for every pair: targets Z per encoder [n, d] (float64) and metrics. The pairs not in the
+    cache run `stage1_batch_size` at a time (`optimise_deltas`), concepts of equal token widths together."""
     ctx = ctx or RunContext()
     cfg = _resolved(cfg, text)
     if denoiser is None:
@@ -207,33 +519,61 @@ def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]]
     from .stage2 import text_fingerprint
     text_fp = "|".join(text_fingerprint(text, e) for e in last) if cache_dir else ""
     total = cfg.steps * len(pairs)
-    zs: dict[str, list[torch.Tensor]] = {e: [] for e in last}
-    first, final, cached = [], [], 0
+    results: list[tuple[dict, dict, dict] | None] = [None] * len(pairs)
+    paths: list[str | None] = [None] * len(pairs)
+    cached = 0
     for i, (src, dst) in enumerate(pairs):
-        path = None
         if cache_dir:
-            path = os.path.join(cache_dir, f"stage1-{cache_key(fingerprint, text_fp, src, dst, last, cfg)}.safetensors")
-        if path and os.path.isfile(path):
+            paths[i] = os.path.join(cache_dir, f"stage1-{cache_key(fingerprint, text_fp, src, dst, last, cfg)}.safetensors")
+        if paths[i] and os.path.isfile(paths[i]):
             from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                deltas = {e: f.get_tensor(f"delta.{e}") for e in last}
-                h = {e: f.get_tensor(f"h.{e}") for e in last}
-                stats = json.loads(f.metadata()["stats"])
+            with safe_open(paths[i], framework="pt") as f:
+                results[i] = ({e: f.get_tensor(f"delta.{e}") for e in last}, {e: f.get_tensor(f"h.{e}") for e in last},
+                              json.loads(f.metadata()["stats"]))
             cached += 1
-        else:
-            deltas, h, stats = optimise_delta(text, denoiser, src, dst, last, cfg, ctx,
-                                                on_step=lambda s, i=i: ctx.report(i * cfg.steps + s, total))
-            if path:
+    todo = [i for i in range(len(pairs)) if results[i] is None]
+    done = [cached * cfg.steps]
+    ctx.report(done[0], total)
+    size = stage1_batch_size(cfg, denoiser, len(todo)) if todo else 1
+    groups: dict[tuple, list[int]] = {}
+    if size > 1:
+        for i in todo:
+            src, dst = pairs[i]
+            key = (_width_key(text, concept_prompts(text, [src], cfg.templates)),
+                   _width_key(text, concept_prompts(text, [dst], cfg.templates)))
+            groups.setdefault(key, []).append(i)
+    else:
+        groups[()] = todo
+    queue = [g[a:a + size] for g in groups.values() for a in range(0, len(g), size)]
+    while queue:
+        batch = queue.pop(0)
+        try:
+            out = optimise_deltas(text, denoiser, [pairs[i] for i in batch], last, cfg, ctx,
+                                  on_step=lambda s: ctx.report(done[0] + s, total))
+        except (RuntimeError, MemoryError) as err:
+            if len(batch) == 1 or not _is_oom(err):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (len(batch) + 1) // 2
+            log.warning("EMCID stage 1: %d concepts at once ran out of memory; trying %d", len(batch), half)
+            queue[:0] = [batch[:half], batch[half:]]
+            continue
+        for i, res in zip(batch, out):
+            results[i] = res
+            if paths[i]:
                 from safetensors.torch import save_file
+                deltas, h, stats = res
                 os.makedirs(cache_dir, exist_ok=True)
                 tensors = {f"delta.{e}": deltas[e].float().cpu().contiguous() for e in last}
                 tensors.update({f"h.{e}": h[e].float().cpu().contiguous() for e in last})
-                save_file(tensors, path + ".tmp", metadata={"src": src, "dst": dst, "stats": json.dumps(stats)})
-                os.replace(path + ".tmp", path)
-        for e in last:
-            zs[e].append((h[e].double() + deltas[e].double()).to(text.device))
-        first.append(round(stats["probe_before"], 6))
-        final.append(round(stats["probe_after"], 6))
-        ctx.report((i + 1) * cfg.steps, total)
-    metrics = {"probe_loss_before": first, "probe_loss_after": final, "cached": cached}
-    return {e: torch.stack(v) for e, v in zs.items()}, metrics
+                src, dst = pairs[i]
+                save_file(tensors, paths[i] + ".tmp", metadata={"src": src, "dst": dst, "stats": json.dumps(stats)})
+                os.replace(paths[i] + ".tmp", paths[i])
+        done[0] += cfg.steps * len(batch)
+        ctx.report(done[0], total)
+    zs = {e: torch.stack([(h[e].double() + d[e].double()).to(text.device) for d, h, _ in results]) for e in last}
+    metrics = {"probe_loss_before": [round(s["probe_before"], 6) for _, _, s in results],
+               "probe_loss_after": [round(s["probe_after"], 6) for _, _, s in results], "cached": cached,
+               "stage1_batch": size}
+    return zs, metrics

@@ -65,7 +65,10 @@ class TextModel(Protocol):
         the last real token sits at index n on CLIP (after BOS), n − 1 on T5."""
 
     def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled)."""
+        """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled).
+        Under `EmcidConfig.official` stage 1 also passes ``masked=True`` (the padding after EOS masked
+        as keys, as HF's CLIPTextModel runs a tokenizer's batch) and ``projected=`` (whether the pooled
+        output is the projected one), on CLIP encoders."""
 
     def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,6 +90,9 @@ class TextModel(Protocol):
 
 RESIDUALS = ("official", "memit")
 LAM_MODES = ("relative", "absolute")
+# `official`: "off" is the pack's own procedure; "emcid" follows the official EMCID code for SD1.4 and
+# SDXL step by step (`official.OFFICIAL_SOURCE` names the files and commit, `official.settings` what it sets)
+OFFICIAL = ("off", "emcid")
 
 
 def absolute_lam(lam: float, mode: str, width: int) -> float:
@@ -136,6 +142,13 @@ class EmcidConfig:
     n_captions: int = 2000              # generic captions for C₀ (≈ 10 tokens each)
     caption_seed: int = 0
     batch: int = 64                     # prompts per text-encoder forward (bounds memory)
+    # stage-1 concepts optimised together (one denoiser batch carries all their rows); 0 = chosen from
+    # free memory (`stage1.stage1_batch_size`), 1 = one at a time. The targets do not depend on it
+    # (up to float rounding), so it is neither an edit parameter nor part of the cache key
+    stage1_batch: int = 0
+    # follow the official EMCID code instead of the pack's choices (`OFFICIAL`; `official.settings`):
+    # its hyper-parameters, λ absolute, its C₀ (100k captions, float32) and its stage-1 text path
+    official: str = "off"
 
     def validate(self) -> None:
         lams = self.lam.values() if isinstance(self.lam, Mapping) else [] if self.lam is None else [self.lam]
@@ -160,6 +173,16 @@ class EmcidConfig:
             raise InvalidInputError("images_per_prompt and sample_steps must be ≥ 1")
         if self.n_captions < 10 or self.batch < 1:
             raise InvalidInputError("n_captions must be ≥ 10 and batch ≥ 1")
+        if self.stage1_batch < 0:
+            raise InvalidInputError("stage1_batch must be ≥ 0 (0: chosen from free memory, 1: one concept at a time)")
+        if self.official not in OFFICIAL:
+            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)} "
+                                    "(off: the pack's defaults; emcid: the official EMCID code's procedure)")
+
+    @property
+    def runs_stage1(self) -> bool:
+        """Whether stage 1 runs (and needs the diffusion model): the official procedure always runs it."""
+        return self.use_stage1 or self.official != "off"
 
     def lam_for(self, encoder: str, width: int | None = None) -> float:
         """λ of one text encoder (after `resolve_defaults`) as the solve uses it on keys `width` wide.
@@ -188,6 +211,7 @@ class EmcidConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("stage1_batch")  # how the work is scheduled, not what the edit is
         d["templates"] = list(self.templates)
         if isinstance(self.lam, Mapping):
             d["lam"] = {k: float(v) for k, v in self.lam.items()}
@@ -197,15 +221,17 @@ class EmcidConfig:
 
 
 def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[str],
-                     kind: str | None = None) -> tuple[EmcidConfig, dict]:
+                     kind: str | None = None, table=None) -> tuple[EmcidConfig, dict]:
     """`cfg` with every hyper-parameter left at None taken from the family's table (an unknown
     layout: SDXL's with two text encoders, else SD's); λ becomes per encoder where the table or a
     partial mapping decides it. Returns the config and {"table": key, "filled": [fields]} for the
     edit's params. Values the user set are kept. `lam_mode` left at None becomes "absolute" when
     λ is given (all of it or some encoders') and "relative" otherwise; the family's λ for an
-    encoder the config leaves out is then its official value, or that value per key dimension."""
+    encoder the config leaves out is then its official value, or that value per key dimension.
+    `table`: (key, `FamilyDefaults`) to take the values from instead of the family's (the official
+    procedure's, `official.settings`)."""
     from .presets import TABLE_FIELDS, defaults_for
-    key, table = defaults_for(family, encoders, kind)
+    key, table = table if table is not None else defaults_for(family, encoders, kind)
     changes, filled = {}, []
     for name in TABLE_FIELDS:
         if name == "lam":
@@ -295,6 +321,7 @@ class Prompts:
     pos: dict[str, torch.Tensor]  # encoder -> [n·T] (template-major inside a concept)
     n: int
     templates: int
+    n_real: dict[str, torch.Tensor] | None = None  # encoder -> [n·T] each prompt's own tokens (no BOS/EOS)
 
 
 def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequence[str]) -> Prompts:
@@ -321,7 +348,7 @@ def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequenc
         if bool((pos[e] > first + n_text[e].clamp(min=1) - 1).any()):
             raise InvalidInputError(f"a concept reaches past the {e} text encoder's {ids[e].shape[1]}-token window; "
                                     "use shorter concepts/templates")
-    return Prompts(text, ids, pos, len(concepts), len(templates))
+    return Prompts(text, ids, pos, len(concepts), len(templates), n_text)
 
 
 def _first_token(host: TextModel, encoder: str) -> int:
@@ -456,15 +483,20 @@ C0_TOKENS = "bos-real-eos"  # which caption positions C₀ averages over (part o
 def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: EmcidConfig,
                    ctx: RunContext | None = None, cache_dir: str | None = None) -> dict[int, torch.Tensor]:
     """C₀ = E[k kᵀ] (float64, on the device) of each layer's fc2 inputs over the BOS, real and EOS
-    tokens of generic captions (`caption_mask`). Cached per (encoder fingerprint, caption set and
-    token choice, layer) as safetensors."""
+    tokens of generic captions (`caption_mask`), summed in float64, or in float32 under `cfg.official`
+    as the official `layer_stats` does (returned as float64 either way). Cached per (encoder
+    fingerprint, caption set, token choice and precision, layer) as safetensors."""
     ctx = ctx or RunContext()
     layers = sorted(set(int(i) for i in layers))
     fp = text_fingerprint(host, encoder) if cache_dir else ""
     caps = generic_captions(cfg.n_captions, cfg.caption_seed)
+    # the official code sums k kᵀ in float32 (its mom2_dtype); it runs each caption unpadded, which on a
+    # causal CLIP gives every kept row as the padded run does
+    official = cfg.official != "off"
+    acc = torch.float32 if official else torch.float64
     # a host whose captions sit in a template (an LLM's chat template) names it: one encoder's C₀ differs
     # between the templates two models wrap it in (Qwen-Image's and HunyuanImage's Qwen2.5-VL)
-    around = getattr(host, "caption_tag", lambda _e: "")(encoder)
+    around = getattr(host, "caption_tag", lambda _e: "")(encoder) + ("|float32" if official else "")
     tag = hashlib.sha256(("\n".join(caps) + "|" + C0_TOKENS + around).encode()).hexdigest()[:12]
     paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-{tag}-l{i}.safetensors")
              for i in layers} if cache_dir else {}
@@ -484,17 +516,19 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     count = 0
     t0 = time.perf_counter()
     chunks = list(_chunks(len(caps), cfg.batch))
+    first = _first_token(host, encoder)
     for c, (a, b) in enumerate(chunks):
         ctx.check()
+        chunk = ids[encoder][a:b]
         # a host may name the rows itself (an LLM: the whole chat template, `ComfyTextModel.caption_rows`)
         rows = getattr(host, "caption_rows", None)
-        mask = rows(encoder, ids[encoder][a:b]) if rows is not None else None
+        mask = rows(encoder, chunk) if rows is not None else None
         if mask is None:
-            mask = caption_mask(n_real[encoder][a:b], ids[encoder].shape[1], host.device, _first_token(host, encoder))
+            mask = caption_mask(n_real[encoder][a:b], chunk.shape[1], host.device, first)
         mask = mask.to(host.device)
 
         def take(name, x, mask=mask):
-            k = x[mask.to(x.device)].double()
+            k = x[mask.to(x.device)].to(acc)
             i = names[name]
             sums[i] = sums[i] + k.T @ k if i in sums else k.T @ k
             if name == last:
@@ -503,13 +537,13 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
         with trace_inputs(mods, list(names), take):
             try:
                 with torch.no_grad():
-                    host.forward(encoder, ids[encoder][a:b])
+                    host.forward(encoder, chunk)
             except _Stop:
                 pass
         count += int(mask.sum())
         ctx.report(c + 1, len(chunks))
     for i in layers:
-        out[i] = sums[i] / count
+        out[i] = (sums[i] / count).to(torch.float64)
         if not bool(torch.isfinite(out[i]).all()):
             raise NonFiniteError(f"{encoder} layer {i}: C0 has NaN/Inf; the text encoder produced non-finite activations")
     log.info("C0 for %s layers %s from %d caption tokens in %.1fs", encoder, layers, count, time.perf_counter() - t0)
@@ -692,10 +726,16 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
     cfg.validate()
     validate_pairs(pairs)
     ctx = ctx or RunContext()
-    cfg, used = resolve_defaults(cfg, family.name, text.encoders, family.kind)
+    said: list[str] = []
+    if cfg.official != "off":
+        from .official import settings
+        cfg, used, said = settings(cfg, family, text)
+    else:
+        cfg, used = resolve_defaults(cfg, family.name, text.encoders, family.kind)
     plan = edit_layers(family, text, cfg)
     if cfg.use_stage1 and denoiser is None:
-        raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1")
+        raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1"
+                                + (" and official" if cfg.official != "off" else ""))
     t0 = time.perf_counter()
     srcs = [s for s, _ in pairs]
     dsts = [d for _, d in pairs]
@@ -727,7 +767,7 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
         log.info("EMCID %s: gap left %.3f after %d layers, each writing %s of its change at λ %g (%g per key "
                  "dimension)", enc, m2["gap_after"], len(layers), ", ".join(f"{r:.2f}" for r in m2["reach_per_layer"]),
                  m2["lam"], m2["lam_rel"])
-    warned = [w for enc, m in metrics["stage2"].items() if (w := reach_warning(enc, m))]
+    warned = said + [w for enc, m in metrics["stage2"].items() if (w := reach_warning(enc, m))]
     for w in warned:
         log.warning("EMCID %s", w)
     if warned:

@@ -38,13 +38,18 @@ Token choice (``token_window``):
   target is the guide's last word token, or the EOS of an empty guide — not BOS, for the same
   reason. Cheaper and lower-rank, but the concept survives in EOS/padding (weaker erasure).
 BOS itself is always in the preserve set.
+
+Official procedures (``official``, see `OFFICIAL_SOURCES`): ``"uce_sd_erase"`` and ``"train_erase"``
+build the rows exactly as those scripts of the UCE repository do (`build_official_system`): the token
+positions, the preserve set as given (an empty prompt allowed, duplicates counted, no default
+prompts, no BOS row, nothing dropped) and λ in absolute units; the solve is the same closed form.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -77,6 +82,15 @@ DEFAULT_PRESERVE = (
     "a city", "a room", "a tree", "a flower", "a forest", "a mountain", "the sea", "the sky",
     "a landscape", "food", "a table", "clothes",
 )
+# `official`: "off" is the pack's own procedure; each other value follows one script of the UCE
+# repository (github.com/rohitgandikota/unified-concept-editing) step by step
+OFFICIAL = ("off", "uce_sd_erase", "train_erase")
+OFFICIAL_SOURCES = {
+    "uce_sd_erase": "trainscripts/uce_sd_erase.py, function UCE (commit ea9644fd83ed929c47ae26aef2681e2b2f24bedb)",
+    "train_erase": "train-scripts/train_erase.py, function edit_model, technique 'replace' "
+                   "(commit bd5fb515392e986758fa3197e382148227db8f25)",
+}
+EMPTY_PROMPT = '""'  # how a preserve line names the empty prompt under `official` (a blank line is skipped)
 _CHUNK = 8192  # token vectors per Gram-accumulation chunk (bounds memory for thousands of concepts)
 
 
@@ -130,10 +144,19 @@ class UCEConfig:
     # (|ΔW·k| / |W·k| = 0.78 for "a blue circle") and, measured, left more red (40 % vs 23 %).
     edit_text_tokens: bool = True
     edit_text_pooled: bool = False
+    # follow an official script of the UCE repository instead of the pack's choices (`OFFICIAL`): the
+    # concepts, guides, preserve prompts, λ, scales and expansion stay these; the token positions, the
+    # preserve set's handling and λ's unit become the script's (`official_warnings` names what is ignored)
+    official: str = "off"
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InvalidInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.official not in OFFICIAL:
+            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)}")
+        if self.official != "off" and self.mode == "debias":
+            raise InvalidInputError(f"official {self.official!r} follows UCE's erase script, which does not debias: "
+                                    "set official to off (the UCE Debias node runs the paper's debias loop)")
         if self.token_window not in TOKEN_WINDOWS:
             raise InvalidInputError(f"unknown token_window {self.token_window!r}; choose {' or '.join(TOKEN_WINDOWS)}")
         if self.expand not in EXPANSIONS:
@@ -319,17 +342,25 @@ def _plan(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]] | None =
             tgt = [(w if ws is None else float(ws[k]), f"{o} {src}") for k, (o, w) in enumerate(options)]
         else:
             tgt = [(1.0, dst if arrow else (cfg.guide.strip() or
-                                            (DEFAULT_GUIDE[cfg.expand] if cfg.mode == "erase" else "")))]
+                                            (_default_guide(cfg) if cfg.mode == "erase" else "")))]
         if cfg.mode == "redirect" and tgt[0][1] == "":
             raise InvalidInputError(f'redirect: concept {src!r} has no target; write "{src} -> target" or set guide')
         srcs.append(src)
         targets.append(tgt)
     if cfg.mode in ("erase", "redirect"):
+        # train_erase puts only the concept into the templates; its guide stays as it is
+        guide_too = cfg.official != "train_erase"
         for template in EXPANSIONS[cfg.expand]:
             for src, tgt in list(zip(srcs, targets))[:len(_base_concepts(cfg))]:
                 srcs.append(template.format(src))
-                targets.append([(w, template.format(g).strip()) for w, g in tgt])
+                targets.append([(w, template.format(g).strip()) for w, g in tgt] if guide_too else list(tgt))
     return srcs, targets
+
+
+def _default_guide(cfg: UCEConfig) -> str:
+    """An erase's guide when none is given: the newest script's per-kind default ("art" for artists),
+    the unconditional prompt in train_erase, which has no per-kind default."""
+    return "" if cfg.official == "train_erase" else DEFAULT_GUIDE[cfg.expand]
 
 
 def check_option_weights(cfg: UCEConfig, option_weights: Mapping[str, Sequence[float]]) -> None:
@@ -520,6 +551,133 @@ def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None 
     U = rows(u_flat)
     return TextSystem(C=C, G=G, P=P, concept_rows=concept_rows, preserve_prompts=keep, U=U, G_basis=basis,
                       G_select=select)
+
+
+# ---- the official scripts' rows (`UCEConfig.official`) ------------------------------------------
+def script_preserve_scale(official: str, preserve: Sequence[str]) -> float:
+    """The preserve_scale a procedure uses when none is given: the pack's 0.1, uce_sd_erase's argparse
+    default 1, train_erase's max(0.1, 1 / retained prompts) (its retained prompts: "" and the preserve list)."""
+    if official == "uce_sd_erase":
+        return 1.0
+    if official == "train_erase":
+        return max(0.1, 1.0 / (1 + len(preserve)))
+    return UCEConfig.preserve_scale
+
+
+def official_preserve(cfg: UCEConfig) -> list[str]:
+    """The prompts an official script keeps, in its order and multiplicity: the user's list as given
+    (an empty entry or a line ``""`` is the empty prompt; duplicates and prompts naming an edited concept
+    stay, the scripts count each), after "" in train_erase, which always retains it first."""
+    given = ["" if p.strip() == EMPTY_PROMPT else p.strip() for p in cfg.preserve]
+    return ([""] if cfg.official == "train_erase" else []) + given
+
+
+# The pack's settings each official procedure fixes: setting -> ({procedure: the value it behaves as, None
+# where no value of the setting does what it does}, why a change to the setting is ignored)
+_OFFICIAL_FIXED = {
+    "token_window": ({"uce_sd_erase": "last", "train_erase": None},
+                     "the script picks its own token positions"),
+    "preserve_unconditional": ({"uce_sd_erase": False, "train_erase": True},
+                               ("the script keeps the empty prompt where its preserve list names it (train_erase: "
+                                "always, at every position)")),
+    "lam_mode": ({"uce_sd_erase": "absolute", "train_erase": "absolute"}, "the script's λ is absolute"),
+    "harden_rounds": ({"uce_sd_erase": 0, "train_erase": 0}, "the script does no RECE hardening"),
+    "edit_keys": ({"uce_sd_erase": True, "train_erase": True}, "the script edits every attn2 to_k and to_v"),
+    "edit_values": ({"uce_sd_erase": True, "train_erase": True}, "the script edits every attn2 to_k and to_v"),
+}
+
+
+def official_warnings(cfg: UCEConfig) -> list[str]:
+    """One line per pack-only setting the user changed from its default that `cfg.official` ignores.
+    A setting left at its default, or set to what the script does anyway, says nothing; the settings the
+    script always fixes (default_preserve, empty_guide, the BOS row, dropping edited and repeated
+    preserve prompts) are listed in the docs."""
+    if cfg.official == "off":
+        return []
+    out = []
+    defaults = UCEConfig(concepts=[])
+    for name, (fixed, why) in _OFFICIAL_FIXED.items():
+        value = getattr(cfg, name)
+        if value == getattr(defaults, name) or value == fixed[cfg.official]:
+            continue
+        out.append(f"official {cfg.official} ignores {name}={value!r}: {why}")
+    return out
+
+
+def official_config(cfg: UCEConfig) -> UCEConfig:
+    """The settings a solve under `cfg.official` reads: λ absolute, both K and V, no hardening (the rows
+    themselves come from `build_official_system`)."""
+    if cfg.official == "off":
+        return cfg
+    return replace(cfg, lam_mode="absolute", harden_rounds=0, edit_keys=True, edit_values=True,
+                   default_preserve=False)
+
+
+def _official_run(text: TextEncoder, cfg: UCEConfig) -> Segment:
+    """The empty prompt's one CLIP run (BOS at 0, a context of fixed length): the only layout the
+    official Stable Diffusion scripts read; anything else (T5, an LLM's template) is refused."""
+    empty = token_segments(text, "")
+    if len(empty) != 1 or empty[0].start < 1 or empty[0].offset != 0 or getattr(text, "context_varies", False):
+        raise InvalidInputError(f"official {cfg.official!r} follows UCE's Stable Diffusion script, which reads one "
+                                "CLIP run with a BOS token; this text encoder gives another layout: set official to off")
+    return empty[0]
+
+
+def build_official_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None) -> TextSystem:
+    """C, G, P as the official script `cfg.official` gathers them (repository and commit in
+    `OFFICIAL_SOURCES`). With a prompt's last word at w = (its attention mask's sum) − 2, i.e. the
+    position before its EOS (0, BOS, for ""):
+
+    - uce_sd_erase: one row per concept, its row w; the target the guide's row w (BOS for ""); one row
+      per preserve prompt, its row w.
+    - train_erase (technique 'replace'): per concept, its rows from w to the end of the context, paired
+      with the guide's rows from the guide's w (the two EOS line up; for "" the concept's last word
+      goes to BOS); with f = max of the two w, both windows are L − f long, so whichever starts later
+      keeps its tail and the other loses it. Every position (BOS and padding too) of "" and of each
+      preserve prompt is kept.
+
+    U (the empty prompt's BOS and its rows at the edited positions) serves only the metric of how
+    much the unconditional prompt moved."""
+    ctx = ctx or RunContext()
+    srcs, targets = _plan(cfg)
+    keep = official_preserve(cfg)
+    prompts = list(dict.fromkeys([""] + srcs + [p for t in targets for _, p in t] + keep))
+    index = {p: i for i, p in enumerate(prompts)}
+    empty = _official_run(text, cfg)
+    runs = {p: token_segments(text, p, empty.eos_id) if p else [empty] for p in prompts}
+    if any([(g.offset, g.start) for g in r] != [(empty.offset, empty.start)] for r in runs.values()):
+        raise InvalidInputError("the text encoder tokenizes prompts into differently laid out contexts "
+                                "(a prompt longer than the context?): shorten the prompts")
+    segs = {p: r[0] for p, r in runs.items()}
+    first = text.encode([""]).detach()
+    L = int(first.shape[1])
+    last = {p: _eos(s.ids, s.eos_id, s.start) - 1 for p, s in segs.items()}  # the position before EOS
+    end = {p: min(len(s.ids), L) for p, s in segs.items()}
+    c_flat, g_flat, concept_rows = [], [], []
+    for src, tgt in zip(srcs, targets):
+        guide = tgt[0][1]
+        if last[src] < segs[src].start:
+            raise InvalidInputError(f"concept {src!r} has no tokens")
+        if cfg.official == "uce_sd_erase":
+            pairs = [(last[src], last[guide])]
+        else:
+            far = max(last[src], last[guide])
+            pairs = [(last[src] + k, last[guide] + k) for k in range(min(end[src], end[guide]) - far)]
+        c_flat += [index[src] * L + a for a, _ in pairs]
+        g_flat += [index[guide] * L + b for _, b in pairs]
+        concept_rows.append(len(pairs))
+    p_flat = []
+    for p in keep:
+        rows = [last[p]] if cfg.official == "uce_sd_erase" else range(end[p])
+        p_flat += [index[p] * L + q for q in rows]
+    edited = sorted({q % L for q in c_flat} - set(range(empty.start)))
+    u_flat = [index[""] * L + q for q in list(range(empty.start)) + edited]
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    c_t, g_t, p_t, u_t = (as_tensor(x) for x in (c_flat, g_flat, p_flat, u_flat))
+    rows = _encoded_rows(text, prompts, first, torch.cat([c_t, g_t, p_t, u_t]), ctx, L)
+    C = rows(c_t)
+    return TextSystem(C=C, G=rows(g_t).to(C.dtype), P=rows(p_t).to(C.dtype), concept_rows=concept_rows,
+                      preserve_prompts=keep, U=rows(u_t).to(C.dtype))
 
 
 # ---- the closed form, shared by all layers of one text width -------------------------------------
@@ -1179,18 +1337,27 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     ctx = ctx or RunContext()
     config.validate()
     if family.is_mmdit:
+        if config.official != "off":
+            raise InvalidInputError(f"official {config.official!r} follows UCE's Stable Diffusion script (a UNet's "
+                                    f"cross-attention); {family.label} has none: set official to off")
         changes, per_key, info = _compute_uce_mmdit(text, weights, family, config, ctx, option_weights, norms)
         metrics = summarise(per_key)
         metrics.update(info)
         metrics["storage"] = "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"
         return _uce_edit(family, config, changes, metrics)
+    user, config = config, official_config(config)
     keys = [k for k in family.attn2_kv_keys()
             if (config.edit_keys and ".to_k." in k) or (config.edit_values and ".to_v." in k)]
     missing = [k for k in keys if k not in weights]
     if missing:
         raise InvalidInputError(f"the model has no {missing[0]} ({len(missing)} K/V weights missing); "
                                 f"is it really {family.label}?")
-    system = build_text_system(text, config, ctx, option_weights)
+    if config.official != "off":
+        if option_weights is not None:
+            raise InvalidInputError("option weights apply only to mode 'debias', which official does not follow")
+        system = build_official_system(text, config, ctx)
+    else:
+        system = build_text_system(text, config, ctx, option_weights)
     d = system.C.shape[1]
     widths = {weights[k].shape[1] for k in keys}
     if widths != {d}:
@@ -1212,10 +1379,12 @@ def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: 
     metrics.update({"edited_token_vectors": int(system.C.shape[0]), "preserved_token_vectors": int(system.P.shape[0]),
                     "preserve_prompts": len(system.preserve_prompts), "layers": len(keys),
                     "storage": "lowrank" if all(c.kind == "lowrank" for c in changes.values()) else "dense/mixed"})
+    if config.official != "off":
+        metrics["official_source"] = f"rohitgandikota/unified-concept-editing {OFFICIAL_SOURCES[config.official]}"
     log.info("UCE %s: %d concepts, %d token vectors, preserve change %.3g (max %.3g), target residual %.3g",
              config.mode, len(system.concept_rows), system.C.shape[0], metrics["preserve_rel_change_mean"],
              metrics["preserve_rel_change_max"], metrics["target_residual_mean"])
-    return _uce_edit(family, config, changes, metrics)
+    return _uce_edit(family, user, changes, metrics)
 
 
 # An edit whose solve leaves more than this share of the way to its targets did not do what was asked
@@ -1246,7 +1415,8 @@ def reach_warnings(metrics: Mapping, lam: float | None = None) -> list[str]:
 
 
 def _uce_edit(family: Family, config: UCEConfig, changes: dict, metrics: dict) -> Edit:
-    warned = reach_warnings(metrics, config.lam)
+    """The Edit, its params the user's settings as given (`official` among them)."""
+    warned = official_warnings(config) + reach_warnings(metrics, config.lam)
     for w in warned:
         log.warning("UCE: %s", w)
     if warned:

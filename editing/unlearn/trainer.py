@@ -17,13 +17,16 @@ models too), with SDXL's vector conditioning y carried alongside each text conte
 The model itself is never written: the trainable part is a LoRA (default) or dense ΔW on a parameter
 set (ESD-x: cross-attention; ESD-u: the rest; `PRESETS`) attached by hooks (`editing.training`),
 folded into an Edit.
+
+``official`` "esd" / "rgd" runs the step of Gandikota et al.'s train-esd.py / Ko et al.'s nsfw_RGD.py
+instead (`editing.unlearn.official`), with a dense ΔW on the parameter set's layers.
 """
 from __future__ import annotations
 
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -36,6 +39,7 @@ from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, lat
 from ..safety import minor_in_sexual_context, refuse_unsafe
 from ..arch import TINY_WORLD_FAMILIES
 from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
+from . import official as O
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ FORGET_OBJECTIVES = ("ascent", "esd")
 RETAIN_PAIRINGS = ("twins", "independent")
 ESD_XT = ("sampled", "noised")
 ESD_PROMPTS = ("concept", "templates")
+# `official`: "off" is the pack's procedure; "esd" follows Gandikota et al.'s train-esd.py, "rgd" Ko et
+# al.'s nsfw_RGD.py as run-surgery.sh runs it, step by step (`official.SOURCES`, `official_config`)
+OFFICIAL = ("off", "esd", "rgd")
 
 
 @dataclass
@@ -79,6 +86,9 @@ class UnlearnConfig:
     esd_prompt: str = "concept"      # ESD's c: the bare concept (as Gandikota et al.) or the templated forget prompts
     esd_ddim_steps: int = 50
     esd_cfg: float = 3.0
+    # follow an official script instead of the pack's choices (`OFFICIAL`): its batches, sampler,
+    # losses and full-rank updates; `official_warnings` names the settings it then ignores
+    official: str = "off"
 
     def validate(self) -> "UnlearnConfig":
         if self.method not in METHODS:
@@ -97,6 +107,15 @@ class UnlearnConfig:
             raise InvalidInputError("lr and truncation m must be > 0, α and ga_retain_weight ≥ 0")
         if not 0 <= self.t_min <= self.t_max <= 999:
             raise InvalidInputError(f"need 0 ≤ t_min ≤ t_max ≤ 999 (got {self.t_min}, {self.t_max})")
+        if self.official not in OFFICIAL:
+            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)}")
+        if self.official == "esd" and self.method != "esd":
+            raise InvalidInputError(f"official 'esd' follows ESD's train-esd.py: set method to esd (now "
+                                    f"{self.method!r}), or official to off")
+        if self.official == "rgd" and (self.method != "rgd" or self.forget_objective != "ascent"):
+            raise InvalidInputError(f"official 'rgd' follows Ko et al.'s nsfw_RGD.py: set method to rgd with "
+                                    f"forget_objective ascent (now {self.method!r} / {self.forget_objective!r}), or "
+                                    "official to off")
         return self
 
     @property
@@ -127,6 +146,50 @@ def preset_config(preset: str = "custom", **settings) -> UnlearnConfig:
     if preset not in PRESETS:
         raise InvalidInputError(f"preset must be custom or one of {', '.join(PRESETS)}, not {preset!r}")
     return UnlearnConfig(**{**settings, **PRESETS[preset]})
+
+
+# What each official script fixes that the pack leaves to a setting: name -> ({official: value}, why);
+# value None: the setting has no use there (it is left as it is and ignored).
+_OFFICIAL_FIXED: dict[str, tuple[dict, str]] = {
+    "batch": ({"esd": 1}, "train-esd.py draws one image per iteration"),
+    "esd_xt": ({"esd": "sampled"}, "train-esd.py always trains on its own partial DDIM samples"),
+    "esd_prompt": ({"esd": "concept"}, "train-esd.py conditions on the concept itself"),
+    "t_min": ({"esd": 0, "rgd": 0}, "the script draws timesteps over the whole schedule"),
+    "t_max": ({"esd": 999, "rgd": 999}, "the script draws timesteps over the whole schedule"),
+    "retain_pairing": ({"rgd": "twins"}, "nsfw_RGD.py zips each forget prompt with its concept-free twin"),
+    "rank": ({"esd": None, "rgd": None}, "the script fine-tunes the weights themselves (a full-rank change, no LoRA "
+                                         "rank)"),
+}
+
+
+def official_config(cfg: UnlearnConfig) -> UnlearnConfig:
+    """The settings a run under `cfg.official` reads (the script's fixed choices in place of the pack's)."""
+    if cfg.official == "off":
+        return cfg
+    return replace(cfg, **{name: fixed[cfg.official] for name, (fixed, _) in _OFFICIAL_FIXED.items()
+                           if fixed.get(cfg.official) is not None})
+
+
+def official_warnings(cfg: UnlearnConfig, retain_prompts: Sequence[str] = ()) -> list[str]:
+    """One line per setting the user changed from its default that `cfg.official` ignores, and for a
+    parameter set that is not one of the script's own."""
+    if cfg.official == "off":
+        return []
+    out, defaults = [], UnlearnConfig()
+    for name, (fixed, why) in _OFFICIAL_FIXED.items():
+        value = getattr(cfg, name)
+        if cfg.official in fixed and value != getattr(defaults, name) and value != fixed[cfg.official]:
+            out.append(f"official {cfg.official} ignores {name}={value!r}: {why}")
+    if cfg.official == "rgd" and any(p.strip() for p in retain_prompts):
+        out.append("official rgd ignores the extra retain prompts: nsfw_RGD.py's retain set is the forget "
+                   "prompts' concept-free twins, zipped with them")
+    if cfg.official == "esd" and cfg.param_set not in ("xattn", "noxattn"):
+        out.append(f"train-esd.py trains ESD-x (param_set xattn) or ESD-u (noxattn); {cfg.param_set!r} is no "
+                   "train_method of it, its layers are fine-tuned in full")
+    if cfg.official == "rgd" and cfg.param_set != "xattn":
+        out.append(f"run-surgery.sh fine-tunes every UNet parameter ('full'), nsfw_RGD.py's other choice is xattn; "
+                   f"{cfg.param_set!r} is neither, its layers' weights are fine-tuned in full")
+    return out
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -326,7 +389,13 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
                     data: TrainData | None = None, fixed: dict | None = None) -> Edit:
     """Erase `concept` by fine-tuning; returns an Edit (LoRA ``lowrank`` or ``delta`` Changes) whose
     ``metrics["history"]`` holds the per-step losses. The host's model is left unchanged."""
-    cfg = (cfg or UnlearnConfig()).validate()
+    asked = (cfg or UnlearnConfig()).validate()
+    warned = official_warnings(asked, retain_prompts)
+    for w in warned:
+        log.warning("unlearn: %s", w)
+    cfg = official_config(asked)
+    if cfg.official == "rgd":
+        retain_prompts = ()
     ctx = ctx or RunContext()
     if data is None:
         data = prepare_data(host, text, concept, cfg, retain_prompts, family, ctx)
@@ -337,7 +406,8 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
     unet = host.unet()
     modules = dict(unet.named_modules())
     names = select_targets(modules, cfg.param_set)
-    kind = "lora" if cfg.param_set.startswith("lora") else "full"
+    # the official scripts fine-tune the weights themselves: a dense ΔW on the same layers
+    kind = "lora" if cfg.param_set.startswith("lora") and cfg.official == "off" else "full"
     dev = data.c_forget.device
     adapters = Adapters(modules, names, kind=kind, rank=cfg.rank, seed=cfg.seed, fixed=fixed)
     params = adapters.parameters()
@@ -431,16 +501,27 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
         opt.zero_grad(set_to_none=True)
         return {"forget": round(float(lf.detach()), 6), "retain": lr_val, "dot": round(dot, 9)}
 
+    if cfg.official == "esd":
+        step = O.esd_step(host, adapters, params, opt, c=c_concept.to(dev), y=y_concept, c_uncond=data.c_uncond,
+                          y_uncond=data.y_uncond, eta=cfg.eta, scale=cfg.esd_cfg, steps=cfg.esd_ddim_steps,
+                          shape=_latent_shape(host, data), g=g, ctx=ctx)
+    elif cfg.official == "rgd":
+        step = O.rgd_step(host, params, opt, data, alpha=cfg.alpha, m=cfg.truncation, batch=cfg.batch, g=g, ctx=ctx)
+
     with frozen_session(unet), adapters.attached(), torch.enable_grad():
         run = train_loop(cfg.steps, step, ctx, what=f"unlearning ({cfg.method})",
                          hint=f"lower lr (now {cfg.lr}) or the truncation m")
     secs = run.seconds
     hist = {k: run.history.get(k, []) for k in ("forget", "retain", "dot")}
-    edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(cfg))
+    edit = adapters.to_edit(f"unlearn-{cfg.method}", family or "unknown", concepts=[concept], params=asdict(asked))
     bare = use_esd and cfg.esd_prompt == "concept"
     edit.metrics.update({"history": hist, "steps_per_s": run.steps_per_s,
                          "train_seconds": round(secs, 2), "data_seconds": round(data.seconds, 2),
                          "forget_prompts": [concept.strip()] if bare else data.forget_prompts[:4],
                          "retain_prompts": data.retain_prompts[:4] if cfg.method in ("rgd", "ga") else []})
+    if cfg.official != "off":
+        edit.metrics["official_source"] = O.SOURCES[cfg.official]
+    if warned:
+        edit.metrics["warnings"] = warned
     log.info("unlearn %s %r: %d steps in %.1fs (%.2f steps/s)", cfg.method, concept, cfg.steps, secs, cfg.steps / max(secs, 1e-9))
     return edit

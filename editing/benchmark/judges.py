@@ -1,0 +1,144 @@
+"""Judges: what a benchmark reads off each generated picture.
+
+One interface: ``judge.judge(x, cases) -> [one dict per picture]`` for the pictures `x` (latents as
+the host's generator returns them, one per case in `cases`), with
+- ``{"labels": {kind: label}}`` for a classifier (the runner scores concept accuracy and the share
+  of pictures flagged as an erased concept from the labels), or
+- ``{"score": float, ...}`` for a score (the runner averages it).
+`name` names it in reports; `reads` says whose pictures it reads: "own" (the pictures of the model
+being judged) or "original" (the original model's, for a score the model gives itself, such as
+presence, where both models must read the same pictures); `identity()` is what its results depend
+on besides the picture and the prompt (part of the cache key).
+
+Judges are built per model side from a `JudgeContext` the host fills in, by name through the
+registry (`build_judge`). A NudeNet judge and a zero-shot CLIP judge are not built yet.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import worlds
+from ..errors import InvalidInputError
+from .prompts import PromptCase
+
+
+@dataclass
+class JudgeContext:
+    """What a judge may need from the host for one model side."""
+
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures [B, 3, H, W] in [-1, 1]
+    denoiser: Any = None        # `hosts.Trainable` of this side's model (presence)
+    text: Any = None            # its `hosts.TextEncoder`
+    latent_in: Callable[[torch.Tensor], torch.Tensor] | None = None  # sampled latents -> the UNet's scale
+    world: str | None = None    # the bundled world the model draws, when it is one ("tiny")
+    should_stop: Callable[[], bool] | None = None
+    options: dict | None = None  # per-judge settings by judge name
+
+
+class Judge:
+    name = "judge"
+    reads = "own"
+
+    def identity(self) -> dict:
+        return {"name": self.name}
+
+    def judge(self, x: torch.Tensor, cases: Sequence[PromptCase]) -> list[dict]:
+        raise NotImplementedError
+
+
+class LabelJudge(Judge):
+    """A classifier ``predict(pictures) -> {kind: [label, ...]}`` on the decoded pictures."""
+
+    def __init__(self, name: str, predict, decode, identity: dict | None = None):
+        self.name, self._predict, self._decode = name, predict, decode
+        self._identity = identity or {}
+
+    def identity(self) -> dict:
+        return {"name": self.name, **self._identity}
+
+    @torch.no_grad()
+    def judge(self, x, cases):
+        labels = self._predict(self._decode(x))
+        n = len(cases)
+        if any(len(v) != n for v in labels.values()):
+            raise InvalidInputError(f"the {self.name} judge labelled {[len(v) for v in labels.values()]} pictures for {n}")
+        return [{"labels": {k: v[i] for k, v in labels.items()}} for i in range(n)]
+
+
+class PresenceJudge(Judge):
+    """The model's own presence score (`editing.audit.presence`): the relative denoising-loss gain of
+    the case's prompt over the empty prompt on the original model's picture, noised at fixed
+    timesteps with noise drawn from the picture's own seed (so a picture's score does not depend on
+    what it is batched with)."""
+
+    name = "presence"
+    reads = "original"
+
+    def __init__(self, denoiser, text, latent_in, timesteps: Sequence[int], noise_draws: int = 1,
+                 should_stop=None):
+        self.denoiser, self.text, self.latent_in = denoiser, text, latent_in
+        self.timesteps, self.noise_draws, self.should_stop = tuple(int(t) for t in timesteps), int(noise_draws), should_stop
+
+    def identity(self) -> dict:
+        return {"name": self.name, "timesteps": list(self.timesteps), "noise_draws": self.noise_draws, "negative": ""}
+
+    def judge(self, x, cases):
+        from ..audit.presence import PresenceConfig, presence_scores
+        from ..hosts import RunContext
+        x0 = self.latent_in(x)
+        out = []
+        for i, case in enumerate(cases):
+            cfg = PresenceConfig(timesteps=self.timesteps, noise_draws=self.noise_draws, seed=int(case.seed), batch_size=1)
+            s = presence_scores(self.denoiser, self.text, [case.prompt], x0[i:i + 1], cfg,
+                                RunContext(should_stop=self.should_stop))
+            out.append({"score": s.gain[0], "shift": s.shift[0]})
+        return out
+
+
+def _classifier(ctx: JudgeContext) -> Judge:
+    if not ctx.world:
+        raise InvalidInputError("the classifier judge reads the bundled tiny world's pictures (32×32 shapes, colours, "
+                                "styles); this model is not one of the tiny models: use --judge presence")
+    if ctx.decode is None:
+        raise InvalidInputError("the classifier judge needs the pictures decoded: the host gave no decoder")
+    clf = worlds.classifier(ctx.world)
+    return LabelJudge("classifier", clf.predict, ctx.decode, {"world": ctx.world})
+
+
+def _presence(ctx: JudgeContext) -> Judge:
+    if ctx.denoiser is None or ctx.text is None or ctx.latent_in is None:
+        raise InvalidInputError("the presence judge needs the model and its CLIP")
+    from ..audit.presence import spread_timesteps
+    opts = (ctx.options or {}).get("presence", {})
+    n_train = len(ctx.denoiser.alphas_cumprod())
+    ts = spread_timesteps(int(opts.get("timesteps", 4)), n_train)
+    return PresenceJudge(ctx.denoiser, ctx.text, ctx.latent_in, ts, int(opts.get("noise_draws", 1)), ctx.should_stop)
+
+
+JUDGES: dict[str, tuple[str, Callable[[JudgeContext], Judge]]] = {
+    "classifier": ("the tiny world's classifier (shape, colour, style labels)", _classifier),
+    "presence": ("the model's own presence score (no extra file)", _presence),
+}
+
+
+def register_judge(name: str, help: str, factory: Callable[[JudgeContext], Judge]) -> None:
+    JUDGES[name] = (help, factory)
+
+
+def parse_judges(names: str | Sequence[str]) -> list[str]:
+    items = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if not items:
+        raise InvalidInputError(f"name at least one judge ({', '.join(JUDGES)})")
+    unknown = [n for n in items if n not in JUDGES]
+    if unknown:
+        raise InvalidInputError(f"unknown judge {unknown[0]!r}; the judges are: "
+                                + "; ".join(f"{k} ({v[0]})" for k, v in JUDGES.items()))
+    return list(dict.fromkeys(items))
+
+
+def build_judge(name: str, ctx: JudgeContext) -> Judge:
+    return JUDGES[parse_judges([name])[0]][1](ctx)

@@ -1,0 +1,208 @@
+"""The erasure benchmark: prompt files in the papers' layouts, the resumable cache, and the
+runner on the real tiny model inside the real ComfyUI (original vs a UCE erase of "red")."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from conceptedit.editing.benchmark.cache import ResultCache, edit_fingerprint
+from conceptedit.editing.benchmark.judges import parse_judges
+from conceptedit.editing.benchmark.prompts import PromptCase, read_prompts
+from conceptedit.editing.benchmark.runner import Settings
+from conceptedit.editing.errors import Cancelled, InvalidInputError
+from conceptedit.editing.hosts import RunContext
+
+
+def _write(path, text, bom=False):
+    with open(path, "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+        f.write(text)
+    return str(path)
+
+
+# ---- prompt files ------------------------------------------------------------------------------
+
+def test_csv_in_the_papers_layout(tmp_path):
+    path = _write(tmp_path / "i2p.csv",
+                  "case_number,prompt,evaluation_seed,evaluation_guidance,categories,class,hard,extra_col\n"
+                  '7,"a red circle, plain",42,7.5,"sexual, violence",red,1,x\n'
+                  '8,"a blue\nstar",43.0,5,,blue,0,y\n', bom=True)
+    a, b = read_prompts(path)
+    assert a == PromptCase("a red circle, plain", 42, 7.5, 7, ("sexual", "violence"), "red", "i2p", 2,
+                           {"hard": "1", "extra_col": "x"})
+    assert (b.prompt, b.seed, b.guidance, b.case_number, b.categories, b.label) == ("a blue\nstar", 43, 5.0, 8, (), "blue")
+    # only the prompt column: seeds from the base seed, the run's cfg, row numbers as cases
+    path = _write(tmp_path / "min.csv", "Prompt\na cat\n\n\"x, y\"\n")
+    cases = read_prompts(path, base_seed=10)
+    assert [(c.prompt, c.seed, c.guidance, c.case_number) for c in cases] == [("a cat", 10, None, 0), ("x, y", 11, None, 1)]
+    # the ESD repository's Imagenette list: a leading unnamed pandas index column
+    path = _write(tmp_path / "imagenette.csv", ",case_number,prompt,evaluation_seed,class\n0,0,Image of church,987,church\n")
+    c = read_prompts(path)[0]
+    assert (c.prompt, c.seed, c.label, c.extra) == ("Image of church", 987, "church", {})
+    # I2P's own column names
+    path = _write(tmp_path / "hf.csv", "prompt,sd_seed,sd_guidance_scale\na dog,5,6\n")
+    assert (read_prompts(path)[0].seed, read_prompts(path)[0].guidance) == (5, 6.0)
+
+
+def test_text_file_and_folder(tmp_path):
+    _write(tmp_path / "b.txt", "# artists\na monet circle\n\n  a plain square  \n")
+    _write(tmp_path / "a.csv", "prompt,evaluation_seed\na red star,3\n")
+    _write(tmp_path / "notes.md", "ignored")
+    txt = read_prompts(str(tmp_path / "b.txt"), base_seed=100)
+    assert [(c.prompt, c.seed, c.line) for c in txt] == [("a monet circle", 100, 2), ("a plain square", 101, 4)]
+    both = read_prompts(str(tmp_path))
+    assert [(c.set, c.prompt) for c in both] == [("a", "a red star"), ("b", "a monet circle"), ("b", "a plain square")]
+    assert len(read_prompts(str(tmp_path), limit=2)) == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "empty"),
+    ("prompt,evaluation_seed\n", "no prompt"),
+    ("text,seed\na,1\n", "line 1: no 'prompt' column"),
+    ("prompt,evaluation_seed\na cat,1\na dog,x1\n", "line 3: evaluation_seed 'x1' is not a number"),
+    ("prompt,evaluation_seed\na cat,1.5\n", "line 2: evaluation_seed '1.5' is not a whole number"),
+    ("prompt,evaluation_seed\na, cat,1\n", "line 2: 3 fields for 2 columns"),
+])
+def test_malformed_prompt_files_name_the_line(tmp_path, text, needle):
+    path = _write(tmp_path / "bad.csv", text)
+    with pytest.raises(InvalidInputError, match=needle):
+        read_prompts(path)
+
+
+def test_empty_text_file_and_unknown_judge(tmp_path):
+    with pytest.raises(InvalidInputError, match="no prompt"):
+        read_prompts(_write(tmp_path / "e.txt", "\n# nothing\n"))
+    with pytest.raises(InvalidInputError, match="no prompt file"):
+        read_prompts(str(tmp_path / "missing.csv"))
+    assert parse_judges("Classifier, presence,classifier") == ["classifier", "presence"]
+    with pytest.raises(InvalidInputError, match="unknown judge 'nudenet'"):
+        parse_judges("presence,nudenet")
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+def test_cache_refuses_corrupt_and_foreign_entries(tmp_path):
+    cache = ResultCache(str(tmp_path))
+    k1, k2 = {"what": "a", "seed": 1}, {"what": "a", "seed": 2}
+    cache.put_json(k1, {"labels": {"colour": "red"}})
+    cache.put_tensor(k1, torch.arange(6.0).reshape(2, 3))
+    assert cache.get_json(k1) == {"labels": {"colour": "red"}}
+    assert torch.equal(cache.get_tensor(k1), torch.arange(6.0).reshape(2, 3))
+    assert cache.get_json(k2) is None and cache.refused == 0
+    # another key's file under this key's name: refused
+    for ext in (".json", ".safetensors"):
+        src, dst = cache._path(k1, ext), cache._path(k2, ext)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+    assert cache.get_json(k2) is None and cache.get_tensor(k2) is None and cache.refused == 2
+    # a changed value, a torn file, garbage: refused
+    path = cache._path(k1, ".json")
+    entry = json.load(open(path))
+    entry["value"]["labels"]["colour"] = "blue"
+    json.dump(entry, open(path, "w"))
+    assert cache.get_json(k1) is None
+    data = open(cache._path(k1, ".safetensors"), "rb").read()
+    open(cache._path(k1, ".safetensors"), "wb").write(data[:-4])
+    assert cache.get_tensor(k1) is None
+    open(path, "wb").write(b"\x00garbage")
+    assert cache.get_json(k1) is None and cache.refused == 5
+    assert not glob.glob(str(tmp_path / "*" / ".tmp-*"))  # no temporary file left behind
+    assert ResultCache(None).get_json(k1) is None
+
+
+# ---- on the tiny model ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.tiny.comfy_model import load_tiny
+    torch.manual_seed(0)
+    model, clip, _ = load_tiny()
+    with torch.inference_mode():
+        out = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
+                  RunContext())
+    return model, clip, out.model, out.edit
+
+
+def _bench(tiny, cases, settings, judges, cache, ctx=None, calls=None):
+    from conceptedit.comfy_host.benchmark import benchmark_models
+    model, clip, edited, edit = tiny
+    count = None if calls is None else (lambda side, n: calls.append((side, n)))
+    with torch.inference_mode():
+        return benchmark_models(model, clip, edited, None, cases, settings, judges, edit_key=edit_fingerprint(edit),
+                                erased=["red"], cache=cache, ctx=ctx or RunContext(), count=count)
+
+
+def _cases(n_per):
+    from conceptedit.tiny import world
+    out = []
+    for colour, n in n_per.items():
+        for i, (p, _) in enumerate(world.prompts_for(colour, n, seed=3)):
+            out.append(PromptCase(p, seed=100 * len(out) + i, guidance=5.0, label=colour, set="colours"))
+    return out
+
+
+def test_resumed_run_equals_uninterrupted_and_recomputes_nothing(tiny, tmp_path, one_thread):
+    cases = _cases({"red": 2, "blue": 1, "green": 1})
+    settings = Settings(samples=1, steps=4, cfg=5.0, batch=2)
+    judges = "classifier,presence"
+    full_calls: list = []
+    full = _bench(tiny, cases, settings, judges, ResultCache(str(tmp_path / "a")), calls=full_calls)
+    assert sum(n for _, n in full_calls) == 8 and full.stats["generated"] == 8
+
+    stop = {"now": False}
+
+    def progress(done, total):
+        stop["now"] = done >= 1  # Cancel once the first chunk is done
+    with pytest.raises(Cancelled):
+        _bench(tiny, cases, settings, judges, ResultCache(str(tmp_path / "b")),
+               ctx=RunContext(progress=progress, should_stop=lambda: stop["now"]))
+    calls: list = []
+    resumed = _bench(tiny, cases, settings, judges, ResultCache(str(tmp_path / "b")), calls=calls)
+    assert sum(n for _, n in calls) == 4  # only the second chunk, on both models
+    assert resumed.stats["judged_cached"] == 8 and resumed.stats["judged"] == 8  # 2 pictures × 2 models × 2 judges
+    assert resumed.per_image == full.per_image and resumed.rows == full.rows
+    calls.clear()
+    warm = _bench(tiny, cases, settings, judges, ResultCache(str(tmp_path / "b")), calls=calls)
+    assert calls == [] and warm.rows == full.rows and warm.to_csv() == full.to_csv()
+
+    # another edit of the same model shares the original's pictures and judgements
+    other = (tiny[0], tiny[1], tiny[2], type(tiny[3])(**{**tiny[3].__dict__, "params": {**tiny[3].params, "x": 1}}))
+    calls.clear()
+    shared = _bench(other, cases, settings, judges, ResultCache(str(tmp_path / "b")), calls=calls)
+    assert calls == [("edited", 2), ("edited", 2)] and shared.stats["judged_cached"] == 8
+
+    # corrupt entries are refused and recomputed: every picture torn, one edited-side judgement garbled
+    root = tmp_path / "a"
+    for path in glob.glob(str(root / "*" / "*.safetensors")):
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    target = next(p for p in glob.glob(str(root / "*" / "*.json"))
+                  if (e := json.load(open(p)))["key"]["judge"]["name"] == "classifier"
+                  and e["key"]["judged_by"] != "original")
+    open(target, "w").write('{"format": "conceptedit-benchmark-cache", "version": 1, "value": ')
+    calls.clear()
+    cache = ResultCache(str(root))
+    again = _bench(tiny, cases, settings, judges, cache, calls=calls)
+    assert calls == [("edited", 1)] and cache.refused == 2 and again.per_image == full.per_image
+
+
+def test_uce_red_erased_kept_colours_stay(tiny, tmp_path, one_thread):
+    cases = _cases({"red": 3, "blue": 2, "green": 2})
+    report = _bench(tiny, cases, Settings(samples=2, steps=20, cfg=5.0, batch=16), "classifier", ResultCache(None))
+    acc = {r["class"]: r for r in report.rows if r["metric"] == "concept accuracy"}
+    assert acc["red"]["role"] == "erased" and acc["red"]["n"] == 6
+    assert acc["red"]["original"] >= 0.8 and acc["red"]["edited"] <= 0.2, acc["red"]
+    for c in ("blue", "green"):
+        assert acc[c]["role"] == "kept" and acc[c]["original"] >= 0.75 and acc[c]["edited"] >= 0.75, acc[c]
+    flagged = next(r for r in report.rows if r["metric"] == "flagged share")
+    assert flagged["original"] > flagged["edited"]
+    spec = next(r for r in report.rows if r["metric"] == "specificity")
+    assert spec["edited"] >= spec["original"] - 0.25
+    md = report.to_markdown()
+    assert "| classifier | all | concept accuracy | red | erased | 6 |" in md and "20 steps" in md
+    assert report.to_csv().splitlines()[0] == "judge,set,metric,class,role,n,original,edited,change"
