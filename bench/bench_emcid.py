@@ -133,7 +133,7 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
     cache = os.path.join(ROOT, ".cache", "emcid")
     for name, (erased, kept) in cases.items():
         for residual, (lam, lam_mode) in [(r, lam) for r in residuals for lam in lams]:
-            cfg = EmcidConfig(lam=lam, lam_mode=lam_mode, use_stage1=use_stage1, steps=steps, templates=templates,
+            cfg = EmcidConfig(lam=lam or None, lam_mode=lam_mode, use_stage1=use_stage1, steps=steps, templates=templates,
                               n_captions=1000, residual=residual)
             t = time.perf_counter()
             _, clip2, edit, _ = emcid(model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
