@@ -73,7 +73,8 @@ def run(args) -> int:
                                   edit_key=edit_fingerprint(edit, args.strength), erased=erased, cache=cache,
                                   ctx=terminal_context(), negative=args.negative, info=info,
                                   judge_options={"presence": {"timesteps": args.presence_timesteps,
-                                                              "noise_draws": args.presence_draws}})
+                                                              "noise_draws": args.presence_draws,
+                                                              "concepts": erased}})
     seconds = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     md = report.to_markdown()

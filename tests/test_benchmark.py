@@ -128,13 +128,14 @@ def tiny(comfy):
     return model, clip, out.model, out.edit
 
 
-def _bench(tiny, cases, settings, judges, cache, ctx=None, calls=None):
+def _bench(tiny, cases, settings, judges, cache, ctx=None, calls=None, judge_options=None):
     from conceptedit.comfy_host.benchmark import benchmark_models
     model, clip, edited, edit = tiny
     count = None if calls is None else (lambda side, n: calls.append((side, n)))
     with torch.inference_mode():
         return benchmark_models(model, clip, edited, None, cases, settings, judges, edit_key=edit_fingerprint(edit),
-                                erased=["red"], cache=cache, ctx=ctx or RunContext(), count=count)
+                                erased=["red"], cache=cache, ctx=ctx or RunContext(), count=count,
+                                judge_options=judge_options)
 
 
 def _cases(n_per):
@@ -206,3 +207,22 @@ def test_uce_red_erased_kept_colours_stay(tiny, tmp_path, one_thread):
     md = report.to_markdown()
     assert "| classifier | all | concept accuracy | red | erased | 6 |" in md and "20 steps" in md
     assert report.to_csv().splitlines()[0] == "judge,set,metric,class,role,n,original,edited,change"
+
+
+def test_presence_against_concept_free_twins(tiny, tmp_path, one_thread):
+    """With the erased concepts named, a red prompt's presence is its gain minus its twin's ("a red
+    circle" vs "a circle"): the erasure takes most of it away; prompts without red keep the plain gain,
+    and the twins are part of the cache key."""
+    cases = _cases({"red": 2, "blue": 1})
+    settings = Settings(samples=1, steps=10, cfg=5.0, batch=4)
+    cache = ResultCache(str(tmp_path / "c"))
+    twin = _bench(tiny, cases, settings, "presence", cache, judge_options={"presence": {"concepts": ["red"]}})
+    plain = _bench(tiny, cases, settings, "presence", cache)
+    score = {(r["class"], which): r for which, rep in (("twin", twin), ("plain", plain)) for r in rep.rows
+             if r["metric"] == "mean score" and r["class"] in ("red", "blue")}
+    red = score[("red", "twin")]
+    assert red["original"] > 0 and red["edited"] < 0.5 * red["original"], red
+    assert score[("blue", "twin")]["original"] == pytest.approx(score[("blue", "plain")]["original"])
+    assert score[("red", "plain")]["original"] > red["original"]  # the plain gain also counts the circle
+    assert plain.stats["judged_cached"] == 0 and plain.stats["generated"] == 0  # pictures shared, scores not
+

@@ -73,29 +73,38 @@ class PresenceJudge(Judge):
     """The model's own presence score (`editing.audit.presence`): the relative denoising-loss gain of
     the case's prompt over the empty prompt on the original model's picture, noised at fixed
     timesteps with noise drawn from the picture's own seed (so a picture's score does not depend on
-    what it is batched with)."""
+    what it is batched with). With the erased concepts named, a prompt that contains one is scored
+    by its gain minus that of its concept-free twin ("a red circle" vs "a circle"): against the empty
+    prompt alone the score also counts the rest of the prompt, which an erasure keeps."""
 
     name = "presence"
     reads = "original"
 
     def __init__(self, denoiser, text, latent_in, timesteps: Sequence[int], noise_draws: int = 1,
-                 should_stop=None):
+                 should_stop=None, concepts: Sequence[str] = ()):
         self.denoiser, self.text, self.latent_in = denoiser, text, latent_in
         self.timesteps, self.noise_draws, self.should_stop = tuple(int(t) for t in timesteps), int(noise_draws), should_stop
+        self.concepts = tuple(concepts)
 
     def identity(self) -> dict:
-        return {"name": self.name, "timesteps": list(self.timesteps), "noise_draws": self.noise_draws, "negative": ""}
+        return {"name": self.name, "timesteps": list(self.timesteps), "noise_draws": self.noise_draws, "negative": "",
+                "twins_without": list(self.concepts)}
 
     def judge(self, x, cases):
-        from ..audit.presence import PresenceConfig, presence_scores
+        from ..audit.presence import PresenceConfig, concept_twins, presence_scores
         from ..hosts import RunContext
         x0 = self.latent_in(x)
         out = []
         for i, case in enumerate(cases):
             cfg = PresenceConfig(timesteps=self.timesteps, noise_draws=self.noise_draws, seed=int(case.seed), batch_size=1)
-            s = presence_scores(self.denoiser, self.text, [case.prompt], x0[i:i + 1], cfg,
-                                RunContext(should_stop=self.should_stop))
-            out.append({"score": s.gain[0], "shift": s.shift[0]})
+            ctx = RunContext(should_stop=self.should_stop)
+            s = presence_scores(self.denoiser, self.text, [case.prompt], x0[i:i + 1], cfg, ctx)
+            row = {"score": s.gain[0], "shift": s.shift[0]}
+            twin = concept_twins([case.prompt], self.concepts)[0]
+            if twin:  # the same pictures and noise (same seed): the difference is the concept's words alone
+                row["score"] -= presence_scores(self.denoiser, self.text, [twin], x0[i:i + 1], cfg, ctx).gain[0]
+                row["twin"] = twin
+            out.append(row)
         return out
 
 
@@ -116,7 +125,8 @@ def _presence(ctx: JudgeContext) -> Judge:
     opts = (ctx.options or {}).get("presence", {})
     n_train = len(ctx.denoiser.alphas_cumprod())
     ts = spread_timesteps(int(opts.get("timesteps", 4)), n_train)
-    return PresenceJudge(ctx.denoiser, ctx.text, ctx.latent_in, ts, int(opts.get("noise_draws", 1)), ctx.should_stop)
+    return PresenceJudge(ctx.denoiser, ctx.text, ctx.latent_in, ts, int(opts.get("noise_draws", 1)), ctx.should_stop,
+                         concepts=opts.get("concepts", ()))
 
 
 JUDGES: dict[str, tuple[str, Callable[[JudgeContext], Judge]]] = {
