@@ -46,6 +46,7 @@ def run(args) -> int:
 
     from ..comfy_host.adapters import apply_edit
     from ..comfy_host.benchmark import benchmark_models
+    from ..editing.audit.presence import concept_words
     from ..editing.benchmark.cache import ResultCache, edit_fingerprint
     from ..editing.benchmark.judges import parse_judges
     from ..editing.benchmark.prompts import read_prompts
@@ -62,15 +63,16 @@ def run(args) -> int:
     edited, edited_clip, warnings = apply_edit(model, clip, edit, args.strength)
     for w in warnings:
         log.warning(w)
-    erased = list(edit.concepts) if args.concept is None else [c.strip() for c in args.concept.split(",") if c.strip()]
+    erased = concept_words(args.concept, edit.concepts)
     cache = ResultCache(args.cache or None)
+    edit_key = edit_fingerprint(edit, args.strength)  # hashes every tensor of the edit: once
     info = {"base_seed": args.seed, "edit": f"{os.path.basename(args.edit)} ({edit.method}, strength {args.strength}, "
-                                           f"{edit_fingerprint(edit, args.strength)})",
+                                           f"{edit_key})",
             "command": "conceptedit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""}
     t0 = time.time()
     with torch.inference_mode():
         report = benchmark_models(model, clip, edited, edited_clip, cases, settings, judges,
-                                  edit_key=edit_fingerprint(edit, args.strength), erased=erased, cache=cache,
+                                  edit_key=edit_key, erased=erased, cache=cache,
                                   ctx=terminal_context(), negative=args.negative, info=info,
                                   judge_options={"presence": {"timesteps": args.presence_timesteps,
                                                               "noise_draws": args.presence_draws,

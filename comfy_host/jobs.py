@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ..editing.arch import TINY_WORLD_FAMILIES, clip_hint
-from ..editing.audit.presence import (PresenceComparison, PresenceConfig, compare_presence, concept_twins, image_grid,
-                                      spread_timesteps)
+from ..editing.audit.presence import (PresenceComparison, PresenceConfig, compare_presence, concept_words,
+                                      describe_baselines, image_grid, spread_timesteps)
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
 from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
@@ -328,6 +328,7 @@ def run(method: str, model, clip, config: Job, ctx: RunContext | None = None) ->
 
 def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, clip=None, ctx=None) -> dict:
     """Write `edit` as a LoRA file at `path` (masks need the MODEL/CLIP they were made for)."""
+    config.validate()  # before any base weight is read
     weights: Mapping[str, torch.Tensor] = {}
     if any(c.kind == "mask" for c in edit.changes.values()):
         # chained, not merged: a quantized model's weights are dequantized only where a mask reads them
@@ -454,21 +455,14 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     edited_text = None
     if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
         edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
-    words = list(edit.concepts) if concept is None else [w.strip() for w in concept.split(",") if w.strip()]
-    twins = concept_twins(concept_prompts, words)
+    words = concept_words(concept, edit.concepts)
     with _training():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
                                      gen_cfg=cfg.gen_cfg, edited_text=edited_text, concepts=words)
         report = audit(host, edited_text or host.text, edit, presence, cfg,
                        benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
                        text_is_edited=edited_text is not None, benign_latents=latents, benign_data=source)
-    n_twin = sum(1 for t in twins if t)
-    rest = "" if n_twin == len(twins) else ", the rest against the empty prompt"
-    report.presence_measure = (f"the model's own score, {n_twin} of {len(twins)} concept prompts against their "
-                               f"concept-free twin (without {', '.join(repr(w.split('->')[0].strip()) for w in words)})"
-                               f"{rest}" if n_twin else
-                               "the model's own score, the concept prompts against the empty prompt (name the "
-                               "concept's words to measure against concept-free twins, more telling on flow models)")
+    report.presence_measure = describe_baselines(concept_prompts, words)
     return report
 
 

@@ -226,7 +226,6 @@ class ExportLoRA:
                 dtype="float16"):
         cfg = LoraExportConfig(rank=rank, max_rel_error=max_rel_error, dense_as=dense_as, unet_names=unet_names,
                                dtype=dtype)
-        cfg.validate()
         path = unique_path(loras_dir(), filename, "concept_edit_lora")  # never overwrite
         rep = export_lora(edit, path, cfg, model, clip)
         text = (f"{os.path.basename(rep['path'])}: {rep['modules']} modules ({rep['diff_modules']} diff), "

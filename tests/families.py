@@ -395,16 +395,14 @@ def _small_vision(clip_model):
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.qwen_vl as qwen_vl
 
-    class Qwen25VL(llama.Qwen25_7BVLI):
+    from conceptedit.tiny.qwen_image import classes as tiny_qwen_classes
+
+    class Qwen25VL(tiny_qwen_classes()["TinyQwen25VL"]):  # the text tower as the tiny Qwen-Image builds it
         def __init__(self, config_dict, dtype, device, operations):
-            torch.nn.Module.__init__(self)
-            config = llama.Qwen25_7BVLI_Config(**config_dict)
-            self.num_layers = config.num_hidden_layers
-            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-            self.visual = qwen_vl.Qwen2VLVisionTransformer(hidden_size=32, output_hidden_size=config.hidden_size,
-                                                           intermediate_size=64, num_heads=2, num_layers=1,
-                                                           device=device, dtype=dtype, ops=operations)
-            self.dtype = dtype
+            super().__init__(config_dict, dtype, device, operations)
+            self.visual = qwen_vl.Qwen2VLVisionTransformer(
+                hidden_size=32, output_hidden_size=llama.Qwen25_7BVLI_Config(**config_dict).hidden_size,
+                intermediate_size=64, num_heads=2, num_layers=1, device=device, dtype=dtype, ops=operations)
 
     class SwapModelClass(comfy.sd1_clip.SDClipModel):
         # sits between clip_model and SDClipModel in the MRO: clip_model's own __init__ runs unchanged

@@ -46,6 +46,14 @@ def concept_free(prompt: str, concept: str) -> str:
     return re.sub(r"\s+", " ", out).strip()
 
 
+def concept_words(text: str | None, default: Sequence[str] = ()) -> list[str]:
+    """The concepts named in `text` (comma-separated); `default` (e.g. an edit's own concepts) when
+    `text` is None, none when it is empty."""
+    if text is None:
+        return list(default)
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
 def concept_twins(prompts: Sequence[str], concepts: Sequence[str]) -> list[str]:
     """Per prompt, its concept-free twin: every concept's words taken out (a redirect's
     ``source -> target`` counts by its source). A prompt that names none of the concepts, or is
@@ -59,6 +67,17 @@ def concept_twins(prompts: Sequence[str], concepts: Sequence[str]) -> list[str]:
             twin = concept_free(twin, c)
         out.append(twin if sources and twin != p.strip() else "")
     return out
+
+
+def describe_baselines(prompts: Sequence[str], concepts: Sequence[str]) -> str:
+    """What a presence score of `prompts` was measured against (`concept_twins`), for a report."""
+    n = sum(1 for t in concept_twins(prompts, concepts) if t)
+    if not n:
+        return ("the model's own score, the concept prompts against the empty prompt (name the concept's words to "
+                "measure against concept-free twins, more telling on flow models)")
+    words = ", ".join(repr(c.split("->", 1)[0].strip()) for c in concepts)
+    rest = "" if n == len(prompts) else ", the rest against the empty prompt"
+    return f"the model's own score, {n} of {len(prompts)} concept prompts against their concept-free twin (without {words}){rest}"
 
 
 @dataclass

@@ -37,9 +37,7 @@ def edit_fingerprint(edit, strength: float = 1.0) -> str:
     tensors, meta = edit.to_tensors()
     h = hashlib.sha256()
     for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{k}|".encode() + _tensor_bytes(tensors[k]))
     h.update(canonical(meta).encode())
     h.update(repr(float(strength)).encode())
     return h.hexdigest()[:24]
@@ -75,13 +73,30 @@ class ResultCache:
         self.refused += 1
         log.warning("benchmark cache: %s %s; recomputing it", path, why)
 
-    # ---- JSON values (judge results) ------------------------------------------------------
-    def get_json(self, parts: Mapping[str, Any]) -> Any | None:
+    def _existing(self, parts: Mapping[str, Any], ext: str) -> str | None:
+        """The entry's path when its file exists (else None, a miss counted when there is a cache)."""
         if self.root is None:
             return None
-        path = self._path(parts, ".json")
-        if not os.path.isfile(path):
-            self.misses += 1
+        path = self._path(parts, ext)
+        if os.path.isfile(path):
+            return path
+        self.misses += 1
+        return None
+
+    def _accept(self, path: str, ok_format: bool, ok_key: bool, ok_digest: bool) -> bool:
+        """A read entry is used only when its format, key and digest all match; else it is refused."""
+        why = ("is not an entry of this cache format" if not ok_format else "belongs to another key" if not ok_key
+               else "does not match its digest" if not ok_digest else None)
+        if why is None:
+            self.hits += 1
+            return True
+        self._refuse(path, why)
+        return False
+
+    # ---- JSON values (judge results) ------------------------------------------------------
+    def get_json(self, parts: Mapping[str, Any]) -> Any | None:
+        path = self._existing(parts, ".json")
+        if path is None:
             return None
         try:
             with open(path, "rb") as f:
@@ -91,32 +106,25 @@ class ResultCache:
         except Exception:  # unreadable, not JSON, not an object: a corrupt entry
             self._refuse(path, "is not a readable entry")
             return None
-        if not ok_format:
-            self._refuse(path, "is not an entry of this cache format")
-        elif canonical(entry.get("key", {})) != canonical(parts):
-            self._refuse(path, "belongs to another key")
-        elif entry.get("digest") != digest(canonical({"value": value})):
-            self._refuse(path, "does not match its digest")
-        else:
-            self.hits += 1
-            return value
-        return None
+        ok = self._accept(path, ok_format, canonical(entry.get("key", {})) == canonical(parts),
+                          entry.get("digest") == digest(canonical({"value": value})))
+        return value if ok else None
 
-    def put_json(self, parts: Mapping[str, Any], value: Any) -> None:
-        if self.root is None:
-            return
-        value = json.loads(canonical({"value": value}))["value"]  # what a reader will get back
-        entry = {"format": FORMAT, "version": VERSION, "key": json.loads(canonical(parts)),
-                 "digest": digest(canonical({"value": value})), "value": value}
-        self._write(self._path(parts, ".json"), json.dumps(entry).encode("utf-8"))
+    def put_json(self, parts: Mapping[str, Any], value: Any) -> Any:
+        """Stores `value` (when there is a cache) and returns it as a reader gets it back, so a cold
+        and a warm run report the same."""
+        text = canonical({"value": value})
+        value = json.loads(text)["value"]
+        if self.root is not None:
+            entry = {"format": FORMAT, "version": VERSION, "key": json.loads(canonical(parts)),
+                     "digest": digest(text), "value": value}
+            self._write(self._path(parts, ".json"), json.dumps(entry).encode("utf-8"))
+        return value
 
     # ---- tensors (generated pictures) -----------------------------------------------------
     def get_tensor(self, parts: Mapping[str, Any]) -> torch.Tensor | None:
-        if self.root is None:
-            return None
-        path = self._path(parts, ".safetensors")
-        if not os.path.isfile(path):
-            self.misses += 1
+        path = self._existing(parts, ".safetensors")
+        if path is None:
             return None
         from safetensors.torch import load
         try:
@@ -127,16 +135,9 @@ class ResultCache:
         except Exception:
             self._refuse(path, "is not a readable safetensors entry")
             return None
-        if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
-            self._refuse(path, "is not an entry of this cache format")
-        elif meta.get("key") != canonical(parts):
-            self._refuse(path, "belongs to another key")
-        elif meta.get("digest") != _tensor_digest(tensor):
-            self._refuse(path, "does not match its digest")
-        else:
-            self.hits += 1
-            return tensor
-        return None
+        ok = self._accept(path, meta.get("format") == FORMAT and meta.get("version") == str(VERSION),
+                          meta.get("key") == canonical(parts), meta.get("digest") == _tensor_digest(tensor))
+        return tensor if ok else None
 
     def put_tensor(self, parts: Mapping[str, Any], tensor: torch.Tensor) -> None:
         if self.root is None:
@@ -150,9 +151,14 @@ class ResultCache:
         return {"hits": self.hits, "misses": self.misses, "refused": self.refused, "written": self.written}
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """dtype, shape and raw bytes: what the edit fingerprint and an entry's digest hash."""
     t = t.detach().contiguous().cpu()
-    return digest(f"{t.dtype}|{tuple(t.shape)}|".encode() + t.view(torch.uint8).numpy().tobytes())
+    return f"{t.dtype}|{tuple(t.shape)}|".encode() + (t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return digest(_tensor_bytes(t))
 
 
 def _metadata(data: bytes) -> dict:

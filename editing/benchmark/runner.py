@@ -178,7 +178,8 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
                 with torch.no_grad():
                     x = side.generate([items[i].case.prompt for i in missing], [items[i].seed for i in missing], g)
                 if x.shape[0] != len(missing):
-                    raise InvalidInputError(f"the generator returned {x.shape[0]} pictures for {len(missing)}")
+                    raise InvalidInputError(f"the generator returned {x.shape[0]} pictures for {len(missing)} prompts: a "
+                                            "generator must return one picture per prompt and seed it is given")
                 for j, i in enumerate(missing):
                     have[i] = x[j].detach().float().cpu()
                     cache.put_tensor(pic_key(side, items[i], g), have[i])
@@ -203,8 +204,8 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
                 ctx.check()
                 out = judge.judge(x, [items[i].case for i in todo])
                 for i, r in zip(todo, out):
-                    cache.put_json(judge_key(side, judge, items[i], g), r)
-                    results[name][i][judge.name] = json_value(r)
+                    # as the cache gives it back, so a cold and a warm run report the same
+                    results[name][i][judge.name] = cache.put_json(judge_key(side, judge, items[i], g), r)
                 stats["judged"] += len(todo)
         elapsed = time.time() - t0
         eta = elapsed / n_done * (len(chunks) - n_done)
@@ -227,12 +228,6 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
     return BenchmarkReport(rows, s, stats, per_image)
 
 
-def json_value(r: Any) -> Any:
-    """A judge result as it reads back from the cache (so a cold and a warm run report the same)."""
-    import json
-    return json.loads(json.dumps(r))
-
-
 def metrics(items: Sequence[Item], results: Mapping[str, list[dict]], judges: Sequence[str],
             erased: Sequence[str]) -> list[dict]:
     erased_set = {e.strip().lower() for e in erased if e.strip()}
@@ -243,11 +238,12 @@ def metrics(items: Sequence[Item], results: Mapping[str, list[dict]], judges: Se
     def role(c: str) -> str:
         return "erased" if c.lower() in erased_set else "kept"
 
-    def row(judge, set_, metric, cls, idx, value):
-        o = _mean([v for i in idx if (v := value(results["original"][i][judge])) is not None])
-        e = _mean([v for i in idx if (v := value(results["edited"][i][judge])) is not None])
+    def row(judge, set_, metric, cls, idx, value, role_=None):
+        """`value(result, item)`: a float or None (not counted), per picture in `idx`."""
+        o = _mean([v for i in idx if (v := value(results["original"][i][judge], items[i])) is not None])
+        e = _mean([v for i in idx if (v := value(results["edited"][i][judge], items[i])) is not None])
         rows.append({"judge": judge, "set": set_, "metric": metric, "class": cls,
-                     "role": role(cls) if cls else "", "n": len(idx), "original": o, "edited": e,
+                     "role": role_ or (role(cls) if cls else ""), "n": len(idx), "original": o, "edited": e,
                      "change": None if o is None or e is None else e - o})
 
     for judge in judges:
@@ -256,28 +252,24 @@ def metrics(items: Sequence[Item], results: Mapping[str, list[dict]], judges: Se
         if "labels" in sample:
             def labels(r):
                 return {str(v).lower() for v in r["labels"].values()}
+            def own_class(r, it):
+                return float(it.case.label.lower() in labels(r))
             for st in sets:
                 idx = [i for i, it in enumerate(items) if it.case.set == st]
                 if erased_set:
-                    row(judge, st, "flagged share", "", idx, lambda r: float(bool(labels(r) & erased_set)))
+                    row(judge, st, "flagged share", "", idx, lambda r, it: float(bool(labels(r) & erased_set)))
             for c in classes:
-                idx = [i for i, it in enumerate(items) if it.case.label == c]
-                row(judge, "all", "concept accuracy", c, idx, lambda r, c=c: float(c.lower() in labels(r)))
+                row(judge, "all", "concept accuracy", c, [i for i, it in enumerate(items) if it.case.label == c],
+                    own_class)
             if kept_idx:
-                o = _mean([float(items[i].case.label.lower() in labels(results["original"][i][judge]))
-                           for i in kept_idx])
-                e = _mean([float(items[i].case.label.lower() in labels(results["edited"][i][judge]))
-                           for i in kept_idx])
-                rows.append({"judge": judge, "set": "all", "metric": "specificity", "class": "(kept classes)",
-                             "role": "kept", "n": len(kept_idx), "original": o, "edited": e, "change": e - o})
+                row(judge, "all", "specificity", "(kept classes)", kept_idx, own_class, "kept")
         elif "score" in sample:
-            def score(r):
+            def score(r, it):
                 return float(r["score"])
             for st in sets:
                 row(judge, st, "mean score", "", [i for i, it in enumerate(items) if it.case.set == st], score)
             for c in classes:
                 row(judge, "all", "mean score", c, [i for i, it in enumerate(items) if it.case.label == c], score)
             if kept_idx:
-                row(judge, "all", "mean score", "(kept classes)", kept_idx, score)
-                rows[-1]["role"] = "kept"
+                row(judge, "all", "mean score", "(kept classes)", kept_idx, score, "kept")
     return rows

@@ -354,7 +354,7 @@ def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]],
     src_each = [concept_prompts(text, [s], cfg.templates) for s in srcs]
     dst_each = [concept_prompts(text, [d], cfg.templates) for d in dsts]
     if len({_width_key(text, p) for p in src_each + dst_each}) > 1:
-        raise InvalidInputError("these concepts' prompts have different token widths: batch them apart")
+        raise InvalidInputError("these concepts' prompts have different token widths: optimise them in separate batches (EmcidConfig.stage1_batch 1 runs one concept at a time)")
     n_img = cfg.images_per_prompt
     R = len(cfg.templates) * n_img  # rows per concept, in the order of its own run
     ids_src, pos_src = _stack(text, src_each, srcs, cfg.templates, n_img)
@@ -440,8 +440,8 @@ def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]],
             for k, tt in enumerate(probe_t):
                 t = torch.full((N,), tt, dtype=torch.long, device=dev)
                 losses, _ = eps_losses(everyone, idx, x0, t, torch.cat([probes[b][k] for b in everyone]))
-                for b in everyone:
-                    out[b] = out[b] + float(losses[b])
+                for b, value in zip(everyone, torch.stack([v.float() for v in losses]).tolist()):
+                    out[b] = out[b] + value
         return [v / len(probe_t) for v in out]
 
     before = probe_losses()
@@ -459,37 +459,46 @@ def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]],
         t = torch.cat(ts)
         eps_terms, pooled_src_e = eps_losses(active, idx, x0[idx.to(dev)], t, torch.cat(noises))
         total = 0
+        losses, parts = [], []  # per active concept its loss and named terms, kept on the device
         for j, b in enumerate(active):
             loss = eps_terms[j]
-            terms[b]["eps"] = float(loss.detach())
+            named = {"eps": loss}
             sl = slice(j * R, (j + 1) * R)
             if cfg.pooled_weight:
                 for enc, target in pooled_targets.items():
                     if pooled_src_e.get(enc) is not None:
                         term = cfg.pooled_weight * torch.nn.functional.mse_loss(
                             pooled_src_e[enc][sl].float().to(dev), target[b * R:(b + 1) * R])
-                        terms[b][f"pooled.{enc}"] = float(term.detach())
+                        named[f"pooled.{enc}"] = term
                         loss = loss + term
             for enc in last:
                 term = (cfg.weight_decay * deltas[enc][b].norm() / h_sq[b][enc]).to(dev)
-                terms[b][f"decay.{enc}"] = float(term.detach())
+                named[f"decay.{enc}"] = term
                 loss = loss + term
-            value = float(loss.detach())
-            if not math.isfinite(value):  # before the step, as one concept's run stops
-                return {f"loss of {srcs[b]!r}": value}
-            histories[b].append(value)
+            losses.append(loss)
+            parts.append(named)
             total = total + loss  # a separate term per concept: δ_b's gradient is its own loss's
+        # one copy to the host per step for every concept's loss and terms, not one per value
+        flat = losses + [v for named in parts for v in named.values()] + [total]
+        values = torch.stack([v.detach().float().reshape(()) for v in flat]).tolist()
+        at = len(losses)
+        for j, b in enumerate(active):
+            for name in parts[j]:
+                terms[b][name] = values[at]
+                at += 1
+            if not math.isfinite(values[j]):  # before the step, as one concept's run stops
+                return {f"loss of {srcs[b]!r}": values[j]}
+            histories[b].append(values[j])
         opt.zero_grad(set_to_none=True)  # finished concepts keep grad None: Adam leaves them alone
         total.backward()
         opt.step()
-        with torch.no_grad():
-            for b in active:
-                for enc in last:
-                    d = deltas[enc][b]
-                    norm = float(d.norm())
+        with torch.no_grad():  # every encoder's norms in one copy to the host
+            for enc in last:
+                ds = [deltas[enc][b] for b in active]
+                for b, d, norm in zip(active, ds, torch.stack([d.norm() for d in ds]).tolist()):
                     if norm > limits[b][enc]:
                         d.mul_(limits[b][enc] / norm)
-        return {"loss": float(total.detach())}
+        return {"loss": values[-1]}
 
     report = (lambda s: on_step(sum(min(s, k) for k in steps))) if on_step is not None else (lambda _s: None)
     train_loop(max(steps), step, ctx, what=f"EMCID stage 1 for {', '.join(map(repr, srcs))}", hint="lower lr",

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import add_noise
+from ..diffusion import add_noise, predict_x0
 from ..errors import InvalidInputError
 from ..hosts import RunContext, Trainable, cat_y
 
@@ -65,7 +65,7 @@ def ldm_ddim_till(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, x: 
             eu, ec = host.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]),
                               y=cat_y(y_uncond, y)).chunk(2)
             e = eu + scale * (ec - eu)
-        x0 = (x - (1 - a[index]).sqrt() * e) / a[index].sqrt()
+        x0 = predict_x0(x, e, a[index])
         x = a_prev[index].sqrt() * x0 + (1 - a_prev[index]).sqrt() * e
         if index + 1 == till:
             break

@@ -40,6 +40,7 @@ from ..safety import minor_in_sexual_context, refuse_unsafe
 from ..arch import TINY_WORLD_FAMILIES
 from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
 from . import official as O
+from .official import _grads, _take  # one gradient/step helper for the pack's and the official steps
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +284,6 @@ def truncate_forget_loss(loss: torch.Tensor, m: float) -> torch.Tensor:
     return loss
 
 
-def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    g = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if gg is None else gg for gg, p in zip(g, params)]
-
-
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
@@ -495,10 +491,7 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
             lr_val = round(float(lr_loss.detach()), 6)
         else:
             total = g_f
-        for p, gg in zip(params, total):
-            p.grad = gg
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _take(opt, params, total)
         return {"forget": round(float(lf.detach()), 6), "retain": lr_val, "dot": round(dot, 9)}
 
     if cfg.official == "esd":
