@@ -354,7 +354,8 @@ def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]],
     src_each = [concept_prompts(text, [s], cfg.templates) for s in srcs]
     dst_each = [concept_prompts(text, [d], cfg.templates) for d in dsts]
     if len({_width_key(text, p) for p in src_each + dst_each}) > 1:
-        raise InvalidInputError("these concepts' prompts have different token widths: optimise them in separate batches (EmcidConfig.stage1_batch 1 runs one concept at a time)")
+        raise InvalidInputError("these concepts' prompts have different token widths: optimise them in separate "
+                                "batches (EmcidConfig.stage1_batch 1 runs one concept at a time)")
     n_img = cfg.images_per_prompt
     R = len(cfg.templates) * n_img  # rows per concept, in the order of its own run
     ids_src, pos_src = _stack(text, src_each, srcs, cfg.templates, n_img)
