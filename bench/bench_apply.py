@@ -4,7 +4,7 @@ Two rank-r edits (default r = 4):
 - UCE-like: every cross-attention K and V (attn2.to_k / to_v, 140 weights on SDXL);
 - unlearning: a LoRA on the parameter set 'lora' (every Linear inside the transformer blocks, what
   `editing.training.select_targets` trains).
-Each is turned into patches by `comfy_host.adapters.edit_patches` (ComfyUI's `comfy.lora.load_lora`)
+Each is turned into patches by `comfy_host.patches.edit_patches` (ComfyUI's `comfy.lora.load_lora`)
 and added to a ModelPatcher, twice: as its low-rank changes (what `apply_edit` adds) and as the
 same changes expanded to dense ΔW (what a dense route adds). Printed: the bytes of the tensors the
 patcher holds. The UNet is ComfyUI's own UNetModel with SDXL's config on the meta device (no weight
@@ -31,7 +31,7 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 
 ensure_comfy(cpu=True)
 
-from conceptedit.comfy_host.adapters import edit_patches  # noqa: E402
+from conceptedit.comfy_host.patches import edit_patches  # noqa: E402
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.edit import Change, Edit  # noqa: E402
 from conceptedit.editing.training import select_targets  # noqa: E402
@@ -102,7 +102,8 @@ def _flat(obj):
 def speed(reps: int, rank: int) -> None:
     import statistics
 
-    from conceptedit.comfy_host.adapters import apply_edit, model_fingerprint
+    from conceptedit.comfy_host.patches import model_fingerprint
+    from conceptedit.comfy_host.view import apply_edit
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
 
     model, clip, _ = load_tiny()

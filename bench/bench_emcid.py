@@ -155,7 +155,7 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
 def part_stage1(sizes, steps: int) -> dict:
     """Stage 1 alone (`optimise_targets`, no cache) on the shipped tiny model, each size one at a time
     (stage1_batch=1) and batched (0: automatic), with the same concepts and settings."""
-    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.arch import get_family
     from conceptedit.editing.emcid.stage1 import optimise_targets, stage1_batch_size

@@ -161,8 +161,7 @@ def part_scale(args) -> dict:
 # ---- methods on the tiny Flux ------------------------------------------------------------------------
 def run_method(model, clip, method: str, concept: str, args):
     """One method's edit of `concept` on the tiny Flux, through the nodes' job functions."""
-    from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid,
-                                             uce, unlearn)
+    from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid, uce, unlearn)
     from conceptedit.editing.concept_prune.prune import PruneConfig
     from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.hosts import RunContext
@@ -220,7 +219,7 @@ def part_methods(args) -> dict:
 
 
 def methods_on(args, store: str) -> dict:
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.tiny.comfy_model import comfy_sampler
     from conceptedit.tiny import world
@@ -280,8 +279,8 @@ EMCID_DEST = {"colour": "purple", "shape": "circle", "style": "a plain backgroun
 
 
 def part_audit(args) -> dict:
-    from conceptedit.comfy_host.adapters import apply_edit
-    from conceptedit.comfy_host.jobs import audit_models, red_team_models
+    from conceptedit.comfy_host.view import apply_edit
+    from conceptedit.comfy_host.audits import audit_models, red_team_models
     from conceptedit.editing.audit.resurgence import AuditConfig
     from conceptedit.editing.redteam.runner import RedTeamConfig
     from conceptedit.editing.redteam.soft import AttackConfig
@@ -409,7 +408,8 @@ class _ZeroInputs:
 
 def part_floor(args) -> dict:
     import contextlib
-    from conceptedit.comfy_host.adapters import apply_edit, model_family
+    from conceptedit.comfy_host.patches import model_family
+    from conceptedit.comfy_host.view import apply_edit
     from conceptedit.editing.audit.evaluate import default_classifier
     from conceptedit.editing.concept_prune.prune import floor_edit, neuron_columns
     from conceptedit.editing.edit import Change, Edit

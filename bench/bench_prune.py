@@ -25,7 +25,8 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 
 ensure_comfy()
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit  # noqa: E402
+from conceptedit.comfy_host.denoiser import ComfyDenoiser  # noqa: E402
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing.arch import get_family  # noqa: E402
 from conceptedit.editing.concept_prune.prune import PruneConfig, floor_edit  # noqa: E402
 from conceptedit.editing.audit.evaluate import default_classifier, evaluate  # noqa: E402

@@ -22,9 +22,8 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 
 ensure_comfy()
 
-from conceptedit.comfy_host.adapters import apply_edit  # noqa: E402
-from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, concept_prune, emcid,  # noqa: E402
-                                         red_team_models, uce)
+from conceptedit.comfy_host.view import apply_edit  # noqa: E402
+from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, concept_prune, emcid, # noqa: E402 red_team_models, uce)
 from conceptedit.comfy_host.view import ModelView  # noqa: E402
 from conceptedit.editing.concept_prune.prune import PruneConfig  # noqa: E402
 from conceptedit.editing.emcid.stage2 import EmcidConfig  # noqa: E402

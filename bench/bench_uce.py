@@ -103,7 +103,7 @@ def encode_time(family):
         g = torch.Generator().manual_seed(0)
         for name, p in clip.cond_stage_model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02 if "norm" not in name else torch.ones_like(p))
-    from conceptedit.comfy_host.adapters import ComfyText
+    from conceptedit.comfy_host.text import ComfyText
     text = ComfyText(clip)
     text.encode(["warm up"])
     t = time.perf_counter()

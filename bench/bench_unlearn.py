@@ -25,7 +25,7 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 
 ensure_comfy()
 
-from conceptedit.comfy_host.adapters import apply_edit  # noqa: E402
+from conceptedit.comfy_host.view import apply_edit  # noqa: E402
 from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn  # noqa: E402
 from conceptedit.editing.edit import Change, Edit  # noqa: E402
 from conceptedit.editing.audit.evaluate import erasure_report, evaluate  # noqa: E402
@@ -201,7 +201,7 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
 def part_audit(model, clip, host, args, out, edits):
     """The same benign fine-tune (LoRA on the UNet, prompts of the concept's siblings, images from
     the original model) on top of every method's edit; presence read by the classifier."""
-    from conceptedit.comfy_host.adapters import ComfyText
+    from conceptedit.comfy_host.text import ComfyText
     prompts = world.prompts_for(args.concept, args.eval_prompts)
 
     def presence(pairs):
@@ -222,7 +222,7 @@ def part_audit(model, clip, host, args, out, edits):
         # trained on), through the node's path: fitted, encoded by the VAE, process_latent_in
         import random
 
-        from conceptedit.comfy_host.jobs import encode_images
+        from conceptedit.comfy_host.images import encode_images
         from conceptedit.tiny.comfy_model import tiny_vae
         rng = random.Random(f"benign:{args.concept}")
         images = [((world.render(a["shape"], a["colour"], a["style"], rng) + 1) / 2).movedim(0, -1) for _, a in benign_pairs]

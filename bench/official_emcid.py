@@ -20,7 +20,7 @@ import _pack  # noqa: E402
 _pack.load()
 import torch  # noqa: E402
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser  # noqa: E402
+from conceptedit.comfy_host.denoiser import ComfyDenoiser  # noqa: E402
 from conceptedit.comfy_host.text_hooks import ComfyTextModel  # noqa: E402
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.emcid import official  # noqa: E402

@@ -17,7 +17,9 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 
 ensure_comfy()
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, apply_edit  # noqa: E402
+from conceptedit.comfy_host.denoiser import ComfyDenoiser  # noqa: E402
+from conceptedit.comfy_host.text import ComfyText
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.concept_prune import prune  # noqa: E402
 from conceptedit.editing.concept_prune.prune import PruneConfig, collect_statistics, compute_concept_prune, skilled_mask  # noqa: E402

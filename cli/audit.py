@@ -31,10 +31,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..comfy_host.adapters import apply_edit
+    from ..comfy_host.view import apply_edit
     from ..editing.edit import Edit
     from ..editing.audit.resurgence import AuditConfig
-    from ..comfy_host.jobs import audit_models
+    from ..comfy_host.audits import audit_models
     from .common import load_model, terminal_context
 
     cfg = AuditConfig(checkpoints=tuple(int(s) for s in args.steps.split(",") if s.strip()), lr=args.lr,

@@ -22,10 +22,31 @@ def add_model_arg(p) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
+def setup_distributed(cpu: bool = False) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): set up the process group (NCCL on GPUs, gloo
+    on CPUs or with --cpu; `editing.distributed.init_from_env`) and tear it down at exit. Before the
+    model loads, so that each process loads it on its own GPU. Returns whether this run is distributed."""
+    import atexit
+
+    from ..editing import distributed
+    if not distributed.init_from_env(cpu=cpu):
+        return False
+    atexit.register(distributed.shutdown)
+    return True
+
+
+def is_writer() -> bool:
+    """Whether this process writes the command's output: always, except the ranks other than 0 of a
+    torchrun job (they compute their share and write nothing)."""
+    from ..editing import distributed
+    return distributed.is_main()
+
+
 def load_model(ckpt: str, cpu: bool = False, vae: bool = False):
     """(MODEL, CLIP) as ComfyUI objects, through ComfyUI's own checkpoint loader; (MODEL, CLIP, VAE)
-    with `vae`."""
+    with `vae`. Under torchrun the process group is set up first (`setup_distributed`)."""
     from ..comfy_host.locate import ensure_comfy
+    setup_distributed(cpu)
     ensure_comfy(cpu=True if cpu else None)
     if ckpt in (TINY, TINY_FLUX, TINY_QWEN_IMAGE):
         if ckpt == TINY:
@@ -57,13 +78,21 @@ def load_clip_vision(path: str):
 
 
 def terminal_context() -> RunContext:
-    state = {"last": -1}
+    import time
+    state = {"last": -1, "total": None, "t0": 0.0, "start": 0}
 
     def progress(done: int, total: int) -> None:
+        if not is_writer():  # one bar per job: rank 0's
+            return
+        now = time.monotonic()
+        if total != state["total"]:  # a new phase: its rate starts now (work taken from a cache does not count)
+            state.update(total=total, t0=now, start=done, last=-1)
         pct = int(100 * done / max(total, 1))
         if pct != state["last"]:
             state["last"] = pct
-            sys.stderr.write(f"\r{done}/{total} ({pct}%)")
+            rate = (done - state["start"]) / max(now - state["t0"], 1e-9)
+            eta = f", {(total - done) / rate:.0f} s left   " if 0 < rate and done < total else "   "
+            sys.stderr.write(f"\r{done}/{total} ({pct}%){eta}")
             if done >= total:
                 sys.stderr.write("\n")
             sys.stderr.flush()

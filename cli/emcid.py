@@ -1,5 +1,8 @@
 """`conceptedit emcid --ckpt tiny --pairs FILE.csv --out e.safetensors`: EMCID text-encoder edit
-headless (the same code path as the Text Encoder Edit node), written as an edit file."""
+headless (the same code path as the Text Encoder Edit node), written as an edit file.
+
+Several GPUs or machines: `torchrun --nproc-per-node N conceptedit.py emcid ...` splits the stage-1
+concepts and C₀'s captions over the processes; rank 0 writes the file (docs/distributed.md)."""
 from __future__ import annotations
 
 import logging
@@ -34,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--stage1-batch", type=int, default=0,
                    help="stage 1: concepts optimised together (0 = automatic: free GPU memory, 8 on a CPU; 1 = one at a time)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "conceptedit", "emcid"),
-                   help="where C0 and stage-1 targets are cached ('' = no cache)")
+                   help="where C0 and stage-1 targets are cached, each concept as it finishes, so a stopped run "
+                        "resumes ('' = no cache)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +58,7 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 def run(args) -> int:
     from ..comfy_host.jobs import EmcidJob, emcid
     from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, EmcidConfig, validate_pairs
-    from .common import load_model, terminal_context
+    from .common import is_writer, load_model, terminal_context
 
     pairs = read_pairs(args.pairs)
     validate_pairs(pairs)
@@ -64,6 +68,8 @@ def run(args) -> int:
     cfg.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     edit = emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=args.cache_dir or None), terminal_context()).edit
+    if not is_writer():  # torchrun: rank 0 writes the edit
+        return 0
     edit.save(args.out)
     gaps = {e: round(m["gap_after"], 4) for e, m in edit.metrics["stage2"].items()}
     log.info("wrote %s: %d concepts, %d fc2 layers; target gap left after stage 2: %s; %s s",

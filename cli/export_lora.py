@@ -34,7 +34,7 @@ def run(args) -> int:
     cfg.validate()
     base = None
     if any(c.kind == "mask" for c in edit.changes.values()):
-        from ..comfy_host.adapters import original_weights, clip_state
+        from ..comfy_host.patches import clip_state, original_weights
         from .common import load_model
         model, clip = load_model(args.ckpt, cpu=args.cpu)
         base = {**original_weights(model), **clip_state(clip)}

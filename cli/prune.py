@@ -1,8 +1,12 @@
 """`conceptedit prune --ckpt tiny --concept circle --out circle.safetensors`: ConceptPrune headless,
-writing the mask as an edit file (apply it with the Load/Apply Concept Edit nodes)."""
+writing the mask as an edit file (apply it with the Load/Apply Concept Edit nodes).
+
+Under `torchrun --nproc-per-node N` the calibration prompts are split over the processes and their
+statistics all-reduced; rank 0 writes the file (docs/distributed.md)."""
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--official", choices=OFFICIAL, default="off",
                    help="concept-prune: the authors' procedure (PNDM calibration, their column norms, "
                         "k = int(ratio·4d); " + OFFICIAL_SOURCE + "); off: the pack's")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "conceptedit", "prune"),
+                   help="where each batch of calibration statistics is cached as it finishes, so a stopped run "
+                        "resumes ('' = no cache)")
     p.add_argument("--out", default=None, help="edit file to write (default: prune_<concepts>.safetensors)")
     p.set_defaults(func=run)
 
@@ -40,7 +47,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
     from ..comfy_host.jobs import ConceptPruneJob, concept_prune
-    from .common import TINY, TINY_FLUX, TINY_QWEN_IMAGE, load_model, terminal_context
+    from .common import TINY, TINY_FLUX, TINY_QWEN_IMAGE, is_writer, load_model, terminal_context
 
     preset = args.preset or (TINY if args.ckpt in (TINY, TINY_FLUX, TINY_QWEN_IMAGE) else "artist")
     pairs_text = ""
@@ -54,9 +61,12 @@ def run(args) -> int:
                                               official=args.official), preset)
     config.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    job = ConceptPruneJob(concepts=args.concept, preset=preset, pairs_text=pairs_text, settings=config)
+    job = ConceptPruneJob(concepts=args.concept, preset=preset, pairs_text=pairs_text, settings=config,
+                          cache_dir=getattr(args, "cache_dir", "") or None)
     result = concept_prune(model, clip, job, terminal_context())
     edit = result.edit
+    if not is_writer():  # torchrun: rank 0 writes the edit
+        return 0
     for w in result.warnings:
         log.warning("%s", w)
     out = args.out or "prune_" + "_".join(c.replace(" ", "-") for c in args.concept)[:80] + ".safetensors"

@@ -33,8 +33,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..comfy_host.adapters import apply_edit
-    from ..comfy_host.jobs import red_team_grid, red_team_models
+    from ..comfy_host.view import apply_edit
+    from ..comfy_host.audits import red_team_grid, red_team_models
     from ..editing.edit import Edit
     from ..editing.redteam.runner import RedTeamConfig
     from ..editing.redteam.soft import AttackConfig

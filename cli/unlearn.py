@@ -1,21 +1,21 @@
 """`conceptedit unlearn --ckpt tiny --concept circle --out circle_rgd.safetensors`: unlearning by
 fine-tuning (RGD / gradient ascent / ESD) headless; writes the trained LoRA/delta as an edit file.
 
-Several GPUs (data parallel, through Hugging Face Accelerate):
+Several GPUs or machines (data parallel, torch.distributed):
 
-    accelerate launch --multi_gpu --num_processes 4 conceptedit.py unlearn --ckpt model.safetensors --concept X
+    torchrun --nproc-per-node 4 conceptedit.py unlearn --ckpt model.safetensors --concept X
 
-Each process loads the model on its own device, draws its own batches, and the gradients are
-averaged by `Accelerator.reduce` before RGD's projection, so every process takes the same step;
-the main process writes the file. On CPU processes (gloo), start it with
-`torchrun --standalone --nproc_per_node 2 conceptedit.py unlearn --cpu ...` (Accelerate's own
-multi-CPU launcher needs MPI); that is how the tests check it.
+Every process draws the same batch, computes its share of the rows, and the LoRA gradients are
+summed over the processes (one float64 all-reduce per gradient) before RGD's projection, so every
+process takes the step one process takes on the whole batch: the same edit as one process, faster.
+`--batch` is the whole batch (at least the number of processes). Rank 0 generates the training
+images and sends them, and writes the file. On CPUs (gloo): `torchrun --standalone --nproc-per-node 2
+conceptedit.py unlearn --cpu ...`; docs/distributed.md has the multi-machine flags.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _mean_over_processes(acc, grads):
-    """One all-reduce per step for all adapter gradients (not one per tensor: ~140 for a LoRA)."""
-    import torch
-    flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-
-
 def run(args) -> int:
-    from ..editing.unlearn.trainer import preset_config
+    import torch
+
     from ..comfy_host.jobs import UnlearnJob, unlearn
-    from .common import load_model, terminal_context
+    from ..editing import distributed
+    from ..editing.unlearn.trainer import preset_config
+    from .common import is_writer, load_model, setup_distributed, terminal_context
 
     cfg = preset_config(args.preset, method=args.method, forget_objective=args.forget_objective, param_set=args.params,
                         steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
@@ -77,23 +73,16 @@ def run(args) -> int:
                         gen_cfg=args.gen_cfg, cache_dir=args.cache_dir, retain_pairing=args.retain_pairing,
                         esd_xt=args.esd_xt, esd_prompt=args.esd_prompt, esd_ddim_steps=args.esd_ddim_steps,
                         esd_cfg=args.esd_cfg, official=args.official).validate()
-    acc = None
     ctx = terminal_context()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun)
-        from accelerate import Accelerator
-        acc = Accelerator(cpu=args.cpu)  # before the model loads: it selects this process's GPU
-        ctx.average = lambda grads: _mean_over_processes(acc, grads)
-        ctx.rank = acc.process_index
-        if not acc.is_main_process:
-            ctx.progress = None
-        log.info("data parallel: process %d of %d on %s", acc.process_index, acc.num_processes, acc.device)
+    if setup_distributed(args.cpu):  # before the model loads: it selects this process's GPU
+        log.info("data parallel: process %d of %d on %s", distributed.rank(), distributed.world(),
+                 "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     edit = unlearn(model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
     out = args.out or f"unlearn_{cfg.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
-    if acc is not None:
-        edit.params["data_parallel_processes"] = acc.num_processes
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
+    if distributed.active():
+        edit.params["data_parallel_processes"] = distributed.world()
+        if not is_writer():
             return 0
     edit.save(out)
     h = edit.metrics["history"]

@@ -20,25 +20,24 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..editing.arch import TINY_WORLD_FAMILIES, clip_hint
-from ..editing.audit.presence import (PresenceComparison, PresenceConfig, compare_presence, concept_words,
-                                      describe_baselines, image_grid, spread_timesteps)
-from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig, audit, captions_for, guidance_presence
+from ..editing.arch import clip_hint
 from ..editing.concept_prune.prune import PruneConfig, compute_concept_prune
 from ..editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from ..editing.edit import Change, Edit
-from ..editing.emcid.stage2 import EmcidConfig, compute_emcid
+from ..editing.emcid import EmcidConfig, compute_emcid
 from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
-from ..editing.hosts import RunContext, frames
+from ..editing.hosts import RunContext
 from ..editing.prompts import build_pairs
-from ..editing.redteam.runner import (FrozenText, RedTeamConfig, RedTeamReport, concept_free, model_presence_judge,
-                                      original_pictures, red_team)
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
 from ..editing.uce.debias import DebiasConfig, debias_uce, presence_judge, similarity_judge
 from ..editing.unlearn.trainer import UnlearnConfig, compute_unlearn
-from .adapters import ComfyDenoiser, ComfyText, clip_state, original_weights, patched_weights, run_context
+from .denoiser import ComfyDenoiser
+from .patches import clip_state, original_weights, patched_weights
+from .progress import run_context
+from .text import ComfyText
+from .clip_judge import paired_text_embeddings
 from .view import ModelView
 
 log = logging.getLogger(__name__)
@@ -93,6 +92,7 @@ class ConceptPruneJob(Job):
     preset: str = "tiny"
     pairs_text: str = ""         # the user's own "concept prompt | reference prompt" lines
     settings: PruneConfig = field(default_factory=PruneConfig)
+    cache_dir: str | None = None  # each batch's calibration statistics as it finishes (a stopped run resumes)
 
 
 @dataclass(kw_only=True)
@@ -136,6 +136,59 @@ def _training(*load):
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     return stack
+
+
+def progress_text(text: str) -> None:
+    """`text` under the running node (ComfyUI's progress text), or the log outside a ComfyUI run."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+        running = get_executing_context()
+        server = PromptServer.instance
+    except (ImportError, AttributeError):  # ComfyUI before progress texts, or headless
+        running = server = None
+    if running is None or server is None or not hasattr(server, "send_progress_text"):
+        log.debug("%s", text)
+        return
+    server.send_progress_text(text, running.node_id)
+
+
+def eta_text(what: str, done: int, total: int, seconds: float, start: int, concepts: Mapping | None = None) -> str:
+    """'EMCID: 12/1000 concepts, about 3 min left': the work done and the time left at the rate since
+    `start` (what was done before it, e.g. taken from the cache, does not count toward the rate)."""
+    part = (f"{concepts['done']}/{concepts['total']} concepts" if concepts and concepts.get("total")
+            else f"{100 * done // max(total, 1)} %")
+    rate = (done - start) / seconds if seconds > 0 else 0.0
+    if done >= total or rate <= 0:
+        return f"{what}: {part}"
+    left = (total - done) / rate
+    when = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
+    return f"{what}: {part}, about {when} left"
+
+
+def with_eta(ctx: RunContext, what: str, concepts: Mapping | None = None, every: float = 1.0) -> RunContext:
+    """`ctx` whose progress also shows `eta_text` under the node (at most every `every` seconds). Each
+    new total starts a new phase (EMCID: stage 1 over concepts, C₀, stage 2). `concepts`: a dict the
+    job keeps up to date with stage 1's {"done", "total"} concepts."""
+    import dataclasses
+    import time
+
+    inner = ctx.progress
+    phase = {"total": None, "t0": 0.0, "start": 0, "shown": 0.0}
+
+    def progress(done: int, total: int) -> None:
+        if inner is not None:
+            inner(done, total)
+        now = time.monotonic()
+        if total != phase["total"]:
+            phase.update(total=total, t0=now, start=done, shown=0.0)
+        if now - phase["shown"] >= every or done >= total:
+            phase["shown"] = now
+            # stage 1 names its concepts before each report (`fresh`); the other phases show a share
+            in_stage1 = dict(concepts) if concepts is not None and concepts.pop("fresh", False) else None
+            progress_text(eta_text(what, done, total, now - phase["t0"], phase["start"], in_stage1))
+
+    return dataclasses.replace(ctx, progress=progress)
 
 
 def uce(model, clip, config: UCEJob, ctx: RunContext | None = None) -> JobResult:
@@ -199,39 +252,13 @@ def _debias_judge(view: ModelView, config: UCEJob, host: ComfyDenoiser, ctx: Run
                             paired_text_embeddings(view.clip), config.judge_template)
 
 
-def paired_text_embeddings(clip):
-    """`prompts -> [K, e]`: the CLIP's pooled, projected text embedding (what zero-shot CLIP compares with
-    an image embedding). Refused when the tower has no real projection: ComfyUI drops SD1.x's
-    (its checkpoints carry none; an identity stands in), so SD1.x text cannot be compared with a CLIP
-    vision model; SDXL's CLIP-G keeps its own, which pairs with clip_vision_g."""
-    if clip is None:
-        raise InvalidInputError("connect the CLIP: its text tower scores the options for the CLIP vision judge")
-    pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)[1]
-    if pooled is None:
-        raise InvalidInputError("this CLIP gives no pooled text embedding to compare with a CLIP vision model; "
-                                "disconnect clip_vision (the model then judges by presence)")
-    width = pooled.shape[-1]
-    real = [m for n, m in clip.cond_stage_model.named_modules() if n.endswith("text_projection")
-            and getattr(m, "weight", None) is not None and m.weight.shape[0] == width
-            and not torch.equal(m.weight.float().cpu(), torch.eye(*m.weight.shape))]
-    if not real:
-        raise InvalidInputError("this checkpoint's text encoder has no CLIP text projection (ComfyUI drops SD1.x's), "
-                                "so its text cannot be scored against a CLIP vision model: disconnect clip_vision "
-                                "(the model then judges by presence) or use a model whose text tower pairs with it "
-                                "(SDXL's CLIP-G with clip_vision_g)")
-
-    def encode(prompts):
-        return torch.cat([clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)[1] for p in prompts]).float()
-
-    return encode
-
-
 def concept_prune(model, clip, config: ConceptPruneJob, ctx: RunContext | None = None) -> JobResult:
     """ConceptPrune: calibration generations at the config's size, masks applied to a clone of MODEL."""
-    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    view = ModelView(model, clip, ctx=ctx or with_eta(run_context(), "ConceptPrune calibration"), latent=config.latent())
     family = view.family
     pairs = build_pairs(list(config.concepts), config.preset, config.pairs_text)
-    edit = compute_concept_prune(view.denoiser, family, pairs, config.settings, view.ctx, fingerprint=view.fingerprint)
+    edit = compute_concept_prune(view.denoiser, family, pairs, config.settings, view.ctx, fingerprint=view.fingerprint,
+                                 cache_dir=config.cache_dir)
     return _finish(view, edit, config)
 
 
@@ -244,7 +271,8 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
 
     if clip is None:
         raise InvalidInputError("connect the CLIP to edit")
-    view = ModelView(model, clip, ctx=ctx or run_context(), latent=config.latent())
+    concepts = {}  # stage 1's (done, total) concepts, for the progress text
+    view = ModelView(model, clip, ctx=ctx or with_eta(run_context(), "EMCID", concepts), latent=config.latent())
     cfg = config.settings
     family = view.family  # the text encoders read from this CLIP
     view.check_text_path("The Text Encoder Edit (EMCID)")
@@ -263,7 +291,8 @@ def emcid(model, clip, config: EmcidJob, ctx: RunContext | None = None) -> JobRe
         for root in roots:
             stack.enter_context(frozen_session(root))
         edit = compute_emcid(text, family, list(config.pairs), cfg, view.ctx, denoiser=denoiser,
-                             cache_dir=config.cache_dir, fingerprint=view.fingerprint)
+                             cache_dir=config.cache_dir, fingerprint=view.fingerprint,
+                             on_concepts=lambda done, total: concepts.update(done=done, total=total, fresh=True))
     return _finish(view, edit, config)
 
 
@@ -340,7 +369,7 @@ def export_lora(edit: Edit, path: str, config: LoraExportConfig, model=None, cli
 def edit_between(edited, original, view: ModelView | None = None) -> Edit:
     """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
     one module): each one's unpatched weights plus its own patches, by ComfyUI's patch arithmetic
-    (`adapters.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode.
+    (`patches.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode.
     `view`: the caller's view of `original`, whose layout and weights are then not read again."""
     keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
     if not keys:
@@ -355,213 +384,3 @@ def edit_between(edited, original, view: ModelView | None = None) -> Edit:
     return Edit("model-difference", view.family.name, changes)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """One ComfyUI image [H, W, C] in 0..1 -> [height, width, 3]: centre-cropped to the target's aspect
-    ratio (nothing is stretched), then resized with antialiasing."""
-    if image.ndim != 3 or image.shape[-1] < 3:
-        raise InvalidInputError(f"expected an image [H, W, 3 or 4] in 0..1, got shape {tuple(image.shape)}")
-    h, w = image.shape[:2]
-    scale = min(h / height, w / width)
-    ch, cw = max(1, round(height * scale)), max(1, round(width * scale))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    x = image[top:top + ch, left:left + cw, :3].movedim(-1, 0)[None].float()
-    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return x[0].movedim(0, -1).clamp(0, 1)
-
-
-def load_image_folder(folder: str, limit: int = 1000) -> tuple[list[torch.Tensor], list[str] | None]:
-    """The images in `folder` (sorted by name) as [H, W, 3] tensors in 0..1, and their captions from a
-    .txt of the same name beside each (the kohya convention), or None when no image has one."""
-    import os
-
-    import numpy as np
-    from PIL import Image
-
-    if not folder or not os.path.isdir(folder):
-        raise InvalidInputError(f"no folder at {folder!r}: give a folder of images (.png/.jpg/.webp, a .txt caption "
-                                "beside each)")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))[:limit]
-    if not names:
-        raise InvalidInputError(f"{folder} holds no .png/.jpg/.webp/.bmp images")
-    images, captions = [], []
-    for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0))
-        txt = os.path.join(folder, os.path.splitext(n)[0] + ".txt")
-        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None)
-    if all(c is None for c in captions):
-        return images, None
-    missing = [n for n, c in zip(names, captions) if not c]
-    if missing:
-        raise InvalidInputError(f"{len(missing)} image(s) in {folder} have no caption .txt beside them (e.g. "
-                                f"{missing[0]}): give every image one, or none (then the benign prompts are the captions)")
-    return images, captions
-
-
-def encode_images(view: ModelView, vae, images) -> torch.Tensor:
-    """ComfyUI images (an IMAGE batch [B, H, W, C] or a list of [H, W, C]) -> clean latents in the UNet's
-    scale at the view's picture size: fitted (`fit_image`), encoded by `vae`, then ComfyUI's own
-    `process_latent_in`, where the training objectives' x₀ lives."""
-    if vae is None:
-        raise InvalidInputError("connect the checkpoint's VAE: it encodes the benign images")
-    lh, lw = view.denoiser.latent_size
-    ratio = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else vae.downscale_ratio
-    ratio = ratio if isinstance(ratio, int) else 8
-    pixels = torch.stack([fit_image(im, lh * ratio, lw * ratio) for im in images])
-    with torch.no_grad():
-        z = vae.encode(pixels)
-    if tuple(z.shape[-2:]) != (lh, lw):
-        raise InvalidInputError(f"the VAE encodes {lh * ratio}×{lw * ratio} pixels to a {tuple(z.shape[-2:])} latent, "
-                                f"not the model's {lh}×{lw}: connect the VAE that belongs to this checkpoint")
-    return view.denoiser.latent_in(z.to(view.ctx.device)).float()
-
-
-def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
-                 ctx=None, latent: tuple[int, int] | None = None, *, vae=None, benign_images=None,
-                 benign_folder: str = "", concept: str | None = None):
-    """The resurgence audit of `edited` against `original` (its edit read off the two when not given).
-
-    Presence is the model's own score (`guidance_presence`), each concept prompt measured against
-    its concept-free twin: the concept's words are `concept` (one or more, comma-separated; "" for
-    none), by default the edit's own concepts; a prompt with none of them is measured against the
-    empty prompt.
-
-    Benign data: the user's own images when given (`benign_images`, an IMAGE batch, and/or a
-    `benign_folder`), captioned by `benign_prompts` (one line per image, or one for all) or by the
-    folder's .txt files, encoded by `vae`; otherwise the original model's images of `benign_prompts`."""
-    view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
-    host = view.denoiser
-    latents, source = None, ""
-    if benign_images is not None or benign_folder:
-        images, captions, parts = [], [], []
-        if benign_images is not None:
-            images += list(benign_images)
-            captions += captions_for(benign_prompts, len(benign_images))
-            parts.append(f"{len(benign_images)} connected")
-        if benign_folder:
-            folder_images, folder_captions = load_image_folder(benign_folder)
-            images += folder_images
-            captions += folder_captions or captions_for(benign_prompts, len(folder_images))
-            parts.append(f"{len(folder_images)} from {benign_folder}")
-        if not images:
-            raise InvalidInputError("the benign IMAGE input is empty")
-        latents = encode_images(view, vae, images)
-        benign_prompts, source = captions, f"{len(images)} user images ({' + '.join(parts)})"
-    if edit is None:
-        edit = edit_between(edited, original, view)
-    edited_text = None
-    if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
-        edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
-    words = concept_words(concept, edit.concepts)
-    with _training():
-        presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
-                                     gen_cfg=cfg.gen_cfg, edited_text=edited_text, concepts=words)
-        report = audit(host, edited_text or host.text, edit, presence, cfg,
-                       benign_prompts=benign_prompts or DEFAULT_BENIGN, ctx=host.ctx,
-                       text_is_edited=edited_text is not None, benign_latents=latents, benign_data=source)
-    report.presence_measure = describe_baselines(concept_prompts, words)
-    return report
-
-
-def presence_before_after(model, edited_model, clip, vae, prompts: list[str], *, seed: int, steps: int, cfg: float,
-                          n_timesteps: int, noise_draws: int, edited_clip=None,
-                          ctx: RunContext | None = None,
-                          latent: tuple[int, int] | None = None) -> tuple[PresenceComparison, torch.Tensor]:
-    """Generate each prompt with both models (same seeds), then score concept presence on the
-    original model's pictures. Returns the comparison and an image grid (row 1 original, row 2 edited)."""
-    ctx = ctx or run_context()
-    before_view = ModelView(model, clip, ctx=ctx, latent=latent)
-    after_view = ModelView(edited_model, edited_clip or clip, ctx=ctx, latent=latent)
-    if before_view.family.name != after_view.family.name:
-        raise InvalidInputError("the original and the edited MODEL are different model families; "
-                                "connect the model the edit was applied to as 'model'")
-    before, after = before_view.denoiser, after_view.denoiser
-    lat_before = before.sample(prompts, steps=steps, cfg=cfg, seed=seed)
-    lat_after = after.sample(prompts, steps=steps, cfg=cfg, seed=seed)
-    x0 = before.latent_in(lat_before)
-    n_train = len(before.alphas_cumprod())
-    config = PresenceConfig(timesteps=spread_timesteps(n_timesteps, n_train), noise_draws=noise_draws, seed=seed)
-    result = compare_presence(before, after, before.text, after.text, prompts, x0, config, ctx)
-    grid = image_grid([vae.decode(lat_before), vae.decode(lat_after)])
-    return result, grid
-
-
-def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], world_name: str = "tiny"):
-    """The bundled world's classifier as a red-team judge: the share of pictures it labels `concept`
-    (None when the concept is not one of that world's)."""
-    from ..editing import worlds
-    try:
-        world, classifier = worlds.get(world_name), worlds.classifier(world_name)
-        kind = world.kind_of(concept)
-    except LookupError:  # no such world, or not one of its concepts
-        return None
-
-    def judge(x0):
-        labels = classifier.predict(decode(x0))[kind]
-        return sum(lab == concept for lab in labels) / max(len(labels), 1)
-    return judge
-
-
-def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg: RedTeamConfig,
-                    edit: Edit | None = None, edited_clip=None, concept: str = "", ctx=None,
-                    latent: tuple[int, int] | None = None) -> RedTeamReport:
-    """The red-team audit of `edited` against `original` (its UNet edit read off the two when `edit`
-    is not given; a text-encoder edit comes from `edit` or `edited_clip`). Judges: the model-only
-    presence score, and on the tiny model its classifier for `concept`."""
-    import comfy.model_management as mm
-
-    from .text_hooks import SoftComfyText
-    view = ModelView(original, clip, ctx=ctx or run_context(), latent=latent)
-    view.check_text_path("The Red-Team Audit's prompt attacks")
-    host = view.denoiser
-    if edit is None:
-        edit = edit_between(edited, original, view)
-    prompts = [p for p in concept_prompts if p.strip()]
-    if not prompts:
-        raise InvalidInputError("give at least one concept prompt to attack (one per line)")
-    device = host.ctx.device
-    mm.load_models_gpu([original, clip.patcher])
-    text = SoftComfyText(clip, device=device, hint=clip_hint(view.family))
-    edited_text = None
-    if edit.text_encoder_keys():
-        # the original's encodings (prompts, their concept-free twins, ""), before the edited CLIP loads
-        text = FrozenText(text, prompts + [concept_free(p, concept) for p in prompts] + [""])
-        clip2 = edited_clip if edited_clip is not None else view.apply(edit)[1]
-        mm.load_models_gpu([clip2.patcher])
-        edited_text = SoftComfyText(clip2, device=device, hint=clip_hint(view.family))
-    with _training() as stack:
-        stack.enter_context(frozen_session(host.unet()))
-        attacked = edited_text or text
-        for root in attacked.transformers():  # the soft prompts' gradients run through it
-            stack.enter_context(frozen_session(root))
-        x0 = original_pictures(host, text, prompts, cfg.attack, host.eps, host.ctx)
-        with torch.no_grad():
-            judges = {"model presence": model_presence_judge(host, text, prompts, x0[: cfg.attack.samples], concept,
-                                                             ctx=RunContext(should_stop=host.ctx.should_stop))}
-        if view.family.name in TINY_WORLD_FAMILIES and concept:
-            base = original.model
-            judge = world_judge(concept, lambda x: frames(base.process_latent_out(x))[:, :3].float().cpu())
-            if judge is not None:
-                judges = {"classifier": judge, **judges}
-        return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
-
-
-def red_team_grid(report: RedTeamReport, model, vae=None) -> torch.Tensor:
-    """The report's picture rows (original, edited, one per attack) as one ComfyUI IMAGE grid: decoded
-    by `vae`, or without one the latents' first three channels, each row scaled to 0..1. Video-shaped
-    latents (Wan, Qwen-Image: [B, C, frames, H, W], one frame drawn) give their frames as pictures."""
-    out = model.model.process_latent_out
-
-    def preview(latents):
-        x = frames(latents[:, :3].float().cpu())
-        lo, hi = x.amin(), x.amax()
-        return ((x - lo) / (hi - lo).clamp_min(1e-6)).movedim(1, -1)
-
-    def decode(latents):
-        img = vae.decode(latents)
-        return img.reshape(-1, *img.shape[-3:])  # a video VAE's [B, frames, H, W, C]
-
-    return image_grid([decode(out(r)) if vae is not None else preview(out(r)) for r in report.grid_rows])

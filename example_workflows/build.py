@@ -21,7 +21,12 @@ FLUX_CKPT = "flux1-schnell-fp8.safetensors"
 
 
 def is_widget(spec) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+    # a choice list: V1 gives the options as the type, V3 ("COMBO") in the spec's "options"
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES or spec[0] == "COMBO"
+
+
+def choices(spec) -> list:
+    return spec[0] if isinstance(spec[0], list) else list((spec[1] if len(spec) > 1 else {}).get("options", []))
 
 
 class Workflow:
@@ -45,8 +50,8 @@ class Workflow:
                         v = values.pop(name)
                     elif "default" in opts:
                         v = opts["default"]
-                    elif isinstance(s[0], list):
-                        v = s[0][0] if s[0] else ""
+                    elif isinstance(s[0], list) or s[0] == "COMBO":
+                        v = choices(s)[0] if choices(s) else ""
                     else:
                         v = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[s[0]]
                     widgets.append(v)

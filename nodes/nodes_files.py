@@ -4,28 +4,30 @@ from __future__ import annotations
 import json
 import os
 
-from ..comfy_host.adapters import apply_edit
+from comfy_api.latest import io, ui
+
+from ..comfy_host.view import apply_edit
 from ..editing.edit import Edit
-from .common import CATEGORY, EDIT, edit_path, edits_dir, list_edits, strength_input, unique_path
+from .common import EDIT, edit_path, edits_dir, list_edits, node_schema, output, strength_input, unique_path
+
+FILE_ALIASES = ("concept edit file", "erase", "unlearn")
 
 
-class SaveEdit:
-    DESCRIPTION = "Save an edit (mask or weight change, with its metadata) as a .safetensors file in models/concept_edits."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    FUNCTION = "execute"
-    OUTPUT_NODE = True
+class SaveEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return node_schema(
+            "ConceptEditSaveEdit", "Save Concept Edit",
+            "Save an edit (mask or weight change, with its metadata) as a .safetensors file in models/concept_edits.",
+            inputs=[EDIT.Input("edit", tooltip="The edit to save (from any ConceptEdit method node)."),
+                    io.String.Input("filename", default="concept_edit", tooltip="File name (no extension); an "
+                                    "existing file is not overwritten, a number is added.")],
+            aliases=("save edit", *FILE_ALIASES), output_node=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "edit": (EDIT, {"tooltip": "The edit to save (from any ConceptEdit method node)."}),
-            "filename": ("STRING", {"default": "concept_edit", "tooltip": "File name (no extension); an existing file is not overwritten, a number is added."}),
-        }}
-
-    def execute(self, edit: Edit, filename: str):
+    def execute(cls, edit: Edit, filename: str):
         path = save_edit_file(edit, filename)
-        return {"ui": {"text": [f"saved {os.path.basename(path)}"]}}
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.basename(path)}"))
 
 
 def save_edit_file(edit: Edit, filename: str) -> str:
@@ -33,54 +35,49 @@ def save_edit_file(edit: Edit, filename: str) -> str:
     return edit.save(path)
 
 
-class LoadEdit:
-    DESCRIPTION = "Load an edit file from models/concept_edits (safetensors only; nothing is unpickled)."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (EDIT, "STRING")
-    RETURN_NAMES = ("edit", "info")
-    OUTPUT_TOOLTIPS = ("The loaded edit.", "Method, concepts, parameters and metrics stored with it.")
-    FUNCTION = "execute"
+class LoadEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return node_schema(
+            "ConceptEditLoadEdit", "Load Concept Edit",
+            "Load an edit file from models/concept_edits (safetensors only; nothing is unpickled).",
+            inputs=[io.Combo.Input("edit_name", options=list_edits(), tooltip="An edit file in models/concept_edits.")],
+            outputs=[output(EDIT, "edit", "The loaded edit."),
+                     output(io.String, "info", "Method, concepts, parameters and metrics stored with it.")],
+            aliases=("load edit", *FILE_ALIASES))
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"edit_name": (list_edits(), {"tooltip": "An edit file in models/concept_edits."})}}
+    def validate_inputs(cls, edit_name=None):
+        if edit_name is not None and edit_name not in list_edits():
+            return (f"no edit named {edit_name!r} in models/concept_edits: put the file there and refresh the node "
+                    "(R), or pick one from the list")
+        return True
 
-    def execute(self, edit_name: str):
+    @classmethod
+    def execute(cls, edit_name: str):
         edit = Edit.load(edit_path(edit_name))
         info = {k: v for k, v in edit.summary().items() if k != "keys"}
-        return (edit, json.dumps(info, indent=1, default=str))
+        return io.NodeOutput(edit, json.dumps(info, indent=1, default=str))
 
 
-class ApplyEdit:
-    DESCRIPTION = ("Apply an edit to a model as patches on a copy: the input MODEL/CLIP stay unchanged. "
-                   "Checks that the edit was made for this model family before applying anything.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("model", "clip", "warnings")
-    FUNCTION = "execute"
+class ApplyEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return node_schema(
+            "ConceptEditApplyEdit", "Apply Concept Edit",
+            "Apply an edit to a model as patches on a copy: the input MODEL/CLIP stay unchanged. "
+            "Checks that the edit was made for this model family before applying anything.",
+            inputs=[io.Model.Input("model", tooltip="The model to edit (it is cloned, never changed)."),
+                    EDIT.Input("edit", tooltip="An edit from a method node or Load Edit."),
+                    strength_input(),
+                    io.Clip.Input("clip", optional=True, tooltip="Needed when the edit changes the text encoder.")],
+            outputs=[output(io.Model, "model"), output(io.Clip, "clip"), output(io.String, "warnings")],
+            aliases=("apply edit", "lora", *FILE_ALIASES))
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to edit (it is cloned, never changed)."}),
-            "edit": (EDIT, {"tooltip": "An edit from a method node or Load Edit."}),
-            "strength": strength_input(),
-        }, "optional": {
-            "clip": ("CLIP", {"tooltip": "Needed when the edit changes the text encoder."}),
-        }}
-
-    def execute(self, model, edit: Edit, strength: float, clip=None):
+    def execute(cls, model, edit: Edit, strength: float, clip=None):
         m, c, warnings = apply_edit(model, clip, edit, strength)
-        return (m, c, "\n".join(warnings))
+        return io.NodeOutput(m, c, "\n".join(warnings))
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptEditSaveEdit": SaveEdit,
-    "ConceptEditLoadEdit": LoadEdit,
-    "ConceptEditApplyEdit": ApplyEdit,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptEditSaveEdit": "Save Concept Edit",
-    "ConceptEditLoadEdit": "Load Concept Edit",
-    "ConceptEditApplyEdit": "Apply Concept Edit",
-}
+NODES = [SaveEdit, LoadEdit, ApplyEdit]

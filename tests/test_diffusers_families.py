@@ -285,7 +285,7 @@ def _edits(comfy, name: str, case: Case):
     edits = {}
     with torch.inference_mode():
         base = {k: v.clone() for k, v in model.model_state_dict().items()}
-        from conceptedit.comfy_host.adapters import model_family
+        from conceptedit.comfy_host.patches import model_family
         if model_family(model, clip).adapter.closed_form_note:
             edits["uce"] = None  # HiDream: refused, with what to use instead (tests/test_families_nodes.py)
         else:

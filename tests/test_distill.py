@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conceptedit.comfy_host import jobs
-from conceptedit.comfy_host.adapters import apply_edit, patched_weights
+from conceptedit.comfy_host.patches import patched_weights
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch
 from conceptedit.editing.distill import bilevel
 from conceptedit.editing.distill.bilevel import (DistillConfig, compute_distill_unlearn, diffusion_loss, feature_kd,

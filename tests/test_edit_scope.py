@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, apply_edit, model_fingerprint, original_weights
+from conceptedit.comfy_host.denoiser import ComfyDenoiser
+from conceptedit.comfy_host.patches import model_fingerprint, original_weights
+from conceptedit.comfy_host.text import ComfyText
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch, scope
 from conceptedit.editing.edit import FORMAT, Change, Edit, combine
 from conceptedit.editing.errors import EditFileError
@@ -44,7 +47,7 @@ def real_edits(comfy, model_clip):
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.concept_prune.prune import PruneConfig, compute_concept_prune, floor_edit
     from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
-    from conceptedit.editing.emcid.stage2 import EmcidConfig, compute_emcid
+    from conceptedit.editing.emcid import EmcidConfig, compute_emcid
     from conceptedit.editing.prompts import build_pairs
     from conceptedit.editing.audit.resurgence import AuditConfig, audit
     from conceptedit.editing.unlearn.trainer import UnlearnConfig, compute_unlearn
@@ -311,13 +314,13 @@ def test_edit_info_lists_exactly_the_changed_layers(comfy, real_edits):
     node = comfy.NODE_CLASS_MAPPINGS["ConceptEditEditInfo"]()
     for name, e in real_edits.items():
         out = node.execute(e)
-        view = out["ui"]["conceptedit_edit"][0]
+        view = out.ui["conceptedit_edit"][0]
         hm = view["heatmap"]
         cells = [(r, c) for r, row in zip(hm["rows"], hm["values"]) for c, v in zip(hm["cols"], row) if v is not None]
         assert view["n_keys"] == len(e.changes) == len(cells), name
-        listed = [ln for ln in out["result"][0].splitlines()[3:] if ln.startswith("  ")]
+        listed = [ln for ln in out[0].splitlines()[3:] if ln.startswith("  ")]
         assert sum(ln.count("=") for ln in listed) == len(e.changes), name
-        assert edit_text(edit_view(e)) == out["result"][0]
+        assert edit_text(edit_view(e)) == out[0]
 
 
 def test_emcid_scope_takes_t5_feed_forward_outputs_and_nothing_else_of_t5():

@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, apply_edit
+from conceptedit.comfy_host.denoiser import ComfyDenoiser
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
 from conceptedit.editing.emcid.captions import generic_captions
 from conceptedit.editing.emcid import stage1 as stage1_mod
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, caption_mask, compute_emcid, concept_prompts, parse_pairs,
+from conceptedit.editing.emcid.stage2 import (EmcidConfig, caption_mask, concept_prompts, parse_pairs,
                                               read_keys, read_layer, resolve_defaults, second_moments, solve_update,
                                               stage2, to_change)
+from conceptedit.editing.emcid import compute_emcid
 from conceptedit.editing.emcid.stage1 import optimise_delta
 from conceptedit.editing.hooks import trace_inputs, trace_outputs
 from conceptedit.editing.training import frozen_session
@@ -465,7 +467,7 @@ def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, tabl
         return out
 
     # a cheap ε, differentiable in the context and y (what δ reaches): this test is about settings
-    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
     monkeypatch.setattr(ComfyDenoiser, "eps", lambda self, x, t, c, y=None: (
         x * c.float().mean() + (0.0 if y is None else y.float().mean())))
     monkeypatch.setattr(torch.optim, "Adam", spy_adam)

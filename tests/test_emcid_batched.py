@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser
+from conceptedit.comfy_host.denoiser import ComfyDenoiser
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing.emcid import stage1
 from conceptedit.editing.emcid.stage2 import EmcidConfig

@@ -34,7 +34,7 @@ import families  # noqa: E402
 from test_families_build import _size  # noqa: E402
 from test_layout_matrix import _node, _patched_keys  # noqa: E402
 
-from conceptedit.comfy_host.adapters import ComfyText  # noqa: E402
+from conceptedit.comfy_host.text import ComfyText  # noqa: E402
 from conceptedit.editing.errors import ConceptEditError, InvalidInputError  # noqa: E402
 
 FAMILIES = ("chroma", "qwen_image", "z_image", "flux2", "wan21")
@@ -220,7 +220,7 @@ def test_red_team_node_attacks_an_emcid_edit(comfy, one_thread, emcid_node, name
                     edit=edit, edited_clip=out_clip, width=px, height=px)
         import comfy.model_management as mm
         mm.unload_all_models()
-    text, grid, success = res["result"]
+    text, grid, success = res.result
     assert "prefix (2 tokens, 2 steps" in text and "a red circle'" in text and 0.0 <= success <= 1.0
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
     assert _same(model, model_before) and _same(clip.patcher, clip_before) and not model.patches

@@ -20,7 +20,7 @@ import families  # noqa: E402
 from test_families_build import _empty_latent, _size  # noqa: E402
 from test_layout_matrix import _node, _patched_keys  # noqa: E402
 
-from conceptedit.comfy_host.adapters import model_family  # noqa: E402
+from conceptedit.comfy_host.patches import model_family  # noqa: E402
 from conceptedit.editing.errors import ConceptEditError  # noqa: E402
 
 # family -> (adapter kind, variant)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from conceptedit.comfy_host import adapters, jobs, view
-from conceptedit.comfy_host.adapters import apply_edit, original_weights, patched_weights
+from conceptedit.comfy_host import jobs, patches, view
+from conceptedit.comfy_host.patches import original_weights, patched_weights
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch
 from conceptedit.editing.diffusion import add_noise, predict_x0
 from conceptedit.editing.edit import Change, Edit
@@ -79,7 +80,7 @@ def test_a_job_reads_the_model_once_and_leaves_it_unchanged(comfy, monkeypatch, 
     counts: dict[str, int] = {}
     for name in ("original_weights", "model_family"):
         _counting(monkeypatch, view, name, counts)
-        _counting(monkeypatch, adapters, name, counts)
+        _counting(monkeypatch, patches, name, counts)
     if method == "uce":
         config = jobs.UCEJob(settings=UCEConfig(concepts=["red"], default_preserve=False, preserve=["blue"]))
     else:

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import model_family, model_fingerprint
-from conceptedit.comfy_host.jobs import audit_models
+from conceptedit.comfy_host.patches import model_family, model_fingerprint
+from conceptedit.comfy_host.audits import audit_models
 from conceptedit.editing.audit.resurgence import AuditConfig
 from layouts import SPECS, build
 
@@ -95,7 +95,7 @@ def _matrix_case(comfy, name, folder_paths):
                     concept="red", concept_prompts="a red circle", prefix=on[0], embedding_match=on[1],
                     inversion=on[2], steps=1, samples=1, sample_steps=2, cfg=2.0, edit=edit,
                     edited_clip=edited_clip, width=64, height=64)
-        text, grid, success = res["result"]
+        text, grid, success = res.result
         assert text.count(" steps, ") == sum(on) and grid.shape[0] == 1 and 0.0 <= success <= 1.0
     assert not model.patches and not clip.patcher.patches
 

@@ -26,7 +26,9 @@ if importlib.util.find_spec("comfy.ldm.qwen_image") is None:
 import families  # noqa: E402
 from test_layout_matrix import _node  # noqa: E402
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, model_family, patched_weights  # noqa: E402
+from conceptedit.comfy_host.denoiser import ComfyDenoiser  # noqa: E402
+from conceptedit.comfy_host.patches import model_family, patched_weights
+from conceptedit.comfy_host.text import ComfyText
 from conceptedit.editing.uce import closed_form as cf  # noqa: E402
 
 LLM = ("qwen_image", "z_image", "lumina2", "flux2", "hunyuan_image21")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conceptedit.comfy_host.adapters import ComfyText, original_weights, clip_state
+from conceptedit.comfy_host.patches import clip_state, original_weights
+from conceptedit.comfy_host.text import ComfyText
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
@@ -85,7 +86,7 @@ def test_export_node_writes_a_file_loraloader_lists_and_diff_form(comfy, loras, 
     edit = _edit(model, clip, "aligned")
     node = comfy.NODE_CLASS_MAPPINGS["ConceptEditExportLoRA"]
     out = node().execute(edit, "my_edit", 0, 0.01, "diff")
-    assert "my_edit.safetensors" in out["result"][0]
+    assert "my_edit.safetensors" in out[0]
     import folder_paths
     assert "my_edit.safetensors" in folder_paths.get_filename_list("loras")
     node().execute(edit, "my_edit", 0, 0.01, "diff")  # never overwrites

@@ -4,7 +4,8 @@ weight's dtype, masks as sparse diffs. Loaded, the LoRA-form model equals the de
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import apply_edit, edit_patches, model_fingerprint, original_weights
+from conceptedit.comfy_host.patches import edit_patches, model_fingerprint, original_weights
+from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError

@@ -332,7 +332,7 @@ def test_node_takes_official(comfy, monkeypatch):
 
     monkeypatch.setattr(nodes_distill, "distill_unlearn", fake)
     opt = nodes_distill.DistillUnlearn.INPUT_TYPES()["optional"]
-    assert opt["official"][0] == list(bilevel.OFFICIAL) and opt["official"][1]["default"] == "off"
+    assert opt["official"][1]["options"] == list(bilevel.OFFICIAL) and opt["official"][1]["default"] == "off"
     node = nodes_distill.DistillUnlearn()
     node.execute("S", "T", "CLIP", "red", "", 10, 10, 1e-6, "lora", 4, 0, official="bilevel", warmup_steps=250,
                  erase_lr=5e-6)

@@ -45,15 +45,17 @@ import torch.nn.functional as F
 
 from helpers import random_clip
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser
+from conceptedit.comfy_host.denoiser import ComfyDenoiser
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
 from conceptedit.editing.emcid import official as official_mod
+from conceptedit.editing.emcid import compute as compute_mod
 from conceptedit.editing.emcid import stage1 as stage1_mod
 from conceptedit.editing.emcid import stage2 as stage2_mod
 from conceptedit.editing.emcid.captions import generic_captions
-from conceptedit.editing.emcid.stage2 import (OFFICIAL, EmcidConfig, compute_emcid, concept_prompts, read_keys,
+from conceptedit.editing.emcid.stage2 import (OFFICIAL, EmcidConfig, concept_prompts, read_keys,
                                               second_moments)
+from conceptedit.editing.emcid import compute_emcid
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.training import frozen_session
 
@@ -310,8 +312,8 @@ def _stage2_edit(monkeypatch, text, Z, C0, cfg):
     """compute_emcid with its targets and C₀ given (stage 1 and the caption statistics are compared
     on their own below); returns (the edit, the configs second_moments was called with)."""
     seen = []
-    monkeypatch.setattr(stage1_mod, "optimise_targets", lambda *a, **k: ({ENC: Z}, {}))
-    monkeypatch.setattr(stage2_mod, "second_moments", lambda host, enc, layers, c, *a, **k: (seen.append(c), C0)[1])
+    monkeypatch.setattr(compute_mod, "optimise_targets", lambda *a, **k: ({ENC: Z}, {}))
+    monkeypatch.setattr(compute_mod, "second_moments", lambda host, enc, layers, c, *a, **k: (seen.append(c), C0)[1])
     edit = compute_emcid(text, TINY, PAIRS, cfg, denoiser=object())
     return edit, seen
 
@@ -433,7 +435,8 @@ def test_node_and_cli_take_official(comfy):
     from conceptedit.cli import emcid as cli_emcid
     node = comfy.NODE_CLASS_MAPPINGS["ConceptEditTextEncoderEdit"]
     kind, opts = node.INPUT_TYPES()["optional"]["official"]
-    assert kind == list(OFFICIAL) and kind[0] == "off" and opts["default"] == "off" and "10a392a" in opts["tooltip"]
+    assert kind == "COMBO" and opts["options"] == list(OFFICIAL) and opts["options"][0] == "off"
+    assert opts["default"] == "off" and "10a392a" in opts["tooltip"]
     import argparse
     parser = argparse.ArgumentParser()
     cli_emcid.register(parser.add_subparsers())
@@ -468,7 +471,7 @@ def test_sdxl_official_through_the_job(comfy, monkeypatch):
     monkeypatch.setattr(ComfyTextModel, "forward", spy)
     monkeypatch.setattr(ComfyDenoiser, "eps", eps)
     monkeypatch.setattr(stage1_mod, "train_loop", lambda steps, step, ctx, **kw: real_loop(2, step, ctx, **kw))
-    monkeypatch.setattr(stage2_mod, "second_moments", lambda host, enc, layers, c, *a, **k: real_c0(
+    monkeypatch.setattr(compute_mod, "second_moments", lambda host, enc, layers, c, *a, **k: real_c0(
         host, enc, layers, dataclasses.replace(c, n_captions=20), *a, **k))
     model, clip, _ = build("sdxl_like")
     cfg = EmcidConfig(official="emcid", templates=("a photo of {}", "{}"))

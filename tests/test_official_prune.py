@@ -316,7 +316,8 @@ def test_k_is_the_official_floor_without_a_minimum_where_off_takes_one():
 # ---- the whole procedure on the tiny model ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
+    from conceptedit.comfy_host.text import ComfyText
     from conceptedit.tiny.comfy_model import load_tiny
     model, clip, _ = load_tiny()
     text = ComfyText(clip)
@@ -409,7 +410,7 @@ def test_official_refuses_a_dit_and_warns_about_what_it_ignores():
 def test_node_has_the_official_input_and_records_it(comfy):
     node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditConceptPrune"]
     spec = node_cls.INPUT_TYPES()["optional"]["official"]
-    assert spec[0] == list(OFFICIAL) and spec[1]["default"] == "off" and "72927d9" in spec[1]["tooltip"]
+    assert spec[0] == "COMBO" and spec[1]["options"] == list(OFFICIAL) and spec[1]["default"] == "off" and "72927d9" in spec[1]["tooltip"]
     clip = random_clip()
     with torch.inference_mode():
         _, edit, info = node_cls().execute(random_model(), clip, "circle", "custom", 0.1, 3, 2, 3.0, 0,

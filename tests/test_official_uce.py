@@ -58,7 +58,8 @@ class CachedText:
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from conceptedit.comfy_host.adapters import ComfyText, original_weights
+    from conceptedit.comfy_host.patches import original_weights
+    from conceptedit.comfy_host.text import ComfyText
     from conceptedit.tiny.comfy_model import load_tiny
     model, clip = load_tiny()[:2]
     fam = arch.get_family("tiny")
@@ -312,7 +313,7 @@ def test_node_and_cli_expose_official(comfy, tiny):
     from conceptedit.tiny.comfy_model import load_tiny
     node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditCrossAttentionEdit"]
     optional = node_cls.INPUT_TYPES()["optional"]
-    assert optional["official"][0][0] == "off" and set(optional["official"][0]) == set(OFFICIAL)
+    assert optional["official"][1]["options"][0] == "off" and set(optional["official"][1]["options"]) == set(OFFICIAL)
     assert "uce_sd_erase.py" in optional["official"][1]["tooltip"]
     assert optional["preserve_unconditional"][1]["default"] is True
     text, weights, _ = tiny

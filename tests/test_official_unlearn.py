@@ -335,7 +335,7 @@ def test_node_and_cli_take_official(comfy, monkeypatch, tmp_path):
     monkeypatch.setattr(nodes_unlearn, "unlearn", fake_unlearn)
     monkeypatch.setattr(common, "load_model", lambda *a, **k: ("MODEL", "CLIP"))
     spec = nodes_unlearn.TrainUnlearn.INPUT_TYPES()["optional"]["official"]
-    assert spec[0] == list(U.OFFICIAL) and spec[1]["default"] == "off"
+    assert spec[1]["options"] == list(U.OFFICIAL) and spec[1]["default"] == "off"
     nodes_unlearn.TrainUnlearn().execute("MODEL", "CLIP", "red", "", "esd", "xattn", 1, 1e-5, 4, 0, official="esd")
     nodes_unlearn.TrainUnlearn().execute("MODEL", "CLIP", "red", "", "rgd", "lora", 1, 1e-5, 4, 0)
     out = tmp_path / "e.safetensors"

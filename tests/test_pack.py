@@ -11,12 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registered_in_real_comfyui(comfy, pack):
+    from conceptedit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     ours = {k for k in comfy.NODE_CLASS_MAPPINGS if k.startswith("ConceptEdit")}
     assert {"ConceptEditSaveEdit", "ConceptEditLoadEdit", "ConceptEditApplyEdit"} <= ours
-    assert ours == set(pack.NODE_CLASS_MAPPINGS)
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
-        spec = cls.INPUT_TYPES()
+    assert ours == set(NODE_CLASS_MAPPINGS)
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert comfy.NODE_DISPLAY_NAME_MAPPINGS[name] == NODE_DISPLAY_NAME_MAPPINGS[name]
+        spec = cls.INPUT_TYPES(include_hidden=False)
         for group in spec.values():
             for inp, (typ, *opts) in group.items():
                 assert opts and "tooltip" in opts[0], f"{name}.{inp} has no tooltip"
@@ -31,7 +32,9 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_outside_comfyui_registers_nothing_and_fails_nothing():
     r = _run("import _pack, sys; m = _pack.load(); assert m.NODE_CLASS_MAPPINGS == {}; "
-             "assert not any(k == 'comfy' or k.startswith('comfy.') for k in sys.modules), 'comfy imported'")
+             "assert not hasattr(m, 'comfy_entrypoint') and m.WEB_DIRECTORY == './web'; "
+             "assert not any(k == 'comfy' or k.startswith('comfy.') or k.startswith('comfy_api') for k in sys.modules), "
+             "'comfy imported'")
     assert r.returncode == 0, r.stderr
 
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from conceptedit.comfy_host.adapters import ComfyDenoiser, _model_sampling
-from conceptedit.comfy_host.jobs import UnlearnJob, audit_models, unlearn
+from conceptedit.comfy_host.denoiser import ComfyDenoiser, _model_sampling
+from conceptedit.comfy_host.jobs import UnlearnJob, unlearn
+from conceptedit.comfy_host.audits import audit_models
 from conceptedit.comfy_host.view import ModelView
 from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
 from conceptedit.editing.errors import ConceptEditError, InvalidInputError

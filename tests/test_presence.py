@@ -114,7 +114,7 @@ def vae(comfy):
 
 def _cut_text_edit(model):
     """An edit that zeroes every cross-attention K and V: the UNet then ignores the prompt."""
-    from conceptedit.comfy_host.adapters import model_fingerprint
+    from conceptedit.comfy_host.patches import model_fingerprint
     fam = arch.get_family("tiny")
     sd = model.model_state_dict()
     return Edit("uce", "tiny", {k: Change("delta", tuple(sd[k].shape), {"delta": -sd[k].detach().clone()})
@@ -122,7 +122,7 @@ def _cut_text_edit(model):
 
 
 def test_presence_node_before_after_on_a_real_model(comfy, clip, vae):
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     from conceptedit.nodes.nodes_view import presence_before_after
     node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditConceptPresence"]
     assert set(node_cls.INPUT_TYPES()["required"]) >= {"model", "edited_model", "clip", "vae", "prompts"}
@@ -160,7 +160,7 @@ def test_edit_info_node_sends_the_view_to_the_front_end(comfy):
     }, concepts=["circle"], fingerprint={"family": "tiny", "layout": "abc", "weights": "def"},
         metrics={"pruned_fraction_ffn": 0.1})
     out = node_cls().execute(edit)
-    view = out["ui"]["conceptedit_edit"][0]
+    view = out.ui["conceptedit_edit"][0]
     hm = view["heatmap"]
     sd1 = [_row_label(b.ldm) for b in arch.get_family("sd1").blocks]
     assert sd1[0] == "in1.0" and sd1[6] == "mid.0" and sd1[-1] == "out11.0" and len(set(sd1)) == 16
@@ -172,7 +172,7 @@ def test_edit_info_node_sends_the_view_to_the_front_end(comfy):
     assert hm["values"][len(fam.blocks) + 2][hm["cols"].index("fc2")] == pytest.approx(math.sqrt(shapes[te][0] * shapes[te][1]))
     assert hm["values"][0][hm["cols"].index("FF out")] is None
     assert view["concepts"] == ["circle"] and view["fingerprint"]["layout"] == "abc"
-    assert "circle" in out["result"][0] and f"{hm['rows'][1]}: FF out=0.25" in out["result"][0]
+    assert "circle" in out[0] and f"{hm['rows'][1]}: FF out=0.25" in out[0]
 
 
 # ---- calibration against the tiny model's classifier (slow tier) ------------------------------------------

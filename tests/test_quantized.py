@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conceptedit.comfy_host import jobs
-from conceptedit.comfy_host.adapters import original_weights
+from conceptedit.comfy_host.patches import original_weights
 from conceptedit.comfy_host.quantized import (FloatWeights, dequantized, restored, rounding_error, rounding_per_layer,
                                               rounding_summary, stored_type)
 from conceptedit.editing import arch
@@ -196,7 +196,7 @@ def test_every_kind_of_change_applies_to_float8_masks_zero_exactly_and_strength_
     kd = FAM.attn2_kv_keys()[1]
     dense = Change("delta", shapes[kd], {"delta": torch.randn(shapes[kd], generator=g) * 0.05})
     edit = Edit("uce+concept_prune", "tiny", {kk: low, kd: dense, kf: mask})
-    from conceptedit.comfy_host.adapters import apply_edit
+    from conceptedit.comfy_host.view import apply_edit
     patched, _, warnings = apply_edit(model, None, edit)
     zero, _, _ = apply_edit(model, None, edit, 0.0)
     got = _loaded(patched)
@@ -439,7 +439,9 @@ def test_a_uce_edit_on_comfyui_ggufs_own_model_is_added_at_each_forward(comfy):
     them) under its GGUFModelPatcher. The edit is solved on the exact dequantized weights and rides on
     the packed weight as patches that its layers add at every forward."""
     import comfy.model_management as mm
-    from conceptedit.comfy_host.adapters import ComfyDenoiser, ComfyText, add_edit_patches
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
+    from conceptedit.comfy_host.patches import add_edit_patches
+    from conceptedit.comfy_host.text import ComfyText
     from conceptedit.editing.concept_prune.prune import PruneConfig, compute_concept_prune
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.uce.closed_form import compute_uce

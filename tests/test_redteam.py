@@ -32,7 +32,7 @@ def _uce(model, clip, **kw):
 
 
 def _red_team(model, clip, out, attacks=("prefix",), **kw):
-    from conceptedit.comfy_host.jobs import red_team_models
+    from conceptedit.comfy_host.audits import red_team_models
     with torch.inference_mode():
         return red_team_models(out.model if out is not None else model, model, clip, PROMPTS,
                                RedTeamConfig(attacks=attacks, attack=ATTACK, **kw),
@@ -166,11 +166,11 @@ def test_node_runs_in_comfyui_with_revival_on_a_mask_and_leaves_the_models_uncha
         node = comfy.NODE_CLASS_MAPPINGS["ConceptEditRedTeamAudit"]()
         res = node.execute(pruned.model, model, clip, "triangle", "a triangle\na red triangle", True, False, True, True,
                            3, 0, 0.05, 2, 4, 5.0, 0, edit=pruned.edit, vae=vae)
-    text, grid, success = res["result"]
+    text, grid, success = res.result
     assert "prefix" in text and "inversion" in text and "embedding_match" not in text and "revival of" in text
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and 0.0 <= success <= 1.0
     assert not model.patches and all(torch.equal(v, before[k]) for k, v in model.model_state_dict().items())
-    assert res["ui"]["text"] == [text]
+    assert res.ui.as_dict()["text"] == (text,)
 
 
 def test_cli_attacks_an_edit_file_and_writes_report_and_grid(comfy, tiny, tmp_path):
@@ -195,7 +195,7 @@ def test_cli_attacks_an_edit_file_and_writes_report_and_grid(comfy, tiny, tmp_pa
 def test_cancel_mid_attack_stops_and_leaves_every_module_as_it_was(tiny):
     """Cancel (ComfyUI's interrupt) during an attack: Cancelled is raised, no hook stays on the UNet or
     the text encoder, every weight is the same object with the same values, and the next run works."""
-    from conceptedit.comfy_host.jobs import red_team_models
+    from conceptedit.comfy_host.audits import red_team_models
     from conceptedit.editing.errors import Cancelled
     from conceptedit.editing.hosts import RunContext
     model, clip, _ = tiny
@@ -222,7 +222,7 @@ def test_cancel_mid_attack_stops_and_leaves_every_module_as_it_was(tiny):
 
 
 def test_time_limit_stops_an_attack_before_its_step_budget(tiny):
-    from conceptedit.comfy_host.jobs import red_team_models
+    from conceptedit.comfy_host.audits import red_team_models
     model, clip, _ = tiny
     out = _uce(model, clip)
     cfg = RedTeamConfig(attacks=("inversion",), attack=AttackConfig(steps=100_000, time_limit_s=0.5, samples=1,

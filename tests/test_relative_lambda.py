@@ -13,8 +13,9 @@ from helpers import random_clip
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
 from conceptedit.editing.emcid import stage2 as stage2_mod
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, absolute_lam, compute_emcid, concept_prompts, layer_reach,
+from conceptedit.editing.emcid.stage2 import (EmcidConfig, absolute_lam, concept_prompts, layer_reach,
                                               read_layer, second_moments, solve_update)
+from conceptedit.editing.emcid import compute_emcid
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.uce import closed_form as uce_mod
 from conceptedit.editing.uce.closed_form import NormedText, UCEConfig, build_text_system, compute_uce, text_scale

@@ -151,7 +151,7 @@ def test_audit_trains_on_given_images_and_says_so(comfy):
 
 
 def test_fit_image_crops_to_the_aspect_and_resizes():
-    from conceptedit.comfy_host.jobs import fit_image
+    from conceptedit.comfy_host.images import fit_image
     img = torch.zeros(20, 40, 3)
     img[:, 10:30] = 1.0  # the centre square of a 2:1 picture is white, its sides black
     out = fit_image(img, 8, 8)
@@ -167,7 +167,8 @@ def test_audit_job_encodes_connected_and_folder_images_with_the_vae(comfy, tmp_p
     import numpy as np
     from PIL import Image
 
-    from conceptedit.comfy_host import jobs
+    from conceptedit.comfy_host import audits
+    from conceptedit.comfy_host import images as image_io
     from conceptedit.comfy_host.view import ModelView
     from conceptedit.tiny.comfy_model import tiny_vae
     from helpers import random_clip
@@ -183,31 +184,31 @@ def test_audit_job_encodes_connected_and_folder_images_with_the_vae(comfy, tmp_p
         model = random_model()
         edit = _edit_on(name, tuple(dict(model.model.diffusion_model.named_modules())[name].weight.shape))
         view = ModelView(model, clip)
-        images, captions = jobs.load_image_folder(str(tmp_path))
+        images, captions = image_io.load_image_folder(str(tmp_path))
         assert captions == ["a house number 0", "a house number 1"] and images[0].shape == (300, 200, 3)
-        z = jobs.encode_images(view, vae, images)
+        z = image_io.encode_images(view, vae, images)
         lh, lw = view.denoiser.latent_size
-        fitted = torch.stack([jobs.fit_image(im, 8 * lh, 8 * lw) for im in images])
+        fitted = torch.stack([image_io.fit_image(im, 8 * lh, 8 * lw) for im in images])
         assert z.shape == (2, 4, lh, lw)
         assert torch.allclose(z, model.model.process_latent_in(vae.encode(fitted)))
         connected = torch.rand(3, 64, 64, 3, generator=g)
         cfg = AuditConfig(checkpoints=(1,), batch=2, gen_steps=1)
-        rep = jobs.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, vae=vae,
+        rep = audits.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, vae=vae,
                                 benign_images=connected, benign_folder=str(tmp_path))
     assert rep.benign_data == f"5 user images (3 connected + 2 from {tmp_path})", rep.benign_data
     assert "user images" in rep.to_text() and len(rep.steps) == 1
     with pytest.raises(InvalidInputError, match="VAE"):
         with torch.inference_mode():
-            jobs.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, benign_images=connected)
+            audits.audit_models(model, model, clip, ["a red circle"], ["a tree"], cfg, edit, benign_images=connected)
     with pytest.raises(InvalidInputError, match="3 benign images but 2 captions"):
         with torch.inference_mode():
-            jobs.audit_models(model, model, clip, ["a red circle"], ["a", "b"], cfg, edit, vae=vae,
+            audits.audit_models(model, model, clip, ["a red circle"], ["a", "b"], cfg, edit, vae=vae,
                               benign_images=connected)
     (tmp_path / "img1.txt").unlink()
     with pytest.raises(InvalidInputError, match="have no caption"):
-        jobs.load_image_folder(str(tmp_path))
+        image_io.load_image_folder(str(tmp_path))
     with pytest.raises(InvalidInputError, match="no folder"):
-        jobs.load_image_folder(str(tmp_path / "nothing"))
+        image_io.load_image_folder(str(tmp_path / "nothing"))
 
 
 def test_concept_twins_take_out_every_concept_and_fall_back_on_empty():

@@ -74,7 +74,7 @@ def test_a_prompt_longer_than_t5s_77_tokens_is_cut_there_and_batches_with_short_
         torch.testing.assert_close(cond[i:i + 1], want.float(), rtol=0, atol=1e-5)
     # the host's own encode (every other method): a long prompt's CLIP part is several chunks (77
     # rows) before T5's; the cut keeps the first 77 of each, so T5 is not cut away
-    from conceptedit.comfy_host.adapters import ComfyText
+    from conceptedit.comfy_host.text import ComfyText
     whole, _ = clip.encode_from_tokens(clip.tokenize(long), return_pooled=True)
     clip_rows = 77 * len(clip.tokenize(long)["l"])
     assert clip_rows >= 154 and whole.shape[1] > clip_rows + 77
@@ -114,7 +114,7 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     LoraLoader numbers them on SD3 (lora_te1 CLIP-L, lora_te2 CLIP-G, lora_te3 T5)."""
     from safetensors import safe_open
 
-    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.comfy_host.patches import original_weights
     from conceptedit.comfy_host.jobs import EmcidJob, emcid
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.emcid.stage2 import EmcidConfig
@@ -170,7 +170,7 @@ def test_a_clip_g_and_t5_edit_is_named_as_loraloader_reads_it(comfy, loras):
     T5 as lora_te2; the exported LoRA names them so and LoraLoader applies both."""
     from safetensors import safe_open
 
-    from conceptedit.comfy_host.adapters import original_weights
+    from conceptedit.comfy_host.patches import original_weights
     from conceptedit.comfy_host.jobs import EmcidJob, emcid
     from conceptedit.editing.emcid.stage2 import EmcidConfig
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
@@ -250,7 +250,7 @@ def test_unlearning_trains_on_sd3s_16_channel_flow_latents(comfy, sd3):
 @torch.inference_mode()
 def test_pictures_drawn_from_noise_have_the_models_channels_and_the_size_asked(comfy, sd3):
     """DDIM from noise (the red team's targets, ESD's x_t) on SD3's 16-channel latents, 8 x 12."""
-    from conceptedit.comfy_host.adapters import ComfyDenoiser
+    from conceptedit.comfy_host.denoiser import ComfyDenoiser
     from conceptedit.editing.diffusion import ddim_sample
     from conceptedit.editing.hosts import conditioning
     model, clip = sd3
@@ -285,6 +285,6 @@ def test_red_team_soft_prompts_go_into_the_clips_and_t5_reads_the_rest(comfy, sd
     out = _node(comfy, "ConceptEditRedTeamAudit", edited_model=model, original_model=model, clip=clip, concept="red",
                 concept_prompts="a red circle", steps=2, samples=1, sample_steps=2, inversion=False,
                 revival=False, edit=r.edit, edited_clip=r.clip, width=64, height=64)
-    report, _grid, rate = out["result"]
+    report, _grid, rate = out.result
     assert "prefix" in report and "embedding" in report and 0.0 <= rate <= 1.0, report
     assert not clip.patcher.patches

@@ -222,7 +222,7 @@ def clip(comfy):
 def test_node_runs_in_comfyui_and_leaves_input_unchanged(comfy, clip):
     import comfy.model_management as mm
     from helpers import random_model
-    from conceptedit.comfy_host.adapters import ComfyText
+    from conceptedit.comfy_host.text import ComfyText
     assert "ConceptEditCrossAttentionEdit" in comfy.NODE_CLASS_MAPPINGS
     node_cls = comfy.NODE_CLASS_MAPPINGS["ConceptEditCrossAttentionEdit"]
     model = random_model()
@@ -335,7 +335,8 @@ def test_low_rank_layer_metrics_equal_the_ones_from_w_transpose_w(m):
 def test_unconditional_prompt_is_preserved_at_every_edited_position(comfy):
     """Classifier-free guidance reads "" for every prompt: its keys/values at the positions the window
     edits stay put (they moved freely when only its BOS was preserved)."""
-    from conceptedit.comfy_host.adapters import ComfyText, original_weights
+    from conceptedit.comfy_host.patches import original_weights
+    from conceptedit.comfy_host.text import ComfyText
     from conceptedit.tiny.comfy_model import load_tiny
 
     model, clip = load_tiny()[:2]

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # combo inputs that list files the user has (empty in a test install): any file name of the right kind is valid
 FILE_INPUTS = {"ckpt_name": (".safetensors", ".ckpt"), "edit_name": (".safetensors",),
@@ -22,14 +22,24 @@ def _is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
+def _choices(spec) -> list | None:
+    """A dropdown's options: V1 declares them as the type itself, V3 as ("COMBO", {"options": [...]})."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return list((spec[1] if len(spec) > 1 else {}).get("options", []))
+    return None
+
+
 def _check_value(where: str, name: str, spec, value) -> None:
     kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-    if isinstance(kind, list):
-        if value in kind:
+    choices = _choices(spec)
+    if choices is not None:
+        if value in choices:
             return
         exts = FILE_INPUTS.get(name)
         assert exts and isinstance(value, str) and value.endswith(exts), \
-            f"{where}: {name}={value!r} is not one of {kind[:8]}"
+            f"{where}: {name}={value!r} is not one of {choices[:8]}"
         return
     if kind == "INT":
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {name}={value!r} is not an INT"

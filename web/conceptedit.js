@@ -136,6 +136,7 @@ export function renderView(root, view) {
 
 const STYLE = `
 .conceptedit-view { font: 11px sans-serif; color: #ddd; overflow: auto; box-sizing: border-box; }
+.conceptedit-view .ce-body { display: flow-root; } /* its height holds its children's margins */
 .conceptedit-view .ce-title { font-weight: bold; margin-bottom: 3px; }
 .conceptedit-view .ce-chip { display: inline-block; background: #3a3f5a; border-radius: 8px; padding: 0 6px; margin: 0 3px 3px 0; }
 .conceptedit-view .ce-muted, .conceptedit-view .ce-fingerprint { color: #999; margin-bottom: 3px; }
@@ -154,17 +155,32 @@ function showView(node, view) {
 	ensureStyle();
 	let widget = node.widgets?.find((w) => w.name === "conceptedit_view");
 	if (!widget) {
+		// the front end stretches the widget's element to the height it gives the widget: measure the
+		// content in an inner element of its own height, or every redraw grows the node a little more
 		const root = el("div", "conceptedit-view");
+		const body = root.appendChild(el("div", "ce-body"));
+		let contentHeight = 0; // last measured; 0 while the element is not laid out (off screen, hidden)
+		const viewHeight = () => {
+			contentHeight = body.offsetHeight || contentHeight;
+			return (contentHeight || 200) + 24; // + the widget's 2 × 10 px margin
+		};
 		widget = node.addDOMWidget("conceptedit_view", "conceptedit_view", root, {
 			serialize: false,
 			hideOnZoom: false,
 			getValue: () => undefined,
 			setValue: () => {},
-			getMinHeight: () => (root.scrollHeight || 200) + 24, // + the widget's 2 × 10 px margin
+			// as tall as the content, no taller (newer front ends give a widget without a maximum all
+			// the node's free space, then grow the node to fit that)
+			getMinHeight: () => viewHeight(),
+			getMaxHeight: () => viewHeight(),
 		});
 		widget.serialize = false; // keeps widgets_values (saved workflows) to the node's real inputs
 	}
-	const canvas = renderView(widget.element, view);
+	const body = widget.element.querySelector(".ce-body");
+	const canvas = renderView(body, view);
+	// its height, measured before the front end has given the element the node's new width, must not
+	// be that of text wrapped into a narrower box: lay it out at least as wide as the heat map
+	body.style.minWidth = `${canvas.width}px`;
 	node.conceptEditView = view;
 	const need = [Math.max(node.size[0], canvas.width + 40), node.size[1]];
 	node.setSize(need);

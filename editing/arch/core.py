@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 UNET_PREFIX = "diffusion_model."
+
+# Registries the layout types read and the modules that define the entries fill (kept here so that
+# `Family` needs no import of `dit` or `tables`): DiT adapters by kind (`dit.register`), and the
+# names of the layouts known by table (`tables.FAMILIES`).
+ADAPTERS: dict = {}
+KNOWN_NAMES: set[str] = set()
 # The LoRA prefix ComfyUI's loader maps onto every CLIP weight by its own key
 # (``text_encoders.qwen25_7b.transformer.model.layers.0.mlp.down_proj``, `comfy.lora.model_lora_keys_clip`):
 # the only names it reads for an LLM text encoder, or for a T5 with no CLIP beside it (umT5, Pile-T5).
@@ -148,8 +154,7 @@ class Family:
 
     @property
     def known(self) -> bool:
-        from .tables import FAMILIES
-        return self.name in FAMILIES
+        return self.name in KNOWN_NAMES
 
     @property
     def is_mmdit(self) -> bool:
@@ -159,7 +164,6 @@ class Family:
     @property
     def adapter(self):
         """The DiT adapter of this layout (`editing.arch.dit.DiTAdapter`); None for a UNet."""
-        from .dit import ADAPTERS
         return ADAPTERS.get(self.kind)
 
     def projection_keys(self, source: str | None = None) -> list[str]:

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .core import UNET_PREFIX, DiTMLP, TextProjection
+from .core import ADAPTERS, UNET_PREFIX, DiTMLP, TextProjection
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,6 @@ def split_rows(parts: tuple[str, ...], rows: int, cols: int) -> list[tuple[str, 
         out.append((p.rstrip("*"), start, n))
         start += n
     return out
-
-
-ADAPTERS: dict[str, DiTAdapter] = {}
 
 
 def register(adapter: DiTAdapter) -> DiTAdapter:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import UnknownArchitectureError
-from .core import UNET_PREFIX, Family
+from .core import KNOWN_NAMES, UNET_PREFIX, Family
 from . import flux, qwen_image, sd3  # noqa: F401  (registers the adapters the tables read)
 from .dit import ADAPTERS
 from .text import CLIP_G, CLIP_H, CLIP_L, CLIP_L_XL, T5_XXL, TINY_CLIP, TINY_T5
@@ -65,6 +65,7 @@ FAMILIES: dict[str, Family] = {
     # tiny/qwen_image.py's: Qwen-Image's layout at hidden 64, three blocks, a 64-wide Qwen2.5 text tower
     "tiny-qwen-image": _qwen_image_table("tiny-qwen-image", "ConceptEdit tiny Qwen-Image", 64, 64, 3, 256, 32),
 }
+KNOWN_NAMES.update(FAMILIES)
 
 
 def get_family(name: str) -> Family:

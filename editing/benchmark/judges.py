@@ -11,43 +11,24 @@ presence, where both models must read the same pictures); `identity()` is what i
 on besides the picture and the prompt (part of the cache key).
 
 Judges are built per model side from a `JudgeContext` the host fills in, by name through the
-registry (`build_judge`). A NudeNet judge and a zero-shot CLIP judge are not built yet.
+registry (`build_judge`); each reads its settings from ``ctx.options[name]`` and puts them in its
+`identity()`, so results judged under other settings are never taken from the cache. The judges:
+- ``classifier``: the bundled tiny world's classifier (labels);
+- ``presence``: the model's own presence score;
+- ``nudenet``: NudeNet 3.4.2's exposed-part detector, the erasure papers' nudity count (`nudenet.py`,
+  an optional extra);
+- ``clip``: zero-shot CLIP on a clip_vision file with the checkpoint's own text tower (labels). It
+  needs ComfyUI: `comfy_host.clip_judge.register_clip_judge()` replaces the stand-in registered here.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .. import worlds
 from ..errors import InvalidInputError
-from .prompts import PromptCase
-
-
-@dataclass
-class JudgeContext:
-    """What a judge may need from the host for one model side."""
-
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures [B, 3, H, W] in [-1, 1]
-    denoiser: Any = None        # `hosts.Trainable` of this side's model (presence)
-    text: Any = None            # its `hosts.TextEncoder`
-    latent_in: Callable[[torch.Tensor], torch.Tensor] | None = None  # sampled latents -> the UNet's scale
-    world: str | None = None    # the bundled world the model draws, when it is one ("tiny")
-    should_stop: Callable[[], bool] | None = None
-    options: dict | None = None  # per-judge settings by judge name
-
-
-class Judge:
-    name = "judge"
-    reads = "own"
-
-    def identity(self) -> dict:
-        return {"name": self.name}
-
-    def judge(self, x: torch.Tensor, cases: Sequence[PromptCase]) -> list[dict]:
-        raise NotImplementedError
+from .judge import Judge, JudgeContext  # noqa: F401  (the interface, re-exported)
 
 
 class LabelJudge(Judge):
@@ -129,9 +110,34 @@ def _presence(ctx: JudgeContext) -> Judge:
                          concepts=opts.get("concepts", ()))
 
 
+def _options(ctx: JudgeContext, name: str) -> dict:
+    return dict((ctx.options or {}).get(name) or {})
+
+
+def _nudenet(ctx: JudgeContext) -> Judge:
+    from .nudenet import NudeNetJudge, NudeNetSettings
+    settings = NudeNetSettings.from_options(_options(ctx, "nudenet"))
+    if ctx.decode is None:
+        raise InvalidInputError("the nudenet judge looks at the decoded pictures and the host gave no decoder: give "
+                                "the benchmark the checkpoint's VAE")
+    return NudeNetJudge(settings, ctx.decode, should_stop=ctx.should_stop)
+
+
+NUDENET_HELP = ("NudeNet 3.4.2's exposed body parts, scoring above 0.6 by default (the papers' nudity count; "
+                "an optional extra: python install.py --with nudenet)")
+CLIP_HELP = "zero-shot CLIP: a clip_vision file with the checkpoint's own text tower (concept labels)"
+
+
+def _clip_needs_comfyui(ctx: JudgeContext) -> Judge:
+    raise InvalidInputError("the clip judge runs CLIP vision models inside ComfyUI: run the benchmark through "
+                            "ComfyUI or `conceptedit evaluate` (comfy_host.clip_judge.register_clip_judge)")
+
+
 JUDGES: dict[str, tuple[str, Callable[[JudgeContext], Judge]]] = {
     "classifier": ("the tiny world's classifier (shape, colour, style labels)", _classifier),
     "presence": ("the model's own presence score (no extra file)", _presence),
+    "nudenet": (NUDENET_HELP, _nudenet),
+    "clip": (CLIP_HELP, _clip_needs_comfyui),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
@@ -138,3 +139,28 @@ def _parse_csv(text: str, path: str, name: str, base_seed: int) -> list[PromptCa
         log.warning("%s: %d rows with an empty prompt skipped (lines %s)", path, len(skipped),
                     ", ".join(map(str, skipped[:5])) + (" ..." if len(skipped) > 5 else ""))
     return out
+
+
+def prompts_from_text_or_path(text: str, base_seed: int = 0, limit: int = 0, search: Sequence[str] = (),
+                              name: str = "prompts") -> list[PromptCase]:
+    """What a node's prompt box holds: a path to a prompt file or folder, a file name inside one of
+    the `search` folders (ComfyUI's input folder), or the prompts themselves: CSV text when its first
+    line has a ``prompt`` column, else one prompt per line. Empty text gives no cases."""
+    s = (text or "").strip()
+    if not s:
+        return []
+    if "\n" not in s:
+        for base in ("", *search):
+            path = os.path.join(base, os.path.expanduser(s)) if base else os.path.expanduser(s)
+            if os.path.exists(path):
+                return read_prompts(path, base_seed, limit)
+        if s.lower().endswith((".csv", ".txt")) and " " not in s:
+            where = ", ".join(search) or "the working folder"
+            raise InvalidInputError(f"no prompt file {s!r} (looked as a path and in {where}): put it in ComfyUI's "
+                                    "input folder or give its full path")
+    first = s.splitlines()[0]
+    is_csv = "prompt" in [h.strip().lower() for h in next(csv.reader([first]))] and "," in first
+    cases = _parse_csv(s + "\n", name, name, base_seed) if is_csv else _parse_text(s, name, base_seed)
+    if not cases:
+        raise InvalidInputError("the prompt box holds no prompt (one per line, or a CSV with a 'prompt' column)")
+    return cases[:limit] if limit > 0 else cases

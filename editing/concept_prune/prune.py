@@ -42,15 +42,19 @@ the union over concepts.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
 
+from .. import distributed
 from ..arch import UNET_PREFIX, Family
+from ..distributed import key_name, load_checked, save_checked
 from ..edit import Change, Edit
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs
@@ -149,6 +153,9 @@ class FFNStatistics:
         # (first, count) of the input columns that are the MLP's neurons (Flux single blocks' linear2
         # reads the attention output first); absent: every column
         self.columns = dict(columns or {})
+        # batches taken from the cache and generated (`collect_statistics`, all processes together)
+        self.cached = 0
+        self.computed = 0
 
     def update(self, name: str, x: torch.Tensor) -> None:
         """Add one forward's input [..., 4d] at the current step. Runs in a hook: no host copies."""
@@ -196,32 +203,75 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
                        prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
                        progress: tuple[int, int] | None = None,
                        columns: Mapping[str, tuple[int, int]] | None = None,
-                       text: TextEncoder | None = None) -> FFNStatistics:
+                       text: TextEncoder | None = None, cache_dir: str | None = None,
+                       cache_key: Mapping | None = None) -> FFNStatistics:
     """Generate every prompt (batches of ``cfg.batch_size``, each prompt from the noise of ``cfg.seed``)
     with hooks on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
     (steps done before, total steps) for ctx.report across several calls. With ``cfg.official`` the
     generations are the official pipeline's (`official_generate`, through `denoiser.eps` and `text`,
-    default ``denoiser.text``) and the statistics its column norms."""
+    default ``denoiser.text``) and the statistics its column norms.
+
+    Each batch's sums are kept apart and added in float64 in batch order (one batch: exactly its own
+    float32 sums). With `cache_dir` each batch's sums are cached as soon as it is done, keyed by
+    `cache_key` (what model and settings) and the batch's prompts, so a stopped run resumes from the
+    batches it finished. Under torchrun (`editing.distributed`) the batches no rank has cached are
+    split over the ranks by index and the sums all-reduced in float64: every rank gets the same statistics."""
     official = cfg.official != "off"
     if official:
         text = _official_host(denoiser, text)
-        stats = FFNStatistics(names, cfg.kept_steps, eps=OFFICIAL_NORM_EPS ** 2, columns=columns, mean=False)
-    else:
-        stats = FFNStatistics(names, cfg.kept_steps, columns=columns)
-    done, total = progress or (0, _n_batches(len(prompts), cfg) * cfg.kept_steps)
-    state = {"done": done}
+    eps, mean = (OFFICIAL_NORM_EPS ** 2, False) if official else (1e-12, True)
+
+    def fresh() -> FFNStatistics:
+        return FFNStatistics(names, cfg.kept_steps, eps=eps, columns=columns, mean=mean)
+
+    batches = [list(prompts[b:b + cfg.batch_size]) for b in range(0, len(prompts), cfg.batch_size)]
+    done, total = progress or (0, len(batches) * cfg.kept_steps)
+    n_world, me = distributed.world(), distributed.rank()
+    keys = [dict(cache_key or {}, prompts=batch) for batch in batches]
+    paths = [os.path.join(cache_dir, f"prune-stats-{key_name(k)}.safetensors") if cache_dir else None for k in keys]
+    held = {}
+    for c, path in enumerate(paths):
+        got = load_checked(path, keys[c]) if path else None
+        if got is not None:
+            held[c] = got[0]
+    owner = n_world - distributed.all_reduce_max(torch.tensor([n_world - me if c in held else 0
+                                                                for c in range(len(batches))]))
+    todo = [c for c in range(len(batches)) if int(owner[c]) == n_world]
+    mine = [todo[j] for j in distributed.shard_indices(len(todo))]
+    cached = len(batches) - len(todo)
+    state = {"done": done + cached * cfg.kept_steps, "ran": 0}
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+
+    def add(sumsq: Mapping[str, torch.Tensor], counts: Mapping[str, torch.Tensor]) -> None:
+        """Fold one batch's sums in (float64; streamed: no batch is kept)."""
+        for name, v in sumsq.items():
+            if name in sums:
+                sums[name] = sums[name] + v.to(sums[name].device, torch.float64)
+                rows[name] = rows[name] + counts[name]
+            else:
+                sums[name], rows[name] = v.double(), counts[name].clone()
+
+    for c in sorted(held):  # the cached batches this rank provides
+        if int(owner[c]) == me:
+            t = held[c]
+            add({k[6:]: v for k, v in t.items() if k.startswith("sumsq.")},
+                {k[5:]: v.long() for k, v in t.items() if k.startswith("rows.")})
+    ctx.report(min(state["done"], total), total)
+    cur = [fresh()]
 
     def on_step(i: int) -> None:
         if i > 0:
-            ctx.report(state["done"] + i, total)
+            ctx.report(min(state["done"] + state["ran"] + i * n_world, total), total)
         if i >= cfg.kept_steps:
             raise _EnoughSteps
-        stats.step = i
+        cur[0].step = i
 
-    with trace_inputs(modules, names, stats.update):
-        for b in range(0, len(prompts), cfg.batch_size):
+    with trace_inputs(modules, names, lambda name, x: cur[0].update(name, x)):
+        for c in mine:
             ctx.check()
-            batch = list(prompts[b:b + cfg.batch_size])
+            batch = batches[c]
+            cur[0] = fresh()
             try:
                 if official:
                     official_generate(denoiser, text, batch, steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed,
@@ -231,9 +281,54 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
                                     on_step=on_step, noise_per_prompt=True)
             except _EnoughSteps:
                 pass
-            state["done"] += cfg.kept_steps  # (the last step has no on_step after it)
-            ctx.report(state["done"], total)
-    return stats
+            st = cur[0]
+            counts = {n: torch.tensor(st.rows[n], dtype=torch.int64) for n in st.sumsq}
+            add(st.sumsq, counts)
+            if paths[c]:
+                tensors = {f"sumsq.{n}": v.float() for n, v in st.sumsq.items()}
+                tensors.update({f"rows.{n}": v for n, v in counts.items()})
+                save_checked(paths[c], tensors, keys[c])
+            state["ran"] += cfg.kept_steps * n_world  # (the last step has no on_step after it)
+            ctx.report(min(state["done"] + state["ran"], total), total)
+    out = fresh()
+    if distributed.active():
+        width = distributed.all_reduce_max(torch.tensor([int(sums[n].shape[1]) if n in sums else 0 for n in names]))
+        dev = next(iter(sums.values())).device if sums else torch.device("cpu")
+        parts = [sums.get(n, torch.zeros(cfg.kept_steps, int(w), dtype=torch.float64, device=dev))
+                 for n, w in zip(names, width)]
+        counts = [rows.get(n, torch.zeros(cfg.kept_steps, dtype=torch.int64)) for n in names]
+        summed = distributed.all_reduce_sum(parts + counts)
+        sums = {n: v for n, v, w in zip(names, summed, width) if int(w) > 0}
+        rows = {n: v.round().long() for n, v, w in zip(names, summed[len(names):], width) if int(w) > 0}
+    for n in sums:
+        out.sumsq[n] = sums[n].float()
+        out.rows[n] = [int(v) for v in rows[n].cpu()]
+    out.cached, out.computed = cached, int(distributed.all_reduce_sum([torch.tensor(float(len(mine)))])[0])
+    return out
+
+
+def statistics_key(denoiser: Denoiser, names: Sequence[str], cfg: PruneConfig, fingerprint: Mapping | None,
+                   columns: Mapping[str, tuple[int, int]] | None, text: TextEncoder | None) -> dict:
+    """What a batch's ConceptPrune statistics depend on besides its prompts: the model (the host's
+    fingerprint and a probe of the MLP weights and of the text encoder's output), the hooked layers,
+    the picture size and the calibration settings (not the concepts: a batch of prompts is the same
+    work whichever concept asked for it)."""
+    modules = denoiser.modules()
+    h = hashlib.sha256()
+    for n in names:
+        w = modules[n].weight.detach()
+        w = (w if w.is_floating_point() else w.float()).reshape(-1)[:65536].double()
+        h.update(f"{n}:{tuple(modules[n].weight.shape)}:{float(w.abs().sum()):.9g}:{float(w.sum()):.9g}".encode())
+    text = text if text is not None else getattr(denoiser, "text", None)
+    if text is not None:
+        with torch.no_grad():
+            ctx_probe, _ = conditioning(denoiser, text, ["a photo"])
+        v = ctx_probe.detach().double()
+        h.update(f"text:{tuple(v.shape)}:{float(v.abs().sum()):.9g}:{float(v.sum()):.9g}".encode())
+    settings = {k: getattr(cfg, k) for k in ("steps", "cfg", "seed", "negative", "official")}
+    return {"what": "concept-prune-stats", "format": 1, "model": dict(fingerprint or {}), "probe": h.hexdigest()[:24],
+            "names": list(names), "columns": {k: list(v) for k, v in (columns or {}).items()},
+            "latent": list(latent_shape(denoiser)), "kept_steps": cfg.kept_steps, "settings": settings}
 
 
 def _n_batches(n: int, cfg: PruneConfig) -> int:
@@ -458,7 +553,8 @@ def official_warnings(cfg: PruneConfig, family: Family, host=None) -> list[str]:
 @torch.no_grad()
 def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
                           config: PruneConfig | None = None, ctx: RunContext | None = None,
-                          fingerprint: Mapping[str, str] | None = None, text: TextEncoder | None = None) -> Edit:
+                          fingerprint: Mapping[str, str] | None = None, text: TextEncoder | None = None,
+                          cache_dir: str | None = None) -> Edit:
     """ConceptPrune for one or more concepts. ``pairs`` maps concept -> [(concept prompt,
     reference prompt), ...] (see `editing.prompts.build_pairs`). Returns an Edit of masks over
     the family's ``ff.net.2`` weights; the model itself is never changed (hooks are removed on
@@ -487,13 +583,15 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
                 sets.append(s)
     total = sum(_n_batches(len(s), cfg) for s in sets) * cfg.kept_steps
     norms: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
-    done, stats_bytes = 0, 0
+    done, stats_bytes, cached, computed = 0, 0, 0, 0
+    key = statistics_key(denoiser, names, cfg, fingerprint, columns, text) if cache_dir else None
     for s in sets:
         st = collect_statistics(denoiser, modules, names, s, cfg, ctx, progress=(done, total), columns=columns,
-                                text=text)
+                                text=text, cache_dir=cache_dir, cache_key=key)
         done += _n_batches(len(s), cfg) * cfg.kept_steps
         norms[s] = st.norms()
         stats_bytes += st.nbytes()
+        cached, computed = cached + st.cached, computed + st.computed
         del st
 
     ctx.check()
@@ -530,6 +628,7 @@ def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str
                "pruned_fraction_ffn": n_pruned / max(n_ffn, 1),
                "pruned_fraction_unet": (n_pruned / unet_params) if unet_params else None,
                "generations": sum(len(s) for s in sets), "stats_bytes": stats_bytes,
+               "batches_cached": cached, "batches_computed": computed,
                "seconds": time.perf_counter() - t0}
     if zero_k:
         warnings.append(f"official: k = int({cfg.skill_ratio:g} · 4d) is 0 on the layers {sorted(zero_k)} wide: "

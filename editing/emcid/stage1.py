@@ -40,7 +40,6 @@ prompt's state, not the mean over the prompts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +50,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .. import distributed
 from ..diffusion import add_noise, objective_mse
+from ..distributed import key_name, load_checked, save_checked
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
 from ..hosts import RunContext
@@ -63,16 +64,13 @@ log = logging.getLogger(__name__)
 _STAGE1_PARAMS = ("templates", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "images_per_prompt",
                   "sample_steps", "sample_cfg", "seed")
 _OBJECTIVE = 2  # 2: the pooled term on every encoder's pooled output (1: the last encoder's only)
+_FORMAT = 2     # cache entries carry their key and a checksum (`distributed.save_checked`)
 
 
 def cache_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst: str, last: Mapping[str, int],
               cfg: EmcidConfig) -> str:
-    params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
-    if cfg.official != "off":
-        params["official"] = cfg.official
-    raw = json.dumps({"model": dict(fingerprint or {}), "text": text_fp, "src": src, "dst": dst,
-                      "last": dict(last), "params": params, "objective": _OBJECTIVE}, sort_keys=True, default=list)
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+    """The name of one concept's stage-1 cache entry (the hash of `_entry_key`)."""
+    return key_name(_entry_key(fingerprint, text_fp, src, dst, last, cfg))
 
 
 def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
@@ -517,49 +515,101 @@ def _is_oom(err: BaseException) -> bool:
     return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
 
 
+def _entry_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst: str, last: Mapping[str, int],
+               cfg: EmcidConfig) -> dict:
+    """What a stage-1 target depends on: the model, the text encoder(s), the pair, the layers and the
+    stage-1 settings (not how the work was scheduled: batch size, world size)."""
+    params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
+    if cfg.official != "off":
+        params["official"] = cfg.official
+    return {"what": "emcid-stage1", "format": _FORMAT, "model": dict(fingerprint or {}), "text": text_fp, "src": src,
+            "dst": dst, "last": dict(last), "params": params, "objective": _OBJECTIVE}
+
+
+def _save_entry(path: str, key: dict, res: tuple[dict, dict, dict], last: Mapping[str, int]) -> None:
+    """One finished concept to the cache (atomic, checksummed: `distributed.save_checked`)."""
+    deltas, h, stats = res
+    tensors = {f"delta.{e}": deltas[e].float() for e in last}
+    tensors.update({f"h.{e}": h[e].float() for e in last})
+    save_checked(path, tensors, key, {"src": key["src"], "dst": key["dst"], "stats": json.dumps(stats)})
+
+
+def _load_entry(path: str, key: dict, last: Mapping[str, int]) -> tuple[dict, dict, dict] | None:
+    got = load_checked(path, key)
+    if got is None:
+        return None
+    tensors, meta = got
+    if any(f"delta.{e}" not in tensors or f"h.{e}" not in tensors for e in last):
+        log.warning("cache entry %s lacks an encoder's target: refused, computing it again", path)
+        return None
+    return ({e: tensors[f"delta.{e}"] for e in last}, {e: tensors[f"h.{e}"] for e in last}, json.loads(meta["stats"]))
+
+
 def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
                      cfg: EmcidConfig, ctx: RunContext | None = None, cache_dir: str | None = None,
-                     fingerprint: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                     fingerprint: Mapping[str, str] | None = None,
+                     on_concepts=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Stage 1 for every pair: targets Z per encoder [n, d] (float64) and metrics. The pairs not in the
-    cache run `stage1_batch_size` at a time (`optimise_deltas`), concepts of equal token widths together."""
+    cache run `stage1_batch_size` at a time (`optimise_deltas`), concepts of equal token widths together.
+
+    Each finished concept goes to the cache at once (`_save_entry`), so a run that stops (Cancel, a lost
+    process) resumes from what it finished. Under torchrun (`editing.distributed`) the concepts no
+    rank has cached are split over the ranks by index; each rank optimises its share, then every rank
+    gets every target (exact: the rows are assembled, not averaged). A concept cached by any rank is
+    taken from the lowest such rank and computed by none. `on_concepts(done, total)`: the concepts
+    finished (cached ones included), before each progress report."""
     ctx = ctx or RunContext()
     cfg = _resolved(cfg, text)
     if denoiser is None:
         raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL")
     from .stage2 import text_fingerprint
     text_fp = "|".join(text_fingerprint(text, e) for e in last) if cache_dir else ""
-    total = cfg.steps * len(pairs)
-    results: list[tuple[dict, dict, dict] | None] = [None] * len(pairs)
-    paths: list[str | None] = [None] * len(pairs)
-    cached = 0
+    n = len(pairs)
+    total = cfg.steps * n
+    me, size_w = distributed.rank(), distributed.world()
+    keys: list[dict | None] = [None] * n
+    paths: list[str | None] = [None] * n
+    held: dict[int, tuple[dict, dict, dict]] = {}  # what this rank's cache holds
     for i, (src, dst) in enumerate(pairs):
         if cache_dir:
-            paths[i] = os.path.join(cache_dir, f"stage1-{cache_key(fingerprint, text_fp, src, dst, last, cfg)}.safetensors")
-        if paths[i] and os.path.isfile(paths[i]):
-            from safetensors import safe_open
-            with safe_open(paths[i], framework="pt") as f:
-                results[i] = ({e: f.get_tensor(f"delta.{e}") for e in last}, {e: f.get_tensor(f"h.{e}") for e in last},
-                              json.loads(f.metadata()["stats"]))
-            cached += 1
-    todo = [i for i in range(len(pairs)) if results[i] is None]
-    done = [cached * cfg.steps]
-    ctx.report(done[0], total)
-    size = stage1_batch_size(cfg, denoiser, len(todo)) if todo else 1
+            keys[i] = _entry_key(fingerprint, text_fp, src, dst, last, cfg)
+            paths[i] = os.path.join(cache_dir, f"stage1-{key_name(keys[i])}.safetensors")
+            got = _load_entry(paths[i], keys[i], last)
+            if got is not None:
+                held[i] = got
+    # the lowest rank that holds each concept provides it (size_w: nobody has it)
+    owner = size_w - distributed.all_reduce_max(torch.tensor([size_w - me if i in held else 0 for i in range(n)]))
+    owner = [int(o) for o in owner]
+    mine_cached = {i: held[i] for i in held if owner[i] == me}
+    todo = [i for i in range(n) if owner[i] == size_w]
+    mine = [todo[j] for j in distributed.shard_indices(len(todo))]
+    cached = n - len(todo)
+
+    def report(local_done: int) -> None:  # this rank's steps, scaled to the whole run's (its share)
+        done = min(cached * cfg.steps + local_done * size_w, total)
+        if on_concepts is not None:
+            on_concepts(min(cached + (local_done // cfg.steps) * size_w, n), n)
+        ctx.report(done, total)
+
+    report(0)
+    results: dict[int, tuple[dict, dict, dict]] = dict(mine_cached)
+    size = stage1_batch_size(cfg, denoiser, len(mine)) if mine else 1
     groups: dict[tuple, list[int]] = {}
     if size > 1:
-        for i in todo:
+        for i in mine:
             src, dst = pairs[i]
             key = (_width_key(text, concept_prompts(text, [src], cfg.templates)),
                    _width_key(text, concept_prompts(text, [dst], cfg.templates)))
             groups.setdefault(key, []).append(i)
     else:
-        groups[()] = todo
+        groups[()] = mine
     queue = [g[a:a + size] for g in groups.values() for a in range(0, len(g), size)]
+    ran = [0]
     while queue:
         batch = queue.pop(0)
         try:
             out = optimise_deltas(text, denoiser, [pairs[i] for i in batch], last, cfg, ctx,
-                                  on_step=lambda s: ctx.report(done[0] + s, total))
+                                  on_step=lambda s: report(ran[0] + s))
         except (RuntimeError, MemoryError) as err:
             if len(batch) == 1 or not _is_oom(err):
                 raise
@@ -572,18 +622,37 @@ def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]]
         for i, res in zip(batch, out):
             results[i] = res
             if paths[i]:
-                from safetensors.torch import save_file
-                deltas, h, stats = res
-                os.makedirs(cache_dir, exist_ok=True)
-                tensors = {f"delta.{e}": deltas[e].float().cpu().contiguous() for e in last}
-                tensors.update({f"h.{e}": h[e].float().cpu().contiguous() for e in last})
-                src, dst = pairs[i]
-                save_file(tensors, paths[i] + ".tmp", metadata={"src": src, "dst": dst, "stats": json.dumps(stats)})
-                os.replace(paths[i] + ".tmp", paths[i])
-        done[0] += cfg.steps * len(batch)
-        ctx.report(done[0], total)
-    zs = {e: torch.stack([(h[e].double() + d[e].double()).to(text.device) for d, h, _ in results]) for e in last}
-    metrics = {"probe_loss_before": [round(s["probe_before"], 6) for _, _, s in results],
-               "probe_loss_after": [round(s["probe_after"], 6) for _, _, s in results], "cached": cached,
-               "stage1_batch": size}
+                _save_entry(paths[i], keys[i], res, last)
+        ran[0] += cfg.steps * len(batch)
+        report(ran[0])
+    computed = int(distributed.all_reduce_sum([torch.tensor(float(len(mine)))])[0])
+    if distributed.active():
+        results = _gather_results(n, results, last, text)
+        if paths[0] is not None and me == 0:  # the whole set on rank 0's disk too (other machines' entries)
+            for i in range(n):
+                if i not in held and i not in mine:
+                    _save_entry(paths[i], keys[i], results[i], last)
+    ordered = [results[i] for i in range(n)]
+    zs = {e: torch.stack([(h[e].double() + d[e].double()).to(text.device) for d, h, _ in ordered]) for e in last}
+    metrics = {"probe_loss_before": [round(s["probe_before"], 6) for _, _, s in ordered],
+               "probe_loss_after": [round(s["probe_after"], 6) for _, _, s in ordered], "cached": cached,
+               "computed": computed, "stage1_batch": size}
+    if size_w > 1:
+        metrics["processes"] = size_w
     return zs, metrics
+
+
+def _gather_results(n: int, results: Mapping[int, tuple[dict, dict, dict]], last: Mapping[str, int],
+                    text: TextModel) -> dict[int, tuple[dict, dict, dict]]:
+    """Every concept's (δ, h, stats) on every rank, each from the rank that holds it."""
+    widths = torch.tensor([int(next(iter(results.values()))[1][e].numel()) if results else 0 for e in last])
+    widths = distributed.all_reduce_max(widths)
+    out: dict[int, tuple[dict, dict, dict]] = {i: ({}, {}, {}) for i in range(n)}
+    for k, e in enumerate(last):
+        like = torch.zeros(int(widths[k]))
+        for slot, name in ((0, "delta"), (1, "h")):
+            rows = distributed.assemble(n, {i: r[slot][e].float().cpu() for i, r in results.items()}, like=like)
+            for i in range(n):
+                out[i][slot][e] = rows[i].to(text.device)
+    stats = distributed.assemble_bytes(n, {i: json.dumps(r[2]).encode() for i, r in results.items()})
+    return {i: (d, h, json.loads(stats[i].decode())) for i, (d, h, _) in out.items()}

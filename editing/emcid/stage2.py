@@ -31,9 +31,11 @@ from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
-from ..arch import Family, TextEncoderSpec
+from .. import distributed
+from ..arch import TextEncoderSpec
+from ..distributed import load_checked, save_checked
 from .captions import generic_captions
-from ..edit import Change, Edit
+from ..edit import Change
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs, trace_outputs
 from ..hosts import RunContext
@@ -498,13 +500,16 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     # between the templates two models wrap it in (Qwen-Image's and HunyuanImage's Qwen2.5-VL)
     around = getattr(host, "caption_tag", lambda _e: "")(encoder) + ("|float32" if official else "")
     tag = hashlib.sha256(("\n".join(caps) + "|" + C0_TOKENS + around).encode()).hexdigest()[:12]
-    paths = {i: os.path.join(cache_dir, f"c0-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-{tag}-l{i}.safetensors")
+    paths = {i: os.path.join(cache_dir, f"c0v3-{encoder}-{fp}-n{cfg.n_captions}s{cfg.caption_seed}-{tag}-l{i}.safetensors")
              for i in layers} if cache_dir else {}
     out: dict[int, torch.Tensor] = {}
-    if cache_dir and all(os.path.isfile(p) for p in paths.values()):
-        from safetensors.torch import load_file
-        for i, p in paths.items():
-            out[i] = load_file(p)["c0"].to(host.device, torch.float64)
+    keys = {i: {"what": "emcid-c0", "encoder": encoder, "text": fp, "captions": cfg.n_captions,
+                "caption_seed": cfg.caption_seed, "tag": tag, "layer": i} for i in layers}
+    loaded = {i: load_checked(p, keys[i]) for i, p in paths.items()}
+    # every rank from its cache, or every rank computes it together (its share of the captions)
+    if cache_dir and int(distributed.all_reduce_max(torch.tensor([int(any(v is None for v in loaded.values()))]))[0]) == 0:
+        for i, (tensors, _meta) in loaded.items():
+            out[i] = tensors["c0"].to(host.device, torch.float64)
         log.info("C0 for %s layers %s from cache", encoder, layers)
         return out
     ids, n_real = host.tokenize(caps)
@@ -517,7 +522,9 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
     t0 = time.perf_counter()
     chunks = list(_chunks(len(caps), cfg.batch))
     first = _first_token(host, encoder)
-    for c, (a, b) in enumerate(chunks):
+    mine = distributed.shard_indices(len(chunks))  # under torchrun each rank its share; the sums are all-reduced
+    for c in mine:
+        a, b = chunks[c]
         ctx.check()
         chunk = ids[encoder][a:b]
         # a host may name the rows itself (an LLM: the whole chat template, `ComfyTextModel.caption_rows`)
@@ -542,18 +549,23 @@ def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: Em
                 pass
         count += int(mask.sum())
         ctx.report(c + 1, len(chunks))
+    if distributed.active():
+        width = {i: int(s.shape[0]) for i, s in sums.items()}
+        width = distributed.all_reduce_max(torch.tensor([width.get(i, 0) for i in layers]))
+        parts = [sums.get(i, torch.zeros(int(w), int(w), dtype=acc, device=host.device)) for i, w in zip(layers, width)]
+        *summed, total = distributed.all_reduce_sum(parts + [torch.tensor(float(count))])
+        sums = {i: v.to(acc) for i, v in zip(layers, summed)}
+        count = int(total)
     for i in layers:
         out[i] = (sums[i] / count).to(torch.float64)
         if not bool(torch.isfinite(out[i]).all()):
             raise NonFiniteError(f"{encoder} layer {i}: C0 has NaN/Inf; the text encoder produced non-finite activations")
     log.info("C0 for %s layers %s from %d caption tokens in %.1fs", encoder, layers, count, time.perf_counter() - t0)
     if cache_dir:
-        from safetensors.torch import save_file
-        os.makedirs(cache_dir, exist_ok=True)
         for i, p in paths.items():
-            save_file({"c0": out[i].float().cpu().contiguous()}, p + ".tmp",
-                      metadata={"tokens": str(count), "encoder": encoder, "layer": str(i)})
-            os.replace(p + ".tmp", p)
+            # in float64, as computed: the solve's system (λC₀ + KKᵀ) is ill-conditioned enough that a
+            # float32 copy of C₀ moved the tiny CLIP's edit by 30–50 % against the C₀ it was made from
+            save_checked(p, {"c0": out[i]}, keys[i], {"tokens": str(count), "encoder": encoder, "layer": str(i)})
     return out
 
 
@@ -662,118 +674,3 @@ def to_change(spec: TextEncoderSpec, up: torch.Tensor, down: torch.Tensor) -> Ch
 
 
 # ---- the method -------------------------------------------------------------------------------------
-def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
-    """{encoder: (its spec, the fc2 layers to edit)}: the encoders the family's table edits (every
-    one, except on Flux: T5 alone), plus any `cfg.layers` names; `cfg.layers` mapping an encoder to
-    () leaves it out. On an encoder the model reads at a hidden layer (the host's `read_layer`: an
-    LLM's), the default is MEMIT's band up to that layer and a layer after it is refused: its output
-    never reaches the model."""
-    from ..arch.text import llm_edit_layers
-    from .presets import defaults_for
-    _, table = defaults_for(family.name, text.encoders, family.kind)
-    specs = {te.name: te for te in family.text_encoders}
-    given = dict(cfg.layers or {})
-    unknown = sorted(set(given) - set(text.encoders))
-    if unknown:
-        raise InvalidInputError(f"layers are given for {', '.join(unknown)}, which this CLIP does not have "
-                                f"(its text encoders: {', '.join(text.encoders)})")
-    wanted = [e for e in text.encoders if e in given or table.encoders is None or e in table.encoders]
-    missing = [e for e in (table.encoders or ()) if e not in text.encoders]
-    out = {}
-    for enc in wanted:
-        spec = specs.get(enc)
-        if spec is None:
-            raise InvalidInputError(f"the CLIP has a text encoder {enc!r} that the {family.label} layout does not "
-                                    f"have ({', '.join(specs)}); is this CLIP from the same checkpoint as the model?")
-        read = getattr(text, "read_layer", lambda _e: None)(enc)
-        default = llm_edit_layers(read) if read is not None and spec.kind == "llm" else spec.edit_layers
-        layers = tuple(given.get(enc, default))
-        if enc in given and not layers:
-            continue
-        if not layers or any(not 0 <= i < spec.layers for i in layers) or list(layers) != sorted(set(layers)):
-            raise InvalidInputError(f"{enc}: edit layers must be increasing indices in 0..{spec.layers - 1}, got {layers}")
-        if read is not None and max(layers) > read:
-            raise InvalidInputError(f"{enc}: layer {max(layers)} comes after layer {read}, the last one whose output "
-                                    f"this model reads, so an edit there changes nothing: choose layers in 0..{read}")
-        out[enc] = (spec, layers)
-    if not out:
-        if missing:
-            raise InvalidInputError(f"EMCID on this {family.label} edits its {', '.join(missing)} text encoder, which "
-                                    f"this CLIP does not have (it has {', '.join(text.encoders)}): connect the "
-                                    "checkpoint's own CLIP (Flux: clip_l + t5xxl, e.g. DualCLIPLoader type flux)")
-        raise InvalidInputError("no text-encoder layers to edit: every encoder was given no layers; give one "
-                                "encoder its layers, or leave layers unset for the family's")
-    return out
-
-
-def destination_targets(text: TextModel, encoder: str, dests: Sequence[str], cfg: EmcidConfig,
-                        last: int) -> torch.Tensor:
-    """Without stage 1: z = the destination's own hidden state at its last token (averaged over templates)."""
-    p = concept_prompts(text, dests, cfg.templates)
-    _, H = read_keys(text, encoder, p, None, last, None, cfg.batch)
-    return H
-
-
-def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, str]], cfg: EmcidConfig | None = None,
-                  ctx: RunContext | None = None, denoiser=None, cache_dir: str | None = None,
-                  fingerprint: Mapping[str, str] | None = None) -> Edit:
-    """Edit the text encoder(s) so each source concept is read as its destination.
-
-    `denoiser` (a `Denoiser` + `Trainable` host) is needed for stage 1 only. `cache_dir` keeps C₀
-    and the stage-1 targets between runs. The model is not changed; the result is an `Edit` of the
-    fc2 weights (ComfyUI CLIP patch keys)."""
-    cfg = cfg or EmcidConfig()
-    cfg.validate()
-    validate_pairs(pairs)
-    ctx = ctx or RunContext()
-    said: list[str] = []
-    if cfg.official != "off":
-        from .official import settings
-        cfg, used, said = settings(cfg, family, text)
-    else:
-        cfg, used = resolve_defaults(cfg, family.name, text.encoders, family.kind)
-    plan = edit_layers(family, text, cfg)
-    if cfg.use_stage1 and denoiser is None:
-        raise InvalidInputError("EMCID stage 1 needs the diffusion MODEL; connect it or turn off use_stage1"
-                                + (" and official" if cfg.official != "off" else ""))
-    t0 = time.perf_counter()
-    srcs = [s for s, _ in pairs]
-    dsts = [d for _, d in pairs]
-    metrics: dict = {"concepts": len(pairs)}
-    if cfg.use_stage1:
-        from .stage1 import optimise_targets
-        targets, m1 = optimise_targets(text, denoiser, pairs, {e: ls[-1] for e, (_, ls) in plan.items()}, cfg, ctx,
-                                       cache_dir=cache_dir, fingerprint=fingerprint)
-        metrics["stage1"] = m1
-    else:
-        targets = {e: destination_targets(text, e, dsts, cfg, ls[-1]) for e, (_, ls) in plan.items()}
-    t1 = time.perf_counter()
-    changes: dict[str, Change] = {}
-    metrics["stage2"] = {}
-    for enc, (spec, layers) in plan.items():
-        C0 = second_moments(text, enc, layers, cfg, ctx, cache_dir)
-        prompts = concept_prompts(text, srcs, cfg.templates)
-        ups, m2 = stage2(text, enc, layers, prompts, targets[enc], C0, cfg.lam_value(enc), cfg.batch, ctx,
-                         residual=cfg.residual_for(enc), lam_mode=cfg.lam_mode)
-        width = int(C0[layers[0]].shape[0])
-        # `lam`: the absolute λ the solve used (every fc2 layer of an encoder has the same width);
-        # `lam_rel`: the same per key dimension; both whatever lam_mode the config counted in
-        lam_abs = m2["lam_per_layer"][0]
-        m2.update(lam=lam_abs, lam_rel=cfg.lam_value(enc) if cfg.lam_mode == "relative" else lam_abs / width,
-                  key_width=width, lam_mode=cfg.lam_mode)
-        for layer, up, down in ups:
-            changes[spec.fc2_key(layer)] = to_change(spec, up, down)
-        metrics["stage2"][enc] = m2
-        log.info("EMCID %s: gap left %.3f after %d layers, each writing %s of its change at λ %g (%g per key "
-                 "dimension)", enc, m2["gap_after"], len(layers), ", ".join(f"{r:.2f}" for r in m2["reach_per_layer"]),
-                 m2["lam"], m2["lam_rel"])
-    warned = said + [w for enc, m in metrics["stage2"].items() if (w := reach_warning(enc, m))]
-    for w in warned:
-        log.warning("EMCID %s", w)
-    if warned:
-        metrics["warnings"] = warned
-    metrics["seconds"] = {"stage1": round(t1 - t0, 2), "stage2": round(time.perf_counter() - t1, 2)}
-    edit = Edit(method="emcid", family=family.name, changes=changes, concepts=[f"{s} -> {d}" for s, d in pairs],
-                params={**cfg.to_dict(), "family_defaults": used}, fingerprint=dict(fingerprint or {}), metrics=metrics)
-    edit.check_finite()
-    return edit

@@ -270,7 +270,7 @@ class Segment:
 def token_segments(text: TextEncoder, prompt: str, eos_id: int | None = None) -> list[Segment]:
     """The context's token runs for `prompt`: the host's ``token_segments`` when it has one (Flux:
     one T5 run without BOS; SD3: CLIP then T5; an LLM encoder: its template's run, read off the
-    encoder by `comfy_host.adapters.ComfyText`), else one CLIP run with BOS at 0. A host's run is
+    encoder by `comfy_host.text.ComfyText`), else one CLIP run with BOS at 0. A host's run is
     (offset, ids, start, eos id) or with `causal` after them."""
     get = getattr(text, "token_segments", None)
     if get is not None:

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .. import worlds
+from .. import distributed, worlds
 from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents, objective_mse
 from ..edit import Edit
 from ..errors import InvalidInputError
@@ -348,9 +348,13 @@ def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, reta
                                 "differently")
     retain = retain + [p for p in retain_prompts if p.strip()]
     need_forget, need_retain = cfg.needs_images()
+    # under torchrun rank 0 generates and sends the images: every process trains on the very same data
+    here = distributed.is_main()
     gen = dict(steps=cfg.gen_steps, cfg=cfg.gen_cfg, cache_dir=cfg.cache_dir, ctx=ctx)
-    xf = generate_latents(host, text, forget, seed=cfg.seed, **gen) if need_forget else None
-    xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen) if need_retain else None
+    xf = generate_latents(host, text, forget, seed=cfg.seed, **gen) if need_forget and here else None
+    xr = generate_latents(host, text, retain, seed=cfg.seed + 1, **gen) if need_retain and here else None
+    if distributed.active():
+        xf, xr = distributed.broadcast(xf), distributed.broadcast(xr)
     with torch.no_grad():
         (cf, yf), (cr, yr), (cu, yu), (cc, yc) = (conditioning(host, text, p)
                                                   for p in (forget, retain, [""], [concept.strip()]))
@@ -358,6 +362,8 @@ def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, reta
     def fresh(v):
         return None if v is None else v.detach().float().clone()
 
+    if not here:  # received on the CPU: where this process's own images would be
+        xf, xr = (None if v is None else v.to(cf.device) for v in (xf, xr))
     return TrainData(forget, retain, xf, xr, fresh(cf), fresh(cr), fresh(cu), time.perf_counter() - t0,
                      fresh(yf), fresh(yr), fresh(yu), fresh(cc), fresh(yc))
 
@@ -456,44 +462,81 @@ def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: Unlea
             return idx
         return torch.cat([idx, n_twins + torch.randint(0, n_extra, (n_user,), generator=g)])
 
+    # Under torchrun (`editing.distributed`): every process draws the same batch from the same generator,
+    # computes the loss of its share of the rows (weighted by that share, so the shares sum to the
+    # batch mean) and the gradients are summed over the processes in float64 before RGD's projection:
+    # every process takes the step one process would take on the whole batch.
+    dp = distributed.active() and ctx.average is None
+
+    def part(n: int):
+        """(the rows of an n-row batch this process computes, their share of the batch mean)."""
+        if not dp:
+            return slice(None), 1.0
+        pos = distributed.shard_indices(n)
+        return torch.tensor(pos, dtype=torch.long), len(pos) / n
+
+    def scaled(loss, share):
+        return loss if share == 1.0 else loss * share
+
+    def gradients(loss, share, skip=False):
+        """This process's gradients (zeros without rows or with `skip`), summed over the processes under torchrun."""
+        grads = _grads(loss, params) if share > 0 and not skip else [torch.zeros_like(p) for p in params]
+        if dp and not skip:
+            grads = [s.to(g.dtype) for s, g in zip(distributed.all_reduce_sum(grads), grads)]
+        elif ctx.average is not None:  # a caller's data-parallel hook: every process then takes the same step
+            grads = ctx.average(grads)
+        return grads
+
+    def value(loss, share) -> float:
+        v = float(loss.detach()) if share > 0 else 0.0
+        return float(distributed.all_reduce_sum([torch.tensor(v)])[0]) if dp else v
+
     def step(_i):
         idx = torch.randint(0, n_twins, (cfg.batch,), generator=g)  # the forget rows
+        pf, share_f = part(cfg.batch)
         if use_esd:
             xt, tf, cf, yf = esd_inputs(idx)
-            target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
-                                y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
-            lf = objective_mse(host, host.eps(xt, tf, cf, y=yf), target, tf)
+            xt, tf, cf, yf = xt[pf], tf[pf], cf[pf], (None if yf is None else yf[pf])
+            lf = None
+            if share_f > 0:
+                target = esd_target(host, adapters, xt, tf, cf, data.c_uncond.expand_as(cf), cfg.eta,
+                                    y=yf, y_uncond=rows_y(data.y_uncond, cf.shape[0]))
+                lf = scaled(objective_mse(host, host.eps(xt, tf, cf, y=yf), target, tf), share_f)
             loss_f = lf
         else:
             xf, tf, nf = noised(data.x_forget, idx)
-            lf = diffusion_mse(host, xf, data.c_forget[idx], tf, nf, ac, y=_rows(data.y_forget, idx))
-            # g_f = −∇L̃_f: ascent (GA is not truncated)
-            loss_f = -(lf if cfg.method == "ga" else truncate_forget_loss(lf, cfg.truncation))
-        if cfg.method == "rgd" and not use_esd and float(lf.detach()) > cfg.truncation:
-            g_f = [torch.zeros_like(p) for p in params]  # the truncated loss is constant: skip its backward
-        else:
-            g_f = _grads(loss_f, params)
-        if ctx.average is not None:  # data-parallel: every process then takes the same step
-            g_f = ctx.average(g_f)
+            sub = idx[pf]
+            lf = (scaled(diffusion_mse(host, xf[pf], data.c_forget[sub], tf[pf], nf[pf], ac, y=_rows(data.y_forget, sub)),
+                         share_f) if share_f > 0 else None)
+            # g_f = −∇L̃_f: ascent (GA is not truncated); under torchrun the truncation reads the whole
+            # batch's loss below, and a share is at most that loss, so it never truncates a share
+            loss_f = None if lf is None else -(lf if cfg.method == "ga" or dp else truncate_forget_loss(lf, cfg.truncation))
+        lf_value = value(lf, share_f)
+        # over m the truncated loss is constant: its backward is skipped
+        g_f = gradients(loss_f, share_f, skip=cfg.method == "rgd" and not use_esd and lf_value > cfg.truncation)
         dot, lr_val = 0.0, None
         if cfg.method in ("rgd", "ga"):
             rows = retain_rows(idx)
             xr, tr, nr = noised(data.x_retain, rows)
-            lr_loss = diffusion_mse(host, xr, data.c_retain[rows], tr, nr, ac, y=_rows(data.y_retain, rows))
-            g_r = _grads(lr_loss, params)
-            if ctx.average is not None:
-                g_r = ctx.average(g_r)
+            pr, share_r = part(len(rows))
+            sub = rows[pr]
+            lr_loss = (scaled(diffusion_mse(host, xr[pr], data.c_retain[sub], tr[pr], nr[pr], ac,
+                                            y=_rows(data.y_retain, sub)), share_r) if share_r > 0 else None)
+            g_r = gradients(lr_loss, share_r)
             if cfg.method == "rgd":
                 g_f, g_r, dot = restricted_gradients(g_f, g_r)
                 total = [f + cfg.alpha * r for f, r in zip(g_f, g_r)]
             else:
                 total = [f + cfg.ga_retain_weight * r for f, r in zip(g_f, g_r)]
-            lr_val = round(float(lr_loss.detach()), 6)
+            lr_val = round(value(lr_loss, share_r), 6)
         else:
             total = g_f
         _take(opt, params, total)
-        return {"forget": round(float(lf.detach()), 6), "retain": lr_val, "dot": round(dot, 9)}
+        return {"forget": round(lf_value, 6), "retain": lr_val, "dot": round(dot, 9)}
 
+    if dp and cfg.official != "off":
+        raise InvalidInputError(f"official {cfg.official!r} follows a one-process script step by step: run it in one "
+                                "process (without torchrun), or set official to off to split the batch over processes")
     if cfg.official == "esd":
         step = O.esd_step(host, adapters, params, opt, c=c_concept.to(dev), y=y_concept, c_uncond=data.c_uncond,
                           y_uncond=data.y_uncond, eta=cfg.eta, scale=cfg.esd_cfg, steps=cfg.esd_ddim_steps,

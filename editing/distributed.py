@@ -1,0 +1,261 @@
+"""Work split over processes (`torchrun`, one process per GPU, on one or many machines) and the
+on-disk cache that lets a stopped run resume.
+
+Every function here is a no-op, or the identity, when no process group is set up (a single process,
+the ComfyUI nodes): the methods call them unconditionally. The CLI sets the group up from the
+environment torchrun exports (`init_from_env`: NCCL on GPUs, gloo on CPUs) and tears it down at exit.
+
+What the methods share over processes: which items are theirs (`shard_indices`: item i belongs to
+rank i mod world, the same split on every rank), sums of statistics (`all_reduce_sum`, in float64),
+per-item results that each rank computed for its own items (`assemble`, `assemble_bytes`: exact,
+every rank gets every row) and tensors one rank made (`broadcast`). Only tensors travel, never
+pickled objects, so gloo (CPU) and NCCL (GPU) both carry them.
+
+The cache (`save_checked` / `load_checked`): one safetensors file per finished piece of work (a
+stage-1 concept, a batch of calibration prompts), written to a temporary name and renamed, so a
+process killed mid-write leaves no half file under the real name. Each file carries the full text
+of its key (what model, settings and item it was computed for) and a SHA-256 of its tensors; a file
+whose key differs (a foreign entry under the name) or whose tensors do not hash to it (corrupt) is
+refused with a warning and its work done again, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Mapping, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# ---- rank and world ---------------------------------------------------------------------------------
+def _dist():
+    d = getattr(torch, "distributed", None)
+    return d if d is not None and d.is_available() else None
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is set up."""
+    d = _dist()
+    return d is not None and d.is_initialized() and d.get_world_size() > 1
+
+
+def rank() -> int:
+    return _dist().get_rank() if active() else 0
+
+
+def world() -> int:
+    return _dist().get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes results."""
+    return rank() == 0
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun exports them (RANK, WORLD_SIZE, LOCAL_RANK);
+    (0, 1, 0) outside torchrun."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def init_from_env(cpu: bool = False) -> bool:
+    """Set up the default process group when torchrun started this process with WORLD_SIZE > 1:
+    NCCL with this process's GPU (LOCAL_RANK) where CUDA is present and `cpu` is not asked, else
+    gloo. Returns whether a group is (now) set up. Call before the model loads, so that it loads on
+    this process's GPU."""
+    d = _dist()
+    r, n, local = env_world()
+    if d is None or n <= 1:
+        return False
+    if d.is_initialized():
+        return True
+    gpu = torch.cuda.is_available() and not cpu
+    if gpu:
+        torch.cuda.set_device(local)
+    d.init_process_group(backend="nccl" if gpu else "gloo", **({"device_id": torch.device("cuda", local)} if gpu
+                                                                 and _takes_device_id(d) else {}))
+    log.info("distributed: process %d of %d (%s)", d.get_rank(), d.get_world_size(), d.get_backend())
+    return True
+
+
+def _takes_device_id(d) -> bool:
+    import inspect
+    return "device_id" in inspect.signature(d.init_process_group).parameters
+
+
+def shutdown() -> None:
+    """Tear the process group down (what `init_from_env` set up); nothing without one."""
+    d = _dist()
+    if d is not None and d.is_initialized():
+        d.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        _dist().barrier()
+
+
+def _device() -> torch.device:
+    """Where collectives run: NCCL only carries CUDA tensors, gloo CPU ones."""
+    if active() and _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---- splitting work ---------------------------------------------------------------------------------
+def shard_indices(n: int, of_rank: int | None = None, size: int | None = None) -> list[int]:
+    """The indices among range(n) that rank `of_rank` (default: this one) handles: i mod world =
+    rank. Deterministic by index, so every rank agrees on everyone's share without talking."""
+    r = rank() if of_rank is None else of_rank
+    w = world() if size is None else size
+    return list(range(r, n, w))
+
+
+def shard(items: Sequence) -> list:
+    """This rank's items of `items` (`shard_indices`); all of them in a single process."""
+    return [items[i] for i in shard_indices(len(items))]
+
+
+# ---- collectives ------------------------------------------------------------------------------------
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The sums over all ranks of each tensor, in float64 (one flat all-reduce for all of them), on
+    each tensor's own device. In a single process: the tensors in float64."""
+    if not active():
+        return [t.double() for t in tensors]
+    dev = _device()
+    flat = torch.cat([t.detach().reshape(-1).to(dev, torch.float64) for t in tensors]) if tensors else \
+        torch.zeros(0, dtype=torch.float64, device=dev)
+    _dist().all_reduce(flat)
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.view(t.shape).to(t.device) for p, t in zip(parts, tensors)]
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over all ranks of an integer tensor (the tensor itself in a single process)."""
+    if not active():
+        return values
+    flat = values.detach().to(_device(), torch.int64).clone()
+    _dist().all_reduce(flat, op=_dist().ReduceOp.MAX)
+    return flat.to(values.device)
+
+
+def assemble(n: int, rows: Mapping[int, torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, *shape]: row i from the rank that holds `rows[i]` (each index held by exactly one rank).
+    Exact: every other rank adds zeros. `like` gives the shape and dtype where this rank holds no row;
+    every rank must pass the same shape. Returned on the CPU (or `like`'s device in one process)."""
+    sample = next(iter(rows.values()), like)
+    if sample is None:
+        raise ValueError("assemble needs a row or `like` to know the shape")
+    dtype = sample.dtype if sample.is_floating_point() else torch.int64
+    out = torch.zeros((n, *sample.shape), dtype=torch.float64 if active() else dtype, device=_device())
+    for i, t in rows.items():
+        out[i] = t.detach().to(out.device, out.dtype)
+    if active():
+        _dist().all_reduce(out)
+    return out.to(dtype).cpu() if active() else out.to(sample.device)
+
+
+def assemble_bytes(n: int, items: Mapping[int, bytes]) -> list[bytes]:
+    """`assemble` for byte strings (JSON of per-item metadata): item i from the rank that holds it."""
+    lengths = assemble(n, {i: torch.tensor(len(b)) for i, b in items.items()}, like=torch.tensor(0))
+    width = int(lengths.max()) if n else 0
+    rows = {i: torch.tensor(list(b) + [0] * (width - len(b)), dtype=torch.int64) for i, b in items.items()}
+    table = assemble(n, rows, like=torch.zeros(width, dtype=torch.int64))
+    return [bytes(table[i, :int(lengths[i])].to(torch.uint8).tolist()) for i in range(n)]
+
+
+def broadcast(tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor | None:
+    """Rank `src`'s tensor on every rank (others pass None or anything: its shape and dtype are sent
+    first). A single process gets its own tensor back."""
+    if not active():
+        return tensor
+    d, dev = _dist(), _device()
+    codes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool,
+             torch.uint8]
+    head = torch.full((10,), -1, dtype=torch.int64, device=dev)
+    if rank() == src and tensor is not None:
+        if tensor.ndim > 8:
+            raise ValueError("broadcast carries tensors of at most 8 dimensions")
+        head[0] = codes.index(tensor.dtype)
+        head[1] = tensor.ndim
+        head[2:2 + tensor.ndim] = torch.tensor(tensor.shape, dtype=torch.int64)
+    d.broadcast(head, src)
+    if int(head[0]) < 0:
+        return None
+    shape = tuple(int(v) for v in head[2:2 + int(head[1])])
+    dtype = codes[int(head[0])]
+    carrier = dtype if dtype not in (torch.bool, torch.bfloat16) or dev.type == "cuda" else torch.float32
+    buf = (tensor.detach().to(dev, carrier).contiguous() if rank() == src
+           else torch.empty(shape, dtype=carrier, device=dev))
+    d.broadcast(buf, src)
+    home = tensor.device if rank() == src else torch.device("cpu")
+    return buf.to(home, dtype)
+
+
+# ---- the resumable cache ------------------------------------------------------------------------------
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def key_text(key: Mapping) -> str:
+    """The canonical text of a cache key (what an entry was computed for)."""
+    return json.dumps(key, sort_keys=True, default=list)
+
+
+def key_name(key: Mapping, length: int = 24) -> str:
+    """A file-name-safe hash of a cache key."""
+    return hashlib.sha256(key_text(key).encode()).hexdigest()[:length]
+
+
+def save_checked(path: str, tensors: Mapping[str, torch.Tensor], key: Mapping,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write a cache entry: `tensors` (contiguous CPU copies), the key's text and the tensors'
+    digest, to a temporary file of this process that is then renamed over `path` (atomic on one
+    file system: a reader sees the old entry, the new one or none)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = dict(metadata or {})
+    meta.update(key=key_text(key), sha256=tensor_digest(data))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(data, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checked(path: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of the entry at `path` when it was computed for `key` and its tensors are
+    intact; None when there is none. A foreign or corrupt entry is refused (a warning names it and
+    why) and None returned, so its work is done again and the entry rewritten."""
+    if not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a damaged header or body
+        log.warning("cache entry %s is unreadable (%s): refused, computing it again", path, err)
+        return None
+    if meta.get("key") != key_text(key):
+        log.warning("cache entry %s was computed for something else (another model, settings or item): refused, "
+                    "computing it again", path)
+        return None
+    if meta.get("sha256") != tensor_digest(tensors):
+        log.warning("cache entry %s does not match its checksum (corrupt): refused, computing it again", path)
+        return None
+    return tensors, meta
