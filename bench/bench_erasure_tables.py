@@ -124,8 +124,8 @@ def main():
            f"{args.steps} --unlearn-steps {args.unlearn_steps} --write")
     text = "\n".join([
         START,
-        (f"Produced by `{cmd}` ({seconds / 60:.1f} min on a {os.cpu_count()}-core CPU, no GPU, shared with other "
-        f"jobs; {platform.machine()}, torch {torch.__version__}). Per edit: every concept of the erased one's kind, "
+        (f"Produced by `{cmd}` ({seconds / 60:.1f} min on a {os.cpu_count()}-core CPU, no GPU; "
+        f"{platform.machine()}, torch {torch.__version__}). Per edit: every concept of the erased one's kind, "
         f"{args.prompts} prompts × {args.samples} samples each ({args.prompts * args.samples} pictures per class and "
         f"model, so one picture is {100 / (args.prompts * args.samples):.1f} points of a class's accuracy), "
         f"{args.steps} euler steps, CFG 5, the same seeds for the original and the edited model; judges: the tiny "

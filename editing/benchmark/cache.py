@@ -154,7 +154,9 @@ class ResultCache:
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     """dtype, shape and raw bytes: what the edit fingerprint and an entry's digest hash."""
     t = t.detach().contiguous().cpu()
-    return f"{t.dtype}|{tuple(t.shape)}|".encode() + (t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # flattened first: a "contiguous" tensor may still have a size-1 last dimension with a stride other
+    # than 1 (a transposed column, as EMCID's factors are), which a byte view refuses
+    return f"{t.dtype}|{tuple(t.shape)}|".encode() + (t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
