@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from ..editing.hosts import RunContext
+from ..editing.hosts import PhaseRate, RunContext, time_left_text
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +78,18 @@ def load_clip_vision(path: str):
 
 
 def terminal_context() -> RunContext:
-    import time
-    state = {"last": -1, "total": None, "t0": 0.0, "start": 0}
+    """The terminal's progress line with the time left of the current phase (`PhaseRate`)."""
+    phase = PhaseRate()
+    state = {"last": -1, "total": None}
 
     def progress(done: int, total: int) -> None:
         if not is_writer():  # one bar per job: rank 0's
             return
-        now = time.monotonic()
-        if total != state["total"]:  # a new phase: its rate starts now (work taken from a cache does not count)
-            state.update(total=total, t0=now, start=done, last=-1)
+        left = phase.seconds_left(done, total)
         pct = int(100 * done / max(total, 1))
-        if pct != state["last"]:
-            state["last"] = pct
-            rate = (done - state["start"]) / max(now - state["t0"], 1e-9)
-            eta = f", {(total - done) / rate:.0f} s left   " if 0 < rate and done < total else "   "
+        if pct != state["last"] or total != state["total"]:
+            state.update(last=pct, total=total)
+            eta = f", {time_left_text(left)} left   " if left is not None else "   "
             sys.stderr.write(f"\r{done}/{total} ({pct}%){eta}")
             if done >= total:
                 sys.stderr.write("\n")

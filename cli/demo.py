@@ -77,7 +77,7 @@ def run(args) -> int:
         seeds = list(range(len(grid_prompts)))
         rows = [comfy_sampler(m, clip)(grid_prompts, seeds) for m in (model, model2)]
         pic = write_grid(os.path.join(args.out, f"before_after_{args.concept}.png"), rows,
-                         [f"original", f"{args.concept} erased"])
+                         ["original", f"{args.concept} erased"])
     metrics = {"concept": args.concept, "method": args.method, "before": before, "after": after,
                "edit_seconds": round(t_edit, 2), "eval_seconds": round(t_eval, 2), "edit_file": path,
                "picture": pic, "grid_prompts": grid_prompts}

@@ -76,25 +76,6 @@ def judge_options(pairs, concepts, timesteps: int, draws: int) -> dict:
     return opts
 
 
-def eta_context():
-    """The terminal's progress line with the time left, from the rate so far."""
-    from ..editing.hosts import RunContext
-    t0 = time.time()
-    state = {"last": -1}
-
-    def progress(done: int, total: int) -> None:
-        pct = int(100 * done / max(total, 1))
-        if pct != state["last"]:
-            state["last"] = pct
-            el = time.time() - t0
-            eta = f", ETA {el / done * (total - done):.0f} s" if done else ""
-            sys.stderr.write(f"\r{done}/{total} chunks ({pct}%), {el:.0f} s{eta}   ")
-            if done >= total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-    return RunContext(progress=progress)
-
-
 def run(args) -> int:
     import torch
 
@@ -104,7 +85,7 @@ def run(args) -> int:
     from ..editing.benchmark.report import formula_text, projected_seconds, time_parts
     from ..editing.benchmark.runner import AttackSettings, Settings
     from ..editing.edit import Edit
-    from .common import load_model
+    from .common import load_model, terminal_context
 
     judges = parse_judges(args.judge)
     settings = Settings(samples=args.samples, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
@@ -127,7 +108,7 @@ def run(args) -> int:
                                 attacks=attacks, cache_dir=args.cache or None, out_base=base, worst=args.worst,
                                 judge_options=judge_options(args.judge_option, erased, args.presence_timesteps,
                                                             args.presence_draws),
-                                limit=args.limit, info=info, ctx=eta_context())
+                                limit=args.limit, info=info, ctx=terminal_context())
     seconds = time.time() - t0
     report = out.report
     from PIL import Image

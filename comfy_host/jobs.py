@@ -27,7 +27,7 @@ from ..editing.edit import Change, Edit
 from ..editing.emcid import EmcidConfig, compute_emcid
 from ..editing.errors import InvalidInputError
 from ..editing.export.lora import LoraExportConfig, save_lora
-from ..editing.hosts import RunContext
+from ..editing.hosts import PhaseRate, RunContext, time_left_text
 from ..editing.prompts import build_pairs
 from ..editing.training import frozen_session
 from ..editing.uce.closed_form import UCEConfig, compute_uce
@@ -161,32 +161,29 @@ def eta_text(what: str, done: int, total: int, seconds: float, start: int, conce
     rate = (done - start) / seconds if seconds > 0 else 0.0
     if done >= total or rate <= 0:
         return f"{what}: {part}"
-    left = (total - done) / rate
-    when = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
-    return f"{what}: {part}, about {when} left"
+    return f"{what}: {part}, about {time_left_text((total - done) / rate)} left"
 
 
 def with_eta(ctx: RunContext, what: str, concepts: Mapping | None = None, every: float = 1.0) -> RunContext:
-    """`ctx` whose progress also shows `eta_text` under the node (at most every `every` seconds). Each
-    new total starts a new phase (EMCID: stage 1 over concepts, C₀, stage 2). `concepts`: a dict the
-    job keeps up to date with stage 1's {"done", "total"} concepts."""
+    """`ctx` whose progress also shows `eta_text` under the node (at most every `every` seconds), per
+    phase (`PhaseRate`). `concepts`: a dict the job keeps up to date with stage 1's {"done", "total"}
+    concepts."""
     import dataclasses
-    import time
 
     inner = ctx.progress
-    phase = {"total": None, "t0": 0.0, "start": 0, "shown": 0.0}
+    phase = PhaseRate()
+    shown = {"at": None, "total": None}
 
     def progress(done: int, total: int) -> None:
         if inner is not None:
             inner(done, total)
-        now = time.monotonic()
-        if total != phase["total"]:
-            phase.update(total=total, t0=now, start=done, shown=0.0)
-        if now - phase["shown"] >= every or done >= total:
-            phase["shown"] = now
+        elapsed = phase.update(done, total)
+        now = phase.clock()
+        if shown["total"] != total or shown["at"] is None or now - shown["at"] >= every or done >= total:
+            shown.update(at=now, total=total)
             # stage 1 names its concepts before each report (`fresh`); the other phases show a share
             in_stage1 = dict(concepts) if concepts is not None and concepts.pop("fresh", False) else None
-            progress_text(eta_text(what, done, total, now - phase["t0"], phase["start"], in_stage1))
+            progress_text(eta_text(what, done, total, elapsed, phase.start, in_stage1))
 
     return dataclasses.replace(ctx, progress=progress)
 

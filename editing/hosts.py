@@ -5,6 +5,7 @@ ComfyUI nodes, the command line and the tests.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -148,3 +149,34 @@ class RunContext:
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("cancelled by the user; nothing was applied")
+
+
+class PhaseRate:
+    """The rate of a job's current phase, for a time-left estimate. A report with a new total starts a
+    new phase (EMCID: stage 1's concepts, then C₀, then stage 2), and what was done when a phase began
+    (work taken from a cache) does not count toward its rate."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.total: int | None = None
+        self.t0 = 0.0
+        self.start = 0
+
+    def update(self, done: int, total: int) -> float:
+        """Record a report; the seconds since its phase began."""
+        now = self.clock()
+        if total != self.total:
+            self.total, self.t0, self.start = total, now, done
+        return now - self.t0
+
+    def seconds_left(self, done: int, total: int) -> float | None:
+        """Record a report; the time left at the phase's rate, None while there is no rate or when done."""
+        elapsed = self.update(done, total)
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        return (total - done) / rate if rate > 0 and done < total else None
+
+
+def time_left_text(seconds: float) -> str:
+    """'35 s', '3 min', '1.2 h'."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
