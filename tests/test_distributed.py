@@ -173,7 +173,7 @@ assert D.broadcast(None) is None
 assert int(D.all_reduce_max(torch.tensor([r, 5 - r]))[1]) == 5
 D.barrier()
 D.shutdown()
-print("ok", r)
+print(f"ok {r}", flush=True)  # one write per rank: the two processes share the pipe
 """
 
 
