@@ -1,8 +1,10 @@
 """EMCID stage 1 batched and split over processes (docs/distributed.md).
 
   bash run.sh bench bench_distributed --part batch   stage 1 on the tiny model for 1/8(/64) concepts
-                                                     (--sizes), batched vs one at a time in one run,
-                                                     denoiser forwards per concept (bench_emcid's stage-1
+                                                     (--sizes), batched vs one at a time in one run:
+                                                     seconds sampling the pictures and optimising,
+                                                     denoiser forwards per concept, sampler calls per
+                                                     concept of the batched run (bench_emcid's stage-1
                                                      measurement)
   bash run.sh bench bench_distributed --part scale   `conceptedit emcid` on the tiny model for --concepts
                                                      concepts in 1 process and under torchrun in 2 gloo
@@ -10,7 +12,7 @@
                                                      seconds and the wall time of each run
 
 Each run of --part scale is the real CLI in fresh processes (a subprocess per run), so the numbers
-include what every process pays: ComfyUI and the model load, the pictures each concept's stage 1 draws.
+include what every process pays: ComfyUI and the model load, the pictures stage 1 draws for its concepts.
 On a machine with fewer cores than processes × threads, the processes compete for the cores: give the
 core count with the numbers.
 """

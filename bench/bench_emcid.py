@@ -58,8 +58,8 @@ def concept_names(n: int) -> list[str]:
 def part_scale(sizes, n_captions: int, one_at_a_time: int) -> dict:
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.arch import get_family
-    from conceptedit.editing.emcid.stage2 import (EmcidConfig, concept_prompts, read_keys, resolve_defaults,
-                                                  second_moments, stage2)
+    from conceptedit.editing.emcid.stage2 import concept_prompts, read_keys, resolve_defaults, second_moments, stage2
+    from conceptedit.editing.emcid.config import EmcidConfig
     spec = get_family("sd1").text_encoders[0]
     layers = spec.edit_layers
     clip = clip_l_random()
@@ -112,8 +112,8 @@ COLOUR_TEMPLATES = EMCID_TEMPLATES["colour"]
 def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, kind: str = "colour",
               residuals=("official",), case_names=("one", "all_but_one")) -> dict:
     """`lams`: (λ, lam_mode) pairs; λ 0 is the family default in that mode."""
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.comfy_host.jobs import EmcidJob, run
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.audit.evaluate import erasure_report
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
@@ -136,7 +136,7 @@ def part_tiny(lams, use_stage1: bool, steps: int, n_prompts: int, samples: int, 
             cfg = EmcidConfig(lam=lam or None, lam_mode=lam_mode, use_stage1=use_stage1, steps=steps, templates=templates,
                               n_captions=1000, residual=residual)
             t = time.perf_counter()
-            _, clip2, edit, _ = emcid(model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
+            _, clip2, edit, _ = run("emcid", model, clip, EmcidJob(pairs=[(c, dest(c)) for c in erased], settings=cfg, cache_dir=cache))
             secs = time.perf_counter() - t
             r = erasure_report(comfy_sampler(model, clip2), erased, kept, n_prompts=n_prompts, samples_per_prompt=samples)
             st2 = edit.metrics["stage2"]["clip_l"]
@@ -159,7 +159,7 @@ def part_stage1(sizes, steps: int) -> dict:
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
     from conceptedit.editing.arch import get_family
     from conceptedit.editing.emcid.stage1 import optimise_targets, stage1_batch_size
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.training import frozen_session
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import load_tiny
@@ -175,7 +175,7 @@ def part_stage1(sizes, steps: int) -> dict:
         calls["eps_rows"] += x.shape[0]
         return eps(x, *a, **kw)
 
-    def counted_sample(prompts, **kw):  # the pictures are drawn per concept either way: timed apart
+    def counted_sample(prompts, **kw):  # drawing the pictures is timed apart from the optimisation
         calls["sample"] += 1
         t = time.perf_counter()
         try:
@@ -209,7 +209,7 @@ def part_stage1(sizes, steps: int) -> dict:
             row[f"{mode}_batch"] = m["stage1_batch"]
             row[f"{mode}_eps_forwards_per_concept"] = round(calls["eps"] / n, 2)
             row[f"{mode}_eps_rows_per_forward"] = round(calls["eps_rows"] / max(calls["eps"], 1), 1)
-            row["sampling_calls_per_concept"] = calls["sample"] / n
+            row[f"{mode}_sampling_calls_per_concept"] = calls["sample"] / n
         row["speedup_batched_vs_one_at_a_time"] = round(row["one_at_a_time_s"] / row["batched_s"], 2)
         row["speedup_optimisation_alone"] = round(row["one_at_a_time_optimise_s"] / row["batched_optimise_s"], 2)
         z1, zb = zs["one_at_a_time"]["clip_l"], zs["batched"]["clip_l"]

@@ -26,13 +26,13 @@ from conceptedit.comfy_host.locate import ensure_comfy
 ensure_comfy(cpu=True)
 
 from conceptedit.comfy_host.benchmark import benchmark_models
-from conceptedit.comfy_host.jobs import UCEJob, uce
+from conceptedit.comfy_host.jobs import UCEJob, run as run_job
 from conceptedit.editing.benchmark.cache import ResultCache, edit_fingerprint
 from conceptedit.editing.benchmark.prompts import PromptCase
 from conceptedit.editing.benchmark.report import time_parts
 from conceptedit.editing.benchmark.runner import Settings
 from conceptedit.editing.hosts import RunContext
-from conceptedit.editing.uce.closed_form import UCEConfig
+from conceptedit.editing.uce.config import UCEConfig
 from conceptedit.tiny import world
 from conceptedit.tiny.comfy_model import load_tiny
 
@@ -55,7 +55,7 @@ def main():
     cases = [PromptCase(p, seed=100 + 13 * i, guidance=5.0, label=c, set="colours")
              for c in world.CONCEPTS["colour"] for i, (p, _) in enumerate(world.prompts_for(c, args.prompts, seed=2))]
     with torch.inference_mode():
-        res = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
+        res = run_job("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
                   RunContext())
         key = edit_fingerprint(res.edit)
         root = tempfile.mkdtemp(prefix="bench-erasure-")

@@ -24,16 +24,16 @@ from conceptedit.comfy_host.locate import ensure_comfy
 ensure_comfy(cpu=True)
 
 from conceptedit.comfy_host.benchmark import benchmark_models
-from conceptedit.comfy_host.jobs import ( ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid, uce, unlearn, )
+from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, run
 from conceptedit.editing.benchmark.cache import ResultCache, edit_fingerprint
 from conceptedit.editing.benchmark.prompts import PromptCase
 from conceptedit.editing.benchmark.runner import Settings
-from conceptedit.editing.concept_prune.prune import PruneConfig
-from conceptedit.editing.emcid.stage2 import EmcidConfig
+from conceptedit.editing.concept_prune.config import PruneConfig
+from conceptedit.editing.emcid.config import EmcidConfig
 from conceptedit.editing.hosts import RunContext
 from conceptedit.editing.prompts import TINY_DEFAULTS
-from conceptedit.editing.uce.closed_form import UCEConfig
-from conceptedit.editing.unlearn.trainer import UnlearnConfig
+from conceptedit.editing.uce.config import UCEConfig
+from conceptedit.editing.unlearn.config import UnlearnConfig
 from conceptedit.tiny import world
 from conceptedit.tiny.comfy_model import load_tiny
 
@@ -48,19 +48,19 @@ def make_edit(model, clip, name, unlearn_steps):
     method, concept = name.split("_", 1)
     ctx = RunContext()
     if method == "uce":
-        return concept, "UCE, erase to \"\", last-token window", uce(
+        return concept, "UCE, erase to \"\", last-token window", run("uce", 
             model, clip, UCEJob(settings=UCEConfig(concepts=[concept], mode="erase", guide="", token_window="last")), ctx)
     if method == "prune":
-        return concept, f"ConceptPrune, tiny preset {TINY_DEFAULTS}", concept_prune(
+        return concept, f"ConceptPrune, tiny preset {TINY_DEFAULTS}", run("concept_prune", 
             model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS)), ctx)
     if method == "emcid":
         cfg = EmcidConfig(lam=1000, use_stage1=False, templates=world.EMCID_TEMPLATES["colour"], n_captions=1000)
-        return concept, "EMCID red → purple, λ 1000, no stage 1", emcid(
+        return concept, "EMCID red → purple, λ 1000, no stage 1", run("emcid", 
             model, clip, EmcidJob(pairs=[(concept, "purple")], settings=cfg,
                                   cache_dir=os.path.join(ROOT, ".cache", "emcid")), ctx)
     extra = {"esd_xt": "noised", "esd_prompt": "templates"} if method == "esd" else {}
     cfg = UnlearnConfig(method=method, steps=unlearn_steps, lr=1e-3, batch=4, n_prompts=6, gen_steps=8, rank=4, **extra)
-    return concept, f"{method.upper()} LoRA rank 4, {unlearn_steps} steps, lr 1e-3", unlearn(
+    return concept, f"{method.upper()} LoRA rank 4, {unlearn_steps} steps, lr 1e-3", run("unlearn", 
         model, clip, UnlearnJob(concept=concept, settings=cfg), ctx)
 
 

@@ -55,7 +55,8 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 ensure_comfy(cpu=True)
 
 from conceptedit.editing import arch  # noqa: E402
-from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
+from conceptedit.editing.uce.closed_form import compute_uce
+from conceptedit.editing.uce.config import DEFAULT_PRESERVE, UCEConfig
 
 # ---- the real-size models: ComfyUI's config classes with the unet_config of the released checkpoints
 # (the same configs tests/test_arch_families.py checks discover_layout and ComfyUI's own detection on)
@@ -154,7 +155,7 @@ def layouts(name: str) -> Callable[[str], Layout]:
 
 
 class RandomLLMText:
-    """The `TextEncoder` the closed form reads, with the real encoder's width and context layout and
+    """The `Text` the closed form reads, with the real encoder's width and context layout and
     random rows: the template rows before the user's text are one fixed draw for every prompt (a
     causal encoder gives every prompt the same states there), the rest a draw fixed per prompt (a
     stable hash, so runs repeat). Contexts are padded at the end to `length` rows, since

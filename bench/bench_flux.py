@@ -70,7 +70,8 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 ensure_comfy()
 
 from conceptedit.editing import arch  # noqa: E402
-from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
+from conceptedit.editing.uce.closed_form import compute_uce
+from conceptedit.editing.uce.config import DEFAULT_PRESERVE, UCEConfig
 
 
 # ---- scale ---------------------------------------------------------------------------------------------
@@ -161,32 +162,33 @@ def part_scale(args) -> dict:
 # ---- methods on the tiny Flux ------------------------------------------------------------------------
 def run_method(model, clip, method: str, concept: str, args):
     """One method's edit of `concept` on the tiny Flux, through the nodes' job functions."""
-    from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, concept_prune, emcid, uce, unlearn)
-    from conceptedit.editing.concept_prune.prune import PruneConfig
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, UnlearnJob, run
+    from conceptedit.editing.concept_prune.config import PruneConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.hosts import RunContext
     from conceptedit.editing.prompts import TINY_DEFAULTS
-    from conceptedit.editing.unlearn.trainer import UnlearnConfig, preset_config
+    from conceptedit.editing.unlearn.trainer import preset_config
+    from conceptedit.editing.unlearn.config import UnlearnConfig
     from conceptedit.tiny import world
     ctx = RunContext()
     with torch.inference_mode():
         if method == "uce":
-            return uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept], **json.loads(args.uce_config))), ctx)
+            return run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=[concept], **json.loads(args.uce_config))), ctx)
         if method == "emcid":  # redirected to another concept of the tiny world, as bench_emcid does
             dest = args.emcid_target or EMCID_DEST[world.kind_of(concept)]
             settings = EmcidConfig(**{"layers": args.emcid_layers, "sample_cfg": args.cfg,
                                       **json.loads(args.emcid_config)})
-            return emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=settings), ctx)
+            return run("emcid", model, clip, EmcidJob(pairs=[(concept, dest)], settings=settings), ctx)
         if method == "prune":
             cfg = PruneConfig(**{**TINY_DEFAULTS, "steps": args.steps, "cfg": args.cfg, **json.loads(args.prune_config)})
-            return concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
+            return run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=cfg), ctx)
         preset = method if method in ("esd-x", "esd-u") else "custom"
         cfg = preset_config(preset, method="rgd" if method == "rgd" else "esd", steps=args.train_steps)
         cfg = UnlearnConfig(**{**cfg.__dict__, "gen_cfg": args.cfg, **json.loads(args.unlearn_config)})
         # a diverse retain set (Ko et al.), as bench_unlearn: prompts of three sibling concepts
         siblings = [c for c in world.CONCEPTS[world.kind_of(concept)] if c != concept and world.words(c)][:3]
         retain = [p for c in siblings for p, _ in world.prompts_for(c, 2, seed=7)] if args.sibling_retain else []
-        return unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, retain_prompts=retain), ctx)
+        return run("unlearn", model, clip, UnlearnJob(concept=concept, settings=cfg, retain_prompts=retain), ctx)
 
 
 def load_model(args, store: str = "float"):
@@ -323,9 +325,9 @@ def part_tokens(args) -> dict:
 
     import comfy.sample
 
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.comfy_host.jobs import EmcidJob, run
     from conceptedit.editing.audit.evaluate import default_classifier
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.tiny import model as tm
     from conceptedit.tiny.comfy_model import encode
     from conceptedit.tiny.flux import load_tiny_flux
@@ -383,7 +385,7 @@ def part_tokens(args) -> dict:
         out["gap_left"] = {}
         for residual in ("official", "memit"):  # stage 2 alone, red -> white at T5 layer 0, λ 100
             cfg = EmcidConfig(use_stage1=False, lam=100.0, residual=residual, layers={"t5xxl": (0,)})
-            edit = emcid(model, clip, EmcidJob(pairs=[("red", "white")], settings=cfg)).edit
+            edit = run("emcid", model, clip, EmcidJob(pairs=[("red", "white")], settings=cfg)).edit
             out["gap_left"][residual] = round(edit.metrics["stage2"]["t5xxl"]["gap_after"], 3)
             print(f"stage 2, {residual} residual: gap left {out['gap_left'][residual]}", flush=True)
     return out

@@ -28,10 +28,11 @@ ensure_comfy()
 from conceptedit.comfy_host.denoiser import ComfyDenoiser  # noqa: E402
 from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing.arch import get_family  # noqa: E402
-from conceptedit.editing.concept_prune.prune import PruneConfig, floor_edit  # noqa: E402
+from conceptedit.editing.concept_prune.prune import floor_edit
+from conceptedit.editing.concept_prune.config import PruneConfig
 from conceptedit.editing.audit.evaluate import default_classifier, evaluate  # noqa: E402
 from conceptedit.editing.prompts import TINY_DEFAULTS, build_pairs  # noqa: E402
-from conceptedit.comfy_host.jobs import ConceptPruneJob, concept_prune  # noqa: E402
+from conceptedit.comfy_host.jobs import ConceptPruneJob, run  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 
 
@@ -91,8 +92,8 @@ def speed(model, clip, concept: str, config: PruneConfig) -> dict:
     with torch.inference_mode():
         plain()  # warm-up
         _, t_plain1 = timed(plain)
-        edit_full, t_full = timed(lambda: concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=full_cfg)).edit)
-        edit, t_early = timed(lambda: concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=config)).edit)
+        edit_full, t_full = timed(lambda: run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=full_cfg)).edit)
+        edit, t_early = timed(lambda: run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=config)).edit)
         _, t_plain2 = timed(plain)
     same = all(torch.equal(edit.changes[k].tensors["index"], edit_full.changes[k].tensors["index"]) for k in edit.changes)
     t_plain = (t_plain1 + t_plain2) / 2
@@ -167,7 +168,7 @@ def main(argv=None) -> dict:
                     continue
                 cfg = PruneConfig(skill_ratio=ratio, tau=tau, steps=args.steps, cfg=args.cfg)
                 with torch.inference_mode():
-                    edit = concept_prune(model, clip, ConceptPruneJob(concepts=[c], preset="tiny", settings=cfg)).edit
+                    edit = run("concept_prune", model, clip, ConceptPruneJob(concepts=[c], preset="tiny", settings=cfg)).edit
                     patched = apply_edit(model, None, edit)[0]
                     after_sample = comfy_sampler(patched, clip, args.steps, args.cfg)
                     r = measure(after_sample, classify, c, spec_eval(after_sample, classify), args.prompts, args.samples)
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     if args.speed_only:
         with torch.inference_mode():
-            last = concept_prune(model, clip, ConceptPruneJob(concepts=concepts[:1], preset="tiny", settings=config)).model
+            last = run("concept_prune", model, clip, ConceptPruneJob(concepts=concepts[:1], preset="tiny", settings=config)).model
         return _speed_rows(model, clip, last, concepts, config, args, results)
     print(f"ConceptPrune on the tiny model: skill_ratio {config.skill_ratio}, τ {config.tau}, {config.steps} steps, "
           f"CFG {config.cfg}; {args.prompts} prompts x {args.samples} samples per concept\n")
@@ -197,7 +198,7 @@ def main(argv=None) -> dict:
     for c in concepts:
         with torch.inference_mode():
             base = measure(base_sample, classify, c, base_spec, args.prompts, args.samples)
-            edit, t = timed(lambda: concept_prune(model, clip, ConceptPruneJob(concepts=[c], preset="tiny", settings=config)).edit)
+            edit, t = timed(lambda: run("concept_prune", model, clip, ConceptPruneJob(concepts=[c], preset="tiny", settings=config)).edit)
         if floor is None:  # one model with every FFN weight zeroed serves all concepts
             floor = results["ffn_floor"] = floor_presence(model, clip, edit, concepts, classify, args)
         with torch.inference_mode():

@@ -23,15 +23,17 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 ensure_comfy()
 
 from conceptedit.comfy_host.view import apply_edit  # noqa: E402
-from conceptedit.comfy_host.jobs import (ConceptPruneJob, EmcidJob, UCEJob, concept_prune, emcid, # noqa: E402 red_team_models, uce)
+from conceptedit.comfy_host.audits import red_team_models  # noqa: E402
+from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, run  # noqa: E402
 from conceptedit.comfy_host.view import ModelView  # noqa: E402
-from conceptedit.editing.concept_prune.prune import PruneConfig  # noqa: E402
-from conceptedit.editing.emcid.stage2 import EmcidConfig  # noqa: E402
+from conceptedit.editing.concept_prune.config import PruneConfig  # noqa: E402
+from conceptedit.editing.emcid.config import EmcidConfig  # noqa: E402
 from conceptedit.editing.prompts import TINY_DEFAULTS  # noqa: E402
 from conceptedit.editing.redteam.runner import ATTACKS, RedTeamConfig  # noqa: E402
 from conceptedit.editing.redteam.soft import AttackConfig  # noqa: E402
-from conceptedit.editing.uce.closed_form import UCEConfig  # noqa: E402
-from conceptedit.editing.unlearn.trainer import UnlearnConfig, compute_unlearn  # noqa: E402
+from conceptedit.editing.uce.config import UCEConfig  # noqa: E402
+from conceptedit.editing.unlearn.config import UnlearnConfig  # noqa: E402
+from conceptedit.editing.unlearn.trainer import compute_unlearn  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
 from conceptedit.editing.audit.evaluate import erasure_report  # noqa: E402
@@ -44,13 +46,13 @@ def make_edit(model, clip, name, args):
     """Each method's best tiny-model edit, with the settings docs/benchmarks.md reports for it."""
     method, concept = name.split("_", 1)
     if method == "uce":
-        return concept, uce(model, clip, UCEJob(settings=UCEConfig(concepts=[concept], token_window="last"))).edit
+        return concept, run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=[concept], token_window="last"))).edit
     if method == "prune":
-        return concept, concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny",
+        return concept, run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny",
                                                                    settings=PruneConfig(**TINY_DEFAULTS))).edit
     if method == "emcid":
         cfg = EmcidConfig(lam=1000, use_stage1=False, templates=world.EMCID_TEMPLATES["colour"], n_captions=1000)
-        return concept, emcid(model, clip, EmcidJob(pairs=[(concept, "purple")], settings=cfg,
+        return concept, run("emcid", model, clip, EmcidJob(pairs=[(concept, "purple")], settings=cfg,
                                                     cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
     host = ModelView(model, clip).denoiser
     extra = {"esd_xt": "noised", "esd_prompt": "templates"} if method == "esd" else {}  # the form that erases here
@@ -103,7 +105,7 @@ def main():
             rep = attack(model, clip, concept, edit, args)
             out["edits"][name] = rep.to_dict()
         for rounds in [int(r) for r in args.harden.split(",") if r.strip()]:
-            edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], token_window="last",
+            edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], token_window="last",
                                                               harden_rounds=rounds))).edit
             rep = attack(model, clip, "red", edit, args, attacks=("prefix",))
             out["hardening"][rounds] = {**rep.to_dict(), "other_colours": kept(model, clip, edit, "red", args),

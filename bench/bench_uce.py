@@ -2,7 +2,7 @@
 plain one-concept-at-a-time loop of the same formula.
 
 Weights: random, of the real shapes (32 K/V layers × 768 for SD1.5, 140 × 2048 for SDXL). Text:
-random embeddings of the real width and 77 tokens from a host TextEncoder (so the batched solve, the
+random embeddings of the real width and 77 tokens from a host Text (so the batched solve, the
 token gathering and the metrics run exactly as in the node); the time to encode the prompts with a
 real-size text encoder (ComfyUI's CLIP-L / CLIP-L + bigG, random weights) is measured on a few prompts
 and reported separately, extrapolated per prompt.
@@ -25,7 +25,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from conceptedit.editing import arch  # noqa: E402
-from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE, UCEConfig, compute_uce  # noqa: E402
+from conceptedit.editing.uce.closed_form import compute_uce
+from conceptedit.editing.uce.config import DEFAULT_PRESERVE, UCEConfig
 
 
 class RandomText:
@@ -121,7 +122,7 @@ def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last", opt
     ensure_comfy(cpu=True)
     from conceptedit.cli.common import terminal_context
     from conceptedit.editing.audit.evaluate import erasure_report
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     model, clip, _ = load_tiny()
@@ -132,7 +133,7 @@ def tiny_eval(steps, n_prompts, samples, kind="colour", token_window="last", opt
         kept = [c for c in names if c not in erased] + others
         cfg = UCEConfig(concepts=erased, preserve=kept, token_window=token_window, **(options or {}))
         t = time.perf_counter()
-        patched, _, edit, _ = uce(model, clip, UCEJob(settings=cfg), terminal_context())
+        patched, _, edit, _ = run("uce", model, clip, UCEJob(settings=cfg), terminal_context())
         dt = time.perf_counter() - t
         for label, m in (("unedited", model), ("edited", patched)):
             rep = erasure_report(comfy_sampler(m, clip, steps=steps), erased, kept, n_prompts=n_prompts,

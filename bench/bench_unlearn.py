@@ -26,13 +26,14 @@ from conceptedit.comfy_host.locate import ensure_comfy  # noqa: E402
 ensure_comfy()
 
 from conceptedit.comfy_host.view import apply_edit  # noqa: E402
-from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn  # noqa: E402
+from conceptedit.editing.distill.bilevel import compute_distill_unlearn
+from conceptedit.editing.distill.config import DistillConfig
 from conceptedit.editing.edit import Change, Edit  # noqa: E402
 from conceptedit.editing.audit.evaluate import erasure_report, evaluate  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
 from conceptedit.editing.audit.resurgence import AuditConfig, audit  # noqa: E402
-from conceptedit.editing.unlearn.trainer import (UnlearnConfig, compute_unlearn, paired_prompts, prepare_data,  # noqa: E402
-                                        tiny_pair_attributes)
+from conceptedit.editing.unlearn.trainer import compute_unlearn, paired_prompts, prepare_data, tiny_pair_attributes
+from conceptedit.editing.unlearn.config import UnlearnConfig
 from conceptedit.comfy_host.view import ModelView  # noqa: E402
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
@@ -177,23 +178,23 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     to "", last-token window), and the text-encoder edit (EMCID stage 2 alone, targets = the
     destination's own text state, redirected to purple/plain/shape, λ 1000, as `bench_emcid --part
     tiny`). `methods` picks among `TRAINING_FREE`."""
-    from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, concept_prune, emcid, uce
-    from conceptedit.editing.concept_prune.prune import PruneConfig
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, EmcidJob, UCEJob, run
+    from conceptedit.editing.concept_prune.config import PruneConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.prompts import TINY_DEFAULTS
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.editing.uce.config import UCEConfig
     kind = world.kind_of(concept)
     dest = {"colour": "purple" if concept != "purple" else "red", "style": "plain", "shape": "shape"}[kind]
     templates = world.EMCID_TEMPLATES[kind]
     out = {}
     if "concept_prune" in methods:
-        out["concept_prune"] = concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS))).edit
+        out["concept_prune"] = run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS))).edit
     if "cross_attention" in methods:
         cfg = UCEConfig(concepts=[concept], token_window="last")
-        out["cross_attention"] = uce(model, clip, UCEJob(settings=cfg)).edit
+        out["cross_attention"] = run("uce", model, clip, UCEJob(settings=cfg)).edit
     if "text_encoder" in methods:
         cfg = EmcidConfig(lam=1000, use_stage1=False, templates=templates, n_captions=1000)
-        out["text_encoder"] = emcid(model, clip, EmcidJob(pairs=[(concept, dest)], settings=cfg,
+        out["text_encoder"] = run("emcid", model, clip, EmcidJob(pairs=[(concept, dest)], settings=cfg,
                                                           cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
     return out
 

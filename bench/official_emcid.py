@@ -25,8 +25,8 @@ from conceptedit.comfy_host.text_hooks import ComfyTextModel  # noqa: E402
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.emcid import official  # noqa: E402
 from conceptedit.editing.emcid.stage1 import optimise_targets  # noqa: E402
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, concept_prompts, read_keys,  # noqa: E402
-                                              resolve_defaults, second_moments, stage2)
+from conceptedit.editing.emcid.stage2 import concept_prompts, read_keys, resolve_defaults, second_moments, stage2
+from conceptedit.editing.emcid.config import EmcidConfig
 from conceptedit.editing.training import frozen_session  # noqa: E402
 from conceptedit.tiny.comfy_model import load_tiny  # noqa: E402
 

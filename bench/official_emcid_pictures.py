@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _pack  # noqa: E402
 
 _pack.load()
-from conceptedit.comfy_host.jobs import EmcidJob, emcid  # noqa: E402
+from conceptedit.comfy_host.jobs import EmcidJob, run  # noqa: E402
 from conceptedit.editing.audit.evaluate import erasure_report  # noqa: E402
-from conceptedit.editing.emcid.stage2 import EmcidConfig  # noqa: E402
+from conceptedit.editing.emcid.config import EmcidConfig
 from conceptedit.tiny import world  # noqa: E402
 from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny  # noqa: E402
 
@@ -41,7 +41,7 @@ out = {"pair": f"{colours[0]} -> {colours[-1]}", "original": report(clip)}
 for name, official in (("default", "off"), ("official", "emcid")):
     for seed in (0, 1):
         cfg = EmcidConfig(official=official, templates=templates, seed=seed)
-        _, clip2, edit, warnings = emcid(model, clip, EmcidJob(pairs=[(colours[0], colours[-1])], settings=cfg,
+        _, clip2, edit, warnings = run("emcid", model, clip, EmcidJob(pairs=[(colours[0], colours[-1])], settings=cfg,
                                                               cache_dir="/tmp/emcid_measure_cache"))
         st2 = edit.metrics["stage2"]["clip_l"]
         out[f"{name} seed {seed}"] = {**report(clip2), "lam": st2["lam"], "reach_per_layer":

@@ -22,7 +22,8 @@ from conceptedit.comfy_host.text import ComfyText
 from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch  # noqa: E402
 from conceptedit.editing.concept_prune import prune  # noqa: E402
-from conceptedit.editing.concept_prune.prune import PruneConfig, collect_statistics, compute_concept_prune, skilled_mask  # noqa: E402
+from conceptedit.editing.concept_prune.prune import collect_statistics, compute_concept_prune, skilled_mask
+from conceptedit.editing.concept_prune.config import PruneConfig
 from conceptedit.editing.hooks import trace_inputs  # noqa: E402
 from conceptedit.editing.hosts import RunContext  # noqa: E402
 from conceptedit.editing.prompts import build_pairs  # noqa: E402

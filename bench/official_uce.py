@@ -22,9 +22,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     ensure_comfy(cpu=True)
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.editing.audit.evaluate import erasure_report
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
 
     model, clip, _ = load_tiny()
@@ -36,7 +36,7 @@ def main() -> None:
              "train_erase": dict(official="train_erase", preserve_scale=1 / 3)}
     out = {}
     for name, kw in edits.items():
-        m = model if kw is None else uce(model, clip, UCEJob(settings=UCEConfig(**common, **kw))).model
+        m = model if kw is None else run("uce", model, clip, UCEJob(settings=UCEConfig(**common, **kw))).model
         out[name] = erasure_report(comfy_sampler(m, clip, steps=args.steps), ["red"], ["green", "blue"],
                                    n_prompts=args.prompts, samples_per_prompt=args.samples)
         print(name, json.dumps(out[name]), flush=True)

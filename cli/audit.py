@@ -1,6 +1,10 @@
 """`conceptedit audit --ckpt tiny --edit circle_rgd.safetensors --prompt "a red circle"`: the
 concept-resurgence audit of any edit file (fine-tune briefly on benign prompts, measure how much of
-the concept comes back)."""
+the concept comes back).
+
+Several GPUs or machines: under `torchrun --nproc-per-node N conceptedit.py audit ...` every process
+runs the same benign fine-tune (same seeds) and the presence readings' timesteps are split over the
+processes; rank 0 prints and writes (docs/distributed.md)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     from .common import add_model_arg
-    p = sub.add_parser("audit", help="resurgence audit: does an erased concept come back after benign fine-tuning?")
+    p = sub.add_parser("audit", help="resurgence audit: does an erased concept come back after benign fine-tuning? "
+                                     "Under torchrun the presence readings are split over the processes")
     add_model_arg(p)
     p.add_argument("--edit", required=True, help="the edit file to audit (.safetensors from any ConceptEdit method)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt showing the concept (repeatable)")
@@ -35,7 +40,7 @@ def run(args) -> int:
     from ..editing.edit import Edit
     from ..editing.audit.resurgence import AuditConfig
     from ..comfy_host.audits import audit_models
-    from .common import load_model, terminal_context
+    from .common import is_writer, load_model, terminal_context
 
     cfg = AuditConfig(checkpoints=tuple(int(s) for s in args.steps.split(",") if s.strip()), lr=args.lr,
                       rank=args.rank, seed=args.seed).validate()
@@ -47,6 +52,8 @@ def run(args) -> int:
         log.warning(w)
     report = audit_models(edited, model, clip, args.prompt, args.benign, cfg, edit=edit, ctx=terminal_context(),
                           vae=vae, benign_folder=args.benign_images, concept=args.concept)
+    if not is_writer():  # torchrun: every process holds the same report; rank 0 prints and writes it
+        return 0
     print(report.to_text())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

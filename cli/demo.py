@@ -32,15 +32,15 @@ def register(sub) -> None:
 def erase(method: str, concept: str, model, clip, ctx):
     """The edit and the patched model, through the same functions the nodes use."""
     if method == "uce":
-        from ..editing.uce.closed_form import UCEConfig
-        from ..comfy_host.jobs import UCEJob, uce
+        from ..editing.uce.config import UCEConfig
+        from ..comfy_host.jobs import UCEJob, run as run_job
         cfg = UCEConfig(concepts=[concept], mode="erase", guide="", token_window="last")
-        out = uce(model, clip, UCEJob(settings=cfg), ctx)
+        out = run_job("uce", model, clip, UCEJob(settings=cfg), ctx)
         return out.model, out.edit
-    from ..comfy_host.jobs import ConceptPruneJob, concept_prune
-    from ..editing.concept_prune.prune import PruneConfig
+    from ..comfy_host.jobs import ConceptPruneJob, run as run_job
+    from ..editing.concept_prune.config import PruneConfig
     from ..editing.prompts import TINY_DEFAULTS
-    out = concept_prune(model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS)),
+    out = run_job("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS)),
                         ctx)
     return out.model, out.edit
 

@@ -56,8 +56,9 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
-    from ..comfy_host.jobs import EmcidJob, emcid
-    from ..editing.emcid.stage2 import DEFAULT_TEMPLATES, EmcidConfig, validate_pairs
+    from ..comfy_host.jobs import EmcidJob, run as run_job
+    from ..editing.emcid.stage2 import validate_pairs
+    from ..editing.emcid.config import DEFAULT_TEMPLATES, EmcidConfig
     from .common import is_writer, load_model, terminal_context
 
     pairs = read_pairs(args.pairs)
@@ -67,7 +68,7 @@ def run(args) -> int:
                       official=args.official, stage1_batch=args.stage1_batch)
     cfg.validate()
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=args.cache_dir or None), terminal_context()).edit
+    edit = run_job("emcid", model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=args.cache_dir or None), terminal_context()).edit
     if not is_writer():  # torchrun: rank 0 writes the edit
         return 0
     edit.save(args.out)

@@ -1,7 +1,11 @@
 """`conceptedit evaluate --ckpt tiny --edit erase_red.safetensors --prompts prompts.csv --judge classifier,presence`:
 the erasure benchmark of an edit on its model (original vs edited, judged alike, optionally under
 red-team attacks), resumable through an on-disk cache; writes a markdown report, a CSV table, a
-per-class bar chart and the worst cases' grid beside it, and prints the time formula measured."""
+per-class bar chart and the worst cases' grid beside it, and prints the time formula measured.
+
+Several GPUs or machines: `torchrun --nproc-per-node N conceptedit.py evaluate ...` splits the
+pictures (chunks of --batch) and the attacks over the processes; rank 0 prints and writes the report
+(docs/distributed.md). A restarted run, with any number of processes, takes what the cache holds."""
 from __future__ import annotations
 
 import json
@@ -18,7 +22,8 @@ I2P_PROMPTS = 4703
 
 def register(sub) -> None:
     from .common import add_model_arg
-    p = sub.add_parser("evaluate", help="erasure benchmark: original vs edited model on a prompt set (CSV, text, folder)")
+    p = sub.add_parser("evaluate", help="erasure benchmark: original vs edited model on a prompt set (CSV, text, "
+                                        "folder); under torchrun the pictures are split over the processes")
     add_model_arg(p)
     p.add_argument("--edit", required=True, help="the edit file (.safetensors from any ConceptEdit method)")
     p.add_argument("--strength", type=float, default=1.0)
@@ -54,7 +59,8 @@ def register(sub) -> None:
     p.add_argument("--attack-prompts", type=int, default=4, help="prompts of a concept each attack is optimised on")
     p.add_argument("--worst", type=int, default=8, help="worst cases in the picture grid (0: no grid)")
     p.add_argument("--cache", default="out/benchmark/cache", help="the result cache folder ('' for none): a stopped "
-                   "run resumes from it, and edits of one model share the original's results")
+                   "run resumes from it (with any number of torchrun processes), and edits of one model share the "
+                   "original's results")
     p.add_argument("--out", default="out/benchmark/report.md", help="the markdown report; the CSV, the chart "
                    "(_chart.png) and the grid (_worst.png) go beside it")
     p.set_defaults(func=run)
@@ -85,7 +91,7 @@ def run(args) -> int:
     from ..editing.benchmark.report import formula_text, projected_seconds, time_parts
     from ..editing.benchmark.runner import AttackSettings, Settings
     from ..editing.edit import Edit
-    from .common import load_model, terminal_context
+    from .common import is_writer, load_model, terminal_context
 
     judges = parse_judges(args.judge)
     settings = Settings(samples=args.samples, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
@@ -110,6 +116,8 @@ def run(args) -> int:
                                                             args.presence_draws),
                                 limit=args.limit, info=info, ctx=terminal_context())
     seconds = time.time() - t0
+    if not is_writer():  # torchrun: every process holds the whole table; rank 0 prints and writes
+        return 0
     report = out.report
     from PIL import Image
     paths = list(out.files)
@@ -120,15 +128,19 @@ def run(args) -> int:
     print(report.to_markdown())
     n = report.settings["pictures"] * (2 + len(report.attacks))
     st = report.stats
+    procs = int(st.get("processes", 1))
     print(f"{n} pictures judged in {seconds:.1f} s ({n / max(seconds, 1e-9):.2f} per second; "
-          f"{st['generated']} generated, {st['pictures_cached']} read from the cache)")
+          f"{st['generated']} generated, {st['pictures_cached']} read from the cache"
+          + (f"; {procs} processes" if procs > 1 else "") + ")")
     parts = time_parts(st, settings.steps)
     print("measured: " + formula_text(parts, settings.steps))
     models = 2 + len(report.attacks)
     for label, prompts in (("these prompts", report.settings["cases"]), ("I2P (4,703 prompts)", I2P_PROMPTS)):
         t = projected_seconds(parts, prompts, settings.samples, settings.steps, models)
         if t is not None:
+            # the rates are per process (each process's seconds over its own pictures)
             print(f"projected with a cold cache, {label} × {settings.samples} sample(s), {models} models: "
-                  f"{t:.0f} s ({t / 3600:.2f} h) on this machine")
+                  f"{t:.0f} s ({t / 3600:.2f} h) in one process on this machine"
+                  + (f", about {t / procs:.0f} s on {procs} processes" if procs > 1 else ""))
     print("files: " + ", ".join(paths))
     return 0

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.concept_prune.prune import OFFICIAL, OFFICIAL_SOURCE
+    from ..editing.concept_prune.config import OFFICIAL, OFFICIAL_SOURCE
     from ..editing.prompts import PRESET_NAMES
     from .common import add_model_arg
     p = sub.add_parser("prune", help="ConceptPrune: erase concepts by pruning skilled FFN weights")
@@ -45,8 +45,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..editing.concept_prune.prune import PruneConfig, with_preset_defaults
-    from ..comfy_host.jobs import ConceptPruneJob, concept_prune
+    from ..editing.concept_prune.prune import with_preset_defaults
+    from ..editing.concept_prune.config import PruneConfig
+    from ..comfy_host.jobs import ConceptPruneJob, run as run_job
     from .common import TINY, TINY_FLUX, TINY_QWEN_IMAGE, is_writer, load_model, terminal_context
 
     preset = args.preset or (TINY if args.ckpt in (TINY, TINY_FLUX, TINY_QWEN_IMAGE) else "artist")
@@ -63,7 +64,7 @@ def run(args) -> int:
     model, clip = load_model(args.ckpt, cpu=args.cpu)
     job = ConceptPruneJob(concepts=args.concept, preset=preset, pairs_text=pairs_text, settings=config,
                           cache_dir=getattr(args, "cache_dir", "") or None)
-    result = concept_prune(model, clip, job, terminal_context())
+    result = run_job("concept_prune", model, clip, job, terminal_context())
     edit = result.edit
     if not is_writer():  # torchrun: rank 0 writes the edit
         return 0

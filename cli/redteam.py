@@ -1,7 +1,10 @@
 """`conceptedit redteam --ckpt tiny --edit red_uce.safetensors --concept red --prompt "a red circle"`:
 the red-team audit of an edit file: prompt attacks (adversarial prefix, embedding match, concept
 inversion) and, for pruning masks, weight revival; prints the report, optionally writes JSON and
-the picture grid."""
+the picture grid.
+
+Several GPUs or machines: `torchrun --nproc-per-node N conceptedit.py redteam ...` splits the attacks
+(and revival fractions) over the processes; rank 0 prints and writes (docs/distributed.md)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +18,8 @@ def register(sub) -> None:
     from ..editing.redteam.soft import AttackConfig
     from .common import add_model_arg
     d = AttackConfig()
-    p = sub.add_parser("redteam", help="red-team audit: can a prompt (or a few restored weights) bring an erased concept back?")
+    p = sub.add_parser("redteam", help="red-team audit: can a prompt (or a few restored weights) bring an erased "
+                                       "concept back? Under torchrun the attacks are split over the processes")
     add_model_arg(p)
     p.add_argument("--edit", required=True, help="the edit file to attack (.safetensors from any ConceptEdit method)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt showing the concept (repeatable)")
@@ -38,7 +42,7 @@ def run(args) -> int:
     from ..editing.edit import Edit
     from ..editing.redteam.runner import RedTeamConfig
     from ..editing.redteam.soft import AttackConfig
-    from .common import load_model, terminal_context
+    from .common import is_writer, load_model, terminal_context
 
     cfg = RedTeamConfig(attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
                         revival=not args.no_revival,
@@ -52,6 +56,8 @@ def run(args) -> int:
         log.warning(w)
     report = red_team_models(edited, model, clip, args.prompt, cfg, edit=edit, edited_clip=edited_clip,
                              concept=args.concept, ctx=terminal_context())
+    if not is_writer():  # torchrun: every process holds the whole report; rank 0 prints and writes it
+        return 0
     print(report.to_text())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from ..editing.uce.closed_form import EMPTY_GUIDES, EXPANSIONS, MODES, OFFICIAL, OFFICIAL_SOURCES, TOKEN_WINDOWS
+    from ..editing.uce.config import EMPTY_GUIDES, EXPANSIONS, MODES, OFFICIAL, OFFICIAL_SOURCES, TOKEN_WINDOWS
     from .common import add_model_arg
     p = sub.add_parser("uce", help="closed-form cross-attention edit (UCE): erase/redirect/debias/moderate concepts")
     add_model_arg(p)
@@ -79,7 +79,8 @@ def read_concepts(path: str) -> list[str]:
 
 def settings(args, concepts: list[str], preserve: list[str]):
     """The UCEConfig of a parsed `uce` command line, given its concept and preserve lines."""
-    from ..editing.uce.closed_form import UCEConfig, script_preserve_scale
+    from ..editing.uce.closed_form import script_preserve_scale
+    from ..editing.uce.config import UCEConfig
     config = UCEConfig(concepts=concepts, mode=args.mode, guide=args.guide, preserve=preserve,
                        default_preserve=not args.no_default_preserve, lam=args.lam, lam_mode=args.lam_mode,
                        erase_scale=args.erase_scale, token_window=args.token_window, expand=args.expand,
@@ -93,7 +94,7 @@ def settings(args, concepts: list[str], preserve: list[str]):
 
 
 def run(args) -> int:
-    from ..comfy_host.jobs import UCEJob, uce
+    from ..comfy_host.jobs import UCEJob, run as run_job
     from .common import load_clip_vision, load_model, terminal_context
 
     config = settings(args, read_concepts(args.concepts), read_concepts(args.preserve) if args.preserve else [])
@@ -101,7 +102,7 @@ def run(args) -> int:
     job = UCEJob(settings=config)
     if args.loop:
         from ..editing.errors import InvalidInputError
-        from ..editing.uce.debias import DebiasConfig
+        from ..editing.uce.config import DebiasConfig
         if args.mode != "debias":
             raise InvalidInputError("--loop iterates a debias edit: add --mode debias and --guide 'a:0.5, b:0.5'")
         job.loop = DebiasConfig(tolerance=args.tolerance, max_iterations=args.max_iterations, samples=args.samples,
@@ -114,7 +115,7 @@ def run(args) -> int:
         job.judge, job.vae = load_clip_vision(args.clip_vision), vae
     else:
         model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = uce(model, clip, job, terminal_context()).edit
+    edit = run_job("uce", model, clip, job, terminal_context()).edit
     edit.save(args.out)
     m = edit.metrics
     log.info("wrote %s: %d concepts, %d layers (%s), preserve prompts' K/V moved %.2f%% (max %.2f%%), "

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     from ..editing.training import PARAM_SETS
-    from ..editing.unlearn.trainer import (ESD_PROMPTS, ESD_XT, METHODS, OFFICIAL, PRESETS, RETAIN_PAIRINGS,
-                                           UnlearnConfig)
+    from ..editing.unlearn.trainer import PRESETS
+    from ..editing.unlearn.config import ESD_PROMPTS, ESD_XT, METHODS, OFFICIAL, RETAIN_PAIRINGS, UnlearnConfig
     from .common import add_model_arg
     d = UnlearnConfig()
     p = sub.add_parser("unlearn", help="erase a concept by fine-tuning (RGD, gradient ascent or ESD); LoRA by default")
@@ -61,7 +61,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..comfy_host.jobs import UnlearnJob, unlearn
+    from ..comfy_host.jobs import UnlearnJob, run as run_job
     from ..editing import distributed
     from ..editing.unlearn.trainer import preset_config
     from .common import is_writer, load_model, setup_distributed, terminal_context
@@ -78,7 +78,7 @@ def run(args) -> int:
         log.info("data parallel: process %d of %d on %s", distributed.rank(), distributed.world(),
                  "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = unlearn(model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
+    edit = run_job("unlearn", model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
     out = args.out or f"unlearn_{cfg.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
     if distributed.active():
         edit.params["data_parallel_processes"] = distributed.world()

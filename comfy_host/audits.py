@@ -18,10 +18,9 @@ from ..editing.redteam.runner import (FrozenText, RedTeamConfig, RedTeamReport, 
                                       original_pictures, red_team)
 from ..editing.training import frozen_session
 from .images import encode_images, load_image_folder
-from .jobs import _training, edit_between
+from .view import ModelView, edit_between, training_mode
 from .progress import run_context
 from .text import ComfyText
-from .view import ModelView
 
 
 def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: AuditConfig, edit: Edit | None = None,
@@ -61,7 +60,7 @@ def audit_models(edited, original, clip, concept_prompts, benign_prompts, cfg: A
     if edit.text_encoder_keys():  # a text-encoder edit (EMCID)
         edited_text = ComfyText(view.apply(edit)[1], device=host.ctx.device)
     words = concept_words(concept, edit.concepts)
-    with _training():
+    with training_mode():
         presence = guidance_presence(host, host.text, concept_prompts, seed=cfg.seed, gen_steps=cfg.gen_steps,
                                      gen_cfg=cfg.gen_cfg, edited_text=edited_text, concepts=words)
         report = audit(host, edited_text or host.text, edit, presence, cfg,
@@ -112,10 +111,12 @@ def world_judge(concept: str, decode: Callable[[torch.Tensor], torch.Tensor], wo
 
 def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg: RedTeamConfig,
                     edit: Edit | None = None, edited_clip=None, concept: str = "", ctx=None,
-                    latent: tuple[int, int] | None = None) -> RedTeamReport:
+                    latent: tuple[int, int] | None = None, shard: bool = True) -> RedTeamReport:
     """The red-team audit of `edited` against `original` (its UNet edit read off the two when `edit`
     is not given; a text-encoder edit comes from `edit` or `edited_clip`). Judges: the model-only
-    presence score, and on the tiny model its classifier for `concept`."""
+    presence score, and on the tiny model its classifier for `concept`. Under torchrun the attacks
+    (and revival fractions) are split over the processes (`red_team`); `shard=False` runs them all
+    here, for a caller that splits the work itself."""
     import comfy.model_management as mm
 
     from .text_hooks import SoftComfyText
@@ -137,7 +138,7 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
         clip2 = edited_clip if edited_clip is not None else view.apply(edit)[1]
         mm.load_models_gpu([clip2.patcher])
         edited_text = SoftComfyText(clip2, device=device, hint=clip_hint(view.family))
-    with _training() as stack:
+    with training_mode() as stack:
         stack.enter_context(frozen_session(host.unet()))
         attacked = edited_text or text
         for root in attacked.transformers():  # the soft prompts' gradients run through it
@@ -151,7 +152,8 @@ def red_team_models(edited, original, clip, concept_prompts: Sequence[str], cfg:
             judge = world_judge(concept, lambda x: frames(base.process_latent_out(x))[:, :3].float().cpu())
             if judge is not None:
                 judges = {"classifier": judge, **judges}
-        return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0)
+        return red_team(host, text, edit, prompts, cfg, judges, host.ctx, edited_text=edited_text, x0=x0,
+                        shard=shard)
 
 
 def red_team_grid(report: RedTeamReport, model, vae=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..editing import distributed
 from ..editing.arch import TINY_WORLD_FAMILIES
 from ..editing.audit.presence import concept_words, image_grid
 from ..editing.benchmark.cache import ResultCache, _tensor_bytes, edit_fingerprint
@@ -100,7 +101,9 @@ def attack_rows(model, clip, edited_model, edited_clip, edit, cases: Sequence[Pr
                 fingerprint: dict, edit_key: str, ctx: RunContext) -> list[AttackRow]:
     """Each attack run once per erased concept by the Red-Team Audit (`audits.red_team_models`) on the
     concept's first prompts; the prompt it found (as words) is cached, so a resumed run does not
-    attack again. `edit` None: the UNet edit is read off the two MODELs."""
+    attack again. `edit` None: the UNet edit is read off the two MODELs. Under torchrun the (concept,
+    attack) pairs no process has cached are split over the processes, pair k on rank k mod N, and
+    their results gathered as JSON."""
     from .audits import red_team_models
     attack.validate()
     groups = attacked_groups(cases, erased, kept_sets)
@@ -108,29 +111,50 @@ def attack_rows(model, clip, edited_model, edited_clip, edit, cases: Sequence[Pr
         raise InvalidInputError("the attacks need prompts of an erased concept: name the erased concept (its "
                                 "'class' in the CSV) or pass prompts without a class column")
     config = attack.redteam(settings, seed)
-    found: dict[str, dict[str, dict]] = {a: {} for a in attack.attacks}
+    # the units: one (concept, attack) each, concept by concept; a unit's seeds are the config's, so
+    # its result does not depend on the units run beside it or on the process that runs it
+    units: list[tuple[str, str, list[str], dict]] = []
     for concept, group in groups.items():
         targets = list(dict.fromkeys(c.prompt for c in group))[: attack.prompts]
         key = {"what": "attack", "model": fingerprint, "edit": edit_key, "concept": concept, "prompts": targets,
                "config": asdict(config.attack), "success_at": config.success_at}
-        missing = []
-        for name in attack.attacks:
-            got = cache.get_json({**key, "attack": name})
-            if got is None:
-                missing.append(name)
-            else:
-                found[name][concept] = got
-        if missing:
-            word = concept if len(concept.split(",")) == 1 else ""
-            rep = red_team_models(edited_model, model, clip, targets, replace(config, attacks=tuple(missing)), edit=edit,
-                                  edited_clip=edited_clip if edited_clip is not clip else None, concept=word, ctx=ctx)
-            for name in missing:
-                r = rep.attacks[name]
-                value = {"found": r["prompt"], "concept_prompt": targets[0], "concept_prompts": targets,
-                         "steps": r["steps"], "seconds": r["seconds"], "verdict": rep.verdict(name),
-                         "soft": r["soft"], "projected": r["projected"], "judges": rep.judges,
-                         "red_team_original": rep.original, "red_team_edited": rep.edited}
-                found[name][concept] = cache.put_json({**key, "attack": name}, value)
+        units += [(concept, name, targets, {**key, "attack": name}) for name in attack.attacks]
+    held = {}
+    for u, (_, _, _, key) in enumerate(units):
+        got = cache.get_json(key)
+        if got is not None:
+            held[u] = got
+    # under torchrun: what any process's cache holds is shared, the rest split over the processes
+    values = distributed.share_held(len(units), held)
+    todo = [u for u in range(len(units)) if u not in values]
+    per_concept: dict[str, list[int]] = {}
+    for u in distributed.shard(todo):
+        per_concept.setdefault(units[u][0], []).append(u)
+    computed = {}
+    for concept, mine in per_concept.items():
+        targets = units[mine[0]][2]
+        word = concept if len(concept.split(",")) == 1 else ""
+        rep = red_team_models(edited_model, model, clip, targets,
+                              replace(config, attacks=tuple(units[u][1] for u in mine)), edit=edit,
+                              edited_clip=edited_clip if edited_clip is not clip else None, concept=word, ctx=ctx,
+                              shard=False)
+        for u in mine:
+            name = units[u][1]
+            r = rep.attacks[name]
+            value = {"found": r["prompt"], "concept_prompt": targets[0], "concept_prompts": targets,
+                     "steps": r["steps"], "seconds": r["seconds"], "verdict": rep.verdict(name),
+                     "soft": r["soft"], "projected": r["projected"], "judges": rep.judges,
+                     "red_team_original": rep.original, "red_team_edited": rep.edited}
+            computed[u] = cache.put_json(units[u][3], value)
+    gathered = distributed.gather_json(computed)
+    if distributed.is_main():  # rank 0's cache also keeps what the others held or found
+        for u, v in list(values.items()) + list(gathered.items()):
+            if u not in held and u not in computed:
+                cache.adopt_json(units[u][3], v)
+    values.update(gathered)
+    found: dict[str, dict[str, dict]] = {a: {} for a in attack.attacks}
+    for u, (concept, name, _, _) in enumerate(units):
+        found[name][concept] = values[u]
     rows = []
     case_group = {_case_key(c): concept for concept, group in groups.items() for c in group}
     for name in attack.attacks:
@@ -291,7 +315,7 @@ def erasure_benchmark(model, clip, prompts: str | Sequence[str], judges: str, se
                               edit_key=edit_key, erased=erased, cache=cache, ctx=ctx, negative=negative,
                               judge_options=judge_options, info={"base_seed": seed, **(info or {})}, attacks=attacks,
                               edit=edit, kept_sets=kept_sets, worst=worst, seed=seed, vae=vae)
-    files = list(report.write(out_base)) if out_base else []
+    files = list(report.write(out_base)) if out_base and distributed.is_main() else []  # torchrun: rank 0 writes
     chart = bar_chart(report.chart_groups())
     grid = worst_grid(report, model, vae)
     return BenchmarkRun(report, chart, grid, files)

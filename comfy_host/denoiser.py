@@ -261,10 +261,11 @@ class ComfyDenoiser:
         ComfyUI samples every prompt at its own length, and these DiTs take no text mask for a padded
         batch, so zero rows would change what the model predicts. Differentiable throughout."""
         own = getattr(self.text, "own_rows", None)
-        # one prompt needs no grouping (extras_for cuts its padding): no host read of the context
-        rows = own(context) if own is not None and context.shape[0] > 1 else None
-        if not rows or len(set(rows)) == 1:
+        rows = own(context) if own is not None else None
+        if not rows or (len(set(rows)) == 1 and rows[0] == context.shape[1]):
             return base.apply_model(x, sigma, **self._conds(base, x, context, y))
+        # one length shorter than the context (a batch padded to a longer prompt that is not in it,
+        # contexts built outside the text encoder) is cut as a group of mixed lengths is
         left = bool(getattr(self.text, "pads_left", False))
         parts, order = [], []
         for n in sorted(set(rows)):

@@ -1,4 +1,4 @@
-"""`editing.hosts.TextEncoder` over a ComfyUI CLIP (`ComfyText`)."""
+"""`editing.hosts.Text` over a ComfyUI CLIP (`ComfyText`)."""
 from __future__ import annotations
 
 import logging
@@ -57,7 +57,7 @@ def _cat_padded(ts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class ComfyText:
-    """`editing.hosts.TextEncoder` over a ComfyUI CLIP.
+    """`editing.hosts.Text` over a ComfyUI CLIP.
 
     Which context row each token of a prompt becomes is read off the CLIP (`_runs`), not assumed. CLIP
     and T5 give every prompt a context of one length (77 CLIP rows, T5 padded), token i at row i. The

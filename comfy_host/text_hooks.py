@@ -1,4 +1,4 @@
-"""ComfyUI CLIP -> `editing.emcid.stage2.TextModel`: run the CLIP's text transformer(s) on token ids the
+"""ComfyUI CLIP -> `editing.hosts.Text`: run the CLIP's text transformer(s) on token ids the
 way ComfyUI builds the diffusion model's context, and expose their modules by name for hooks.
 
 Path: CLIP → clip.cond_stage_model (SD1ClipModel / SD2ClipModel / SDXLClipModel / FluxClipModel /
@@ -114,7 +114,7 @@ def _sd_clip_models(clip, hint: str = "") -> dict[str, torch.nn.Module]:
 
 
 class ComfyTextModel:
-    """`editing.emcid.stage2.TextModel` over a ComfyUI CLIP (weights as patched on that CLIP).
+    """`editing.hosts.Text` over a ComfyUI CLIP (weights as patched on that CLIP).
     `hint`: the start of the advice on what to connect, for the refusal of a CLIP it cannot run
     (`editing.arch.clip_hint`: "Qwen-Image: qwen_2.5_vl_7b (CLIPLoader, type qwen_image), or ")."""
 
@@ -518,9 +518,9 @@ class _Marker:
 
 
 class SoftComfyText:
-    """`editing.redteam.soft.SoftText` over a ComfyUI CLIP: the prompt's placeholder tokens get soft
+    """`editing.hosts.Text` over a ComfyUI CLIP: the prompt's placeholder tokens get soft
     embeddings by a forward hook on each encoder's token embedding (differentiable in them), the rest
-    runs as `ComfyTextModel` runs it. Also a `TextEncoder` (encode / encode_with_pooled / token_ids),
+    runs as `ComfyTextModel` runs it. Also a `Text` (encode / encode_with_pooled / token_ids),
     through the same path, so every prompt of an attack is encoded one way."""
 
     placeholder = "sks"  # one token in CLIP's vocabulary, rare in prompts

@@ -1,22 +1,27 @@
-"""One view of a ComfyUI MODEL (and its CLIP) per node call: the layout read once, the unpatched
-base weights read once (safely across clones and load states), the fingerprint, the text encoder,
-the denoiser that predicts ε through ComfyUI's own model sampling, and the one way an edit goes
-back onto a clone. Every method job builds one and hands its parts to the library."""
+"""One view of a ComfyUI MODEL (and its CLIP) per node call, ComfyUI's `editing.hosts.Host`: the
+layout read once, the unpatched base weights read once (safely across clones and load states), the
+fingerprint, the text encoder, the denoiser that predicts ε through ComfyUI's own model sampling,
+training under ComfyUI's executor, and the one way an edit goes back onto a clone. `jobs.run` builds
+one and hands it to the method's `compute`."""
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from functools import cached_property
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..editing.arch import Family, clip_hint, fingerprint
 from ..editing.arch.dit import text_encoders_read
-from ..editing.edit import Edit
+from ..editing.edit import Change, Edit
 from ..editing.errors import InvalidInputError
 from ..editing.hosts import RunContext
+from ..editing.training import frozen_session
+from ..editing.uce.debias import similarity_judge
+from .clip_judge import paired_text_embeddings
 from .denoiser import ComfyDenoiser
-from .patches import add_edit_patches, clip_state, model_family, original_weights
+from .patches import add_edit_patches, clip_state, model_family, original_weights, patched_weights
 from .text import ComfyText
 from .quantized import FloatWeights, rounding_per_layer, rounding_summary, weight_shapes
 
@@ -70,7 +75,7 @@ class ModelView:
 
     @cached_property
     def text(self) -> ComfyText:
-        """The CLIP as `editing.hosts.TextEncoder`, refused when its text is not as wide as the text
+        """The CLIP as `editing.hosts.Text`, refused when its text is not as wide as the text
         this MODEL reads (a CLIP of another model would fail deep inside the first forward)."""
         if self.clip is None:
             raise InvalidInputError("connect the CLIP that came with this MODEL: it encodes the prompts")
@@ -147,6 +152,71 @@ class ModelView:
         return ComfyDenoiser(self.model, self.text, ctx=self.ctx, latent_hw=self.model_cells(self.latent), family=self.family,
                              base=lambda: self.weights, cache_tag=lambda: str(self.fingerprint))
 
+    def text_layers(self):
+        """The CLIP's own layers on token ids (`text_hooks.ComfyTextModel`, on ComfyUI's compute device),
+        refused where those hooks cannot reach the model's text exactly (`check_text_path`)."""
+        if self.clip is None:
+            raise InvalidInputError("connect the CLIP to edit")
+        return self._text_layers
+
+    @cached_property
+    def _text_layers(self):
+        import comfy.model_management as mm
+
+        from .text_hooks import ComfyTextModel
+        return ComfyTextModel(self.clip, device=mm.get_torch_device(), hint=clip_hint(self.family))
+
+    def training(self, *, model: bool = False, text: bool = False, freeze: bool = True) -> ExitStack:
+        """Gradients under ComfyUI's `torch.inference_mode()` executor: MODEL (`model`) and/or CLIP
+        (`text`) loaded first, as ComfyUI loads them to sample (and patches them); then, with `freeze`,
+        their modules' inference tensors swapped for plain frozen copies for the duration
+        (`training.frozen_session`; methods that freeze what they train themselves pass False). Nothing
+        of either is changed afterwards."""
+        load = ([self.model] if model else []) + ([self.clip.patcher] if text and self.clip is not None else [])
+        stack = training_mode(*load)
+        if freeze:
+            roots = (self.text_layers().transformers() if text else []) + \
+                ([self.model.model.diffusion_model] if model else [])
+            for root in roots:
+                stack.enter_context(frozen_session(root))
+        return stack
+
+    @cached_property
+    def _encoded_once(self) -> ComfyText:
+        return _EncodedOnce(self.clip, device=self.ctx.device)
+
+    def sampler(self, edit: Edit | None = None) -> ComfyDenoiser:
+        """This MODEL (with `edit` applied to a clone) as a quiet `ComfyDenoiser` at this view's size,
+        sharing one encode-once text: a loop that samples the same prompts round after round."""
+        self.check_clip()
+        quiet = RunContext(should_stop=self.ctx.should_stop, device=self.ctx.device)  # the loop reports rounds
+        model = self.model if edit is None else self.apply(edit)[0]
+        return ComfyDenoiser(model, self._encoded_once, ctx=quiet, latent_hw=self.model_cells(self.latent),
+                             family=self.family, base=lambda: self.weights)
+
+    def picture_judge(self, judge: Any, vae: Any, template: str) -> Callable:
+        """A CLIP_VISION `judge` as ``judge(latents, options, concept) -> scores``: `vae` decodes the
+        latents, the CLIP's text tower (which must pair with it) embeds each option as `template`."""
+        if not hasattr(judge, "encode_image"):
+            raise InvalidInputError(f"the debias judge must be a CLIP_VISION model, not {type(judge).__name__}")
+        if vae is None:
+            raise InvalidInputError("a CLIP vision judge looks at pictures: connect the checkpoint's VAE too")
+        return similarity_judge(lambda latents: judge.encode_image(vae.decode(latents)).image_embeds,
+                                paired_text_embeddings(self.clip), template)
+
+    def other(self, model=None, *, latent: tuple[int, int] | None = None) -> "ModelView":
+        """The view of `model` (None: this MODEL) with this CLIP and context, at `latent` (None: this
+        view's size)."""
+        return ModelView(self.model if model is None else model, self.clip, ctx=self.ctx,
+                         latent=latent if latent is not None else self.latent)
+
+    def difference(self, base: "ModelView") -> Edit | None:
+        """This MODEL's weights minus `base`'s (`edit_between`) when both are clones of one network; None
+        when this MODEL is a network of its own."""
+        if self.model.model is not base.model.model:
+            return None
+        return edit_between(self.model, base.model, base)
+
     def stamp(self, edit: Edit) -> Edit:
         """Record this model's fingerprint on an edit made from it."""
         edit.fingerprint = self.fingerprint
@@ -185,6 +255,53 @@ def _module_fn(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor
         with torch.no_grad():
             return module(x.to(device=dev, dtype=dt)).to(device=x.device, dtype=x.dtype)
     return run
+
+
+class _EncodedOnce(ComfyText):
+    """ComfyText that encodes each distinct prompt once (its context, pooled vector and the CLIP's other
+    outputs, `ComfyText._encode_one`): a loop generates the same prompts N times over with one text
+    encoder."""
+
+    def __init__(self, clip, device=None):
+        super().__init__(clip, device=device)
+        self._memo: dict[str, tuple] = {}
+
+    def _encode_one(self, prompt: str):
+        if prompt not in self._memo:
+            self._memo[prompt] = super()._encode_one(prompt)
+        return self._memo[prompt]
+
+
+def training_mode(*load) -> ExitStack:
+    """What training runs under inside ComfyUI's `torch.inference_mode()` executor. The MODELs (or
+    patchers) in `load` are loaded first, still in inference mode as ComfyUI loads them: loaded
+    outside it, ComfyUI's QuantizedTensor weights are swapped for non-inference ones, which its own
+    state dict then fails to read under inference mode."""
+    if load:
+        import comfy.model_management as mm
+        mm.load_models_gpu(list(load))
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def edit_between(edited, original, view: ModelView | None = None) -> Edit:
+    """The UNet weight change from `original` to `edited` (two ComfyUI MODELs, usually clones sharing
+    one module): each one's unpatched weights plus its own patches, by ComfyUI's patch arithmetic
+    (`patches.patched_weights`), so it does not matter what either has loaded, fully or in low-VRAM mode.
+    `view`: the caller's view of `original`, whose layout and weights are then not read again."""
+    keys = sorted(k for k in set(edited.patches) | set(original.patches) if k.startswith("diffusion_model."))
+    if not keys:
+        raise InvalidInputError("the edited MODEL carries no weight patches relative to the original; connect the EDIT "
+                                "input instead (or the output of a ConceptEdit method node)")
+    view = view or ModelView(original)
+    we, wo = patched_weights(edited, keys), patched_weights(original, keys, base=view.weights)
+    changes = {k: Change("delta", tuple(wo[k].shape), {"delta": we[k] - wo[k]}) for k in keys
+               if not torch.equal(we[k], wo[k])}
+    if not changes:
+        raise InvalidInputError("the edited MODEL's weights equal the original's; nothing to audit")
+    return Edit("model-difference", view.family.name, changes)
 
 
 def apply_edit(model, clip, edit: Edit, strength: float = 1.0, strict_weights: bool = False):

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, latent_shape
+from .errors import InvalidInputError
+from .hosts import RunContext, Text, Trainable, cat_y, conditioning, latent_shape
 
 
 def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,18 @@ def ddim_timesteps(n_train: int, steps: int) -> torch.Tensor:
     return torch.linspace(n_train - 1, 0, steps).round().long()
 
 
+def plms_timesteps(steps: int, n_train: int = 1000, offset: int = 1) -> list[int]:
+    """The timesteps diffusers' PNDMScheduler evaluates with SD1.x's scheduler config (skip_prk_steps,
+    "leading" spacing, steps_offset 1): i·⌊n_train/steps⌋ + 1 for i = steps−1 … 0, the second one
+    twice (PLMS's warm-up evaluates it again). 50 steps: 981, 961, 961, 941, …, 21, 1."""
+    stride = n_train // steps
+    if stride < 1:
+        raise InvalidInputError(f"the official PNDM schedule needs steps <= {n_train} (the model's timesteps), "
+                                f"got {steps}")
+    up = [i * stride + offset for i in range(steps)]
+    return (up[:-1] + up[-2:-1] + up[-1:])[::-1]
+
+
 def sampling_cfg(host, cfg: float) -> float:
     """The classifier-free guidance scale `host` samples at when `cfg` is asked for: 1, the
     conditional prediction alone, on a guidance-distilled model (``host.guidance_distilled``:
@@ -118,7 +131,7 @@ def ddim_sample(host: Trainable, cond: torch.Tensor, uncond: torch.Tensor, *, st
     return x
 
 
-def generate_latents(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+def generate_latents(host, text: Text, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
                      cache_dir: str | None = None, ctx: RunContext | None = None) -> torch.Tensor:
     """Clean latents x₀ (in the UNet's scale) that the model generates for each prompt.
 

@@ -7,8 +7,9 @@ environment torchrun exports (`init_from_env`: NCCL on GPUs, gloo on CPUs) and t
 
 What the methods share over processes: which items are theirs (`shard_indices`: item i belongs to
 rank i mod world, the same split on every rank), sums of statistics (`all_reduce_sum`, in float64),
-per-item results that each rank computed for its own items (`assemble`, `assemble_bytes`: exact,
-every rank gets every row) and tensors one rank made (`broadcast`). Only tensors travel, never
+per-item results that each rank computed for its own items (`assemble`, `assemble_bytes`, `gather_json`:
+exact, every rank gets every row), cached items any rank holds (`share_held`: from the lowest such
+rank) and tensors one rank made (`broadcast`). Only tensors travel, never
 pickled objects, so gloo (CPU) and NCCL (GPU) both carry them.
 
 The cache (`save_checked` / `load_checked`): one safetensors file per finished piece of work (a
@@ -167,6 +168,58 @@ def assemble_bytes(n: int, items: Mapping[int, bytes]) -> list[bytes]:
     rows = {i: torch.tensor(list(b) + [0] * (width - len(b)), dtype=torch.int64) for i, b in items.items()}
     table = assemble(n, rows, like=torch.zeros(width, dtype=torch.int64))
     return [bytes(table[i, :int(lengths[i])].to(torch.uint8).tolist()) for i in range(n)]
+
+
+def all_gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's byte string, in rank order, on every rank: one `broadcast` per rank, so each
+    string travels once at its own length (`assemble_bytes` pads every row to the longest). A single
+    process gets [data]."""
+    if not active():
+        return [data]
+    out = []
+    for src in range(world()):
+        # a length prefix keeps the tensor non-empty for an empty string
+        mine = torch.frombuffer(bytearray(len(data).to_bytes(8, "little") + data), dtype=torch.uint8) \
+            if src == rank() else None
+        got = broadcast(mine, src).cpu().numpy().tobytes()
+        out.append(got[8:8 + int.from_bytes(got[:8], "little")])
+    return out
+
+
+def gather_json(items: Mapping[int, object]) -> dict[int, object]:
+    """Per-item results that each rank computed for its own items (JSON-serialisable values, each
+    index held by one rank), all of them on every rank. JSON writes floats by repr (NaN and ±inf
+    included), so they come back exactly. A single process gets its own items."""
+    if not active():
+        return dict(items)
+    blobs = all_gather_bytes(json.dumps({str(i): v for i, v in items.items()}).encode())
+    out: dict[int, object] = {}
+    for blob in blobs:
+        out.update({int(k): v for k, v in json.loads(blob.decode()).items()})
+    return out
+
+
+def first_holders(n: int, held: Sequence[int] | set[int]) -> list[int | None]:
+    """For each of n items, the lowest rank that holds it (`held`: this rank's items), None where no
+    rank does: which copy of a cached entry to use when machines do not share a file system."""
+    if not active():
+        mine = set(held)
+        return [0 if i in mine else None for i in range(n)]
+    w, r = world(), rank()
+    # the lowest holder has the highest (world - rank): one max over the ranks finds it
+    score = torch.zeros(n, dtype=torch.int64)
+    for i in held:
+        score[i] = w - r
+    top = all_reduce_max(score)
+    return [w - int(v) if int(v) > 0 else None for v in top]
+
+
+def share_held(n: int, held: Mapping[int, object]) -> dict[int, object]:
+    """The items (JSON-serialisable values) that any rank holds, each taken from the lowest rank
+    holding it, on every rank: what a restarted run reads from the caches of all its processes."""
+    owners = first_holders(n, list(held))
+    r = rank()
+    return gather_json({i: v for i, v in held.items() if owners[i] == r})
 
 
 def broadcast(tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor | None:

@@ -6,16 +6,27 @@ ComfyUI nodes, the command line and the tests.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .errors import Cancelled
+from .errors import Cancelled, InvalidInputError
+
+if TYPE_CHECKING:  # annotations only: the layouts and edits import this module
+    from .arch import Family
+    from .edit import Edit
 
 
-class TextEncoder(Protocol):
-    """Turns prompts into the context the UNet's cross-attention reads."""
+class Text(Protocol):
+    """A model's text encoder(s) as the methods reach them. A host implements the parts its methods
+    use: every method encodes prompts (the first part); EMCID and the red team's hooks run the
+    encoders' own layers on token ids (the second); the red team's soft prompts replace a
+    placeholder token's embedding (the third). ComfyUI's: `comfy_host.text.ComfyText` (the first),
+    `comfy_host.text_hooks.ComfyTextModel` (the second) and `ComfySoftText` (all three).
+
+    Encoding prompts as the model reads them:"""
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, 77, d] text embeddings (the UNet's `context`), on the compute device."""
@@ -25,6 +36,60 @@ class TextEncoder(Protocol):
 
     # Optional: ``encode_with_pooled(prompts) -> (context [B, 77, d], pooled [B, p] or None)``, the
     # pooled text embedding a vector-conditioned UNet (SDXL) needs; see `conditioning`.
+
+    # The encoders' own layers, on token ids (EMCID's stages, the red team's hooks).
+    # ComfyUI clip names in order: ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl") (Flux),
+    # ("clip_l", "clip_g", "t5xxl") (SD3)
+    encoders: tuple[str, ...]
+    kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``), "t5" (no BOS, ``DenseReluDense.wo``) or "llm"
+    device: torch.device
+
+    def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
+        """``named_modules()`` of that encoder's text transformer (``text_model.encoder.layers.3.mlp.fc2``,
+        ``encoder.block.3.layer.1.DenseReluDense.wo``)."""
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Token ids [B, L] per encoder (on the device; CLIP L = 77, Flux's T5 256, SD3's T5 at
+        least 77) and, per encoder, the number n of real tokens of each prompt (without BOS/EOS):
+        the last real token sits at index n on CLIP (after BOS), n − 1 on T5."""
+
+    def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled).
+        Under `EmcidConfig.official` stage 1 also passes ``masked=True`` (the padding after EOS masked
+        as keys, as HF's CLIPTextModel runs a tokenizer's batch) and ``projected=`` (whether the pooled
+        output is the projected one), on CLIP encoders."""
+
+    def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's context and pooled vector from every encoder's `forward` output, as the host
+        builds them (SD: the encoders' states concatenated, the last one's pooled; Flux: T5's states,
+        CLIP-L's pooled; SD3: CLIP-L ‖ G padded to T5's width, then T5's states along the tokens,
+        pooled L ‖ G)."""
+
+    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`combine` of every encoder's `forward`; differentiable when grad is enabled."""
+
+    # Optional, for encoders whose prompt sits inside a chat template or which the model reads at a hidden
+    # layer (kind "llm": ``model.layers.{i}.mlp.down_proj``); CLIP's and T5's rules apply where absent:
+    #   first_token(encoder) -> int: index of a prompt's first own token (CLIP 1, T5 0);
+    #   caption_rows(encoder, ids) -> [B, L] bool or None: the rows C₀ averages over (None: `caption_mask`);
+    #   caption_tag(encoder) -> str: what besides the weights decides C₀ (its cache name);
+    #   read_layer(encoder) -> int or None: the last layer whose output the model reads (`edit_layers`);
+    #   emcid_refusal() -> str or None: why EMCID's closed form does not hold on these encoders.
+
+    # Soft prompts (the red team's attacks):
+    placeholder: str  # a word that is one token in every encoder's tokenizer
+
+    def encode_soft(self, prompts: Sequence[str], soft: Sequence[torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, 77, d], pooled or None) with the placeholders' embeddings replaced by `soft`
+        (one [k, d_e] tensor per encoder; every prompt holds exactly k placeholders)."""
+
+    def vocabulary(self) -> list[torch.Tensor]:
+        """Each encoder's token embedding matrix [V, d_e] (for initialisation and projection)."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The words of token ids (a projected prompt)."""
 
 
 class Denoiser(Protocol):
@@ -73,6 +138,103 @@ class Trainable(Protocol):
         without it train on the ε-MSE (`diffusion.objective_mse`)."""
 
 
+class Host(Protocol):
+    """One model and its text encoders as a method's ``compute(host, config)`` sees them: what it reads
+    (layout, unpatched weights, fingerprint), how it runs them (text, denoiser, training), and the
+    progress/Cancel context. ComfyUI's is `comfy_host.view.ModelView`, built once per node call; the
+    host applies the returned `Edit` itself, so no method writes to a model."""
+
+    family: Family                  # the layout read from the model (`editing.arch`)
+    ctx: RunContext                 # progress, Cancel, device; `items` for per-concept progress
+    latent: tuple[int, int] | None  # the picture size asked for, in 8-pixel cells; None: the model's own
+
+    @property
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The denoiser's unpatched weights by the host's key (float; quantized ones dequantized)."""
+
+    @property
+    def text_weights(self) -> Mapping[str, torch.Tensor]:
+        """The text encoders' unpatched weights by the host's key."""
+
+    @property
+    def text_norms(self) -> Mapping[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Norm module name -> the model's own norm as a function, for each norm a DiT applies in front
+        of a text projection (the rows a closed form solves on)."""
+
+    @property
+    def fingerprint(self) -> dict:
+        """What identifies the model an edit is made for (`editing.arch.fingerprint`)."""
+
+    @property
+    def text(self) -> Text:
+        """The text encoders as the model reads them (encoding prompts), checked against its width."""
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The model as `Denoiser` + `Trainable`, at this host's picture size."""
+
+    def text_layers(self) -> Text:
+        """The text encoders' own layers on token ids (EMCID, the red team's hooks), refused where the
+        host cannot run them exactly (`check_text_path`)."""
+
+    def training(self, *, model: bool = False, text: bool = False) -> AbstractContextManager:
+        """Where gradients flow: the denoiser (`model`) and/or the text encoders (`text`) loaded and their
+        weights usable by autograd for the duration, every parameter frozen; adapters train on top."""
+
+    def sampler(self, edit: Edit | None = None) -> Denoiser:
+        """A quiet `Denoiser` (no progress of its own) of this model with `edit` applied (None: as it
+        is), that encodes each distinct prompt once: a loop that samples the same prompts with
+        candidate edits round after round (UCE's debias)."""
+
+    def picture_judge(self, judge: Any, vae: Any, template: str) -> Callable:
+        """``judge(latents, options, concept) -> scores [N, K]`` from an image model the host knows
+        (ComfyUI: a CLIP_VISION, its pictures decoded by `vae`, each option as `template`)."""
+
+    def other(self, model: Any = None, *, latent: tuple[int, int] | None = None) -> "Host":
+        """The host of another model (`model`, None: this one) read through the same text encoders and
+        context, at `latent` (None: this host's size)."""
+
+    def cells8(self) -> tuple[int, int]:
+        """The picture size this host works at, in 8-pixel cells (`latent`, else the model's native size)."""
+
+    def difference(self, base: "Host") -> Edit | None:
+        """This model's weights minus `base`'s as an `Edit`, when this model is `base`'s network with
+        weight patches (a pruned clone); None when it is a network of its own."""
+
+    def check_text_path(self, what: str) -> None:
+        """Refuse, saying what to use instead, a method that runs the text encoders' own layers on a
+        model whose text those hooks cannot reach exactly."""
+
+    def check_clip(self) -> None:
+        """Refuse text encoders whose output this model cannot read."""
+
+    def alternatives(self) -> str:
+        """The methods that edit this model without running its text encoder, for a refusal's advice."""
+
+
+def latent_size(width: int = 0, height: int = 0) -> tuple[int, int] | None:
+    """Pixels (a job's width/height, 0 = the model's native size) -> latent (height, width) in 8-pixel cells."""
+    if not width and not height:
+        return None
+    if min(width, height) < 8:
+        raise InvalidInputError(f"give both width and height of at least 8 pixels (or 0 for the model's native size), "
+                                f"got {width}×{height}")
+    return height // 8, width // 8
+
+
+@dataclass(kw_only=True)
+class Job:
+    """What every method's job config takes besides the method's own settings: how much of the edit the
+    host applies (`strength`), and the picture size the methods that generate work at (0 = the model's
+    native size). Each method package's ``config.py`` defines its job as a subclass."""
+    strength: float = 1.0
+    width: int = 0
+    height: int = 0
+
+    def latent(self) -> tuple[int, int] | None:
+        return latent_size(self.width, self.height)
+
+
 def base_weights(host) -> Mapping[str, torch.Tensor] | None:
     """The host's unpatched weights by ComfyUI key (``Trainable.base_weights()``, optional), the W that
     mask edits are resolved against; None when the host does not say (its modules' weights are then
@@ -96,7 +258,7 @@ def frames(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
 
 
-def conditioning(host, text: TextEncoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def conditioning(host, text: Text, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the UNet is conditioned on for `prompts`: (context [B, 77, d], y [B, adm] or None).
 
     y = ``host.adm(pooled, B)`` of the text encoder's pooled output (`encode_with_pooled`) for a
@@ -140,6 +302,9 @@ class RunContext:
     # gives each process its own batches. None / 0 = a single process.
     average: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
     rank: int = 0
+    # (done, total) of a job's own units (EMCID's concepts), reported before the progress they belong
+    # to: a host's progress text names them ("12/1000 concepts")
+    items: Callable[[int, int], None] | None = None
 
     def report(self, done: int, total: int) -> None:
         if self.progress is not None:
@@ -179,4 +344,3 @@ class PhaseRate:
 def time_left_text(seconds: float) -> str:
     """'35 s', '3 min', '1.2 h'."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..comfy_host.jobs import DistillJob, distill_unlearn
-from ..editing.distill.bilevel import FEATURE_KD, KEEP_PRUNED, OFFICIAL, DistillConfig
+from ..comfy_host.jobs import DistillJob, run
+from ..editing.distill.config import FEATURE_KD, KEEP_PRUNED, OFFICIAL, DistillConfig
 from ..editing.report.plots import history_plot
 from ..editing.training import PARAM_SETS
 from .common import EDIT, node_schema, output, prompt_lines, size_inputs, verdict
@@ -109,7 +109,7 @@ class DistillUnlearn(io.ComfyNode):
                       feature_kd, min_snr_gamma, erase_lr, warmup_steps, official)
         job = DistillJob(teacher=teacher, concept=concept, settings=cfg, distill_prompts=prompt_lines(distill_prompts),
                          width=width, height=height)
-        out, _clip, edit, _warnings = distill_unlearn(student, clip, job)
+        out, _clip, edit, _warnings = run("distill_unlearn", student, clip, job)
         hist = edit.metrics["history"]
         plot = history_plot({"distill": hist["distill"], "erase": [loss for _, loss in hist["erase"]]},
                             f"distill-unlearn: {concept or '(distillation only)'}")

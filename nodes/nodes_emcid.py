@@ -5,17 +5,10 @@ import json
 
 from comfy_api.latest import io
 
-from ..comfy_host.jobs import EmcidJob, emcid
+from ..comfy_host.jobs import EmcidJob, run
 from ..editing.emcid.presets import FAMILY_DEFAULTS
-from ..editing.emcid.stage2 import (
-    DEFAULT_TEMPLATES,
-    LAM_MODES,
-    OFFICIAL,
-    RESIDUALS,
-    EmcidConfig,
-    parse_pairs,
-    validate_pairs,
-)
+from ..editing.emcid.stage2 import parse_pairs, validate_pairs
+from ..editing.emcid.config import DEFAULT_TEMPLATES, LAM_MODES, OFFICIAL, RESIDUALS, EmcidConfig
 from .common import EDIT, cache_dir, node_schema, output, size_inputs, verdict
 
 
@@ -147,7 +140,7 @@ class TextEncoderEdit(io.ComfyNode):
                 templates: str | None = None, seed: int = 0, residual: str = "auto", lam_mode: str = "relative",
                 width: int = 0, height: int = 0, official: str = "off", stage1_batch: int = 0):
         cfg = _settings(lam, steps, use_stage1, templates, seed, residual, lam_mode, official, stage1_batch)
-        _model, out_clip, edit, _warnings = emcid(model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
+        _model, out_clip, edit, _warnings = run("emcid", model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
                                                                         cache_dir=emcid_cache_dir(), width=width,
                                                                         height=height))
         return io.NodeOutput(out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))

@@ -5,8 +5,9 @@ import json
 
 from comfy_api.latest import io
 
-from ..comfy_host.jobs import ConceptPruneJob, concept_prune
-from ..editing.concept_prune.prune import OFFICIAL, OFFICIAL_SOURCE, PruneConfig, with_preset_defaults
+from ..comfy_host.jobs import ConceptPruneJob, run
+from ..editing.concept_prune.prune import with_preset_defaults
+from ..editing.concept_prune.config import OFFICIAL, OFFICIAL_SOURCE, PruneConfig
 from ..editing.prompts import PRESET_NAMES, build_pairs, defaults
 from .common import CFG_NOTE, EDIT, cache_dir, concepts_from_text, node_schema, output, size_inputs, strength_input, verdict
 
@@ -102,7 +103,7 @@ class ConceptPrune(io.ComfyNode):
         job = ConceptPruneJob(concepts=concepts_from_text(concepts), preset=preset, pairs_text=pairs,
                               settings=_config(preset, skill_ratio, tau, steps, cfg, seed, batch_size, official),
                               strength=strength, width=width, height=height, cache_dir=prune_cache_dir())
-        patched, _clip, edit, _warnings = concept_prune(model, clip, job)
+        patched, _clip, edit, _warnings = run("concept_prune", model, clip, job)
         info = {k: v for k, v in edit.summary().items() if k not in ("keys", "params")}
         return io.NodeOutput(patched, edit, json.dumps(info, indent=1, default=str))
 

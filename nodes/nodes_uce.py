@@ -5,20 +5,12 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..comfy_host.jobs import UCEJob, export_lora, uce
+from ..comfy_host.jobs import UCEJob, export_lora, run
 from ..editing.export.lora import DTYPES, LoraExportConfig
-from ..editing.uce.closed_form import (
-    EMPTY_GUIDES,
-    EXPANSIONS,
-    LAM_MODES,
-    MODES,
-    OFFICIAL,
-    OFFICIAL_SOURCES,
-    TOKEN_WINDOWS,
-    UCEConfig,
-)
+from ..editing.uce.config import (DebiasConfig, EMPTY_GUIDES, EXPANSIONS, LAM_MODES, MODES, OFFICIAL,
+                                  OFFICIAL_SOURCES, TOKEN_WINDOWS, UCEConfig)
 from ..editing.uce.closed_form import _plan as plan_targets
-from ..editing.uce.debias import DebiasConfig, report_text
+from ..editing.uce.debias import report_text
 from .common import (
     CFG_NOTE,
     EDIT,
@@ -183,7 +175,7 @@ class CrossAttentionEdit(io.ComfyNode):
         cfg = _uce_config(concepts, mode, guide, preserve, default_preserve, lam, erase_scale, preserve_scale,
                           token_window, expand, empty_guide, harden_rounds, edit_text_tokens, edit_text_pooled,
                           lam_mode, preserve_unconditional, official)
-        out = uce(model, clip, UCEJob(settings=cfg))
+        out = run("uce", model, clip, UCEJob(settings=cfg))
         return io.NodeOutput(out.model, out.edit)
 
 
@@ -273,7 +265,7 @@ class UCEDebias(io.ComfyNode):
         settings, loop = cls._configs(concepts, options, tolerance, max_iterations, samples, steps, cfg, seed,
                                       preserve, default_preserve, step_size, lam, erase_scale, preserve_scale,
                                       token_window, lam_mode)
-        out = uce(model, clip, UCEJob(settings=settings, loop=loop, judge=clip_vision, vae=vae, strength=strength,
+        out = run("uce", model, clip, UCEJob(settings=settings, loop=loop, judge=clip_vision, vae=vae, strength=strength,
                                       width=width, height=height))
         text = report_text(out.edit)
         return io.NodeOutput(out.model, out.edit, text, ui=ui.PreviewText(text))

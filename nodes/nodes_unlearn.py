@@ -10,13 +10,14 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..comfy_host.jobs import UnlearnJob, latent_size, unlearn
+from ..comfy_host.jobs import UnlearnJob, latent_size, run
 from ..comfy_host.audits import audit_models
 from ..editing.audit.resurgence import DEFAULT_BENIGN, AuditConfig
 from ..editing.errors import InvalidInputError
 from ..editing.report.plots import audit_plot, history_plot
 from ..editing.training import PARAM_SETS
-from ..editing.unlearn.trainer import METHODS, OFFICIAL, PRESETS, RETAIN_PAIRINGS, preset_config
+from ..editing.unlearn.trainer import PRESETS, preset_config
+from ..editing.unlearn.config import METHODS, OFFICIAL, RETAIN_PAIRINGS
 from .common import EDIT, audited_inputs, concept_prompts_input, node_schema, output, prompt_lines, size_inputs, verdict
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class TrainUnlearn(io.ComfyNode):
                 preset="custom", retain_pairing="twins", width=0, height=0, official="off"):
         cfg = _unlearn_config(method, params, steps, lr, rank, seed, alpha, truncation, eta, forget_objective, batch,
                               n_prompts, gen_steps, preset, retain_pairing, official)
-        out, _clip, edit, _warnings = unlearn(model, clip, UnlearnJob(concept=concept, settings=cfg, width=width,
+        out, _clip, edit, _warnings = run("unlearn", model, clip, UnlearnJob(concept=concept, settings=cfg, width=width,
                                                                       height=height,
                                                                       retain_prompts=prompt_lines(retain_prompts)))
         name = preset if preset != "custom" else f"{cfg.method} / {cfg.param_set}"

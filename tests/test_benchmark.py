@@ -117,13 +117,13 @@ def test_cache_refuses_corrupt_and_foreign_entries(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from conceptedit.comfy_host.jobs import UCEJob, uce
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.comfy_host.jobs import UCEJob, run
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny.comfy_model import load_tiny
     torch.manual_seed(0)
     model, clip, _ = load_tiny()
     with torch.inference_mode():
-        out = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
+        out = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
                   RunContext())
     return model, clip, out.model, out.edit
 

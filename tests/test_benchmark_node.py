@@ -33,13 +33,13 @@ def _execute(cls, **kwargs):
 @pytest.fixture(scope="module")
 def tiny_edit(comfy, tmp_path_factory):
     """The tiny model, its VAE, a UCE erase of "red" and that edit saved as a file (for the command)."""
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.editing.hosts import RunContext
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny.comfy_model import load_tiny
     model, clip, vae = load_tiny()
     with torch.inference_mode():
-        edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="",
+        edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="",
                                                           token_window="last")), RunContext()).edit
     path = str(tmp_path_factory.mktemp("edit") / "erase_red.safetensors")
     edit.save(path)

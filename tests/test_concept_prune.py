@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conceptedit.editing import arch
-from conceptedit.editing.concept_prune.prune import (FFNStatistics, PruneConfig, collect_statistics, compute_concept_prune,
-                                               ffn_layers, floor_edit, skilled_mask, wanda_scores,
-                                               with_preset_defaults)
+from conceptedit.editing.concept_prune.prune import (FFNStatistics, collect_statistics, compute_concept_prune,
+                                                     ffn_layers, floor_edit, skilled_mask, wanda_scores,
+                                                     with_preset_defaults)
+from conceptedit.editing.concept_prune.config import PruneConfig
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import (Cancelled, FingerprintMismatchError, InvalidInputError,
                                         UnknownArchitectureError)
@@ -219,9 +220,9 @@ def test_a_model_without_cross_attention_is_a_clear_error(comfy):
 
     m = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(Config(dict(Config.unet_config)), device="cpu"),
                                          load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    from conceptedit.comfy_host.jobs import ConceptPruneJob, concept_prune
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, run
     with pytest.raises(UnknownArchitectureError, match="no transformer block with a cross-attention attn2"):
-        concept_prune(m, None, ConceptPruneJob(concepts=["x"], preset="custom", pairs_text=PAIRS,
+        run("concept_prune", m, None, ConceptPruneJob(concepts=["x"], preset="custom", pairs_text=PAIRS,
                                                settings=PruneConfig(steps=2, tau=1)))
 
 

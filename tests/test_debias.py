@@ -14,8 +14,9 @@ from helpers import random_clip
 from conceptedit.editing import arch
 from conceptedit.editing.errors import Cancelled, InvalidInputError
 from conceptedit.editing.hosts import RunContext
-from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
-from conceptedit.editing.uce.debias import (DebiasConfig, adjust_weights, debias_uce, next_step_size, report_text,
+from conceptedit.editing.uce.closed_form import compute_uce
+from conceptedit.editing.uce.config import DebiasConfig, UCEConfig
+from conceptedit.editing.uce.debias import (adjust_weights, debias_uce, next_step_size, report_text,
                                             shares_from_scores, similarity_judge)
 
 FAM = arch.get_family("tiny")
@@ -57,7 +58,7 @@ def test_shares_count_the_top_option_per_picture_and_bad_judges_are_refused():
 
 # ---- the loop, with a simulated model and judge ---------------------------------------------------
 class _Text:
-    """A host TextEncoder of the tiny width: words -> ids, EOS-padded; stable random embeddings."""
+    """A host Text of the tiny width: words -> ids, EOS-padded; stable random embeddings."""
 
     def __init__(self, d=FAM.context_dim, length=8):
         self.d, self.length = d, length
@@ -174,7 +175,7 @@ def test_tiny_model_debiased_by_the_loop_closer_than_the_static_mix(comfy):
 
     model, clip, _ = load_tiny()
     cfg = UCEConfig(concepts=["a circle"], mode="debias", guide="red:0.5, blue:0.5", default_preserve=False)
-    out = jobs.uce(model, clip, jobs.UCEJob(settings=cfg, loop=DebiasConfig(**TINY_LOOP), judge=_colour_judge()),
+    out = jobs.run("uce", model, clip, jobs.UCEJob(settings=cfg, loop=DebiasConfig(**TINY_LOOP), judge=_colour_judge()),
                    RunContext())
     print(report_text(out.edit))
     d = out.edit.metrics["debias"]
@@ -253,15 +254,15 @@ def test_clip_vision_judge_needs_a_paired_text_tower_and_scores_by_cosine(comfy,
     loop = DebiasConfig(samples=2, steps=2, max_iterations=0)
     # the tiny CLIP, like SD1.x in ComfyUI, has only the identity stand-in for a text projection
     with pytest.raises(InvalidInputError, match="no CLIP text projection"):
-        jobs.uce(model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=cv, vae=vae), RunContext())
+        jobs.run("uce", model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=cv, vae=vae), RunContext())
     with pytest.raises(InvalidInputError, match="connect the checkpoint's VAE"):
-        jobs.uce(model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=cv), RunContext())
+        jobs.run("uce", model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=cv), RunContext())
     paired = random_clip(3)  # a text tower with a real projection, as SDXL's CLIP-G has
     proj = [m for n, m in paired.cond_stage_model.named_modules() if n.endswith("text_projection")][0]
     with torch.no_grad():
         proj.weight.copy_(torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
     view = ModelView(model, paired, ctx=RunContext())
-    judge = jobs._debias_judge(view, jobs.UCEJob(settings=cfg, loop=loop, judge=cv, vae=vae), None, RunContext())
+    judge = view.picture_judge(cv, vae, jobs.UCEJob(settings=cfg).judge_template)
     latents = torch.rand(3, 4, 32, 32) * 2 - 1
     scores = judge(latents, ["red", "blue"], "a circle")
     with torch.no_grad():
@@ -289,7 +290,7 @@ def test_tiny_debias_numbers(comfy):
     classify = _colour_judge()
     results = {}
     for name, judge in (("classifier", classify), ("presence", None)):
-        out = jobs.uce(model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=judge), RunContext())
+        out = jobs.run("uce", model, clip, jobs.UCEJob(settings=cfg, loop=loop, judge=judge), RunContext())
         lat = ComfyDenoiser(out.model, clip).sample(["a circle"] * 16, steps=8, cfg=5.0, seed=0)
         read = shares_from_scores(classify(lat, ["red", "blue"], "a circle"), 2).tolist()
         results[name] = (out.edit.metrics["debias"], read)

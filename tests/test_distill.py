@@ -10,8 +10,9 @@ from conceptedit.comfy_host.patches import patched_weights
 from conceptedit.comfy_host.view import apply_edit
 from conceptedit.editing import arch
 from conceptedit.editing.distill import bilevel
-from conceptedit.editing.distill.bilevel import (DistillConfig, compute_distill_unlearn, diffusion_loss, feature_kd,
-                                                 level_outputs, min_snr_weights, pruned_entries)
+from conceptedit.editing.distill.bilevel import (compute_distill_unlearn, diffusion_loss, feature_kd, level_outputs,
+                                                 min_snr_weights, pruned_entries)
+from conceptedit.editing.distill.config import DistillConfig
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.export.lora import LoraExportConfig, edit_to_lora
@@ -284,7 +285,7 @@ def test_the_distill_job_keeps_a_concept_prune_students_zeros(comfy):
     mask = _scattered_mask(teacher, every=5)
     student, _, _ = apply_edit(teacher, clip, mask)
     cfg = _cfg(steps=2)
-    out = jobs.distill_unlearn(student, clip, jobs.DistillJob(teacher=teacher, concept="red", settings=cfg,
+    out = jobs.run("distill_unlearn", student, clip, jobs.DistillJob(teacher=teacher, concept="red", settings=cfg,
                                                               width=64, height=64), RunContext())
     keys = sorted(mask.changes)
     w = patched_weights(out.model, keys)

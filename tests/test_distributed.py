@@ -32,8 +32,9 @@ UNLEARN_ARGS = ["--concept", "red", "--steps", "3", "--n-prompts", "4", "--gen-s
 # ConceptPrune: the batches' float32 sums are added in float64 in another order: the masks are equal.
 # Unlearning: each step's gradient is two half-batch float32 gradients summed in float64 instead of one
 # float32 gradient; the losses agree to 1e-5, but Adam's normalised steps magnify the rounding of
-# near-zero LoRA gradients: measured 5.1e-3 relative on the worst layer (attn2.to_k) after 3 steps.
-TOL_EMCID, TOL_UNLEARN = 1e-5, 1e-2
+# near-zero LoRA gradients: measured 5.1e-3 and, on another CPU of the same kind of machine (other
+# float kernels, the same every run), 1.14e-2 relative on the worst layer (attn2.to_k) after 3 steps.
+TOL_EMCID, TOL_UNLEARN = 1e-5, 3e-2
 
 
 def _worker(argv: list[str]) -> int:
@@ -301,7 +302,9 @@ def test_a_lost_worker_then_a_restart_with_another_world_size_resumes(tmp_path, 
     again = Edit.load(str(tmp_path / "emcid.safetensors"))
     assert again.metrics["stage1"]["cached"] == 3 and again.metrics["stage1"]["computed"] == 1
     assert "checksum" in caplog.text
-    _assert_edits_close(again, resumed, 1e-12)
+    # the recomputed concept draws its pictures in a sampler call of its own, not beside the others:
+    # the batch's float rounding differs (measured 5.5e-7)
+    _assert_edits_close(again, resumed, TOL_EMCID)
 
 
 # ---- the node's job: progress text with the time left, Cancel keeps the finished concepts -------------
@@ -313,11 +316,10 @@ def test_progress_text_counts_concepts_and_the_time_left(monkeypatch, comfy):
     assert jobs.eta_text("EMCID", 100, 100, 60.0, 0).endswith("100 %")
     shown, bar = [], []
     monkeypatch.setattr(jobs, "progress_text", shown.append)
-    concepts = {}
-    ctx = jobs.with_eta(RunContext(progress=lambda d, t: bar.append((d, t))), "EMCID", concepts, every=0)
-    concepts.update(done=1, total=4, fresh=True)
+    ctx = jobs.with_eta(RunContext(progress=lambda d, t: bar.append((d, t))), "EMCID", every=0)
+    ctx.items(1, 4)
     ctx.report(2, 8)  # stage 1: 8 steps over 4 concepts, 2 of them from the cache before this run
-    concepts.update(done=2, total=4, fresh=True)
+    ctx.items(2, 4)
     ctx.report(4, 8)
     ctx.report(1, 3)  # C₀: a new phase without concepts
     assert bar == [(2, 8), (4, 8), (1, 3)]  # ComfyUI's own bar still gets every report
@@ -327,8 +329,8 @@ def test_progress_text_counts_concepts_and_the_time_left(monkeypatch, comfy):
 
 @needs_tiny
 def test_cancel_keeps_the_finished_concepts_in_the_cache(comfy, tmp_path):
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.comfy_host.jobs import EmcidJob, run
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.errors import Cancelled
     from conceptedit.editing.hosts import RunContext
     from conceptedit.tiny.comfy_model import load_tiny
@@ -341,8 +343,8 @@ def test_cancel_keeps_the_finished_concepts_in_the_cache(comfy, tmp_path):
         return os.path.isdir(cache) and len(_stage1_files(cache)) >= 1
 
     with pytest.raises(Cancelled):
-        emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext(should_stop=stop_after_one))
+        run("emcid", model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext(should_stop=stop_after_one))
     assert len(_stage1_files(cache)) == 1
     assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
-    edit = emcid(model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext()).edit
+    edit = run("emcid", model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext()).edit
     assert edit.metrics["stage1"]["cached"] == 1 and edit.metrics["stage1"]["computed"] == 2

@@ -33,7 +33,8 @@ def model_clip(comfy):
 
 
 def _uce(model, clip, window="last"):
-    from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
+    from conceptedit.editing.uce.closed_form import compute_uce
+    from conceptedit.editing.uce.config import UCEConfig
     e = compute_uce(ComfyText(clip), original_weights(model), FAM,
                     UCEConfig(concepts=["circle"], default_preserve=False, preserve=["a star"], token_window=window))
     e.fingerprint = model_fingerprint(model)
@@ -45,12 +46,15 @@ def real_edits(comfy, model_clip):
     """Every method's own output on the random tiny model (small settings), by name."""
     from conceptedit.comfy_host.jobs import edit_between
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
-    from conceptedit.editing.concept_prune.prune import PruneConfig, compute_concept_prune, floor_edit
-    from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
+    from conceptedit.editing.concept_prune.prune import compute_concept_prune, floor_edit
+    from conceptedit.editing.concept_prune.config import PruneConfig
+    from conceptedit.editing.distill.bilevel import compute_distill_unlearn
+    from conceptedit.editing.distill.config import DistillConfig
     from conceptedit.editing.emcid import EmcidConfig, compute_emcid
     from conceptedit.editing.prompts import build_pairs
     from conceptedit.editing.audit.resurgence import AuditConfig, audit
-    from conceptedit.editing.unlearn.trainer import UnlearnConfig, compute_unlearn
+    from conceptedit.editing.unlearn.trainer import compute_unlearn
+    from conceptedit.editing.unlearn.config import UnlearnConfig
 
     model, clip = model_clip
     out = {"uce": _uce(model, clip, "last"), "uce-dense": _uce(model, clip, "aligned")}
@@ -254,8 +258,8 @@ def test_every_method_real_edit_passes_loads_and_applies(comfy, model_clip, real
 
 
 def test_every_method_name_the_code_writes_has_a_scope():
-    from conceptedit.editing.concept_prune.prune import METHOD
-    from conceptedit.editing.unlearn.trainer import METHODS
+    from conceptedit.editing.concept_prune.config import METHOD
+    from conceptedit.editing.unlearn.config import METHODS
     known = set(scope.known_methods())
     assert {METHOD, "uce", "emcid", "distill", "distill-unlearn", "benign-finetune", "model-difference"} <= known
     assert {f"unlearn-{m}" for m in METHODS} <= known

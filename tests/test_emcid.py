@@ -12,11 +12,10 @@ from conceptedit.comfy_host.view import apply_edit
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
 from conceptedit.editing.emcid.captions import generic_captions
-from conceptedit.editing.emcid import stage1 as stage1_mod
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, caption_mask, concept_prompts, parse_pairs,
-                                              read_keys, read_layer, resolve_defaults, second_moments, solve_update,
-                                              stage2, to_change)
-from conceptedit.editing.emcid import compute_emcid
+from conceptedit.editing.emcid import compute_emcid, stage1 as stage1_mod
+from conceptedit.editing.emcid.stage2 import (caption_mask, concept_prompts, parse_pairs, read_keys, read_layer,
+                                              resolve_defaults, second_moments, solve_update, stage2, to_change)
+from conceptedit.editing.emcid.config import EmcidConfig
 from conceptedit.editing.emcid.stage1 import optimise_delta
 from conceptedit.editing.hooks import trace_inputs, trace_outputs
 from conceptedit.editing.training import frozen_session
@@ -441,7 +440,7 @@ def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, tabl
     training loop its steps, stage 1 its weight decay, clamp and pooled weight, and with two
     encoders the pooled term covers both encoders' pooled outputs. Two steps are run (of the 100
     or 200 asked for), on a stand-in ε."""
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.comfy_host.jobs import EmcidJob, run as run_job
     from layouts import build
     want = {"sdxl": dict(steps=100, lr=0.1, weight_decay=8e-3, pooled_weight=0.005, max_norm=1.2),
             "sd1": dict(steps=200, lr=0.2, weight_decay=5e-4, pooled_weight=0.01, max_norm=1.5)}[table]
@@ -475,7 +474,7 @@ def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, tabl
     monkeypatch.setattr(stage1_mod, "optimise_delta", spy_delta)
     model, clip, spec = build(layout)
     cfg = EmcidConfig(use_stage1=True, templates=("a photo of {}",), sample_steps=1, n_captions=20)
-    edit = emcid(model, clip, EmcidJob(pairs=[("circle", "square")], settings=cfg, width=64, height=64)).edit
+    edit = run_job("emcid", model, clip, EmcidJob(pairs=[("circle", "square")], settings=cfg, width=64, height=64)).edit
     assert seen["lr"] == [want["lr"]] and seen["steps"] == [want["steps"]]
     got = seen["cfg"][0]
     assert {k: getattr(got, k) for k in want} == want
@@ -496,13 +495,13 @@ def test_family_defaults_reach_stage1_optimiser(comfy, monkeypatch, layout, tabl
 def test_lambda_per_encoder_is_used_per_encoder(comfy):
     """λ {clip_l: a, clip_g: b} on a two-encoder CLIP gives clip_l's changes of a single λ = a and
     clip_g's of a single λ = b."""
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.comfy_host.jobs import EmcidJob, run as run_job
     from layouts import build
     model, clip, _ = build("sdxl_like")
 
     def run(lam):
         cfg = EmcidConfig(use_stage1=False, lam=lam, n_captions=20, templates=("a photo of {}",))
-        return emcid(model, clip, EmcidJob(pairs=[("circle", "square"), ("red", "blue")], settings=cfg)).edit
+        return run_job("emcid", model, clip, EmcidJob(pairs=[("circle", "square"), ("red", "blue")], settings=cfg)).edit
 
     both, low, high = run({"clip_l": 5.0, "clip_g": 5000.0}), run(5.0), run(5000.0)
     assert both.params["lam"] == {"clip_l": 5.0, "clip_g": 5000.0} and low.params["lam"] == 5.0

@@ -6,7 +6,10 @@ SDXL-conditioned layout (the pooled term and y):
   difference), also when concepts stop at different steps (a finished concept leaves the batch and
   its δ must not move again) and when the norm clamp is active;
 - stage1_batch=1 is today's one-at-a-time code bit for bit; the automatic size on the CPU is a
-  fixed cap; a batch that runs out of memory is halved and gives the same targets.
+  fixed cap; a batch that runs out of memory is halved and gives the same targets;
+- the pictures stage 1 draws are drawn for the whole batch in one sampler call per picture index,
+  and every prompt's picture is the one a batch of one draws (so a concept's pictures do not depend
+  on which concepts share its batch).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from conceptedit.comfy_host.denoiser import ComfyDenoiser
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing.emcid import stage1
-from conceptedit.editing.emcid.stage2 import EmcidConfig
+from conceptedit.editing.emcid.config import EmcidConfig
 from conceptedit.editing.training import frozen_session
 from helpers import random_clip, sdxl_style_model
 
@@ -69,6 +72,19 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def _counting_sample(den, monkeypatch) -> list[int]:
+    """The prompt count of every `den.sample` call from now on."""
+    calls: list[int] = []
+    real = den.sample
+
+    def sample(prompts, **kw):
+        calls.append(len(prompts))
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(den, "sample", sample)
+    return calls
+
+
 def _assert_same(batched, single, last=LAST, tol=TOL):
     for (db, hb, sb), (ds, hs, ss) in zip(batched, single):
         for e in last:
@@ -86,16 +102,93 @@ def _assert_same(batched, single, last=LAST, tol=TOL):
 
 
 @needs_tiny
-def test_batched_equals_one_at_a_time_on_the_tiny_model(tiny):
+def test_batched_equals_one_at_a_time_on_the_tiny_model(tiny, monkeypatch):
     model, _, text, den = tiny
     cfg = _cfg()
+    calls = _counting_sample(den, monkeypatch)
     single = _single(model, text, den, PAIRS, cfg)
+    assert calls == [len(cfg.templates)] * len(PAIRS)
     batched = _batched(model, text, den, PAIRS, cfg)
+    assert calls[len(PAIRS):] == [len(cfg.templates) * len(PAIRS)]  # the batch's pictures in one call
     _assert_same(batched, single)
     # the clamp was active: some δ sits on its ball, as in the one-at-a-time run
     on_ball = [abs(float(d[ENC].norm()) - 0.3 * float(h[ENC].norm())) < 1e-4 * float(h[ENC].norm())
                for d, h, _ in single]
     assert any(on_ball) and not all(on_ball), [float(d[ENC].norm() / h[ENC].norm()) for d, h, _ in single]
+
+
+@needs_tiny
+def test_pictures_of_a_batch_are_each_prompts_own(tiny, monkeypatch):
+    """The batch's pictures come from one sampler call per picture index, and each is the picture of its
+    prompt drawn alone (a batch of one, with the seed of its index): the sampler's batched products
+    round differently, nothing else. A batch that drew from one noise over its rows, or laid a concept's
+    rows out in another order, gives other pictures."""
+    from conceptedit.editing.emcid.stage2 import concept_prompts
+    model, _, text, den = tiny
+    cfg = _cfg(images_per_prompt=2)
+    dev = next(den.unet().parameters()).device
+    each = [concept_prompts(text, [src], cfg.templates) for src, _ in PAIRS]
+    calls = _counting_sample(den, monkeypatch)
+    with torch.inference_mode():
+        batched = stage1.draw_pictures(den, each, cfg, dev)
+        assert calls == [len(PAIRS) * len(cfg.templates)] * cfg.images_per_prompt
+        one = stage1.draw_pictures(den, each[1:2], cfg, dev)[0]
+        alone = {(prompt, j): stage1._unet_scale(den, den.sample([prompt], steps=cfg.sample_steps, cfg=cfg.sample_cfg,
+                                                                 seed=stage1.picture_seed(cfg.seed, j)), dev)
+                 for p in each for prompt in p.text for j in range(cfg.images_per_prompt)}
+    for p, x in zip(each, batched):
+        # rows as the concept's own run lays them out: picture j of every template, j-major
+        want = torch.cat([alone[(prompt, j)] for j in range(cfg.images_per_prompt) for prompt in p.text])
+        assert x.shape == want.shape
+        assert _rel(x, want) < TOL, p.text
+    assert _rel(batched[1], one) < TOL
+    # every picture its own: the second picture of a prompt is not the first, nor another prompt's
+    assert _rel(batched[0][0], batched[0][len(cfg.templates)]) > 0.1
+    assert _rel(batched[0][0], batched[1][0]) > 0.1
+
+
+class _StampSampler:
+    """A sampler whose picture of a prompt is a function of (prompt, seed) alone, when asked for the noise
+    of a batch of one: what a batch returns can be checked row by row."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    @staticmethod
+    def picture(prompt: str, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sum(map(ord, prompt)) * 7919 + seed)
+        return torch.randn(1, 4, 2, 2, generator=g)
+
+    def sample(self, prompts, *, steps, cfg, seed, noise_per_prompt=False, **_kw):
+        assert noise_per_prompt
+        self.calls.append(list(prompts))
+        return torch.cat([self.picture(p, seed) for p in prompts])
+
+
+def test_pictures_are_drawn_in_few_calls_in_each_concepts_layout(comfy):
+    """`draw_pictures` over 5 concepts (2 templates, 3 pictures each) on the CPU: whole concepts in calls
+    of at most `CPU_SAMPLE_PROMPTS` prompts, one set of calls per picture index with that index's seed,
+    and each concept's rows as its own run lays them out (picture j of every template, j-major)."""
+    from conceptedit.editing.emcid.stage2 import concept_prompts
+    text = ComfyTextModel(random_clip())
+    cfg = _cfg(images_per_prompt=3)
+    srcs = ["circle", "red square", "triangle", "a green heart", "star"]
+    each = [concept_prompts(text, [c], cfg.templates) for c in srcs]
+    den = _StampSampler()
+    got = stage1.draw_pictures(den, each, cfg, torch.device("cpu"))
+    per_call = stage1.CPU_SAMPLE_PROMPTS // len(cfg.templates)
+    assert per_call < len(srcs)  # the cap splits this batch
+    sizes = [len(c) for c in den.calls]
+    assert sizes == [per_call * len(cfg.templates), (len(srcs) - per_call) * len(cfg.templates)] * cfg.images_per_prompt
+    seeds = [stage1.picture_seed(cfg.seed, j) for j in range(cfg.images_per_prompt)]
+    assert seeds[0] == cfg.seed and len(set(seeds) | {cfg.seed + 1}) == len(seeds) + 1
+    for p, x in zip(each, got):
+        want = torch.cat([den.picture(prompt, seed) for seed in seeds for prompt in p.text])
+        assert torch.equal(x, want), p.text
+    # off the CPU (the meta device stands in for a GPU) no cap: the stage-1 batch bounds a call
+    den.calls.clear()
+    stage1.draw_pictures(den, each, cfg, torch.device("meta"))
+    assert [len(c) for c in den.calls] == [len(srcs) * len(cfg.templates)] * cfg.images_per_prompt
 
 
 @needs_tiny

@@ -57,7 +57,7 @@ LAM = 1.0  # relative λ (per key dimension): these random encoders' keys are un
 @pytest.fixture
 def emcid_node(comfy, monkeypatch, tmp_path):
     """The node with its caches in a temporary folder and C₀ from 300 captions (2000 by default)."""
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.nodes import nodes_emcid
     monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path / "emcid"))
     monkeypatch.setattr(nodes_emcid, "EmcidConfig", functools.partial(EmcidConfig, n_captions=300))
@@ -165,16 +165,16 @@ def test_stage1_trains_through_the_models_own_prediction(one_thread, emcid_node,
 @pytest.mark.parametrize("name", ["flux2", "z_image"])
 def test_layers_after_the_read_layer_are_refused(comfy, one_thread, tmp_path, name):
     """An LLM's layers after the one the model reads change nothing it reads: asking for one is refused."""
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.comfy_host.jobs import EmcidJob, run as run_job
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     model, clip, _ = families.built(name)
     text = ComfyTextModel(clip)
     enc = text.encoders[0]
     assert text.read_layer(enc) == READ_LAYER[name]
     cfg = EmcidConfig(use_stage1=False, layers={enc: (READ_LAYER[name] + 1,)}, n_captions=20)
     with torch.inference_mode(), pytest.raises(InvalidInputError, match="changes nothing"):
-        emcid(model, clip, EmcidJob(pairs=[("red", "blue")], settings=cfg, cache_dir=str(tmp_path)))
+        run_job("emcid", model, clip, EmcidJob(pairs=[("red", "blue")], settings=cfg, cache_dir=str(tmp_path)))
 
 
 def _word_tokens(text, word):

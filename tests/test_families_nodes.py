@@ -58,7 +58,7 @@ def test_every_node_on_every_family(comfy, one_thread, loras, monkeypatch, tmp_p
     import functools
 
     import folder_paths
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.nodes import nodes_emcid
     monkeypatch.setattr(nodes_emcid, "emcid_cache_dir", lambda: str(tmp_path / "emcid"))
     monkeypatch.setattr(nodes_emcid, "EmcidConfig", functools.partial(EmcidConfig, n_captions=100))

@@ -221,7 +221,8 @@ def test_flux_lora_export_is_read_back_by_loraloader(comfy, tiny_flux, tmp_path)
     from conceptedit.comfy_host.patches import original_weights
     from conceptedit.comfy_host.text import ComfyText
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
-    from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
+    from conceptedit.editing.uce.closed_form import compute_uce
+    from conceptedit.editing.uce.config import UCEConfig
     model, clip, _ = tiny_flux
     fam = arch.get_family("tiny-flux")
     base = original_weights(model)
@@ -328,15 +329,15 @@ def test_the_closed_form_erases_red_from_the_tiny_flux_and_keeps_the_other_colou
     """Behaviour on the trained model, read by the tiny world's classifier (4 prompts x 4 samples;
     the defaults: the eos window on T5, txt_in only)."""
     from conceptedit.comfy_host.view import apply_edit
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.editing.audit.evaluate import default_classifier, evaluate
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler
     model, clip, _ = tiny_flux
     classify = default_classifier()
     with torch.inference_mode():
-        edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
+        edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
         edited = apply_edit(model, clip, edit)[0]
 
     def share(m, concept):
@@ -377,7 +378,8 @@ class _T5Like:
 def test_t5_windows_start_at_position_0_and_align_on_eos():
     """No BOS: the aligned window of a concept covers every position from 0, its words map to the
     empty guide's EOS (position 0), and no "BOS" row is preserved."""
-    from conceptedit.editing.uce.closed_form import UCEConfig, build_text_system
+    from conceptedit.editing.uce.closed_form import build_text_system
+    from conceptedit.editing.uce.config import UCEConfig
     text = _T5Like()
     cfg = UCEConfig(concepts=["red apple"], default_preserve=False, preserve=["a tree"], token_window="aligned")
     sys_ = build_text_system(text, cfg)

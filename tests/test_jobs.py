@@ -17,19 +17,29 @@ from conceptedit.editing.errors import Cancelled, InvalidInputError, NonFiniteEr
 from conceptedit.editing.hosts import RunContext
 from conceptedit.editing.prompts import TINY_DEFAULTS
 from conceptedit.editing.training import TrainLog, edit_as_fixed, train_loop
-from conceptedit.editing.uce.closed_form import UCEConfig
+from conceptedit.editing.uce.config import UCEConfig
 from helpers import random_clip, random_model
 
 FAM = arch.get_family("tiny")
 
 
 # ---- one signature, one registry -----------------------------------------------------------------
-def test_every_method_job_has_one_signature_and_is_registered():
-    assert set(jobs.JOBS) == {"uce", "concept_prune", "emcid", "unlearn", "distill_unlearn"}
-    for name, (kind, fn) in jobs.JOBS.items():
-        assert list(inspect.signature(fn).parameters) == ["model", "clip", "config", "ctx"], name
-        assert issubclass(kind, jobs.Job) and "settings" in kind.__dataclass_fields__, name
-        assert inspect.signature(fn).return_annotation in ("JobResult", jobs.JobResult), name
+def test_every_method_has_one_contract_and_is_registered():
+    """Each method package holds a config.py with its job config and a compute.py with
+    ``compute(host, config) -> Edit``; the one registry lists them, and `jobs.run` is the only way
+    the hosts run one (no per-method function is left in comfy_host)."""
+    from conceptedit.editing.methods import METHODS
+    assert set(METHODS) == {"uce", "concept_prune", "emcid", "unlearn", "distill_unlearn"}
+    for name, m in METHODS.items():
+        sig = inspect.signature(m.compute)
+        assert list(sig.parameters) == ["host", "config"], name
+        assert sig.return_annotation in ("Edit", Edit), name
+        assert sig.parameters["config"].annotation == m.config.__name__, name
+        assert issubclass(m.config, jobs.Job) and "settings" in m.config.__dataclass_fields__, name
+        package = m.compute.__module__.rsplit(".", 1)[0]
+        assert m.compute.__module__ == f"{package}.compute" and m.config.__module__ == f"{package}.config", name
+    assert list(inspect.signature(jobs.run).parameters) == ["name", "model", "clip", "config", "ctx"]
+    assert not [n for n in METHODS if hasattr(jobs, n)], "a per-method job function is back in comfy_host.jobs"
 
 
 def test_run_refuses_an_unknown_method_or_a_config_of_another_method(comfy):
@@ -54,7 +64,7 @@ def test_jobs_refuse_bad_input_with_what_to_connect(comfy):
     with pytest.raises(InvalidInputError, match="changes the text encoder: connect the CLIP"):
         view.ModelView(model).apply(te_edit)
     with pytest.raises(InvalidInputError, match="connect the pruned student MODEL and the full teacher"):
-        jobs.distill_unlearn(model, None, jobs.DistillJob(teacher=None), RunContext())
+        jobs.run("distill_unlearn", model, None, jobs.DistillJob(teacher=None), RunContext())
     with pytest.raises(InvalidInputError, match="carries no weight patches"):
         jobs.edit_between(model.clone(), model)
     same = model.clone()
@@ -84,7 +94,7 @@ def test_a_job_reads_the_model_once_and_leaves_it_unchanged(comfy, monkeypatch, 
     if method == "uce":
         config = jobs.UCEJob(settings=UCEConfig(concepts=["red"], default_preserve=False, preserve=["blue"]))
     else:
-        from conceptedit.editing.concept_prune.prune import PruneConfig
+        from conceptedit.editing.concept_prune.config import PruneConfig
         config = jobs.ConceptPruneJob(concepts=["circle"], preset="custom", pairs_text="a {concept} | a shape",
                                       settings=PruneConfig(**dict(TINY_DEFAULTS, steps=2, tau=1)))
     with torch.inference_mode():

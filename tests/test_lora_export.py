@@ -1,18 +1,17 @@
 """LoRA export: files that ComfyUI's own LoraLoader reads reproduce the edit's deltas."""
-import os
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conceptedit.comfy_host.patches import clip_state, original_weights
+from conceptedit.comfy_host.patches import original_weights
 from conceptedit.comfy_host.text import ComfyText
 from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.export.lora import LoraExportConfig, edit_to_lora, save_lora
-from conceptedit.editing.uce.closed_form import UCEConfig, compute_uce
+from conceptedit.editing.uce.closed_form import compute_uce
+from conceptedit.editing.uce.config import UCEConfig
 from helpers import random_model
 from test_uce import random_clip
 

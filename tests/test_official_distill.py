@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from conceptedit.editing.arch import UNET_PREFIX
 from conceptedit.editing.distill import bilevel
-from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn, level_outputs
+from conceptedit.editing.distill.bilevel import compute_distill_unlearn, level_outputs
+from conceptedit.editing.distill.config import OFFICIAL, DistillConfig
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.hooks import copy_norm_inputs
@@ -325,14 +326,15 @@ def test_node_takes_official(comfy, monkeypatch):
     from conceptedit.nodes import nodes_distill
     seen = []
 
-    def fake(student, clip, job, ctx=None):
+    def fake(name, student, clip, job, ctx=None):
+        assert name == "distill_unlearn", name
         seen.append(job.settings)
         return JobResult(student, clip, Edit("distill-unlearn", "tiny", {},
                                              metrics={"history": {"distill": [1.0], "erase": [[0, 1.0]]}}), [])
 
-    monkeypatch.setattr(nodes_distill, "distill_unlearn", fake)
+    monkeypatch.setattr(nodes_distill, "run", fake)
     opt = nodes_distill.DistillUnlearn.INPUT_TYPES()["optional"]
-    assert opt["official"][1]["options"] == list(bilevel.OFFICIAL) and opt["official"][1]["default"] == "off"
+    assert opt["official"][1]["options"] == list(OFFICIAL) and opt["official"][1]["default"] == "off"
     node = nodes_distill.DistillUnlearn()
     node.execute("S", "T", "CLIP", "red", "", 10, 10, 1e-6, "lora", 4, 0, official="bilevel", warmup_steps=250,
                  erase_lr=5e-6)

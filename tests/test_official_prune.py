@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from helpers import random_clip, random_model
 
 from conceptedit.editing import arch
-from conceptedit.editing.concept_prune.prune import (OFFICIAL, PLMS, FFNStatistics, PruneConfig, collect_statistics,
-                                                     compute_concept_prune, official_warnings, plms_timesteps,
-                                                     skilled_mask)
+from conceptedit.editing.concept_prune.prune import (PLMS, FFNStatistics, collect_statistics, compute_concept_prune,
+                                                     official_warnings, plms_timesteps, skilled_mask)
+from conceptedit.editing.concept_prune.config import OFFICIAL, PruneConfig
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.hosts import RunContext
 from conceptedit.editing.prompts import build_pairs

@@ -24,8 +24,8 @@ import torch
 
 from conceptedit.editing import arch
 from conceptedit.editing.errors import InvalidInputError
-from conceptedit.editing.uce.closed_form import (OFFICIAL, UCEConfig, compute_uce, official_warnings,
-                                                 script_preserve_scale)
+from conceptedit.editing.uce.closed_form import compute_uce, official_warnings, script_preserve_scale
+from conceptedit.editing.uce.config import OFFICIAL, UCEConfig
 
 TOL = 1e-6
 

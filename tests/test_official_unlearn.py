@@ -33,6 +33,7 @@ from conceptedit.editing.hooks import copy_norm_inputs
 from conceptedit.editing.hosts import conditioning, latent_shape
 from conceptedit.editing.scope import check_scope
 from conceptedit.editing.unlearn import trainer as U
+from conceptedit.editing.unlearn.config import OFFICIAL
 from conceptedit.tiny.model import DEFAULT_WEIGHTS
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(DEFAULT_WEIGHTS),
@@ -331,11 +332,11 @@ def test_node_and_cli_take_official(comfy, monkeypatch, tmp_path):
     seen = []
     fake_unlearn = recording_unlearn(seen)
 
-    monkeypatch.setattr(jobs, "unlearn", fake_unlearn)
-    monkeypatch.setattr(nodes_unlearn, "unlearn", fake_unlearn)
+    monkeypatch.setattr(jobs, "run", fake_unlearn)
+    monkeypatch.setattr(nodes_unlearn, "run", fake_unlearn)
     monkeypatch.setattr(common, "load_model", lambda *a, **k: ("MODEL", "CLIP"))
     spec = nodes_unlearn.TrainUnlearn.INPUT_TYPES()["optional"]["official"]
-    assert spec[1]["options"] == list(U.OFFICIAL) and spec[1]["default"] == "off"
+    assert spec[1]["options"] == list(OFFICIAL) and spec[1]["default"] == "off"
     nodes_unlearn.TrainUnlearn().execute("MODEL", "CLIP", "red", "", "esd", "xattn", 1, 1e-5, 4, 0, official="esd")
     nodes_unlearn.TrainUnlearn().execute("MODEL", "CLIP", "red", "", "rgd", "lora", 1, 1e-5, 4, 0)
     out = tmp_path / "e.safetensors"

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from conceptedit.comfy_host.denoiser import ComfyDenoiser, _model_sampling
-from conceptedit.comfy_host.jobs import UnlearnJob, unlearn
+from conceptedit.comfy_host.jobs import UnlearnJob, run
 from conceptedit.comfy_host.audits import audit_models
 from conceptedit.comfy_host.view import ModelView
-from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
+from conceptedit.editing.distill.bilevel import compute_distill_unlearn
+from conceptedit.editing.distill.config import DistillConfig
 from conceptedit.editing.errors import ConceptEditError, InvalidInputError
 from conceptedit.editing.hosts import conditioning
 from conceptedit.editing.training import frozen_session
 from conceptedit.editing.audit.presence import PresenceConfig, presence_scores
 from conceptedit.editing.audit.resurgence import AuditConfig
-from conceptedit.editing.unlearn.trainer import UnlearnConfig
+from conceptedit.editing.unlearn.config import UnlearnConfig
 from helpers import random_clip, random_model, sdxl_style_model
 
 
@@ -243,7 +244,7 @@ def test_unlearn_and_audit_jobs_run_on_sdxl_and_v_models(comfy, clip, kind):
         for method in ("rgd", "esd"):
             cfg = UnlearnConfig(method=method, param_set="lora-xattn", steps=2, batch=1, n_prompts=1, gen_steps=1,
                                 rank=2, lr=1e-2)
-            out, _clip, edit, _ = unlearn(model, clip, UnlearnJob(concept="circle", settings=cfg,
+            out, _clip, edit, _ = run("unlearn", model, clip, UnlearnJob(concept="circle", settings=cfg,
                                                                   retain_prompts=["a blue square"]))
             assert out is not model and out.patches and not model.patches
             assert all(math.isfinite(v) for v in edit.metrics["history"]["forget"])
@@ -266,7 +267,7 @@ def test_distill_and_presence_on_an_sdxl_model(comfy, clip):
     host = ModelView(model, clip).denoiser
     with torch.enable_grad():
         quick = UnlearnConfig(method="esd", param_set="xattn", steps=1, batch=1, n_prompts=1, gen_steps=1)
-        student = unlearn(model, clip, UnlearnJob(concept="circle", settings=quick)).edit
+        student = run("unlearn", model, clip, UnlearnJob(concept="circle", settings=quick)).edit
         cfg = DistillConfig(steps=2, erase_every=2, batch=1, n_prompts=1, gen_steps=1, rank=2)
         edit = compute_distill_unlearn(host, host.text, student, "circle", cfg, family=host.family.name, ctx=host.ctx)
     assert len(edit.metrics["history"]["distill"]) == 1 and len(edit.metrics["history"]["erase"]) == 1

@@ -10,7 +10,7 @@ from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.audit.presence import (PresenceConfig, compare_presence, image_grid, presence_scores,
-                                          rank_correlation, spread_timesteps)
+                                                rank_correlation, spread_timesteps)
 from helpers import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,8 +184,8 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
         pytest.skip("tiny/weights/tiny_sd.safetensors is not trained yet")
     from conceptedit.editing.audit.evaluate import default_classifier, evaluate
     from conceptedit.editing.hosts import RunContext
-    from conceptedit.editing.uce.closed_form import UCEConfig
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.editing.uce.config import UCEConfig
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.nodes.nodes_view import presence_before_after
     from conceptedit.tiny.comfy_model import comfy_sampler, load_tiny
     from conceptedit.tiny.world import prompts_for
@@ -198,7 +198,7 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     rows = []
     with torch.inference_mode():
         for erased in ["red", "blue", "monet"]:
-            edited = uce(model, clip, UCEJob(settings=UCEConfig(concepts=[erased], token_window="last")),
+            edited = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=[erased], token_window="last")),
                          ctx=RunContext()).model
             sample = comfy_sampler(edited, clip, steps=15, cfg=5.0)
             for c in concepts:

@@ -5,10 +5,11 @@ import pytest
 
 from conceptedit.editing import prompts, safety
 from conceptedit.editing.emcid.captions import generic_captions
-from conceptedit.editing.emcid.stage2 import DEFAULT_TEMPLATES, validate_pairs
+from conceptedit.editing.emcid.stage2 import validate_pairs
+from conceptedit.editing.emcid.config import DEFAULT_TEMPLATES
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.audit.resurgence import DEFAULT_BENIGN
-from conceptedit.editing.uce.closed_form import DEFAULT_PRESERVE
+from conceptedit.editing.uce.config import DEFAULT_PRESERVE
 from conceptedit.editing.unlearn.trainer import GENERIC_TEMPLATES, paired_prompts
 from conceptedit.tiny import world
 

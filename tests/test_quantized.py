@@ -17,7 +17,7 @@ from conceptedit.editing import arch
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.hosts import RunContext
-from conceptedit.editing.uce.closed_form import UCEConfig
+from conceptedit.editing.uce.config import UCEConfig
 from test_layout_matrix import _node
 
 FP8 = torch.float8_e4m3fn
@@ -442,7 +442,8 @@ def test_a_uce_edit_on_comfyui_ggufs_own_model_is_added_at_each_forward(comfy):
     from conceptedit.comfy_host.denoiser import ComfyDenoiser
     from conceptedit.comfy_host.patches import add_edit_patches
     from conceptedit.comfy_host.text import ComfyText
-    from conceptedit.editing.concept_prune.prune import PruneConfig, compute_concept_prune
+    from conceptedit.editing.concept_prune.prune import compute_concept_prune
+    from conceptedit.editing.concept_prune.config import PruneConfig
     from conceptedit.editing.prompts import TINY_DEFAULTS
     from conceptedit.editing.uce.closed_form import compute_uce
 

@@ -105,16 +105,16 @@ def test_the_closed_form_erases_red_from_the_tiny_qwen_image_and_keeps_the_other
     other colours kept), much less than on the tiny Flux: the causal encoder spreads the word over the
     rows after it; the bounds are what it reaches, with three pictures of margin."""
     from conceptedit.comfy_host.view import apply_edit
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run
     from conceptedit.editing.audit.evaluate import default_classifier, evaluate
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny import world
     from conceptedit.tiny.comfy_model import comfy_sampler
     from conceptedit.tiny.qwen_image import QWEN_CFG
     model, clip, _ = tiny_qwen
     classify = default_classifier()
     with torch.inference_mode():
-        edit = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
+        edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
         edited = apply_edit(model, clip, edit)[0]
     assert set(edit.changes) == {"diffusion_model.txt_in.weight"}
 
@@ -132,15 +132,15 @@ def test_the_closed_form_erases_red_from_the_tiny_qwen_image_and_keeps_the_other
 @torch.inference_mode()  # as ComfyUI's executor runs every node
 def test_stored_in_float8_it_is_edited_from_the_exact_weights_and_the_rounding_is_reported(comfy, tiny_qwen):
     from conceptedit.comfy_host.view import apply_edit
-    from conceptedit.comfy_host.jobs import UCEJob, uce
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.comfy_host.jobs import UCEJob, run
+    from conceptedit.editing.uce.config import UCEConfig
     from conceptedit.tiny.qwen_image import load_tiny_qwen_image
     model8, clip, _ = load_tiny_qwen_image(dtype=torch.float8_e4m3fn)
     key = "txt_in.weight"
     stored = model8.model.diffusion_model.txt_in.weight
     assert stored.dtype == torch.float8_e4m3fn
     before = stored.view(torch.uint8).clone()
-    edit8 = uce(model8, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
+    edit8 = run("uce", model8, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
     # exact: the same solve as on a float model holding the stored values (txt_in and the norm in front)
     ref, _, _ = load_tiny_qwen_image()
     dm8, dm = model8.model.diffusion_model, ref.model.diffusion_model
@@ -148,7 +148,7 @@ def test_stored_in_float8_it_is_edited_from_the_exact_weights_and_the_rounding_i
     with torch.no_grad():
         dm.txt_in.weight.copy_(stored.float())
         dm.txt_norm.weight.copy_(dm8.txt_norm.weight.float())
-    edit_ref = uce(ref, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
+    edit_ref = run("uce", ref, clip, UCEJob(settings=UCEConfig(concepts=["red"]))).edit
     delta8 = edit8.changes["diffusion_model." + key].delta(dtype=torch.float32)
     assert delta8.norm() > 0
     torch.testing.assert_close(delta8, edit_ref.changes["diffusion_model." + key].delta(dtype=torch.float32),

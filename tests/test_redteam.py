@@ -12,7 +12,8 @@ from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.redteam import revival as R
 from conceptedit.editing.redteam.runner import RedTeamConfig, RedTeamReport, concept_free
 from conceptedit.editing.redteam.soft import AttackConfig, nearest_tokens
-from conceptedit.editing.uce.closed_form import Operator, UCEConfig, regenerating_embeddings
+from conceptedit.editing.uce.closed_form import Operator, regenerating_embeddings
+from conceptedit.editing.uce.config import UCEConfig
 from conceptedit.tiny import world
 
 PROMPTS = [p for p, _ in world.prompts_for("red", 4)]
@@ -26,9 +27,9 @@ def tiny(comfy):
 
 
 def _uce(model, clip, **kw):
-    from conceptedit.comfy_host.jobs import UCEJob, uce
+    from conceptedit.comfy_host.jobs import UCEJob, run as run_job
     with torch.inference_mode():
-        return uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], token_window="last", **kw)))
+        return run_job("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], token_window="last", **kw)))
 
 
 def _red_team(model, clip, out, attacks=("prefix",), **kw):
@@ -155,12 +156,12 @@ def test_words_that_bring_the_concept_back_count_as_a_success_in_the_verdict_and
 
 
 def test_node_runs_in_comfyui_with_revival_on_a_mask_and_leaves_the_models_unchanged(comfy, tiny):
-    from conceptedit.comfy_host.jobs import ConceptPruneJob, concept_prune
-    from conceptedit.editing.concept_prune.prune import PruneConfig
+    from conceptedit.comfy_host.jobs import ConceptPruneJob, run as run_job
+    from conceptedit.editing.concept_prune.config import PruneConfig
     from conceptedit.editing.prompts import TINY_DEFAULTS
     model, clip, vae = tiny
     with torch.inference_mode():
-        pruned = concept_prune(model, clip, ConceptPruneJob(concepts=["triangle"], preset="tiny",
+        pruned = run_job("concept_prune", model, clip, ConceptPruneJob(concepts=["triangle"], preset="tiny",
                                                             settings=PruneConfig(**{**TINY_DEFAULTS, "steps": 4, "tau": 2})))
         before = {k: v.clone() for k, v in model.model_state_dict().items()}
         node = comfy.NODE_CLASS_MAPPINGS["ConceptEditRedTeamAudit"]()

@@ -12,13 +12,13 @@ from helpers import random_clip
 
 from conceptedit.comfy_host.text_hooks import ComfyTextModel
 from conceptedit.editing import arch
-from conceptedit.editing.emcid import stage2 as stage2_mod
-from conceptedit.editing.emcid.stage2 import (EmcidConfig, absolute_lam, concept_prompts, layer_reach,
-                                              read_layer, second_moments, solve_update)
-from conceptedit.editing.emcid import compute_emcid
+from conceptedit.editing.emcid import compute_emcid, stage2 as stage2_mod
+from conceptedit.editing.emcid.stage2 import concept_prompts, layer_reach, read_layer, second_moments, solve_update
+from conceptedit.editing.emcid.config import EmcidConfig, absolute_lam
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.uce import closed_form as uce_mod
-from conceptedit.editing.uce.closed_form import NormedText, UCEConfig, build_text_system, compute_uce, text_scale
+from conceptedit.editing.uce.closed_form import NormedText, build_text_system, compute_uce, text_scale
+from conceptedit.editing.uce.config import UCEConfig
 
 ENC = "clip_l"
 TINY = arch.get_family("tiny")
@@ -174,7 +174,7 @@ def test_an_absolute_lambda_given_as_relative_is_named(run):
 
 # ---- UCE ----------------------------------------------------------------------------------------
 class _Text:
-    """A host TextEncoder: fake word ids, fixed random embeddings per prompt (8 positions, width d)."""
+    """A host Text: fake word ids, fixed random embeddings per prompt (8 positions, width d)."""
 
     def __init__(self, d):
         self.d = d

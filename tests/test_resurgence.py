@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from conceptedit.editing.report import plots
-from conceptedit.editing.distill.bilevel import DistillConfig, compute_distill_unlearn
+from conceptedit.editing.distill.bilevel import compute_distill_unlearn
+from conceptedit.editing.distill.config import DistillConfig
 from conceptedit.editing.edit import Change, Edit
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.audit.resurgence import AuditConfig, audit, guidance_presence, resurgence_ratio
-from conceptedit.editing.unlearn.trainer import UnlearnConfig, compute_unlearn
+from conceptedit.editing.unlearn.trainer import compute_unlearn
+from conceptedit.editing.unlearn.config import UnlearnConfig
 from helpers import random_model
 from test_unlearn import Host, Text, _assert_unchanged, _snapshot
 

@@ -115,9 +115,9 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     from safetensors import safe_open
 
     from conceptedit.comfy_host.patches import original_weights
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
+    from conceptedit.comfy_host.jobs import EmcidJob, run
     from conceptedit.comfy_host.text_hooks import ComfyTextModel
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
     from test_flux import _assert_loraloader_reads
     model, clip = sd3
@@ -125,7 +125,7 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     cfg = EmcidConfig(lam={"clip_l": 500.0, "clip_g": 500.0, "t5xxl": 20.0}, steps=3, sample_steps=2, n_captions=200,
                       templates=("a photo of {}",))  # one template: the target is that prompt's own state
     with torch.inference_mode():
-        r = emcid(model, clip, EmcidJob(pairs=[("red", "purple")], settings=cfg, width=64, height=64,
+        r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")], settings=cfg, width=64, height=64,
                                         cache_dir=str(loras / "cache")))
     stage1 = r.edit.metrics["stage1"]  # random weights: its losses are tiny and say nothing of quality
     assert stage1["cached"] == 0 and all(math.isfinite(v) for v in stage1["probe_loss_after"])
@@ -135,7 +135,7 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     # MEMIT's residual on every encoder: the official one aims each fc2 output at the target, which
     # on random weights overshoots (its gap grows), a property of that rule and not of SD3's path
     with torch.inference_mode():
-        r = emcid(model, clip, EmcidJob(pairs=[("red", "purple")],
+        r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")],
                                         settings=replace(cfg, use_stage1=False, residual="memit")))
     edit = r.edit
     layers = {"clip_l": 2, "clip_g": 2, "t5xxl": 0}  # the last edited layer of each (all but the last)
@@ -171,15 +171,15 @@ def test_a_clip_g_and_t5_edit_is_named_as_loraloader_reads_it(comfy, loras):
     from safetensors import safe_open
 
     from conceptedit.comfy_host.patches import original_weights
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
+    from conceptedit.comfy_host.jobs import EmcidJob, run
+    from conceptedit.editing.emcid.config import EmcidConfig
     from conceptedit.editing.export.lora import LoraExportConfig, save_lora
     from helpers import SD3_POOLED_NO_L
     from test_flux import _assert_loraloader_reads
     model, clip = sd3_model(pooled=SD3_POOLED_NO_L), sd3_clip(clip_l=False)
     before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
     with torch.inference_mode():
-        r = emcid(model, clip, EmcidJob(pairs=[("red", "purple")],
+        r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")],
                                         settings=EmcidConfig(lam={"clip_g": 50.0, "t5xxl": 5.0}, use_stage1=False,
                                                              n_captions=60)))
     # (small λ: a ΔW well above float16's rounding of W + ΔW, in which this CLIP is held)
@@ -226,10 +226,10 @@ def test_a_clip_of_the_right_text_width_but_another_pooled_width_is_refused(comf
 
 @torch.inference_mode()
 def test_closed_form_edits_context_embedder_and_y_embedder_only(comfy, sd3):
-    from conceptedit.comfy_host.jobs import UCEJob, uce
-    from conceptedit.editing.uce.closed_form import UCEConfig
+    from conceptedit.comfy_host.jobs import UCEJob, run
+    from conceptedit.editing.uce.config import UCEConfig
     model, clip = sd3
-    r = uce(model, clip, UCEJob(settings=UCEConfig(concepts=["red"], edit_text_pooled=True,
+    r = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], edit_text_pooled=True,
                                                    preserve=["a blue square", "a green circle"],
                                                    default_preserve=False)))
     assert set(r.edit.changes) == {"diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"}
@@ -279,9 +279,9 @@ def test_red_team_soft_prompts_go_into_the_clips_and_t5_reads_the_rest(comfy, sd
     assert pooled.shape == (1, 160)
     assert text.decode([320]) == "a"  # CLIP's vocabulary: a projected prompt is words
     # the audit of a text-encoder edit: the attacks run through the edited CLIP
-    from conceptedit.comfy_host.jobs import EmcidJob, emcid
-    from conceptedit.editing.emcid.stage2 import EmcidConfig
-    r = emcid(model, clip, EmcidJob(pairs=[("red", "purple")], settings=EmcidConfig(use_stage1=False, n_captions=100)))
+    from conceptedit.comfy_host.jobs import EmcidJob, run
+    from conceptedit.editing.emcid.config import EmcidConfig
+    r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")], settings=EmcidConfig(use_stage1=False, n_captions=100)))
     out = _node(comfy, "ConceptEditRedTeamAudit", edited_model=model, original_model=model, clip=clip, concept="red",
                 concept_prompts="a red circle", steps=2, samples=1, sample_steps=2, inversion=False,
                 revival=False, edit=r.edit, edited_clip=r.clip, width=64, height=64)

@@ -10,8 +10,9 @@ from helpers import random_clip
 
 from conceptedit.editing import arch
 from conceptedit.editing.errors import InvalidInputError, NonFiniteError
-from conceptedit.editing.uce.closed_form import (UCEConfig, build_text_system, compute_uce, layer_change, preserve_prompts,
-                                     solve_operator)
+from conceptedit.editing.uce.closed_form import (build_text_system, compute_uce, layer_change, preserve_prompts,
+                                                 solve_operator)
+from conceptedit.editing.uce.config import UCEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_erase_hits_guide_values_when_lambda_and_preserve_vanish():
 
 
 class _RandomText:
-    """A host TextEncoder of any width with a fake tokenizer: words -> ids, EOS-padded to `length`."""
+    """A host Text of any width with a fake tokenizer: words -> ids, EOS-padded to `length`."""
 
     def __init__(self, d, length=8, seed=0):
         self.d, self.length, self.seed = d, length, seed

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conceptedit.editing.errors import InvalidInputError
 from conceptedit.editing.uce import closed_form as uce
-from conceptedit.editing.uce.closed_form import TextSystem, UCEConfig, layer_change, solve_operator
+from conceptedit.editing.uce.closed_form import TextSystem, layer_change, solve_operator
+from conceptedit.editing.uce.config import UCEConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LAM, SE, SP = 0.5, 1.3, 0.7

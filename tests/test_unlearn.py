@@ -18,7 +18,7 @@ from helpers import random_model
 
 
 class Text:
-    """A TextEncoder host: each word maps to a fixed random vector, so prompts that share words
+    """A Text host: each word maps to a fixed random vector, so prompts that share words
     share context rows (enough structure for the concept to matter)."""
 
     def __init__(self, d=64):
@@ -538,11 +538,12 @@ def test_unlearn_node_presets_are_esd_x_and_esd_u(comfy, monkeypatch):
     assert choices[1]["options"] == ["custom", "esd-x", "esd-u"] and choices[1]["default"] == "custom"
     jobs = []
 
-    def fake_unlearn(model, clip, job, ctx=None):
+    def fake_run(name, model, clip, job, ctx=None):
+        assert name == "unlearn", name
         jobs.append(job)
         return JobResult(model, clip, Edit("unlearn-esd", "tiny", {}, metrics={"history": {"forget": [1.0, 0.5]}}), [])
 
-    monkeypatch.setattr(sys.modules[node_cls.__module__], "unlearn", fake_unlearn)
+    monkeypatch.setattr(sys.modules[node_cls.__module__], "run", fake_run)
     node = node_cls()
     for preset in ("esd-x", "esd-u", "custom"):
         node.execute("MODEL", "CLIP", "van gogh", "", "rgd", "lora", 7, 3e-3, 2, 0, preset=preset, batch=1)
@@ -568,7 +569,7 @@ def test_cli_unlearn_takes_the_presets_and_the_paper_options(comfy, monkeypatch,
     from conceptedit.comfy_host import jobs
     seen = []
     fake_unlearn = recording_unlearn(seen)
-    monkeypatch.setattr(jobs, "unlearn", fake_unlearn)
+    monkeypatch.setattr(jobs, "run", fake_unlearn)
     monkeypatch.setattr(common, "load_model", lambda *a, **k: ("MODEL", "CLIP"))
     out = tmp_path / "e.safetensors"
     assert cli.main(["unlearn", "--ckpt", "tiny", "--concept", "red", "--preset", "esd-u", "--esd-xt", "noised",
@@ -750,12 +751,13 @@ def test_cli_unlearn_data_parallel_in_two_cpu_processes(tmp_path):
 
 
 def recording_unlearn(seen: list):
-    """A stand-in for the unlearn job that records the config a node or the command line built and
+    """A stand-in for `jobs.run` that records the unlearn config a node or the command line built and
     returns an empty edit, so that tests of argument handling need no training."""
     from conceptedit.comfy_host.jobs import JobResult
     from conceptedit.editing.edit import Edit
 
-    def fake_unlearn(model, clip, job, ctx=None):
+    def fake_unlearn(name, model, clip, job, ctx=None):
+        assert name == "unlearn", name
         seen.append(job.settings)
         return JobResult(model, clip, Edit(f"unlearn-{job.settings.method}", "tiny", {},
                                            params={"param_set": job.settings.param_set},

@@ -85,7 +85,7 @@ class TextEncoderSpec:
     @property
     def first_token(self) -> int:
         """Index of a prompt's first real token (CLIP puts BOS before it, T5 nothing; an LLM's chat
-        template is the host's to read, `TextModel.first_token`)."""
+        template is the host's to read, `Text.first_token`)."""
         return 1 if self.kind == "clip" else 0
 
 

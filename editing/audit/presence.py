@@ -17,7 +17,7 @@ ratio `kept = gain_edited / gain_original` isolates the edit. Unrelated prompts 
 kept ≈ 1 (specificity).
 
 Hosts: anything with `editing.hosts.Trainable` (``eps``, ``alphas_cumprod``; ``adm`` for SDXL's
-vector conditioning) for the model and a `TextEncoder` for its prompts. x₀ must already be in
+vector conditioning) for the model and a `Text` for its prompts. x₀ must already be in
 the UNet's latent space (ComfyUI: after ``process_latent_in``).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from ..diffusion import add_noise
 from ..errors import InvalidInputError, NonFiniteError
-from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning
+from ..hosts import RunContext, Text, Trainable, cat_y, conditioning
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _noise(shape, seed: int, index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], x0: torch.Tensor,
+def presence_scores(host: Trainable, text: Text, prompts: Sequence[str], x0: torch.Tensor,
                     config: PresenceConfig | None = None, ctx: RunContext | None = None) -> PresenceScores:
     """Denoising gain of each prompt on its picture x0[i] (UNet latent space) for one model (with
     the vector conditioning y from `hosts.conditioning` where the model takes one, SDXL)."""
@@ -218,8 +218,8 @@ def presence_scores(host: Trainable, text: TextEncoder, prompts: Sequence[str], 
     return PresenceScores(prompts, gain.tolist(), shift.tolist())
 
 
-def compare_presence(original: Trainable, edited: Trainable, text_original: TextEncoder,
-                     text_edited: TextEncoder | None, prompts: Sequence[str], x0: torch.Tensor,
+def compare_presence(original: Trainable, edited: Trainable, text_original: Text,
+                     text_edited: Text | None, prompts: Sequence[str], x0: torch.Tensor,
                      config: PresenceConfig | None = None, ctx: RunContext | None = None) -> PresenceComparison:
     """Presence of each prompt before and after an edit, on the same pictures x0 (made by the
     original model) with the same noise. `text_edited` is the edited text encoder when the edit

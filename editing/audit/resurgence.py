@@ -23,11 +23,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed
 from ..diffusion import add_noise, diffusion_mse, generate_latents
 from .presence import concept_twins
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, TextEncoder, Trainable, base_weights, conditioning
+from ..hosts import RunContext, Text, Trainable, base_weights, conditioning
 from ..training import Adapters, TrainLog, edit_as_fixed, frozen_session, select_targets, train_loop
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class AuditReport:
         return asdict(self)
 
 
-def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cfg: AuditConfig | None = None, *,
+def audit(host: Trainable, text: Text, edit: Edit, presence: Presence, cfg: AuditConfig | None = None, *,
           benign_prompts: Sequence[str] = DEFAULT_BENIGN, ctx: RunContext | None = None,
           benign_latents: torch.Tensor | None = None, text_is_edited: bool = False,
           benign_data: str = "") -> AuditReport:
@@ -194,9 +195,9 @@ def audit(host: Trainable, text: TextEncoder, edit: Edit, presence: Presence, cf
     return report
 
 
-def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Sequence[str], *, n_t: int = 4,
+def guidance_presence(host: Trainable, text: Text, concept_prompts: Sequence[str], *, n_t: int = 4,
                       seed: int = 0, gen_steps: int = 20, gen_cfg: float = 5.0,
-                      latents: torch.Tensor | None = None, edited_text: TextEncoder | None = None,
+                      latents: torch.Tensor | None = None, edited_text: Text | None = None,
                       concepts: Sequence[str] = ()) -> Presence:
     """A presence measure that needs no classifier: how much of the ORIGINAL model's concept
     direction ε₀(x_t, c) − ε₀(x_t, b) the model still produces, at a fixed set of (x_t, t) from the
@@ -210,7 +211,11 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
     scores 1; an edit that maps the concept away scores ≈ 0; ESD's negative guidance pushes it below 0.
 
     `edited_text`: the text encoder with a text-encoder edit applied; edits that change text-encoder
-    keys are then scored with its conditioning (their UNet keys, if any, by hooks as usual)."""
+    keys are then scored with its conditioning (their UNet keys, if any, by hooks as usual).
+
+    Under torchrun (`editing.distributed`) the n_t timesteps are split over the processes (timestep k
+    on rank k mod N) and every reading is the one process's number exactly; every process must then
+    call the returned `presence` alike (the audit does: its fine-tune runs the same on each)."""
     prompts = [p for p in concept_prompts if p.strip()]
     if not prompts:
         raise InvalidInputError("give at least one prompt that shows the concept")
@@ -231,9 +236,15 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
     n = latents.shape[0]
     ts = [torch.full((n,), int(t)) for t in torch.linspace(150, 850, n_t)]
     noises = [torch.randn(latents.shape, generator=g) for _ in ts]
-    cache: dict[str, list[torch.Tensor]] = {}
+    cache: dict[str, dict[int, torch.Tensor]] = {}
 
-    def directions(edits) -> list[torch.Tensor]:
+    # The timesteps are independent readings: under torchrun each process takes its share (timestep k
+    # on rank k mod N, with the noise drawn for every timestep above, so a reading does not depend on
+    # where it runs) and the per-timestep sums are gathered exactly and added in timestep order, as
+    # one process adds them.
+    mine = distributed.shard_indices(n_t)
+
+    def directions(edits) -> dict[int, torch.Tensor]:
         unet = host.unet()
         modules = dict(unet.named_modules())
         edits, text_edited = _split_text_changes(edits)
@@ -244,14 +255,15 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
         fixed = edit_as_fixed(edits, modules, base_weights(host)) if edits else {}
         ad = Adapters(modules, [], fixed=fixed)
         ac = host.alphas_cumprod().float()
-        out = []
+        out = {}
         with torch.no_grad(), ad.attached():
-            for t, noise in zip(ts, noises):
+            for k in mine:
+                t, noise = ts[k], noises[k]
                 xt = add_noise(latents, noise.to(latents.device), t, ac)
                 tt = t.to(latents.device)
                 e = host.eps(torch.cat([xt, xt]), torch.cat([tt, tt]), cu, y=y)
                 ec, eu = e.chunk(2)
-                out.append((ec - eu).float())
+                out[k] = (ec - eu).float()
         return out
 
     def presence(edits) -> float:
@@ -259,8 +271,11 @@ def guidance_presence(host: Trainable, text: TextEncoder, concept_prompts: Seque
             cache["orig"] = directions([])
         d0 = cache["orig"]
         dm = d0 if not edits else directions(edits)
-        num = sum(float((a * b).sum()) for a, b in zip(dm, d0))
-        den = sum(float((b * b).sum()) for b in d0)
+        sums = {k: torch.tensor([float((dm[k] * d0[k]).sum()), float((d0[k] * d0[k]).sum())], dtype=torch.float64)
+                for k in mine}
+        table = distributed.assemble(n_t, sums, like=torch.zeros(2, dtype=torch.float64)).tolist()
+        num = sum(row[0] for row in table)
+        den = sum(row[1] for row in table)
         return num / den if den > 0 else float("nan")
 
     return presence

@@ -121,6 +121,12 @@ class ResultCache:
             self._write(self._path(parts, ".json"), json.dumps(entry).encode("utf-8"))
         return value
 
+    def adopt_json(self, parts: Mapping[str, Any], value: Any) -> None:
+        """Keep a value another process computed or read (torchrun), unless an entry is already under
+        its name: with a shared cache folder that process wrote it, and it is not written twice."""
+        if self.root is not None and not os.path.isfile(self._path(parts, ".json")):
+            self.put_json(parts, value)
+
     # ---- tensors (generated pictures) -----------------------------------------------------
     def get_tensor(self, parts: Mapping[str, Any]) -> torch.Tensor | None:
         path = self._existing(parts, ".safetensors")

@@ -17,7 +17,7 @@ class JudgeContext:
 
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> pictures [B, 3, H, W] in [-1, 1]
     denoiser: Any = None        # `hosts.Trainable` of this side's model (presence)
-    text: Any = None            # its `hosts.TextEncoder`
+    text: Any = None            # its `hosts.Text`
     latent_in: Callable[[torch.Tensor], torch.Tensor] | None = None  # sampled latents -> the UNet's scale
     world: str | None = None    # the bundled world the model draws, when it is one ("tiny")
     should_stop: Callable[[], bool] | None = None

@@ -23,9 +23,16 @@ Metrics, per judge (what a judge's result holds decides which apply; see judges.
 - ``score``: the mean per set, per class and over the kept classes;
 - attack success rate: per set, the share of attacked pictures flagged, beside the same share of
   the original's and the edited model's pictures of the unattacked prompts.
+
+Under torchrun (`editing.distributed`) every process reads the judgements its own cache holds and
+the processes share them (each from the lowest rank that holds it; machines need not share a
+folder); the chunks left with something to judge are split, chunk k of them on rank k mod N, each
+drawn and judged as one process does it; the judgements then travel as JSON (exact), so every
+process ends with the whole table, the counts are summed, and rank 0 alone draws the worst cases.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..errors import InvalidInputError
 from ..hosts import RunContext
 from .cache import ResultCache
@@ -232,20 +240,38 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
             stats["generated_by"][col.name] += len(todo)
         return have
 
-    ctx.report(0, len(chunks))
-    for n_done, (g, idx) in enumerate(chunks, 1):
+    # 1. every judgement a cache holds: each process reads its own cache, and what any of them holds
+    # is taken from the lowest such rank (machines need not share a file system); one process reads all
+    units = [(c, j, i) for c in columns for j in range(len(c.judges)) for i in range(len(items))
+             if c.prompts[i] is not None]
+    held = {}
+    for u, (col, j, i) in enumerate(units):
+        r = cache.get_json(judge_key(col, col.judges[j], i))
+        if r is not None:
+            held[u] = r
+    shared = distributed.share_held(len(units), held)
+    for u, r in shared.items():
+        col, j, i = units[u]
+        results[col.name][i][col.judges[j].name] = r
+        if u not in held and distributed.is_main():  # rank 0's cache also keeps what the others held
+            cache.adopt_json(judge_key(col, col.judges[j], i), r)
+    stats["judged_cached"] = len(shared)
+
+    def missing(col: _Column, judge: Judge, i: int) -> bool:
+        return col.prompts[i] is not None and judge.name not in results[col.name][i]
+
+    # 2. the chunks with something left to judge, chunk k of them on rank k mod N (one process: all).
+    # A chunk holds the pictures one process batches together, so each is drawn as one process draws it.
+    todo_chunks = [k for k, (_, idx) in enumerate(chunks)
+                   if any(missing(col, judge, i) for col in columns for judge in col.judges for i in idx)]
+    mine = distributed.shard(todo_chunks)
+    n_cached, n_ranks = len(chunks) - len(todo_chunks), distributed.world()
+    ctx.report(n_cached, len(chunks))
+    for n_done, k in enumerate(mine, 1):
+        idx = chunks[k][1]
         for col in columns:
             for judge in col.judges:
-                todo = []
-                for i in idx:
-                    if col.prompts[i] is None:
-                        continue
-                    r = cache.get_json(judge_key(col, judge, i))
-                    if r is None:
-                        todo.append(i)
-                    else:
-                        results[col.name][i][judge.name] = r
-                        stats["judged_cached"] += 1
+                todo = [i for i in idx if missing(col, judge, i)]
                 if not todo:
                     continue
                 have = picture(source_of(col, judge), todo)
@@ -263,10 +289,42 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
                 stats["judged"] += len(todo)
         for p in pictures.values():  # a chunk's pictures are not needed again (the grid reads its own)
             p.clear()
-        elapsed = time.time() - t0
-        log.info("benchmark: %d/%d chunks, %d pictures generated, %.0f s, ETA %.0f s", n_done, len(chunks),
-                 stats["generated"], elapsed, elapsed / n_done * (len(chunks) - n_done))
-        ctx.report(n_done, len(chunks))
+        # this process's share of the chunks stands for the whole job's progress (the shares are even)
+        shown = n_cached + min(len(todo_chunks), n_done * n_ranks)
+        if distributed.is_main():
+            elapsed = time.time() - t0
+            log.info("benchmark: %d/%d chunks, %d pictures generated%s, %.0f s, ETA %.0f s", shown, len(chunks),
+                     stats["generated"], " here" if n_ranks > 1 else "", elapsed,
+                     elapsed / n_done * (len(mine) - n_done))
+        ctx.report(shown, len(chunks))
+    # 3. every process gets the others' judgements (per picture, as JSON: exact) and their counts
+    others_cache = None
+    if distributed.active():
+        own_chunks = set(mine)
+        theirs = [k for k in todo_chunks if k not in own_chunks]
+        got = distributed.gather_json({i: {c.name: results[c.name][i] for c in columns}
+                                       for k in mine for i in chunks[k][1]})
+        for i, per_column in got.items():
+            for c in columns:
+                results[c.name][i] = per_column[c.name]
+        if distributed.is_main():
+            for k in theirs:
+                for col in columns:
+                    for judge in col.judges:
+                        for i in chunks[k][1]:
+                            if col.prompts[i] is not None:
+                                cache.adopt_json(judge_key(col, judge, i), results[col.name][i][judge.name])
+        own = {k: stats[k] for k in _SUMMED + _SUMMED_BY}
+        counts = [json.loads(b) for b in distributed.all_gather_bytes(
+            json.dumps({"stats": own, "cache": cache.stats()}).encode())]
+        _add_counts(stats, [c["stats"] for c in counts])
+        stats["processes"] = n_ranks
+        others = [c["cache"] for r, c in enumerate(counts) if r != distributed.rank()]
+        others_cache = {k: sum(c[k] for c in others) for k in cache.stats()}
+    for col in columns:  # each picture's judgements in the judges' order, however they were found
+        for i, d in enumerate(results[col.name]):
+            if d is not None:
+                results[col.name][i] = {j.name: d[j.name] for j in col.judges if j.name in d}
     names = [j.name for j in original.judges]
     attack_names = [a.name for a in attacks]
     summaries = {j.name: j.summary for j in original.judges if callable(getattr(j, "summary", None))}
@@ -282,7 +340,7 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
                   **{c.name: results[c.name][i] for c in columns},
                   **{f"prompt:{c.name}": c.prompts[i] for c in columns[2:]}} for i, it in enumerate(items)]
     report = BenchmarkReport(rows, s, stats, per_image, attack_names)
-    if worst > 0:
+    if worst > 0 and distributed.is_main():  # the grid is rank 0's to write
         pick = worst_items(items, results, names, erased, kept_sets, worst)
         drawn = {c.name: {i: picture(c, [i])[i] for i, _ in pick if c.prompts[i] is not None} for c in columns}
         blank = next((p for d in drawn.values() for p in d.values()), None)
@@ -291,8 +349,26 @@ def run_benchmark(cases: Sequence[PromptCase], original: Side, edited: Side, set
                         "pictures": {name: torch.stack([d.get(i, torch.zeros_like(blank)) for i, _ in pick])
                                      for name, d in drawn.items() if d} if pick else {}}
     stats["seconds"] = time.time() - t0
-    stats["cache"] = cache.stats()
+    # with several processes: the reads and writes of all of them (each reads every judgement's entry)
+    stats["cache"] = {k: v + (others_cache or {}).get(k, 0) for k, v in cache.stats().items()}
     return report
+
+
+# counts that add up over the processes (each counts only the work it did itself)
+_SUMMED = ("generated", "pictures_cached", "judged", "generate_s", "judge_s")
+_SUMMED_BY = ("judge_s_by", "judged_by", "generated_by")
+
+
+def _add_counts(stats: dict, parts: Sequence[Mapping]) -> None:
+    """`stats`' own counts replaced by their sums over the processes' `parts`."""
+    for k in _SUMMED:
+        stats[k] = sum(p[k] for p in parts)
+    for k in _SUMMED_BY:
+        total: dict = {}
+        for p in parts:
+            for name, v in p[k].items():
+                total[name] = total.get(name, 0) + v
+        stats[k] = total
 
 
 # ---- reading a judgement --------------------------------------------------------------------

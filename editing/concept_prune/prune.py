@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -58,68 +58,11 @@ from ..distributed import key_name, load_checked, save_checked
 from ..edit import Change, Edit
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs
-from ..hosts import Denoiser, RunContext, TextEncoder, base_weights, cat_y, conditioning, latent_shape
+from ..hosts import Denoiser, RunContext, Text, base_weights, cat_y, conditioning, latent_shape
+from ..diffusion import plms_timesteps
+from .config import METHOD, OFFICIAL_SOURCE, OFFICIAL_FAMILIES, PruneConfig, OFFICIAL_CFG, OFFICIAL_STEPS
 
 log = logging.getLogger(__name__)
-
-METHOD = "concept_prune"
-# "off": the pack's procedure; "concept-prune": the authors' code (see the module docstring)
-OFFICIAL = ("off", "concept-prune")
-OFFICIAL_SOURCE = ("github:ruchikachavhan/concept-prune at commit 72927d9a2b518caed4e5dddd8549d04b168ad5d7: "
-                   "wanda/wanda.py, neuron_receivers/wanda_receiver.py, utils/base_utils.py, "
-                   "wanda/save_union_over_time.py; diffusers' StableDiffusionPipeline + PNDMScheduler (SD1.x config)")
-# what wanda/wanda.py's pipeline call runs with (StableDiffusionPipeline's defaults, never overridden)
-OFFICIAL_STEPS, OFFICIAL_CFG = 50, 7.5
-# utils/base_utils.py: the StableDiffusionPipeline model ids the official scripts load
-OFFICIAL_FAMILIES = ("sd1", "sd2")
-
-
-@dataclass
-class PruneConfig:
-    """ConceptPrune's hyper-parameters (paper defaults: 50 steps, CFG 7.5, seed 0)."""
-
-    skill_ratio: float = 0.01   # k = ⌊skill_ratio · 4d⌋ weights per output row and step
-    tau: int = 10               # union over the first τ denoising steps
-    steps: int = 50             # denoising steps of each calibration generation
-    cfg: float = 7.5
-    seed: int = 0               # every prompt starts from this seed's noise
-    batch_size: int = 8         # prompts per generation call (speed and memory only; the mask is the same)
-    negative: str = ""
-    full_trajectory: bool = False  # run every step even though only the first τ matter
-    select_ratio: float = 0.0   # pruned when skilled at more than select_ratio·τ of the first τ steps (0: the union)
-    official: str = "off"       # one of OFFICIAL: "concept-prune" runs the authors' procedure
-
-    def validate(self) -> None:
-        if self.official not in OFFICIAL:
-            raise InvalidInputError(f"official must be one of {', '.join(map(repr, OFFICIAL))}, got {self.official!r}: "
-                                    "'off' for the pack's procedure, 'concept-prune' for the authors' code")
-        if not 0.0 < self.skill_ratio <= 1.0:
-            raise InvalidInputError(f"skill_ratio must be in (0, 1], got {self.skill_ratio}; the paper uses 0.01-0.02")
-        if self.steps < 1:
-            raise InvalidInputError(f"steps must be at least 1, got {self.steps}")
-        n = self.evaluations
-        if not 1 <= self.tau <= n:
-            what = (f"the {n} UNet evaluations of {self.steps} PNDM steps" if self.official != "off"
-                    else f"steps={self.steps}")
-            raise InvalidInputError(f"tau (the number of early steps whose skilled weights are pruned) must be "
-                                    f"between 1 and {what}, got {self.tau}")
-        if not 0.0 <= self.select_ratio < 1.0:
-            raise InvalidInputError(f"select_ratio must be in [0, 1), got {self.select_ratio}; 0 (every published "
-                                    "run) prunes the union of the first τ steps' skilled weights")
-        if self.cfg < 0:
-            raise InvalidInputError(f"cfg must be >= 0, got {self.cfg}")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"batch_size must be at least 1, got {self.batch_size}")
-
-    @property
-    def evaluations(self) -> int:
-        """Model evaluations of one calibration generation, the "steps" the statistics and τ count:
-        `steps` for the host's sampler; the PNDM schedule's length (steps + 1) for official."""
-        return len(plms_timesteps(self.steps)) if self.official != "off" else self.steps
-
-    @property
-    def kept_steps(self) -> int:
-        return self.evaluations if self.full_trajectory else self.tau
 
 
 def with_preset_defaults(cfg: PruneConfig, preset: str) -> PruneConfig:
@@ -203,7 +146,7 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
                        prompts: Sequence[str], cfg: PruneConfig, ctx: RunContext,
                        progress: tuple[int, int] | None = None,
                        columns: Mapping[str, tuple[int, int]] | None = None,
-                       text: TextEncoder | None = None, cache_dir: str | None = None,
+                       text: Text | None = None, cache_dir: str | None = None,
                        cache_key: Mapping | None = None) -> FFNStatistics:
     """Generate every prompt (batches of ``cfg.batch_size``, each prompt from the noise of ``cfg.seed``)
     with hooks on `names`, summing statistics for the first ``cfg.kept_steps`` steps. ``progress`` =
@@ -308,7 +251,7 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
 
 
 def statistics_key(denoiser: Denoiser, names: Sequence[str], cfg: PruneConfig, fingerprint: Mapping | None,
-                   columns: Mapping[str, tuple[int, int]] | None, text: TextEncoder | None) -> dict:
+                   columns: Mapping[str, tuple[int, int]] | None, text: Text | None) -> dict:
     """What a batch's ConceptPrune statistics depend on besides its prompts: the model (the host's
     fingerprint and a probe of the MLP weights and of the text encoder's output), the hooked layers,
     the picture size and the calibration settings (not the concepts: a batch of prompts is the same
@@ -337,18 +280,6 @@ def _n_batches(n: int, cfg: PruneConfig) -> int:
 
 # ---- the official calibration generation ---------------------------------------------------------
 OFFICIAL_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default ε on ‖x‖
-
-
-def plms_timesteps(steps: int, n_train: int = 1000, offset: int = 1) -> list[int]:
-    """The timesteps diffusers' PNDMScheduler evaluates with SD1.x's scheduler config (skip_prk_steps,
-    "leading" spacing, steps_offset 1): i·⌊n_train/steps⌋ + 1 for i = steps−1 … 0, the second one
-    twice (PLMS's warm-up evaluates it again). 50 steps: 981, 961, 961, 941, …, 21, 1."""
-    stride = n_train // steps
-    if stride < 1:
-        raise InvalidInputError(f"the official PNDM schedule needs steps <= {n_train} (the model's timesteps), "
-                                f"got {steps}")
-    up = [i * stride + offset for i in range(steps)]
-    return (up[:-1] + up[-2:-1] + up[-1:])[::-1]
 
 
 class PLMS:
@@ -398,7 +329,7 @@ def official_noise(shape: Sequence[int], seed: int, device: torch.device | str) 
     return torch.randn((1, *shape), generator=g, device=device, dtype=torch.float16).float()
 
 
-def official_generate(host, text: TextEncoder, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
+def official_generate(host, text: Text, prompts: Sequence[str], *, steps: int, cfg: float, seed: int,
                       on_step=None, ctx: RunContext | None = None) -> torch.Tensor:
     """wanda/wanda.py's generation of each prompt: StableDiffusionPipeline's defaults (PNDM /
     `PLMS` over `plms_timesteps`, guidance when cfg > 1 with the empty prompt's embedding as the
@@ -430,7 +361,7 @@ def official_generate(host, text: TextEncoder, prompts: Sequence[str], *, steps:
     return x
 
 
-def _official_host(denoiser, text: TextEncoder | None) -> TextEncoder:
+def _official_host(denoiser, text: Text | None) -> Text:
     """The text encoder the official generation encodes with; refuses a host it cannot run on."""
     text = text if text is not None else getattr(denoiser, "text", None)
     missing = [m for m in ("eps", "alphas_cumprod") if not hasattr(denoiser, m)]
@@ -553,7 +484,7 @@ def official_warnings(cfg: PruneConfig, family: Family, host=None) -> list[str]:
 @torch.no_grad()
 def compute_concept_prune(denoiser: Denoiser, family: Family, pairs: Mapping[str, Sequence[tuple[str, str]]],
                           config: PruneConfig | None = None, ctx: RunContext | None = None,
-                          fingerprint: Mapping[str, str] | None = None, text: TextEncoder | None = None,
+                          fingerprint: Mapping[str, str] | None = None, text: Text | None = None,
                           cache_dir: str | None = None) -> Edit:
     """ConceptPrune for one or more concepts. ``pairs`` maps concept -> [(concept prompt,
     reference prompt), ...] (see `editing.prompts.build_pairs`). Returns an Edit of masks over

@@ -3,4 +3,5 @@
 preserving generic captions (`captions`); `compute` runs them as one edit."""
 
 from .compute import compute_emcid, destination_targets, edit_layers  # noqa: F401
-from .stage2 import DEFAULT_TEMPLATES, EmcidConfig, TextModel, parse_pairs, validate_pairs  # noqa: F401
+from .stage2 import parse_pairs, validate_pairs
+from .config import DEFAULT_TEMPLATES, EmcidConfig

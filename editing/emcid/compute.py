@@ -14,17 +14,18 @@ from ..arch import Family, TextEncoderSpec
 from ..arch.text import llm_edit_layers
 from ..edit import Change, Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext
+from ..hosts import Host, RunContext, Text
+from .config import EmcidConfig, EmcidJob
 from .official import settings as official_settings
 from .presets import defaults_for
 from .stage1 import optimise_targets
-from .stage2 import (EmcidConfig, TextModel, concept_prompts, reach_warning, read_keys, resolve_defaults,
-                     second_moments, stage2, to_change, validate_pairs)
+from .stage2 import (concept_prompts, reach_warning, read_keys, resolve_defaults, second_moments, stage2,
+                     to_change, validate_pairs)
 
 log = logging.getLogger(__name__)
 
 
-def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
+def edit_layers(family: Family, text: Text, cfg: EmcidConfig) -> dict[str, tuple[TextEncoderSpec, tuple[int, ...]]]:
     """{encoder: (its spec, the fc2 layers to edit)}: the encoders the family's table edits (every
     one, except on Flux: T5 alone), plus any `cfg.layers` names; `cfg.layers` mapping an encoder to
     () leaves it out. On an encoder the model reads at a hidden layer (the host's `read_layer`: an
@@ -66,7 +67,7 @@ def edit_layers(family: Family, text: TextModel, cfg: EmcidConfig) -> dict[str, 
     return out
 
 
-def destination_targets(text: TextModel, encoder: str, dests: Sequence[str], cfg: EmcidConfig,
+def destination_targets(text: Text, encoder: str, dests: Sequence[str], cfg: EmcidConfig,
                         last: int) -> torch.Tensor:
     """Without stage 1: z = the destination's own hidden state at its last token (averaged over templates)."""
     p = concept_prompts(text, dests, cfg.templates)
@@ -74,7 +75,7 @@ def destination_targets(text: TextModel, encoder: str, dests: Sequence[str], cfg
     return H
 
 
-def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, str]], cfg: EmcidConfig | None = None,
+def compute_emcid(text: Text, family: Family, pairs: Sequence[tuple[str, str]], cfg: EmcidConfig | None = None,
                   ctx: RunContext | None = None, denoiser=None, cache_dir: str | None = None,
                   fingerprint: Mapping[str, str] | None = None, on_concepts=None) -> Edit:
     """Edit the text encoder(s) so each source concept is read as its destination.
@@ -139,3 +140,21 @@ def compute_emcid(text: TextModel, family: Family, pairs: Sequence[tuple[str, st
                 params={**cfg.to_dict(), "family_defaults": used}, fingerprint=dict(fingerprint or {}), metrics=metrics)
     edit.check_finite()
     return edit
+
+
+def compute(host: Host, config: EmcidJob) -> Edit:
+    """EMCID as a method: the host's text encoders edited (stage 1 runs its denoiser), with both made
+    usable by autograd for the duration; the edit is of the text encoders' fc2 weights."""
+    cfg = config.settings
+    what = "The Text Encoder Edit (EMCID)"
+    host.check_text_path(what)
+    host.check_clip()
+    text = host.text_layers()
+    why = getattr(text, "emcid_refusal", lambda: None)()
+    if why:
+        raise InvalidInputError(f"{what} cannot edit this {host.family.label}: {why}. Use {host.alternatives()} on "
+                                "this model instead (the Red-Team Audit's prompt attacks do run on its text encoder)")
+    denoiser = host.denoiser if cfg.runs_stage1 else None
+    with host.training(model=cfg.runs_stage1, text=True):
+        return compute_emcid(text, host.family, list(config.pairs), cfg, host.ctx, denoiser=denoiser,
+                             cache_dir=config.cache_dir, fingerprint=host.fingerprint, on_concepts=host.ctx.items)

@@ -34,7 +34,7 @@ from ..errors import InvalidInputError
 from .presets import SD, SDXL, FamilyDefaults
 
 if TYPE_CHECKING:
-    from .stage2 import EmcidConfig
+    from .config import EmcidConfig
 
 OFFICIAL_SOURCE = ("github:SilentView/EMCID at commit 10a392afb502cc2ed6a781c7c56dc179defaf064: "
                    "emcid/emcid_main.py (execute_emcid_text_encoder, execute_emcid_sd_xl_text_encoders), "
@@ -70,7 +70,8 @@ def check_supported(family: Family, text) -> None:
 def settings(cfg: EmcidConfig, family: Family, text) -> tuple[EmcidConfig, dict, list[str]]:
     """(the config the official procedure runs with, the `family_defaults` record, warnings naming each
     pack-only setting the user changed that it ignores) for `cfg` with `official` set."""
-    from .stage2 import EmcidConfig, resolve_defaults
+    from .stage2 import resolve_defaults
+    from .config import EmcidConfig
     check_supported(family, text)
     key, table = official_table(text.encoders)
     defaults = {f.name: f.default for f in fields(EmcidConfig)}

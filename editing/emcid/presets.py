@@ -23,7 +23,7 @@ The numbers are those of the official code (github:SilentView/EMCID):
 bigG, 10240 for T5-XXL; 256 and 128 for the tiny CLIP and T5 the tiny values were measured on). The
 relative default (`EmcidConfig.lam_mode` "relative") is λ / lam_width: on that encoder it gives the
 official λ exactly, and on an encoder of another width the same λ per key dimension (see
-`stage2.absolute_lam`).
+`config.absolute_lam`).
 
 A layout no table names (`custom`) gets SD3's values when it is an SD3 model or its CLIP is
 CLIP-L + CLIP-G + T5, Flux's when it is a Flux model or its CLIP is CLIP-L + T5, SDXL's when it

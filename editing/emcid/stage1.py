@@ -23,7 +23,7 @@ a δ (T5 has no pooled term), and δ on the CLIPs reaches y through their pooled
 A T5 alone (Chroma, PixArt, AuraFlow, Wan) or one LLM encoder (Qwen-Image, HunyuanImage 2.1,
 Z-Image, Flux.2) gives the whole context and no pooled vector: one δ, at the concept's last token
 inside the chat template (the host's `first_token`), with no pooled term; the context it reaches the
-model through is the host's (`TextModel.combine`: Flux.2's stacked layers, Qwen-Image's template rows
+model through is the host's (`Text.combine`: Flux.2's stacked layers, Qwen-Image's template rows
 left out).
 
 With several edited text encoders (SDXL, SD3) each gets its own δ, optimised jointly. Results are cached on
@@ -32,6 +32,9 @@ disk per (model fingerprint, concept, destination, parameters).
 Several concepts run together (`optimise_deltas`, `EmcidConfig.stage1_batch`): one text-encoder and
 two denoiser forwards per step carry every concept's rows, each concept keeping its own draws, loss
 term, Adam state, clamp and step count, so the targets are the one-at-a-time ones up to rounding.
+Their pictures are drawn together too (`draw_pictures`): every prompt's j-th picture starts from the
+noise a batch of one gets with its seed (`noise_per_prompt`), so it is the same picture whichever
+concepts share the sampler's batch.
 
 Under `EmcidConfig.official` the text path is the official code's (`official`): each step takes one
 picture per prompt, the prompts are padded to the longest of their batch with the padding masked
@@ -55,15 +58,19 @@ from ..diffusion import add_noise, objective_mse
 from ..distributed import key_name, load_checked, save_checked
 from ..errors import InvalidInputError
 from ..hooks import trace_outputs
-from ..hosts import RunContext
+from ..hosts import RunContext, Text
 from ..training import train_loop
-from .stage2 import EmcidConfig, Prompts, TextModel, concept_prompts, naming, read_keys, resolve_defaults
+from .stage2 import Prompts, concept_prompts, naming, read_keys, resolve_defaults
+from .config import EmcidConfig
 
 log = logging.getLogger(__name__)
 
 _STAGE1_PARAMS = ("templates", "steps", "lr", "weight_decay", "pooled_weight", "max_norm", "images_per_prompt",
                   "sample_steps", "sample_cfg", "seed")
 _OBJECTIVE = 2  # 2: the pooled term on every encoder's pooled output (1: the last encoder's only)
+# the pack's own pictures (`draw_pictures`); 2: each prompt's noise that of a batch of one (1: one draw
+# per concept, each template's noise depending on its slot). The official procedure keeps its own draw
+_PICTURES = 2
 _FORMAT = 2     # cache entries carry their key and a checksum (`distributed.save_checked`)
 
 
@@ -73,7 +80,7 @@ def cache_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, dst
     return key_name(_entry_key(fingerprint, text_fp, src, dst, last, cfg))
 
 
-def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
+def _resolved(cfg: EmcidConfig, text: Text) -> EmcidConfig:
     """`compute_emcid` resolves the family's defaults; a direct caller that left stage-1 values
     unset gets the fallback by encoder count (two: SDXL's, else SD's)."""
     if any(getattr(cfg, k) is None for k in ("steps", "lr", "weight_decay", "pooled_weight", "max_norm")):
@@ -85,13 +92,13 @@ def _resolved(cfg: EmcidConfig, text: TextModel) -> EmcidConfig:
     return cfg
 
 
-def encode(text: TextModel, ids: Mapping[str, torch.Tensor], masked: bool = False,
+def encode(text: Text, ids: Mapping[str, torch.Tensor], masked: bool = False,
            projected: Mapping[str, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                  dict[str, torch.Tensor | None]]:
     """(the model's context, the pooled vector it takes, every encoder's own pooled output),
-    differentiable; context and pooled vector as `TextModel.combine` builds them (SDXL: both
+    differentiable; context and pooled vector as `Text.combine` builds them (SDXL: both
     encoders' states, bigG's pooled; Flux: T5's states, CLIP-L's pooled). `masked` / `projected`:
-    the official text path (`TextModel.forward`)."""
+    the official text path (`Text.forward`)."""
     if masked or projected:
         outs = {e: text.forward(e, ids[e], masked=masked, projected=(projected or {}).get(e)) for e in text.encoders}
     else:
@@ -100,7 +107,7 @@ def encode(text: TextModel, ids: Mapping[str, torch.Tensor], masked: bool = Fals
     return context, pooled, {e: p for e, (_, p) in outs.items()}
 
 
-def longest_prompt(text: TextModel, p) -> int:
+def longest_prompt(text: Text, p) -> int:
     """The length of the longest prompt of the batch (BOS, its tokens, EOS): the width the official code's
     tokenizer call (padding=True) pads the batch to, the same on every encoder (SDXL concatenates the two
     encoders' rows). ComfyUI's CLIP runs 77 positions; with the padding masked as keys, its first rows
@@ -109,7 +116,7 @@ def longest_prompt(text: TextModel, p) -> int:
     return max(int(p.n_real[e].max()) + _first_token(text, e) + 1 for e in p.ids)
 
 
-def official_text(text: TextModel, ids: Mapping[str, torch.Tensor], width: int):
+def official_text(text: Text, ids: Mapping[str, torch.Tensor], width: int):
     """`encode` as the official code runs the text encoder(s): the padding masked, HF's pooled outputs
     (`official.pooled_projected`), the context cut to the batch's longest prompt."""
     from .official import pooled_projected
@@ -117,7 +124,64 @@ def official_text(text: TextModel, ids: Mapping[str, torch.Tensor], width: int):
     return context[:, :width], pooled, pooled_e
 
 
-def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
+def _unet_scale(denoiser, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Sampled latents (the VAE's scale) as x₀ of the objective (the UNet's), a fresh float tensor on
+    `dev` (the sampler may return an inference tensor)."""
+    if hasattr(denoiser, "latent_in"):
+        x = denoiser.latent_in(x)
+    return x.detach().clone().float().to(dev)
+
+
+# prompts per sampler call on the CPU: past this a picture costs more there, not less (the tiny model on
+# 2 cores: 32 pictures take 8-10 s in calls of 4 or 8 prompts, 11-15 s in calls of 16 or 32)
+CPU_SAMPLE_PROMPTS = 8
+# ⌊2³²/φ⌋, odd: j·step mod 2³² differs for every j, and for 0 < j < 10⁵ lies in [52777, 2³² − 11703],
+# so it never meets the first picture's seed or the probe's (seed + 1)
+_SEED_STEP = 0x9E3779B9
+
+
+def picture_seed(seed: int, j: int) -> int:
+    """The seed of every prompt's j-th picture: `seed` itself for the first, then steps of `_SEED_STEP`
+    modulo 2³² (torch's CPU generator reads 32 bits of a seed), so no two pictures of a prompt start
+    from one noise and none from the probe's (seed + 1)."""
+    return int(seed) if j == 0 else (int(seed) + int(j) * _SEED_STEP) % 2**32
+
+
+def draw_pictures(denoiser, each: Sequence[Prompts], cfg: EmcidConfig, dev: torch.device) -> list[torch.Tensor]:
+    """Stage 1's source pictures of several concepts in few sampler calls: per concept x₀ [n_img·T, ...]
+    (picture j of its T templates, j-major, as its own run lays out its rows) in the UNet's scale on `dev`.
+
+    Picture j of every prompt starts from the noise a batch of one gets with `picture_seed(cfg.seed, j)`
+    (`noise_per_prompt`), so a concept gets the pictures its own run draws whatever shares the batch. One
+    call per j for all the concepts whose prompts tokenize to one width (on the CPU, whole concepts up
+    to `CPU_SAMPLE_PROMPTS` prompts a call): where prompts are padded to the longest of their batch
+    (contexts of their own lengths: an LLM's, some T5s') the sampler reads that padding, and concepts
+    of one width are padded as their own runs pad them."""
+    n_img = cfg.images_per_prompt
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, p in enumerate(each):
+        groups.setdefault(tuple(int(v.shape[1]) for _, v in sorted(p.ids.items())), []).append(b)
+    per_call = len(each)  # concepts per call; on a GPU the stage-1 batch size bounds it
+    if dev.type == "cpu":
+        per_call = max(1, CPU_SAMPLE_PROMPTS // max(len(p.text) for p in each))
+    calls = [members[a:a + per_call] for members in groups.values() for a in range(0, len(members), per_call)]
+    parts: list[list[torch.Tensor]] = [[] for _ in each]
+    with torch.no_grad():
+        for j in range(n_img):
+            for members in calls:
+                prompts = [t for b in members for t in each[b].text]
+                x = denoiser.sample(prompts, steps=cfg.sample_steps, cfg=cfg.sample_cfg,
+                                    seed=picture_seed(cfg.seed, j), noise_per_prompt=True)
+                x = _unet_scale(denoiser, x, dev)
+                at = 0
+                for b in members:
+                    k = len(each[b].text)
+                    parts[b].append(x[at:at + k])
+                    at += k
+    return [torch.cat(p) for p in parts]
+
+
+def optimise_delta(text: Text, denoiser, src: str, dst: str, last: Mapping[str, int], cfg: EmcidConfig,
                    ctx: RunContext | None = None, on_step=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Stage 1 for one concept. Returns (δ per encoder [d], h per encoder [d], stats: the loss history
     and the ε-loss on a fixed probe of timesteps before and after).
@@ -143,13 +207,14 @@ def optimise_delta(text: TextModel, denoiser, src: str, dst: str, last: Mapping[
         ids_dst = {e: v.repeat(n_img, 1) for e, v in dst_p.ids.items()}
         w_src = w_dst = None
         run_text = lambda ids, _width: encode(text, ids)  # noqa: E731
-    with torch.no_grad():
-        x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
-        if hasattr(denoiser, "latent_in"):  # sampled latents are in the VAE's scale, x_t in the UNet's
-            x0 = denoiser.latent_in(x0)
-        ctx_dst, pooled_dst, pooled_dst_e = run_text(ids_dst, w_dst)
     dev = next(denoiser.unet().parameters()).device  # where the UNet runs (the CLIP may live elsewhere)
-    x0 = x0.detach().clone().float().to(dev)  # fresh tensor (the sampler may return an inference tensor)
+    with torch.no_grad():
+        if official:  # the official code's draw: one batch per concept, each picture's noise from its slot
+            x0 = denoiser.sample(src_p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
+            x0 = _unet_scale(denoiser, x0, dev)
+        else:
+            x0 = draw_pictures(denoiser, [src_p], cfg, dev)[0]
+        ctx_dst, pooled_dst, pooled_dst_e = run_text(ids_dst, w_dst)
     ctx_dst = ctx_dst.detach().clone().to(dev)
     pooled_dst = pooled_dst.detach().clone() if pooled_dst is not None else None
     # the pooled term of each edited encoder (an encoder left unedited has a constant pooled output)
@@ -282,7 +347,7 @@ def stage1_batch_size(cfg: EmcidConfig, denoiser, n: int) -> int:
     return max(1, min(n, MAX_BATCH, int(0.6 * free // per_concept)))
 
 
-def _width_key(text: TextModel, p: Prompts) -> tuple:
+def _width_key(text: Text, p: Prompts) -> tuple:
     """Concepts batch together when this agrees: the token width of every encoder whose contexts all
     have one length (CLIP, a T5 padded to a fixed width), where a wider batch would change what each
     prompt reads. An LLM encoder masks its padding and gives each prompt its own rows, which the
@@ -291,7 +356,7 @@ def _width_key(text: TextModel, p: Prompts) -> tuple:
     return tuple(None if kinds.get(e) == "llm" else int(v.shape[1]) for e, v in sorted(p.ids.items()))
 
 
-def _stack(text: TextModel, each: Sequence[Prompts], concepts: Sequence[str], templates, n_img: int
+def _stack(text: Text, each: Sequence[Prompts], concepts: Sequence[str], templates, n_img: int
            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(ids [n·n_img·T, L], last-token index [n·n_img·T]) per encoder: concept by concept, each as its
     one-at-a-time run lays out its rows (n_img pictures of the T templates). Where an encoder's widths
@@ -312,18 +377,19 @@ def _stack(text: TextModel, each: Sequence[Prompts], concepts: Sequence[str], te
     return ids, pos
 
 
-def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
+def optimise_deltas(text: Text, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
                     cfg: EmcidConfig, ctx: RunContext | None = None, on_step=None,
                     steps: Sequence[int] | None = None) -> list[tuple[dict, dict, dict]]:
     """Stage 1 for several concepts together: `optimise_delta`'s result for each pair, computed with
     one text-encoder and two denoiser forwards per step over every concept's rows.
 
-    Each concept keeps what its own run has: its pictures, timesteps and noise drawn from its own
-    generators seeded as `optimise_delta` seeds them, its own δ tensors (one Adam over all of them is
-    B Adams: Adam is per element and keeps its step count per tensor), its loss a separate term of
-    the sum that is differentiated (so δ_b's gradient is its own loss's), its norm clamp, and its
-    `steps` (default `cfg.steps` for all): a concept that has finished leaves the batch, its δ gets no
-    gradient and Adam skips it. What differs is only the rounding of batched matrix products.
+    Each concept keeps what its own run has: its pictures (drawn with the others' in few sampler
+    calls, `draw_pictures`), timesteps and noise drawn from its own generators seeded as
+    `optimise_delta` seeds them, its own δ tensors (one Adam over all of them is B Adams: Adam is per
+    element and keeps its step count per tensor), its loss a separate term of the sum that is
+    differentiated (so δ_b's gradient is its own loss's), its norm clamp, and its `steps` (default
+    `cfg.steps` for all): a concept that has finished leaves the batch, its δ gets no gradient and Adam
+    skips it. What differs is only the rounding of batched matrix products.
 
     The official procedure and a single concept run `optimise_delta` itself, one at a time.
     Concepts must agree on `_width_key`."""
@@ -361,12 +427,7 @@ def optimise_deltas(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]],
     dev = next(denoiser.unet().parameters()).device
     tdev = text.device
     with torch.no_grad():
-        x0s = []
-        for p in src_each:  # each concept's pictures as its own run draws them
-            x = denoiser.sample(p.text * n_img, steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=cfg.seed)
-            if hasattr(denoiser, "latent_in"):
-                x = denoiser.latent_in(x)
-            x0s.append(x.detach().clone().float().to(dev))
+        x0s = draw_pictures(denoiser, src_each, cfg, dev)  # each concept's pictures as its own run draws them
         x0 = torch.cat(x0s)
         ctx_dst, pooled_dst, pooled_dst_e = encode(text, ids_dst)
     N = x0.shape[0]
@@ -520,10 +581,13 @@ def _entry_key(fingerprint: Mapping[str, str] | None, text_fp: str, src: str, ds
     """What a stage-1 target depends on: the model, the text encoder(s), the pair, the layers and the
     stage-1 settings (not how the work was scheduled: batch size, world size)."""
     params = {k: getattr(cfg, k) for k in _STAGE1_PARAMS}
+    key = {"what": "emcid-stage1", "format": _FORMAT, "model": dict(fingerprint or {}), "text": text_fp, "src": src,
+           "dst": dst, "last": dict(last), "params": params, "objective": _OBJECTIVE}
     if cfg.official != "off":
         params["official"] = cfg.official
-    return {"what": "emcid-stage1", "format": _FORMAT, "model": dict(fingerprint or {}), "text": text_fp, "src": src,
-            "dst": dst, "last": dict(last), "params": params, "objective": _OBJECTIVE}
+    else:
+        key["pictures"] = _PICTURES
+    return key
 
 
 def _save_entry(path: str, key: dict, res: tuple[dict, dict, dict], last: Mapping[str, int]) -> None:
@@ -545,7 +609,7 @@ def _load_entry(path: str, key: dict, last: Mapping[str, int]) -> tuple[dict, di
     return ({e: tensors[f"delta.{e}"] for e in last}, {e: tensors[f"h.{e}"] for e in last}, json.loads(meta["stats"]))
 
 
-def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
+def optimise_targets(text: Text, denoiser, pairs: Sequence[tuple[str, str]], last: Mapping[str, int],
                      cfg: EmcidConfig, ctx: RunContext | None = None, cache_dir: str | None = None,
                      fingerprint: Mapping[str, str] | None = None,
                      on_concepts=None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -643,7 +707,7 @@ def optimise_targets(text: TextModel, denoiser, pairs: Sequence[tuple[str, str]]
 
 
 def _gather_results(n: int, results: Mapping[int, tuple[dict, dict, dict]], last: Mapping[str, int],
-                    text: TextModel) -> dict[int, tuple[dict, dict, dict]]:
+                    text: Text) -> dict[int, tuple[dict, dict, dict]]:
     """Every concept's (δ, h, stats) on every rank, each from the rank that holds it."""
     widths = torch.tensor([int(next(iter(results.values()))[1][e].numel()) if results else 0 for e in last])
     widths = distributed.all_reduce_max(widths)

@@ -15,7 +15,7 @@ Two stages:
 
 Hyper-parameters left unset come from the model family's table (`presets`, the official code's).
 
-The library never runs ComfyUI: it reaches the text encoder through a `TextModel` host (see
+The library never runs ComfyUI: it reaches the text encoder through a `Text` host (see
 `comfy_host.text_hooks.ComfyTextModel`) and reads/changes activations with forward hooks by module
 name. The model's weights are never written: earlier layers' updates are applied with hooks.
 """
@@ -26,8 +26,8 @@ import logging
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
-from typing import Mapping, NamedTuple, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -38,188 +38,13 @@ from .captions import generic_captions
 from ..edit import Change
 from ..errors import InvalidInputError, NonFiniteError
 from ..hooks import trace_inputs, trace_outputs
-from ..hosts import RunContext
+from ..hosts import RunContext, Text
 from ..safety import refuse_unsafe
+from .config import RESIDUALS, absolute_lam, EmcidConfig
 
 log = logging.getLogger(__name__)
 # An edit that leaves more than this share of its gap did not do what was asked (the node says so)
 UNDER_REACH = 0.5
-
-DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a painting of {}")
-
-
-class TextModel(Protocol):
-    """What EMCID needs from a host's text encoder(s)."""
-
-    # ComfyUI clip names in order: ("clip_l",), ("clip_l", "clip_g"), ("clip_l", "t5xxl") (Flux),
-    # ("clip_l", "clip_g", "t5xxl") (SD3)
-    encoders: tuple[str, ...]
-    kinds: Mapping[str, str]    # encoder -> "clip" (BOS first, ``mlp.fc2``), "t5" (no BOS, ``DenseReluDense.wo``) or "llm"
-    device: torch.device
-
-    def modules(self, encoder: str) -> Mapping[str, torch.nn.Module]:
-        """``named_modules()`` of that encoder's text transformer (``text_model.encoder.layers.3.mlp.fc2``,
-        ``encoder.block.3.layer.1.DenseReluDense.wo``)."""
-
-    def tokenize(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Token ids [B, L] per encoder (on the device; CLIP L = 77, Flux's T5 256, SD3's T5 at
-        least 77) and, per encoder, the number n of real tokens of each prompt (without BOS/EOS):
-        the last real token sits at index n on CLIP (after BOS), n − 1 on T5."""
-
-    def forward(self, encoder: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run one encoder as the host does for the UNet: (its part of the context [B, 77, d], pooled).
-        Under `EmcidConfig.official` stage 1 also passes ``masked=True`` (the padding after EOS masked
-        as keys, as HF's CLIPTextModel runs a tokenizer's batch) and ``projected=`` (whether the pooled
-        output is the projected one), on CLIP encoders."""
-
-    def combine(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The model's context and pooled vector from every encoder's `forward` output, as the host
-        builds them (SD: the encoders' states concatenated, the last one's pooled; Flux: T5's states,
-        CLIP-L's pooled; SD3: CLIP-L ‖ G padded to T5's width, then T5's states along the tokens,
-        pooled L ‖ G)."""
-
-    def context(self, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`combine` of every encoder's `forward`; differentiable when grad is enabled."""
-
-    # Optional, for encoders whose prompt sits inside a chat template or which the model reads at a hidden
-    # layer (kind "llm": ``model.layers.{i}.mlp.down_proj``); CLIP's and T5's rules apply where absent:
-    #   first_token(encoder) -> int: index of a prompt's first own token (CLIP 1, T5 0);
-    #   caption_rows(encoder, ids) -> [B, L] bool or None: the rows C₀ averages over (None: `caption_mask`);
-    #   caption_tag(encoder) -> str: what besides the weights decides C₀ (its cache name);
-    #   read_layer(encoder) -> int or None: the last layer whose output the model reads (`edit_layers`).
-
-
-RESIDUALS = ("official", "memit")
-LAM_MODES = ("relative", "absolute")
-# `official`: "off" is the pack's own procedure; "emcid" follows the official EMCID code for SD1.4 and
-# SDXL step by step (`official.OFFICIAL_SOURCE` names the files and commit, `official.settings` what it sets)
-OFFICIAL = ("off", "emcid")
-
-
-def absolute_lam(lam: float, mode: str, width: int) -> float:
-    """The λ a layer's solve uses: `lam` itself ("absolute", the paper's units) or `lam` per dimension
-    of the layer's keys ("relative": λ = lam · m, m the fc2 input width).
-
-    Why the width: for one key k the update writes the share q / (λ + q) of what is asked of the
-    layer, q = kᵀ C₀⁻¹ k, and over the captions' own keys E[q] = tr(C₀⁻¹ C₀) = m. C₀ and KᵀK scale
-    together with the keys' norms, so those cancel; the width does not, and an absolute λ tuned
-    at CLIP-L's m = 3072 holds a 256-wide layer about twelve times as firmly."""
-    if mode not in LAM_MODES:
-        raise InvalidInputError(f"lam_mode must be one of {', '.join(LAM_MODES)}, got {mode!r}")
-    return float(lam) * width if mode == "relative" else float(lam)
-
-
-@dataclass
-class EmcidConfig:
-    """EMCID parameters. None = the model family's value (`presets.FAMILY_DEFAULTS`, the official
-    code's hyper-parameters), filled in by `resolve_defaults` when the edit is computed."""
-
-    # λ: weight of the preserved statistics C₀; one value for every text encoder, or per encoder
-    # name ({"clip_l": 4000, "clip_g": 10000}; encoders it leaves out get the family's)
-    lam: float | Mapping[str, float] | None = None
-    # how `lam` counts (`absolute_lam`): "relative" = per dimension of each layer's keys, so one value
-    # means the same on every width (the family defaults: SD's 4000 at CLIP-L's 3072 is 1.302);
-    # "absolute" = the paper's λ as written. None: absolute when `lam` is given (a number written as
-    # the paper's λ keeps its meaning), relative for the family's default
-    lam_mode: str | None = None
-    use_stage1: bool = True             # False: target z = the destination's own hidden state (no UNet needed)
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompts the concept appears in; "{}" is the concept
-    layers: dict[str, tuple[int, ...]] | None = None  # encoder -> fc2 layers; None = the family's table
-    # stage 2's residual at layer l_i: "official" = Z − (that layer's fc2 output), as EMCID's code
-    # computes it; "memit" = Z − (the last edit layer's output), MEMIT's; one for every encoder or
-    # per encoder name; None = the family's (memit on T5: Flux's and SD3's)
-    residual: str | Mapping[str, str] | None = None
-    # stage 1
-    steps: int | None = None            # Adam steps per concept (official: SD 200, SDXL 100)
-    lr: float | None = None             # official: SD 0.2, SDXL 0.1
-    weight_decay: float | None = None   # wd in wd·‖δ‖/‖h‖² (official: SD 5e-4, SDXL 8e-3)
-    pooled_weight: float | None = None  # weight of each encoder's pooled-output MSE (official: SD 0.01, SDXL 0.005)
-    max_norm: float | None = None       # ‖δ‖ ≤ max_norm·‖h‖ (official: SD 1.5, SDXL 1.2)
-    images_per_prompt: int = 1          # source images per template for x_t
-    sample_steps: int = 20
-    sample_cfg: float = 5.0
-    seed: int = 0
-    # C₀
-    n_captions: int = 2000              # generic captions for C₀ (≈ 10 tokens each)
-    caption_seed: int = 0
-    batch: int = 64                     # prompts per text-encoder forward (bounds memory)
-    # stage-1 concepts optimised together (one denoiser batch carries all their rows); 0 = chosen from
-    # free memory (`stage1.stage1_batch_size`), 1 = one at a time. The targets do not depend on it
-    # (up to float rounding), so it is neither an edit parameter nor part of the cache key
-    stage1_batch: int = 0
-    # follow the official EMCID code instead of the pack's choices (`OFFICIAL`; `official.settings`):
-    # its hyper-parameters, λ absolute, its C₀ (100k captions, float32) and its stage-1 text path
-    official: str = "off"
-
-    def validate(self) -> None:
-        lams = self.lam.values() if isinstance(self.lam, Mapping) else [] if self.lam is None else [self.lam]
-        if any(not (float(v) > 0) for v in lams):
-            raise InvalidInputError(f"λ must be > 0 (official: 4000-10000 absolute, 1.3-2 relative), got {self.lam}; "
-                                    "leave it unset for the model family's default")
-        if self.lam_mode is not None and self.lam_mode not in LAM_MODES:
-            raise InvalidInputError(f"lam_mode must be one of {', '.join(LAM_MODES)}, got {self.lam_mode!r}")
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-            raise InvalidInputError("every template needs exactly one '{}' where the concept goes, e.g. 'a photo of {}'")
-        residuals = (self.residual.values() if isinstance(self.residual, Mapping)
-                     else [] if self.residual is None else [self.residual])
-        if any(r not in RESIDUALS for r in residuals):
-            raise InvalidInputError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
-        if ((self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0)
-                or (self.max_norm is not None and self.max_norm <= 0)
-                or (self.weight_decay is not None and self.weight_decay < 0)
-                or (self.pooled_weight is not None and self.pooled_weight < 0)):
-            raise InvalidInputError("stage 1 needs steps ≥ 1, lr > 0, max_norm > 0, weight_decay ≥ 0 and "
-                                    "pooled_weight ≥ 0 (or None for the model family's default)")
-        if self.images_per_prompt < 1 or self.sample_steps < 1:
-            raise InvalidInputError("images_per_prompt and sample_steps must be ≥ 1")
-        if self.n_captions < 10 or self.batch < 1:
-            raise InvalidInputError("n_captions must be ≥ 10 and batch ≥ 1")
-        if self.stage1_batch < 0:
-            raise InvalidInputError("stage1_batch must be ≥ 0 (0: chosen from free memory, 1: one concept at a time)")
-        if self.official not in OFFICIAL:
-            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)} "
-                                    "(off: the pack's defaults; emcid: the official EMCID code's procedure)")
-
-    @property
-    def runs_stage1(self) -> bool:
-        """Whether stage 1 runs (and needs the diffusion model): the official procedure always runs it."""
-        return self.use_stage1 or self.official != "off"
-
-    def lam_for(self, encoder: str, width: int | None = None) -> float:
-        """λ of one text encoder (after `resolve_defaults`) as the solve uses it on keys `width` wide.
-        Without a width only an absolute λ can be given: a relative one is refused, never returned
-        as if it were absolute."""
-        lam = self.lam_value(encoder)
-        mode = self.lam_mode or "absolute"
-        if width is None:
-            if mode == "relative":
-                raise InvalidInputError(f"the {encoder} λ is relative ({lam:g} per key dimension): "
-                                        "give the key width, or read it with `lam_value`")
-            return lam
-        return absolute_lam(lam, mode, width)
-
-    def lam_value(self, encoder: str) -> float:
-        """`lam` of one text encoder as configured, in `lam_mode`'s units."""
-        lam = self.lam.get(encoder) if isinstance(self.lam, Mapping) else self.lam
-        if lam is None:
-            raise InvalidInputError(f"no λ for the {encoder} text encoder; give one per encoder or a single value")
-        return float(lam)
-
-    def residual_for(self, encoder: str) -> str:
-        """Stage 2's residual on one text encoder (after `resolve_defaults`)."""
-        r = self.residual.get(encoder) if isinstance(self.residual, Mapping) else self.residual
-        return r or "official"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("stage1_batch")  # how the work is scheduled, not what the edit is
-        d["templates"] = list(self.templates)
-        if isinstance(self.lam, Mapping):
-            d["lam"] = {k: float(v) for k, v in self.lam.items()}
-        if isinstance(self.residual, Mapping):
-            d["residual"] = dict(self.residual)
-        return d
 
 
 def resolve_defaults(cfg: EmcidConfig, family: str | None, encoders: Sequence[str],
@@ -308,7 +133,7 @@ def validate_pairs(pairs: Sequence[tuple[str, str]]) -> None:
 
 
 # ---- prompts and token positions ---------------------------------------------------------------
-def naming(host: TextModel, encoder: str) -> TextEncoderSpec:
+def naming(host: Text, encoder: str) -> TextEncoderSpec:
     """Module names and token layout of one of the host's encoders (CLIP's or T5's)."""
     return TextEncoderSpec(encoder, 0, 0, 0, "", "", "", kind=getattr(host, "kinds", {}).get(encoder, "clip"))
 
@@ -326,7 +151,7 @@ class Prompts:
     n_real: dict[str, torch.Tensor] | None = None  # encoder -> [n·T] each prompt's own tokens (no BOS/EOS)
 
 
-def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequence[str]) -> Prompts:
+def concept_prompts(host: Text, concepts: Sequence[str], templates: Sequence[str]) -> Prompts:
     text = [t.format(c) for c in concepts for t in templates]
     # the concept's last token is the last real token of "template prefix + concept" (tokenizers
     # split at word starts, so that prefix tokenizes as the start of the whole prompt). On CLIP
@@ -353,7 +178,7 @@ def concept_prompts(host: TextModel, concepts: Sequence[str], templates: Sequenc
     return Prompts(text, ids, pos, len(concepts), len(templates), n_text)
 
 
-def _first_token(host: TextModel, encoder: str) -> int:
+def _first_token(host: Text, encoder: str) -> int:
     """Index of a prompt's first own token in `encoder`'s ids: the host's where it says (an LLM's chat
     template), else CLIP's 1 (after BOS) or T5's 0."""
     first = getattr(host, "first_token", None)
@@ -382,7 +207,7 @@ class LayerReads(NamedTuple):
     M: torch.Tensor | None       # [n, d] fc2 outputs at the fc2 layer (its update included, if applied)
 
 
-def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
+def read_layer(host: Text, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
                applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
                batch: int = 64) -> LayerReads:
     """fc2 inputs and outputs at `fc2_layer` and the output of `last_layer` at each concept's last
@@ -450,7 +275,7 @@ def read_layer(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int |
     return out
 
 
-def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
+def read_keys(host: Text, encoder: str, prompts: Prompts, fc2_layer: int | None, last_layer: int,
               applied: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
               batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(K [n, m] fc2 inputs at `fc2_layer`, H [n, d] output of `last_layer`): `read_layer` without M."""
@@ -459,7 +284,7 @@ def read_keys(host: TextModel, encoder: str, prompts: Prompts, fc2_layer: int | 
 
 
 # ---- C₀: second moment of generic fc2 inputs ---------------------------------------------------
-def text_fingerprint(host: TextModel, encoder: str) -> str:
+def text_fingerprint(host: Text, encoder: str) -> str:
     """A hash of the encoder's parameter names, shapes and a probe of their values (patched
     weights included), to key caches."""
     h = hashlib.sha256()
@@ -482,7 +307,7 @@ def caption_mask(n_real: torch.Tensor, length: int, device=None, first_token: in
 C0_TOKENS = "bos-real-eos"  # which caption positions C₀ averages over (part of its cache name)
 
 
-def second_moments(host: TextModel, encoder: str, layers: Sequence[int], cfg: EmcidConfig,
+def second_moments(host: Text, encoder: str, layers: Sequence[int], cfg: EmcidConfig,
                    ctx: RunContext | None = None, cache_dir: str | None = None) -> dict[int, torch.Tensor]:
     """C₀ = E[k kᵀ] (float64, on the device) of each layer's fc2 inputs over the BOS, real and EOS
     tokens of generic captions (`caption_mask`), summed in float64, or in float32 under `cfg.official`
@@ -597,7 +422,7 @@ def layer_reach(K: torch.Tensor, R: torch.Tensor, down: torch.Tensor) -> float:
     return 1.0 - float((R - H @ R).norm()) / asked if asked > 0 else 1.0
 
 
-def stage2(host: TextModel, encoder: str, layers: Sequence[int], prompts: Prompts, Z: torch.Tensor,
+def stage2(host: Text, encoder: str, layers: Sequence[int], prompts: Prompts, Z: torch.Tensor,
            C0: Mapping[int, torch.Tensor], lam: float, batch: int = 64,
            ctx: RunContext | None = None, residual: str = "official",
            lam_mode: str = "absolute") -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], dict]:

@@ -16,14 +16,15 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .. import distributed
 from ..audit.presence import PresenceConfig, concept_free, presence_scores, spread_timesteps
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, Trainable, base_weights, latent_shape
+from ..hosts import RunContext, Trainable, base_weights, latent_shape, Text
 from ..training import Adapters, edit_as_fixed
 from . import inversion, match, prefix
 from .revival import FRACTIONS, RevivalReport, mask_changes, revival
-from .soft import AttackConfig, Setup, SoftPrompt, SoftText, sample_soft
+from .soft import AttackConfig, Setup, SoftPrompt, sample_soft
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class FrozenText:
     text-encoder edit the edited CLIP shares the original's modules, so once the attack runs on the
     edited weights the original is never asked again."""
 
-    def __init__(self, text: SoftText, prompts: Sequence[str]):
+    def __init__(self, text: Text, prompts: Sequence[str]):
         self.placeholder = text.placeholder
         self._text = text
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -178,12 +179,18 @@ def model_presence_judge(host: Trainable, text, concept_prompts: Sequence[str], 
     return lambda x0: max(0.0, min(1.0, margin(x0) / ref))
 
 
-def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Sequence[str], config: RedTeamConfig,
-             judges: Mapping[str, Judge], ctx: RunContext | None = None, edited_text: SoftText | None = None,
-             x0: torch.Tensor | None = None) -> RedTeamReport:
+def red_team(host: Trainable, text: Text, edit: Edit, concept_prompts: Sequence[str], config: RedTeamConfig,
+             judges: Mapping[str, Judge], ctx: RunContext | None = None, edited_text: Text | None = None,
+             x0: torch.Tensor | None = None, shard: bool = True) -> RedTeamReport:
     """Run `config.attacks` against `edit` (UNet changes attached to `host` as fixed hooks; text-encoder
     changes through `edited_text`, the edited CLIP). `x0`: the original model's concept pictures
-    (generated here when None). Must run with gradients enabled on weights usable for autograd."""
+    (generated here when None). Must run with gradients enabled on weights usable for autograd.
+
+    Under torchrun (`editing.distributed`, `shard`) every process draws the shared pictures (the
+    original's, the edited model's), then runs its share of the attacks and revival fractions (unit
+    i of attacks + fractions on rank i mod N); the results and the attacks' pictures are gathered, so
+    every process returns the whole report. `shard=False`: this process runs every unit itself (a
+    caller that splits the work above this call)."""
     ctx = ctx or RunContext()
     config.validate()
     prompts = [p for p in concept_prompts if p.strip()]
@@ -223,32 +230,61 @@ def red_team(host: Trainable, text: SoftText, edit: Edit, concept_prompts: Seque
     report = RedTeamReport(prompts, list(judges), read(ref), read(edited_pics), success_at=config.success_at,
                            grid_rows=[ref, edited_pics], grid_labels=["original", "edited"])
     setup = Setup(host, attacked_text, text, edited_eps, original_eps, prompts, x0, a, ctx)
-    for name in config.attacks:
-        found: SoftPrompt = ATTACKS[name].run(setup)
-        pics = sample_soft(host, attacked_text, edited_eps, found.prompts, found.soft, a, ctx, shape)
-        proj = sample_soft(host, attacked_text, edited_eps, found.projected, None, a, ctx, shape)
-        report.attacks[name] = {"soft": read(pics), "projected": read(proj), "prompt": found.projected[0],
-                                "tokens": found.soft[0].shape[0], "steps": found.steps_run, "seconds": found.seconds,
-                                "loss_first": found.losses[0] if found.losses else float("nan"),
-                                "loss_last": found.losses[-1] if found.losses else float("nan")}
-        report.grid_rows.append(pics)
-        report.grid_labels.append(name)
-        log.info("red team %s: %s", name, report.attacks[name])
+    weights = None
+    fractions: list[float] = []
     if config.revival and mask_changes(edit):
         weights = base_weights(host)
         if weights is None:
             raise InvalidInputError("the revival measurement needs the host's unpatched weights")
+        fractions = sorted(float(f) for f in config.revival_fractions)
 
-        def presence_of(partial: Edit) -> dict[str, float]:
-            fixed = edit_as_fixed([(partial, 1.0)], mods, weights)
-            ad = Adapters(mods, [], fixed=fixed)
+    def presence_of(partial: Edit) -> dict[str, float]:
+        fixed = edit_as_fixed([(partial, 1.0)], mods, weights)
+        ad = Adapters(mods, [], fixed=fixed)
 
-            def eps(x, t, c, y=None):
-                with ad.attached():
-                    return host.eps(x, t, c, y=y)
-            return read(sample_soft(host, attacked_text, eps, prompts, None, a, ctx, shape))
+        def eps(x, t, c, y=None):
+            with ad.attached():
+                return host.eps(x, t, c, y=y)
+        return read(sample_soft(host, attacked_text, eps, prompts, None, a, ctx, shape))
 
-        report.revival = revival(edit, weights, presence_of, config.revival_fractions, ctx)
+    # The independent units: each attack, then each revival fraction. Every unit draws with the
+    # config's own seeds (none depends on the units before it), so any process may run any of them.
+    units: list[tuple[str, object]] = [("attack", n) for n in config.attacks] + [("revival", f) for f in fractions]
+    mine = distributed.shard_indices(len(units)) if shard else list(range(len(units)))
+    done: dict[int, dict] = {}
+    pictures: dict[int, torch.Tensor] = {}
+    for u in mine:
+        kind, what = units[u]
+        if kind == "attack":
+            found: SoftPrompt = ATTACKS[what].run(setup)
+            pics = sample_soft(host, attacked_text, edited_eps, found.prompts, found.soft, a, ctx, shape)
+            proj = sample_soft(host, attacked_text, edited_eps, found.projected, None, a, ctx, shape)
+            done[u] = {"soft": read(pics), "projected": read(proj), "prompt": found.projected[0],
+                       "tokens": found.soft[0].shape[0], "steps": found.steps_run, "seconds": found.seconds,
+                       "loss_first": found.losses[0] if found.losses else float("nan"),
+                       "loss_last": found.losses[-1] if found.losses else float("nan")}
+            pictures[u] = pics
+            log.info("red team %s: %s", what, done[u])
+    my_fractions = [u for u in mine if units[u][0] == "revival"]
+    if my_fractions:
+        part = revival(edit, weights, presence_of, [units[u][1] for u in my_fractions], ctx)
+        done.update({u: dict(p) for u, p in zip(my_fractions, part.presence)})
+    if shard and distributed.active():
+        # the other processes' units: their results as JSON (floats exactly), their pictures as rows
+        done = distributed.gather_json(done)
+        n_attacks = len(config.attacks)
+        if n_attacks:
+            rows = distributed.assemble(n_attacks, pictures, like=torch.zeros_like(edited_pics))
+            pictures = {u: rows[u].to(edited_pics.device, edited_pics.dtype) for u in range(n_attacks)}
+    for u, (kind, what) in enumerate(units):
+        if kind == "attack" and u in done:
+            report.attacks[what] = done[u]
+            report.grid_rows.append(pictures[u])
+            report.grid_labels.append(what)
+    if fractions:
+        total = sum(int(c.tensors["index"].numel()) for c in mask_changes(edit).values())
+        report.revival = RevivalReport(total, list(fractions),
+                                       [done[u] for u, (kind, _) in enumerate(units) if kind == "revival"])
     return report
 
 

@@ -1,7 +1,7 @@
 """What every prompt attack shares: soft token embeddings optimised through the (edited) text encoder
 and UNet against a denoising target, their projection to real tokens, and sampling from them.
 
-The host gives a `SoftText`: prompts hold a placeholder word (one token) wherever a soft vector
+The host gives a `Text`: prompts hold a placeholder word (one token) wherever a soft vector
 goes, and ``encode(prompts, soft)`` returns the UNet's context (and pooled output) with the
 placeholder's token embeddings replaced by ``soft[e][j]`` (encoder e, j-th placeholder of the
 prompt), differentiable in `soft`. The attacks (prefix.py, match.py, inversion.py) differ only in
@@ -12,28 +12,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..diffusion import add_noise, ddim_sample, objective_mse
 from ..errors import InvalidInputError, NonFiniteError
-from ..hosts import RunContext, Trainable, rows_y
-
-
-class SoftText(Protocol):
-    placeholder: str  # a word that is one token in every encoder's tokenizer
-
-    def encode_soft(self, prompts: Sequence[str], soft: Sequence[torch.Tensor] | None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context [B, 77, d], pooled or None) with the placeholders' embeddings replaced by `soft`
-        (one [k, d_e] tensor per encoder; every prompt holds exactly k placeholders)."""
-
-    def vocabulary(self) -> list[torch.Tensor]:
-        """Each encoder's token embedding matrix [V, d_e] (for initialisation and projection)."""
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """The words of token ids (a projected prompt)."""
+from ..hosts import RunContext, Trainable, rows_y, Text
 
 
 @dataclass
@@ -77,11 +62,11 @@ class SoftPrompt:
     steps_run: int
 
 
-def placeholders(text: SoftText, k: int) -> str:
+def placeholders(text: Text, k: int) -> str:
     return " ".join([text.placeholder] * k)
 
 
-def initial_soft(text: SoftText, k: int, seed: int) -> list[torch.Tensor]:
+def initial_soft(text: Text, k: int, seed: int) -> list[torch.Tensor]:
     """k embeddings of random real tokens (UnlearnDiffAtk starts from random tokens), per encoder."""
     vocab = text.vocabulary()
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +77,7 @@ def initial_soft(text: SoftText, k: int, seed: int) -> list[torch.Tensor]:
     return [v[ids.to(v.device)].detach().float().clone() for v in vocab]
 
 
-def nearest_tokens(text: SoftText, soft: Sequence[torch.Tensor]) -> list[int]:
+def nearest_tokens(text: Text, soft: Sequence[torch.Tensor]) -> list[int]:
     """Per soft slot the real token whose embedding is closest in cosine, summed over encoders (one
     vocabulary: SDXL's two encoders share the tokenizer)."""
     score = None
@@ -109,7 +94,7 @@ def nearest_tokens(text: SoftText, soft: Sequence[torch.Tensor]) -> list[int]:
     return score.argmax(1).tolist()
 
 
-def project(text: SoftText, prompts: Sequence[str], soft: Sequence[torch.Tensor]) -> list[str]:
+def project(text: Text, prompts: Sequence[str], soft: Sequence[torch.Tensor]) -> list[str]:
     """The prompts with each placeholder replaced by its nearest real token, decoded one by one (so a
     word piece stays in its own slot: what a user would type to reproduce the attack)."""
     words = [text.decode([i]).strip() or "," for i in nearest_tokens(text, soft)]
@@ -133,8 +118,8 @@ class Setup:
     the concept prompts and the original model's pictures of them (row i from prompt i mod n)."""
 
     host: Trainable
-    text: SoftText
-    original_text: SoftText
+    text: Text
+    original_text: Text
     edited_eps: Eps
     original_eps: Eps
     concept_prompts: list[str]
@@ -185,7 +170,7 @@ def optimise(s: Setup, prompts: Sequence[str], soft: list[torch.Tensor], target:
                       round(time.perf_counter() - t0, 2), steps_run)
 
 
-def sample_soft(host: Trainable, text: SoftText, eps_fn: Eps, prompts: Sequence[str],
+def sample_soft(host: Trainable, text: Text, eps_fn: Eps, prompts: Sequence[str],
                 soft: Sequence[torch.Tensor] | None, config: AttackConfig, ctx: RunContext,
                 shape: tuple[int, ...], n: int | None = None, seed: int | None = None) -> torch.Tensor:
     """`n` (default `config.samples`) pictures (x0, UNet latent scale) of the prompts, cycled, by DDIM

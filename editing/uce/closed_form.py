@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -57,157 +57,13 @@ import torch
 from ..arch import Family
 from ..edit import Change, Edit
 from ..errors import InvalidInputError, NonFiniteError
-from ..hosts import RunContext, TextEncoder
+from ..hosts import RunContext, Text
+from .config import (EXPANSIONS, DEFAULT_GUIDE, DEFAULT_PRESERVE, OFFICIAL_SOURCES, EMPTY_PROMPT, UCEConfig,
+                     parse_options)
 
 log = logging.getLogger(__name__)
 
-MODES = ("erase", "redirect", "debias", "moderate")
-TOKEN_WINDOWS = ("auto", "aligned", "eos", "last")
-LAM_MODES = ("absolute", "relative")
-EMPTY_GUIDES = ("eos", "bos")
-# Prompt expansion of the official erase script (concept_type art / object): each concept and its
-# guide also appear in these templates, so "painting by X" loses X as "X" does.
-EXPANSIONS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "artist": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
-    "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
-}
-# the official default guide per kind when none is given: artists go to "art", objects to ""
-DEFAULT_GUIDE = {"artist": "art", "object": "", "none": ""}
-# Generic prompts whose cross-attention keys/values should not move (the preserve set is the
-# user's list plus these unless switched off). Any that mention an edited concept are dropped.
-DEFAULT_PRESERVE = (
-    "a photo", "a picture", "a painting", "a drawing", "art", "a person", "a man", "a woman", "a child",
-    "a face", "a dog", "a cat", "a bird", "a horse", "a car", "a house", "a building", "a street",
-    "a city", "a room", "a tree", "a flower", "a forest", "a mountain", "the sea", "the sky",
-    "a landscape", "food", "a table", "clothes",
-)
-# `official`: "off" is the pack's own procedure; each other value follows one script of the UCE
-# repository (github.com/rohitgandikota/unified-concept-editing) step by step
-OFFICIAL = ("off", "uce_sd_erase", "train_erase")
-OFFICIAL_SOURCES = {
-    "uce_sd_erase": "trainscripts/uce_sd_erase.py, function UCE (commit ea9644fd83ed929c47ae26aef2681e2b2f24bedb)",
-    "train_erase": "train-scripts/train_erase.py, function edit_model, technique 'replace' "
-                   "(commit bd5fb515392e986758fa3197e382148227db8f25)",
-}
-EMPTY_PROMPT = '""'  # how a preserve line names the empty prompt under `official` (a blank line is skipped)
 _CHUNK = 8192  # token vectors per Gram-accumulation chunk (bounds memory for thousands of concepts)
-
-
-@dataclass
-class UCEConfig:
-    """Parameters of a closed-form cross-attention edit.
-
-    concepts: the concepts to edit; a line ``source -> target`` gives that concept its own guide.
-    mode: erase (to `guide`, default ""), redirect (to `guide` or the per-line target), debias
-      (`guide` lists options ``"male:0.5, female:0.5"``; each concept's values become the weighted
-      mix of "{option} {concept}"), moderate (every concept to the unconditional "").
-    """
-
-    concepts: list[str]
-    mode: str = "erase"
-    guide: str = ""
-    preserve: list[str] = field(default_factory=list)
-    default_preserve: bool = True
-    lam: float = 0.5             # λ: weight of staying at W (regularises M)
-    erase_scale: float = 1.0     # s_e
-    preserve_scale: float = 0.1  # s_p
-    # how `lam` counts (`solve_lam`): "absolute" = the paper's λ, in squared units of the text
-    # embeddings; "relative" = per unit of the edit's text rows' mean square per coordinate, so the
-    # edit is the same whatever scale the text encoder outputs. s_e and s_p weigh Grams of those same
-    # rows and need no such mode. Absolute stays the default: on the tiny models the mean square is
-    # 0.85 (CLIP) and 0.98 (T5), where both modes give the same edit, but SD1.5's is not measured here
-    lam_mode: str = "absolute"
-    token_window: str = "auto"  # aligned on a causal CLIP's run, eos on a T5 run (see _scheme)
-    edit_keys: bool = True       # attn2.to_k
-    edit_values: bool = True     # attn2.to_v
-    # keep the unconditional prompt's K/V at every position the window edits (not only its BOS):
-    # classifier-free guidance subtracts the "" branch from every prompt, so a moved "" shifts all
-    preserve_unconditional: bool = True
-    # expansion of each concept (and its guide) into the official templates: none, artist, object;
-    # with artist and no guide, the guide is "art" as in the official script
-    expand: str = "none"
-    # with the `last` window an empty guide ("") maps the concept's last token to ""'s EOS (eos) or,
-    # as the official code does, to its BOS (bos), the position every prompt attends to
-    empty_guide: str = "eos"
-    # RECE-style hardening (Gong et al. 2024): after the solve, the embedding c' that makes the edited
-    # K/V reproduce each erased token's original K/V is found in closed form, added to the erase set
-    # with the same target, and everything re-solved from the original weights; `harden_rounds` times.
-    # harden_lam: the ridge of that solve, relative to the mean eigenvalue of W'ᵀW' summed over layers.
-    harden_rounds: int = 0
-    harden_lam: float = 0.1
-    # MMDiT models (Flux, SD3), which have no attn2: the layers the text enters through, the
-    # per-token projection (Flux txt_in, SD3 context_embedder) and the pooled one (Flux
-    # vector_in.in_layer, SD3 y_embedder.mlp.0); the same closed form, biases kept. The pooled
-    # one is off by default: CLIP's pooled vectors of different prompts are nearly parallel (on the
-    # tiny Flux cos ≈ 0.9 between "red" and "a blue circle"), so sending one to "" moves them all
-    # (|ΔW·k| / |W·k| = 0.78 for "a blue circle") and, measured, left more red (40 % vs 23 %).
-    edit_text_tokens: bool = True
-    edit_text_pooled: bool = False
-    # follow an official script of the UCE repository instead of the pack's choices (`OFFICIAL`): the
-    # concepts, guides, preserve prompts, λ, scales and expansion stay these; the token positions, the
-    # preserve set's handling and λ's unit become the script's (`official_warnings` names what is ignored)
-    official: str = "off"
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise InvalidInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.official not in OFFICIAL:
-            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)}")
-        if self.official != "off" and self.mode == "debias":
-            raise InvalidInputError(f"official {self.official!r} follows UCE's erase script, which does not debias: "
-                                    "set official to off (the UCE Debias node runs the paper's debias loop)")
-        if self.token_window not in TOKEN_WINDOWS:
-            raise InvalidInputError(f"unknown token_window {self.token_window!r}; choose {' or '.join(TOKEN_WINDOWS)}")
-        if self.expand not in EXPANSIONS:
-            raise InvalidInputError(f"unknown expand {self.expand!r}; choose {', '.join(EXPANSIONS)}")
-        if self.empty_guide not in EMPTY_GUIDES:
-            raise InvalidInputError(f"unknown empty_guide {self.empty_guide!r}; choose eos or bos")
-        if not [c for c in self.concepts if c.strip()]:
-            raise InvalidInputError("the concept list is empty: give at least one concept to edit (one per line)")
-        for name in ("lam", "erase_scale", "preserve_scale"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise InvalidInputError(f"{name} must be a finite number ≥ 0, got {v}")
-        if self.erase_scale == 0:
-            raise InvalidInputError("erase_scale is 0: the edit would do nothing; use 1 (the paper's value)")
-        if self.lam_mode not in LAM_MODES:
-            raise InvalidInputError(f"unknown lam_mode {self.lam_mode!r}; choose {' or '.join(LAM_MODES)}")
-        if self.lam == 0 and self.preserve_scale == 0:
-            log.info("λ = 0 and preserve_scale = 0: the system is solvable only if the edited tokens span the text space")
-        if not (self.edit_keys or self.edit_values):
-            raise InvalidInputError("edit_keys and edit_values are both off: nothing to edit")
-        if self.harden_rounds < 0 or self.harden_rounds > 20:
-            raise InvalidInputError(f"harden_rounds must lie in 0..20 (0 = no hardening), got {self.harden_rounds}")
-        if not (math.isfinite(self.harden_lam) and self.harden_lam > 0):
-            raise InvalidInputError(f"harden_lam must be > 0, got {self.harden_lam}")
-        if self.mode == "redirect" and not self.guide.strip() and not all("->" in c for c in self.concepts if c.strip()):
-            raise InvalidInputError('redirect needs a target: set guide, or write lines as "source -> target"')
-        if self.mode == "debias":
-            parse_options(self.guide)
-
-
-def parse_options(text: str) -> list[tuple[str, float]]:
-    """``"male:0.5, female:0.5"`` -> [(option, weight)], weights normalised to sum 1."""
-    out = []
-    for part in re.split(r"[,\n]", text):
-        part = part.strip()
-        if not part:
-            continue
-        name, _, w = part.partition(":")
-        try:
-            weight = float(w) if w.strip() else 1.0
-        except ValueError:
-            raise InvalidInputError(f"debias option {part!r}: the weight after ':' must be a number") from None
-        if not math.isfinite(weight) or weight < 0:
-            raise InvalidInputError(f"debias option {part!r}: the weight must be ≥ 0")
-        out.append((name.strip(), weight))
-    if len(out) < 2:
-        raise InvalidInputError('debias needs at least two options in guide, e.g. "male:0.5, female:0.5"')
-    total = sum(w for _, w in out)
-    if total <= 0:
-        raise InvalidInputError("debias option weights sum to 0")
-    return [(n, w / total) for n, w in out]
 
 
 # ---- which token vectors: the text side of the system -------------------------------------------
@@ -267,7 +123,7 @@ class Segment:
     causal: bool | None = None
 
 
-def token_segments(text: TextEncoder, prompt: str, eos_id: int | None = None) -> list[Segment]:
+def token_segments(text: Text, prompt: str, eos_id: int | None = None) -> list[Segment]:
     """The context's token runs for `prompt`: the host's ``token_segments`` when it has one (Flux:
     one T5 run without BOS; SD3: CLIP then T5; an LLM encoder: its template's run, read off the
     encoder by `comfy_host.text.ComfyText`), else one CLIP run with BOS at 0. A host's run is
@@ -406,7 +262,7 @@ def _pad_to(t: torch.Tensor, rows: int, left: bool) -> torch.Tensor:
     return torch.cat([z, t] if left else [t, z], dim=1)
 
 
-def _encoded_rows(text: TextEncoder, prompts: Sequence[str], first: torch.Tensor, wanted: torch.Tensor,
+def _encoded_rows(text: Text, prompts: Sequence[str], first: torch.Tensor, wanted: torch.Tensor,
                   ctx: RunContext, stride: int | None = None, lengths: torch.Tensor | None = None,
                   left: bool = False, step: int = 64):
     """Encode `prompts` in chunks of `step`, keeping only the context rows `wanted` (flat indices
@@ -449,7 +305,7 @@ def _encoded_rows(text: TextEncoder, prompts: Sequence[str], first: torch.Tensor
     return rows
 
 
-def build_text_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None,
+def build_text_system(text: Text, cfg: UCEConfig, ctx: RunContext | None = None,
                       option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
     """Encode every distinct prompt once and gather C, G, P by token position. The rows each prompt
     contributes are known from its tokens, so prompts are encoded in chunks and only those rows kept:
@@ -613,7 +469,7 @@ def official_config(cfg: UCEConfig) -> UCEConfig:
                    default_preserve=False)
 
 
-def _official_run(text: TextEncoder, cfg: UCEConfig) -> Segment:
+def _official_run(text: Text, cfg: UCEConfig) -> Segment:
     """The empty prompt's one CLIP run (BOS at 0, a context of fixed length): the only layout the
     official Stable Diffusion scripts read; anything else (T5, an LLM's template) is refused."""
     empty = token_segments(text, "")
@@ -623,7 +479,7 @@ def _official_run(text: TextEncoder, cfg: UCEConfig) -> Segment:
     return empty[0]
 
 
-def build_official_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None) -> TextSystem:
+def build_official_system(text: Text, cfg: UCEConfig, ctx: RunContext | None = None) -> TextSystem:
     """C, G, P as the official script `cfg.official` gathers them (repository and commit in
     `OFFICIAL_SOURCES`). With a prompt's last word at w = (its attention mask's sum) − 2, i.e. the
     position before its EOS (0, BOS, for ""):
@@ -1219,7 +1075,7 @@ def harden(system: TextSystem, op: Operator, Ws: Sequence[torch.Tensor], config:
     return op, rounds
 
 
-def build_pooled_system(text: TextEncoder, cfg: UCEConfig, ctx: RunContext | None = None,
+def build_pooled_system(text: Text, cfg: UCEConfig, ctx: RunContext | None = None,
                         option_weights: Mapping[str, Sequence[float]] | None = None) -> TextSystem:
     """The closed form's rows for a layer that reads the pooled text vector (one per prompt): each
     concept's pooled vector is edited towards its guides' weighted pooled vectors; the preserve
@@ -1255,7 +1111,7 @@ class NormedText:
     the rows the projection reads. A per-row norm commutes with picking rows, so every prompt's rows
     are exactly the model's; the pooled vector is left as it is."""
 
-    def __init__(self, text: TextEncoder, norm: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, text: Text, norm: Callable[[torch.Tensor], torch.Tensor]):
         self._text, self._norm = text, norm
 
     def __getattr__(self, name):
@@ -1269,7 +1125,7 @@ class NormedText:
         return self._norm(cond), pooled
 
 
-def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
+def _compute_uce_mmdit(text: Text, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
                        ctx: RunContext, option_weights, norms: Mapping[str, Callable] | None = None
                        ) -> tuple[dict, dict, dict]:
     """UCE on a DiT's text projections: one solve for the per-token projection (the context's rows,
@@ -1326,7 +1182,7 @@ def _compute_uce_mmdit(text: TextEncoder, weights: Mapping[str, torch.Tensor], f
     return changes, per_key, info
 
 
-def compute_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
+def compute_uce(text: Text, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
                 ctx: RunContext | None = None, option_weights: Mapping[str, Sequence[float]] | None = None,
                 norms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Edit:
     """Closed-form edit of every attn2.to_k/to_v of `family`. `weights` maps ComfyUI keys to the

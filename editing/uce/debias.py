@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -43,50 +42,14 @@ from ..arch import Family
 from ..audit.presence import PresenceConfig, presence_scores
 from ..edit import Edit
 from ..errors import InvalidInputError, NonFiniteError
-from ..hosts import RunContext, TextEncoder, Trainable
-from .closed_form import UCEConfig, _base_concepts, compute_uce, parse_options
+from ..hosts import RunContext, Text, Trainable
+from .closed_form import _base_concepts, compute_uce
+from .config import DebiasConfig, UCEConfig, parse_options
 
 log = logging.getLogger(__name__)
 
 Generator = Callable[[Edit | None, Sequence[str], int], Any]
 Judge = Callable[[Any, Sequence[str], str], torch.Tensor]
-KEEP = ("best", "last")
-
-
-@dataclass
-class DebiasConfig:
-    """The closed loop around a debias edit (the desired shares are the weights in UCEConfig.guide)."""
-
-    tolerance: float = 0.05      # stop when every |desired − share| is at most this (official max_diff)
-    max_iterations: int = 10     # re-solves after the static mix (official 30)
-    step_size: float = 1.0       # η in w ← w + η·gap (official: the gap is added as it is)
-    samples: int = 10            # pictures per concept per round (official num_images_per_prompt 10)
-    steps: int = 20              # sampler steps per picture (official 20)
-    cfg: float = 7.5             # classifier-free guidance (official 7.5)
-    seed: int = 0                # the same seed every round: rounds differ only by the edit
-    weight_min: float = -1.0     # bounds on each option weight: a weight past [0, 1] extrapolates
-    weight_max: float = 2.0      # beyond one option's target, further out it is no longer a mix
-    keep: str = "best"           # return the round with the smallest gap (best) or the last one
-    # halve a concept's η when its gap changes sign (an overshoot: the shares respond more steeply
-    # than η assumes), so a steep response settles instead of swinging; False = the official fixed η
-    halve_on_overshoot: bool = True
-    measure_original: bool = True  # also measure the unedited model (for the report; one more round)
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.tolerance) and 0 <= self.tolerance < 1):
-            raise InvalidInputError(f"tolerance must lie in [0, 1) (a share gap), got {self.tolerance}")
-        if self.max_iterations < 0:
-            raise InvalidInputError(f"max_iterations must be ≥ 0 (0 = the static mix only), got {self.max_iterations}")
-        if not (math.isfinite(self.step_size) and self.step_size > 0):
-            raise InvalidInputError(f"step_size must be > 0 (1 adds the gap as it is), got {self.step_size}")
-        if self.samples < 1 or self.steps < 1:
-            raise InvalidInputError(f"samples and steps must be at least 1, got {self.samples} and {self.steps}")
-        if not (math.isfinite(self.weight_min) and math.isfinite(self.weight_max)
-                and self.weight_min < 1 / 2 < self.weight_max):
-            raise InvalidInputError(f"weight bounds [{self.weight_min}, {self.weight_max}] must be finite and "
-                                    "contain the mixes in (0, 1), e.g. -1 and 2")
-        if self.keep not in KEEP:
-            raise InvalidInputError(f"keep must be best or last, got {self.keep!r}")
 
 
 def shares_from_scores(scores: torch.Tensor, n_options: int) -> torch.Tensor:
@@ -120,7 +83,7 @@ def next_step_size(step_size: float, gap: torch.Tensor, previous_gap: torch.Tens
     return step_size
 
 
-def debias_uce(text: TextEncoder, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
+def debias_uce(text: Text, weights: Mapping[str, torch.Tensor], family: Family, config: UCEConfig,
                loop: DebiasConfig, generate: Generator, judge: Judge, ctx: RunContext | None = None,
                norms: Mapping[str, Callable] | None = None) -> Edit:
     """The iterative debias procedure; returns the chosen round's UCE edit with the rounds in
@@ -244,7 +207,7 @@ def similarity_judge(encode_images: Callable[[Any], torch.Tensor], encode_texts:
     return judge
 
 
-def presence_judge(host: Trainable, text: TextEncoder, config: PresenceConfig | None = None,
+def presence_judge(host: Trainable, text: Text, config: PresenceConfig | None = None,
                    to_x0: Callable[[Any], torch.Tensor] | None = None, ctx: RunContext | None = None) -> Judge:
     """The unedited model as the judge (a diffusion classifier): a picture's score for option k is the
     presence gain of the prompt "{option_k} {concept}" on it (`audit.presence.presence_scores`: how
@@ -263,9 +226,9 @@ def presence_judge(host: Trainable, text: TextEncoder, config: PresenceConfig | 
 
 
 class _MemoText:
-    """A TextEncoder that encodes each prompt once (the loop re-solves with the same prompts)."""
+    """A Text that encodes each prompt once (the loop re-solves with the same prompts)."""
 
-    def __init__(self, text: TextEncoder):
+    def __init__(self, text: Text):
         self.text = text
         self.cache: dict[str, torch.Tensor] = {}
 

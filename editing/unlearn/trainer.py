@@ -35,98 +35,15 @@ from .. import distributed, worlds
 from ..diffusion import add_noise, ddim_sample, ddim_timesteps, diffusion_mse, generate_latents, objective_mse
 from ..edit import Edit
 from ..errors import InvalidInputError
-from ..hosts import RunContext, TextEncoder, Trainable, cat_y, conditioning, latent_shape, rows_y
+from ..hosts import RunContext, Text, Trainable, cat_y, conditioning, latent_shape, rows_y
 from ..safety import minor_in_sexual_context, refuse_unsafe
 from ..arch import TINY_WORLD_FAMILIES
-from ..training import PARAM_SETS, Adapters, frozen_session, select_targets, train_loop
+from ..training import Adapters, frozen_session, select_targets, train_loop
 from . import official as O
 from .official import _grads, _take  # one gradient/step helper for the pack's and the official steps
+from .config import UnlearnConfig
 
 log = logging.getLogger(__name__)
-
-METHODS = ("rgd", "ga", "esd")
-FORGET_OBJECTIVES = ("ascent", "esd")
-RETAIN_PAIRINGS = ("twins", "independent")
-ESD_XT = ("sampled", "noised")
-ESD_PROMPTS = ("concept", "templates")
-# `official`: "off" is the pack's procedure; "esd" follows Gandikota et al.'s train-esd.py, "rgd" Ko et
-# al.'s nsfw_RGD.py as run-surgery.sh runs it, step by step (`official.SOURCES`, `official_config`)
-OFFICIAL = ("off", "esd", "rgd")
-
-
-@dataclass
-class UnlearnConfig:
-    method: str = "rgd"              # rgd | ga | esd
-    forget_objective: str = "ascent"  # RGD's forget gradient: ascent (Ko et al.) or esd
-    param_set: str = "lora"          # lora | lora-xattn | xattn (ESD-x) | noxattn (ESD-u)
-    rank: int = 4
-    steps: int = 100
-    lr: float = 1e-4                 # the paper's 1e-5 is for real SD with full fine-tuning
-    alpha: float = 1.6               # RGD's retain weight α
-    truncation: float = 1.1          # m: RGD's forget loss above m becomes the constant 1 (no forget gradient)
-    ga_retain_weight: float = 0.1    # GA optimises −L_f + w·L_r (w = 0.1 in Ko et al.'s gradient_ascent.py)
-    # ESD negative-guidance strength η on the unconditional base: η 1 is also the target of Gandikota
-    # et al.'s esd_sd.py, whose default 2 is taken on the conditional base (ε₀(c) − 2[ε₀(c) − ε₀(∅)])
-    eta: float = 1.0
-    batch: int = 4
-    n_prompts: int = 16              # forget/retain prompt pairs from the templates
-    gen_steps: int = 20              # denoising steps to generate the training images
-    gen_cfg: float = 5.0
-    t_min: int = 0
-    t_max: int = 999
-    seed: int = 0
-    cache_dir: str | None = None     # keep generated latents as safetensors between runs
-    # RGD/GA's retain batch. twins: the concept-free twin of every forget row (Ko et al. zip their
-    # forget and retain sets, pair by pair) plus rows of the user's retain prompts; independent: a
-    # batch drawn at random from all retain prompts, unrelated to the forget rows.
-    retain_pairing: str = "twins"
-    # ESD's x_t. sampled: fresh noise partially denoised by the frozen model with the ESD prompt
-    # (DDIM, `esd_ddim_steps` steps, guidance `esd_cfg`) to a random step, the target taken at that
-    # step's timestep, as Gandikota et al.'s code; noised: the generated training images noised at random t.
-    esd_xt: str = "sampled"
-    esd_prompt: str = "concept"      # ESD's c: the bare concept (as Gandikota et al.) or the templated forget prompts
-    esd_ddim_steps: int = 50
-    esd_cfg: float = 3.0
-    # follow an official script instead of the pack's choices (`OFFICIAL`): its batches, sampler,
-    # losses and full-rank updates; `official_warnings` names the settings it then ignores
-    official: str = "off"
-
-    def validate(self) -> "UnlearnConfig":
-        if self.method not in METHODS:
-            raise InvalidInputError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.forget_objective not in FORGET_OBJECTIVES:
-            raise InvalidInputError(f"forget_objective must be 'ascent' or 'esd', not {self.forget_objective!r}")
-        if self.param_set not in PARAM_SETS:
-            raise InvalidInputError(f"param_set must be one of {', '.join(PARAM_SETS)}, not {self.param_set!r}")
-        for name, choices in (("retain_pairing", RETAIN_PAIRINGS), ("esd_xt", ESD_XT), ("esd_prompt", ESD_PROMPTS)):
-            if getattr(self, name) not in choices:
-                raise InvalidInputError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
-        for name in ("steps", "batch", "n_prompts", "gen_steps", "rank", "esd_ddim_steps"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if not (self.lr > 0 and self.alpha >= 0 and self.truncation > 0 and self.ga_retain_weight >= 0):
-            raise InvalidInputError("lr and truncation m must be > 0, α and ga_retain_weight ≥ 0")
-        if not 0 <= self.t_min <= self.t_max <= 999:
-            raise InvalidInputError(f"need 0 ≤ t_min ≤ t_max ≤ 999 (got {self.t_min}, {self.t_max})")
-        if self.official not in OFFICIAL:
-            raise InvalidInputError(f"unknown official {self.official!r}; choose one of {', '.join(OFFICIAL)}")
-        if self.official == "esd" and self.method != "esd":
-            raise InvalidInputError(f"official 'esd' follows ESD's train-esd.py: set method to esd (now "
-                                    f"{self.method!r}), or official to off")
-        if self.official == "rgd" and (self.method != "rgd" or self.forget_objective != "ascent"):
-            raise InvalidInputError(f"official 'rgd' follows Ko et al.'s nsfw_RGD.py: set method to rgd with "
-                                    f"forget_objective ascent (now {self.method!r} / {self.forget_objective!r}), or "
-                                    "official to off")
-        return self
-
-    @property
-    def uses_esd(self) -> bool:
-        """Whether the forget gradient is ESD's (method esd, or RGD with the esd forget objective)."""
-        return self.method == "esd" or (self.method == "rgd" and self.forget_objective == "esd")
-
-    def needs_images(self) -> tuple[bool, bool]:
-        """(forget, retain): which generated training images this configuration trains on."""
-        return (not self.uses_esd or self.esd_xt == "noised"), self.method in ("rgd", "ga")
 
 
 # Gandikota et al.'s two variants as named settings (rohitgandikota/erasing, esd_sd.py for SD1.4: 200
@@ -337,7 +254,7 @@ class TrainData:
     y_concept: torch.Tensor | None = None
 
 
-def prepare_data(host, text: TextEncoder, concept: str, cfg: UnlearnConfig, retain_prompts: Sequence[str] = (),
+def prepare_data(host, text: Text, concept: str, cfg: UnlearnConfig, retain_prompts: Sequence[str] = (),
                  family: str = "", ctx: RunContext | None = None) -> TrainData:
     """Prompts, the original model's images for them (those `cfg` trains on; in memory, optionally
     cached on disk) and their text embeddings. Done once per run, before any adapter is attached."""
@@ -386,7 +303,7 @@ def extra_retain_rows(batch: int, n_twins: int, n_extra: int) -> int:
     return 0 if n_extra <= 0 else min(batch, max(1, round(batch * n_extra / max(n_twins, 1))))
 
 
-def compute_unlearn(host: Trainable, text: TextEncoder, concept: str, cfg: UnlearnConfig | None = None, *,
+def compute_unlearn(host: Trainable, text: Text, concept: str, cfg: UnlearnConfig | None = None, *,
                     retain_prompts: Sequence[str] = (), family: str = "", ctx: RunContext | None = None,
                     data: TrainData | None = None, fixed: dict | None = None) -> Edit:
     """Erase `concept` by fine-tuning; returns an Edit (LoRA ``lowrank`` or ``delta`` Changes) whose
