@@ -56,7 +56,7 @@ def main():
              for c in world.CONCEPTS["colour"] for i, (p, _) in enumerate(world.prompts_for(c, args.prompts, seed=2))]
     with torch.inference_mode():
         res = run_job("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
-                  RunContext())
+                                        RunContext())
         key = edit_fingerprint(res.edit)
         root = tempfile.mkdtemp(prefix="bench-erasure-")
 

@@ -49,11 +49,11 @@ def make_edit(model, clip, name, args):
         return concept, run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=[concept], token_window="last"))).edit
     if method == "prune":
         return concept, run("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny",
-                                                                   settings=PruneConfig(**TINY_DEFAULTS))).edit
+                                                                          settings=PruneConfig(**TINY_DEFAULTS))).edit
     if method == "emcid":
         cfg = EmcidConfig(lam=1000, use_stage1=False, templates=world.EMCID_TEMPLATES["colour"], n_captions=1000)
         return concept, run("emcid", model, clip, EmcidJob(pairs=[(concept, "purple")], settings=cfg,
-                                                    cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
+                                                           cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
     host = ModelView(model, clip).denoiser
     extra = {"esd_xt": "noised", "esd_prompt": "templates"} if method == "esd" else {}  # the form that erases here
     cfg = UnlearnConfig(method=method, steps=args.unlearn_steps, lr=1e-3, batch=4, n_prompts=6, gen_steps=8, rank=4,
@@ -106,7 +106,7 @@ def main():
             out["edits"][name] = rep.to_dict()
         for rounds in [int(r) for r in args.harden.split(",") if r.strip()]:
             edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], token_window="last",
-                                                              harden_rounds=rounds))).edit
+                                                                     harden_rounds=rounds))).edit
             rep = attack(model, clip, "red", edit, args, attacks=("prefix",))
             out["hardening"][rounds] = {**rep.to_dict(), "other_colours": kept(model, clip, edit, "red", args),
                                         "preserve_rel_change_mean": edit.metrics["preserve_rel_change_mean"]}

@@ -195,7 +195,7 @@ def method_edits(model, clip, concept: str, methods=TRAINING_FREE) -> dict:
     if "text_encoder" in methods:
         cfg = EmcidConfig(lam=1000, use_stage1=False, templates=templates, n_captions=1000)
         out["text_encoder"] = run("emcid", model, clip, EmcidJob(pairs=[(concept, dest)], settings=cfg,
-                                                          cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
+                                                                 cache_dir=os.path.join(ROOT, ".cache", "emcid"))).edit
     return out
 
 

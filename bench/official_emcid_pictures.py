@@ -42,7 +42,7 @@ for name, official in (("default", "off"), ("official", "emcid")):
     for seed in (0, 1):
         cfg = EmcidConfig(official=official, templates=templates, seed=seed)
         _, clip2, edit, warnings = run("emcid", model, clip, EmcidJob(pairs=[(colours[0], colours[-1])], settings=cfg,
-                                                              cache_dir="/tmp/emcid_measure_cache"))
+                                                                     cache_dir="/tmp/emcid_measure_cache"))
         st2 = edit.metrics["stage2"]["clip_l"]
         out[f"{name} seed {seed}"] = {**report(clip2), "lam": st2["lam"], "reach_per_layer":
                                       [round(x, 3) for x in st2["reach_per_layer"]], "warnings": warnings}

@@ -41,7 +41,7 @@ def erase(method: str, concept: str, model, clip, ctx):
     from ..editing.concept_prune.config import PruneConfig
     from ..editing.prompts import TINY_DEFAULTS
     out = run_job("concept_prune", model, clip, ConceptPruneJob(concepts=[concept], preset="tiny", settings=PruneConfig(**TINY_DEFAULTS)),
-                        ctx)
+                                   ctx)
     return out.model, out.edit
 
 

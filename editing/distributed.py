@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -199,7 +199,7 @@ def gather_json(items: Mapping[int, object]) -> dict[int, object]:
     return out
 
 
-def first_holders(n: int, held: Sequence[int] | set[int]) -> list[int | None]:
+def first_holders(n: int, held: Iterable[int]) -> list[int | None]:
     """For each of n items, the lowest rank that holds it (`held`: this rank's items), None where no
     rank does: which copy of a cached entry to use when machines do not share a file system."""
     if not active():

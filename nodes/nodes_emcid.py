@@ -140,9 +140,9 @@ class TextEncoderEdit(io.ComfyNode):
                 templates: str | None = None, seed: int = 0, residual: str = "auto", lam_mode: str = "relative",
                 width: int = 0, height: int = 0, official: str = "off", stage1_batch: int = 0):
         cfg = _settings(lam, steps, use_stage1, templates, seed, residual, lam_mode, official, stage1_batch)
-        _model, out_clip, edit, _warnings = run("emcid", model, clip, EmcidJob(pairs=parse_pairs(concepts), settings=cfg,
-                                                                        cache_dir=emcid_cache_dir(), width=width,
-                                                                        height=height))
+        job = EmcidJob(pairs=parse_pairs(concepts), settings=cfg, cache_dir=emcid_cache_dir(), width=width,
+                       height=height)
+        _model, out_clip, edit, _warnings = run("emcid", model, clip, job)
         return io.NodeOutput(out_clip, edit, json.dumps(edit.metrics, indent=1, default=str))
 
 

@@ -266,7 +266,7 @@ class UCEDebias(io.ComfyNode):
                                       preserve, default_preserve, step_size, lam, erase_scale, preserve_scale,
                                       token_window, lam_mode)
         out = run("uce", model, clip, UCEJob(settings=settings, loop=loop, judge=clip_vision, vae=vae, strength=strength,
-                                      width=width, height=height))
+                                             width=width, height=height))
         text = report_text(out.edit)
         return io.NodeOutput(out.model, out.edit, text, ui=ui.PreviewText(text))
 

@@ -121,9 +121,9 @@ class TrainUnlearn(io.ComfyNode):
                 preset="custom", retain_pairing="twins", width=0, height=0, official="off"):
         cfg = _unlearn_config(method, params, steps, lr, rank, seed, alpha, truncation, eta, forget_objective, batch,
                               n_prompts, gen_steps, preset, retain_pairing, official)
-        out, _clip, edit, _warnings = run("unlearn", model, clip, UnlearnJob(concept=concept, settings=cfg, width=width,
-                                                                      height=height,
-                                                                      retain_prompts=prompt_lines(retain_prompts)))
+        job = UnlearnJob(concept=concept, settings=cfg, width=width, height=height,
+                         retain_prompts=prompt_lines(retain_prompts))
+        out, _clip, edit, _warnings = run("unlearn", model, clip, job)
         name = preset if preset != "custom" else f"{cfg.method} / {cfg.param_set}"
         plot = history_plot(edit.metrics["history"], f"{name}: {concept}")
         return io.NodeOutput(out, edit, plot, ui=ui.PreviewImage(plot, cls=cls))

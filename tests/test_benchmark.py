@@ -124,7 +124,7 @@ def tiny(comfy):
     model, clip, _ = load_tiny()
     with torch.inference_mode():
         out = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="", token_window="last")),
-                  RunContext())
+                         RunContext())
     return model, clip, out.model, out.edit
 
 

@@ -40,7 +40,7 @@ def tiny_edit(comfy, tmp_path_factory):
     model, clip, vae = load_tiny()
     with torch.inference_mode():
         edit = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], mode="erase", guide="",
-                                                          token_window="last")), RunContext()).edit
+                                                                 token_window="last")), RunContext()).edit
     path = str(tmp_path_factory.mktemp("edit") / "erase_red.safetensors")
     edit.save(path)
     return model, clip, vae, edit, path

@@ -223,7 +223,7 @@ def test_a_model_without_cross_attention_is_a_clear_error(comfy):
     from conceptedit.comfy_host.jobs import ConceptPruneJob, run
     with pytest.raises(UnknownArchitectureError, match="no transformer block with a cross-attention attn2"):
         run("concept_prune", m, None, ConceptPruneJob(concepts=["x"], preset="custom", pairs_text=PAIRS,
-                                               settings=PruneConfig(steps=2, tau=1)))
+                                                      settings=PruneConfig(steps=2, tau=1)))
 
 
 # ---- on a real ComfyUI model ---------------------------------------------------------------------

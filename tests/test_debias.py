@@ -176,7 +176,7 @@ def test_tiny_model_debiased_by_the_loop_closer_than_the_static_mix(comfy):
     model, clip, _ = load_tiny()
     cfg = UCEConfig(concepts=["a circle"], mode="debias", guide="red:0.5, blue:0.5", default_preserve=False)
     out = jobs.run("uce", model, clip, jobs.UCEJob(settings=cfg, loop=DebiasConfig(**TINY_LOOP), judge=_colour_judge()),
-                   RunContext())
+                          RunContext())
     print(report_text(out.edit))
     d = out.edit.metrics["debias"]
     rounds = d["rounds"]

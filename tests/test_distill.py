@@ -286,7 +286,7 @@ def test_the_distill_job_keeps_a_concept_prune_students_zeros(comfy):
     student, _, _ = apply_edit(teacher, clip, mask)
     cfg = _cfg(steps=2)
     out = jobs.run("distill_unlearn", student, clip, jobs.DistillJob(teacher=teacher, concept="red", settings=cfg,
-                                                              width=64, height=64), RunContext())
+                                                                     width=64, height=64), RunContext())
     keys = sorted(mask.changes)
     w = patched_weights(out.model, keys)
     assert all(torch.all(w[k][mask.changes[k].mask()] == 0) for k in keys)

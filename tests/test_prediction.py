@@ -245,7 +245,7 @@ def test_unlearn_and_audit_jobs_run_on_sdxl_and_v_models(comfy, clip, kind):
             cfg = UnlearnConfig(method=method, param_set="lora-xattn", steps=2, batch=1, n_prompts=1, gen_steps=1,
                                 rank=2, lr=1e-2)
             out, _clip, edit, _ = run("unlearn", model, clip, UnlearnJob(concept="circle", settings=cfg,
-                                                                  retain_prompts=["a blue square"]))
+                                                                         retain_prompts=["a blue square"]))
             assert out is not model and out.patches and not model.patches
             assert all(math.isfinite(v) for v in edit.metrics["history"]["forget"])
             assert _finite_edit(edit) > 0

@@ -199,7 +199,7 @@ def test_presence_agrees_with_the_classifier_on_the_tiny_model(comfy):
     with torch.inference_mode():
         for erased in ["red", "blue", "monet"]:
             edited = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=[erased], token_window="last")),
-                         ctx=RunContext()).model
+                                ctx=RunContext()).model
             sample = comfy_sampler(edited, clip, steps=15, cfg=5.0)
             for c in concepts:
                 prompts = [p for p, _ in prompt_sets[c]]

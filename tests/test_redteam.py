@@ -161,8 +161,9 @@ def test_node_runs_in_comfyui_with_revival_on_a_mask_and_leaves_the_models_uncha
     from conceptedit.editing.prompts import TINY_DEFAULTS
     model, clip, vae = tiny
     with torch.inference_mode():
-        pruned = run_job("concept_prune", model, clip, ConceptPruneJob(concepts=["triangle"], preset="tiny",
-                                                            settings=PruneConfig(**{**TINY_DEFAULTS, "steps": 4, "tau": 2})))
+        job = ConceptPruneJob(concepts=["triangle"], preset="tiny",
+                              settings=PruneConfig(**{**TINY_DEFAULTS, "steps": 4, "tau": 2}))
+        pruned = run_job("concept_prune", model, clip, job)
         before = {k: v.clone() for k, v in model.model_state_dict().items()}
         node = comfy.NODE_CLASS_MAPPINGS["ConceptEditRedTeamAudit"]()
         res = node.execute(pruned.model, model, clip, "triangle", "a triangle\na red triangle", True, False, True, True,

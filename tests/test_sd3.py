@@ -126,7 +126,7 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
                       templates=("a photo of {}",))  # one template: the target is that prompt's own state
     with torch.inference_mode():
         r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")], settings=cfg, width=64, height=64,
-                                        cache_dir=str(loras / "cache")))
+                                               cache_dir=str(loras / "cache")))
     stage1 = r.edit.metrics["stage1"]  # random weights: its losses are tiny and say nothing of quality
     assert stage1["cached"] == 0 and all(math.isfinite(v) for v in stage1["probe_loss_after"])
     assert {k.split(".")[0] for k in r.edit.changes} == {"clip_l", "clip_g", "t5xxl"}
@@ -136,7 +136,7 @@ def test_emcid_edits_clip_l_clip_g_and_t5_moves_the_concept_and_its_lora_is_read
     # on random weights overshoots (its gap grows), a property of that rule and not of SD3's path
     with torch.inference_mode():
         r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")],
-                                        settings=replace(cfg, use_stage1=False, residual="memit")))
+                                               settings=replace(cfg, use_stage1=False, residual="memit")))
     edit = r.edit
     layers = {"clip_l": 2, "clip_g": 2, "t5xxl": 0}  # the last edited layer of each (all but the last)
     assert {k.split(".")[0] for k in edit.changes} == set(layers)
@@ -179,9 +179,9 @@ def test_a_clip_g_and_t5_edit_is_named_as_loraloader_reads_it(comfy, loras):
     model, clip = sd3_model(pooled=SD3_POOLED_NO_L), sd3_clip(clip_l=False)
     before = {k: v.clone() for k, v in clip.patcher.model_state_dict().items()}
     with torch.inference_mode():
-        r = run("emcid", model, clip, EmcidJob(pairs=[("red", "purple")],
-                                        settings=EmcidConfig(lam={"clip_g": 50.0, "t5xxl": 5.0}, use_stage1=False,
-                                                             n_captions=60)))
+        job = EmcidJob(pairs=[("red", "purple")],
+                       settings=EmcidConfig(lam={"clip_g": 50.0, "t5xxl": 5.0}, use_stage1=False, n_captions=60))
+        r = run("emcid", model, clip, job)
     # (small λ: a ΔW well above float16's rounding of W + ΔW, in which this CLIP is held)
     assert {k.split(".")[0] for k in r.edit.changes} == {"clip_g", "t5xxl"}
     path = loras / "sd3_g_t5.safetensors"
@@ -230,8 +230,8 @@ def test_closed_form_edits_context_embedder_and_y_embedder_only(comfy, sd3):
     from conceptedit.editing.uce.config import UCEConfig
     model, clip = sd3
     r = run("uce", model, clip, UCEJob(settings=UCEConfig(concepts=["red"], edit_text_pooled=True,
-                                                   preserve=["a blue square", "a green circle"],
-                                                   default_preserve=False)))
+                                                          preserve=["a blue square", "a green circle"],
+                                                          default_preserve=False)))
     assert set(r.edit.changes) == {"diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"}
     assert r.edit.family == "custom" and not model.patches and r.model.patches
     assert r.edit.changes["diffusion_model.y_embedder.mlp.0.weight"].shape == (128, 64 + 96)

@@ -177,9 +177,8 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
         got = load_checked(path, keys[c]) if path else None
         if got is not None:
             held[c] = got[0]
-    owner = n_world - distributed.all_reduce_max(torch.tensor([n_world - me if c in held else 0
-                                                                for c in range(len(batches))]))
-    todo = [c for c in range(len(batches)) if int(owner[c]) == n_world]
+    owner = distributed.first_holders(len(batches), held)  # the lowest rank holding a batch provides it
+    todo = [c for c in range(len(batches)) if owner[c] is None]
     mine = [todo[j] for j in distributed.shard_indices(len(todo))]
     cached = len(batches) - len(todo)
     state = {"done": done + cached * cfg.kept_steps, "ran": 0}
@@ -196,7 +195,7 @@ def collect_statistics(denoiser: Denoiser, modules: Mapping[str, torch.nn.Module
                 sums[name], rows[name] = v.double(), counts[name].clone()
 
     for c in sorted(held):  # the cached batches this rank provides
-        if int(owner[c]) == me:
+        if owner[c] == me:
             t = held[c]
             add({k[6:]: v for k, v in t.items() if k.startswith("sumsq.")},
                 {k[5:]: v.long() for k, v in t.items() if k.startswith("rows.")})

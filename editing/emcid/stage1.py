@@ -641,11 +641,10 @@ def optimise_targets(text: Text, denoiser, pairs: Sequence[tuple[str, str]], las
             got = _load_entry(paths[i], keys[i], last)
             if got is not None:
                 held[i] = got
-    # the lowest rank that holds each concept provides it (size_w: nobody has it)
-    owner = size_w - distributed.all_reduce_max(torch.tensor([size_w - me if i in held else 0 for i in range(n)]))
-    owner = [int(o) for o in owner]
+    # the lowest rank that holds each concept provides it (None: nobody has it)
+    owner = distributed.first_holders(n, held)
     mine_cached = {i: held[i] for i in held if owner[i] == me}
-    todo = [i for i in range(n) if owner[i] == size_w]
+    todo = [i for i in range(n) if owner[i] is None]
     mine = [todo[j] for j in distributed.shard_indices(len(todo))]
     cached = n - len(todo)
 

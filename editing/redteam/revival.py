@@ -41,12 +41,11 @@ def partly_restored(edit: Edit, weights: Mapping[str, torch.Tensor], fraction: f
     masks = mask_changes(edit)
     if not masks:
         raise InvalidInputError("revival measures pruning masks; this edit has none")
-    mags, owners = [], []
-    for i, (k, c) in enumerate(masks.items()):
+    mags = []
+    for k, c in masks.items():
         idx = c.tensors["index"].long()
         mags.append(weights[k].detach().float().flatten()[idx].abs().cpu())
-        owners.append(torch.full((idx.numel(),), i, dtype=torch.long))
-    mag, owner = torch.cat(mags), torch.cat(owners)
+    mag = torch.cat(mags)
     n_restore = int(round(fraction * mag.numel()))
     restore = torch.zeros(mag.numel(), dtype=torch.bool)
     if n_restore:

@@ -23,7 +23,8 @@ def compute(host: Host, config: UCEJob) -> Edit:
         return (base if edit is None else host.sampler(edit)).sample(list(prompts), steps=loop.steps, cfg=loop.cfg,
                                                                      seed=seed)
 
-    return debias_uce(base.text, host.weights, host.family, config.settings, loop, generate,
+    # the solve reads `host.text` (debias_uce keeps its own encode-once memo); the sampler its own
+    return debias_uce(host.text, host.weights, host.family, config.settings, loop, generate,
                       _judge(host, config, base), host.ctx, norms=host.text_norms)
 
 
