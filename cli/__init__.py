@@ -9,7 +9,7 @@ import logging
 import sys
 
 # sub-command modules (cli/<name>.py), each with register(subparsers) -> sets func=run(args)
-COMMANDS = ["demo", "info", "prune", "uce", "export_lora", "emcid", "unlearn", "audit", "redteam", "evaluate"]
+COMMANDS = ["demo", "info", "prune", "uce", "export_lora", "emcid", "unlearn", "distill", "audit", "redteam", "evaluate"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 concept-resurgence audit of any edit file (fine-tune briefly on benign prompts, measure how much of
 the concept comes back).
 
-Several GPUs or machines: under `torchrun --nproc-per-node N conceptedit.py audit ...` every process
-runs the same benign fine-tune (same seeds) and the presence readings' timesteps are split over the
-processes; rank 0 prints and writes (docs/distributed.md)."""
+Several GPUs or machines: under `torchrun --nproc-per-node N conceptedit.py audit ...` the benign
+fine-tune is data parallel (rank 0 draws the benign pictures and sends them; every process computes
+its share of each batch's rows and the gradients are summed) and the presence readings' timesteps are
+split over the processes; rank 0 prints and writes (docs/distributed.md)."""
 from __future__ import annotations
 
 import json

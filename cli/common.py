@@ -35,6 +35,28 @@ def setup_distributed(cpu: bool = False) -> bool:
     return True
 
 
+def start_data_parallel(cpu: bool = False) -> None:
+    """`setup_distributed` for the trainings that split each batch's rows (unlearn, distill), saying
+    which process this is."""
+    from ..editing import distributed
+    if setup_distributed(cpu):
+        import torch
+        log.info("data parallel: process %d of %d on %s", distributed.rank(), distributed.world(),
+                 "cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+def write_trained(edit, out: str) -> bool:
+    """Save a trained edit: under torchrun rank 0 alone writes it, recording how many processes
+    trained it. Returns whether this process wrote."""
+    from ..editing import distributed
+    if distributed.active():
+        edit.params["data_parallel_processes"] = distributed.world()
+        if not is_writer():
+            return False
+    edit.save(out)
+    return True
+
+
 def is_writer() -> bool:
     """Whether this process writes the command's output: always, except the ranks other than 0 of a
     torchrun job (they compute their share and write nothing)."""

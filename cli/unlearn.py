@@ -59,12 +59,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..comfy_host.jobs import UnlearnJob, run as run_job
-    from ..editing import distributed
     from ..editing.unlearn.trainer import preset_config
-    from .common import is_writer, load_model, setup_distributed, terminal_context
+    from .common import load_model, start_data_parallel, terminal_context, write_trained
 
     cfg = preset_config(args.preset, method=args.method, forget_objective=args.forget_objective, param_set=args.params,
                         steps=args.steps, rank=args.rank, batch=args.batch, n_prompts=args.n_prompts,
@@ -74,17 +71,13 @@ def run(args) -> int:
                         esd_xt=args.esd_xt, esd_prompt=args.esd_prompt, esd_ddim_steps=args.esd_ddim_steps,
                         esd_cfg=args.esd_cfg, official=args.official).validate()
     ctx = terminal_context()
-    if setup_distributed(args.cpu):  # before the model loads: it selects this process's GPU
-        log.info("data parallel: process %d of %d on %s", distributed.rank(), distributed.world(),
-                 "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    start_data_parallel(args.cpu)  # before the model loads: it selects this process's GPU
     model, clip = load_model(args.ckpt, cpu=args.cpu)
-    edit = run_job("unlearn", model, clip, UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ()), ctx).edit
+    job = UnlearnJob(concept=args.concept, settings=cfg, retain_prompts=args.retain or ())
+    edit = run_job("unlearn", model, clip, job, ctx).edit
     out = args.out or f"unlearn_{cfg.method}_{args.concept.replace(' ', '-')[:60]}.safetensors"
-    if distributed.active():
-        edit.params["data_parallel_processes"] = distributed.world()
-        if not is_writer():
-            return 0
-    edit.save(out)
+    if not write_trained(edit, out):
+        return 0
     h = edit.metrics["history"]
     log.info("wrote %s: %d weights changed; forget loss %.4f -> %.4f; %.2f steps/s",
              out, len(edit.changes), h["forget"][0], h["forget"][-1], edit.metrics["steps_per_s"])

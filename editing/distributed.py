@@ -145,6 +145,54 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return flat.to(values.device)
 
 
+class RowParallel:
+    """Data-parallel training over the rows of a batch that every process draws alike (the same
+    generator, the same draws): each process computes the loss of its share of the rows, weighted by
+    that share so the shares add up to the batch mean, and the gradients are summed over the
+    processes in float64 before the step. Every process then takes the step one process takes on
+    the whole batch, which is what DistributedDataParallel does for these parameters, without
+    wrapping a module the host owns. Off (one process, or `on=False`): the whole batch, no exchange.
+
+    A process without rows (a batch smaller than the world) contributes zero gradients."""
+
+    def __init__(self, on: bool | None = None):
+        self.on = active() if on is None else on
+
+    def part(self, n: int) -> tuple[torch.Tensor | slice, float]:
+        """(the rows of an n-row batch this process computes, their share of the batch mean)."""
+        if not self.on:
+            return slice(None), 1.0
+        pos = shard_indices(n)
+        return torch.tensor(pos, dtype=torch.long), len(pos) / n
+
+    @staticmethod
+    def scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
+        return loss if share == 1.0 else loss * share
+
+    def gradients(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients summed over the processes (one float64 all-reduce), in their own dtypes."""
+        if not self.on:
+            return list(grads)
+        return [s.to(g.dtype) for s, g in zip(all_reduce_sum(grads), grads)]
+
+    def sync(self, params: Sequence[torch.Tensor]) -> None:
+        """`gradients` on the parameters' `.grad` in place. A parameter no process has a gradient
+        for keeps None, so an optimiser skips it as it does in one process."""
+        if not self.on:
+            return
+        have = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        summed = self.gradients(grads + [have])
+        for p, s, n in zip(params, summed, summed[-1].tolist()):
+            p.grad = s if n > 0 else None
+
+    def total(self, values: Sequence[float]) -> list[float]:
+        """Per-process loss values (already weighted by their share) summed over the processes."""
+        if not self.on:
+            return [float(v) for v in values]
+        return [float(v) for v in all_reduce_sum([torch.tensor(values, dtype=torch.float64)])[0]]
+
+
 def assemble(n: int, rows: Mapping[int, torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
     """[n, *shape]: row i from the rank that holds `rows[i]` (each index held by exactly one rank).
     Exact: every other rank adds zeros. `like` gives the shape and dtype where this rank holds no row;

@@ -292,3 +292,28 @@ def test_the_distill_job_keeps_a_concept_prune_students_zeros(comfy):
     assert all(torch.all(w[k][mask.changes[k].mask()] == 0) for k in keys)
     assert all(out.edit.changes[k].kind == "delta" for k in keys if k in out.edit.changes)
     assert set(out.edit.changes) - set(keys) and not teacher.patches
+
+
+def test_the_official_loop_is_refused_under_torchrun(comfy, monkeypatch):
+    """`official="bilevel"` follows a one-process script: with a process group it is refused before
+    any picture is drawn (the data-parallel form is `official="off"`)."""
+    from conceptedit.editing import distributed
+    m = random_model()
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(bilevel, "generate_latents", lambda *a, **k: pytest.fail("drew pictures before refusing"))
+    with pytest.raises(InvalidInputError, match="one-process script"):
+        compute_distill_unlearn(Host(m), Text(), _scattered_mask(m), "circle", _cfg(official="bilevel"), family="tiny")
+
+
+def test_the_command_line_distils_a_student_checkpoint_of_its_own(comfy, tmp_path):
+    """`conceptedit distill --student CKPT`: a student model of its own read through the teacher's text
+    encoder (here the tiny model as both, distillation only); the file is the trained part."""
+    from conceptedit.cli import main
+    out = tmp_path / "d.safetensors"
+    with torch.inference_mode(False):
+        assert main(["distill", "--ckpt", "tiny", "--cpu", "--student", "tiny", "--steps", "2", "--n-prompts", "2",
+                     "--gen-steps", "2", "--batch", "2", "--distill-prompt", "a blue square", "--out", str(out)]) == 0
+    edit = Edit.load(str(out))
+    assert edit.method == "distill" and edit.concepts == [] and edit.changes
+    assert len(edit.metrics["history"]["distill"]) == 2 and not edit.metrics["history"]["erase"]
+    assert edit.params["separate_student"] is True

@@ -1,9 +1,9 @@
 """Work split over processes with torch.distributed (`editing.distributed`, started by torchrun) and
 the resumable cache, on the shipped tiny model, two gloo processes on 127.0.0.1:
 
-- the primitives: shards, float64 sums, exact assembly and broadcast over two real processes; the
-  checked cache refuses a foreign or corrupt entry;
-- `conceptedit emcid | prune | unlearn` under torchrun (2 processes) write the edit one process
+- the primitives: shards, float64 sums, exact assembly and broadcast, data-parallel gradients
+  (`RowParallel`) over two real processes; the checked cache refuses a foreign or corrupt entry;
+- `conceptedit emcid | prune | unlearn | distill` under torchrun (2 processes) write the edit one process
   writes, up to float rounding (tolerances below), and only rank 0 writes;
 - a rank lost mid-run (rank 1 exits after its first stage-1 concept): the run restarted with another
   world size takes what was cached and computes only the rest, ending with the same edit;
@@ -26,6 +26,9 @@ EMCID_ARGS = ["--steps", "3", "--stage1-batch", "1", "--template", "a photo of {
 PRUNE_ARGS = ["--concept", "circle", "--steps", "2", "--tau", "2", "--skill-ratio", "0.05", "--batch-size", "2"]
 UNLEARN_ARGS = ["--concept", "red", "--steps", "3", "--n-prompts", "4", "--gen-steps", "2", "--batch", "4",
                 "--lr", "1e-2"]
+# the student: the tiny model with the ConceptPrune edit the same job wrote; distillation and erase steps
+DISTILL_ARGS = ["--concept", "red", "--steps", "4", "--erase-every", "2", "--n-prompts", "4", "--gen-steps", "2",
+                "--batch", "4", "--lr-distill", "1e-2", "--lr-erase", "1e-2"]
 # EMCID: δ per concept is computed by one process either way (the same batches: stage1_batch 1; the
 # probe losses agree exactly), C₀'s caption sums are added in another order and the torchrun processes
 # run one thread each (float32 activations rounded differently): measured 1.6e-6 relative on ΔW.
@@ -38,7 +41,7 @@ TOL_EMCID, TOL_UNLEARN = 1e-5, 3e-2
 
 
 def _worker(argv: list[str]) -> int:
-    """One torchrun process: the real CLI for each command asked (emcid, prune, unlearn)."""
+    """One torchrun process: the real CLI for each command asked (emcid, prune, unlearn, distill)."""
     sys.path.insert(0, ROOT)
     import _pack
     _pack.load()
@@ -64,8 +67,11 @@ def _worker(argv: list[str]) -> int:
         elif cmd == "prune":
             args = ["prune", "--ckpt", "tiny", "--cpu", "--out", os.path.join(out, "prune.safetensors"),
                     "--cache-dir", os.path.join(out, "cache-prune"), *PRUNE_ARGS]
-        else:
+        elif cmd == "unlearn":
             args = ["unlearn", "--ckpt", "tiny", "--cpu", "--out", os.path.join(out, "unlearn.safetensors"), *UNLEARN_ARGS]
+        else:
+            args = ["distill", "--ckpt", "tiny", "--cpu", "--student-edit", os.path.join(out, "prune.safetensors"),
+                    "--out", os.path.join(out, "distill.safetensors"), *DISTILL_ARGS]
         rc = main(args)
         if rc:
             return rc
@@ -172,6 +178,21 @@ b = D.broadcast(torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) if r == 0 el
 assert b.dtype == torch.bfloat16 and b.shape == (2, 3) and b.float().sum() == 15
 assert D.broadcast(None) is None
 assert int(D.all_reduce_max(torch.tensor([r, 5 - r]))[1]) == 5
+# RowParallel: the shares of a 5-row batch's mean loss give the whole batch's gradient
+rp = D.RowParallel()
+pos, share = rp.part(5)
+assert rp.on and pos.tolist() == ([0, 2, 4] if r == 0 else [1, 3]) and share == (0.6 if r == 0 else 0.4)
+torch.manual_seed(0)
+w, x, y = torch.nn.Parameter(torch.randn(3, 4)), torch.randn(5, 4), torch.randn(5, 3)
+full = torch.autograd.grad(((x @ w.T - y) ** 2).mean(), w)[0]
+rp.scaled(((x[pos] @ w.T - y[pos]) ** 2).mean(), share).backward()
+idle, once = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+if r == 1:
+    once.grad = torch.ones(2)
+rp.sync([w, idle, once])
+assert w.grad.dtype == torch.float32 and torch.allclose(w.grad, full, atol=1e-6)
+assert idle.grad is None and once.grad.tolist() == [1.0, 1.0]  # None only where no process has a gradient
+assert rp.total([0.5 * (r + 1), 1.0]) == [1.5, 2.0]
 D.barrier()
 D.shutdown()
 print(f"ok {r}", flush=True)  # one write per rank: the two processes share the pipe
@@ -191,10 +212,10 @@ def test_primitives_over_two_gloo_processes(tmp_path):
 # ---- the methods under torchrun ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, comfy):
-    """One torchrun job of two gloo processes running emcid, prune and unlearn through the CLI."""
+    """One torchrun job of two gloo processes running emcid, prune, unlearn and distill through the CLI."""
     out = tmp_path_factory.mktemp("dist2")
     (out / "pairs.csv").write_text(PAIRS)
-    r = _torchrun(str(out), "emcid,prune,unlearn")
+    r = _torchrun(str(out), "emcid,prune,unlearn,distill")
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r.stderr
 
@@ -246,9 +267,27 @@ def test_unlearn_in_two_processes_equals_one(two_processes, tmp_path):
     assert h1["forget"] == pytest.approx(h2["forget"], rel=1e-5) and h1["retain"] == pytest.approx(h2["retain"], rel=1e-5)
     _assert_edits_close(two, one, TOL_UNLEARN)
     assert "data parallel: process 1 of 2" in log
-    # only rank 0 wrote: the three edits, the pairs and the caches, nothing else
-    assert sorted(p.name for p in out2.iterdir()) == ["cache-emcid", "cache-prune", "emcid.safetensors", "pairs.csv",
-                                                      "prune.safetensors", "unlearn.safetensors"]
+    # only rank 0 wrote: the four edits, the pairs and the caches, nothing else
+    assert sorted(p.name for p in out2.iterdir()) == ["cache-emcid", "cache-prune", "distill.safetensors",
+                                                      "emcid.safetensors", "pairs.csv", "prune.safetensors",
+                                                      "unlearn.safetensors"]
+
+
+@needs_tiny
+def test_distill_in_two_processes_equals_one(two_processes, tmp_path):
+    from conceptedit.editing.edit import Edit
+    out2, _ = two_processes
+    assert _main(["distill", "--ckpt", "tiny", "--cpu", "--student-edit", str(out2 / "prune.safetensors"),
+                  "--out", str(tmp_path / "d.safetensors"), *DISTILL_ARGS]) == 0
+    one, two = Edit.load(str(tmp_path / "d.safetensors")), Edit.load(str(out2 / "distill.safetensors"))
+    assert two.params["data_parallel_processes"] == 2 and "data_parallel_processes" not in one.params
+    h1, h2 = one.metrics["history"], two.metrics["history"]
+    assert len(h1["distill"]) == len(h1["erase"]) == 2  # both optimisers stepped
+    assert h1["distill"] == pytest.approx(h2["distill"], rel=1e-5)
+    assert [e for _, e in h1["erase"]] == pytest.approx([e for _, e in h2["erase"]], rel=1e-5)
+    assert [i for i, _ in h1["erase"]] == [i for i, _ in h2["erase"]]
+    assert one.metrics["pruned_layers"] == two.metrics["pruned_layers"] and one.metrics["pruned_layers"]
+    _assert_edits_close(two, one, TOL_UNLEARN)
 
 
 @needs_tiny

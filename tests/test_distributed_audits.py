@@ -4,19 +4,24 @@ model, two gloo processes on 127.0.0.1, against the same commands in one process
 - the new primitives (`all_gather_bytes`, `gather_json`, `share_held`) over two real processes;
 - redteam: the attacks and the revival fractions of a pruning mask are split; the JSON report (but
   the attacks' wall-clock seconds) and the picture grid are the one process's;
-- audit: the presence readings' timesteps are split; the JSON report (but its seconds) is the one
-  process's, number for number;
+- audit: the presence readings' timesteps are split and the benign fine-tune is data parallel (each
+  process a share of every batch's rows, the gradients summed); the presence before the fine-tune is
+  the one process's number for number, the fine-tune's losses and the presence after it within
+  float rounding (below);
 - evaluate: the chunks of pictures and the (concept, attack) pairs are split; the CSV table and the
   worst cases' grid are the one process's;
 - a restart with another world size and caches that are not shared (rank 1 holds what a one-process
   run left, rank 0 nothing) computes only what no cache holds, and rank 0's cache ends up whole;
 - only rank 0 writes the reports (each rank is given its own output folder: rank 1's stays absent).
 
-Tolerance: none. Both sides run one torch thread per process (the torchrun workers through
+Tolerance: none, but for the audit's fine-tune. Both sides run one torch thread per process (the torchrun workers through
 OMP_NUM_THREADS=1, the one-process runs through torch.set_num_threads(1)), every unit is computed by
 one process as one process computes it (a chunk of pictures is batched as one process batches it),
 and the results travel as JSON or float64 rows, which carry floats exactly: the files are compared
-for equality (measured: equal).
+for equality (measured: equal). The audit's fine-tune sums two half-batch float32 gradients in float64
+where one process takes one float32 gradient, as `conceptedit unlearn` does (tests/test_distributed.py):
+its losses agree to 1e-5 and the presence after it to TOL_AUDIT (measured: the losses equal at 6 digits,
+the presence after 1.2e-7 and the resurgence 7.6e-7 apart).
 
 This file is also the torchrun worker (`python tests/test_distributed_audits.py --worker OUT`).
 """
@@ -35,6 +40,7 @@ PROMPTS_CSV = ("prompt,evaluation_seed,evaluation_guidance,class\n"
                "a red square,12,5.0,red\n"
                "a blue circle,13,5.0,blue\n")
 CONCEPT_PROMPTS = ["a red circle", "a red square"]
+TOL_AUDIT = 1e-4  # the presence after the data-parallel fine-tune (measured: see the module's text)
 
 
 def redteam_args(out: str, edit: str) -> list[str]:
@@ -220,7 +226,11 @@ def test_redteam_in_two_processes_equals_one(runs):
 def test_audit_in_two_processes_equals_one(runs):
     one, two = _json(runs / "one/audit/audit.json"), _json(runs / "r0/audit/audit.json")
     assert two["steps"] == [2, 4] and len(two["presence_after"]) == 2
-    assert _without(two, "seconds") == _without(one, "seconds")
+    rounded = ("seconds", "loss", "presence_after", "resurgence")
+    assert _without(two, *rounded) == _without(one, *rounded)  # the readings before the fine-tune: exact
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and len(one["loss"]) == 4
+    assert two["presence_after"] == pytest.approx(one["presence_after"], rel=TOL_AUDIT, abs=TOL_AUDIT)
+    assert two["resurgence"] == pytest.approx(one["resurgence"], rel=TOL_AUDIT, abs=TOL_AUDIT)
 
 
 @needs_tiny

@@ -143,7 +143,10 @@ def audit(host: Trainable, text: Text, edit: Edit, presence: Presence, cfg: Audi
         raise InvalidInputError("give some benign prompts (unrelated to the concept) to fine-tune on")
     t0 = time.perf_counter()
     if benign_latents is None:
-        benign_latents = generate_latents(host, text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed, ctx=ctx)
+        # under torchrun rank 0 draws the pictures and sends them: every process fine-tunes on the same data
+        made = (generate_latents(host, text, benign, steps=cfg.gen_steps, cfg=cfg.gen_cfg, seed=cfg.seed, ctx=ctx)
+                if distributed.is_main() else None)
+        benign_latents = distributed.broadcast(made)
         benign_data = benign_data or f"{len(benign)} images the original model generated from the benign prompts"
     else:
         benign = captions_for(benign, benign_latents.shape[0])
@@ -157,26 +160,37 @@ def audit(host: Trainable, text: Text, edit: Edit, presence: Presence, cfg: Audi
     p_edit = float(presence([(edit, 1.0)]))
     report = AuditReport(edit.method, p_orig, p_edit, params=asdict(cfg),
                          benign_data=benign_data or f"{benign_latents.shape[0]} given images")
-    dev = benign_latents.device
+    dev = c_benign.device
+    benign_latents = benign_latents.to(dev)
     g = torch.Generator().manual_seed(cfg.seed + 5)
     total = cfg.checkpoints[-1]
     unet = host.unet()
     modules = dict(unet.named_modules())
     fixed = edit_as_fixed([(unet_edit, 1.0)], modules, base_weights(host)) if unet_edit.changes else {}
     adapters = Adapters(modules, select_targets(modules, cfg.param_set), kind="lora", rank=cfg.rank, seed=cfg.seed, fixed=fixed)
-    opt = torch.optim.Adam(adapters.parameters(), lr=cfg.lr)
+    params = adapters.parameters()
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     ac = host.alphas_cumprod().float().to(dev)
+    # under torchrun every process draws the same batch and computes its share of the rows; the
+    # gradients are summed over the processes before each step (`distributed.RowParallel`)
+    rp = distributed.RowParallel()
 
     def step(_i):
         idx = torch.randint(0, benign_latents.shape[0], (cfg.batch,), generator=g)
         t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(dev)
         noise = torch.randn((cfg.batch,) + tuple(benign_latents.shape[1:]), generator=g).to(dev)
-        loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
-                             y=None if y_benign is None else y_benign[idx])
+        pos, share = rp.part(cfg.batch)
+        idx, t, noise = idx[pos], t[pos], noise[pos]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        mine = 0.0
+        if share > 0:
+            loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
+                                 y=None if y_benign is None else y_benign[idx])
+            rp.scaled(loss, share).backward()
+            mine = float(loss.detach()) * share
+        rp.sync(params)
         opt.step()
-        return {"loss": round(float(loss.detach()), 6)}
+        return {"loss": round(rp.total([mine])[0], 6)}
 
     run = TrainLog()
     for k in cfg.checkpoints:

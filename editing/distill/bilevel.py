@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..arch import UNET_PREFIX
 from ..diffusion import add_noise, generate_latents, objective_mse, objective_weights, weighted_mse
 from ..edit import Change, Edit
@@ -327,15 +328,24 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
     ctx = ctx or RunContext()
     if student is None and student_edit is None:
         raise InvalidInputError("give the student: a pruning edit of the teacher, or a student model of its own")
+    # Under torchrun every process draws the same batches and computes its share of each batch's rows;
+    # the gradients are summed over the processes before each step (`distributed.RowParallel`)
+    rp = distributed.RowParallel()
+    if rp.on and cfg.official != "off":
+        raise InvalidInputError(f"official {cfg.official!r} follows a one-process script step by step: run it in one "
+                                "process (without torchrun), or set official to off to split the batches over processes")
     forget, retain = paired_prompts(concept, cfg.n_prompts, cfg.seed, family) if cfg.erase else ([], [])
     general = list(distill_prompts) or retain or [t.format(concept="", emotion="calm", action="standing",
                                                            place="in a park") for t in GENERIC_TEMPLATES]
     latents = latents if latents is not None else {}
     gen = dict(steps=cfg.gen_steps, cfg=cfg.gen_cfg, ctx=ctx)
-    if "general" not in latents:
-        latents["general"] = generate_latents(teacher, text, general, seed=cfg.seed, **gen)
-    if cfg.erase and "forget" not in latents:
-        latents["forget"] = generate_latents(teacher, text, forget, seed=cfg.seed + 1, **gen)
+    # under torchrun rank 0 generates the images and sends them: every process trains on the same data
+    here = distributed.is_main()
+    for key, prompts, seed in (("general", general, cfg.seed), ("forget", forget, cfg.seed + 1)):
+        if key in latents or (key == "forget" and not cfg.erase):
+            continue
+        made = generate_latents(teacher, text, prompts, seed=seed, **gen) if here else None
+        latents[key] = distributed.broadcast(made)
 
     def encoded(host, prompts):  # (context, y), detached copies (y: SDXL's vector conditioning, else None)
         c, y = conditioning(host, text, prompts)
@@ -380,6 +390,8 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
         tags, t_tags = transformer_block_outputs(modules), transformer_block_outputs(t_modules)
     if student is None:
         t_tags = {}  # one network: the same hooks record the teacher's pass and the student's
+    x_gen = x_gen.to(c_gen.device)
+    x_f = None if x_f is None else x_f.to(c_gen.device)
     ac = teacher.alphas_cumprod().float().to(x_gen.device)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     feats: dict[str, torch.Tensor] = {}
@@ -398,9 +410,11 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
         return None
 
     def rows_at(x, c, y, ys, idx, t, noise):
-        t, noise = t.to(x.device), noise.to(x.device)
+        """The inputs of this process's share of the drawn rows, and that share (all of them in one process)."""
+        pos, share = rp.part(len(idx))
+        idx, t, noise = idx[pos], t[pos].to(x.device), noise[pos].to(x.device)
         pick = (lambda v: None if v is None else v[idx])
-        return add_noise(x[idx], noise, t, ac), t, c[idx], pick(y), pick(ys), noise
+        return add_noise(x[idx], noise, t, ac), t, c[idx], pick(y), pick(ys), noise, share
 
     def draw(x, c, y, ys):  # rows with replacement, then t, then ε
         idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=g)
@@ -425,23 +439,33 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
         ec, eu = e.chunk(2)
         return eu - cfg.eta * (ec - eu)
 
-    def update(opt, sched, loss):
+    def update(opt, sched, loss, share, terms=()):
+        """One optimiser step on `loss` (None: this process has no rows); the loss and `terms`
+        summed over the processes, rounded for the history."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            rp.scaled(loss, share).backward()
+        rp.sync(params)
         opt.step()
         if sched is not None:
             sched.step()
         feats.clear()
         t_feats.clear()
-        return round(float(loss.detach()), 6)
+        mine = [float(v.detach()) * share if loss is not None else 0.0 for v in (loss, *terms)]
+        return rp.total(mine)
 
-    def erase_update(i, xt, t, c, y, ys, _noise):
+    def erase_update(i, xt, t, c, y, ys, _noise, share):
+        if share == 0:
+            return {"erase": [i, round(update(opt_e, sched_e, None, share)[0], 6)]}
         target = erase_target(xt, t, c, y)
         feats.clear()
         loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
-        return {"erase": [i, update(opt_e, sched_e, loss)]}
+        return {"erase": [i, round(update(opt_e, sched_e, loss, share)[0], 6)]}
 
-    def distill_update(xt, t, c, y, ys, noise):
+    def distill_update(xt, t, c, y, ys, noise, share):
+        if share == 0:
+            total, *terms = update(opt_d, sched_d, None, share, (None,) * 3)
+            return {"distill": round(total, 6), "distill_terms": [float(f"{v:.6g}") for v in terms]}
         e_t = teacher_eps(xt, t, c, y)
         f_t = {k: v.detach() for k, v in t_feats.items()}
         feats.clear()
@@ -453,8 +477,8 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
         l_feat, pairs = feature_kd(feats, f_t, cfg.feature_kd)
         paired.update(pairs)
         loss = l_diff + cfg.w_out * l_out + cfg.w_feat * l_feat.to(l_diff.device)
-        terms = [float(f"{float(v.detach()):.6g}") for v in (l_diff, l_out, l_feat)]
-        return {"distill": update(opt_d, sched_d, loss), "distill_terms": terms}
+        total, *terms = update(opt_d, sched_d, loss, share, (l_diff, l_out, l_feat))
+        return {"distill": round(total, 6), "distill_terms": [float(f"{v:.6g}") for v in terms]}
 
     def step(i):  # the erase step takes the place of every erase_every-th distillation step
         if cfg.erase and (i + 1) % cfg.erase_every == 0:

@@ -379,34 +379,24 @@ def compute_unlearn(host: Trainable, text: Text, concept: str, cfg: UnlearnConfi
             return idx
         return torch.cat([idx, n_twins + torch.randint(0, n_extra, (n_user,), generator=g)])
 
-    # Under torchrun (`editing.distributed`): every process draws the same batch from the same generator,
-    # computes the loss of its share of the rows (weighted by that share, so the shares sum to the
-    # batch mean) and the gradients are summed over the processes in float64 before RGD's projection:
-    # every process takes the step one process would take on the whole batch.
-    dp = distributed.active() and ctx.average is None
-
-    def part(n: int):
-        """(the rows of an n-row batch this process computes, their share of the batch mean)."""
-        if not dp:
-            return slice(None), 1.0
-        pos = distributed.shard_indices(n)
-        return torch.tensor(pos, dtype=torch.long), len(pos) / n
-
-    def scaled(loss, share):
-        return loss if share == 1.0 else loss * share
+    # Under torchrun (`editing.distributed.RowParallel`): every process draws the same batch from the
+    # same generator and computes the loss of its share of the rows; the gradients are summed over the
+    # processes before RGD's projection, so every process takes the step one process would take.
+    rp = distributed.RowParallel(distributed.active() and ctx.average is None)
+    dp = rp.on
+    part, scaled = rp.part, rp.scaled
 
     def gradients(loss, share, skip=False):
         """This process's gradients (zeros without rows or with `skip`), summed over the processes under torchrun."""
         grads = _grads(loss, params) if share > 0 and not skip else [torch.zeros_like(p) for p in params]
         if dp and not skip:
-            grads = [s.to(g.dtype) for s, g in zip(distributed.all_reduce_sum(grads), grads)]
+            grads = rp.gradients(grads)
         elif ctx.average is not None:  # a caller's data-parallel hook: every process then takes the same step
             grads = ctx.average(grads)
         return grads
 
     def value(loss, share) -> float:
-        v = float(loss.detach()) if share > 0 else 0.0
-        return float(distributed.all_reduce_sum([torch.tensor(v)])[0]) if dp else v
+        return rp.total([float(loss.detach()) if share > 0 else 0.0])[0]
 
     def step(_i):
         idx = torch.randint(0, n_twins, (cfg.batch,), generator=g)  # the forget rows
