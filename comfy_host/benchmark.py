@@ -15,7 +15,7 @@ import torch
 from ..editing import distributed
 from ..editing.arch import TINY_WORLD_FAMILIES
 from ..editing.audit.presence import concept_words, image_grid
-from ..editing.benchmark.cache import ResultCache, _tensor_bytes, edit_fingerprint
+from ..editing.benchmark.cache import ResultCache, edit_fingerprint
 from ..editing.benchmark.judges import JudgeContext, build_judge, parse_judges
 from ..editing.benchmark.prompts import PromptCase, prompts_from_text_or_path
 from ..editing.benchmark.report import BenchmarkReport, bar_chart
@@ -238,7 +238,7 @@ def patches_fingerprint(*patchers) -> str:
         if depth > 8:
             h.update(b"...")
         elif isinstance(v, torch.Tensor):
-            h.update(_tensor_bytes(v))
+            h.update(distributed.tensor_bytes(v))
         elif isinstance(v, (list, tuple)):
             h.update(f"[{len(v)}".encode())
             for x in v:

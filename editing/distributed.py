@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -299,19 +300,33 @@ def broadcast(tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor | None:
 
 
 # ---- the resumable cache ------------------------------------------------------------------------------
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """dtype, shape and raw bytes of a tensor: what a digest or fingerprint of it hashes."""
+    t = t.detach().contiguous().cpu()
+    # flattened first: a "contiguous" tensor may still have a size-1 last dimension with a stride other
+    # than 1 (a transposed column, as EMCID's factors are), which a byte view refuses
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return f"{t.dtype}|{tuple(t.shape)}|".encode() + raw
+
+
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{name}|".encode() + tensor_bytes(tensors[name]))
     return h.hexdigest()
+
+
+def _jsonable(o):
+    try:
+        return list(o)   # sets, key views, other iterables
+    except TypeError:
+        return str(o)    # anything else a key names by its text
 
 
 def key_text(key: Mapping) -> str:
     """The canonical text of a cache key (what an entry was computed for)."""
-    return json.dumps(key, sort_keys=True, default=list)
+    return json.dumps(key, sort_keys=True, default=_jsonable)
 
 
 def key_name(key: Mapping, length: int = 24) -> str:
@@ -319,29 +334,38 @@ def key_name(key: Mapping, length: int = 24) -> str:
     return hashlib.sha256(key_text(key).encode()).hexdigest()[:length]
 
 
-def save_checked(path: str, tensors: Mapping[str, torch.Tensor], key: Mapping,
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write a cache entry: `tensors` (contiguous CPU copies), the key's text and the tensors'
-    digest, to a temporary file of this process that is then renamed over `path` (atomic on one
-    file system: a reader sees the old entry, the new one or none)."""
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = dict(metadata or {})
-    meta.update(key=key_text(key), sha256=tensor_digest(data))
-    tmp = f"{path}.{os.getpid()}.tmp"
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to a temporary file of this process in `path`'s folder, then rename it over `path`
+    (atomic on one file system: a reader sees the old file, the new one or none; a process killed
+    mid-write leaves only a `.tmp-` file)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        save_file(data, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checked(path: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def save_checked(path: str, tensors: Mapping[str, torch.Tensor], key: Mapping,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write a cache entry: `tensors` (contiguous CPU copies), the key's text and the tensors'
+    digest, atomically (`atomic_write`)."""
+    from safetensors.torch import save
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = dict(metadata or {})
+    meta.update(key=key_text(key), sha256=tensor_digest(data))
+    atomic_write(path, save(data, metadata=meta))
+
+
+def read_checked(path: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]] | str | None:
     """(tensors, metadata) of the entry at `path` when it was computed for `key` and its tensors are
-    intact; None when there is none. A foreign or corrupt entry is refused (a warning names it and
-    why) and None returned, so its work is done again and the entry rewritten."""
+    intact; None when there is no file; else why it is refused (a foreign or corrupt entry)."""
     if not os.path.isfile(path):
         return None
     from safetensors import safe_open
@@ -350,13 +374,19 @@ def load_checked(path: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for a damaged header or body
-        log.warning("cache entry %s is unreadable (%s): refused, computing it again", path, err)
-        return None
+        return f"is unreadable ({err})"
     if meta.get("key") != key_text(key):
-        log.warning("cache entry %s was computed for something else (another model, settings or item): refused, "
-                    "computing it again", path)
-        return None
+        return "was computed for something else (another model, settings or item)"
     if meta.get("sha256") != tensor_digest(tensors):
-        log.warning("cache entry %s does not match its checksum (corrupt): refused, computing it again", path)
-        return None
+        return "does not match its checksum (corrupt)"
     return tensors, meta
+
+
+def load_checked(path: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """`read_checked`, with a refused entry named in a warning and None returned, so its work is
+    done again and the entry rewritten; it is never used."""
+    got = read_checked(path, key)
+    if isinstance(got, str):
+        log.warning("cache entry %s %s: refused, computing it again", path, got)
+        return None
+    return got

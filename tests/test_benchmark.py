@@ -387,8 +387,9 @@ def test_prompt_box_reads_a_path_a_name_in_the_input_folder_or_the_prompts(tmp_p
 def test_tensor_bytes_reads_a_column_whose_last_stride_is_not_one():
     """A transposed row (shape [n, 1], strides (1, n)) is contiguous to torch but refuses a byte view
     as it is; its bytes must equal those of the same values stored plainly (EMCID's factors)."""
-    from conceptedit.editing.benchmark.cache import _tensor_bytes
+    from conceptedit.editing.distributed import tensor_bytes, tensor_digest
     col = torch.arange(4.0).view(1, 4).t()
     assert col.is_contiguous() and col.stride(-1) != 1
-    assert _tensor_bytes(col) == _tensor_bytes(col.clone().reshape(4, 1).contiguous().clone())
-    assert _tensor_bytes(col) != _tensor_bytes(col + 1)
+    assert tensor_bytes(col) == tensor_bytes(col.clone().reshape(4, 1).contiguous().clone())
+    assert tensor_bytes(col) != tensor_bytes(col + 1)
+    assert tensor_digest({"x": col}) == tensor_digest({"x": col.clone().reshape(4, 1).contiguous().clone()})

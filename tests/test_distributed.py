@@ -384,6 +384,6 @@ def test_cancel_keeps_the_finished_concepts_in_the_cache(comfy, tmp_path):
     with pytest.raises(Cancelled):
         run("emcid", model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext(should_stop=stop_after_one))
     assert len(_stage1_files(cache)) == 1
-    assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp-")]  # `distributed.atomic_write`'s
     edit = run("emcid", model, clip, EmcidJob(pairs=pairs, settings=cfg, cache_dir=cache), RunContext()).edit
     assert edit.metrics["stage1"]["cached"] == 1 and edit.metrics["stage1"]["computed"] == 2

@@ -5,23 +5,27 @@ for (a foreign or renamed file) or whose digest does not match (a torn or corrup
 counted and recomputed, never used. Writes go to a temporary file in the same folder and are moved
 into place, so a run stopped at any point leaves only whole entries, and a rerun resumes from them.
 The original model's entries are keyed by its fingerprint and "original", so every edit of that
-model shares them."""
+model shares them. Pictures are entries of `editing.distributed`'s checked cache (`save_checked`,
+`read_checked`), the format of EMCID's and ConceptPrune's caches; judge results are JSON files with
+the same checks, written the same way (`atomic_write`)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..distributed import atomic_write, read_checked, save_checked, tensor_bytes
+
 log = logging.getLogger(__name__)
 
 FORMAT = "conceptedit-benchmark-cache"
-VERSION = 1
+VERSION = 1         # judge results (JSON)
+PICTURE_VERSION = 2  # pictures: `distributed.save_checked` entries (1: the cache's own format, refused)
 
 
 def canonical(parts: Mapping[str, Any]) -> str:
@@ -37,7 +41,7 @@ def edit_fingerprint(edit, strength: float = 1.0) -> str:
     tensors, meta = edit.to_tensors()
     h = hashlib.sha256()
     for k in sorted(tensors):
-        h.update(f"{k}|".encode() + _tensor_bytes(tensors[k]))
+        h.update(f"{k}|".encode() + tensor_bytes(tensors[k]))
     h.update(canonical(meta).encode())
     h.update(repr(float(strength)).encode())
     return h.hexdigest()[:24]
@@ -55,18 +59,7 @@ class ResultCache:
         return os.path.join(self.root, h[:2], h + ext)
 
     def _write(self, path: str, data: bytes) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.splitext(path)[1])
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data)
         self.written += 1
 
     def _refuse(self, path: str, why: str) -> None:
@@ -132,43 +125,20 @@ class ResultCache:
         path = self._existing(parts, ".safetensors")
         if path is None:
             return None
-        from safetensors.torch import load
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            tensor = load(data)["x"]
-            meta = _metadata(data)
-        except Exception:
-            self._refuse(path, "is not a readable safetensors entry")
+        got = read_checked(path, parts)
+        if isinstance(got, str) or got is None:
+            self._refuse(path, got or "disappeared")
             return None
-        ok = self._accept(path, meta.get("format") == FORMAT and meta.get("version") == str(VERSION),
-                          meta.get("key") == canonical(parts), meta.get("digest") == _tensor_digest(tensor))
-        return tensor if ok else None
+        tensors, meta = got
+        ok_format = meta.get("format") == FORMAT and meta.get("version") == str(PICTURE_VERSION) and "x" in tensors
+        return tensors["x"] if self._accept(path, ok_format, True, True) else None
 
     def put_tensor(self, parts: Mapping[str, Any], tensor: torch.Tensor) -> None:
         if self.root is None:
             return
-        from safetensors.torch import save
-        t = tensor.detach().contiguous().cpu()
-        meta = {"format": FORMAT, "version": str(VERSION), "key": canonical(parts), "digest": _tensor_digest(t)}
-        self._write(self._path(parts, ".safetensors"), save({"x": t}, metadata=meta))
+        save_checked(self._path(parts, ".safetensors"), {"x": tensor}, parts,
+                     {"format": FORMAT, "version": str(PICTURE_VERSION)})
+        self.written += 1
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "refused": self.refused, "written": self.written}
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """dtype, shape and raw bytes: what the edit fingerprint and an entry's digest hash."""
-    t = t.detach().contiguous().cpu()
-    # flattened first: a "contiguous" tensor may still have a size-1 last dimension with a stride other
-    # than 1 (a transposed column, as EMCID's factors are), which a byte view refuses
-    return f"{t.dtype}|{tuple(t.shape)}|".encode() + (t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return digest(_tensor_bytes(t))
-
-
-def _metadata(data: bytes) -> dict:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__", {}) or {}
