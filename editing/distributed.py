@@ -187,6 +187,20 @@ class RowParallel:
         for p, s, n in zip(params, summed, summed[-1].tolist()):
             p.grad = s if n > 0 else None
 
+    def step(self, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], loss: torch.Tensor | None,
+             share: float, terms: Sequence[torch.Tensor] = ()) -> list[float]:
+        """One optimiser step on this process's share of a batch (`loss`: the mean over its rows, None
+        without rows): the gradients of `scaled(loss)`, summed over the processes (`sync`), then
+        `opt.step()`. Returns the batch's loss and `terms` (each a mean over the same rows), summed
+        over the processes (`total`)."""
+        opt.zero_grad(set_to_none=True)
+        if loss is not None:
+            self.scaled(loss, share).backward()
+        self.sync(params)
+        opt.step()
+        mine = [float(v.detach()) * share if loss is not None else 0.0 for v in (loss, *terms)]
+        return self.total(mine)
+
     def total(self, values: Sequence[float]) -> list[float]:
         """Per-process loss values (already weighted by their share) summed over the processes."""
         if not self.on:

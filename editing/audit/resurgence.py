@@ -181,16 +181,9 @@ def audit(host: Trainable, text: Text, edit: Edit, presence: Presence, cfg: Audi
         noise = torch.randn((cfg.batch,) + tuple(benign_latents.shape[1:]), generator=g).to(dev)
         pos, share = rp.part(cfg.batch)
         idx, t, noise = idx[pos], t[pos], noise[pos]
-        opt.zero_grad(set_to_none=True)
-        mine = 0.0
-        if share > 0:
-            loss = diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
-                                 y=None if y_benign is None else y_benign[idx])
-            rp.scaled(loss, share).backward()
-            mine = float(loss.detach()) * share
-        rp.sync(params)
-        opt.step()
-        return {"loss": round(rp.total([mine])[0], 6)}
+        loss = (diffusion_mse(host, benign_latents[idx], c_benign[idx], t, noise, ac,
+                              y=None if y_benign is None else y_benign[idx]) if share > 0 else None)
+        return {"loss": round(rp.step(opt, params, loss, share)[0], 6)}
 
     run = TrainLog()
     for k in cfg.checkpoints:

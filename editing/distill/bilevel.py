@@ -440,30 +440,25 @@ def compute_distill_unlearn(teacher: Trainable, text: Text, student_edit: Edit |
         return eu - cfg.eta * (ec - eu)
 
     def update(opt, sched, loss, share, terms=()):
-        """One optimiser step on `loss` (None: this process has no rows); the loss and `terms`
-        summed over the processes, rounded for the history."""
-        opt.zero_grad(set_to_none=True)
-        if loss is not None:
-            rp.scaled(loss, share).backward()
-        rp.sync(params)
-        opt.step()
+        """One step of `opt` on this process's rows (`loss` None: it has none; `RowParallel.step`);
+        the batch's loss and `terms`."""
+        values = rp.step(opt, params, loss, share, terms)
         if sched is not None:
             sched.step()
         feats.clear()
         t_feats.clear()
-        mine = [float(v.detach()) * share if loss is not None else 0.0 for v in (loss, *terms)]
-        return rp.total(mine)
+        return values
 
     def erase_update(i, xt, t, c, y, ys, _noise, share):
-        if share == 0:
-            return {"erase": [i, round(update(opt_e, sched_e, None, share)[0], 6)]}
-        target = erase_target(xt, t, c, y)
-        feats.clear()
-        loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
+        loss = None
+        if share > 0:
+            target = erase_target(xt, t, c, y)
+            feats.clear()
+            loss = objective_mse(trainee, trainee.eps(xt, t, c, y=ys), target, t)
         return {"erase": [i, round(update(opt_e, sched_e, loss, share)[0], 6)]}
 
     def distill_update(xt, t, c, y, ys, noise, share):
-        if share == 0:
+        if share == 0:  # no rows here: zero gradients and zero terms into the processes' sums
             total, *terms = update(opt_d, sched_d, None, share, (None,) * 3)
             return {"distill": round(total, 6), "distill_terms": [float(f"{v:.6g}") for v in terms]}
         e_t = teacher_eps(xt, t, c, y)
